@@ -1,0 +1,244 @@
+"""Streaming safetensors I/O with full header validation, on numpy alone.
+
+Reading memory-maps the file and hands out zero-copy numpy views or raw bytes; writing takes the
+complete list of tensor specs first (so the header is known), then the bytes of each tensor in order,
+so a shard is written while its tensors are produced and never held whole.
+
+Format: u64 little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}},
+optional "__metadata__" (str -> str), then the data region; offsets are relative to the data region.
+
+Example:
+    >>> import numpy as np, tempfile, os
+    >>> p = os.path.join(tempfile.mkdtemp(), "x.safetensors")
+    >>> save_file({"a": np.arange(4, dtype=np.float32)}, p)
+    >>> with SafetensorsFile(p) as f: f.keys(), f.get("a").tolist()
+    (['a'], [0.0, 1.0, 2.0, 3.0])
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterable
+
+import numpy as np
+
+from ..errors import BridgeError
+from .dtypes import DTYPES, from_numpy
+
+MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+ALIGN = 8
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors name, e.g. "BF16"
+    shape: tuple[int, ...]
+    begin: int  # offset in the data region
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
+    """Parse and validate a safetensors header.
+
+    Returns (tensors by name, metadata, offset of the data region). Raises `BridgeError` naming the file
+    and the key for: a header length past the end, non-JSON, unknown dtype, bad shape, dtype x shape not
+    matching the byte count, offsets out of range or overlapping.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise BridgeError(f"{path}: not a safetensors file ({size} bytes, no header length)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER or 8 + n > size:
+            raise BridgeError(f"{path}: header length {n} is past the end of the file ({size} bytes): truncated or not safetensors")
+        blob = f.read(n)
+    try:
+        header = json.loads(blob)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BridgeError(f"{path}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise BridgeError(f"{path}: header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise BridgeError(f"{path}: __metadata__ must map strings to strings")
+    data_len = size - 8 - n
+    tensors: dict[str, TensorInfo] = {}
+    for name, e in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= e.keys():
+            raise BridgeError(f"{where}: entry needs dtype, shape and data_offsets")
+        dt = DTYPES.get(e["dtype"])
+        if dt is None:
+            raise BridgeError(f"{where}: unknown dtype {e['dtype']!r}")
+        shape, offs = e["shape"], e["data_offsets"]
+        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+            raise BridgeError(f"{where}: bad shape {shape!r}")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)):
+            raise BridgeError(f"{where}: bad data_offsets {offs!r}")
+        b, en = offs
+        if not 0 <= b <= en <= data_len:
+            raise BridgeError(f"{where}: data_offsets {offs} out of range (data region is {data_len} bytes): truncated file?")
+        if en - b != _numel(shape) * dt.itemsize:
+            raise BridgeError(f"{where}: {e['dtype']} x {shape} needs {_numel(shape) * dt.itemsize} bytes, offsets give {en - b}")
+        tensors[name] = TensorInfo(name, e["dtype"], tuple(shape), b, en)
+    spans = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin)
+    for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise BridgeError(f"{path}: tensors {n0!r} and {n1!r} overlap in the data region")
+    return tensors, meta, 8 + n
+
+
+class SafetensorsFile:
+    """A validated, memory-mapped safetensors file.
+
+    Example:
+        >>> with SafetensorsFile("model.safetensors") as f:  # doctest: +SKIP
+        ...     w = f.get("model.norm.weight")        # zero-copy numpy view
+        ...     raw = f.raw("model.norm.weight")      # the exact bytes
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.tensors, self.metadata, self._data_start = read_header(self.path)
+        self._fh = open(self.path, "rb")
+        size = self.path.stat().st_size
+        self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        return self.tensors[name]
+
+    def raw(self, name: str) -> memoryview:
+        """The tensor's bytes, exactly as stored (zero-copy)."""
+        t = self.tensors[name]
+        return memoryview(self._mm)[self._data_start + t.begin : self._data_start + t.end]
+
+    def get(self, name: str) -> np.ndarray:
+        """The tensor as a read-only numpy array (bf16 as ml_dtypes.bfloat16)."""
+        t = self.tensors[name]
+        return np.frombuffer(self.raw(name), dtype=DTYPES[t.dtype].np).reshape(t.shape)
+
+    def close(self) -> None:
+        # numpy views may still reference the map; let GC close it in that case
+        try:
+            if self._mm is not None:
+                self._mm.close()
+        except BufferError:
+            pass
+        self._fh.close()
+
+    def __enter__(self) -> "SafetensorsFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a writer needs to know about a tensor before its bytes exist."""
+
+    name: str
+    dtype: str  # safetensors name
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return _numel(self.shape) * DTYPES[self.dtype].itemsize
+
+
+def build_header(specs: list[TensorSpec], metadata: dict[str, str] | None = None) -> bytes:
+    """Header bytes (length prefix included) for tensors written in the order given."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    off = 0
+    for s in specs:
+        header[s.name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [off, off + s.nbytes]}
+        off += s.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % ALIGN)
+    return struct.pack("<Q", len(blob)) + blob
+
+
+class StreamWriter:
+    """Write one safetensors file tensor by tensor, in the order of `specs`.
+
+    Example:
+        >>> import numpy as np, tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "y.safetensors")
+        >>> with StreamWriter(p, [TensorSpec("w", "F32", (2,))]) as w:
+        ...     w.write("w", np.ones(2, np.float32))
+    """
+
+    def __init__(self, path: str | os.PathLike, specs: list[TensorSpec], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.specs = list(specs)
+        self._next = 0
+        self._f: BinaryIO = open(self.path, "wb")
+        self._f.write(build_header(self.specs, metadata))
+
+    def write(self, name: str, data: np.ndarray | bytes | memoryview) -> None:
+        spec = self.specs[self._next]
+        if name != spec.name:
+            raise RuntimeError(f"{self.path}: expected tensor {spec.name!r} next, got {name!r}")
+        if isinstance(data, np.ndarray):
+            if from_numpy(data.dtype).st != spec.dtype or tuple(data.shape) != spec.shape:
+                raise RuntimeError(f"{self.path}: {name}: got {data.dtype}{data.shape}, planned {spec.dtype}{spec.shape}")
+            data = np.ascontiguousarray(data).reshape(-1).view(np.uint8).data
+        if len(data) != spec.nbytes:
+            raise RuntimeError(f"{self.path}: {name}: got {len(data)} bytes, planned {spec.nbytes}")
+        self._f.write(data)
+        self._next += 1
+
+    def close(self) -> None:
+        if self._f.closed:
+            return
+        self._f.close()
+        if self._next != len(self.specs):
+            missing = [s.name for s in self.specs[self._next :]]
+            raise RuntimeError(f"{self.path}: closed before writing {missing[:5]}")
+
+    def __enter__(self) -> "StreamWriter":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._f.close()
+
+
+def save_file(tensors: dict[str, np.ndarray], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write a dict of numpy arrays (insertion order) as one safetensors file."""
+    specs = [TensorSpec(k, from_numpy(v.dtype).st, tuple(v.shape)) for k, v in tensors.items()]
+    with StreamWriter(path, specs, metadata) as w:
+        for k, v in tensors.items():
+            w.write(k, v)
+
+
+def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read a whole safetensors file into numpy arrays (copies; for small files such as adapters)."""
+    with SafetensorsFile(path) as f:
+        return {k: np.array(f.get(k)) for k in f.keys()}

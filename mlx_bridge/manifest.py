@@ -1,0 +1,146 @@
+"""`manifest.json`: what a checkpoint or export is, written down so that nothing is guessed later.
+
+A manifest sits beside every checkpoint (trainer) and every export (translator). Sections (all dicts,
+all optional except `schema_version` and `kind`):
+
+    schema_version  int, SCHEMA_VERSION
+    kind            "checkpoint" | "export" | "base"
+    base_model      {path, hub_id, revision, config (full config.json), quantization, weight_sha256: {file: sha}}
+    architecture    {model_type, layout: "mlx-lm"|"hf", num_layers}
+    adapter         {type: lora|dora|full, rank, scale, lora_alpha, alpha_given_as: "scale"|"lora_alpha",
+                     dropout, targets: [relative module paths], layers: [ints], num_layers}
+    hyperparameters {every training setting, seed included}
+    dataset         {name, path, sha256, format, template, counts: {train, valid, test}}
+    environment     {python, platform, mlx, mlx_lm, mlx_bridge, ...}
+    training        {steps, epochs, tokens, final_train_loss, final_valid_loss, seconds, ...}
+    probes          {file: "probes.safetensors", num, length, max_new_tokens}
+    export          {format, dtype, source, source_sha256, files: {name: sha}, seconds, ...}
+    files           {name: sha256} of the files in the directory
+    recipe          free-form (e.g. how the demo base model was made)
+
+Old schemas are upgraded on read by small named functions in `MIGRATIONS`.
+
+Example:
+    >>> m = Manifest(kind="checkpoint", adapter={"type": "lora", "rank": 8, "scale": 20.0})
+    >>> Manifest.from_dict(m.to_dict()).adapter["rank"]
+    8
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import BridgeError
+
+SCHEMA_VERSION = 1
+FILENAME = "manifest.json"
+KINDS = ("checkpoint", "export", "base")
+
+
+@dataclass
+class Manifest:
+    kind: str = "checkpoint"
+    base_model: dict = field(default_factory=dict)
+    architecture: dict = field(default_factory=dict)
+    adapter: dict = field(default_factory=dict)
+    hyperparameters: dict = field(default_factory=dict)
+    dataset: dict = field(default_factory=dict)
+    environment: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)
+    probes: dict = field(default_factory=dict)
+    export: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)
+    recipe: dict = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "manifest") -> "Manifest":
+        d = migrate(dict(d), source)
+        problems = validate(d)
+        if problems:
+            raise BridgeError(f"{source}: " + "; ".join(problems))
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Manifest":
+        """Read `manifest.json` from a directory or a file path."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / FILENAME
+        try:
+            d = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise BridgeError(f"{p}: no manifest") from None
+        except json.JSONDecodeError as e:
+            raise BridgeError(f"{p}: not valid JSON ({e})") from None
+        return cls.from_dict(d, str(p))
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        p = Path(directory) / FILENAME
+        p.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False, default=str) + "\n")
+        return p
+
+
+def validate(d: dict) -> list[str]:
+    """Problems with a manifest dict (after migration); empty when valid."""
+    problems = []
+    if d.get("schema_version") != SCHEMA_VERSION:
+        problems.append(f"schema_version {d.get('schema_version')!r} is not supported (expected {SCHEMA_VERSION})")
+    if d.get("kind") not in KINDS:
+        problems.append(f"kind {d.get('kind')!r} must be one of {', '.join(KINDS)}")
+    for f in fields(Manifest):
+        if f.name not in ("schema_version", "kind") and not isinstance(d.get(f.name, {}), dict):
+            problems.append(f"field {f.name!r} must be an object")
+    return problems
+
+
+def _from_v0(d: dict) -> dict:
+    """v0 (unversioned): `model` held the base model section and `config` the architecture config."""
+    d = dict(d)
+    if "model" in d and "base_model" not in d:
+        d["base_model"] = d.pop("model")
+    if "config" in d:
+        d.setdefault("base_model", {})["config"] = d.pop("config")
+    d.setdefault("kind", "checkpoint")
+    d["schema_version"] = 1
+    return d
+
+
+# from-version -> function returning the next version
+MIGRATIONS: dict[int, Callable[[dict], dict]] = {0: _from_v0}
+
+
+def migrate(d: dict, source: str = "manifest") -> dict:
+    v = d.get("schema_version", 0)
+    while v != SCHEMA_VERSION:
+        if v not in MIGRATIONS:
+            raise BridgeError(f"{source}: schema_version {v!r} is newer than this mlx-bridge understands; upgrade mlx-bridge")
+        d = MIGRATIONS[v](d)
+        v = d["schema_version"]
+    return d
+
+
+def environment(**extra: Any) -> dict:
+    """Versions of the environment (python, platform, and the ML packages that are importable)."""
+    from importlib import metadata
+
+    from . import __version__
+
+    env: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(), "mlx_bridge": __version__}
+    for pkg in ("mlx", "mlx-lm", "numpy", "torch", "transformers", "peft", "safetensors"):
+        try:
+            env[pkg.replace("-", "_")] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    env.update(extra)
+    return env
