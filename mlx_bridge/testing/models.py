@@ -31,7 +31,8 @@ ARCH_CONFIGS: dict[str, dict] = {
     "phi3": {"pad_token_id": 3},
     "gemma2": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 32, "tie_word_embeddings": True,
                "hidden_activation": "gelu_pytorch_tanh"},
-    "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 32, "tie_word_embeddings": True},
+    "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 32, "tie_word_embeddings": True,
+                    "sliding_window_pattern": 2},
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None},
     "qwen3_moe": {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                   "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True},
@@ -105,12 +106,16 @@ def _hub_style_config(out: Path, model_type: str) -> None:
 
     transformers v5 writes `num_local_experts` and nested `rope_parameters` only; Qwen-MoE checkpoints on
     the hub (written by v4) have `num_experts` and a top-level `rope_theta`, which mlx-lm's qwen MoE
-    models need.
+    models need. Gemma-3 hub configs carry `sliding_window_pattern`, which mlx-lm reads (v5 keeps only
+    `layer_types`).
     """
-    if model_type not in ("qwen3_moe", "qwen2_moe"):
-        return
     p = out / "config.json"
     cfg = json.loads(p.read_text())
+    if model_type == "gemma3_text":  # hub gemma3 configs carry it; mlx-lm reads it (default 6 > 2 layers)
+        cfg.setdefault("sliding_window_pattern", ARCH_CONFIGS[model_type]["sliding_window_pattern"])
+        p.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    if model_type not in ("qwen3_moe", "qwen2_moe"):
+        return
     cfg.setdefault("num_experts", cfg.get("num_local_experts"))
     cfg.setdefault("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
     p.write_text(json.dumps(cfg, indent=2, sort_keys=True))
