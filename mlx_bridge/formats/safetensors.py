@@ -135,9 +135,36 @@ class SafetensorsFile:
         return memoryview(self._mm)[self._data_start + t.begin : self._data_start + t.end]
 
     def get(self, name: str) -> np.ndarray:
-        """The tensor as a read-only numpy array (bf16 as ml_dtypes.bfloat16)."""
+        """The tensor as a read-only numpy array (bf16 as ml_dtypes.bfloat16), memory-mapped."""
         t = self.tensors[name]
         return np.frombuffer(self.raw(name), dtype=DTYPES[t.dtype].np).reshape(t.shape)
+
+    def span(self, name: str, index: int | None = None) -> tuple[int, int, tuple[int, ...]]:
+        """(file offset, byte count, shape) of a tensor, or of `tensor[index]` along its first axis."""
+        t = self.tensors[name]
+        if index is None:
+            return self._data_start + t.begin, t.nbytes, t.shape
+        if not 0 <= index < t.shape[0]:
+            raise IndexError(f"{self.path}: {name}[{index}] out of range {t.shape}")
+        per = t.nbytes // t.shape[0]
+        return self._data_start + t.begin + index * per, per, t.shape[1:]
+
+    def read(self, name: str, index: int | None = None) -> np.ndarray:
+        """A private copy of the tensor (or of `tensor[index]`), read with pread: nothing stays mapped,
+        so streaming a large model keeps the resident set small."""
+        off, n, shape = self.span(name, index)
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = os.preadv(self._fh.fileno(), [view[got:]], off + got)
+            if k <= 0:
+                raise BridgeError(f"{self.path}: tensor {name!r} is cut short (truncated file)")
+            got += k
+        return np.frombuffer(buf, dtype=DTYPES[self.tensors[name].dtype].np).reshape(shape)
+
+    def fileno(self) -> int:
+        return self._fh.fileno()
 
     def close(self) -> None:
         # numpy views may still reference the map; let GC close it in that case
@@ -210,6 +237,34 @@ class StreamWriter:
         if len(data) != spec.nbytes:
             raise RuntimeError(f"{self.path}: {name}: got {len(data)} bytes, planned {spec.nbytes}")
         self._f.write(data)
+        self._next += 1
+
+    def copy_from(self, name: str, fd: int, offset: int, nbytes: int) -> None:
+        """Write the next tensor by copying `nbytes` at `offset` of file descriptor `fd` (kernel copy
+        where the OS has copy_file_range; no bytes pass through Python)."""
+        spec = self.specs[self._next]
+        if name != spec.name or nbytes != spec.nbytes:
+            raise RuntimeError(f"{self.path}: expected {spec.name!r} ({spec.nbytes} bytes), got {name!r} ({nbytes})")
+        self._f.flush()
+        out = self._f.fileno()
+        done = 0
+        if hasattr(os, "copy_file_range"):
+            try:
+                while done < nbytes:
+                    k = os.copy_file_range(fd, out, nbytes - done, offset + done)
+                    if k == 0:
+                        break
+                    done += k
+            except OSError:  # e.g. across filesystems on old kernels: fall back to read/write
+                pass
+            os.lseek(out, 0, os.SEEK_END)
+        chunk = 1 << 24
+        while done < nbytes:
+            b = os.pread(fd, min(chunk, nbytes - done), offset + done)
+            if not b:
+                raise BridgeError(f"source of {name!r} is cut short (truncated file)")
+            self._f.write(b)
+            done += len(b)
         self._next += 1
 
     def close(self) -> None:
