@@ -1,0 +1,42 @@
+"""Fuse mlx-lm adapters into dense weights, in float32, rounded once by the caller.
+
+mlx-lm layouts (tuner/lora.py, tuner/dora.py):
+    LoRALinear      y = W x + scale * (x @ a) @ b      a (in, r), b (r, out)  ->  W + scale * (a @ b)^T
+    LoRAEmbedding   E[t] + scale * a[t] @ b             a (vocab, r), b (r, dim) -> E + scale * a @ b
+    LoRASwitchLinear (one expert e)                     a[e] (r, in), b[e] (out, r) -> W_e + scale * b[e] @ a[e]
+    DoRALinear      (m / ||W + scale (a b)^T||_row) * (W + scale (a b)^T)
+
+Example:
+    >>> import numpy as np
+    >>> W = np.zeros((3, 2), np.float32); a = np.ones((2, 1), np.float32); b = np.ones((1, 3), np.float32)
+    >>> fuse_lora(W, a, b, 2.0).tolist()
+    [[2.0, 2.0], [2.0, 2.0], [2.0, 2.0]]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def lora_delta(a: np.ndarray, b: np.ndarray, scale: float, kind: str = "linear") -> np.ndarray:
+    """The dense update (same shape as the weight), float32."""
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    if kind == "linear":
+        return (scale * b.T) @ a.T  # (out, r) @ (r, in)
+    if kind == "embedding":
+        return (scale * a) @ b  # (vocab, r) @ (r, dim)
+    if kind == "switch":
+        return (scale * b) @ a  # (out, r) @ (r, in)
+    raise ValueError(kind)
+
+
+def fuse_lora(w: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float, kind: str = "linear") -> np.ndarray:
+    """W + delta, float32 (no intermediate rounding)."""
+    return w.astype(np.float32) + lora_delta(a, b, scale, kind)
+
+
+def fuse_dora(w: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float, m: np.ndarray) -> np.ndarray:
+    """DoRA: rows of the adapted weight rescaled to the learned magnitude m, float32."""
+    adapted = fuse_lora(w, a, b, scale, "linear")
+    norm = np.linalg.norm(adapted, axis=1)
+    return (m.astype(np.float32) / norm)[:, None] * adapted
