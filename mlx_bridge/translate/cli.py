@@ -1,0 +1,31 @@
+"""`mlx-bridge export SRC --out DIR`: MLX model/adapter/checkpoint -> Hugging Face or PEFT."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..formats.dtypes import OUTPUT_DTYPES
+
+
+def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("src", help="MLX model dir, mlx-lm adapter dir, or mlx-bridge checkpoint dir")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--format", default="hf", choices=["hf", "peft"], help="hf: fused full model; peft: adapter only")
+    p.add_argument("--dtype", default="auto", choices=["auto", *OUTPUT_DTYPES], help="auto keeps the base's dtypes")
+    p.add_argument("--base", default=None, help="base model dir (overrides the adapter config / manifest)")
+    p.add_argument("--shard-size", default="5GB", help="largest shard (default 5GB)")
+    p.add_argument("--dry-run", action="store_true", help="print every output tensor and what it is made of; write nothing")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    v = p.add_mutually_exclusive_group()
+    v.add_argument("--verify", dest="verify", action="store_true", default=None, help="run the parity check (needs torch)")
+    v.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity check")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    from .export import export
+
+    export(args.src, args.out, format=args.format, dtype=args.dtype, base=args.base, shard_size=args.shard_size,
+           dry_run=args.dry_run, force=args.force, verify=args.verify, progress=not args.no_progress)
+    return 0

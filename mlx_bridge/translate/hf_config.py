@@ -1,0 +1,131 @@
+"""config.json, generation_config.json, tokenizer and model card of an export.
+
+The exported config states what MLX computed with: mlx-lm reads some fields differently from
+transformers (it ignores transformers-v5 `rope_parameters` for most archs and falls back to its own
+`rope_theta` default; it defaults `tie_word_embeddings` per arch; it ignores a bare `sliding_window` in
+llama/mistral). `effective_config` resolves every such field to MLX's value and writes it explicitly,
+both the v4 way (top-level `rope_theta`/`rope_scaling`) and the v5 way (`rope_parameters`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from .archs import Arch
+from .source import TOKENIZER_FILES
+
+DROP = ("quantization", "quantization_config", "_name_or_path")
+
+
+def effective_config(cfg: dict, arch: Arch, dtype: str) -> tuple[dict, list[str]]:
+    """(config for the export, notes on every value changed to what MLX used).
+
+    Example:
+        >>> from mlx_bridge.translate.archs import get_arch
+        >>> c, notes = effective_config({"model_type": "mixtral", "rope_parameters": {"rope_type": "default",
+        ...     "rope_theta": 10000.0}}, get_arch({"model_type": "mixtral"}), "float32")
+        >>> c["rope_parameters"]["rope_theta"], c["rope_theta"]
+        (1000000.0, 1000000.0)
+    """
+    c = {k: v for k, v in cfg.items() if k not in DROP}
+    notes = []
+    c["architectures"] = [arch.architecture]
+    c["torch_dtype"] = c["dtype"] = dtype
+    for k, v in arch.mlx_defaults.items():
+        if k not in cfg and k not in ("rope_theta", "rope_scaling"):
+            c[k] = v
+            notes.append(f"{k}: absent from config.json; MLX used its default {v!r}")
+    ignored = list(arch.mlx_ignores)
+    if arch.model_type in ("llama", "mistral") and "layer_types" not in cfg:
+        ignored.append("sliding_window")
+    for k in ignored:
+        if cfg.get(k) is not None:
+            c[k] = None
+            notes.append(f"{k}: {cfg[k]!r} is ignored by mlx-lm for {arch.model_type}; MLX computed without it")
+    if not arch.reads_rope_parameters:
+        _rope_as_mlx(cfg, c, arch, notes)
+    if arch.model_type in LAYER_PATTERNS:
+        LAYER_PATTERNS[arch.model_type](cfg, c, arch, notes)
+    return c, notes
+
+
+def gemma2_all_full(cfg: dict, c: dict, arch: Arch, notes: list[str]) -> None:
+    """mlx-lm's gemma2 has no sliding-window attention: every layer attends to the full context."""
+    n = cfg.get("num_hidden_layers", 0)
+    if cfg.get("sliding_window") is not None or any(t != "full_attention" for t in cfg.get("layer_types") or []):
+        notes.append("gemma2: mlx-lm computes full attention in every layer (no sliding window); layer_types says so")
+    c["layer_types"] = ["full_attention"] * n  # sliding_window stays: transformers builds the mask anyway
+
+
+def gemma3_pattern(cfg: dict, c: dict, arch: Arch, notes: list[str]) -> None:
+    """mlx-lm's gemma3 picks global layers by `sliding_window_pattern` (i % p == p - 1), not `layer_types`."""
+    n = cfg.get("num_hidden_layers", 0)
+    p = cfg.get("sliding_window_pattern", arch.mlx_defaults["sliding_window_pattern"])
+    types = ["full_attention" if i % p == p - 1 else "sliding_attention" for i in range(n)]
+    if cfg.get("layer_types") not in (None, types):
+        notes.append(f"layer_types: mlx-lm derives them from sliding_window_pattern={p}; the export states those")
+    c["layer_types"] = types
+    c["sliding_window_pattern"] = p
+
+
+# model_type -> named fix of the attention layout to what mlx-lm computes
+LAYER_PATTERNS = {"gemma2": gemma2_all_full, "gemma3_text": gemma3_pattern}
+
+
+def _rope_as_mlx(cfg: dict, c: dict, arch: Arch, notes: list[str]) -> None:
+    theta = cfg.get("rope_theta", arch.mlx_defaults.get("rope_theta"))
+    if theta is None:
+        return
+    scaling = cfg.get("rope_scaling") or None
+    rope_type = (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
+    params = {"rope_type": rope_type, "rope_theta": theta}
+    params.update({k: v for k, v in (scaling or {}).items() if k not in ("type", "rope_type")})
+    old = cfg.get("rope_parameters")
+    if old is not None and (old.get("rope_theta") != theta or (old.get("rope_type") or "default") != rope_type):
+        notes.append(f"rope: config.json's rope_parameters {old} is not read by mlx-lm for {arch.model_type}; "
+                     f"MLX computed with rope_theta={theta!r}, rope_type={rope_type!r}, which the export states")
+    c["rope_theta"] = theta
+    c["rope_parameters"] = params
+    if scaling is None:
+        c.pop("rope_scaling", None)
+
+
+def write_config(out: Path, cfg: dict) -> None:
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def copy_tokenizer(src: Path, out: Path) -> list[str]:
+    """Copy the tokenizer files present in `src`; return their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
+            copied.append(name)
+    return copied
+
+
+def write_generation_config(src: Path, out: Path, cfg: dict) -> None:
+    if (src / "generation_config.json").is_file():
+        shutil.copyfile(src / "generation_config.json", out / "generation_config.json")
+        return
+    gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def model_card(arch: Arch, base: str, adapter: str | None, dtype: str, notes: list[str], fmt: str) -> str:
+    lines = ["---", "library_name: " + ("peft" if fmt == "peft" else "transformers"), "tags:", "- mlx-bridge", "---", "",
+             f"# {arch.architecture} exported by mlx-bridge", "",
+             f"- base model: `{base}`", f"- adapter: `{adapter}`" if adapter else "- adapter: none",
+             f"- format: {fmt}, dtype: {dtype}", ""]
+    if fmt == "peft":
+        lines += ["Load with `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), DIR)`, or serve with",
+                  "`vllm serve BASE --enable-lora --lora-modules name=DIR`.", ""]
+    else:
+        lines += ["Load with `AutoModelForCausalLM.from_pretrained(DIR)`, `mlx_bridge.load(DIR)`, or `vllm serve DIR`.", ""]
+    if notes:
+        lines += ["## What MLX computed with", "", *[f"- {n}" for n in notes], ""]
+    lines += ["`manifest.json` records the source, hashes and settings; `parity.json` (when present) the check",
+              "against the MLX outputs saved with the checkpoint.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,174 @@
+"""What the user pointed `export` at: a base model, optionally an adapter on top of it.
+
+SRC is one of
+  1. an MLX model directory (config.json + model*.safetensors), plain or quantized;
+  2. an mlx-lm adapter directory (adapter_config.json + adapters.safetensors; the base is the config's
+     `model`, or `--base`);
+  3. a checkpoint directory of this project (2. plus manifest.json naming the base).
+Nothing is guessed from file names beyond these documented files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import BridgeError
+from ..formats import SafetensorsFile
+from ..manifest import FILENAME as MANIFEST, Manifest
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapters.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja", "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt",
+                   "vocab.txt", "tiktoken.model", "tokenizer.tiktoken")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BridgeError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BridgeError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise BridgeError(f"{path}: expected a JSON object")
+    return d
+
+
+@dataclass
+class Model:
+    """An MLX model directory: config and its weight files, opened and validated."""
+
+    path: Path
+    config: dict
+    files: list[SafetensorsFile]
+    where: dict[str, SafetensorsFile] = field(default_factory=dict)  # tensor name -> file
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Model":
+        path = Path(path)
+        if not path.is_dir():
+            raise BridgeError(f"{path}: not a directory")
+        config = read_json(path / "config.json")
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            names = sorted(set(read_json(index).get("weight_map", {}).values()))
+            missing = [n for n in names if not (path / n).exists()]
+            if missing:
+                raise BridgeError(f"{index}: weight_map names missing files {missing}")
+        else:
+            names = sorted(p.name for p in path.glob("model*.safetensors"))
+        if not names:
+            raise BridgeError(f"{path}: no model*.safetensors weight files")
+        files = [SafetensorsFile(path / n) for n in names]
+        where: dict[str, SafetensorsFile] = {}
+        for f in files:
+            for k in f.keys():
+                if k in where:
+                    raise BridgeError(f"{f.path}: tensor {k!r} also in {where[k].path}")
+                where[k] = f
+        return cls(path, config, files, where)
+
+    @property
+    def quantization(self) -> dict | None:
+        return self.config.get("quantization") or self.config.get("quantization_config")
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+
+@dataclass
+class Adapter:
+    """mlx-lm adapter weights and settings (LoRA, DoRA or full fine-tune)."""
+
+    path: Path
+    config: dict  # adapter_config.json
+    file: SafetensorsFile
+    manifest: Manifest | None
+
+    @property
+    def fine_tune_type(self) -> str:
+        return self.config.get("fine_tune_type", "lora")
+
+    @property
+    def lora(self) -> dict:
+        return self.config.get("lora_parameters") or {}
+
+    @property
+    def scale(self) -> float:
+        return float(self.lora.get("scale", 20.0))
+
+
+@dataclass
+class Source:
+    path: Path
+    base: Model
+    adapter: Adapter | None
+    manifest: Manifest | None  # the checkpoint's (or base dir's) manifest, if any
+
+    def close(self) -> None:
+        self.base.close()
+        if self.adapter:
+            self.adapter.file.close()
+
+
+def resolve_model(ref: str, where: str) -> Path:
+    """A base model reference (local path or hub id) as a local directory.
+
+    Hub ids go through `huggingface_hub` (its cache first); offline and uncached, one clear error.
+    """
+    p = Path(ref).expanduser()
+    if p.is_dir():
+        return p
+    if p.is_absolute() or ref.startswith((".", "~")) or ref.count("/") != 1:
+        raise BridgeError(f"{where}: base model {ref!r} is not a directory (and not a hub id)")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise BridgeError(f"{where}: base model {ref!r} is a hub id; install huggingface_hub or pass --base DIR") from None
+    try:
+        return Path(snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]))
+    except Exception as e:  # offline, missing repo, auth
+        raise BridgeError(f"{where}: cannot fetch base model {ref!r} ({type(e).__name__}); pass --base DIR") from None
+
+
+def open_source(src: str | os.PathLike, base: str | os.PathLike | None = None) -> Source:
+    """Open SRC (model, adapter or checkpoint dir) and its base model.
+
+    Example:
+        >>> s = open_source("ckpt/")        # doctest: +SKIP
+        >>> s.base.config["model_type"], s.adapter.fine_tune_type   # doctest: +SKIP
+        ('llama', 'lora')
+    """
+    src = Path(src)
+    if not src.is_dir():
+        raise BridgeError(f"{src}: not a directory")
+    manifest = Manifest.load(src) if (src / MANIFEST).exists() else None
+    if (src / ADAPTER_CONFIG).exists() or (src / ADAPTER_WEIGHTS).exists():
+        cfg = read_json(src / ADAPTER_CONFIG)
+        if not (src / ADAPTER_WEIGHTS).exists():
+            raise BridgeError(f"{src / ADAPTER_WEIGHTS}: missing (adapter_config.json is there)")
+        if base is not None:
+            base_dir = Path(base)
+            if not base_dir.is_dir():
+                raise BridgeError(f"--base {base}: not a directory")
+        else:
+            ref = None
+            if manifest and manifest.base_model:
+                ref = manifest.base_model.get("path") or manifest.base_model.get("hub_id")
+                if ref and not Path(ref).is_dir() and manifest.base_model.get("hub_id"):
+                    ref = manifest.base_model["hub_id"]
+            ref = ref or cfg.get("model")
+            if not ref:
+                raise BridgeError(f"{src / ADAPTER_CONFIG}: no 'model' naming the base; pass --base DIR")
+            base_dir = resolve_model(str(ref), str(src / (MANIFEST if manifest else ADAPTER_CONFIG)))
+        adapter = Adapter(src, cfg, SafetensorsFile(src / ADAPTER_WEIGHTS), manifest)
+        return Source(src, Model.open(base_dir), adapter, manifest)
+    if (src / "config.json").exists():
+        return Source(src, Model.open(src), None, manifest)
+    raise BridgeError(f"{src}: neither a model directory (config.json) nor an adapter/checkpoint directory "
+                      f"({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
