@@ -32,7 +32,9 @@ def lora_delta(a: np.ndarray, b: np.ndarray, scale: float, kind: str = "linear")
 
 def fuse_lora(w: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float, kind: str = "linear") -> np.ndarray:
     """W + delta, float32 (no intermediate rounding)."""
-    return w.astype(np.float32) + lora_delta(a, b, scale, kind)
+    out = w.astype(np.float32)  # a fresh copy (w may be a read-only view)
+    out += lora_delta(a, b, scale, kind)
+    return out
 
 
 def fuse_dora(w: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float, m: np.ndarray) -> np.ndarray:
