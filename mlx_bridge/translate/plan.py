@@ -315,9 +315,9 @@ def _attach(module: str, parts: dict[str, Ref], arch: Arch, logical: dict, by_na
     if mtemplate in arch.experts:
         E, out, inp = W
         r = ash[1] if len(ash) == 3 else -1
-        if tuple(ash) != (E, r, inp) or tuple(bsh) != (E, out, r):
-            return [f"{fname}: {module}: lora_a {list(ash)} / lora_b {list(bsh)} don't fit stacked experts {list(W)} "
-                    f"(expected (E, r, in) / (E, out, r))"]
+        bad = _misfit(fname, module, W, ash, (E, r, inp), bsh, (E, out, r))
+        if bad:
+            return bad
         if m is not None:
             return [f"{fname}: {module}: DoRA on stacked experts is not supported (mlx-lm doesn't train it)"]
         for e in range(E):
@@ -331,17 +331,17 @@ def _attach(module: str, parts: dict[str, Ref], arch: Arch, logical: dict, by_na
     if kind == "embedding":
         vocab, dim = W
         r = ash[1] if len(ash) == 2 else -1
-        if tuple(ash) != (vocab, r) or tuple(bsh) != (r, dim):
-            return [f"{fname}: {module}: lora_a {list(ash)} / lora_b {list(bsh)} don't fit embedding {list(W)} "
-                    f"(expected (vocab, r) / (r, dim))"]
+        bad = _misfit(fname, module, W, ash, (vocab, r), bsh, (r, dim))
+        if bad:
+            return bad
         if m is not None:
             return [f"{fname}: {module}: DoRA on an embedding is not supported by the exporter"]
     else:
         out, inp = W
         r = ash[1] if len(ash) == 2 else -1
-        if tuple(ash) != (inp, r) or tuple(bsh) != (r, out):
-            return [f"{fname}: {module}: lora_a {list(ash)} / lora_b {list(bsh)} don't fit weight {list(W)} "
-                    f"(expected (in, r)=({inp}, r) / (r, out)=(r, {out}))"]
+        bad = _misfit(fname, module, W, ash, (inp, r), bsh, (r, out))
+        if bad:
+            return bad
         if m is not None and tuple(m.file.info(m.key).shape) != (out,):
             return [f"{fname}: {module}.m has shape {list(m.file.info(m.key).shape)}, expected [{out}]"]
     it = by_name.get(module + ".weight")
@@ -349,3 +349,14 @@ def _attach(module: str, parts: dict[str, Ref], arch: Arch, logical: dict, by_na
         return [f"{fname}: {module}: adapted module has no output weight"]
     it.lora = Lora(kind, a, b, scale, m)
     return []
+
+
+def _misfit(fname: str, module: str, W, ash, want_a, bsh, want_b) -> list[str]:
+    """Problems naming each adapter tensor whose shape does not fit the base weight."""
+    out = []
+    for leaf, got, want in (("lora_a", ash, want_a), ("lora_b", bsh, want_b)):
+        if tuple(got) != tuple(want) or -1 in want:
+            shown = [("r" if w == -1 else w) for w in want]
+            out.append(f"{fname}: {module}.{leaf} has shape {list(got)}, expected {shown} to fit "
+                       f"{module}.weight {list(W)}")
+    return out
