@@ -1,0 +1,89 @@
+"""Progress bar, `training_log.jsonl` and the loss-curve PNG.
+
+Records are dicts: a step record {"step", "loss", "tokens", "lr", "tokens_per_sec", "peak_memory_gb",
+"epoch", "seconds"} and a validation record {"step", "val_loss", "val_ppl"}. The log lives in memory and
+is written with each checkpoint, so the log of a checkpoint matches its weights (a resumed run reads it
+back and continues it).
+
+Example:
+    >>> log = TrainLog()
+    >>> log.add({"step": 1, "loss": 2.5}); log.add({"step": 1, "val_loss": 2.4, "val_ppl": 11.0})
+    >>> log.last("val_loss")
+    2.4
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+class TrainLog:
+    def __init__(self, records: list[dict] | None = None):
+        self.records: list[dict] = list(records or [])
+
+    def add(self, record: dict) -> None:
+        self.records.append(record)
+
+    def last(self, key: str):
+        for r in reversed(self.records):
+            if key in r:
+                return r[key]
+        return None
+
+    def steps(self) -> list[dict]:
+        return [r for r in self.records if "loss" in r]
+
+    def write_jsonl(self, path: Path) -> None:
+        path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
+    @classmethod
+    def read_jsonl(cls, path: Path) -> "TrainLog":
+        if not path.is_file():
+            return cls()
+        return cls([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+
+    def plot(self, path: Path, title: str = "") -> None:
+        """Train loss per step and validation loss as points (matplotlib, Agg backend)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        tr = self.steps()
+        if tr:
+            ax.plot([r["step"] for r in tr], [r["loss"] for r in tr], lw=1, label="train")
+        va = [r for r in self.records if "val_loss" in r]
+        if va:
+            ax.plot([r["step"] for r in va], [r["val_loss"] for r in va], "o-", ms=4, label="valid")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (response tokens)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+
+
+class Progress:
+    """A tqdm bar over optimizer steps showing loss, tokens/s, learning rate and peak memory."""
+
+    def __init__(self, total: int, initial: int = 0, quiet: bool = False):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, disable=quiet, unit="step", dynamic_ncols=True,
+                        file=sys.stderr, desc="train")
+
+    def step(self, r: dict) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"loss {r['loss']:.3f} | {r['tokens_per_sec']:.0f} tok/s | lr {r['lr']:.2e} | "
+                                 f"peak {r['peak_memory_gb']:.2f} GB", refresh=False)
+
+    def write(self, msg: str) -> None:
+        self.bar.write(msg, file=sys.stderr) if not self.bar.disable else None
+
+    def close(self) -> None:
+        self.bar.close()
