@@ -1,0 +1,206 @@
+"""Building blocks of the native model classes: norms, attention, MLPs, MoE blocks, the static KV cache.
+
+Parameter names are Hugging Face's, so `Transformer.load_state_dict` takes an export's tensors as
+they are. Numerics follow transformers: norms in float32, rope cos/sin in the activation dtype,
+softmax in float32, MoE routing weights in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .args import ModelArgs
+from .rope import apply_rope
+
+ACT = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, gemma: bool = False):
+        super().__init__()
+        self.eps, self.gemma = eps, gemma
+        self.weight = nn.Parameter(torch.zeros(dim) if gemma else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        n = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.gemma:  # (x * (1 + w)) in float32, then cast (transformers Gemma*RMSNorm)
+            return (n * (1.0 + self.weight.float())).type_as(x)
+        return self.weight * n.to(x.dtype)
+
+
+@dataclass
+class KVCache:
+    """Pre-allocated keys and values, one (B, H_kv, max_len, D) pair per layer; written at slots."""
+
+    k: list
+    v: list
+
+    @classmethod
+    def allocate(cls, a: ModelArgs, batch: int, max_len: int, device, dtype) -> "KVCache":
+        shape = (batch, a.num_kv_heads, max_len, a.head_dim)
+        return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(a.num_layers)],
+                   [torch.zeros(shape, device=device, dtype=dtype) for _ in range(a.num_layers)])
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+
+def attend(q, k, v, mask, scale: float, softcap: float | None) -> torch.Tensor:
+    """Attention of q (B, H, L, D) over k, v (B, H_kv, S, D); mask (B|1, 1, L, S) bool or None (causal)."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+    rep = q.shape[1] // k.shape[1]  # SDPA has no softcap: the eager path, as transformers runs Gemma-2
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    s = torch.matmul(q, k.transpose(2, 3)) * scale  # [B, H, L, S]
+    s = torch.tanh(s / softcap) * softcap
+    if mask is None:
+        mask = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
+    s = s.masked_fill(~mask, torch.finfo(s.dtype).min)
+    return torch.matmul(F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs, i: int):
+        super().__init__()
+        self.nh, self.nkv, self.hd = a.num_heads, a.num_kv_heads, a.head_dim
+        q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        self.fused = a.fused_qkv
+        if a.fused_qkv:
+            self.qkv_proj = nn.Linear(a.hidden_size, q + 2 * kv, bias=a.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(a.hidden_size, q, bias=a.qkv_bias)
+            self.k_proj = nn.Linear(a.hidden_size, kv, bias=a.qkv_bias)
+            self.v_proj = nn.Linear(a.hidden_size, kv, bias=a.qkv_bias)
+        self.o_proj = nn.Linear(q, a.hidden_size, bias=a.o_bias)
+        if a.qk_norm:
+            self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps, a.gemma)
+            self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps, a.gemma)
+        self.qk_norm = a.qk_norm
+        self.scale = a.attn_scale or a.head_dim ** -0.5
+        self.softcap = a.attn_softcap
+
+    def forward(self, x, cos, sin, mask, cache: tuple | None = None, slots=None, kv_len: int | None = None):
+        B, L, _ = x.shape  # x: [B, L, D]
+        if self.fused:
+            q, k, v = self.qkv_proj(x).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = q.view(B, L, -1, self.hd), k.view(B, L, -1, self.hd), v.view(B, L, -1, self.hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # write this step's keys/values at their slots, attend over the cache
+            kc, vc = cache
+            kc.index_copy_(2, slots, k)
+            vc.index_copy_(2, slots, v)
+            k, v = (kc, vc) if kv_len is None else (kc[:, :, :kv_len], vc[:, :, :kv_len])
+        out = attend(q, k, v, mask, self.scale, self.softcap)  # [B, H, L, hd]
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, a: ModelArgs, hidden: int | None = None, fused: bool = False):
+        super().__init__()
+        hidden = hidden or a.intermediate_size
+        self.act, self.fused = ACT[a.hidden_act], fused
+        if fused:  # phi3: [gate; up] in one matrix
+            self.gate_up_proj = nn.Linear(a.hidden_size, 2 * hidden, bias=a.mlp_bias)
+        else:
+            self.gate_proj = nn.Linear(a.hidden_size, hidden, bias=a.mlp_bias)
+            self.up_proj = nn.Linear(a.hidden_size, hidden, bias=a.mlp_bias)
+        self.down_proj = nn.Linear(hidden, a.hidden_size, bias=a.mlp_bias)
+
+    def forward(self, x):
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(up * self.act(gate))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MixtralExpert(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(a.hidden_size, a.moe_intermediate_size, bias=False)  # gate
+        self.w3 = nn.Linear(a.hidden_size, a.moe_intermediate_size, bias=False)  # up
+        self.w2 = nn.Linear(a.moe_intermediate_size, a.hidden_size, bias=False)  # down
+        self.act = ACT[a.hidden_act]
+
+    def forward(self, x):
+        return self.w2(self.act(self.w1(x)) * self.w3(x))
+
+
+class SparseMoe(nn.Module):
+    """Top-k routed experts: `gate` (E, D) router + `experts.{e}` (mixtral w1/w2/w3 or qwen gate/up/down)."""
+
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.kind, self.top_k, self.norm_topk = a.moe, a.top_k, a.norm_topk_prob
+        self.gate = nn.Linear(a.hidden_size, a.num_experts, bias=False)
+        make = (lambda: MixtralExpert(a)) if a.moe == "mixtral" else (lambda: MLP(a, a.moe_intermediate_size))
+        self.experts = nn.ModuleList([make() for _ in range(a.num_experts)])
+
+    def route(self, x):
+        """(weights (T, k), expert ids (T, k)) for tokens x (T, D), as transformers computes them."""
+        logits = self.gate(x)  # [T, E]
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+        w, idx = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk:
+            w = w / w.sum(dim=-1, keepdim=True)
+        if self.kind != "mixtral":  # qwen3_moe casts the weights back; mixtral keeps float32
+            w = w.to(logits.dtype)
+        return w, idx
+
+    def forward(self, x):
+        B, L, D = x.shape
+        x = x.reshape(-1, D)  # [T, D]
+        w, idx = self.route(x)
+        out = torch.zeros_like(x)
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():  # static shapes: every expert, 0-weighted
+            dense = torch.zeros(x.shape[0], len(self.experts), dtype=w.dtype, device=x.device).scatter(1, idx, w)
+            for e, expert in enumerate(self.experts):
+                out += (expert(x) * dense[:, e, None]).to(out.dtype)
+            return out.view(B, L, D)
+        for e, expert in enumerate(self.experts):
+            tok, k = torch.where(idx == e)
+            if tok.numel():
+                out.index_add_(0, tok, (expert(x[tok]) * w[tok, k, None]).to(out.dtype))
+        return out.view(B, L, D)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, a: ModelArgs, i: int):
+        super().__init__()
+        self.self_attn = Attention(a, i)
+        if a.moe and a.moe_layers[i]:
+            setattr(self, "block_sparse_moe" if a.moe == "mixtral" else "mlp", SparseMoe(a))
+        else:
+            self.mlp = MLP(a, fused=a.fused_qkv)
+        self.ffn_name = "block_sparse_moe" if a.moe == "mixtral" and a.moe_layers[i] else "mlp"
+        self.gemma = a.gemma
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, a.gemma)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, a.gemma)
+        if a.gemma:  # sandwich norms around attention and MLP
+            self.pre_feedforward_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, True)
+            self.post_feedforward_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, True)
+
+    def forward(self, x, cos, sin, mask, cache=None, slots=None, kv_len=None):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, slots, kv_len)
+        if self.gemma:
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + h
+        return x + getattr(self, self.ffn_name)(self.post_attention_layernorm(x))
