@@ -1,0 +1,193 @@
+"""`DeployedModel`: an exported model loaded in PyTorch, with mlx-lm's tokenization and generation.
+
+Calls are serialised by a lock (one generation at a time per model); a server that wants concurrency
+batches prompts into one `complete` call.
+
+Example:
+    >>> from mlx_bridge import load                                     # doctest: +SKIP
+    >>> m = load("deploy/alpaca")                                       # doctest: +SKIP
+    >>> m.generate("Give three tips for staying healthy.", max_tokens=8)  # doctest: +SKIP
+    ' eat well, sleep, walk'
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Iterator
+
+import torch
+
+from ..errors import BridgeError
+from .generation import Completion, TextStream, find_stop, token_steps
+from .sampling import check_sampling
+
+
+class DeployedModel:
+    """A loaded export. `module` is a plain `torch.nn.Module` (native class or transformers')."""
+
+    def __init__(self, module: torch.nn.Module, tokenizer, config: dict, device: torch.device, dtype: torch.dtype,
+                 name: str, max_context: int, eos_token_ids: set[int], runner, backend: str):
+        self.module, self.tokenizer, self.config = module, tokenizer, config
+        self.device, self.dtype, self.name, self.max_context = device, dtype, name, max_context
+        self.eos_token_ids, self.runner, self.backend = set(eos_token_ids), runner, backend
+        self.last_completion: Completion | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return (f"DeployedModel({self.name!r}, backend={self.backend}, device={self.device}, dtype={self.dtype}, "
+                f"max_context={self.max_context})")
+
+    # -- prompts ---------------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+        """Token ids as mlx-lm makes them: a raw prompt gets BOS unless it already starts with it
+        (`mlx_lm.stream_generate`); messages go through the chat template with the generation prompt,
+        then are encoded without special tokens (`mlx_lm.generate` CLI, `mlx_lm.server`).
+
+        Example:
+            >>> m.encode_prompt("hello")                                 # doctest: +SKIP
+            [1, 52]
+        """
+        if (prompt is None) == (messages is None):
+            raise BridgeError("prompt: give exactly one of prompt or messages")
+        tok = self.tokenizer
+        if messages is not None:
+            if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+                raise BridgeError("messages: must be a list of {'role': ..., 'content': ...} objects")
+            if not getattr(tok, "chat_template", None):
+                raise BridgeError(f"{self.name}: the tokenizer has no chat template; pass a plain prompt")
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return list(tok.encode(text, add_special_tokens=False))
+        if not isinstance(prompt, str):
+            raise BridgeError(f"prompt: must be a string, got {type(prompt).__name__}")
+        bos = tok.bos_token
+        return list(tok.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos)))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    # -- generation ------------------------------------------------------------------------------------
+
+    def _budget(self, prompts: list[list[int]], max_tokens: int) -> int:
+        if not prompts:
+            raise BridgeError("prompts: empty batch")
+        for i, p in enumerate(prompts):
+            if not p:
+                raise BridgeError(f"prompts[{i}]: empty prompt")
+            if len(p) >= self.max_context:
+                raise BridgeError(f"prompts[{i}]: {len(p)} tokens do not fit the context of {self.max_context} "
+                                  f"tokens of {self.name} (shorten the prompt)")
+            bad = [t for t in p if not isinstance(t, int) or not 0 <= t < self._vocab]
+            if bad:
+                raise BridgeError(f"prompts[{i}]: token id {bad[0]!r} is outside the vocabulary (0..{self._vocab - 1})")
+        return min(max_tokens, self.max_context - max(len(p) for p in prompts))
+
+    @property
+    def _vocab(self) -> int:
+        return self.runner.vocab_size
+
+    def complete(self, prompts: list[list[int]], *, max_tokens: int = 256, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
+                 ignore_eos: bool = False) -> list[Completion]:
+        """Generate for a batch of token-id prompts (any lengths); one `Completion` per prompt.
+
+        A row ends at EOS (unless `ignore_eos`), at a stop string, after `max_tokens` tokens, or at
+        the end of the context ("length").
+
+        Example:
+            >>> m.complete([m.encode_prompt("hi"), m.encode_prompt("two plus two")], max_tokens=4)  # doctest: +SKIP
+            [Completion(text=' hello', token_ids=[60, 2], prompt_tokens=2, finish_reason='stop'), ...]
+        """
+        check_sampling(max_tokens, temperature, top_p, top_k)
+        budget = self._budget(prompts, max_tokens)
+        eos = set() if ignore_eos else self.eos_token_ids
+        B = len(prompts)
+        ids: list[list[int]] = [[] for _ in range(B)]
+        reason: list[str | None] = [None] * B
+        text: list[str | None] = [None] * B
+        with self._lock:
+            steps = token_steps(self.runner, prompts, budget, self.device, temperature=temperature, top_p=top_p,
+                                top_k=top_k, seed=seed, pad_id=self._pad_id)
+            for toks in steps:
+                for b, t in enumerate(toks):
+                    if reason[b] is not None:
+                        continue
+                    if t in eos:
+                        reason[b] = "stop"
+                        continue
+                    ids[b].append(t)
+                    if stop:
+                        s = self.decode(ids[b])
+                        cut = find_stop(s, stop)
+                        if cut is not None:
+                            reason[b], text[b] = "stop", s[:cut]
+                if all(r is not None for r in reason):
+                    steps.close()
+                    break
+        return [Completion(text[b] if text[b] is not None else self.decode(ids[b]), ids[b], len(prompts[b]),
+                           reason[b] or "length") for b in range(B)]
+
+    def stream_ids(self, prompt_ids: list[int], *, max_tokens: int = 256, temperature: float = 0.0,
+                   top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                   stop: list[str] | None = None) -> TextStream:
+        """Stream the text of one prompt piece by piece; the returned iterator's `.last_completion`
+        (and this model's) is set when it is exhausted.
+
+        Example:
+            >>> s = m.stream_ids(m.encode_prompt("hi"), max_tokens=4)  # doctest: +SKIP
+            >>> "".join(s) == s.last_completion.text                   # doctest: +SKIP
+            True
+        """
+        check_sampling(max_tokens, temperature, top_p, top_k)
+        budget = self._budget([prompt_ids], max_tokens)
+
+        def steps():
+            with self._lock:
+                yield from token_steps(self.runner, [prompt_ids], budget, self.device, temperature=temperature,
+                                       top_p=top_p, top_k=top_k, seed=seed, pad_id=self._pad_id)
+
+        def done(c):
+            self.last_completion = c
+
+        return TextStream(steps(), self.decode, self.eos_token_ids, stop, len(prompt_ids), budget, done)
+
+    def generate(self, prompt: str | list[str] | None = None, *, messages: list[dict] | None = None,
+                 **sampling) -> str | list[str]:
+        """The new text only (as `mlx_lm.generate` returns it); a list of prompts gives a list.
+
+        Example:
+            >>> m.generate("Give three tips for staying healthy.", max_tokens=32, temperature=0.7, seed=0)  # doctest: +SKIP
+        """
+        if isinstance(prompt, list):
+            if messages is not None:
+                raise BridgeError("prompt: give a list of prompts or messages, not both")
+            return [c.text for c in self.complete([self.encode_prompt(p) for p in prompt], **sampling)]
+        return self.complete([self.encode_prompt(prompt, messages)], **sampling)[0].text
+
+    def stream(self, prompt: str | None = None, *, messages: list[dict] | None = None, **sampling) -> Iterator[str]:
+        """Text pieces of one generation as they are decoded.
+
+        Example:
+            >>> for piece in m.stream(messages=[{"role": "user", "content": "Hi"}]): print(piece, end="")  # doctest: +SKIP
+        """
+        return self.stream_ids(self.encode_prompt(prompt, messages), **sampling)
+
+    # -- scoring ---------------------------------------------------------------------------------------
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits (B, L, V) float32 of full sequences, no cache (what `verify` compares).
+
+        Example:
+            >>> m.logits(torch.tensor([[1, 52, 60]])).shape              # doctest: +SKIP
+            torch.Size([1, 3, 101])
+        """
+        input_ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if input_ids.dim() != 2:
+            raise BridgeError(f"input_ids: expected shape (B, L), got {tuple(input_ids.shape)}")
+        with self._lock, torch.inference_mode():
+            return self.runner.logits(input_ids.to(self.device))
+
+    @property
+    def _pad_id(self) -> int:
+        pid = self.tokenizer.pad_token_id
+        return int(pid) if pid is not None else 0

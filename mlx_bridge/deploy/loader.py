@@ -1,0 +1,206 @@
+"""`load(export_dir)`: an exported Hugging Face directory as a `DeployedModel` in PyTorch.
+
+Backends: "native" builds the package's own model class (`model.Transformer`, gpt-fast style, static
+KV cache) for the architectures in `args.PARSERS`; "transformers" runs `AutoModelForCausalLM` (any
+architecture transformers knows, never with remote code); "auto" takes native when the config is
+covered and says so with a warning when it is not.
+
+Example:
+    >>> from mlx_bridge import load                               # doctest: +SKIP
+    >>> m = load("deploy/alpaca", device="cuda", dtype="bfloat16")  # doctest: +SKIP
+    >>> m.backend, m.max_context                                  # doctest: +SKIP
+    ('native', 4096)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..errors import BridgeError
+from .deployed import DeployedModel
+from .weights import header_dtype, weight_files
+
+DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+BACKENDS = ("auto", "native", "transformers")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch.device the machine has; "auto" is CUDA when present, else CPU.
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise BridgeError(f"device {device!r}: not a device name ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BridgeError(f"device {device!r}: CUDA is not available (torch {torch.__version__}, "
+                              f"CUDA build: {torch.version.cuda or 'no'})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise BridgeError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise BridgeError(f"device {device!r}: MPS is not available")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise BridgeError(f"device {device!r}: use cpu, cuda, cuda:N, mps or auto")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype, config: dict, files: list[Path], device: torch.device) -> torch.dtype:
+    """The compute dtype: "auto" is what config.json states (`dtype`/`torch_dtype`), else what the
+    weights are stored in; refused when the device cannot run it.
+
+    Example:
+        >>> resolve_dtype("bf16", {}, [], torch.device("cpu"))
+        torch.bfloat16
+    """
+    if isinstance(dtype, torch.dtype):
+        name = str(dtype).replace("torch.", "")
+    elif dtype == "auto":
+        name = config.get("dtype") or config.get("torch_dtype") or header_dtype(files)
+        if name is None:
+            raise BridgeError("config.json: no dtype/torch_dtype and no floating-point weights; pass dtype=")
+    else:
+        name = str(dtype)
+    if name not in DTYPE_NAMES:
+        raise BridgeError(f"dtype {name!r}: use one of float32, bfloat16, float16 (or auto)")
+    dt = DTYPE_NAMES[name]
+    if device.type == "cuda" and dt == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise BridgeError(f"dtype bfloat16: {torch.cuda.get_device_name(device)} cannot run it; use float16 or float32")
+    return dt
+
+
+def _read_config(d: Path) -> dict:
+    p = d / "config.json"
+    if not p.exists():
+        extra = " (a PEFT adapter: load its base model with PEFT)" if (d / "adapter_config.json").exists() else ""
+        raise BridgeError(f"{d}: not an export: no config.json{extra}")
+    try:
+        cfg = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BridgeError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise BridgeError(f"{p}: must be a JSON object")
+    for key in ("quantization", "quantization_config"):
+        if cfg.get(key):
+            raise BridgeError(f"{p}: {key} is set ({json.dumps(cfg[key])[:60]}): quantized MLX weights; "
+                              "export with `mlx-bridge export` to get dequantized Hugging Face weights")
+    return cfg
+
+
+def _eos_ids(d: Path, cfg: dict, tokenizer) -> set[int]:
+    """mlx-lm's rule: generation_config's eos_token_id (when set) replaces config.json's; plus the tokenizer's."""
+    eos = cfg.get("eos_token_id")
+    gp = d / "generation_config.json"
+    if gp.exists():
+        try:
+            eos = json.loads(gp.read_text()).get("eos_token_id") or eos
+        except json.JSONDecodeError as e:
+            raise BridgeError(f"{gp}: not valid JSON ({e})") from None
+    ids = set([eos] if isinstance(eos, int) else (eos or []))
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+def _native(d, hf_config, files, device, dtype):
+    from .args import ModelArgs
+    from .model import Transformer
+    from .runner import NativeRunner
+    from .weights import load_weights
+
+    args = ModelArgs.from_hf(hf_config)
+    with torch.device("meta"):
+        module = Transformer(args)
+    load_weights(module, files, device, dtype, drop=("lm_head.weight",) if args.tie_word_embeddings else ())
+    module.reset_rope(device)
+    return module.eval().requires_grad_(False), NativeRunner(module)
+
+
+def _transformers(d, device, dtype):
+    from transformers import AutoModelForCausalLM
+
+    from .runner import HFRunner
+
+    try:
+        module = AutoModelForCausalLM.from_pretrained(str(d), dtype=dtype, use_safetensors=True,
+                                                      trust_remote_code=False)
+    except (ValueError, OSError, KeyError) as e:
+        raise BridgeError(f"{d}: transformers cannot load it: {str(e).splitlines()[0][:200]}") from None
+    module = module.to(device).eval().requires_grad_(False)
+    return module, HFRunner(module)
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto",
+         backend: str = "auto", max_context: int | None = None) -> DeployedModel:
+    """Load an export directory (Hugging Face layout, safetensors) for generation in PyTorch.
+
+    Args:
+        path: the export directory (config.json, model*.safetensors, tokenizer files).
+        device: "cpu", "cuda", "cuda:N", "mps" or "auto".
+        dtype: "auto" (config.json's dtype), "float32", "bfloat16" or "float16".
+        backend: "auto", "native" (this package's classes) or "transformers".
+        max_context: cap on prompt + generated tokens (default: config's max_position_embeddings).
+    Returns:
+        a `DeployedModel` (`.generate`, `.stream`, `.complete`, `.logits`, `.module`).
+    Raises:
+        BridgeError: not an export, quantized MLX weights, missing/unexpected tensors, a device or
+            dtype this machine cannot run, an unknown backend.
+
+    Example:
+        >>> m = load("deploy/alpaca", device="cpu")   # doctest: +SKIP
+        >>> m.generate("Hello", max_tokens=8)         # doctest: +SKIP
+    """
+    d = Path(path)
+    if not d.is_dir():
+        raise BridgeError(f"{d}: not a directory")
+    if backend not in BACKENDS:
+        raise BridgeError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    cfg = _read_config(d)
+    files = weight_files(d)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, cfg, files, dev)
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        hf_config = AutoConfig.from_pretrained(str(d), trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as e:
+        raise BridgeError(f"{d / 'config.json'}: transformers cannot read it: {str(e).splitlines()[0][:200]}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(d), trust_remote_code=False)
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        raise BridgeError(f"{d}: no usable tokenizer ({str(e).splitlines()[0][:200]})") from None
+
+    from .args import Unsupported
+
+    chosen = backend
+    if backend in ("auto", "native"):
+        try:
+            module, runner = _native(d, hf_config, files, dev, dt)
+            chosen = "native"
+        except Unsupported as e:
+            if backend == "native":
+                raise BridgeError(f"{d / 'config.json'}: no native class for it: {e}") from None
+            warnings.warn(f"{d}: {e}: running it with transformers' AutoModelForCausalLM", stacklevel=2)
+            chosen = "transformers"
+    if chosen == "transformers":
+        module, runner = _transformers(d, dev, dt)
+
+    ctx = max_context or getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
+    if not ctx:
+        raise BridgeError(f"{d / 'config.json'}: no max_position_embeddings; pass max_context=")
+    return DeployedModel(module, tokenizer, cfg, dev, dt, d.resolve().name, int(ctx), _eos_ids(d, cfg, tokenizer),
+                         runner, chosen)
