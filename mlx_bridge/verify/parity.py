@@ -1,0 +1,185 @@
+"""Parity of an export with what MLX computed: logits and greedy continuations of the probes.
+
+The reference is the `probes.safetensors` the export carries (golden MLX outputs saved with the
+checkpoint), or, with `against=`, outputs computed now by mlx-lm. The deployed model (PyTorch) runs the
+same token ids:
+
+- logits: max and mean |difference| over every probe position; they pass when the max is within
+  atol + rtol * max|reference logit|, with (atol, rtol) set by the coarser of the two dtypes;
+- greedy: each probe's continuation is generated again (no EOS stop). A continuation that leaves the
+  reference's passes only at a near-tie: re-scoring the reference tokens, the deployed model's margin
+  between its own choice and the reference's is within the same logit limit.
+
+`verify` writes the report as `parity.json` into the export directory.
+
+Example:
+    >>> report = verify("deploy/alpaca")        # doctest: +SKIP
+    >>> report["passed"], report["logits"]["max_abs_diff"]  # doctest: +SKIP
+    (True, 3.1e-06)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BridgeError
+from ..probes import FILENAME as PROBES, Probes
+
+REPORT = "parity.json"
+# (atol, rtol) on logits for the coarser dtype of reference and deployed model
+TOLERANCES = {"float32": (1e-3, 1e-3), "float16": (1e-2, 1e-2), "bfloat16": (5e-2, 5e-2)}
+PRECISION = ["float32", "float16", "bfloat16"]  # finer -> coarser
+DEFAULT_PROMPTS = ["Give three tips for staying healthy.", "What is two plus two?", "Hello, how are you today?",
+                   "Write one sentence about the sea."]
+
+
+def tolerance(*dtypes: str) -> tuple[float, float]:
+    """(atol, rtol) for comparing logits computed in these dtypes.
+
+    Example:
+        >>> tolerance("float32", "bfloat16")
+        (0.05, 0.05)
+    """
+    known = [d for d in dtypes if d in TOLERANCES]
+    coarse = max(known, key=PRECISION.index) if known else "float32"
+    return TOLERANCES[coarse]
+
+
+def compare_logits(ref: np.ndarray, got: np.ndarray, atol: float, rtol: float) -> dict:
+    """Max/mean |diff|, top-1 agreement and pass/fail of two (N, L, V) logit arrays."""
+    if ref.shape != got.shape:
+        raise BridgeError(f"{PROBES}: reference logits {ref.shape} but the model gives {got.shape} "
+                          "(vocabulary size differs from the probes')")
+    diff = np.abs(ref.astype(np.float64) - got.astype(np.float64))
+    ref_max = float(np.abs(ref).max())
+    limit = atol + rtol * ref_max
+    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "max_abs_reference": ref_max,
+            "atol": atol, "rtol": rtol, "limit": limit,
+            "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean()),
+            "passed": bool(diff.max() <= limit)}
+
+
+def compare_greedy(model, input_ids: np.ndarray, ref: np.ndarray, limit: float) -> dict:
+    """Re-generate each probe's greedy continuation with `model` and compare with `ref` (N, G)."""
+    import torch
+
+    N, G = ref.shape
+    got = [c.token_ids for c in model.complete([list(map(int, r)) for r in input_ids], max_tokens=G,
+                                               temperature=0.0, ignore_eos=True)]
+    L = input_ids.shape[1]
+    scored = model.logits(torch.as_tensor(np.concatenate([input_ids, ref], 1)[:, :-1], dtype=torch.long)).cpu().numpy()
+    per = []
+    for i in range(N):
+        g = got[i] + [-1] * (G - len(got[i]))  # shorter only when the context ran out
+        j = next((k for k in range(G) if g[k] != int(ref[i, k])), None)
+        if j is None:
+            per.append({"match": G, "first_divergence": None, "margin": None, "near_tie": None})
+            continue
+        row = scored[i, L - 1 + j]
+        margin = float(row.max() - row[int(ref[i, j])])  # how far the reference token is from the top
+        per.append({"match": j, "first_divergence": j, "margin": margin, "near_tie": bool(margin <= limit)})
+    exact = sum(p["first_divergence"] is None for p in per)
+    return {"exact": exact, "of": N, "max_new_tokens": G, "agreement": float(np.mean([p["match"] / G for p in per])),
+            "near_ties": sum(bool(p["near_tie"]) for p in per), "per_probe": per,
+            "passed": all(p["first_divergence"] is None or p["near_tie"] for p in per)}
+
+
+def _default_inputs(model, n_tokens: int = 16) -> np.ndarray:
+    rows = [model.encode_prompt(p) for p in DEFAULT_PROMPTS]
+    L = min(n_tokens, min(len(r) for r in rows))
+    return np.array([r[:L] for r in rows], np.int32)
+
+
+def verify(export_dir: str | os.PathLike, against: str | os.PathLike | None = None, *, device: str = "cpu",
+           dtype: str = "auto", backend: str = "auto", atol: float | None = None, rtol: float | None = None,
+           max_new_tokens: int = 16, write: bool = True, model=None) -> dict:
+    """Check an export against MLX's outputs; write `parity.json` into it; return the report.
+
+    Args:
+        export_dir: the export (Hugging Face layout, with `probes.safetensors` unless `against`).
+        against: checkpoint or MLX model directory to compute fresh MLX outputs from (needs mlx).
+        device, dtype, backend: how to load the export (see `mlx_bridge.load`).
+        atol, rtol: override the dtype's logit tolerance.
+        max_new_tokens: greedy tokens per probe when the probes are made here (`against` without probes).
+        write: write `parity.json`.
+        model: an already loaded `DeployedModel` of `export_dir` (skips loading).
+    Returns:
+        the report (see `parity.json`): "passed", "logits", "greedy", ...
+    Raises:
+        BridgeError: no probes and no `against`, mlx missing for `against`, unloadable export.
+
+    Example:
+        >>> verify("deploy/alpaca", against="ckpt/alpaca")["passed"]  # doctest: +SKIP
+        True
+    """
+    t0 = time.perf_counter()
+    d = Path(export_dir)
+    if model is None:
+        from ..deploy.loader import load
+
+        model = load(d, device=device, dtype=dtype, backend=backend)
+    have_probes = (d / PROBES).exists()
+    if against is None and not have_probes:
+        raise BridgeError(f"{d}: no {PROBES} (the checkpoint was saved without probes); "
+                          "pass --against CHECKPOINT_OR_MLX_DIR to compute MLX outputs now")
+    if against is not None:
+        from .mlx_ref import mlx_probes
+
+        inputs = Probes.load(d).input_ids if have_probes else _default_inputs(model)
+        G = Probes.load(d).greedy.shape[1] if have_probes else max_new_tokens
+        probes, source = mlx_probes(against, inputs, G), "mlx-lm"
+    else:
+        probes, source = Probes.load(d), PROBES
+    deployed_dtype = str(model.dtype).replace("torch.", "")
+    a, r = tolerance(probes.dtype, deployed_dtype)
+    a, r = atol if atol is not None else a, rtol if rtol is not None else r
+    import torch
+
+    got = model.logits(torch.as_tensor(probes.input_ids, dtype=torch.long)).cpu().numpy()
+    logits = compare_logits(probes.logits, got, a, r)
+    greedy = compare_greedy(model, probes.input_ids, probes.greedy, logits["limit"])
+    from ..manifest import environment
+
+    report = {
+        "schema_version": 1, "passed": logits["passed"] and greedy["passed"], "export_dir": str(d),
+        "reference": {"source": source, "against": str(against) if against is not None else None,
+                      "dtype": probes.dtype},
+        "deployed": {"backend": model.backend, "device": str(model.device), "dtype": deployed_dtype},
+        "probes": {"num": int(probes.input_ids.shape[0]), "length": int(probes.input_ids.shape[1]),
+                   "max_new_tokens": int(probes.greedy.shape[1])},
+        "logits": logits, "greedy": greedy, "environment": environment(),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    if write:
+        _write_json(d / REPORT, report)
+    return report
+
+
+def _write_json(p: Path, obj: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, p)
+
+
+def summary(report: dict) -> str:
+    """A few lines for the terminal."""
+    lg, gr, dp = report["logits"], report["greedy"], report["deployed"]
+    ref = report["reference"]
+    lines = [
+        f"parity of {report['export_dir']} ({dp['backend']}, {dp['device']}, {dp['dtype']}) against "
+        f"{ref['source']} (MLX {ref['dtype']}): {report['probes']['num']} probes x {report['probes']['length']} tokens",
+        f"  logits: max |diff| {lg['max_abs_diff']:.3g} (limit {lg['limit']:.3g}), mean {lg['mean_abs_diff']:.3g}, "
+        f"top-1 agreement {100 * lg['top1_agreement']:.1f}%",
+        f"  greedy: {gr['exact']}/{gr['of']} continuations identical ({gr['max_new_tokens']} tokens each)"
+        + (f", {gr['near_ties']} diverge at a near-tie" if gr["near_ties"] else ""),
+        "PASS" if report["passed"] else "FAIL",
+    ]
+    return "\n".join(lines)
