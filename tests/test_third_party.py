@@ -39,7 +39,8 @@ def peft_dirs(tmp_path_factory, hf_dir) -> dict[str, Path]:
     out = {}
     for name, kw in cases.items():
         torch.manual_seed(0)
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(hf_dir)), LoraConfig(task_type="CAUSAL_LM", **kw))
+        base = AutoModelForCausalLM.from_pretrained(str(hf_dir))
+        model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **kw))
         model.save_pretrained(str(root / name))
         out[name] = root / name
     return out
@@ -119,7 +120,8 @@ def test_extra_safetensors_needs_index(hf_dir, tmp_path):
     problems = check_export(d)
     assert len(problems) == 2 and any("model.ghost.weight" in p for p in problems) \
         and any("lm_head.weight" in p for p in problems), problems
-    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": "model-2.safetensors"}}))
+    ghost_shard = {"weight_map": {"lm_head.weight": "model-2.safetensors"}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(ghost_shard))
     assert any("model-2.safetensors, which does not exist" in p for p in check_export(d))
 
 
@@ -234,7 +236,8 @@ def test_exports_are_ready(zoo, tmp_path):
 
     base = zoo.mlx("llama", quant=dict(bits=4, group_size=64))
     adapter = zoo.adapter(base, "lora-tp", rank=4, num_layers=2)
-    hf = export(adapter, tmp_path / "hf", format="hf", dtype="bfloat16", verify=False, progress=False, log=lambda *a: None)
+    quiet = dict(verify=False, progress=False, log=lambda *a: None)
+    hf = export(adapter, tmp_path / "hf", format="hf", dtype="bfloat16", **quiet)
     assert check_export(hf) == []
-    peft = export(adapter, tmp_path / "peft", format="peft", verify=False, progress=False, log=lambda *a: None)
+    peft = export(adapter, tmp_path / "peft", format="peft", **quiet)
     assert check_export(peft) == []

@@ -196,7 +196,8 @@ def _check_model(d: Path) -> list[str]:
     if not (d / "tokenizer_config.json").exists():
         problems.append("tokenizer_config.json: missing")
     for pattern in PICKLE_WEIGHTS:
-        problems += [f"{p.name}: pickle weights; the export must hold safetensors only" for p in sorted(d.glob(pattern))]
+        problems += [f"{p.name}: pickle weights; the export must hold safetensors only"
+                     for p in sorted(d.glob(pattern))]
     problems += _check_weights(d, _config_dtype(cfg) if cfg else None)
     return problems
 
@@ -295,15 +296,18 @@ def _check_peft(d: Path, max_lora_rank: int | None) -> list[str]:
     if cfg.get("peft_type", "LORA") != "LORA":
         problems.append(f"{PEFT_CONFIG}: peft_type {cfg.get('peft_type')!r}; vLLM and TRT-LLM load LORA only")
     if cfg.get("use_dora"):
-        problems.append(f"{PEFT_CONFIG}: use_dora is true; vLLM does not support DoRA: export with --format hf (merged)")
+        problems.append(f"{PEFT_CONFIG}: use_dora is true; vLLM does not support DoRA: "
+                        "export with --format hf (merged)")
     if cfg.get("modules_to_save"):
         problems.append(f"{PEFT_CONFIG}: modules_to_save {cfg['modules_to_save']}; vLLM only supports none: "
                         "export with --format hf (merged)")
     if cfg.get("bias", "none") != "none":
-        problems.append(f"{PEFT_CONFIG}: bias {cfg['bias']!r}; vLLM needs 'none' unless started with --enable-lora-bias")
+        problems.append(f"{PEFT_CONFIG}: bias {cfg['bias']!r}; vLLM needs 'none' unless started with "
+                        "--enable-lora-bias")
     for key in ("rank_pattern", "alpha_pattern"):
         if cfg.get(key):
-            problems.append(f"{PEFT_CONFIG}: {key} is set; vLLM ignores it and would scale every module by lora_alpha/r")
+            problems.append(f"{PEFT_CONFIG}: {key} is set; vLLM ignores it and would scale every module "
+                            "by lora_alpha/r")
     r = cfg.get("r")
     limit = max_lora_rank if max_lora_rank is not None else VLLM_MAX_LORA_RANKS[-1]
     if isinstance(r, int) and r > limit:
