@@ -242,6 +242,21 @@ def test_engine_batches_waiting_jobs_and_isolates_failures(export_dir):
     assert isinstance(got[2], APIError) and got[2].message == "refused in prepare"
     assert stats.errors == 2
 
+    # a streamed job whose client goes away stops generating at the next piece
+    pieces = []
+    engine = Engine(model, max_batch=4)
+    long = Sampling(max_tokens=40, temperature=1.0, seed=0)
+
+    def emit(ev):
+        pieces.append(ev)
+        if len(pieces) == 3:
+            job.cancelled.set()
+
+    job = engine.submit(lambda m: ([ids[0]], long), emit)
+    engine.start()
+    engine.stop()
+    assert pieces[0] == "start" and len(pieces) == 3 and engine.stats.cancelled == 1
+
 
 # -- the command line ----------------------------------------------------------------------------------
 

@@ -230,14 +230,26 @@ def test_mlx_quantized_dir_is_refused(zoo):
         assert word in text, problems
 
 
-def test_exports_are_ready(zoo, tmp_path):
-    """A 4-bit base + LoRA exported merged (hf) and as an adapter (peft): both pass unchanged."""
+EXPORTS = {  # name -> (arch, base quantization, make_adapter kwargs, a note serving_notes must give for the PEFT dir)
+    "qlora": ("llama", dict(bits=4, group_size=64), dict(rank=4, num_layers=2), None),
+    "emb-head": ("llama", None, dict(rank=4, keys=["self_attn.q_proj", "self_attn.v_proj", "lm_head",
+                                                 "model.embed_tokens"], num_layers=1), "embed_tokens/lm_head"),
+    "moe": ("qwen3_moe", None, dict(rank=4), "MoE experts"),
+}
+
+
+@pytest.mark.parametrize("case", list(EXPORTS))
+def test_exports_are_ready(zoo, tmp_path, case):
+    """This project's exports, merged (hf) and as an adapter (peft), pass unchanged."""
     from mlx_bridge import export
 
-    base = zoo.mlx("llama", quant=dict(bits=4, group_size=64))
-    adapter = zoo.adapter(base, "lora-tp", rank=4, num_layers=2)
+    arch, quant, kw, note = EXPORTS[case]
+    base = zoo.mlx(arch, quant=quant)
+    adapter = zoo.adapter(base, f"tp-{case}", **kw)
     quiet = dict(verify=False, progress=False, log=lambda *a: None)
     hf = export(adapter, tmp_path / "hf", format="hf", dtype="bfloat16", **quiet)
     assert check_export(hf) == []
     peft = export(adapter, tmp_path / "peft", format="peft", **quiet)
     assert check_export(peft) == []
+    notes = serving_notes(peft)
+    assert (note is None and notes == []) or any(note in n for n in notes), notes

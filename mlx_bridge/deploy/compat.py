@@ -77,6 +77,7 @@ VLLM_DEFAULT_MAX_LORA_RANK = 16
 LORA_MODULES = frozenset({"q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj",
                           "down_proj", "gate_up_proj"})
 LORA_MOE_MODULES = frozenset({"gate", "w1", "w2", "w3"})  # router + mixtral experts
+LORA_EMBEDDING_MODULES = frozenset({"embed_tokens", "lm_head"})  # vLLM: depends on the model and version
 TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"), ("vocab.txt",))
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 MLX_KEY = re.compile(r"(\.scales$|\.biases$|switch_mlp|\.lora_[ab]$)")
@@ -122,6 +123,16 @@ def serving_notes(path: str | os.PathLike) -> list[str]:
                          f"{VLLM_DEFAULT_MAX_LORA_RANK}: serve with --max-lora-rank {lora_rank_flag(r)}")
         if cfg and not cfg.get("base_model_name_or_path"):
             notes.append(f"{PEFT_CONFIG}: base_model_name_or_path is empty: pass the base model explicitly")
+        try:
+            modules = set(_lora_modules(read_header(d / PEFT_WEIGHTS)[0])[0])
+        except (BridgeError, OSError):
+            return notes
+        if any(".experts." in m for m in modules):
+            notes.append(f"{PEFT_WEIGHTS}: LoRA on MoE experts: only recent vLLM versions apply it to fused MoE "
+                         "layers; export with --format hf (merged) to be safe")
+        if any(m.rsplit(".", 1)[-1] in LORA_EMBEDDING_MODULES for m in modules):
+            notes.append(f"{PEFT_WEIGHTS}: LoRA on embed_tokens/lm_head: vLLM's support depends on the model and "
+                         "version; export with --format hf (merged) to be safe")
         return notes
     cfg = _read_json(d / "config.json", []) or {}
     notes = []
@@ -324,21 +335,33 @@ def _check_peft(d: Path, max_lora_rank: int | None) -> list[str]:
     return problems
 
 
+LORA_KEY = re.compile(r"(?:base_model\.model\.)?(.+)\.(?:(lora_[AB])\.weight|lora_embedding_([AB]))")
+
+
+def _lora_modules(tensors: dict) -> tuple[dict[str, dict[str, tuple]], list[str]]:
+    """{module: {"lora_A": shape, "lora_B": shape}} and the names that are not LoRA factors."""
+    modules: dict[str, dict[str, tuple]] = {}
+    others = []
+    for name, t in tensors.items():
+        m = LORA_KEY.fullmatch(name)
+        if m is None:
+            others.append(name)
+        else:
+            modules.setdefault(m.group(1), {})[m.group(2) or f"lora_{m.group(3)}"] = t.shape
+    return modules, others
+
+
 def _check_lora_tensors(tensors: dict, cfg: dict) -> list[str]:
     problems: list[str] = []
-    modules: dict[str, dict[str, tuple]] = {}
-    for name, t in tensors.items():
-        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)\.weight", name)
-        if m is None:
-            why = ("DoRA magnitude" if name.endswith("lora_magnitude_vector") else
-                   "a full weight (modules_to_save)" if name.endswith(".weight") else "not lora_A/lora_B")
-            problems.append(f"{PEFT_WEIGHTS}: {name} is {why}; vLLM accepts only lora_A/lora_B weights")
-            continue
-        modules.setdefault(m.group(1), {})[m.group(2)] = t.shape
+    modules, others = _lora_modules(tensors)
+    for name in others:
+        why = ("DoRA magnitude" if name.endswith("lora_magnitude_vector") else
+               "a full weight (modules_to_save)" if name.endswith(".weight") else "not lora_A/lora_B")
+        problems.append(f"{PEFT_WEIGHTS}: {name} is {why}; vLLM accepts only lora_A/lora_B weights")
     r, targets = cfg.get("r"), cfg.get("target_modules")
     for mod, ab in sorted(modules.items()):
         last = mod.rsplit(".", 1)[-1]
-        if last not in LORA_MODULES and last not in LORA_MOE_MODULES:
+        if last not in LORA_MODULES | LORA_MOE_MODULES | LORA_EMBEDDING_MODULES:
             problems.append(f"{PEFT_WEIGHTS}: {mod} is not a layer vLLM/TRT-LLM apply LoRA to "
                             f"({', '.join(sorted(LORA_MODULES))})")
         if set(ab) != {"lora_A", "lora_B"}:

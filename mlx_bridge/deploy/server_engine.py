@@ -57,6 +57,7 @@ class Stats:
     rows: int = 0
     max_rows: int = 0
     streams: int = 0
+    cancelled: int = 0  # streams stopped early because their client went away
     errors: int = 0
 
     def as_dict(self) -> dict:
@@ -181,6 +182,7 @@ class Engine:
                 try:
                     for piece in stream:
                         if job.cancelled.is_set():
+                            self.stats.cancelled += 1
                             return
                         if piece:
                             job.emit(piece)
