@@ -80,7 +80,7 @@ def tiny_hf_model(out: str | os.PathLike, model_type: str = "llama", dtype: str 
 
     out = Path(out)
     tok = tiny_tokenizer(out)
-    cfg = dict(_BASE, **ARCH_CONFIGS[model_type], **overrides)
+    cfg = {**_BASE, **ARCH_CONFIGS[model_type], **overrides}  # overrides win over the arch defaults
     cfg.update(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     cfg.setdefault("pad_token_id", tok.pad_token_id)
     config = AutoConfig.for_model(model_type, **cfg)
