@@ -260,10 +260,17 @@ def test_engine_batches_waiting_jobs_and_isolates_failures(export_dir):
 
 # -- the command line ----------------------------------------------------------------------------------
 
-def test_cli_refuses_bad_input(tmp_path):
+def test_cli_refuses_bad_input(tmp_path, export_dir, capsys):
     from mlx_bridge.cli import main
 
     assert main(["serve", str(tmp_path / "missing"), "--port", "70000", "--max-batch", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--port 70000" in err and "--max-batch 0" in err and "missing: not a directory" in err
+    with socket.socket() as taken:  # a taken port is refused before the model is loaded
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", str(export_dir), "--port", str(taken.getsockname()[1])]) == 2
+    assert "cannot listen there" in capsys.readouterr().err
 
 
 def test_cli_serves(export_dir):

@@ -47,8 +47,9 @@ def main(args: argparse.Namespace) -> int:
         raise BridgeError("; ".join(problems))
 
     from .loader import load
-    from .server import create_app, generation_defaults, serve
+    from .server import bind, create_app, generation_defaults, serve
 
+    sock = bind(args.host, args.port)  # before loading: a taken port fails in a second, not after the model
     model = load(args.path, device=args.device, dtype=args.dtype)
     name = args.model_name or model.name
     app = create_app(model, model_name=name, api_key=args.api_key, max_tokens_limit=args.max_tokens_limit,
@@ -57,7 +58,8 @@ def main(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use the model",
               file=sys.stderr)
-    print(f"serving {name!r} ({args.path}, {model.device}, {model.dtype}) on http://{args.host}:{args.port}/v1",
+    port = sock.getsockname()[1]
+    print(f"serving {name!r} ({args.path}, {model.device}, {model.dtype}) on http://{args.host}:{port}/v1",
           file=sys.stderr)
-    serve(app, host=args.host, port=args.port, log_level=args.log_level)
+    serve(app, log_level=args.log_level, sock=sock)
     return 0

@@ -27,6 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import BridgeError
 from . import server_protocol as proto
 from .server_engine import Engine, StreamEnd
 from .server_protocol import APIError
@@ -259,11 +260,35 @@ def generation_defaults(path: str | Path) -> dict:
     return {k: cfg[k] for k in ("temperature", "top_p", "top_k") if cfg.get(k) is not None}
 
 
-def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Run the app with uvicorn until interrupted (one process, one model worker)."""
+def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
+    """A listening-ready socket on host:port (IPv4 or IPv6); `BridgeError` when the address is taken.
+
+    Example:
+        >>> s = bind("127.0.0.1", 0); s.getsockname()[0]
+        '127.0.0.1'
+    """
+    try:
+        family, kind, proto_, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto_)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as e:
+        raise BridgeError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
+    return sock
+
+
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+          sock: socket.socket | None = None) -> None:
+    """Run the app with uvicorn until interrupted (one process, one model worker).
+
+    Example:
+        >>> serve(create_app(model), port=8000)  # doctest: +SKIP
+    """
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    sock = sock or bind(host, port)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+    server.run(sockets=[sock])
 
 
 class ServerThread:
@@ -278,9 +303,7 @@ class ServerThread:
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
         import uvicorn
 
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
+        self.sock = bind(host, port)
         self.host, self.port = self.sock.getsockname()[:2]
         self.url = f"http://{self.host}:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
