@@ -171,8 +171,11 @@ def apply_fine_tune(model: nn.Module, cfg: TrainConfig) -> dict:
                 if cfg.lora_rank > min(d_in, d_out):
                     problems.append(f"layers.{i}.{k} ({d_in} -> {d_out})")
     if problems:
-        raise_all([f"lora_rank {cfg.lora_rank} is larger than " + "; ".join(problems[:3])
-                   + (f" and {len(problems) - 3} more layers" if len(problems) > 3 else "")])
+        problems.sort()
+        more = f" and {len(problems) - 2} more" if len(problems) > 2 else ""
+        raise BridgeError(f"lora_rank {cfg.lora_rank} is larger than {', '.join(problems[:2])}{more} "
+                          "(the rank must not exceed min(in, out) of a targeted layer: lower it or leave those layers out "
+                          "with targets)")
     mx.random.seed(cfg.seed)  # the LoRA initialisation
     params = {"rank": cfg.lora_rank, "scale": cfg.scale, "dropout": cfg.lora_dropout, "keys": keys}
     try:

@@ -22,7 +22,6 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import BridgeError
-from ..fsutil import check_output_dir
 from ..manifest import Manifest, environment
 from . import checkpoint as ck
 from .batching import BatchStream, eval_batches
@@ -73,8 +72,10 @@ class MLXTrainer:
                 if not ck.has_checkpoint(self.out):
                     raise BridgeError(f"{self.out}: --resume given but the directory holds no checkpoint")
                 self._resume_dir = self.out
-            elif not resume:
-                check_output_dir(self.out, force)
+            elif not resume and not force and self.out.exists():
+                if not self.out.is_dir() or any(self.out.iterdir()):
+                    raise BridgeError(f"{self.out}: output directory exists and is not empty (use --resume to "
+                                      "continue its run or --force to replace it)")
         self._base = load_base(str(model))
         self.model, self.tokenizer = self._base.model, self._base.tokenizer
         self.adapter = apply_fine_tune(self.model, self.config)
@@ -263,7 +264,8 @@ class MLXTrainer:
         ids = self._probe_ids()
         hyper = dict(cfg.to_dict(), total_steps=self.total_steps)
         if self.data is not None:
-            hyper.update(mask_prompt_effective=self.data.info["mask_prompt"], template=self.data.info["template"])
+            hyper.update(mask_prompt_effective=self.data.info["mask_prompt"],
+                         template_effective=self.data.info["template"])
         return Manifest(
             kind="checkpoint",
             base_model={"path": str(base.path), "hub_id": base.hub_id, "revision": base.revision,
