@@ -46,6 +46,8 @@ def effective_config(cfg: dict, arch: Arch, dtype: str) -> tuple[dict, list[str]
             notes.append(f"{k}: {cfg[k]!r} is ignored by mlx-lm for {arch.model_type}; MLX computed without it")
     if not arch.reads_rope_parameters:
         _rope_as_mlx(cfg, c, arch, notes)
+    elif "rope_theta" not in c and isinstance(c.get("rope_parameters"), dict) and "rope_theta" in c["rope_parameters"]:
+        c["rope_theta"] = c["rope_parameters"]["rope_theta"]  # for readers bundling transformers v4
     if arch.model_type in LAYER_PATTERNS:
         LAYER_PATTERNS[arch.model_type](cfg, c, arch, notes)
     return c, notes

@@ -128,8 +128,13 @@ def vllm_warnings(cfg: dict, tensors: list[PeftTensor]) -> list[str]:
     if cfg["use_dora"]:
         w.append("vLLM does not serve DoRA adapters; use --format hf (fused) to serve this with vLLM")
     if cfg["r"] > VLLM_DEFAULT_MAX_RANK:
-        w.append(f"rank {cfg['r']} is above vLLM's default max_lora_rank {VLLM_DEFAULT_MAX_RANK}; "
-                 f"start vLLM with --max-lora-rank {cfg['r']} (or use --format hf)")
+        from ..deploy.compat import lora_rank_flag  # torch-free
+
+        try:
+            flag = f"start vLLM with --max-lora-rank {lora_rank_flag(cfg['r'])} (or use --format hf)"
+        except BridgeError:
+            flag = "vLLM cannot serve this rank; use --format hf"
+        w.append(f"rank {cfg['r']} is above vLLM's default max_lora_rank {VLLM_DEFAULT_MAX_RANK}; {flag}")
     if cfg.get("modules_to_save"):
         w.append("vLLM refuses modules_to_save; use --format hf")
     if any(".experts." in t.name for t in tensors):
