@@ -122,6 +122,8 @@ class TextStream:
                 yield final[len(emitted):]
             self.last_completion = Completion(final, ids, self._prompt_tokens, reason)
         finally:
-            self._steps.close()
+            close = getattr(self._steps, "close", None)
+            if close is not None:
+                close()
             if self._on_done is not None:
                 self._on_done(self.last_completion)

@@ -1,0 +1,95 @@
+"""Native model classes == transformers (float32, rounding level) for every native arch; cache == recompute.
+
+Random tiny models (2 layers, hidden 64, random norms) from `tiny_hf_model`; inputs longer than the
+sliding windows (32) so window masks are exercised.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from mlx_bridge.deploy.args import ModelArgs
+from mlx_bridge.deploy.layers import KVCache
+from mlx_bridge.deploy.loader import load
+from mlx_bridge.deploy.model import Transformer, decode_step, prefill
+from mlx_bridge.testing.adapters import shared_zoo
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "mixtral", "qwen3_moe"]
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    return shared_zoo(tmp_path_factory.getbasetemp() / "zoo")
+
+
+def hf_logits(d, ids, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(d), dtype=dtype).eval()
+    with torch.no_grad():
+        return m(ids).logits.float()
+
+
+def ids_for(vocab, B=2, L=40, seed=0):
+    return torch.randint(0, vocab, (B, L), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_close(a, b, atol, what=""):
+    d = (a - b).abs()
+    assert d.max().item() <= atol, f"{what}: max |diff| {d.max().item():.3g}, mean {d.mean().item():.3g} > {atol}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_native_equals_transformers(zoo, arch):
+    d = zoo.hf(arch)
+    m = load(d, backend="native")
+    assert m.backend == "native" and isinstance(m.module, Transformer)
+    ids = ids_for(m.config["vocab_size"])
+    assert_close(m.logits(ids), hf_logits(d, ids), 1e-5, arch)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_state_dict_is_hf_layout(zoo, arch):
+    """The module's parameter names are exactly the tensors transformers saved (strict load)."""
+    d = zoo.hf(arch)
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        saved = {k: f.get_tensor(k) for k in f.keys()}
+    module = Transformer(ModelArgs.from_dict(json.loads((d / "config.json").read_text())))
+    assert set(module.state_dict()) == set(saved)
+    module.load_state_dict(saved, strict=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen3_moe"])
+def test_bfloat16_close_to_transformers(zoo, arch):
+    d = zoo.hf(arch)
+    m = load(d, dtype="bfloat16")
+    assert m.dtype == torch.bfloat16 and m.module.model.embed_tokens.weight.dtype == torch.bfloat16
+    ids = ids_for(m.config["vocab_size"], L=24)
+    ref = hf_logits(d, ids, torch.bfloat16)
+    assert_close(m.logits(ids), ref, 0.05 * ref.abs().max().item(), arch)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_static_cache_decode_equals_full_recompute(zoo, arch):
+    """Prefill + one-token decode steps over the static cache give the full pass's logits, with padding."""
+    m = load(zoo.hf(arch))
+    module, V = m.module, m.config["vocab_size"]
+    ids = ids_for(V, B=2, L=40, seed=1)
+    full = m.logits(ids)
+    P = 5
+    pad = torch.tensor([0, 2])  # row 1 is left-padded by 2: its tokens are ids[1, :-2]
+    toks = ids.clone()
+    toks[1] = torch.cat([torch.zeros(2, dtype=ids.dtype), ids[1, :-2]])
+    cache = KVCache.allocate(module.args, 2, 40, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        got = [prefill(module, cache, toks[:, :P], pad)]
+        for s in range(P, 40):
+            got.append(decode_step(module, cache, toks[:, s:s + 1], torch.tensor([s]), pad))
+    got = torch.stack(got, 1).float()  # [B, 40 - P + 1, V]: logits at positions P-1 .. 39
+    assert_close(got[0], full[0, P - 1:], 2e-5, f"{arch} row 0")
+    row1 = m.logits(ids[1:, :-2])[0]  # the padded row alone, unpadded
+    assert_close(got[1], row1[P - 3:], 2e-5, f"{arch} padded row")
