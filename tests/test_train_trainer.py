@@ -1,6 +1,5 @@
 """MLXTrainer on tiny MLX models: learning, LoRA/DoRA/full/QLoRA, checkpoint contents, probes, resume, CLI."""
 
-import contextlib
 import json
 import shutil
 
@@ -30,8 +29,14 @@ def bases(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_split_dir(tmp_path_factory.mktemp("data") / "count", "completions", n_train=24, n_valid=8)
+def datasets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return {f: write_split_dir(root / f, f, n_train=24, n_valid=8) for f in ("completions", "chat", "alpaca", "text")}
+
+
+@pytest.fixture(scope="module")
+def data(datasets):
+    return datasets["completions"]
 
 
 def reload_logits(base, ckpt, ids):
@@ -95,9 +100,11 @@ def test_lora_learns_and_writes_a_complete_checkpoint(bases, data, tmp_path):
     assert p.prompts and m.probes["num"] == 4
 
 
-@pytest.mark.parametrize("kind,base", [("dora", "f32"), ("full", "f32"), ("lora", "q4"), ("dora", "q4")])
-def test_fine_tune_types_reload_in_mlx_lm(bases, data, tmp_path, kind, base):
-    tr = MLXTrainer(str(bases[base]), str(data), fine_tune_type=kind, lora_rank=4, num_layers=1, **FAST)
+@pytest.mark.parametrize("kind,base,fmt", [("dora", "f32", "chat"), ("full", "f32", "text"), ("lora", "q4", "alpaca"),
+                                           ("dora", "q4", "completions")])
+def test_fine_tune_types_reload_in_mlx_lm(bases, datasets, tmp_path, kind, base, fmt):
+    tr = MLXTrainer(str(bases[base]), str(datasets[fmt]), fine_tune_type=kind, lora_rank=4, num_layers=1, **FAST)
+    assert tr.data.info["format"] == fmt
     before = tr.evaluate()["loss"]
     tr.train(iters=4)
     assert tr.evaluate()["loss"] < before
@@ -246,16 +253,20 @@ def test_a_failed_save_leaves_the_previous_checkpoint(bases, data, tmp_path, mon
     (["--lora-rank", "40"], "lora_rank 40 is larger than layers.0.self_attn.k_proj (64 -> 32)"),
     (["--targets", "q_proj,wq"], "targets: 'wq' matches no linear layer"),
     (["--num-layers", "5"], "num_layers: 5 is more than the model's 2 blocks"),
-    (["--lora-alpha", "4", "--lora-scale", "2"], None),  # argparse: mutually exclusive (exit 2)
+    (["--batch-size", "0", "--warmup", "-1"], "training settings: 2 problems: batch_size"),
 ])
 def test_cli_bad_settings_exit_2(bases, data, tmp_path, capsys, extra, message):
-    with pytest.raises(SystemExit) if message is None else contextlib.nullcontext():
-        rc = cli_main(["train", "--model", str(bases["f32"]), "--data", str(data), "--out", str(tmp_path / "o"),
-                       "--quiet"] + extra)
-        assert rc == 2
-        err = capsys.readouterr().err.strip()
-        assert message in err and len(err.splitlines()) == 1
+    rc = cli_main(["train", "--model", str(bases["f32"]), "--data", str(data), "--out", str(tmp_path / "o"),
+                   "--quiet"] + extra)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_alpha_and_scale_exclude_each_other(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["train", "--lora-alpha", "4", "--lora-scale", "2"])
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
 
 
 def test_cli_bad_model_and_data_exit_2(bases, data, tmp_path, capsys):

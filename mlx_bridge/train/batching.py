@@ -12,8 +12,8 @@ Example:
     >>> from mlx_bridge.train.templates import Example
     >>> ex = [Example(np.arange(n, dtype=np.int32), np.arange(n) >= 2) for n in (3, 5)]
     >>> b = collate(ex, [0, 1], pad_multiple=1)
-    >>> b.inputs.shape, b.mask.sum(), b.ntoks
-    ((2, 4), 4.0, 4)
+    >>> b.inputs.shape, int(b.mask.sum()), b.ntoks
+    ((2, 4), 4, 4)
 """
 
 from __future__ import annotations

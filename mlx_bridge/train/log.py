@@ -83,7 +83,8 @@ class Progress:
                                  f"peak {r['peak_memory_gb']:.2f} GB", refresh=False)
 
     def write(self, msg: str) -> None:
-        self.bar.write(msg, file=sys.stderr) if not self.bar.disable else None
+        if not self.bar.disable:
+            self.bar.write(msg, file=sys.stderr)
 
     def close(self) -> None:
         self.bar.close()
