@@ -47,9 +47,15 @@ def probe_ids(vocab_size: int, n: int = 2, length: int = 12, seed: int = 1234) -
     return np.random.default_rng(seed).integers(0, vocab_size, size=(n, length), dtype=np.int64).astype(np.int32)
 
 
-def _lora_args(base: Path, out: Path, fine_tune_type: str, num_layers: int, lora_parameters: dict | None,
-               seed: int) -> dict:
-    """`vars(args)` as `mlx_lm.lora.main` builds it: parser defaults, then CONFIG_DEFAULTS for the unset ones."""
+def lora_args(base: str | os.PathLike, out: str | os.PathLike, fine_tune_type: str, num_layers: int,
+              lora_parameters: dict | None, seed: int = 0) -> dict:
+    """`vars(args)` as `mlx_lm.lora.main` builds it (parser defaults, then CONFIG_DEFAULTS for the unset ones),
+    with the given settings: what `save_config` turns into `adapter_config.json`.
+
+    Example:
+        >>> lora_args("base", "ad", "lora", 16, {"rank": 8, "scale": 20.0, "dropout": 0.0})["model"]  # doctest: +SKIP
+        'base'
+    """
     from mlx_lm import lora
 
     args = vars(lora.build_parser().parse_args([]))
@@ -148,7 +154,7 @@ def make_adapter(base: str | os.PathLike, out: str | os.PathLike, *, fine_tune_t
     if not weights:
         raise ValueError(f"{base}: keys {keys!r} matched no module: the adapter would be empty")
     mx.save_safetensors(str(out / "adapters.safetensors"), weights)
-    args = _lora_args(Path(model_field) if model_field else base, out, fine_tune_type, num_layers, lora_parameters, seed)
+    args = lora_args(Path(model_field) if model_field else base, out, fine_tune_type, num_layers, lora_parameters, seed)
     save_config(args, out / "adapter_config.json")
     return out
 
