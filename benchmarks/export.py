@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (cmd, pattern) in tools.items():
         best = None
         for r in range(args.repeat):
-            x = work / f"out-{name.split()[0].replace('.', '_')}-{r}"
+            x = work / ("out-" + "".join(c if c.isalnum() else "_" for c in name) + f"-{r}")
             shutil.rmtree(x, ignore_errors=True)
             warm(base, ad)
             secs, rss = measure(cmd(x))
