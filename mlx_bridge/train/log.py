@@ -79,8 +79,10 @@ class Progress:
 
     def step(self, r: dict) -> None:
         self.bar.update(1)
+        gb = r["peak_memory_gb"]
+        peak = f"{gb:.2f} GB" if gb >= 1 else f"{gb * 1024:.0f} MB"
         self.bar.set_postfix_str(f"loss {r['loss']:.3f} | {r['tokens_per_sec']:.0f} tok/s | lr {r['lr']:.2e} | "
-                                 f"peak {r['peak_memory_gb']:.2f} GB", refresh=False)
+                                 f"peak {peak}", refresh=False)
 
     def write(self, msg: str) -> None:
         if not self.bar.disable:

@@ -314,9 +314,8 @@ class MLXTrainer:
 
     def _resume(self, ckpt: Path) -> None:
         manifest, state = ck.read_resume_state(ckpt)
-        now = self.manifest()
         problems = []
-        if manifest.base_model.get("weight_sha256") != now.base_model["weight_sha256"]:
+        if manifest.base_model.get("weight_sha256") != self._base.weight_sha256():
             problems.append("base model weights differ from the checkpoint's base")
         if self.data is not None and manifest.dataset.get("sha256") != self.data.info["sha256"]:
             problems.append("dataset differs (sha256)")
