@@ -32,6 +32,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--model", help="local MLX (or Hugging Face) model directory, or a hub id; a quantized model means QLoRA")
     a("--data", help="a .json/.jsonl file, a directory with train/valid/test splits, or a hub dataset name")
+    a("--revision", help="hub revision (branch, tag or commit) when --model is a hub id")
     a("--out", help="checkpoint directory to write")
     a("--config", help="YAML file with any of these settings")
     a("--fine-tune-type", choices=["lora", "dora", "full"])
@@ -97,9 +98,10 @@ def main(args: argparse.Namespace) -> int:
         raise BridgeError(f"train: {', '.join(missing)} required (on the command line or in the --config file)")
     model, data, out = s.pop("model"), s.pop("data"), s.pop("out")
     resume, force = bool(s.pop("resume", False)), bool(s.pop("force", False))
+    revision = s.pop("revision", None)
     if resume and force:
         raise BridgeError("train: --resume and --force exclude each other")
-    trainer = MLXTrainer(model, data, out=out, resume=resume, force=force, **s)
+    trainer = MLXTrainer(model, data, out=out, resume=resume, force=force, revision=revision, **s)
     summary = trainer.train()
     print(json.dumps({"checkpoint": str(out), **{k: summary[k] for k in (
         "steps", "epochs", "tokens", "final_train_loss", "final_valid_loss", "tokens_per_sec")}}, default=str))

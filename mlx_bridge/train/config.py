@@ -141,7 +141,7 @@ ALIASES = {"lr": "learning_rate", "rank": "lora_rank", "grad_accumulation_steps"
            "max_seq_length": "max_seq_len", "format": "data_format", "steps_per_eval": "eval_every",
            "iterations": "iters"}
 # keys that a YAML file may set besides TrainConfig's fields
-RUN_KEYS = ("model", "data", "out", "resume", "force")
+RUN_KEYS = ("model", "data", "out", "resume", "force", "revision")
 # mlx-lm's `lora_parameters` block -> TrainConfig names
 LORA_PARAMETERS = {"rank": "lora_rank", "scale": "lora_scale", "alpha": "lora_alpha", "dropout": "lora_dropout",
                    "keys": "targets"}

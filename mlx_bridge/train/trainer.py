@@ -51,6 +51,7 @@ class MLXTrainer:
         out: checkpoint directory for periodic and final saves during `train()` (optional).
         resume: continue from the checkpoint in `out` (a fresh start when there is none yet).
         force: replace an existing `out`.
+        revision: hub revision (branch, tag or commit) of a hub model; recorded in the manifest.
         **settings: any `TrainConfig` field (fine_tune_type, lora_rank, lora_alpha or lora_scale, targets,
             num_layers, batch_size, learning_rate, grad_accum, lr_schedule, warmup, max_seq_len, seed ...).
 
@@ -63,7 +64,7 @@ class MLXTrainer:
     """
 
     def __init__(self, model: str, dataset=None, *, out: str | os.PathLike | None = None, resume: bool = False,
-                 force: bool = False, **settings):
+                 force: bool = False, revision: str | None = None, **settings):
         self.config: TrainConfig = make_config(**settings)
         self.out = Path(out) if out is not None else None
         self._resume_dir = None
@@ -76,7 +77,7 @@ class MLXTrainer:
                 if not self.out.is_dir() or any(self.out.iterdir()):
                     raise BridgeError(f"{self.out}: output directory exists and is not empty (use --resume to "
                                       "continue its run or --force to replace it)")
-        self._base = load_base(str(model))
+        self._base = load_base(str(model), revision)
         self.model, self.tokenizer = self._base.model, self._base.tokenizer
         self.adapter = apply_fine_tune(self.model, self.config)
         self.data: TokenizedData | None = None
