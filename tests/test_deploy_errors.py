@@ -100,6 +100,7 @@ def test_missing_unexpected_and_misshapen_tensors_all_listed(copy):
 
 
 def test_quantized_mlx_dir_is_refused(zoo):
+    pytest.importorskip("mlx_lm")
     with pytest.raises(BridgeError, match="quantization.*mlx-bridge export"):
         load(zoo.mlx("llama", quant={"bits": 4, "group_size": 64}))
 

@@ -129,7 +129,7 @@ def test_seeded_sampling_is_repeatable(llama):
 
 @pytest.mark.parametrize("top_p", [0.3, 0.9])
 def test_top_p_and_top_k_keep_what_mlx_lm_keeps(top_p):
-    import mlx.core as mx
+    mx = pytest.importorskip("mlx.core")
     from mlx_lm.sample_utils import apply_top_k as mlx_top_k, apply_top_p as mlx_top_p
 
     logits = np.random.default_rng(0).normal(size=(3, 50)).astype(np.float32) * 3
@@ -173,6 +173,7 @@ def test_bad_prompts(llama):
 
 def test_bos_handling_follows_mlx_lm(zoo, tmp_path):
     """A tokenizer that adds BOS: a raw prompt gets it once, also when it already starts with it."""
+    pytest.importorskip("mlx_lm")
     from mlx_lm.tokenizer_utils import load as mlx_tokenizer
     from tokenizers import Tokenizer, processors
 
@@ -192,8 +193,8 @@ def test_bos_handling_follows_mlx_lm(zoo, tmp_path):
 def test_cli_generate(zoo, capsys):
     d = zoo.hf("llama")
     m = load(d)
-    assert cli_main(["generate", str(d), "--prompt", "hello", "--max-tokens", "8"]) == 0
+    assert cli_main(["generate", str(d), "--prompt", "hello", "--max-tokens", "8", "--device", "cpu"]) == 0
     assert capsys.readouterr().out == m.generate(messages=[{"role": "user", "content": "hello"}], max_tokens=8) + "\n"
     assert cli_main(["generate", str(d), "--prompt", "hello", "--max-tokens", "8", "--ignore-chat-template",
-                     "--temperature", "0.8", "--seed", "4"]) == 0
+                     "--temperature", "0.8", "--seed", "4", "--device", "cpu"]) == 0
     assert capsys.readouterr().out == m.generate("hello", max_tokens=8, temperature=0.8, seed=4) + "\n"

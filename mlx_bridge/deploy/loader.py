@@ -130,14 +130,16 @@ def _native(d, hf_config, files, device, dtype):
     return module.eval().requires_grad_(False), NativeRunner(module)
 
 
-def _transformers(d, device, dtype):
+def _transformers(d, hf_config, device, dtype):
     from transformers import AutoModelForCausalLM
 
     from .runner import HFRunner
 
+    # SDPA has no logit softcapping; some transformers releases still pick it for Gemma-2
+    kw = {"attn_implementation": "eager"} if getattr(hf_config, "attn_logit_softcapping", None) else {}
     try:
         module = AutoModelForCausalLM.from_pretrained(str(d), dtype=dtype, use_safetensors=True,
-                                                      trust_remote_code=False)
+                                                      trust_remote_code=False, **kw)
     except (ValueError, OSError, KeyError) as e:
         raise BridgeError(f"{d}: transformers cannot load it: {str(e).splitlines()[0][:200]}") from None
     module = module.to(device).eval().requires_grad_(False)
@@ -173,7 +175,12 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
     files = weight_files(d)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, cfg, files, dev)
+    import transformers
     from transformers import AutoConfig, AutoTokenizer
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise BridgeError(f"transformers {transformers.__version__}: deploy needs transformers>=5 "
+                          "(it reads rope_parameters and layer_types as v5 normalises them)")
 
     try:
         hf_config = AutoConfig.from_pretrained(str(d), trust_remote_code=False)
@@ -197,7 +204,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
             warnings.warn(f"{d}: {e}: running it with transformers' AutoModelForCausalLM", stacklevel=2)
             chosen = "transformers"
     if chosen == "transformers":
-        module, runner = _transformers(d, dev, dt)
+        module, runner = _transformers(d, hf_config, dev, dt)
 
     ctx = max_context or getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
     if not ctx:

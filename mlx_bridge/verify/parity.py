@@ -4,8 +4,10 @@ The reference is the `probes.safetensors` the export carries (golden MLX outputs
 checkpoint), or, with `against=`, outputs computed now by mlx-lm. The deployed model (PyTorch) runs the
 same token ids:
 
-- logits: max and mean |difference| over every probe position; they pass when the max is within
-  atol + rtol * max|reference logit|, with (atol, rtol) set by the coarser of the two dtypes;
+- logits: max and mean |difference| over every probe position; a position is within tolerance when
+  its max is at most atol + rtol * max|reference logit|, with (atol, rtol) set by the coarser of the
+  two dtypes. In float32 every position must be; in half precision up to 2% of them may not (rounding
+  can flip a near-tie, e.g. a MoE router's choice of expert, which moves that position as a whole);
 - greedy: each probe's continuation is generated again (no EOS stop). A continuation that leaves the
   reference's passes only at a near-tie: re-scoring the reference tokens, the deployed model's margin
   between its own choice and the reference's is within the same logit limit.
@@ -34,9 +36,17 @@ from ..probes import FILENAME as PROBES, Probes
 REPORT = "parity.json"
 # (atol, rtol) on logits for the coarser dtype of reference and deployed model
 TOLERANCES = {"float32": (1e-3, 1e-3), "float16": (1e-2, 1e-2), "bfloat16": (5e-2, 5e-2)}
+# share of probe positions allowed over the limit (a flipped near-tie moves a whole position)
+OUTLIERS = {"float32": 0.0, "float16": 0.02, "bfloat16": 0.02}
 PRECISION = ["float32", "float16", "bfloat16"]  # finer -> coarser
 DEFAULT_PROMPTS = ["Give three tips for staying healthy.", "What is two plus two?", "Hello, how are you today?",
                    "Write one sentence about the sea."]
+
+
+def coarser(*dtypes: str) -> str:
+    """The least precise of these dtype names (unknown names count as float32)."""
+    known = [d for d in dtypes if d in TOLERANCES]
+    return max(known, key=PRECISION.index) if known else "float32"
 
 
 def tolerance(*dtypes: str) -> tuple[float, float]:
@@ -46,23 +56,25 @@ def tolerance(*dtypes: str) -> tuple[float, float]:
         >>> tolerance("float32", "bfloat16")
         (0.05, 0.05)
     """
-    known = [d for d in dtypes if d in TOLERANCES]
-    coarse = max(known, key=PRECISION.index) if known else "float32"
-    return TOLERANCES[coarse]
+    return TOLERANCES[coarser(*dtypes)]
 
 
-def compare_logits(ref: np.ndarray, got: np.ndarray, atol: float, rtol: float) -> dict:
-    """Max/mean |diff|, top-1 agreement and pass/fail of two (N, L, V) logit arrays."""
+def compare_logits(ref: np.ndarray, got: np.ndarray, atol: float, rtol: float, outliers: float = 0.0) -> dict:
+    """Max/mean |diff|, top-1 agreement and pass/fail of two (N, L, V) logit arrays; up to a share
+    `outliers` of the positions may exceed the limit."""
     if ref.shape != got.shape:
         raise BridgeError(f"{PROBES}: reference logits {ref.shape} but the model gives {got.shape} "
                           "(vocabulary size differs from the probes')")
     diff = np.abs(ref.astype(np.float64) - got.astype(np.float64))
     ref_max = float(np.abs(ref).max())
     limit = atol + rtol * ref_max
+    per_position = diff.max(-1)  # [N, L]
+    over, allowed = int((per_position > limit).sum()), int(outliers * per_position.size)
     return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "max_abs_reference": ref_max,
-            "atol": atol, "rtol": rtol, "limit": limit,
+            "atol": atol, "rtol": rtol, "limit": limit, "positions": int(per_position.size),
+            "positions_over_limit": over, "allowed_over_limit": allowed,
             "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean()),
-            "passed": bool(diff.max() <= limit)}
+            "passed": over <= allowed}
 
 
 def compare_greedy(model, input_ids: np.ndarray, ref: np.ndarray, limit: float) -> dict:
@@ -141,12 +153,13 @@ def verify(export_dir: str | os.PathLike, against: str | os.PathLike | None = No
     else:
         probes, source = Probes.load(d), PROBES
     deployed_dtype = str(model.dtype).replace("torch.", "")
-    a, r = tolerance(probes.dtype, deployed_dtype)
+    coarse = coarser(probes.dtype, deployed_dtype)
+    a, r = TOLERANCES[coarse]
     a, r = atol if atol is not None else a, rtol if rtol is not None else r
     import torch
 
     got = model.logits(torch.as_tensor(probes.input_ids, dtype=torch.long)).cpu().numpy()
-    logits = compare_logits(probes.logits, got, a, r)
+    logits = compare_logits(probes.logits, got, a, r, OUTLIERS[coarse])
     greedy = compare_greedy(model, probes.input_ids, probes.greedy, logits["limit"])
     from ..manifest import environment
 
@@ -183,7 +196,9 @@ def summary(report: dict) -> str:
         f"parity of {report['export_dir']} ({dp['backend']}, {dp['device']}, {dp['dtype']}) against "
         f"{ref['source']} (MLX {ref['dtype']}): {report['probes']['num']} probes x {report['probes']['length']} tokens",
         f"  logits: max |diff| {lg['max_abs_diff']:.3g} (limit {lg['limit']:.3g}), mean {lg['mean_abs_diff']:.3g}, "
-        f"top-1 agreement {100 * lg['top1_agreement']:.1f}%",
+        f"top-1 agreement {100 * lg['top1_agreement']:.1f}%"
+        + (f"; {lg['positions_over_limit']}/{lg['positions']} positions over the limit "
+           f"({lg['allowed_over_limit']} allowed)" if lg["positions_over_limit"] else ""),
         f"  greedy: {gr['exact']}/{gr['of']} continuations identical ({gr['max_new_tokens']} tokens each)"
         + (f", {gr['near_ties']} diverge at a near-tie" if gr["near_ties"] else ""),
         "PASS" if report["passed"] else "FAIL",
