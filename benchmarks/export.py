@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -176,13 +177,14 @@ def _mem_kb(pid: int) -> tuple[int, int]:
     return rss, hwm
 
 
-def measure(cmd: list[str]) -> tuple[float, float]:
-    """Run `cmd`; return (seconds, peak RSS in MB of its process tree).
+def measure(cmd: list[str]) -> tuple[float, float, float]:
+    """Run `cmd`; return (seconds, peak RSS in MB of its process tree, CPU seconds user+sys).
 
     Polled every 20 ms from /proc: the largest sum of the tree's VmRSS, or the largest single VmHWM (each
     program's own high-water mark, which exec resets; wait4's ru_maxrss would report this benchmark's own
     size, inherited at fork).
     """
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak, done = 0, threading.Event()
@@ -203,7 +205,9 @@ def measure(cmd: list[str]) -> tuple[float, float]:
     th.join()
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}):\n{err[-3000:]}")
-    return secs, peak / 1024
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return secs, peak / 1024, cpu
 
 
 def warm(*dirs: Path) -> None:
@@ -259,12 +263,13 @@ def main(argv: list[str] | None = None) -> int:
             x = work / ("out-" + "".join(c if c.isalnum() else "_" for c in name) + f"-{r}")
             shutil.rmtree(x, ignore_errors=True)
             warm(base, ad)
-            secs, rss = measure(cmd(x))
+            load = os.getloadavg()[0]
+            secs, rss, cpu = measure(cmd(x))
             written = dir_bytes(x, pattern)
             if written == 0:
                 raise SystemExit(f"{name}: wrote no {pattern} under {x}")
             if best is None or secs < best[0]:
-                best = (secs, rss, written)
+                best = (secs, rss, written, cpu, load)
             if not args.keep:
                 shutil.rmtree(x)
             os.sync()
@@ -273,15 +278,17 @@ def main(argv: list[str] | None = None) -> int:
 
     t_fuse, t_cp = rows["mlx_lm.fuse --dequantize"][0], rows["cp -r base"][0]
     print()
-    print(f"| {'tool':26} | {'seconds':>8} | {'peak RSS MB':>11} | {'GB/s':>6} | {'fuse / this':>11} | {'this / cp':>9} |")
-    print(f"|{'-' * 28}|{'-' * 10}|{'-' * 13}|{'-' * 8}|{'-' * 13}|{'-' * 11}|")
-    for name, (secs, rss, written) in rows.items():
-        print(f"| {name:26} | {secs:8.2f} | {rss:11.0f} | {written / 1e9 / secs:6.2f} | {t_fuse / secs:10.1f}x | "
-              f"{secs / t_cp:8.2f}x |")
+    print(f"| {'tool':26} | {'seconds':>8} | {'CPU s':>6} | {'peak RSS MB':>11} | {'GB/s':>6} | {'fuse / this':>11} "
+          f"| {'this / cp':>9} | {'load':>4} |")
+    print(f"|{'-' * 28}|{'-' * 10}|{'-' * 8}|{'-' * 13}|{'-' * 8}|{'-' * 13}|{'-' * 11}|{'-' * 6}|")
+    for name, (secs, rss, written, cpu, load) in rows.items():
+        print(f"| {name:26} | {secs:8.2f} | {cpu:6.1f} | {rss:11.0f} | {written / 1e9 / secs:6.2f} | {t_fuse / secs:10.1f}x | "
+              f"{secs / t_cp:8.2f}x | {load:4.1f} |")
     print(f"\nshape {args.shape} ({model_bytes / 1e9:.2f} GB bf16 weights), {os.cpu_count()} CPUs, best of "
           f"{args.repeat}. Warm page cache for every tool (inputs read before each run; no root to drop it); "
           "outputs timed into the page cache (sync untimed between tools). GB/s = weight bytes written / "
-          "seconds (peft writes only the adapter). Peak RSS: process tree polled every 20 ms (max of summed "
+          "seconds (peft writes only the adapter). CPU s = user+sys of the tool's process tree; load = 1-minute "
+          "load average when the run started (other work on the machine slows wall times). Peak RSS: process tree polled every 20 ms (max of summed "
           "VmRSS and of each process's VmHWM). Targets (issue 2): export >= 10x faster than fuse, <= 3x cp, RSS < 1 GB.")
     if not args.keep and args.workdir is None:
         shutil.rmtree(work)
