@@ -53,6 +53,13 @@ def test_peft_dir_is_named(tmp_path):
         load(tmp_path)
 
 
+def test_checkpoint_dir_is_named(tmp_path):
+    (tmp_path / "adapters.safetensors").write_bytes(b"")
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(BridgeError, match="an MLX checkpoint: run `mlx-bridge export"):
+        load(tmp_path)
+
+
 def test_invalid_config_json(copy):
     d = copy()
     (d / "config.json").write_text("{not json")

@@ -198,3 +198,29 @@ def test_cli_generate(zoo, capsys):
     assert cli_main(["generate", str(d), "--prompt", "hello", "--max-tokens", "8", "--ignore-chat-template",
                      "--temperature", "0.8", "--seed", "4", "--device", "cpu"]) == 0
     assert capsys.readouterr().out == m.generate("hello", max_tokens=8, temperature=0.8, seed=4) + "\n"
+
+
+@pytest.mark.parametrize("think", [False, True])
+def test_chat_template_gets_enable_thinking_as_mlx_lm_passes_it(zoo, tmp_path, think):
+    pytest.importorskip("mlx_lm")
+    from mlx_lm.tokenizer_utils import load as mlx_tokenizer
+    from tokenizers import Tokenizer
+
+    d = tmp_path / "think"
+    shutil.copytree(zoo.hf("llama"), d)
+    if think:
+        tk = Tokenizer.from_file(str(d / "tokenizer.json"))
+        tk.add_special_tokens(["<think>", "</think>"])
+        tk.save(str(d / "tokenizer.json"))
+    (d / "chat_template.jinja").write_text(
+        "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+        "{% if enable_thinking is defined and enable_thinking %}yes{% else %}no{% endif %}")
+    msgs = [{"role": "user", "content": "hello"}]
+    ref = mlx_tokenizer(d)
+    expected = ref.encode(ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+                          add_special_tokens=False)
+    m = load(d)
+    assert m.encode_prompt(messages=msgs) == expected
+    assert m.decode(expected).endswith("yes" if think else "no")
+    flipped = m.encode_prompt(messages=msgs, chat_template_kwargs={"enable_thinking": not think})
+    assert m.decode(flipped).endswith("no" if think else "yes")

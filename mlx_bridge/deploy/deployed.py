@@ -21,6 +21,10 @@ from ..errors import BridgeError
 from .generation import Completion, TextStream, find_stop, token_steps
 from .sampling import check_sampling
 
+# start/end token pairs that mark a reasoning block (mlx_lm.tokenizer_utils._infer_thinking)
+THINK_TOKENS = (("<think>", "</think>"), ("<longcat_think>", "</longcat_think>"), ("<|think:start|>", "<|think:end|>"),
+                ("<|channel>", "<channel|>"))
+
 
 class DeployedModel:
     """A loaded export. `module` is a plain `torch.nn.Module` (native class or transformers')."""
@@ -39,10 +43,13 @@ class DeployedModel:
 
     # -- prompts ---------------------------------------------------------------------------------------
 
-    def encode_prompt(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+    def encode_prompt(self, prompt: str | None = None, messages: list[dict] | None = None,
+                      chat_template_kwargs: dict | None = None) -> list[int]:
         """Token ids as mlx-lm makes them: a raw prompt gets BOS unless it already starts with it
         (`mlx_lm.stream_generate`); messages go through the chat template with the generation prompt,
-        then are encoded without special tokens (`mlx_lm.generate` CLI, `mlx_lm.server`).
+        then are encoded without special tokens (`mlx_lm.generate` CLI, `mlx_lm.server`). As mlx-lm's
+        `TokenizerWrapper` does, the template gets `enable_thinking` = whether the vocabulary has
+        thinking tokens, unless `chat_template_kwargs` says otherwise.
 
         Example:
             >>> m.encode_prompt("hello")                                 # doctest: +SKIP
@@ -56,12 +63,18 @@ class DeployedModel:
                 raise BridgeError("messages: must be a list of {'role': ..., 'content': ...} objects")
             if not getattr(tok, "chat_template", None):
                 raise BridgeError(f"{self.name}: the tokenizer has no chat template; pass a plain prompt")
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            kw = {"enable_thinking": self._has_thinking, **(chat_template_kwargs or {})}
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kw)
             return list(tok.encode(text, add_special_tokens=False))
         if not isinstance(prompt, str):
             raise BridgeError(f"prompt: must be a string, got {type(prompt).__name__}")
         bos = tok.bos_token
         return list(tok.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos)))
+
+    @property
+    def _has_thinking(self) -> bool:
+        vocab = self.tokenizer.get_vocab()
+        return any(a in vocab and b in vocab for a, b in THINK_TOKENS)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)

@@ -86,7 +86,11 @@ def resolve_dtype(dtype: str | torch.dtype, config: dict, files: list[Path], dev
 def _read_config(d: Path) -> dict:
     p = d / "config.json"
     if not p.exists():
-        extra = " (a PEFT adapter: load its base model with PEFT)" if (d / "adapter_config.json").exists() else ""
+        extra = ""
+        if (d / "adapters.safetensors").exists():
+            extra = f" (an MLX checkpoint: run `mlx-bridge export {d} --out DIR` first)"
+        elif (d / "adapter_config.json").exists():
+            extra = " (a PEFT adapter: load its base model with PEFT)"
         raise BridgeError(f"{d}: not an export: no config.json{extra}")
     try:
         cfg = json.loads(p.read_text())
