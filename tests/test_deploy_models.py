@@ -97,3 +97,17 @@ def test_static_cache_decode_equals_full_recompute(zoo, arch):
     assert_close(got[0], full[0, P - 1:], 2e-5, f"{arch} row 0")
     row1 = m.logits(ids[1:, :-2])[0]  # the padded row alone, unpadded
     assert_close(got[1], row1[P - 3:], 2e-5, f"{arch} padded row")
+
+
+def test_module_casts_keep_rope_in_float32(zoo):
+    """`.to(dtype)` on the plain nn.Module casts weights, never the rope frequencies."""
+    m = load(zoo.hf("llama"))
+    module = m.module
+    ref = module.rope_inv_freq_0.clone()
+    module.to(torch.bfloat16)
+    assert module.model.norm.weight.dtype == torch.bfloat16
+    assert module.rope_inv_freq_0.dtype == torch.float32 and torch.equal(module.rope_inv_freq_0, ref)
+    ids = ids_for(m.config["vocab_size"], L=12)
+    with torch.no_grad():
+        cast = module(ids)
+    assert torch.equal(cast.float(), load(zoo.hf("llama"), dtype="bfloat16").logits(ids))  # same as loading bf16

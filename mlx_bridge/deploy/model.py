@@ -68,6 +68,11 @@ class Transformer(nn.Module):
             self.register_buffer(f"rope_inv_freq_{j}", inv.to(device), persistent=False)
             self.rope_scale.append(scale)
 
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self.reset_rope()  # .to(device/dtype) moves the rope buffers; keep them float32, exact
+        return out
+
     def _masks(self, q_slots, S: int, pad) -> dict:
         """window (None = full) -> bool mask (B|1, 1, L, S): causal, within the window, not padding."""
         k = torch.arange(S, device=q_slots.device)
