@@ -169,6 +169,8 @@ def test_bad_prompts(llama):
         llama.encode_prompt("hi", messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(BridgeError, match="messages"):
         llama.encode_prompt(messages=["hi"])
+    with pytest.raises(BridgeError, match="ids must be in 0..100"):
+        llama.logits(torch.tensor([[5, 101]]))
 
 
 def test_bos_handling_follows_mlx_lm(zoo, tmp_path):

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Iterator
 
@@ -71,7 +72,7 @@ class DeployedModel:
         bos = tok.bos_token
         return list(tok.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos)))
 
-    @property
+    @functools.cached_property
     def _has_thinking(self) -> bool:
         vocab = self.tokenizer.get_vocab()
         return any(a in vocab and b in vocab for a, b in THINK_TOKENS)
@@ -109,7 +110,7 @@ class DeployedModel:
 
         Example:
             >>> m.complete([m.encode_prompt("hi"), m.encode_prompt("two plus two")], max_tokens=4)  # doctest: +SKIP
-            [Completion(text=' hello', token_ids=[60, 2], prompt_tokens=2, finish_reason='stop'), ...]
+            [Completion(text=' hello', token_ids=[60], prompt_tokens=2, finish_reason='stop'), ...]
         """
         check_sampling(max_tokens, temperature, top_p, top_k)
         budget = self._budget(prompts, max_tokens)
@@ -195,8 +196,11 @@ class DeployedModel:
             torch.Size([1, 3, 101])
         """
         input_ids = torch.as_tensor(input_ids, dtype=torch.long)
-        if input_ids.dim() != 2:
-            raise BridgeError(f"input_ids: expected shape (B, L), got {tuple(input_ids.shape)}")
+        if input_ids.dim() != 2 or input_ids.numel() == 0:
+            raise BridgeError(f"input_ids: expected a non-empty (B, L) array, got shape {tuple(input_ids.shape)}")
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= self._vocab:
+            raise BridgeError(f"input_ids: ids must be in 0..{self._vocab - 1}, got {int(input_ids.min())}.."
+                              f"{int(input_ids.max())}")
         with self._lock, torch.inference_mode():
             return self.runner.logits(input_ids.to(self.device))
 
