@@ -39,6 +39,26 @@ ARCH_CONFIGS: dict[str, dict] = {
     "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                   "shared_expert_intermediate_size": 64, "decoder_sparse_step": 1, "mlp_only_layers": []},
 }
+# More dense (and one MoE) types whose mlx-lm layout is the HF layout (export tests run them all).
+ARCH_CONFIGS.update({
+    "cohere": {"tie_word_embeddings": True, "layer_norm_eps": 1e-5},
+    "ernie4_5": {"head_dim": 16},
+    "exaone4": {"head_dim": 16, "sliding_window": 16, "sliding_window_pattern": 2},
+    "gemma": {"head_dim": 16, "tie_word_embeddings": True},
+    "granite": {},
+    "helium": {"head_dim": 16},
+    "hunyuan_v1_dense": {"head_dim": 16},
+    "internlm3": {"head_dim": 16},
+    "nemotron": {},
+    "olmo2": {},
+    "olmo3": {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 16, "rope_theta": 500000.0},
+    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
+    "seed_oss": {"head_dim": 16},
+    "stablelm": {},
+    "starcoder2": {},
+})
+# types whose mlx-lm ModelArgs require a top-level `rope_theta` (hub configs, written by transformers v4, have it)
+_TOP_ROPE_THETA = ("ernie4_5", "exaone4", "granite", "helium", "olmo3", "stablelm")
 
 
 def tiny_tokenizer(out: str | os.PathLike) -> "object":
@@ -107,12 +127,22 @@ def _hub_style_config(out: Path, model_type: str) -> None:
     transformers v5 writes `num_local_experts` and nested `rope_parameters` only; Qwen-MoE checkpoints on
     the hub (written by v4) have `num_experts` and a top-level `rope_theta`, which mlx-lm's qwen MoE
     models need. Gemma-3 hub configs carry `sliding_window_pattern`, which mlx-lm reads (v5 keeps only
-    `layer_types`).
+    `layer_types`). Several other types need a top-level `rope_theta` (`_TOP_ROPE_THETA`).
     """
     p = out / "config.json"
     cfg = json.loads(p.read_text())
     if model_type == "gemma3_text":  # hub gemma3 configs carry it; mlx-lm reads it (default 6 > 2 layers)
         cfg.setdefault("sliding_window_pattern", ARCH_CONFIGS[model_type]["sliding_window_pattern"])
+        p.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    if model_type in _TOP_ROPE_THETA:
+        rp = cfg.get("rope_parameters") or {}
+        rp = rp.get("full_attention", rp)  # per-layer-type rope parameters (olmo3)
+        cfg.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
+        if model_type == "stablelm":
+            cfg.setdefault("partial_rotary_factor", rp.get("partial_rotary_factor", 0.25))
+        if model_type == "exaone4":  # hub exaone4 configs: "sliding_window_pattern": "LLLG"
+            cfg.setdefault("rope_scaling", None)
+            cfg["sliding_window_pattern"] = "".join("G" if t == "full_attention" else "L" for t in cfg["layer_types"])
         p.write_text(json.dumps(cfg, indent=2, sort_keys=True))
     if model_type not in ("qwen3_moe", "qwen2_moe"):
         return
