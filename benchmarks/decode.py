@@ -1,0 +1,246 @@
+"""Decode speed of the deployed model: the fast path against transformers' `generate`, same weights.
+
+Builds a random-weight Llama of the given shape on the device (default Llama-2-7B: hidden 4096, 32
+layers, 32 heads, intermediate 11008, vocab 32000), shares its tensors with the package's native class,
+and measures in one run, for transformers' default `generate` (the anchor), the eager static-cache
+`NativeRunner`, `FastRunner` with graphs only, and `FastRunner` compiled + graphs:
+
+- decode tokens/s at batch 1: 256 new tokens after a 128-token prompt (first token excluded);
+- time to first token for a 512-token prompt (median of 5);
+- throughput (new tokens/s, all rows) at batch 8 and 32, same prompt and length.
+
+The roofline is bytes of weights read per decode step (all but the embedding table) over the
+device-to-device copy bandwidth measured in the same run. Greedy tokens of the fast path are
+compared with the eager path's (random weights make near-ties common in bf16: reported, not asserted).
+
+    python benchmarks/decode.py                      # CUDA, Llama-2-7B shape, bf16
+    python benchmarks/decode.py --shape tiny          # CPU development run (seconds)
+    python benchmarks/decode.py --dtype float16 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+SHAPES = {
+    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192),
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=2048),
+}
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def build(shape: str, dtype, dev):
+    """(transformers model, native Transformer sharing its tensors, config)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mlx_bridge.deploy.args import ModelArgs
+    from mlx_bridge.deploy.model import Transformer
+
+    config = LlamaConfig(**SHAPES[shape], rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        hf = LlamaForCausalLM._from_config(config, dtype=dtype)
+    hf = hf.eval().requires_grad_(False)
+    hf.generation_config.eos_token_id = None  # random weights: never stop early
+    hf.generation_config.pad_token_id = 0
+    with torch.device("meta"):
+        native = Transformer(ModelArgs.from_hf(config))
+    native.load_state_dict(hf.state_dict(), strict=True, assign=True)
+    native.reset_rope(dev)
+    return hf, native.eval().requires_grad_(False), config
+
+
+def bandwidth(dev) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write), median of 10 copies of 1 GiB."""
+    if dev.type != "cuda":
+        return float("nan")
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    ts = []
+    for _ in range(13):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    return 2 * (1 << 30) / statistics.median(ts[3:])
+
+
+def prompts(B: int, P: int, vocab: int, dev, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (B, P), generator=g).to(dev), torch.zeros(B, dtype=torch.long, device=dev)
+
+
+def run_steps(steps, dev):
+    """Consume a token-step iterator; (seconds to first token, seconds for the rest, tokens)."""
+    t0 = time.perf_counter()
+    it = iter(steps)
+    toks = [next(it)]
+    t1 = time.perf_counter()
+    toks += list(it)
+    sync(dev)
+    return t1 - t0, time.perf_counter() - t1, toks
+
+
+def bench_runner(runner, B, P, N, vocab, dev, steps_fn):
+    tokens, pad = prompts(B, P, vocab, dev)
+    run_steps(steps_fn(runner, tokens, pad, N), dev)  # warm-up: compile / capture this bucket
+    _, rest, toks = run_steps(steps_fn(runner, tokens, pad, N), dev)
+    return B * (N - 1) / rest, [t[0] for t in toks]
+
+
+def native_steps(runner, tokens, pad, N):
+    from mlx_bridge.deploy.generation import token_steps
+
+    return token_steps(runner, [list(map(int, r)) for r in tokens.tolist()], N, tokens.device,
+                       temperature=0.0, top_p=1.0, top_k=0, seed=None)
+
+
+def fast_steps(runner, tokens, pad, N):
+    return runner.steps(tokens, pad, N)
+
+
+def ttft(first_token, dev, n=5) -> float:
+    first_token()
+    first_token()
+    ts = []
+    for _ in range(n):
+        sync(dev)
+        t = time.perf_counter()
+        first_token()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def bench_hf(hf, B, P, N, vocab, dev):
+    tokens, _ = prompts(B, P, vocab, dev)
+    mask = torch.ones_like(tokens)
+
+    def gen(n):
+        sync(dev)
+        t = time.perf_counter()
+        out = hf.generate(tokens, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        sync(dev)
+        return time.perf_counter() - t, out
+
+    gen(4)
+    t1, _ = gen(1)
+    tn, out = gen(N)
+    return B * (N - 1) / (tn - t1), out[0, P:].tolist()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b")
+    ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
+    ap.add_argument("--device", default=None, help="default: cuda when present (tiny: cpu)")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--ttft-prompt", type=int, default=512)
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--skip", default="", help="comma list of columns to skip: hf,eager,graph,fast")
+    ap.add_argument("--json", default=None, help="also write the numbers here")
+    a = ap.parse_args(argv)
+
+    from mlx_bridge.deploy.fast import FastRunner
+    from mlx_bridge.deploy.runner import NativeRunner
+
+    dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() and a.shape != "tiny" else "cpu"))
+    dtype = getattr(torch, a.dtype or ("bfloat16" if dev.type == "cuda" else "float32"))
+    skip = set(filter(None, a.skip.split(",")))
+    batches = [int(b) for b in a.batches.split(",")]
+    t = time.perf_counter()
+    hf, native, cfg = build(a.shape, dtype, dev)
+    bw = bandwidth(dev)
+    n_params = sum(p.numel() for p in hf.parameters())
+    weight_bytes = (n_params - cfg.vocab_size * cfg.hidden_size) * dtype.itemsize  # embedding: one row a token
+    card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
+    print(f"# {a.shape}: {n_params / 1e9:.2f} B params, {a.dtype or dtype}, {card}, torch {torch.__version__}, "
+          f"built in {time.perf_counter() - t:.0f} s", flush=True)
+    print(f"# copy bandwidth {bw / 1e12:.2f} TB/s; {weight_bytes / 1e9:.2f} GB of weights per step; "
+          f"roofline batch 1: {bw / weight_bytes:.0f} tok/s", flush=True)
+
+    cols = {}  # name -> (kind, runner factory); each runner is dropped after its column (memory)
+    if "hf" not in skip:
+        cols["transformers"] = ("hf", lambda: None)
+    if "eager" not in skip:
+        cols["eager static"] = ("native", lambda: NativeRunner(native))
+    if "graph" not in skip and dev.type == "cuda":
+        cols["graph only"] = ("fast", lambda: FastRunner(native, compile=False))
+    if "fast" not in skip:
+        cols["fast"] = ("fast", lambda: FastRunner(native))
+    res: dict = {c: {} for c in cols}
+    eager_tokens = None
+    for name, (kind, make) in cols.items():
+        t = time.perf_counter()
+        runner = make()
+        for B in batches:
+            if kind == "hf":
+                rate, toks = bench_hf(hf, B, a.prompt, a.new, cfg.vocab_size, dev)
+            else:
+                if kind == "fast":
+                    runner.warmup(batch_sizes=(B,), max_lens=(a.prompt + a.new,))
+                rate, toks = bench_runner(runner, B, a.prompt, a.new, cfg.vocab_size, dev,
+                                          native_steps if kind == "native" else fast_steps)
+            res[name][f"tok/s batch {B}"] = rate
+            if B == 1:
+                res[name]["tokens"] = toks
+                if kind == "native":
+                    eager_tokens = toks
+        tt, _ = prompts(1, a.ttft_prompt, cfg.vocab_size, dev, seed=2)
+        if kind == "hf":
+            first = lambda: hf.generate(tt, attention_mask=torch.ones_like(tt), max_new_tokens=1, do_sample=False)[0, -1].item()  # noqa: E731
+        else:
+            first = lambda: runner.start(tt, torch.zeros(1, dtype=torch.long, device=dev), a.ttft_prompt + 1).argmax(-1).item()  # noqa: E731
+        res[name]["ttft ms"] = ttft(first, dev) * 1e3
+        print(f"# {name}: measured in {time.perf_counter() - t:.0f} s: " + ", ".join(
+            f"{k} {v:.1f}" for k, v in res[name].items() if k != "tokens"), flush=True)
+        del runner, first
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+    rows = [(f"tok/s batch {B}", f"decode tok/s, batch {B}" if B == 1 else f"throughput tok/s, batch {B}") for B in batches]
+    rows.insert(1 if batches[:1] == [1] else 0, ("ttft ms", f"TTFT ms, {a.ttft_prompt}-token prompt"))
+    names = list(cols)
+    w = max(len(r[1]) for r in rows) + 2
+    print()
+    print("".ljust(w) + "".join(n.rjust(14) for n in names) + "   fast/HF   roofline")
+    for key, label in rows:
+        line = label.ljust(w) + "".join(f"{res[n][key]:14.1f}" for n in names)
+        if "fast" in res and "transformers" in res:
+            r = res["fast"][key] / res["transformers"][key]
+            line += f"{(1 / r if key == 'ttft ms' else r):9.1f}x"
+        if key.startswith("tok/s") and bw == bw:
+            B = int(key.split()[-1])
+            roof = B * bw / weight_bytes
+            line += f"   {roof:6.0f}" + (f" ({res['fast'][key] / roof:.0%})" if "fast" in res else "")
+        print(line)
+    if eager_tokens is not None and "fast" in res:
+        same = next((i for i, (x, y) in enumerate(zip(res["fast"]["tokens"], eager_tokens)) if x != y), len(eager_tokens))
+        print(f"\ngreedy tokens, batch 1: fast equals eager for the first {same} of {len(eager_tokens)}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"shape": a.shape, "dtype": str(dtype), "card": card, "torch": torch.__version__,
+                       "bandwidth": bw, "weight_bytes": weight_bytes, "results": res}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,395 @@
+"""`FastRunner`: the native model's decode step on CUDA as one graph replay per token, no host sync.
+
+Same interface as `runner.NativeRunner` (`start`, `next`, `logits`), plus `steps`, a whole decode loop
+that keeps sampling on the device and copies tokens to the host once every `sync_every` steps.
+
+How it is fast (gpt-fast's recipe on the package's own model class):
+- fused projections: `fast_model.fuse` builds `[q; k; v]` and `[gate; up]` once at load time;
+- static shapes: batch rounded up to a bucket (1, 2, 4, 8, ...; spare rows are inert), cache length
+  to a power of two >= 256; each (batch, length) bucket has its own pre-allocated KV cache;
+- torch.compile (inductor, no autotuning) of ONE decoder layer, reused by every layer (same shapes),
+  plus the step's rope/mask prologue and the head; compiled once per bucket, never per request;
+- the whole step (embedding, layers, head, token choice, slot and counter updates) captured in a
+  `torch.cuda.CUDAGraph` per bucket (one per device when layers are spread over GPUs, see
+  `fast_multi.place`) and replayed;
+- prefill eager with SDPA (flash when there is no padding).
+
+Greedy tokens are the eager path's: the functions compute what `Transformer.step` computes (the tests
+compare them). MoE models run the module's own `decode_step` in the graph (no fusion, no compile).
+
+Example:
+    >>> from mlx_bridge.deploy.fast import FastRunner               # doctest: +SKIP
+    >>> runner = FastRunner(model.module)                            # doctest: +SKIP
+    >>> for toks in runner.steps(tokens, pad, 64): ...               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from ..errors import BridgeError
+from . import fast_model as fm
+from .fast_sampling import greedy, pick
+from .layers import KVCache
+from .model import Transformer, decode_step, prefill
+
+MIN_LEN = 256
+BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def bucket(n: int, sizes=BATCHES) -> int:
+    """The smallest bucket >= n (powers of two past the table).
+
+    Example:
+        >>> bucket(3), bucket(300)
+        (4, 512)
+    """
+    for s in sizes:
+        if s >= n:
+            return s
+    return 1 << (n - 1).bit_length()
+
+
+def len_bucket(n: int) -> int:
+    """Cache length for n positions: a power of two, at least MIN_LEN.
+
+    Example:
+        >>> len_bucket(10), len_bucket(385)
+        (256, 512)
+    """
+    return max(MIN_LEN, 1 << (n - 1).bit_length())
+
+
+def _compile(fn):
+    """Inductor without autotuning or its own graphs (the runner captures the step itself); casts
+    rounded as eager rounds them, so low-precision results match the eager path's."""
+    return torch.compile(fn, dynamic=False, fullgraph=True, options={"emulate_precision_casts": True})
+
+
+@dataclass
+class Segment:
+    device: torch.device
+    layers: list[int]
+
+
+@dataclass
+class State:
+    """Static buffers of one (batch, cache length) bucket; the graphs read and write only these."""
+
+    B: int
+    S: int
+    k: list
+    v: list
+    tok: torch.Tensor  # (B, 1) next input token, on the first device
+    slot: list  # per segment (1,) int64
+    pad: list  # per segment (B,) int64
+    xin: list  # per segment: hidden state handed over from the previous device (None for the first)
+    xout: list
+    logits: torch.Tensor  # (B, V) model dtype, on the head device
+    nxt: torch.Tensor  # (B,)
+    hist: torch.Tensor  # (H, B) tokens of the steps since the last sync
+    step: torch.Tensor  # (1,) index into hist
+    temp: torch.Tensor
+    top_p: torch.Tensor
+    top_k: torch.Tensor
+    seed: torch.Tensor
+    counter: torch.Tensor  # (1,) noise counter
+    graphs: dict = field(default_factory=dict)  # mode -> [CUDAGraph per segment]
+
+
+class FastRunner:
+    """Static-cache, graph-replayed decoding of a native `Transformer` (single or multi device).
+
+    Args:
+        module: a loaded `Transformer` (its q/k/v and gate/up weights become views of fused ones).
+        compile: torch.compile the layer/prologue/head functions (default: on CUDA).
+        graphs: capture each step as CUDA graphs (default: on CUDA).
+        sync_every: tokens per host sync in `steps`.
+        max_buckets: (batch, length) buckets kept alive (caches and graphs); the least recently
+            used one is dropped beyond it and re-captured (not recompiled) when needed again.
+        split_at: extra stage boundaries (layer indices) besides device changes; a stage hands its
+            hidden state to the next one as it would across GPUs (tests the hand-over on one device).
+    """
+
+    def __init__(self, module: Transformer, *, compile: bool | None = None, graphs: bool | None = None,
+                 sync_every: int = 8, max_buckets: int = 4, split_at: tuple[int, ...] = ()):
+        self.module, self.args = module, module.args
+        self.vocab_size = module.args.vocab_size
+        try:
+            self.fused = fm.fuse(module)
+            devices = [l.device for l in self.fused.layers]
+        except fm.NotFusable:
+            self.fused = None
+            devices = [p.device for p in (next(l.parameters()) for l in module.model.layers)]
+        self.segments: list[Segment] = []
+        for i, d in enumerate(devices):
+            if not self.segments or self.segments[-1].device != d or i in split_at:
+                self.segments.append(Segment(d, []))
+            self.segments[-1].layers.append(i)
+        if self.fused is None and len(self.segments) > 1:
+            raise BridgeError(f"{self.args.model_type}: MoE layers on several devices are not supported; use one GPU")
+        self.device = module.model.embed_tokens.weight.device
+        self.head_device = self.fused.head.device if self.fused else self.device
+        self.dtype = module.model.embed_tokens.weight.dtype
+        cuda = all(s.device.type == "cuda" for s in self.segments)
+        self.use_graphs = cuda if graphs is None else graphs
+        if self.use_graphs and not cuda:
+            raise BridgeError("graphs=True needs every layer on a CUDA device")
+        self.use_compile = (cuda if compile is None else compile) and self.fused is not None
+        self.sync_every, self.max_buckets = sync_every, max_buckets
+        self.stats = {"captures": 0, "buckets": 0}
+        self._states: OrderedDict = OrderedDict()
+        self._pools: dict = {}
+        self._build_functions()
+
+    # -- functions (compiled or not) ------------------------------------------------------------------
+
+    def _build_functions(self) -> None:
+        if self.fused is None:
+            return
+        spec = self.fused.spec
+        self._prefill_layer = fm.make_layer(spec, decode=False)
+        self._head = fm.make_head(spec)
+        layer, head, rm = fm.make_layer(spec, decode=True), self._head, fm.rope_masks
+        if self.use_compile:
+            lim = torch._dynamo.config
+            lim.recompile_limit = max(lim.recompile_limit, 64)
+            lim.accumulated_recompile_limit = max(getattr(lim, "accumulated_recompile_limit", 256), 1024)
+            layer, head, rm, self._pick = (_compile(fn) for fn in (layer, head, rm, pick))
+        else:
+            self._pick = pick
+        self._decode_layer, self._decode_head, self._rope_masks = layer, head, rm
+        self._ropes = {d: [(inv.to(d), s) for inv, s in self.fused.ropes] for d in self.fused.devices}
+
+    # -- buckets --------------------------------------------------------------------------------------
+
+    def _state(self, B: int, S: int) -> State:
+        key = (B, S)
+        if key in self._states:
+            self._states.move_to_end(key)
+            return self._states[key]
+        while len(self._states) >= self.max_buckets:
+            self._states.popitem(last=False)
+        a, dev, hd = self.args, self.device, self.head_device
+        lay = self.fused.layers if self.fused else None
+
+        def ldev(i):
+            return lay[i].device if lay else dev
+
+        zeros = [torch.zeros(B, a.num_kv_heads, S, a.head_dim, device=ldev(i), dtype=self.dtype) for i in range(a.num_layers)]
+        k = zeros
+        v = [torch.zeros_like(t) for t in zeros]
+        segs = self.segments
+        long = dict(dtype=torch.long)
+        st = State(
+            B, S, k, v, tok=torch.zeros(B, 1, device=dev, **long),
+            slot=[torch.zeros(1, device=s.device, **long) for s in segs],
+            pad=[torch.zeros(B, device=s.device, **long) for s in segs],
+            xin=[None] + [torch.zeros(B, 1, a.hidden_size, device=s.device, dtype=self.dtype) for s in segs[1:]],
+            xout=[torch.zeros(B, 1, a.hidden_size, device=s.device, dtype=self.dtype) for s in segs[:-1]] + [None],
+            logits=torch.zeros(B, self.vocab_size, device=hd, dtype=self.dtype),
+            nxt=torch.zeros(B, device=hd, **long), hist=torch.zeros(max(self.sync_every, 1), B, device=hd, **long),
+            step=torch.zeros(1, device=hd, **long), temp=torch.zeros(B, device=hd),
+            top_p=torch.ones(B, device=hd), top_k=torch.zeros(B, device=hd, **long),
+            seed=torch.zeros(B, device=hd, **long), counter=torch.zeros(1, device=hd, **long))
+        self._states[key] = st
+        self.stats["buckets"] += 1
+        return st
+
+    def _graphs(self, st: State, mode: str) -> None:
+        """Compile (first time per shape) and capture the step of `st` for `mode` ("greedy"/"sample")."""
+        if not self.use_graphs or mode in st.graphs:
+            return
+        graphs = []
+        for i, seg in enumerate(self.segments):
+            with torch.cuda.device(seg.device):
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm-up: compiles, cuBLAS handles; writes only spare slots
+                    for _ in range(2):
+                        st.step.zero_()
+                        self._run_segment(st, i, mode)
+                torch.cuda.current_stream().wait_stream(side)
+                g = torch.cuda.CUDAGraph()
+                pool = self._pools.setdefault(seg.device, torch.cuda.graph_pool_handle())
+                with torch.cuda.graph(g, pool=pool):
+                    self._run_segment(st, i, mode)
+            graphs.append(g)
+        st.graphs[mode] = graphs
+        self.stats["captures"] += 1
+
+    # -- one decode step ------------------------------------------------------------------------------
+
+    def _run_segment(self, st: State, i: int, mode: str) -> None:
+        """Segment i of one decode step on the static buffers (what a graph captures)."""
+        seg, last = self.segments[i], i == len(self.segments) - 1
+        slot, pad = st.slot[i], st.pad[i]
+        if self.fused is None:  # MoE: the module's own step over the bucket's cache
+            logits = decode_step(self.module, KVCache(st.k, st.v), st.tok, slot, pad)
+        else:
+            f = self.fused
+            x = fm.embed(f, st.tok) if i == 0 else st.xin[i]
+            rot, ms = self._rope_masks(self._ropes[seg.device], slot, pad, st.S, f.windows, self.dtype,
+                                       f.spec.softcap is None)
+            for li in seg.layers:
+                L = f.layers[li]
+                x = self._decode_layer(x, L.w, st.k[li], st.v[li], *rot[L.rope], ms[L.window], slot)
+            if not last:
+                st.xout[i].copy_(x)
+                slot.add_(1)
+                return
+            logits = self._decode_head(x[:, -1], f.norm, f.head)
+        slot.add_(1)
+        st.logits.copy_(logits)
+        nxt = greedy(logits) if mode == "greedy" else self._pick(logits, st.temp, st.top_p, st.top_k, st.seed, st.counter)
+        st.nxt.copy_(nxt)
+        st.hist.index_copy_(0, st.step, nxt[None])
+        st.step.add_(1)
+        st.counter.add_(1)
+        if len(self.segments) == 1:
+            st.tok.copy_(nxt[:, None])
+
+    def _step(self, st: State, mode: str) -> None:
+        n = len(self.segments)
+        for i, seg in enumerate(self.segments):
+            if self.use_graphs:
+                with torch.cuda.device(seg.device):
+                    st.graphs[mode][i].replay()
+            else:
+                self._run_segment(st, i, mode)
+            if i + 1 < n:
+                st.xin[i + 1].copy_(st.xout[i])
+        if n > 1:
+            st.tok.copy_(st.nxt[:, None])
+
+    # -- prefill --------------------------------------------------------------------------------------
+
+    def _prefill(self, st: State, tokens: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """Run left-padded prompts (B, P) into rows [0, B) of the bucket's cache; logits (B, V)."""
+        B, P = tokens.shape
+        if self.fused is None:
+            return prefill(self.module, KVCache([k[:B] for k in st.k], [v[:B] for v in st.v]), tokens, pad)
+        return self._forward(tokens, pad, [(k[:B], v[:B]) for k, v in zip(st.k, st.v)])
+
+    def _forward(self, tokens: torch.Tensor, pad: torch.Tensor | None, caches: list | None,
+                 last_only: bool = True) -> torch.Tensor:
+        """Fused forward of whole prompts (eager; any length): logits (B, V) of the last position,
+        or (B, L, V) of all."""
+        f, P = self.fused, tokens.shape[1]
+        slots = torch.arange(P, device=tokens.device)
+        padded = pad is not None and bool(pad.any())  # one host sync per prompt, not per token
+        pad = pad if pad is not None else torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+        x, per_dev = fm.embed(f, tokens), {}
+        for li, L in enumerate(f.layers):
+            d = L.device
+            if d not in per_dev:
+                s, p = slots.to(d), pad.to(d)
+                rot = [fm.cos_sin(inv, sc, (s[None] - p[:, None]).clamp(min=0), self.dtype) for inv, sc in self._ropes[d]]
+                ms = fm.masks(s, P, p if padded else None, f.windows) if padded or f.windows else {None: None}
+                per_dev[d] = (s, rot, ms)
+            s, rot, ms = per_dev[d]
+            kc, vc = caches[li] if caches is not None else (None, None)
+            x = self._prefill_layer(x.to(d), L.w, kc, vc, *rot[L.rope], ms[L.window], s)
+        x = x.to(f.norm.device)
+        return self._head(x[:, -1] if last_only else x, f.norm, f.head)
+
+    # -- the runner interface -------------------------------------------------------------------------
+
+    def _prepare(self, tokens: torch.Tensor, pad: torch.Tensor, max_len: int, mode: str) -> tuple[State, torch.Tensor]:
+        B, P = tokens.shape
+        if max_len > self.args.max_position_embeddings * 64:
+            raise BridgeError(f"max_len {max_len}: far beyond the model's context")
+        st = self._state(bucket(B), len_bucket(max_len))
+        self._graphs(st, mode)
+        self._slot = P
+        spare = st.S  # spare rows: everything is padding, so each sees only its own current key
+        for i, seg in enumerate(self.segments):
+            st.slot[i].fill_(P)
+            st.pad[i][:B].copy_(pad)
+            st.pad[i][B:].fill_(spare)
+        st.tok.zero_()
+        st.step.zero_()
+        st.counter.zero_()
+        logits = self._prefill(st, tokens, pad)
+        self._st, self._B, self._mode = st, B, mode
+        return st, logits
+
+    def start(self, tokens: torch.Tensor, pad: torch.Tensor, max_len: int) -> torch.Tensor:
+        """Prefill left-padded prompts (B, P) with left padding `pad` (B,); logits (B, V) float32."""
+        with torch.inference_mode():
+            return self._prepare(tokens, pad, max_len, "greedy")[1].float()
+
+    def next(self, token: torch.Tensor) -> torch.Tensor:
+        """One decode step for tokens (B,); logits (B, V) float32 (a copy, safe to keep)."""
+        st, B = self._st, self._B
+        if self._slot >= st.S:
+            raise BridgeError(f"decode step {self._slot}: past the cache length {st.S} given to start()")
+        with torch.inference_mode():
+            st.tok[:B, 0].copy_(token)
+            st.step.zero_()
+            self._step(st, self._mode)
+            self._slot += 1
+            return st.logits[:B].float()
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits (B, L, V) float32 of full sequences, no cache (the module's own forward)."""
+        with torch.inference_mode():
+            if len(self.segments) == 1:
+                return self.module(input_ids).float()
+            return self._forward(input_ids, None, None, last_only=False).float()
+
+    def steps(self, tokens: torch.Tensor, pad: torch.Tensor, budget: int, *, temperature: float = 0.0,
+              top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> Iterator[list[int]]:
+        """Yield the next token of every row, `budget` times at most, deciding tokens on the device.
+
+        The drop-in for `generation.token_steps`' loop: tokens reach the host every `sync_every`
+        steps (a consumer that stops early wastes at most that many steps). Greedy (temperature 0)
+        gives the eager path's tokens; sampling draws from the same distribution as
+        `sampling.sample` with its own random stream (reproducible for a seed).
+
+        Example:
+            >>> toks = list(runner.steps(tokens, pad, 16))        # doctest: +SKIP
+        """
+        B, P = tokens.shape
+        mode = "greedy" if temperature == 0 else "sample"
+        with torch.inference_mode():
+            st, logits = self._prepare(tokens, pad, P + budget, mode)
+            st.temp.fill_(float(temperature))
+            st.top_p.fill_(float(top_p))
+            st.top_k.fill_(int(top_k))
+            st.seed.fill_(int(seed) if seed is not None else random.getrandbits(31))
+            nxt = greedy(logits) if mode == "greedy" else pick(logits, st.temp[:B], st.top_p[:B], st.top_k[:B],
+                                                                 st.seed[:B], st.counter)
+            st.counter.fill_(1)
+            st.tok[:B, 0].copy_(nxt.to(st.tok.device))
+            first = nxt.tolist()
+        yield first
+        n = 1
+        while n < budget:
+            k = min(self.sync_every, budget - n)
+            with torch.inference_mode():
+                st.step.zero_()
+                for _ in range(k):
+                    self._step(st, mode)
+                rows = st.hist[:k, :B].tolist()  # the one host sync of these k steps
+            self._slot = P + n + k - 1
+            yield from rows
+            n += k
+
+    def warmup(self, batch_sizes=(1,), max_lens=(MIN_LEN,), modes=("greedy",)) -> None:
+        """Compile and capture buckets ahead of the first request (e.g. at server start).
+
+        Example:
+            >>> runner.warmup(batch_sizes=(1, 8), max_lens=(512, 2048))   # doctest: +SKIP
+        """
+        with torch.inference_mode():
+            for b in batch_sizes:
+                for n in max_lens:
+                    st = self._state(bucket(b), len_bucket(n))
+                    for m in modes:
+                        self._graphs(st, m)

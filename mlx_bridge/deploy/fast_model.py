@@ -1,0 +1,247 @@
+"""The fast path's model code: the native `Transformer` as pure functions over fused weights.
+
+`fuse(module)` runs once at load time. Per layer it concatenates q/k/v into one `[q; k; v]` matrix and
+gate/up into one `[gate; up]` matrix (the export stays Hugging Face layout) and rebinds the module's own
+q/k/v/gate/up parameters as views of them, so memory is not doubled and `module.state_dict()` keeps
+Hugging Face names. The functions below compute what `model.Transformer.step` computes (same norms in
+float32, same rope, same masks) with fewer, larger kernels:
+
+    make_layer(spec, decode)  one decoder layer; every layer has the same shapes, so one compiled
+                              graph serves all of them (compile time does not grow with depth)
+    rope_masks(...)           cos/sin per rope setting and one mask per sliding window, once a step
+    make_head(spec)           final norm, lm_head, softcap
+
+Decode attends over the whole static cache slice with a mask (static shapes, graph-capturable); a
+GQA query is folded to (B, H_kv, H/H_kv, hd) so SDPA needs no repeated keys. Prefill writes the cache
+and attends over its own keys with SDPA, `is_causal` (flash) when there is no padding and no window.
+MoE layers are not fused: `NotFusable`, and the runner captures the module's own `decode_step`.
+
+Example:
+    >>> import torch
+    >>> from mlx_bridge.deploy.args import ModelArgs, RopeArgs
+    >>> from mlx_bridge.deploy.model import Transformer
+    >>> m = Transformer(ModelArgs("llama", 32, 16, 32, 1, 2, 1, 8, windows=[None], ropes=[RopeArgs(dim=8)]))
+    >>> f = fuse(m)
+    >>> f.layers[0].w[4].shape, m.model.layers[0].self_attn.k_proj.weight.data_ptr() == f.layers[0].w[4][16:].data_ptr()
+    (torch.Size([32, 16]), True)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import ACT, attend
+from .model import Transformer
+from .rope import apply_rope, cos_sin
+
+
+class NotFusable(Exception):
+    """The module has layers the fused functions do not cover (the message says which)."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Static numbers of one model (closed over by the compiled functions)."""
+
+    nh: int
+    nkv: int
+    hd: int
+    eps: float
+    gemma: bool
+    act: str
+    scale: float
+    softcap: float | None
+    qk_norm: bool
+    final_softcap: float | None
+    embed_scale: float | None  # gemma: sqrt(hidden) rounded to the model dtype
+
+
+@dataclass
+class Layer:
+    # (ln1, ln2, ln_pre_ff, ln_post_ff, wqkv, bqkv, wo, bo, q_norm, k_norm, wgu, bgu, wd, bd); None if absent
+    w: tuple
+    window: int | None
+    rope: int
+    device: torch.device
+
+
+@dataclass
+class Fused:
+    spec: Spec
+    layers: list[Layer]
+    embed: torch.Tensor
+    norm: torch.Tensor
+    head: torch.Tensor
+    ropes: list[tuple[torch.Tensor, float]]  # per distinct rope setting: (inv_freq float32, cos/sin scale)
+    windows: list[int]  # distinct sliding windows
+
+    @property
+    def devices(self) -> list[torch.device]:
+        return list(dict.fromkeys([self.embed.device, *(l.device for l in self.layers), self.head.device]))
+
+
+def _fuse_rows(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate the weights (and biases) of `linears` along out-features; rebind each as a view."""
+    w = torch.cat([l.weight for l in linears])
+    b = torch.cat([l.bias for l in linears]) if linears[0].bias is not None else None
+    o = 0
+    for l in linears:
+        n = l.weight.shape[0]
+        l.weight = nn.Parameter(w[o:o + n], requires_grad=False)
+        if b is not None:
+            l.bias = nn.Parameter(b[o:o + n], requires_grad=False)
+        o += n
+    return w, b
+
+
+def _bias(lin: nn.Linear):
+    return lin.bias
+
+
+def fuse(module: Transformer) -> Fused:
+    """Fused weights of a loaded native `Transformer` (its parameters become views of them).
+
+    Raises:
+        NotFusable: the module has MoE layers.
+    """
+    a = module.args
+    if a.moe and any(a.moe_layers):
+        raise NotFusable(f"{a.model_type}: sparse MoE layers run the module's own decode step")
+    dtype = module.model.embed_tokens.weight.dtype
+    spec = Spec(a.num_heads, a.num_kv_heads, a.head_dim, a.rms_norm_eps, a.gemma, a.hidden_act,
+                a.attn_scale or a.head_dim ** -0.5, a.attn_softcap, a.qk_norm, a.final_softcap,
+                float(torch.tensor(a.hidden_size ** 0.5).to(dtype)) if a.gemma else None)
+    layers = []
+    with torch.no_grad():
+        for i, dl in enumerate(module.model.layers):
+            at, mlp = dl.self_attn, dl.mlp
+            if at.fused:
+                wqkv, bqkv = at.qkv_proj.weight, at.qkv_proj.bias
+            else:
+                wqkv, bqkv = _fuse_rows([at.q_proj, at.k_proj, at.v_proj])
+            if mlp.fused:
+                wgu, bgu = mlp.gate_up_proj.weight, mlp.gate_up_proj.bias
+            else:
+                wgu, bgu = _fuse_rows([mlp.gate_proj, mlp.up_proj])
+            g = a.gemma
+            w = (dl.input_layernorm.weight, dl.post_attention_layernorm.weight,
+                 dl.pre_feedforward_layernorm.weight if g else None, dl.post_feedforward_layernorm.weight if g else None,
+                 wqkv, bqkv, at.o_proj.weight, _bias(at.o_proj),
+                 at.q_norm.weight if a.qk_norm else None, at.k_norm.weight if a.qk_norm else None,
+                 wgu, bgu, mlp.down_proj.weight, _bias(mlp.down_proj))
+            layers.append(Layer(w, a.windows[i], module.rope_of_layer[i], wqkv.device))
+    embed = module.model.embed_tokens.weight
+    head = embed if a.tie_word_embeddings else module.lm_head.weight
+    norm = module.model.norm.weight
+    if head.device != norm.device:  # tied embedding, layers spread over devices: the head needs a copy
+        head = head.to(norm.device)
+    ropes = [(getattr(module, f"rope_inv_freq_{j}"), module.rope_scale[j]) for j in range(len(module._ropes))]
+    return Fused(spec, layers, embed, norm, head, ropes, list(module.windows))
+
+
+def rms(x: torch.Tensor, w: torch.Tensor, eps: float, gemma: bool) -> torch.Tensor:
+    """RMSNorm as `layers.RMSNorm` computes it (float32 statistics)."""
+    xf = x.float()
+    n = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if gemma:
+        return (n * (1.0 + w.float())).type_as(x)
+    return w * n.to(x.dtype)
+
+
+def masks(q_slots: torch.Tensor, S: int, pad: torch.Tensor | None, windows: list[int]) -> dict:
+    """window (None = full) -> bool mask (B|1, 1, L, S): causal, within the window, not padding."""
+    k = torch.arange(S, device=q_slots.device)
+    q = q_slots[:, None]
+    causal = k[None, :] <= q  # [L, S]
+    out = {}
+    for w in [None, *windows]:
+        m = causal if w is None else causal & (q - k[None, :] < w)
+        if pad is not None:  # a padded query still sees itself, so no softmax row is empty
+            m = m[None] & ((k[None, None, :] >= pad[:, None, None]) | (k[None, None, :] == q[None]))
+        else:
+            m = m[None]
+        out[w] = m[:, None]
+    return out
+
+
+def rope_masks(ropes: list, slots: torch.Tensor, pad: torch.Tensor, S: int, windows: list[int], dtype: torch.dtype,
+               additive: bool) -> tuple[list, dict]:
+    """Per rope setting (cos, sin) for queries at `slots` (L,) of rows with left padding `pad` (B,),
+    and per window a mask over S keys (bool, or 0/-inf in `dtype` when `additive`)."""
+    pos = (slots[None, :] - pad[:, None]).clamp(min=0)  # [B, L]
+    rot = [cos_sin(inv, scale, pos, dtype) for inv, scale in ropes]
+    ms = masks(slots, S, pad, windows)
+    if additive:
+        ms = {w: torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, float("-inf")) for w, m in ms.items()}
+    return rot, ms
+
+
+def _decode_attend(q, kc, vc, mask, scale: float, softcap: float | None):
+    """q (B, H, 1, hd) over the whole cache kc, vc (B, H_kv, S, hd); GQA folded into the query axis."""
+    if softcap is not None:
+        return attend(q, kc, vc, mask, scale, softcap)
+    B, H, _, hd = q.shape
+    o = F.scaled_dot_product_attention(q.reshape(B, kc.shape[1], H // kc.shape[1], hd), kc, vc,
+                                       attn_mask=mask, scale=scale)  # [B, H_kv, H/H_kv, hd]
+    return o.reshape(B, H, 1, hd)
+
+
+def make_layer(spec: Spec, decode: bool) -> Callable:
+    """layer(x, w, kc, vc, cos, sin, mask, slots) -> x: one decoder layer (pure but for the cache write).
+
+    decode: x is (B, 1, D), attends over all of kc/vc with `mask`; else x is (B, L, D) written at
+    `slots` and attends over its own keys (`mask` None: causal). kc None: no cache (scoring).
+    """
+    nh, nkv, hd, eps, gemma = spec.nh, spec.nkv, spec.hd, spec.eps, spec.gemma
+    act, scale, softcap, qk_norm = ACT[spec.act], spec.scale, spec.softcap, spec.qk_norm
+
+    def layer(x, w, kc, vc, cos, sin, mask, slots):
+        ln1, ln2, ln_pre, ln_post, wqkv, bqkv, wo, bo, qn, kn, wgu, bgu, wd, bd = w
+        B, L, _ = x.shape  # x: [B, L, D]
+        q, k, v = F.linear(rms(x, ln1, eps, gemma), wqkv, bqkv).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        q, k, v = q.view(B, L, nh, hd), k.view(B, L, nkv, hd), v.view(B, L, nkv, hd)
+        if qk_norm:
+            q, k = rms(q, qn, eps, gemma), rms(k, kn, eps, gemma)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kc is not None:
+            kc.index_copy_(2, slots, k)
+            vc.index_copy_(2, slots, v)
+        if decode:
+            o = _decode_attend(q, kc, vc, mask, scale, softcap)
+        else:
+            o = attend(q, k, v, mask, scale, softcap)  # [B, H, L, hd]
+        o = F.linear(o.transpose(1, 2).reshape(B, L, nh * hd), wo, bo)
+        if gemma:
+            x = x + rms(o, ln2, eps, True)
+            h = rms(x, ln_pre, eps, True)
+        else:
+            x = x + o
+            h = rms(x, ln2, eps, gemma)
+        gate, up = F.linear(h, wgu, bgu).chunk(2, dim=-1)
+        m = F.linear(act(gate) * up, wd, bd)
+        return x + (rms(m, ln_post, eps, True) if gemma else m)
+
+    return layer
+
+
+def make_head(spec: Spec) -> Callable:
+    """head(x (..., D), norm, lm_head) -> logits (..., V) in the model dtype."""
+    eps, gemma, cap = spec.eps, spec.gemma, spec.final_softcap
+
+    def head(x, norm, w):
+        logits = F.linear(rms(x, norm, eps, gemma), w)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    return head
+
+
+def embed(f: Fused, tokens: torch.Tensor) -> torch.Tensor:
+    """Token embeddings (B, L, D) (times sqrt(D) for gemma, as the module does)."""
+    h = F.embedding(tokens, f.embed)
+    return h * f.spec.embed_scale if f.spec.embed_scale is not None else h

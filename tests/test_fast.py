@@ -1,0 +1,164 @@
+"""The fast decode path on CPU: fused functions, static buckets, stage hand-over and on-device sampling
+against the eager `NativeRunner` (the reference), on tiny models of every native architecture."""
+
+import pytest
+import torch
+
+from mlx_bridge.deploy import fast_sampling as fs
+from mlx_bridge.deploy.fast import FastRunner, bucket, len_bucket
+from mlx_bridge.deploy.fast_multi import load_across, split_layers
+from mlx_bridge.deploy.generation import token_steps
+from mlx_bridge.deploy.loader import load
+from mlx_bridge.deploy.sampling import apply_top_k, apply_top_p
+from mlx_bridge.errors import BridgeError
+from mlx_bridge.testing.adapters import shared_zoo
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "mixtral", "qwen3_moe"]
+PROMPTS = [[1, 20, 21, 22, 23, 24], [1, 30, 31], [1, 40, 41, 42, 43, 44, 45, 46, 47]]  # ragged: bucket 4
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    return shared_zoo(tmp_path_factory.getbasetemp() / "zoo")
+
+
+def padded(prompts, pad_id=0):
+    P = max(map(len, prompts))
+    toks = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts])
+    return toks, torch.tensor([P - len(p) for p in prompts])
+
+
+def greedy_steps(runner, n, prompts=PROMPTS):
+    return list(token_steps(runner, prompts, n, "cpu", temperature=0.0, top_p=1.0, top_k=0, seed=None))
+
+
+@pytest.mark.parametrize("arch,overrides", [(a, {}) for a in ARCHS] + [("mistral", {"sliding_window": 8}),
+                                                                        ("gemma2", {"sliding_window": 8})])
+def test_greedy_and_logits_equal_eager(zoo, arch, overrides):
+    d = zoo.hf(arch, **overrides)
+    ref, fast = load(d).runner, FastRunner(load(d).module)
+    assert fast.use_graphs is False and fast.use_compile is False  # CPU: the same code, not captured
+    assert (fast.fused is None) == (arch in ("mixtral", "qwen3_moe"))
+    n = 40 if overrides else 16  # past the window of 8
+    want = greedy_steps(ref, n)
+    assert greedy_steps(fast, n) == want  # start/next interface
+    assert list(fast.steps(*padded(PROMPTS), n)) == want  # on-device loop, host sync every 8 steps
+    toks, pad = padded(PROMPTS)
+    a, b = ref.start(toks, pad, 32), fast.start(toks, pad, 32)
+    torch.testing.assert_close(b, a, rtol=0, atol=2e-5)
+    t = a.argmax(-1)
+    for _ in range(3):
+        a, b = ref.next(t), fast.next(t)
+        torch.testing.assert_close(b, a, rtol=0, atol=2e-5)
+        t = a.argmax(-1)
+
+
+def test_fusion_keeps_names_and_memory(zoo):
+    d = zoo.hf("qwen2")  # q/k/v biases fused too
+    m = load(d)
+    before = {k: v.clone() for k, v in m.module.state_dict().items()}
+    fast = FastRunner(m.module)
+    after = m.module.state_dict()
+    assert list(after) == list(before)
+    for k in before:
+        assert torch.equal(after[k], before[k]), k
+    attn, w = m.module.model.layers[1].self_attn, fast.fused.layers[1].w
+    assert attn.v_proj.weight.untyped_storage().data_ptr() == w[4].untyped_storage().data_ptr()
+    assert attn.q_proj.bias.untyped_storage().data_ptr() == w[5].untyped_storage().data_ptr()
+    mlp = m.module.model.layers[0].mlp
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == fast.fused.layers[0].w[10].untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_stage_handover_equals_one_stage(zoo, arch):
+    d = zoo.hf(arch)
+    ref = load(d).runner
+    fast = FastRunner(load(d).module, split_at=(1,))
+    assert [s.layers for s in fast.segments] == [[0], [1]]
+    assert greedy_steps(fast, 12) == greedy_steps(ref, 12)
+    assert list(fast.steps(*padded(PROMPTS), 12)) == greedy_steps(ref, 12)
+    ids = torch.tensor([PROMPTS[2]])
+    torch.testing.assert_close(fast.logits(ids), ref.logits(ids), rtol=0, atol=2e-5)
+
+
+def test_load_across_devices_generates_like_load(zoo):
+    d = zoo.hf("llama")
+    m = load_across(d, devices=["cpu", "cpu"])
+    assert isinstance(m.runner, FastRunner)
+    assert m.generate(["give three tips", "hello"], max_tokens=10) == load(d).generate(["give three tips", "hello"], max_tokens=10)
+    assert split_layers([10] * 4, 0, 20, 2) == [0, 0, 0, 1]
+
+
+def test_buckets_are_reused_and_bounded(zoo):
+    fast = FastRunner(load(zoo.hf("llama")).module)
+    greedy_steps(fast, 4, PROMPTS)  # 3 rows -> bucket 4
+    greedy_steps(fast, 4, PROMPTS + [[1, 5]])  # 4 rows: same bucket, same cache
+    assert fast.stats["buckets"] == 1
+    toks, pad = padded(PROMPTS)
+    fast.start(toks, pad, toks.shape[1] + 2)
+    fast.next(torch.tensor([5, 6, 7]))
+    assert (bucket(3), bucket(33), len_bucket(257)) == (4, 64, 512)
+    fast._slot = fast._st.S
+    with pytest.raises(BridgeError, match="past the cache length"):
+        fast.next(torch.tensor([5, 6, 7]))
+
+
+def test_compiled_decode_equals_eager_bf16_without_recompiling(zoo):
+    d = zoo.hf("qwen3")  # GQA, q/k norms
+    ref = load(d, dtype="bfloat16").runner
+    fast = FastRunner(load(d, dtype="bfloat16").module, compile=True)
+    want = greedy_steps(ref, 12)
+    assert greedy_steps(fast, 12) == want
+    with torch.compiler.set_stance("fail_on_recompile"):  # same bucket, other prompts: no compile
+        assert list(fast.steps(*padded(PROMPTS[:2] + [[1, 9, 8]]), 12)) == greedy_steps(ref, 12, PROMPTS[:2] + [[1, 9, 8]])
+
+
+# -- on-device sampling -----------------------------------------------------------------------------
+
+def test_filters_match_sampling_py():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=g) * 3
+    for top_p, top_k in [(0.9, 0), (0.5, 0), (1.0, 5), (0.7, 3), (1.0, 0), (0.95, 1)]:
+        lp = logits.log_softmax(-1)
+        want = lp
+        if top_p < 1:
+            want = apply_top_p(want, top_p)
+        if top_k > 0:
+            want = apply_top_k(want, top_k)
+        got = fs.filtered_logprobs(logits, torch.full((6,), top_p), torch.full((6,), top_k))
+        assert torch.equal(torch.isinf(got), torch.isinf(want)), (top_p, top_k)
+
+
+def test_pick_greedy_rows_and_distribution():
+    n = 3000  # draws per setting: rows of one batch (each row its own noise)
+    logits = torch.tensor([[0.0, 1.0, 2.0, 0.5]]).repeat(4 * n, 1)
+    temp = torch.tensor([0.0, 1.0, 1.0, 0.5]).repeat_interleave(n)
+    top_k = torch.tensor([0, 1, 0, 0]).repeat_interleave(n)
+    t = fs.pick(logits, temp, torch.ones(4 * n), top_k, torch.full((4 * n,), 7), torch.tensor([3])).view(4, n)
+    counts = torch.stack([torch.bincount(r, minlength=4) for r in t]).float()
+    assert counts[0, 2] == n and counts[1, 2] == n  # temperature 0 and top_k 1: the argmax
+    for row, T in [(2, 1.0), (3, 0.5)]:
+        p = torch.softmax(logits[0] / T, -1)
+        assert (counts[row] / n - p).abs().max() < 0.03, (counts[row] / n, p)
+
+
+def test_noise_is_uniform_and_seeded():
+    u = fs.uniform(torch.tensor([1, 2]), torch.tensor([0]), 20000)
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
+    assert torch.equal(u, fs.uniform(torch.tensor([1, 2]), torch.tensor([0]), 20000))
+    assert not torch.equal(u[0], u[1])  # rows differ even for equal seeds
+    assert not torch.equal(u, fs.uniform(torch.tensor([1, 2]), torch.tensor([1]), 20000))
+
+
+def test_sampled_steps_are_reproducible_and_filtered(zoo):
+    fast = FastRunner(load(zoo.hf("llama")).module)
+    toks, pad = padded(PROMPTS)
+    a = list(fast.steps(toks, pad, 12, temperature=0.9, top_k=2, seed=5))
+    assert a == list(fast.steps(toks, pad, 12, temperature=0.9, top_k=2, seed=5))
+    assert a != list(fast.steps(toks, pad, 12, temperature=0.9, top_k=2, seed=6))
+    # every sampled token is one of the two most likely under the eager model given the same history
+    ref = load(zoo.hf("llama")).runner
+    logits = ref.start(toks, pad, toks.shape[1] + 12)
+    for row in a:
+        assert all(t in logits[b].topk(2).indices.tolist() for b, t in enumerate(row))
+        logits = ref.next(torch.tensor(row))
