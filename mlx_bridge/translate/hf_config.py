@@ -37,10 +37,12 @@ def effective_config(cfg: dict, arch: Arch, dtype: str) -> tuple[dict, list[str]
         if k not in cfg and k not in ("rope_theta", "rope_scaling"):
             c[k] = v
             notes.append(f"{k}: absent from config.json; MLX used its default {v!r}")
-    ignored = list(arch.mlx_ignores)
-    if arch.model_type in ("llama", "mistral") and "layer_types" not in cfg:
-        ignored.append("sliding_window")
-    for k in ignored:
+    for k, v in arch.mlx_forces.items():
+        if cfg.get(k) != v:
+            notes.append(f"{k}: mlx-lm computes {arch.model_type} with {v!r} whatever config.json says "
+                         f"({cfg.get(k)!r}); the export states {v!r}")
+        c[k] = v
+    for k in arch.mlx_ignores:
         if cfg.get(k) is not None:
             c[k] = None
             notes.append(f"{k}: {cfg[k]!r} is ignored by mlx-lm for {arch.model_type}; MLX computed without it")
@@ -53,12 +55,28 @@ def effective_config(cfg: dict, arch: Arch, dtype: str) -> tuple[dict, list[str]
     return c, notes
 
 
-def gemma2_all_full(cfg: dict, c: dict, arch: Arch, notes: list[str]) -> None:
-    """mlx-lm's gemma2 has no sliding-window attention: every layer attends to the full context."""
+def all_full_attention(cfg: dict, c: dict, arch: Arch, notes: list[str]) -> None:
+    """mlx-lm implements no sliding window for this arch: every layer attends to the whole context.
+
+    The export says so in every way transformers (and engines) read it: `layer_types` all full,
+    `use_sliding_window` false, and `sliding_window` null where the model class allows it (gemma2 builds a
+    sliding mask regardless, so its window value stays, unused).
+    """
+    if arch.model_type in ("llama", "mistral") and cfg.get("layer_types"):
+        return  # mlx-lm's llama honours layer_types (and then the window), as transformers does
     n = cfg.get("num_hidden_layers", 0)
-    if cfg.get("sliding_window") is not None or any(t != "full_attention" for t in cfg.get("layer_types") or []):
-        notes.append("gemma2: mlx-lm computes full attention in every layer (no sliding window); layer_types says so")
-    c["layer_types"] = ["full_attention"] * n  # sliding_window stays: transformers builds the mask anyway
+    types = cfg.get("layer_types") or []
+    windowed = any(t != "full_attention" for t in types) or (
+        cfg.get("sliding_window") is not None and cfg.get("use_sliding_window", True))
+    if windowed:
+        notes.append(f"attention: mlx-lm has no sliding window for {arch.model_type} and attends to the whole context "
+                     f"in every layer; the export states full attention (sliding_window {cfg.get('sliding_window')!r} dropped)")
+    if types or arch.model_type in ("gemma2", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe"):
+        c["layer_types"] = ["full_attention"] * n
+    if "use_sliding_window" in cfg or arch.model_type.startswith("qwen"):
+        c["use_sliding_window"] = False
+    if arch.model_type != "gemma2":
+        c["sliding_window"] = None
 
 
 def gemma3_pattern(cfg: dict, c: dict, arch: Arch, notes: list[str]) -> None:
@@ -73,7 +91,8 @@ def gemma3_pattern(cfg: dict, c: dict, arch: Arch, notes: list[str]) -> None:
 
 
 # model_type -> named fix of the attention layout to what mlx-lm computes
-LAYER_PATTERNS = {"gemma2": gemma2_all_full, "gemma3_text": gemma3_pattern}
+LAYER_PATTERNS = {"gemma3_text": gemma3_pattern, **{t: all_full_attention for t in (
+    "llama", "mistral", "mixtral", "gemma2", "phi3", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe")}}
 
 
 def _rope_as_mlx(cfg: dict, c: dict, arch: Arch, notes: list[str]) -> None:

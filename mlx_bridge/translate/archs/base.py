@@ -28,6 +28,8 @@ class Arch:
     reads_rope_parameters: bool = False
     # config fields mlx-lm does not implement for this arch: MLX computed as if they were null
     mlx_ignores: tuple[str, ...] = ()
+    # config values mlx-lm computes with whatever config.json says (e.g. the exact GELU it hard-codes)
+    mlx_forces: dict = field(default_factory=dict)
     optional_bias: bool = True  # a Linear in the table may also carry ".bias" (attention_bias, mlp_bias...)
 
     def template(self, key: str) -> tuple[str, list[int]]:

@@ -35,7 +35,10 @@ DENSE = [
     _arch("phi3", "Phi3ForCausalLM", _TOP + (_L + "self_attn.qkv_proj.weight", _L + "self_attn.o_proj.weight",
           _L + "mlp.gate_up_proj.weight", _L + "mlp.down_proj.weight") + _NORMS,
           mlx_defaults={"rope_theta": 10000, "rope_scaling": None, "tie_word_embeddings": False}),
-    _arch("gemma", "GemmaForCausalLM", LLAMA_PARAMS, mlx_defaults={"rope_theta": 10000}),
+    # mlx-lm's gemma (v1) MLP uses exact GELU (nn.gelu); transformers rewrites "gelu" to the tanh
+    # approximation for Gemma, so the export names the exact one. vLLM only implements the tanh form.
+    _arch("gemma", "GemmaForCausalLM", LLAMA_PARAMS, mlx_defaults={"rope_theta": 10000},
+          mlx_forces={"hidden_act": "gelu_python", "hidden_activation": None}),
     _arch("gemma2", "Gemma2ForCausalLM", LLAMA_PARAMS + (_L + "pre_feedforward_layernorm.weight",
           _L + "post_feedforward_layernorm.weight"),
           mlx_defaults={"rope_theta": 10000, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
@@ -64,7 +67,8 @@ DENSE = [
     _arch("starcoder2", "Starcoder2ForCausalLM", _TOP + ("model.norm.bias",) + _ATTN + (
           _L + "mlp.c_fc.weight", _L + "mlp.c_fc.bias", _L + "mlp.c_proj.weight", _L + "mlp.c_proj.bias",
           _L + "input_layernorm.bias", _L + "post_attention_layernorm.bias") + _NORMS,
-          mlx_defaults={"rope_theta": 100000, "tie_word_embeddings": True}),
+          mlx_defaults={"rope_theta": 100000, "tie_word_embeddings": True},
+          mlx_forces={"hidden_act": "gelu"}),  # mlx-lm's starcoder2 MLP: exact nn.gelu
     _arch("stablelm", "StableLmForCausalLM", LLAMA_PARAMS + ("model.norm.bias", _L + "input_layernorm.bias",
           _L + "post_attention_layernorm.bias")),
     _arch("nemotron", "NemotronForCausalLM", _TOP + ("model.norm.bias",) + _ATTN + (

@@ -20,8 +20,7 @@ MOE = [
          experts={_L + "block_sparse_moe.switch_mlp.gate_proj": _L + "block_sparse_moe.experts.{e}.w1",
                   _L + "block_sparse_moe.switch_mlp.down_proj": _L + "block_sparse_moe.experts.{e}.w2",
                   _L + "block_sparse_moe.switch_mlp.up_proj": _L + "block_sparse_moe.experts.{e}.w3"},
-         mlx_defaults={"rope_theta": 1000000.0, "rope_scaling": None, "tie_word_embeddings": False},
-         mlx_ignores=("sliding_window",)),
+         mlx_defaults={"rope_theta": 1000000.0, "rope_scaling": None, "tie_word_embeddings": False}),
     Arch("qwen3_moe", "Qwen3MoeForCausalLM", _TOP + _ATTN + _NORMS + _QK_NORM + _QWEN_MOE,
          experts=_QWEN_EXPERTS, num_experts_key="num_experts", mlx_defaults={"rope_scaling": None}),
     Arch("qwen2_moe", "Qwen2MoeForCausalLM", _TOP + _ATTN + _NORMS + _QWEN_MOE + tuple(
