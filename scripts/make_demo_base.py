@@ -1,15 +1,15 @@
 #!/usr/bin/env python
 """Make the demo's base model: a tiny llama pretrained in PyTorch, written as an MLX directory.
 
-    python scripts/make_demo_base.py [--out mlx_bridge/demo/assets/base] [--steps 3000] [--seed 0]
+    python scripts/make_demo_base.py [--out mlx_bridge/demo/assets/base] [--steps 4000] [--seed 0]
 
 Steps: build a word-level tokenizer (`tokenizers`) over the demo vocabulary; generate a corpus with
 `mlx_bridge.demo.task.corpus` (lists reversed or repeated in plain-text forms, never the demo's chat
 format, never a held-out list); pretrain a `LlamaForCausalLM` from scratch on it (AdamW, cosine schedule,
 CPU, seeded); save it with transformers, convert it with `mlx_lm.convert` (float32), check it loads with
 `mlx_lm.load` and `AutoModelForCausalLM`, and add a `manifest.json` of kind "base" with the recipe.
-Rerunning with the same arguments on the same machine gives the same weights (PyTorch CPU kernels are
-deterministic here; other machines may differ in the last bits).
+Rerunning with the same arguments gives the same weights on the same machine (one thread, deterministic
+PyTorch CPU kernels; other CPUs may differ in the last bits). About 10 minutes on one core.
 """
 
 from __future__ import annotations
@@ -122,10 +122,43 @@ def corpus_accuracy(model, tok, n: int = 200) -> dict[str, float]:
     return res
 
 
+def check_loads(d: Path, tok) -> float:
+    """Load `d` with mlx-lm and with transformers; return the max |logit difference| on a corpus prompt."""
+    import mlx.core as mx
+    import numpy as np
+    import torch
+    from mlx_lm import load
+    from transformers import AutoModelForCausalLM
+
+    ids = tok("the reverse of cat sun red fig is fig red sun cat").input_ids
+    model, _ = load(str(d))
+    ref = np.array(model(mx.array([ids])))
+    hf = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
+    with torch.no_grad():
+        got = hf(torch.tensor([ids])).logits.numpy()
+    diff = float(np.abs(ref - got).max())
+    if diff > 1e-3:
+        raise SystemExit(f"{d}: mlx-lm and transformers disagree (max |logit diff| {diff})")
+    return diff
+
+
+def model_card(config: dict, recipe: dict) -> str:
+    return (
+        "---\nlanguage: en\nlibrary_name: mlx\npipeline_tag: text-generation\ntags:\n- mlx\n- mlx-bridge-demo\n---\n"
+        "# mlx-bridge demo base model\n\n"
+        f"A tiny llama ({config['num_hidden_layers']} layers, hidden {config['hidden_size']}, vocabulary "
+        f"{config['vocab_size']} tokens) pretrained from scratch by `scripts/make_demo_base.py` on a generated corpus in "
+        "which lists of words are reversed or repeated in plain-text forms (`the reverse of cat sun red is red sun "
+        "cat`). It has never seen the chat format that `mlx-bridge demo` fine-tunes it on. Float32, MLX (mlx-lm) "
+        "layout, which for llama is also the Hugging Face layout. The recipe is in `manifest.json`.\n\n"
+        f"Held-out exact match in the corpus forms: {recipe['heldout_accuracy_corpus_forms']}.\n"
+    )
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "mlx_bridge/demo/assets/base"))
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--docs", type=int, default=200_000)
@@ -134,7 +167,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
 
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
@@ -148,32 +181,44 @@ def main(argv=None) -> int:
     GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=eos, pad_token_id=tok.pad_token_id,
                      do_sample=False).save_pretrained(str(work / "hf"))
 
-    from mlx_lm import convert, load
+    from mlx_lm import convert
 
-    out = Path(args.out)
-    if out.exists():
-        shutil.rmtree(out)
-    convert(str(work / "hf"), str(out), dtype="float32")
-    load(str(out))  # loads in mlx-lm
-    AutoModelForCausalLM.from_pretrained(str(out))  # and in transformers
-    from mlx_bridge.fsutil import sha256_file
+    mlx_dir = work / "mlx"
+    convert(str(work / "hf"), str(mlx_dir), dtype="float32")
+    max_diff = check_loads(mlx_dir, tok)
+    print(f"loads in mlx-lm and transformers; max |logit diff| {max_diff:.2e}")
+
+    import mlx.core as mx
+
+    from mlx_bridge.fsutil import atomic_dir, sha256_file
     from mlx_bridge.manifest import Manifest, environment
 
-    config = json.loads((out / "config.json").read_text())
-    Manifest(
+    config = json.loads((mlx_dir / "config.json").read_text())
+    manifest = Manifest(
         kind="base",
         base_model={"path": "mlx_bridge/demo/assets/base", "config": config},
         architecture={"model_type": config["model_type"], "layout": "mlx-lm", "num_layers": config["num_hidden_layers"]},
         environment=environment(),
         recipe={"script": "scripts/make_demo_base.py", "argv": sys.argv[1:], "seed": args.seed,
-                "framework": f"torch {torch.__version__}", "steps": args.steps, "batch_size": args.batch_size,
-                "lr": args.lr, "optimizer": "AdamW(betas=(0.9, 0.98), weight_decay=0.01), warmup 5%, cosine",
+                "framework": f"torch {torch.__version__} (CPU, {args.threads} thread(s), deterministic algorithms)",
+                "architecture": "LlamaForCausalLM from scratch", "model": CONFIG,
+                "tokenizer": "word-level (tokenizers WordLevel), lower-cased, whitespace/punctuation split",
+                "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+                "optimizer": "AdamW(betas=(0.9, 0.98), weight_decay=0.01), linear warmup 5%, cosine decay, clip 1.0",
                 "corpus": {"generator": "mlx_bridge.demo.task.corpus", "docs": args.docs, "seed": args.seed,
                            "forms": task.CORPUS_FORMS},
+                "convert": "mlx_lm.convert(dtype=float32)",
                 "final_loss": round(final_loss, 4), "seconds": round(seconds, 1),
-                "heldout_accuracy_corpus_forms": acc},
-        files={p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file()},
-    ).save(out)
+                "heldout_accuracy_corpus_forms": acc, "mlx_vs_transformers_max_logit_diff": max_diff,
+                "mlx": mx.__version__},
+    )
+    (mlx_dir / "README.md").write_text(model_card(config, manifest.recipe))
+    manifest.files = {p.name: sha256_file(p) for p in sorted(mlx_dir.iterdir()) if p.is_file()}
+    manifest.save(mlx_dir)
+    out = Path(args.out)
+    with atomic_dir(out, force=True) as tmp:
+        for p in mlx_dir.iterdir():
+            shutil.copyfile(p, tmp / p.name)
     shutil.rmtree(work)
     size = sum(p.stat().st_size for p in out.iterdir())
     print(f"wrote {out} ({size / 1e6:.1f} MB)")

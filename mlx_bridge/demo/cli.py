@@ -19,7 +19,7 @@ from ..fsutil import check_output_dir
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="working directory (default: a temporary directory)")
-    parser.add_argument("--steps", type=int, help="LoRA steps (default: 120; 60 with --quick)")
+    parser.add_argument("--steps", type=int, help="LoRA steps (default: 200; 60 with --quick)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--quick", action="store_true", help="a shorter run (about 40 s; used by the tests)")
     parser.add_argument("--force", action="store_true", help="reuse a non-empty --out directory")
@@ -45,9 +45,10 @@ def main(args: argparse.Namespace) -> int:
     finally:
         if temp and not args.keep:
             shutil.rmtree(out, ignore_errors=True)
+    removed = temp and not args.keep
     print()
-    print(table(res))
-    if temp and not args.keep:
+    print(table(res, files=not removed))
+    if removed:
         print(f"(removed {out}; pass --keep or --out DIR to keep the files)")
     acc = res["accuracy"]
     same = acc["mlx"]["after"] == acc["pytorch"]["after"] and acc["mlx"]["before"] == acc["pytorch"]["before"]

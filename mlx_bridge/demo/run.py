@@ -36,18 +36,18 @@ BASE = Path(__file__).resolve().parent / "assets" / "base"
 class DemoConfig:
     """How big the run is. `default` fits in about 3 minutes on 2 CPU cores, `quick` in about 40 s."""
 
-    steps: int = 120
+    steps: int = 200
     batch_size: int = 16
-    learning_rate: float = 1e-3
+    learning_rate: float = 5e-4
     lora_rank: int = 8
-    lora_scale: float = 10.0
+    lora_scale: float = 20.0  # mlx-lm's default
     n_train: int = 2000
     n_valid: int = 64
-    n_test: int = 100
+    n_test: int = 200
     seed: int = 0
 
 
-PRESETS = {"default": DemoConfig(), "quick": DemoConfig(steps=60, n_test=40)}
+PRESETS = {"default": DemoConfig(), "quick": DemoConfig(steps=60, n_test=50)}
 
 
 def _size(path: Path) -> int:
@@ -104,6 +104,7 @@ def run_demo(out: str | os.PathLike, preset: str = "default", steps: int | None 
         model, tok = mlx_load(str(base))
         mlx_before = evaluate_mlx(model, tok, test)
         del model
+        log(f"MLX, base model: {100 * mlx_before.accuracy:.1f}% exact match")
 
     with _stage(times, "train", log):
         trainer = MLXTrainer(str(base), str(paths["data"]), lora_rank=cfg.lora_rank, lora_scale=cfg.lora_scale,
@@ -118,6 +119,7 @@ def run_demo(out: str | os.PathLike, preset: str = "default", steps: int | None 
         model, tok = mlx_load(str(base), adapter_path=str(paths["checkpoint"]))
         mlx_after = evaluate_mlx(model, tok, test)
         del model
+        log(f"MLX, base + adapter: {100 * mlx_after.accuracy:.1f}% exact match")
 
     with _stage(times, "export", log):
         export(paths["checkpoint"], paths["export"], format="hf", verify=False, progress=False, log=log)
@@ -130,9 +132,12 @@ def run_demo(out: str | os.PathLike, preset: str = "default", steps: int | None 
     with _stage(times, "pytorch eval", log):
         torch_before = evaluate_torch(before_model, test)
         torch_after = evaluate_torch(after_model, test)
+        log(f"PyTorch: base export {100 * torch_before.accuracy:.1f}%, fine-tuned export "
+            f"{100 * torch_after.accuracy:.1f}% exact match")
 
     with _stage(times, "verify", log):
         parity = verify(paths["export"], model=after_model)
+        log(parity["summary"])
 
     results = {
         "config": asdict(cfg), "preset": preset, "base": str(base),
@@ -159,8 +164,12 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
-def table(res: dict) -> str:
-    """The demo's summary table (plain text)."""
+def _secs(v: float) -> str:
+    return f"{v:.1f}s" if v >= 1 else f"{v:.2f}s"
+
+
+def table(res: dict, files: bool = True) -> str:
+    """The demo's summary table (plain text); `files=False` leaves out where the files are."""
     acc, ag, par = res["accuracy"], res["agreement"], res["parity"]
     n = ag["after"]["n"]
     rows = [
@@ -177,10 +186,15 @@ def table(res: dict) -> str:
     w = max(len(r[0]) for r in rows)
     lines = [f"{a:<{w}}  {b:>14}  {c:>16}" for a, b, c in rows]
     lines.append("")
-    lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in res["seconds"].items()))
+    lines.append("time: " + ", ".join(f"{k} {_secs(v)}" for k, v in res["seconds"].items()))
     lines.append(f"sizes: checkpoint {_mb(res['sizes']['checkpoint'])}, export {_mb(res['sizes']['export'])}")
     for ex in res["examples"][:2]:
         lines.append(f"e.g. {ex['prompt']!r}: before {task.normalize(ex['mlx_before'])!r}, "
                      f"after {task.normalize(ex['mlx_after'])!r} (MLX) / {task.normalize(ex['pytorch_after'])!r} (PyTorch)")
-    lines.append("files: " + ", ".join(f"{k} {v}" for k, v in res["paths"].items()))
+    if files:
+        p = res["paths"]
+        lines += [f"files: {Path(p['results']).parent}", f"  data        {p['data']}",
+                  f"  checkpoint  {p['checkpoint']} (adapters, manifest, probes, loss.png)",
+                  f"  export      {p['export']} (Hugging Face layout, parity.json)",
+                  f"  base export {p['base_export']}", f"  results     {p['results']}"]
     return "\n".join(lines)
