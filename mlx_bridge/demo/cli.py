@@ -22,11 +22,12 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="LoRA steps (default: 200; 60 with --quick)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--quick", action="store_true", help="a shorter run (about 40 s; used by the tests)")
-    parser.add_argument("--force", action="store_true", help="reuse a non-empty --out directory")
+    parser.add_argument("--force", action="store_true",
+                        help="reuse a non-empty --out directory (replaces the demo's own files in it)")
 
 
 def main(args: argparse.Namespace) -> int:
-    from .run import BASE, run_demo, table
+    from .run import BASE, RUN_PATHS, run_demo, table
 
     if args.steps is not None and args.steps < 1:
         raise BridgeError(f"--steps: must be a positive integer, got {args.steps}")
@@ -37,8 +38,13 @@ def main(args: argparse.Namespace) -> int:
         out = Path(tempfile.mkdtemp(prefix="mlx-bridge-demo-"))
     else:
         out = check_output_dir(args.out, args.force)
-        if out.exists() and args.force:
-            shutil.rmtree(out)
+        if args.force:  # remove what an earlier demo wrote there, nothing else
+            for name in RUN_PATHS.values():
+                p = out / name
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink(missing_ok=True)
     print(f"demo directory: {out}", flush=True)
     try:
         res = run_demo(out, preset="quick" if args.quick else "default", steps=args.steps)

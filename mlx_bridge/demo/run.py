@@ -30,6 +30,9 @@ from . import task
 from .evaluate import agreement, evaluate_mlx, evaluate_torch
 
 BASE = Path(__file__).resolve().parent / "assets" / "base"
+# what a run writes in its directory
+RUN_PATHS = {"data": "data", "checkpoint": "checkpoint", "export": "export", "base_export": "base-export",
+             "results": "results.json"}
 
 
 @dataclass(frozen=True)
@@ -88,8 +91,7 @@ def run_demo(out: str | os.PathLike, preset: str = "default", steps: int | None 
     cfg = PRESETS[preset] if steps is None else replace(PRESETS[preset], steps=steps)
     out, base = Path(out), Path(base)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"data": out / "data", "checkpoint": out / "checkpoint", "export": out / "export",
-             "base_export": out / "base-export", "results": out / "results.json"}
+    paths = {k: out / v for k, v in RUN_PATHS.items()}
     times: dict[str, float] = {}
     mx.random.seed(cfg.seed)
 
@@ -109,7 +111,7 @@ def run_demo(out: str | os.PathLike, preset: str = "default", steps: int | None 
     with _stage(times, "train", log):
         trainer = MLXTrainer(str(base), str(paths["data"]), lora_rank=cfg.lora_rank, lora_scale=cfg.lora_scale,
                              learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, seed=cfg.seed,
-                             eval_every=max(cfg.steps // 2, 1))
+                             eval_every=max(cfg.steps // 6, 1))
         summary = trainer.train(iters=cfg.steps)
     with _stage(times, "save", log):
         trainer.save_checkpoint(paths["checkpoint"])
@@ -171,26 +173,24 @@ def _secs(v: float) -> str:
 def table(res: dict, files: bool = True) -> str:
     """The demo's summary table (plain text); `files=False` leaves out where the files are."""
     acc, ag, par = res["accuracy"], res["agreement"], res["parity"]
-    n = ag["after"]["n"]
-    rows = [
-        ("", "MLX (mlx-lm)", "PyTorch (export)"),
-        (f"exact match before ({n} held-out)", f"{100 * acc['mlx']['before']:.1f}%", f"{100 * acc['pytorch']['before']:.1f}%"),
-        (f"exact match after {res['config']['steps']} LoRA steps", f"{100 * acc['mlx']['after']:.1f}%",
-         f"{100 * acc['pytorch']['after']:.1f}%"),
-        ("identical generations (after)", f"{ag['after']['same_tokens']}/{n}", ""),
-        ("identical generations (before)", f"{ag['before']['same_tokens']}/{n}", ""),
-        ("parity: max |logit diff|", f"{par['max_abs_diff']:.2e}", f"limit {par['limit']:.1e}"),
-        ("parity: greedy probes identical", f"{par['greedy_exact']}/{par['greedy_of']}",
-         "PASS" if par["passed"] else "FAIL"),
-    ]
+    n, pct = ag["after"]["n"], (lambda x: f"{100 * x:.1f}%")
+    rows = [("", "MLX (mlx-lm)", "PyTorch (export)"),
+            (f"exact match, base model ({n} held-out)", pct(acc["mlx"]["before"]), pct(acc["pytorch"]["before"])),
+            (f"exact match, after {res['config']['steps']} LoRA steps", pct(acc["mlx"]["after"]),
+             pct(acc["pytorch"]["after"]))]
     w = max(len(r[0]) for r in rows)
     lines = [f"{a:<{w}}  {b:>14}  {c:>16}" for a, b, c in rows]
-    lines.append("")
-    lines.append("time: " + ", ".join(f"{k} {_secs(v)}" for k, v in res["seconds"].items()))
-    lines.append(f"sizes: checkpoint {_mb(res['sizes']['checkpoint'])}, export {_mb(res['sizes']['export'])}")
+    lines += [
+        f"same generated tokens in MLX and PyTorch: {ag['before']['same_tokens']}/{n} before, "
+        f"{ag['after']['same_tokens']}/{n} after",
+        f"parity of the export: max |logit diff| {par['max_abs_diff']:.2e} (limit {par['limit']:.1e}), greedy "
+        f"probes {par['greedy_exact']}/{par['greedy_of']} identical: {'PASS' if par['passed'] else 'FAIL'}",
+        "time: " + ", ".join(f"{k} {_secs(v)}" for k, v in res["seconds"].items()),
+        f"sizes: checkpoint {_mb(res['sizes']['checkpoint'])}, export {_mb(res['sizes']['export'])}",
+    ]
     for ex in res["examples"][:2]:
-        lines.append(f"e.g. {ex['prompt']!r}: before {task.normalize(ex['mlx_before'])!r}, "
-                     f"after {task.normalize(ex['mlx_after'])!r} (MLX) / {task.normalize(ex['pytorch_after'])!r} (PyTorch)")
+        lines.append(f"e.g. {ex['prompt']!r}: base {task.normalize(ex['mlx_before'])!r}; fine-tuned "
+                     f"{task.normalize(ex['mlx_after'])!r} (MLX), {task.normalize(ex['pytorch_after'])!r} (PyTorch)")
     if files:
         p = res["paths"]
         lines += [f"files: {Path(p['results']).parent}", f"  data        {p['data']}",
