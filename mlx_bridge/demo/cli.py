@@ -21,7 +21,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="working directory (default: a temporary directory)")
     parser.add_argument("--steps", type=int, help="LoRA steps (default: 200; 60 with --quick)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    parser.add_argument("--quick", action="store_true", help="a shorter run (about 40 s; used by the tests)")
+    parser.add_argument("--quick", action="store_true", help="a shorter run (60 steps, 50 test examples; used by the tests)")
     parser.add_argument("--force", action="store_true",
                         help="reuse a non-empty --out directory (replaces the demo's own files in it)")
 
