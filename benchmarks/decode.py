@@ -101,7 +101,7 @@ def run_steps(steps, dev):
 
 def bench_runner(runner, B, P, N, vocab, dev, steps_fn):
     tokens, pad = prompts(B, P, vocab, dev)
-    run_steps(steps_fn(runner, tokens, pad, N), dev)  # warm-up: compile / capture this bucket
+    run_steps(steps_fn(runner, tokens, pad, N if steps_fn is fast_steps else 4), dev)  # warm-up: this bucket
     _, rest, toks = run_steps(steps_fn(runner, tokens, pad, N), dev)
     return B * (N - 1) / rest, [t[0] for t in toks]
 
@@ -146,6 +146,22 @@ def bench_hf(hf, B, P, N, vocab, dev):
     return B * (N - 1) / (tn - t1), out[0, P:].tolist()
 
 
+def profile(runner, a, vocab, dev) -> None:
+    """GPU time per kernel over 16 decode steps at batch 1 (graph replays of the measured bucket)."""
+    tokens, pad = prompts(1, a.prompt, vocab, dev)
+    it = runner.steps(tokens, pad, a.new)  # the bucket measured above: nothing allocated or captured
+    next(it)  # prefill outside the profile
+    cuda = dev.type == "cuda"
+    act = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[act]) as prof:
+        for _ in range(16):
+            next(it)
+        sync(dev)
+    it.close()
+    with open(a.profile, "w") as f:
+        f.write(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=30, max_name_column_width=70))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b")
@@ -156,6 +172,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ttft-prompt", type=int, default=512)
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--skip", default="", help="comma list of columns to skip: hf,eager,graph,fast")
+    ap.add_argument("--profile", default=None, help="write a kernel-time table of 16 fast batch-1 steps here")
     ap.add_argument("--json", default=None, help="also write the numbers here")
     a = ap.parse_args(argv)
 
@@ -212,6 +229,8 @@ def main(argv=None) -> int:
         res[name]["ttft ms"] = ttft(first, dev) * 1e3
         print(f"# {name}: measured in {time.perf_counter() - t:.0f} s: " + ", ".join(
             f"{k} {v:.1f}" for k, v in res[name].items() if k != "tokens"), flush=True)
+        if a.profile and name == "fast":
+            profile(runner, a, cfg.vocab_size, dev)
         del runner, first
         if dev.type == "cuda":
             torch.cuda.empty_cache()

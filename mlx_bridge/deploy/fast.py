@@ -202,24 +202,34 @@ class FastRunner:
         return st
 
     def _graphs(self, st: State, mode: str) -> None:
-        """Compile (first time per shape) and capture the step of `st` for `mode` ("greedy"/"sample")."""
+        """Compile (first time per shape) and capture the step of `st` for `mode` ("greedy"/"sample").
+
+        The warm-up runs are real steps on the current state: they write keys/values at the current
+        slot and the next (both rewritten by the replayed steps before any query can see them), then
+        the small counters are restored, so capturing mid-request changes nothing.
+        """
         if not self.use_graphs or mode in st.graphs:
             return
+        small = [*st.slot, st.step, st.counter, st.tok]
+        saved = [t.clone() for t in small]
         graphs = []
         for i, seg in enumerate(self.segments):
             with torch.cuda.device(seg.device):
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):  # warm-up: compiles, cuBLAS handles; writes only spare slots
+                with torch.cuda.stream(side):  # warm-up: compiles, cuBLAS handles
                     for _ in range(2):
                         st.step.zero_()
                         self._run_segment(st, i, mode)
                 torch.cuda.current_stream().wait_stream(side)
                 g = torch.cuda.CUDAGraph()
                 pool = self._pools.setdefault(seg.device, torch.cuda.graph_pool_handle())
-                with torch.cuda.graph(g, pool=pool):
+                # a capture stream of this device (torch.cuda.graph's default one lives on the first device used)
+                with torch.cuda.graph(g, pool=pool, stream=torch.cuda.Stream()):
                     self._run_segment(st, i, mode)
             graphs.append(g)
+        for t, v in zip(small, saved):
+            t.copy_(v)
         st.graphs[mode] = graphs
         self.stats["captures"] += 1
 
@@ -255,6 +265,7 @@ class FastRunner:
             st.tok.copy_(nxt[:, None])
 
     def _step(self, st: State, mode: str) -> None:
+        self._graphs(st, mode)
         n = len(self.segments)
         for i, seg in enumerate(self.segments):
             if self.use_graphs:
@@ -305,7 +316,6 @@ class FastRunner:
         if max_len > self.args.max_position_embeddings * 64:
             raise BridgeError(f"max_len {max_len}: far beyond the model's context")
         st = self._state(bucket(B), len_bucket(max_len))
-        self._graphs(st, mode)
         self._slot = P
         spare = st.S  # spare rows: everything is padding, so each sees only its own current key
         for i, seg in enumerate(self.segments):
