@@ -31,6 +31,7 @@ def ids_for(vocab, B=2, L=40):
 def test_cuda_float32_equals_cpu(zoo, arch):
     cpu, gpu = load(zoo.hf(arch)), load(zoo.hf(arch), device="cuda")
     assert gpu.device.type == "cuda" and gpu.module.model.embed_tokens.weight.is_cuda
+    assert type(gpu.runner).__name__ == "FastRunner"  # the default on CUDA
     ids = ids_for(cpu.config["vocab_size"])
     diff = (gpu.logits(ids).cpu() - cpu.logits(ids)).abs().max().item()
     assert diff < 1e-4, f"{arch}: {diff:.3g}"

@@ -28,6 +28,13 @@ def padded(prompts, pad_id=0):
     return toks, torch.tensor([P - len(p) for p in prompts])
 
 
+class StartNext:
+    """A runner seen only through start/next (token_steps runs its own loop, not the runner's `steps`)."""
+
+    def __init__(self, runner):
+        self.start, self.next = runner.start, runner.next
+
+
 def greedy_steps(runner, n, prompts=PROMPTS):
     return list(token_steps(runner, prompts, n, "cpu", temperature=0.0, top_p=1.0, top_k=0, seed=None))
 
@@ -41,7 +48,8 @@ def test_greedy_and_logits_equal_eager(zoo, arch, overrides):
     assert (fast.fused is None) == (arch in ("mixtral", "qwen3_moe"))
     n = 40 if overrides else 16  # past the window of 8
     want = greedy_steps(ref, n)
-    assert greedy_steps(fast, n) == want  # start/next interface
+    assert greedy_steps(StartNext(fast), n) == want  # start/next interface
+    assert greedy_steps(fast, n) == want  # token_steps hands the loop to fast.steps
     assert list(fast.steps(*padded(PROMPTS), n)) == want  # on-device loop, host sync every 8 steps
     toks, pad = padded(PROMPTS)
     a, b = ref.start(toks, pad, 32), fast.start(toks, pad, 32)
@@ -162,3 +170,34 @@ def test_sampled_steps_are_reproducible_and_filtered(zoo):
     for row in a:
         assert all(t in logits[b].topk(2).indices.tolist() for b, t in enumerate(row))
         logits = ref.next(torch.tensor(row))
+
+
+def test_load_fast_flag_wires_the_runner(zoo):
+    d = zoo.hf("llama")
+    eager = load(d)
+    assert type(eager.runner).__name__ == "NativeRunner"  # CPU default: the eager runner
+    fast = load(d, fast=True)
+    assert isinstance(fast.runner, FastRunner)
+    prompts = ["hello there", "a b c d e f"]
+    assert fast.generate(prompts, max_tokens=12) == eager.generate(prompts, max_tokens=12)
+    assert "".join(fast.stream("hello there", max_tokens=12)) == eager.generate("hello there", max_tokens=12)
+    a = fast.generate("hello", max_tokens=12, temperature=0.8, top_k=20, seed=3)
+    assert a == fast.generate("hello", max_tokens=12, temperature=0.8, top_k=20, seed=3)
+    with pytest.raises(BridgeError, match="fast=True needs a native class"):
+        load(d, backend="transformers", fast=True)
+    with pytest.raises(BridgeError, match="devices="):
+        load(d, backend="transformers", devices=["cpu", "cpu"])
+    across = load(d, devices=["cpu", "cpu"])
+    assert isinstance(across.runner, FastRunner)
+    assert across.generate(prompts, max_tokens=12) == eager.generate(prompts, max_tokens=12)
+
+
+def test_generate_cli_fast_flag(zoo, capsys):
+    from mlx_bridge.cli import main
+
+    d = zoo.hf("llama")
+    assert main(["generate", str(d), "--prompt", "hello", "-m", "8", "--device", "cpu", "--ignore-chat-template"]) == 0
+    eager = capsys.readouterr().out
+    assert main(["generate", str(d), "--prompt", "hello", "-m", "8", "--device", "cpu", "--fast",
+                 "--ignore-chat-template"]) == 0
+    assert capsys.readouterr().out == eager

@@ -32,8 +32,8 @@ def padded(prompts):
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3", "gemma2", "gemma3_text", "mixtral"])
 def test_graph_decode_equals_eager_float32(zoo, arch):
     d = zoo.hf(arch)
-    ref = load(d, device="cuda", dtype="float32").runner
-    fast = FastRunner(load(d, device="cuda", dtype="float32").module)
+    ref = load(d, device="cuda", dtype="float32", fast=False).runner
+    fast = FastRunner(load(d, device="cuda", dtype="float32", fast=False).module)
     assert fast.use_graphs and fast.use_compile == (arch != "mixtral")
     want = greedy(ref, 24)
     assert greedy(fast, 24) == want
@@ -45,8 +45,8 @@ def test_graph_decode_equals_eager_float32(zoo, arch):
 def test_graph_decode_low_precision_differs_only_at_near_ties(zoo, dtype):
     """Greedy runs agree until the first step where the eager top two logits are within rounding."""
     d = zoo.hf("llama")
-    ref = load(d, device="cuda", dtype=dtype).runner
-    fast = FastRunner(load(d, device="cuda", dtype=dtype).module)
+    ref = load(d, device="cuda", dtype=dtype, fast=False).runner
+    fast = FastRunner(load(d, device="cuda", dtype=dtype, fast=False).module)
     toks, pad = padded(PROMPTS)
     a, b = ref.start(toks, pad, 64), fast.start(toks, pad, 64)
     alive = torch.ones(3, dtype=torch.bool, device="cuda")
@@ -62,7 +62,7 @@ def test_graph_decode_low_precision_differs_only_at_near_ties(zoo, dtype):
 
 
 def test_no_recompile_or_recapture_between_requests(zoo):
-    fast = FastRunner(load(zoo.hf("llama"), device="cuda", dtype="bfloat16").module)
+    fast = FastRunner(load(zoo.hf("llama"), device="cuda", dtype="bfloat16", fast=False).module)
     greedy(fast, 8)  # bucket (4 rows, 256 positions): compile and capture
     list(fast.steps(*padded(PROMPTS[:2]), 20))  # bucket (2 rows, 256): its own compile and capture
     list(fast.steps(*padded(PROMPTS), 20, temperature=0.7, top_p=0.9, seed=1))  # sampling graph
@@ -77,7 +77,7 @@ def test_no_recompile_or_recapture_between_requests(zoo):
 
 
 def test_sampling_on_device_is_seeded_and_top_k_1_is_greedy(zoo):
-    fast = FastRunner(load(zoo.hf("llama"), device="cuda", dtype="float32").module)
+    fast = FastRunner(load(zoo.hf("llama"), device="cuda", dtype="float32", fast=False).module)
     toks, pad = padded(PROMPTS)
     a = list(fast.steps(toks, pad, 16, temperature=0.8, top_p=0.95, seed=11))
     assert a == list(fast.steps(toks, pad, 16, temperature=0.8, top_p=0.95, seed=11))
@@ -85,7 +85,7 @@ def test_sampling_on_device_is_seeded_and_top_k_1_is_greedy(zoo):
 
 
 def test_no_host_sync_in_decode_steps(zoo):
-    fast = FastRunner(load(zoo.hf("qwen3"), device="cuda", dtype="bfloat16").module)
+    fast = FastRunner(load(zoo.hf("qwen3"), device="cuda", dtype="bfloat16", fast=False).module)
     toks, pad = padded(PROMPTS)
     t = fast.next(fast.start(toks, pad, 64).argmax(-1)).argmax(-1)  # the first step compiles and captures
     torch.cuda.synchronize()

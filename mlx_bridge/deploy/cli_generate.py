@@ -13,6 +13,8 @@ import argparse
 import sys
 import time
 
+from .loader import add_load_arguments
+
 
 def build_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="DIR", help="export directory (Hugging Face layout)")
@@ -25,18 +27,16 @@ def build_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
-    p.add_argument("--dtype", default="auto", help="auto (config.json), float32, bfloat16 or float16")
-    p.add_argument("--backend", default="auto", choices=("auto", "native", "transformers"))
+    add_load_arguments(p, default_device="auto")
     p.add_argument("--verbose", "-v", action="store_true", help="print token counts and speed to stderr")
 
 
 def main(args: argparse.Namespace) -> int:
-    from .loader import load
+    from .loader import load_from_args
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt.replace("\\n", "\n").replace("\\t", "\t")
     t0 = time.perf_counter()
-    model = load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+    model = load_from_args(args.model, args)
     t_load = time.perf_counter() - t0
     if not args.ignore_chat_template and getattr(model.tokenizer, "chat_template", None):
         messages = ([{"role": "system", "content": args.system_prompt}] if args.system_prompt else [])

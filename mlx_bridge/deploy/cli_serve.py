@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from ..errors import BridgeError
+from .loader import add_load_arguments
 from .server import MAX_BODY_BYTES, MAX_TOKENS_LIMIT
 
 
@@ -22,8 +23,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=os.environ.get("MLX_BRIDGE_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $MLX_BRIDGE_API_KEY, else none)")
     parser.add_argument("--model-name", help="model id clients send and /v1/models lists (default: the model's name)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
-    parser.add_argument("--dtype", default="auto", help="auto (config.json's), float32, float16, bfloat16")
+    add_load_arguments(parser, default_device="cpu")
     parser.add_argument("--max-tokens-limit", type=int, default=MAX_TOKENS_LIMIT,
                         help=f"largest max_tokens a request may ask for (default {MAX_TOKENS_LIMIT})")
     parser.add_argument("--max-batch", type=int, default=8, help="most prompts decoded together (default 8)")
@@ -46,11 +46,11 @@ def main(args: argparse.Namespace) -> int:
     if problems:
         raise BridgeError("; ".join(problems))
 
-    from .loader import load
+    from .loader import load_from_args
     from .server import bind, create_app, generation_defaults, serve
 
     sock = bind(args.host, args.port)  # before loading: a taken port fails in a second, not after the model
-    model = load(args.path, device=args.device, dtype=args.dtype)
+    model = load_from_args(args.path, args)
     name = args.model_name or model.name
     app = create_app(model, model_name=name, api_key=args.api_key, max_tokens_limit=args.max_tokens_limit,
                      max_body_bytes=args.max_body_bytes, max_batch=args.max_batch,

@@ -65,10 +65,18 @@ def len_bucket(n: int) -> int:
     return max(MIN_LEN, 1 << (n - 1).bit_length())
 
 
+INDUCTOR_OPTIONS = {
+    # casts rounded as eager rounds them, so low-precision results match the eager path's
+    "emulate_precision_casts": True,
+    # tune the block sizes of the generated norm/rope/SiLU kernels (gpt-fast's setting): on an H200,
+    # Llama-2-7B bf16 batch 1 went from 223.9 to 247.5 tok/s; compile of a bucket 8 s -> 20 s
+    "coordinate_descent_tuning": True,
+}
+
+
 def _compile(fn):
-    """Inductor without autotuning or its own graphs (the runner captures the step itself); casts
-    rounded as eager rounds them, so low-precision results match the eager path's."""
-    return torch.compile(fn, dynamic=False, fullgraph=True, options={"emulate_precision_casts": True})
+    """Inductor without max-autotune or its own CUDA graphs (the runner captures the step itself)."""
+    return torch.compile(fn, dynamic=False, fullgraph=True, options=INDUCTOR_OPTIONS)
 
 
 @dataclass

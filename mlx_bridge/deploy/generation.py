@@ -52,12 +52,16 @@ def token_steps(runner, prompts: list[list[int]], budget: int, device, *, temper
     """Yield the next token of every row, `budget` times at most (the caller stops early).
 
     Prompts of different lengths are left-padded; each row keeps its own rope positions and never
-    attends to padding, so a row's tokens are the ones it would get alone.
+    attends to padding, so a row's tokens are the ones it would get alone. A runner with its own
+    loop (`fast.FastRunner.steps`: tokens chosen on the device) runs it instead of this one.
     """
     lens = [len(p) for p in prompts]
     P = max(lens)
     tokens = torch.tensor([[pad_id] * (P - n) + list(p) for n, p in zip(lens, prompts)], dtype=torch.long, device=device)
     pad = torch.tensor([P - n for n in lens], dtype=torch.long, device=device)
+    if hasattr(runner, "steps"):
+        yield from runner.steps(tokens, pad, budget, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        return
     gen = None
     if seed is not None:
         gen = torch.Generator(device=device)

@@ -120,7 +120,7 @@ def _eos_ids(d: Path, cfg: dict, tokenizer) -> set[int]:
     return ids
 
 
-def _native(d, hf_config, files, device, dtype):
+def _native(d, hf_config, files, device, dtype, fast: bool):
     from .args import ModelArgs
     from .model import Transformer
     from .runner import NativeRunner
@@ -131,7 +131,12 @@ def _native(d, hf_config, files, device, dtype):
         module = Transformer(args)
     load_weights(module, files, device, dtype, drop=("lm_head.weight",) if args.tie_word_embeddings else ())
     module.reset_rope(device)
-    return module.eval().requires_grad_(False), NativeRunner(module)
+    module = module.eval().requires_grad_(False)
+    if fast:
+        from .fast import FastRunner
+
+        return module, FastRunner(module)
+    return module, NativeRunner(module)
 
 
 def _transformers(d, hf_config, device, dtype):
@@ -150,8 +155,28 @@ def _transformers(d, hf_config, device, dtype):
     return module, HFRunner(module)
 
 
+def add_load_arguments(p, default_device: str = "auto") -> None:
+    """The loading flags `generate` and `serve` share (device, dtype, backend, fast path, GPUs)."""
+    import argparse
+
+    p.add_argument("--device", default=default_device, help=f"cpu, cuda, cuda:N, mps or auto (default {default_device})")
+    p.add_argument("--dtype", default="auto", help="auto (config.json's), float32, bfloat16 or float16")
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                   help="CUDA fast path (compiled, one CUDA graph per token; default: on for CUDA)")
+    p.add_argument("--devices", default=None, metavar="cuda:0,cuda:1",
+                   help="spread the layers over these GPUs (a model larger than one GPU)")
+
+
+def load_from_args(path, args) -> DeployedModel:
+    """`load` with the flags of `add_load_arguments`."""
+    devices = [x.strip() for x in args.devices.split(",") if x.strip()] if args.devices else None
+    return load(path, device=args.device, dtype=args.dtype, backend=args.backend, fast=args.fast, devices=devices)
+
+
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto",
-         backend: str = "auto", max_context: int | None = None) -> DeployedModel:
+         backend: str = "auto", max_context: int | None = None, fast: bool | None = None,
+         devices: list[str] | None = None) -> DeployedModel:
     """Load an export directory (Hugging Face layout, safetensors) for generation in PyTorch.
 
     Args:
@@ -160,6 +185,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
         dtype: "auto" (config.json's dtype), "float32", "bfloat16" or "float16".
         backend: "auto", "native" (this package's classes) or "transformers".
         max_context: cap on prompt + generated tokens (default: config's max_position_embeddings).
+        fast: decode with `fast.FastRunner` (fused projections, torch.compile, one CUDA graph per
+            token, sampling on the device; docs/gpu.md). Default: on for CUDA with the native
+            backend, off elsewhere. Greedy tokens equal the eager path's.
+        devices: spread the layers over several GPUs of this host (pipeline stages, fast path;
+            `fast_multi.load_across`) instead of `device`.
     Returns:
         a `DeployedModel` (`.generate`, `.stream`, `.complete`, `.logits`, `.module`).
     Raises:
@@ -173,6 +203,12 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
     d = Path(path)
     if not d.is_dir():
         raise BridgeError(f"{d}: not a directory")
+    if devices is not None:
+        if backend == "transformers" or fast is False:
+            raise BridgeError("devices=: spreading layers over GPUs needs the native backend and the fast path")
+        from .fast_multi import load_across
+
+        return load_across(d, devices, dtype=dtype, max_context=max_context)
     if backend not in BACKENDS:
         raise BridgeError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
     cfg = _read_config(d)
@@ -200,7 +236,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
     chosen = backend
     if backend in ("auto", "native"):
         try:
-            module, runner = _native(d, hf_config, files, dev, dt)
+            module, runner = _native(d, hf_config, files, dev, dt, dev.type == "cuda" if fast is None else fast)
             chosen = "native"
         except Unsupported as e:
             if backend == "native":
@@ -208,6 +244,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
             warnings.warn(f"{d}: {e}: running it with transformers' AutoModelForCausalLM", stacklevel=2)
             chosen = "transformers"
     if chosen == "transformers":
+        if fast:
+            raise BridgeError(f"{d / 'config.json'}: fast=True needs a native class; this model runs with transformers")
         module, runner = _transformers(d, hf_config, dev, dt)
 
     ctx = max_context or getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
