@@ -25,7 +25,6 @@ del hf
 if cuda: torch.cuda.empty_cache()
 bw = bandwidth(dev)
 P, N = 128, 256
-orig_compile, orig_attend, orig_len = plain_compile, fm._decode_attend, fast_mod.len_bucket
 
 def cd_compile(fn):
     return torch.compile(fn, dynamic=False, fullgraph=True, options={"emulate_precision_casts": True, "coordinate_descent_tuning": True})
@@ -48,6 +47,9 @@ def eff_attend(q, kc, vc, mask, scale, softcap):
     from torch.nn.attention import sdpa_kernel, SDPBackend
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
         return orig_attend(q, kc, vc, mask, scale, softcap)
+
+orig_compile, orig_attend, orig_len = plain_compile, fm._decode_attend, fast_mod.len_bucket
+
 
 def len128(n):
     return max(256, -(-n // 128) * 128)
