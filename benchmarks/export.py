@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=list(SHAPES), default="tinyllama")
     ap.add_argument("--workdir", type=Path, help="where to build and write (default: a temp dir)")
-    ap.add_argument("--keep", action="store_true", help="keep the work dir (and reuse a built base/adapter)")
+    ap.add_argument("--keep", action="store_true", help="keep the built base/adapter in the work dir (and reuse them)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per tool; the fastest is shown")
     args = ap.parse_args(argv)
 
@@ -270,8 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"{name}: wrote no {pattern} under {x}")
             if best is None or secs < best[0]:
                 best = (secs, rss, written, cpu, load)
-            if not args.keep:
-                shutil.rmtree(x)
+            shutil.rmtree(x)  # kept outputs would fill the page cache and slow the next tool
             os.sync()
         rows[name] = best
         print(f"  {name}: {best[0]:.2f} s", flush=True)

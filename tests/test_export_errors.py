@@ -227,3 +227,14 @@ def test_console_script_exit_code(src, tmp_path):
     assert r.returncode == 2, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: ") and ST in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_adapter_base_relative_to_adapter_dir(adapter, tmp_path, monkeypatch):
+    """mlx-lm records `model` as given at training time: a relative path is also tried from the adapter's dir."""
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    shutil.copytree(cfg["model"], tmp_path / "base")
+    cfg["model"] = "../base"
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    monkeypatch.chdir("/")  # ../base is not found from the working directory
+    assert cli(["export", str(adapter), "--out", str(tmp_path / "o"), "--no-verify"]) == 0
+    assert (tmp_path / "o" / "model.safetensors").is_file()

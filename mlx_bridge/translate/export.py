@@ -128,9 +128,12 @@ def _copy_tokenizer(source, out: Path) -> None:
         print(f"warning: {source.base.path}: no tokenizer files found; the export has no tokenizer", file=sys.stderr)
 
 
-def _hash_files(paths: list[Path]) -> dict[str, str]:
+def _hash_files(*groups: list[Path]) -> list[dict[str, str]]:
+    """{file name: sha256} per group, files hashed on both cores at once (largest first)."""
+    paths = sorted({p for g in groups for p in g}, key=lambda p: -p.stat().st_size)
     with ThreadPoolExecutor(min(2, os.cpu_count() or 1)) as pool:
-        return dict(zip((p.name for p in paths), pool.map(sha256_file, paths)))
+        digest = dict(zip(paths, pool.map(sha256_file, paths)))
+    return [{p.name: digest[p] for p in g} for g in groups]
 
 
 def _write_manifest(out: Path, source, plan: Plan, format: str, notes: list[str], seconds: dict,
@@ -151,8 +154,7 @@ def _write_manifest(out: Path, source, plan: Plan, format: str, notes: list[str]
         m.adapter = {"type": source.adapter.fine_tune_type, "rank": lp.get("rank"), "scale": source.adapter.scale,
                      "lora_alpha": (source.adapter.scale * lp["rank"]) if lp.get("rank") else None,
                      "dropout": lp.get("dropout"), "modules": plan.adapter_modules}
-    src_hashes = _hash_files(src_files)
-    out_hashes = _hash_files(out_files)
+    src_hashes, out_hashes = _hash_files(src_files, out_files)
     m.export = {
         "format": format, "dtype": plan.dtype, "source": str(source.path), "base": str(source.base.path),
         "arch": plan.arch.model_type, "architecture": plan.arch.architecture,

@@ -108,7 +108,7 @@ def materialize(item: Item) -> np.ndarray:
         if lo.m is not None:
             w = fuse_dora(w, lo.a.read(), lo.b.read(), lo.scale, lo.m.read())
         else:
-            w = fuse_lora(w, lo.a.read(), lo.b.read(), lo.scale, lo.kind)
+            w = fuse_lora(w, lo.a.read(), lo.b.read(), lo.scale, lo.kind, out_dtype=DTYPES[item.dtype].np)
     return w.astype(DTYPES[item.dtype].np, copy=False)
 
 
@@ -119,7 +119,6 @@ class Plan:
     items: list[Item]
     dtype: str  # the model's dtype as config.json states it (torch name)
     adapter_modules: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
 
     @property
     def total_bytes(self) -> int:
@@ -262,12 +261,11 @@ def build_plan(source: Source, dtype: str = "auto") -> Plan:
     for module, parts in sorted(lora_keys.items(), key=lambda kv: _natural(kv[0])):
         problems += _attach(module, parts, arch, logical, by_name, adapter.scale if adapter else 20.0)
     raise_all(problems, str(source.path))
-    warnings = []
     if dtype == "auto":
         model_dtype = DTYPES[model_float].name if model_float else "float32"
     else:
         model_dtype = dtype
-    return Plan(source, arch, items, model_dtype, sorted(lora_keys), warnings)
+    return Plan(source, arch, items, model_dtype, sorted(lora_keys))
 
 
 def st_of(cfg: dict) -> str:

@@ -116,16 +116,20 @@ class Source:
             self.adapter.file.close()
 
 
-def resolve_model(ref: str, where: str) -> Path:
+def resolve_model(ref: str, where: str, relative_to: Path | None = None) -> Path:
     """A base model reference (local path or hub id) as a local directory.
 
-    Hub ids go through `huggingface_hub` (its cache first); offline and uncached, one clear error.
+    A relative path is tried from the working directory, then from `relative_to` (the adapter's
+    directory: mlx-lm records the path as given when training). Hub ids go through
+    `huggingface_hub` (its cache first); offline and uncached, one clear error.
     """
     p = Path(ref).expanduser()
     if p.is_dir():
         return p
+    if relative_to is not None and not p.is_absolute() and (relative_to / p).is_dir():
+        return relative_to / p
     if p.is_absolute() or ref.startswith((".", "~")) or ref.count("/") != 1:
-        raise BridgeError(f"{where}: base model {ref!r} is not a directory (and not a hub id)")
+        raise BridgeError(f"{where}: base model {ref!r} is not a directory (and not a hub id); pass --base DIR")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
@@ -165,7 +169,7 @@ def open_source(src: str | os.PathLike, base: str | os.PathLike | None = None) -
             ref = ref or cfg.get("model")
             if not ref:
                 raise BridgeError(f"{src / ADAPTER_CONFIG}: no 'model' naming the base; pass --base DIR")
-            base_dir = resolve_model(str(ref), str(src / (MANIFEST if manifest else ADAPTER_CONFIG)))
+            base_dir = resolve_model(str(ref), str(src / (MANIFEST if manifest else ADAPTER_CONFIG)), src)
         adapter = Adapter(src, cfg, SafetensorsFile(src / ADAPTER_WEIGHTS), manifest)
         return Source(src, Model.open(base_dir), adapter, manifest)
     if (src / "config.json").exists():
