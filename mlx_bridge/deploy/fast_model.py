@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import ACT, attend
-from .model import Transformer
+from .model import Transformer, masks
 from .rope import apply_rope, cos_sin
 
 
@@ -151,22 +151,6 @@ def rms(x: torch.Tensor, w: torch.Tensor, eps: float, gemma: bool) -> torch.Tens
     if gemma:
         return (n * (1.0 + w.float())).type_as(x)
     return w * n.to(x.dtype)
-
-
-def masks(q_slots: torch.Tensor, S: int, pad: torch.Tensor | None, windows: list[int]) -> dict:
-    """window (None = full) -> bool mask (B|1, 1, L, S): causal, within the window, not padding."""
-    k = torch.arange(S, device=q_slots.device)
-    q = q_slots[:, None]
-    causal = k[None, :] <= q  # [L, S]
-    out = {}
-    for w in [None, *windows]:
-        m = causal if w is None else causal & (q - k[None, :] < w)
-        if pad is not None:  # a padded query still sees itself, so no softmax row is empty
-            m = m[None] & ((k[None, None, :] >= pad[:, None, None]) | (k[None, None, :] == q[None]))
-        else:
-            m = m[None]
-        out[w] = m[:, None]
-    return out
 
 
 def rope_masks(ropes: list, slots: torch.Tensor, pad: torch.Tensor, S: int, windows: list[int], dtype: torch.dtype,

@@ -40,6 +40,23 @@ class Backbone(nn.Module):  # "model." in Hugging Face names
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, a.gemma)
 
 
+def masks(q_slots: torch.Tensor, S: int, pad: torch.Tensor | None, windows) -> dict:
+    """window (None = full) -> bool mask (B|1, 1, L, S) for queries at `q_slots` (L,) over S keys:
+    causal, within the window, not padding (`pad` (B,) left-padding lengths, or None)."""
+    k = torch.arange(S, device=q_slots.device)
+    q = q_slots[:, None]
+    causal = k[None, :] <= q  # [L, S]
+    out = {}
+    for w in [None, *windows]:
+        m = causal if w is None else causal & (q - k[None, :] < w)
+        if pad is not None:  # a padded query still sees itself, so no softmax row is empty
+            m = m[None] & ((k[None, None, :] >= pad[:, None, None]) | (k[None, None, :] == q[None]))
+        else:
+            m = m[None]
+        out[w] = m[:, None]
+    return out
+
+
 class Transformer(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
@@ -74,19 +91,7 @@ class Transformer(nn.Module):
         return out
 
     def _masks(self, q_slots, S: int, pad) -> dict:
-        """window (None = full) -> bool mask (B|1, 1, L, S): causal, within the window, not padding."""
-        k = torch.arange(S, device=q_slots.device)
-        q = q_slots[:, None]
-        causal = k[None, :] <= q  # [L, S]
-        out = {}
-        for w in [None, *self.windows]:
-            m = causal if w is None else causal & (q - k[None, :] < w)
-            if pad is not None:  # a padded query still sees itself, so no softmax row is empty
-                m = m[None] & ((k[None, None, :] >= pad[:, None, None]) | (k[None, None, :] == q[None]))
-            else:
-                m = m[None]
-            out[w] = m[:, None]
-        return out
+        return masks(q_slots, S, pad, self.windows)
 
     def _run(self, input_ids, pos, masks, cache=None, slots=None, kv_len=None, last_only=False):
         a = self.args
