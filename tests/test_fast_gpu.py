@@ -105,6 +105,8 @@ def test_two_gpus_equal_one(zoo, arch):
     two = load_across(d, devices=["cuda:0", "cuda:1"], dtype="float32")
     assert [s.device.index for s in two.runner.segments] == [0, 1]
     prompts = ["give three tips", "hello", "what is two plus two"]
-    assert two.generate(prompts, max_tokens=16) == one.generate(prompts, max_tokens=16)
+    want = one.generate(prompts, max_tokens=16)
+    assert two.generate(prompts, max_tokens=16) == want
+    assert load(d, devices=["cuda:0", "cuda:1"], dtype="float32").generate(prompts, max_tokens=16) == want
     ids = torch.tensor([[1, 20, 21, 22]])
     torch.testing.assert_close(two.logits(ids).cpu(), one.logits(ids).cpu(), rtol=0, atol=1e-4)
