@@ -109,10 +109,29 @@ def test_stream_never_splits_a_character(tmp_path):
     ids = tk.encode(text).ids
     assert any("\ufffd" in tk.decode(ids[:i]) for i in range(1, len(ids)))  # some prefix ends mid-character
 
-    s = TextStream(iter([[t] for t in ids]), tk.decode, eos=set(), stop=None, prompt_tokens=1, budget=len(ids))
-    pieces = list(s)
-    assert "".join(pieces) == text == s.last_completion.text
-    assert not any("\ufffd" in p for p in pieces)
+    for size in (1, 3):  # one step at a time, and in chunks of 3 steps as the fast runner hands them over
+        chunks = [[[t] for t in ids[i:i + size]] for i in range(0, len(ids), size)]
+        s = TextStream(iter(chunks), tk.decode, eos=set(), stop=None, prompt_tokens=1, budget=len(ids))
+        pieces = list(s)
+        assert "".join(pieces) == text == s.last_completion.text
+        assert not any("\ufffd" in p for p in pieces)
+
+
+def test_row_text_in_chunks_equals_step_by_step(llama):
+    """Tokens fed a chunk at a time end a row at the same token, with the same text, as one by one."""
+    from mlx_bridge.deploy.generation import RowText
+
+    ids = llama.complete([llama.encode_prompt(PROMPTS[0])], max_tokens=30, ignore_eos=True)[0].token_ids
+    text = llama.decode(ids)
+    stop = [text[len(text) // 2: len(text) // 2 + 2]]  # a stop string in the middle of the text
+    eos = {ids[20]}
+    for kw in (dict(eos=set(), stop=stop), dict(eos=eos, stop=None), dict(eos=set(), stop=None)):
+        ref = RowText(llama.decode, limit=25, **kw)
+        want = "".join(ref.add([t]) for t in ids) + ref.close()
+        for size in (2, 5, 8):
+            row = RowText(llama.decode, limit=25, **kw)
+            got = "".join(row.add(ids[i:i + size]) for i in range(0, len(ids), size)) + row.close()
+            assert (got, row.ids, row.reason) == (want, ref.ids, ref.reason) == (row.text, ref.ids, ref.reason)
 
 
 def test_seeded_sampling_is_repeatable(llama):

@@ -258,6 +258,46 @@ def test_engine_batches_waiting_jobs_and_isolates_failures(export_dir):
     assert pieces[0] == "start" and len(pieces) == 3 and engine.stats.cancelled == 1
 
 
+def test_engine_batches_streams_with_other_requests(export_dir):
+    """Streamed and plain greedy jobs with different max_tokens and stop strings share one batch; each
+    row gets what it would get alone, streamed pieces included."""
+    from mlx_bridge import load
+    from mlx_bridge.deploy.server_engine import Engine, Piece, StreamEnd
+    from mlx_bridge.deploy.server_protocol import Sampling
+
+    model = load(export_dir)
+    ids = [model.encode_prompt(p) for p in PROMPTS[:4]]
+    full = model.complete([ids[1]], max_tokens=12, ignore_eos=True)[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 2]  # a stop string the second row meets halfway
+    settings = [Sampling(max_tokens=5, temperature=0.0), Sampling(max_tokens=12, temperature=0.0, stop=(stop,)),
+                Sampling(max_tokens=9, temperature=0.0), Sampling(max_tokens=7, temperature=0.0, seed=3)]
+    alone = [model.complete([x], **s.kwargs())[0] for x, s in zip(ids, settings)]
+    streamed = {1: [], 2: []}
+
+    def emitter(i):
+        return streamed[i].append
+
+    engine = Engine(model, max_batch=8)
+    jobs = [engine.submit(lambda m, x=x, s=s: ([x], s), emitter(i) if i in streamed else None)
+            for i, (x, s) in enumerate(zip(ids, settings))]
+    engine.start()
+    for j in jobs:
+        if j.emit is None:
+            j.future.result(timeout=120)
+    engine.stop()
+    assert (engine.stats.batches, engine.stats.max_rows, engine.stats.streams) == (1, 4, 2)
+    for i in (0, 3):
+        c = jobs[i].future.result()[0]
+        assert (c.text, c.token_ids, c.finish_reason) == (alone[i].text, alone[i].token_ids, alone[i].finish_reason)
+    for i, events in streamed.items():
+        assert events[0] == "start" and isinstance(events[-1], StreamEnd)
+        text = "".join(e.text for e in events if isinstance(e, Piece))
+        end = events[-1]
+        assert (text, end.finish_reason, end.completion_tokens) == (alone[i].text, alone[i].finish_reason,
+                                                                    len(alone[i].token_ids))
+    assert alone[1].finish_reason == "stop"
+
+
 # -- the command line ----------------------------------------------------------------------------------
 
 def test_cli_refuses_bad_input(tmp_path, export_dir, capsys):

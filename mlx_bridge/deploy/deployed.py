@@ -14,17 +14,29 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 
 from ..errors import BridgeError
-from .generation import Completion, TextStream, find_stop, token_steps
+from .generation import Completion, RowText, TextStream, token_chunks
 from .sampling import check_sampling
 
 # start/end token pairs that mark a reasoning block (mlx_lm.tokenizer_utils._infer_thinking)
 THINK_TOKENS = (("<think>", "</think>"), ("<longcat_think>", "</longcat_think>"), ("<|think:start|>", "<|think:end|>"),
                 ("<|channel>", "<channel|>"))
+
+
+@dataclass
+class Row:
+    """One prompt of a `run_rows` batch and what ends it."""
+
+    prompt: list[int]
+    max_tokens: int = 256
+    stop: list[str] | None = None
+    ignore_eos: bool = False
+    on_text: Callable[[str], bool | None] | None = None  # streamed: each final piece; False ends the row
 
 
 class DeployedModel:
@@ -112,34 +124,46 @@ class DeployedModel:
             >>> m.complete([m.encode_prompt("hi"), m.encode_prompt("two plus two")], max_tokens=4)  # doctest: +SKIP
             [Completion(text=' hello', token_ids=[60], prompt_tokens=2, finish_reason='stop'), ...]
         """
-        check_sampling(max_tokens, temperature, top_p, top_k)
-        budget = self._budget(prompts, max_tokens)
-        eos = set() if ignore_eos else self.eos_token_ids
-        B = len(prompts)
-        ids: list[list[int]] = [[] for _ in range(B)]
-        reason: list[str | None] = [None] * B
-        text: list[str | None] = [None] * B
+        rows = [Row(p, max_tokens, stop, ignore_eos) for p in prompts]
+        return self.run_rows(rows, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+
+    def run_rows(self, rows: list["Row"], *, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: int | None = None) -> list[Completion]:
+        """One batch of rows, each with its own prompt, `max_tokens`, stop strings and, for streaming,
+        an `on_text` callback that gets each final piece of text as it is decoded (returning False
+        ends that row: its client went away). The server batches its requests through this.
+
+        Example:
+            >>> m.run_rows([Row(m.encode_prompt("hi"), 8), Row(m.encode_prompt("yo"), 4, on_text=print)])  # doctest: +SKIP
+        """
+        if not rows:
+            raise BridgeError("prompts: empty batch")
+        for r in rows:
+            check_sampling(r.max_tokens, temperature, top_p, top_k)
+        prompts = [r.prompt for r in rows]
+        budget = self._budget(prompts, max(r.max_tokens for r in rows))
+        texts = [RowText(self.decode, set() if r.ignore_eos else self.eos_token_ids, r.stop, min(r.max_tokens, budget),
+                         pieces=r.on_text is not None) for r in rows]
+
+        def emit(b: int, piece: str) -> None:
+            if piece and rows[b].on_text is not None and rows[b].on_text(piece) is False:
+                texts[b].close("cancelled")
+
         with self._lock:
-            steps = token_steps(self.runner, prompts, budget, self.device, temperature=temperature, top_p=top_p,
-                                top_k=top_k, seed=seed, pad_id=self._pad_id)
-            for toks in steps:
-                for b, t in enumerate(toks):
-                    if reason[b] is not None:
-                        continue
-                    if t in eos:
-                        reason[b] = "stop"
-                        continue
-                    ids[b].append(t)
-                    if stop:
-                        s = self.decode(ids[b])
-                        cut = find_stop(s, stop)
-                        if cut is not None:
-                            reason[b], text[b] = "stop", s[:cut]
-                if all(r is not None for r in reason):
-                    steps.close()
-                    break
-        return [Completion(text[b] if text[b] is not None else self.decode(ids[b]), ids[b], len(prompts[b]),
-                           reason[b] or "length") for b in range(B)]
+            chunks = token_chunks(self.runner, prompts, budget, self.device, temperature=temperature, top_p=top_p,
+                                  top_k=top_k, seed=seed, pad_id=self._pad_id)
+            try:
+                for chunk in chunks:
+                    for b, t in enumerate(texts):
+                        if t.reason is None:
+                            emit(b, t.add([step[b] for step in chunk]))
+                    if all(t.reason is not None for t in texts):
+                        break
+            finally:
+                chunks.close()
+            for b, t in enumerate(texts):
+                emit(b, t.close())
+        return [t.completion(len(r.prompt)) for t, r in zip(texts, rows)]
 
     def stream_ids(self, prompt_ids: list[int], *, max_tokens: int = 256, temperature: float = 0.0,
                    top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
@@ -155,15 +179,15 @@ class DeployedModel:
         check_sampling(max_tokens, temperature, top_p, top_k)
         budget = self._budget([prompt_ids], max_tokens)
 
-        def steps():
+        def chunks():
             with self._lock:
-                yield from token_steps(self.runner, [prompt_ids], budget, self.device, temperature=temperature,
-                                       top_p=top_p, top_k=top_k, seed=seed, pad_id=self._pad_id)
+                yield from token_chunks(self.runner, [prompt_ids], budget, self.device, temperature=temperature,
+                                        top_p=top_p, top_k=top_k, seed=seed, pad_id=self._pad_id)
 
         def done(c):
             self.last_completion = c
 
-        return TextStream(steps(), self.decode, self.eos_token_ids, stop, len(prompt_ids), budget, done)
+        return TextStream(chunks(), self.decode, self.eos_token_ids, stop, len(prompt_ids), budget, done)
 
     def generate(self, prompt: str | list[str] | None = None, *, messages: list[dict] | None = None,
                  **sampling) -> str | list[str]:

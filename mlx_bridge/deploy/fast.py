@@ -362,13 +362,14 @@ class FastRunner:
             return self._forward(input_ids, None, None, last_only=False).float()
 
     def steps(self, tokens: torch.Tensor, pad: torch.Tensor, budget: int, *, temperature: float = 0.0,
-              top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> Iterator[list[int]]:
+              top_p: float = 1.0, top_k: int = 0, seed: int | None = None, chunked: bool = False) -> Iterator:
         """Yield the next token of every row, `budget` times at most, deciding tokens on the device.
 
-        The drop-in for `generation.token_steps`' loop: tokens reach the host every `sync_every`
-        steps (a consumer that stops early wastes at most that many steps). Greedy (temperature 0)
-        gives the eager path's tokens; sampling draws from the same distribution as
-        `sampling.sample` with its own random stream (reproducible for a seed).
+        The drop-in for `generation.token_chunks`' loop: tokens reach the host every `sync_every`
+        steps (a consumer that stops early wastes at most that many steps); `chunked` yields each
+        host sync's steps as one list. Greedy (temperature 0) gives the eager path's tokens;
+        sampling draws from the same distribution as `sampling.sample` with its own random stream
+        (reproducible for a seed).
 
         Example:
             >>> toks = list(runner.steps(tokens, pad, 16))        # doctest: +SKIP
@@ -386,7 +387,7 @@ class FastRunner:
             st.counter.fill_(1)
             st.tok[:B, 0].copy_(nxt.to(st.tok.device))
             first = nxt.tolist()
-        yield first
+        yield [first] if chunked else first
         n = 1
         while n < budget:
             k = min(self.sync_every, budget - n)
@@ -396,7 +397,10 @@ class FastRunner:
                     self._step(st, mode)
                 rows = st.hist[:k, :B].tolist()  # the one host sync of these k steps
             self._slot = P + n + k - 1
-            yield from rows
+            if chunked:
+                yield rows
+            else:
+                yield from rows
             n += k
 
     def warmup(self, batch_sizes=(1,), max_lens=(MIN_LEN,), modes=("greedy",)) -> None:

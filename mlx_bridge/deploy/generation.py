@@ -55,12 +55,23 @@ def token_steps(runner, prompts: list[list[int]], budget: int, device, *, temper
     attends to padding, so a row's tokens are the ones it would get alone. A runner with its own
     loop (`fast.FastRunner.steps`: tokens chosen on the device) runs it instead of this one.
     """
+    for chunk in token_chunks(runner, prompts, budget, device, temperature=temperature, top_p=top_p, top_k=top_k,
+                              seed=seed, pad_id=pad_id):
+        yield from chunk
+
+
+def token_chunks(runner, prompts: list[list[int]], budget: int, device, *, temperature: float, top_p: float,
+                 top_k: int, seed: int | None, pad_id: int = 0) -> Iterator[list[list[int]]]:
+    """`token_steps` in the chunks the runner delivers them: lists of steps (each the next token of
+    every row). The fast runner syncs with the host every few steps and hands over all of them at
+    once, so a consumer decodes text once per chunk instead of once per token."""
     lens = [len(p) for p in prompts]
     P = max(lens)
     tokens = torch.tensor([[pad_id] * (P - n) + list(p) for n, p in zip(lens, prompts)], dtype=torch.long, device=device)
     pad = torch.tensor([P - n for n in lens], dtype=torch.long, device=device)
     if hasattr(runner, "steps"):
-        yield from runner.steps(tokens, pad, budget, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        yield from runner.steps(tokens, pad, budget, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                chunked=True)
         return
     gen = None
     if seed is not None:
@@ -70,23 +81,96 @@ def token_steps(runner, prompts: list[list[int]], budget: int, device, *, temper
         logits = runner.start(tokens, pad, P + budget)
         for n in range(budget):
             nxt = sample(logits, temperature, top_p, top_k, gen)
-            yield nxt.tolist()
+            yield [nxt.tolist()]
             if n + 1 < budget:
                 logits = runner.next(nxt)
+
+
+class RowText:
+    """The text of one generated row as its tokens arrive: EOS, length and stop strings end it, and
+    `add` returns only text that is final.
+
+    A piece is final when it has no trailing partial UTF-8 character, no trailing space (a tokenizer
+    may still merge it) and nothing that could be the start of a stop string. The text is
+    `decode(ids)` (mlx-lm's), cut before the earliest stop string; the pieces concatenate to it.
+
+    Example:
+        >>> r = RowText(lambda ids: "".join(chr(96 + i) for i in ids), eos={0}, stop=["cd"], limit=10)
+        >>> r.add([1, 2]), r.add([3]), r.add([4, 5]), r.reason, r.ids
+        ('ab', '', '', 'stop', [1, 2, 3, 4])
+    """
+
+    def __init__(self, decode, eos: set[int], stop: list[str] | None, limit: int, pieces: bool = True):
+        self._decode, self._eos, self._stop, self._limit = decode, eos, stop, limit
+        self._pieces = pieces  # False: nobody reads pieces, decode only to look for stop strings
+        self.ids: list[int] = []
+        self.reason: str | None = None  # "stop" | "length" | "cancelled" once the row has ended
+        self.text: str | None = None  # the whole text, once ended
+        self._emitted = ""
+
+    def add(self, tokens: list[int]) -> str:
+        """Take the row's next tokens (one step's or several); return the new final text ('' if none).
+        When they end the row, the rest of its text is returned; after that, tokens are ignored."""
+        if self.reason is not None:
+            return ""
+        n0 = len(self.ids)
+        for t in tokens:
+            if t in self._eos:
+                self.reason = "stop"
+                break
+            self.ids.append(t)
+            if len(self.ids) >= self._limit:
+                self.reason = "length"
+                break
+        if self.reason is None and not self._pieces and not self._stop:
+            return ""
+        text = self._decode(self.ids)
+        cut = find_stop(text, self._stop)
+        if cut is not None:
+            for k in range(n0 + 1, len(self.ids)):  # several new tokens: keep those up to the stop's end
+                head = self._decode(self.ids[:k])
+                if find_stop(head, self._stop) is not None:
+                    self.ids, text = self.ids[:k], head
+                    break
+            self.reason = "stop"
+            return self._finish(text[: find_stop(text, self._stop)])
+        if self.reason is not None:
+            return self._finish(text)
+        if text.endswith("\ufffd"):
+            return ""
+        safe = text[: len(text) - holdback(text, self._stop)].rstrip(" ")
+        if len(safe) > len(self._emitted) and safe.startswith(self._emitted):
+            piece, self._emitted = safe[len(self._emitted):], safe
+            return piece
+        return ""
+
+    def close(self, reason: str = "length") -> str:
+        """End the row (its tokens ran out, or the consumer went away); the rest of its text."""
+        if self.reason is not None:
+            return ""
+        self.reason = reason
+        return self._finish(self._decode(self.ids))
+
+    def _finish(self, final: str) -> str:
+        self.text = final
+        return final[len(self._emitted):] if final.startswith(self._emitted) else ""
+
+    def completion(self, prompt_tokens: int) -> Completion:
+        reason = "length" if self.reason in (None, "cancelled") else self.reason
+        return Completion(self.text if self.text is not None else self._decode(self.ids), self.ids, prompt_tokens, reason)
 
 
 class TextStream:
     """Iterator of text pieces for one prompt; `.last_completion` is set once it is exhausted.
 
-    A piece is emitted only when it is final: no trailing partial UTF-8 character, no trailing
-    space (a tokenizer may still merge it), nothing that could be the start of a stop string. The
-    pieces concatenate to `last_completion.text`.
+    `chunks` yields lists of steps (`token_chunks`); the pieces are `RowText`'s and concatenate to
+    `last_completion.text`.
     """
 
-    def __init__(self, steps: Iterator[list[int]], decode, eos: set[int], stop: list[str] | None,
+    def __init__(self, chunks: Iterator[list[list[int]]], decode, eos: set[int], stop: list[str] | None,
                  prompt_tokens: int, budget: int, on_done=None):
-        self._steps, self._decode, self._eos, self._stop = steps, decode, eos, stop
-        self._prompt_tokens, self._budget, self._on_done = prompt_tokens, budget, on_done
+        self._chunks, self._row = chunks, RowText(decode, eos, stop, budget)
+        self._prompt_tokens, self._on_done = prompt_tokens, on_done
         self.last_completion: Completion | None = None
         self._it = self._run()
 
@@ -100,33 +184,20 @@ class TextStream:
         self._it.close()
 
     def _run(self) -> Iterator[str]:
-        ids: list[int] = []
-        emitted, reason = "", "length"
+        row = self._row
         try:
-            for (t,) in self._steps:
-                if t in self._eos:
-                    reason = "stop"
-                    break
-                ids.append(t)
-                text = self._decode(ids)
-                cut = find_stop(text, self._stop)
-                if cut is not None:
-                    reason = "stop"
-                    break
-                if text.endswith("\ufffd"):
-                    continue
-                safe = text[: len(text) - holdback(text, self._stop)].rstrip(" ")
-                if len(safe) > len(emitted) and safe.startswith(emitted):
-                    piece, emitted = safe[len(emitted):], safe
+            for chunk in self._chunks:
+                piece = row.add([step[0] for step in chunk])
+                if piece:
                     yield piece
-            text = self._decode(ids)
-            cut = find_stop(text, self._stop)
-            final = text if cut is None else text[:cut]
-            if final.startswith(emitted) and len(final) > len(emitted):
-                yield final[len(emitted):]
-            self.last_completion = Completion(final, ids, self._prompt_tokens, reason)
+                if row.reason is not None:
+                    break
+            piece = row.close()
+            if piece:
+                yield piece
+            self.last_completion = row.completion(self._prompt_tokens)
         finally:
-            close = getattr(self._steps, "close", None)
+            close = getattr(self._chunks, "close", None)
             if close is not None:
                 close()
             if self._on_done is not None:

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import BridgeError
 from . import server_protocol as proto
-from .server_engine import Engine, StreamEnd
+from .server_engine import Engine, Piece, StreamEnd
 from .server_protocol import APIError
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
@@ -224,13 +224,17 @@ async def _stream(engine: Engine, req: proto.Request, prepare, rid: str, name: s
                     if ev.index % req.n == 0:
                         prompt_tokens += ev.prompt_tokens
                     completion_tokens += ev.completion_tokens
+                    if kind == "chat" and ev.index not in started:  # a row that ended with no text
+                        started.add(ev.index)
+                        yield _data(proto.chunk(kind, rid, name, ev.index, role=True))
                     yield _data(proto.chunk(kind, rid, name, ev.index, finish_reason=ev.finish_reason))
                     continue
-                index = ended  # rows stream one after another
-                if kind == "chat" and index not in started:
-                    started.add(index)
-                    yield _data(proto.chunk(kind, rid, name, index, role=True))
-                yield _data(proto.chunk(kind, rid, name, index, text=ev))
+                if not isinstance(ev, Piece):  # a repeated "start" (a batch retried job by job)
+                    continue
+                if kind == "chat" and ev.index not in started:  # rows of one request interleave
+                    started.add(ev.index)
+                    yield _data(proto.chunk(kind, rid, name, ev.index, role=True))
+                yield _data(proto.chunk(kind, rid, name, ev.index, text=ev.text))
             else:
                 if req.include_usage:
                     yield _data(proto.usage_chunk(kind, rid, name, prompt_tokens, completion_tokens))

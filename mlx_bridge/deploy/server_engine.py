@@ -1,10 +1,12 @@
 """The server's worker: one thread owns the model (and its tokenizer) and drains a queue of jobs.
 
-Non-streamed jobs that wait in the queue together are grouped by their sampling settings and run as
-static batches through `DeployedModel.complete` (ragged prompts, at most `max_batch` rows a call), so a
-loaded server answers many requests per forward pass; streamed jobs run one at a time. The model is
-never touched from two threads, and a failing job fails alone: a batch that raises is retried job by
-job, and the worker keeps serving.
+Jobs that wait in the queue together, streamed or not, run as static batches through
+`DeployedModel.run_rows` (ragged prompts, each row with its own max_tokens and stop strings, at most
+`max_batch` rows a call): greedy rows all batch together, sampled rows with their temperature/top-p/
+top-k, and a seeded request alone (so that it is reproducible). Streamed rows get their text pieces as
+the batch decodes. The model is never touched from two threads, and a failing job fails alone: a
+batch that raises is retried job by job (a stream that has sent text fails instead), and the worker
+keeps serving.
 
 Example:
     >>> engine = Engine(model, max_batch=8).start()  # doctest: +SKIP
@@ -23,12 +25,21 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import BridgeError
+from .deployed import Row
 from .server_protocol import APIError, Sampling
 
 # prepare(model) -> (prompt token ids per row, final sampling); runs on the worker thread
 Prepare = Callable[[Any], "tuple[list[list[int]], Sampling]"]
 _STOP = object()
 _ids = itertools.count()
+
+
+@dataclass
+class Piece:
+    """Text of a streamed row."""
+
+    index: int
+    text: str
 
 
 @dataclass
@@ -44,10 +55,11 @@ class StreamEnd:
 @dataclass
 class Job:
     prepare: Prepare
-    emit: Callable[[Any], None] | None = None  # streamed: receives "start", str pieces, StreamEnd, errors
+    emit: Callable[[Any], None] | None = None  # streamed: receives "start", Piece, StreamEnd, errors
     future: Future = field(default_factory=Future)  # not streamed: list[Completion], or the exception
     cancelled: threading.Event = field(default_factory=threading.Event)
     id: int = field(default_factory=lambda: next(_ids))
+    started: bool = False  # streamed: "start" sent
 
 
 @dataclass
@@ -128,8 +140,7 @@ class Engine:
                 return
 
     def _step(self, jobs: list[Job]) -> None:
-        groups: dict[Any, list[tuple[Job, list[list[int]]]]] = defaultdict(list)
-        streams = []
+        groups: dict[Any, list[tuple[Job, list[list[int]], Sampling]]] = defaultdict(list)
         for job in jobs:
             if job.cancelled.is_set():
                 continue
@@ -139,59 +150,63 @@ class Engine:
             except Exception as e:
                 self._fail(job, e)
                 continue
-            if job.emit is not None:
-                streams.append((job, rows, sampling))
-            else:
-                groups[_batch_key(sampling, job)].append((job, rows))
-        for key, members in groups.items():
-            self._run_group(key[0], members)
-        for job, rows, sampling in streams:
-            self._run_stream(job, rows, sampling)
+            groups[_batch_key(sampling, job)].append((job, rows, sampling))
+        for members in groups.values():
+            self._run_group(members)
 
-    def _run_group(self, sampling: Sampling, members: list[tuple[Job, list[list[int]]]]) -> None:
-        flat = [(job, ids) for job, rows in members for ids in rows]
+    def _run_group(self, members: list[tuple[Job, list[list[int]], Sampling]]) -> None:
+        """Rows of jobs with the same sampling, `max_batch` at a time; results set or streamed."""
+        s = members[0][2]
+        flat = [(job, index, ids, sampling) for job, rows, sampling in members for index, ids in enumerate(rows)]
         out: dict[int, list] = defaultdict(list)
+        sent: set[int] = set()  # streamed jobs that have sent text (they cannot be retried)
         try:
             for i in range(0, len(flat), self.max_batch):
                 chunk = flat[i:i + self.max_batch]
-                results = self.model.complete([ids for _, ids in chunk], **sampling.kwargs())
+                rows = [Row(ids, sampling.max_tokens, list(sampling.stop) or None, on_text=self._on_text(job, index, sent))
+                        for job, index, ids, sampling in chunk]
+                for job, _, _, _ in chunk:
+                    if job.emit is not None and not job.started:
+                        job.started = True
+                        job.emit("start")  # arguments are checked: errors now travel inside the event stream
+                results = self.model.run_rows(rows, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                                              seed=s.seed)
                 self.stats.batches += 1
                 self.stats.rows += len(chunk)
                 self.stats.max_rows = max(self.stats.max_rows, len(chunk))
-                for (job, _), r in zip(chunk, results):
+                for (job, index, ids, _), r in zip(chunk, results):
                     out[job.id].append(r)
+                    if job.emit is not None and not job.cancelled.is_set():
+                        job.emit(StreamEnd(index, r.finish_reason, len(ids), len(r.token_ids)))
         except Exception as e:
             if len(members) == 1:
                 self._fail(members[0][0], e)
-            else:  # one bad request must not fail its batch-mates
-                for m in members:
-                    self._run_group(sampling, [m])
+                return
+            for m in members:  # one bad request must not fail its batch-mates
+                if m[0].id in sent:
+                    self._fail(m[0], e)
+                elif not m[0].future.done():
+                    self._run_group([m])
             return
-        for job, _ in members:
-            if not job.future.done():
+        for job, _, _ in members:
+            if job.emit is not None:
+                self.stats.streams += 1
+            elif not job.future.done():
                 job.future.set_result(out[job.id])
 
-    def _run_stream(self, job: Job, rows: list[list[int]], sampling: Sampling) -> None:
-        self.stats.streams += 1
-        try:
-            for index, ids in enumerate(rows):
-                s = sampling if sampling.seed is None or index == 0 else _reseed(sampling, sampling.seed + index)
-                stream = self.model.stream_ids(ids, **s.kwargs())  # a TextStream: .last_completion at the end
-                if index == 0:  # arguments checked: from here on errors travel inside the event stream
-                    job.emit("start")
-                try:
-                    for piece in stream:
-                        if job.cancelled.is_set():
-                            self.stats.cancelled += 1
-                            return
-                        if piece:
-                            job.emit(piece)
-                finally:
-                    stream.close()
-                final = stream.last_completion
-                job.emit(StreamEnd(index, final.finish_reason, len(ids), len(final.token_ids)))
-        except Exception as e:
-            self._fail(job, e)
+    def _on_text(self, job: Job, index: int, sent: set[int]):
+        if job.emit is None:
+            return None
+
+        def on_text(piece: str) -> bool:
+            if job.cancelled.is_set():
+                self.stats.cancelled += 1
+                return False  # the client went away: the row stops
+            sent.add(job.id)
+            job.emit(Piece(index, piece))
+            return True
+
+        return on_text
 
     def _fail(self, job: Job, e: BaseException) -> None:
         self.stats.errors += 1
@@ -206,13 +221,10 @@ class Engine:
 
 
 def _batch_key(s: Sampling, job: Job) -> tuple:
-    """Greedy rows batch whatever their seed; seeded sampling runs alone so that it is reproducible."""
+    """Greedy rows batch whatever their seed, max_tokens or stop strings; sampled rows with the same
+    temperature/top-p/top-k; seeded sampling runs alone so that it is reproducible."""
     if s.temperature == 0:
-        return (Sampling(s.max_tokens, 0.0, 1.0, 0, None, s.stop),)
+        return ("greedy",)
     if s.seed is not None:
-        return (s, job.id)
-    return (s,)
-
-
-def _reseed(s: Sampling, seed: int) -> Sampling:
-    return Sampling(s.max_tokens, s.temperature, s.top_p, s.top_k, seed, s.stop)
+        return ("seeded", job.id)
+    return ("sampled", s.temperature, s.top_p, s.top_k)
