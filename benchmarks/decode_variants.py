@@ -49,6 +49,7 @@ def eff_attend(q, kc, vc, mask, scale, softcap):
         return orig_attend(q, kc, vc, mask, scale, softcap)
 
 orig_compile, orig_attend, orig_len = plain_compile, fm._decode_attend, fast_mod.len_bucket
+orig_grow = fast_mod.GROW_AHEAD
 
 
 def len128(n):
@@ -109,6 +110,10 @@ VARIANTS = {
     "resid+coord": ({"_compile": cd_compile}, ResidRunner),
     "all": ({"_compile": cd_compile, "len": len128, "attend": math_attend}, ResidRunner),
     "base2": ({}, FastRunner),
+    # max_tokens 4096 (a chat default), the answer stops after 256 tokens: the cache starts small and
+    # grows (default) vs allocated for the whole budget up front (before GROW_AHEAD)
+    "budget4096": ({"_compile": cd_compile, "budget": 4096}, FastRunner),
+    "budget4096-upfront": ({"_compile": cd_compile, "budget": 4096, "grow": 1 << 30}, FastRunner),
 }
 results, ref = {}, None
 tokens, pad = prompts(1, P, cfg.vocab_size, dev)
@@ -118,17 +123,26 @@ for name, (patch, cls) in VARIANTS.items():
     fast_mod._compile = patch.get("_compile", orig_compile)
     fm._decode_attend = patch.get("attend", orig_attend)
     fast_mod.len_bucket = patch.get("len", orig_len)
+    fast_mod.GROW_AHEAD = patch.get("grow", orig_grow)
+    budget = patch.get("budget", N)
     torch._dynamo.reset()
     t0 = time.perf_counter()
     try:
         r = cls(native) if cuda else cls(native, compile=False)
-        toks = list(r.steps(tokens, pad, N))  # compile + capture
+        def first_n():  # the first N tokens of a generation allowed `budget`
+            it = r.steps(tokens, pad, budget)
+            out = [next(it) for _ in range(N)]
+            it.close()
+            return out, it
+
+        toks, _ = first_n()  # compile + capture
         tc = time.perf_counter() - t0
         rates = []
         for _ in range(3):
             sync(dev); t = time.perf_counter()
-            it = r.steps(tokens, pad, N); next(it); t1 = time.perf_counter()
-            rest = list(it); sync(dev)
+            it = r.steps(tokens, pad, budget); next(it); t1 = time.perf_counter()
+            rest = [next(it) for _ in range(N - 1)]; sync(dev)
+            it.close()
             rates.append((N - 1) / (time.perf_counter() - t1))
         toks = [t[0] for t in toks]
         ref = ref or toks

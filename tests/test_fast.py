@@ -106,9 +106,25 @@ def test_buckets_are_reused_and_bounded(zoo):
     fast.start(toks, pad, toks.shape[1] + 2)
     fast.next(torch.tensor([5, 6, 7]))
     assert (bucket(3), bucket(33), len_bucket(257)) == (4, 64, 512)
-    fast._slot = fast._st.S
+    fast._slot = fast._max_len
     with pytest.raises(BridgeError, match="past the cache length"):
         fast.next(torch.tensor([5, 6, 7]))
+
+
+def test_cache_grows_to_the_next_bucket_mid_generation(zoo):
+    """A request starts in the length bucket of its prompt + 256 positions and moves to a bigger one
+    when it needs it: the same tokens as the eager runner, which allocates the whole length up front."""
+    d = zoo.hf("gemma2", sliding_window=8)  # sliding window and softcap across the move
+    ref, fast = load(d).runner, FastRunner(load(d).module)
+    want = greedy_steps(ref, 300)  # prompts of 9 tokens at most: 9 + 300 positions fit the first bucket, 512
+    assert list(fast.steps(*padded(PROMPTS), 300)) == want
+    assert fast.stats["grown"] == 0
+    long = [p * 40 for p in PROMPTS]  # 360 tokens at most: starts in bucket 1024, needs 360 + 700 - 1
+    want = greedy_steps(ref, 700, long)
+    assert list(fast.steps(*padded(long), 700)) == want
+    assert fast.stats["grown"] == 1 and sorted(S for _, S in fast._states) == [512, 2048]  # 1024 given up
+    assert greedy_steps(StartNext(fast), 700, long) == want  # start/next moves the same way
+    assert fast.stats["grown"] == 2
 
 
 def test_compiled_decode_equals_eager_bf16_without_recompiling(zoo):

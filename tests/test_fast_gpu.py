@@ -110,3 +110,14 @@ def test_two_gpus_equal_one(zoo, arch):
     assert load(d, devices=["cuda:0", "cuda:1"], dtype="float32").generate(prompts, max_tokens=16) == want
     ids = torch.tensor([[1, 20, 21, 22]])
     torch.testing.assert_close(two.logits(ids).cpu(), one.logits(ids).cpu(), rtol=0, atol=1e-4)
+
+
+def test_graph_decode_grows_the_cache_like_eager(zoo):
+    """Compiled + captured decode that moves to a bigger length bucket mid-generation: eager's tokens."""
+    d = zoo.hf("llama")
+    ref = load(d, device="cuda", dtype="float32", fast=False).runner
+    fast = FastRunner(load(d, device="cuda", dtype="float32", fast=False).module)
+    long = [p * 40 for p in PROMPTS]  # starts in bucket 1024 (360 + 256 positions), needs 360 + 700 - 1
+    want = greedy(ref, 700, long)
+    assert list(fast.steps(*padded(long), 700)) == want
+    assert fast.stats["grown"] == 1

@@ -6,7 +6,10 @@ that keeps sampling on the device and copies tokens to the host once every `sync
 How it is fast (gpt-fast's recipe on the package's own model class):
 - fused projections: `fast_model.fuse` builds `[q; k; v]` and `[gate; up]` once at load time;
 - static shapes: batch rounded up to a bucket (1, 2, 4, 8, ...; spare rows are inert), cache length
-  to a power of two >= 256; each (batch, length) bucket has its own pre-allocated KV cache;
+  to a power of two >= 256; each (batch, length) bucket has its own pre-allocated KV cache. A request
+  starts in the bucket of its prompt + 256 positions and moves to the next length bucket when it
+  needs more (`_room`), so a step never attends over more than twice the positions in use, whatever
+  `max_tokens` allows;
 - torch.compile (inductor, no autotuning) of ONE decoder layer, reused by every layer (same shapes),
   plus the step's rope/mask prologue and the head; compiled once per bucket, never per request;
 - the whole step (embedding, layers, head, token choice, slot and counter updates) captured in a
@@ -39,6 +42,7 @@ from .layers import KVCache
 from .model import Transformer, decode_step, prefill
 
 MIN_LEN = 256
+GROW_AHEAD = 256  # positions past the prompt allocated at first; the cache doubles when decoding needs more
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -150,7 +154,7 @@ class FastRunner:
             raise BridgeError("graphs=True needs every layer on a CUDA device")
         self.use_compile = (cuda if compile is None else compile) and self.fused is not None
         self.sync_every, self.max_buckets = sync_every, max_buckets
-        self.stats = {"captures": 0, "buckets": 0}
+        self.stats = {"captures": 0, "buckets": 0, "grown": 0}
         self._states: OrderedDict = OrderedDict()
         self._pools: dict = {}
         self._build_functions()
@@ -231,7 +235,7 @@ class FastRunner:
                         self._run_segment(st, i, mode)
                 torch.cuda.current_stream().wait_stream(side)
                 g = torch.cuda.CUDAGraph()
-                pool = self._pools.setdefault(seg.device, torch.cuda.graph_pool_handle())
+                pool = self._pool(seg.device)
                 # a capture stream of this device (torch.cuda.graph's default one lives on the first device used)
                 with torch.cuda.graph(g, pool=pool, stream=torch.cuda.Stream()):
                     self._run_segment(st, i, mode)
@@ -240,6 +244,18 @@ class FastRunner:
             t.copy_(v)
         st.graphs[mode] = graphs
         self.stats["captures"] += 1
+
+    def _pool(self, device: torch.device):
+        """The graph memory pool that every bucket's graphs on `device` share, with an anchor graph
+        that keeps it alive: once the last graph using a pool is gone (a bucket given up by `_room` or
+        evicted), capturing into it again trips an assert in the CUDA caching allocator."""
+        if device not in self._pools:
+            handle, anchor = torch.cuda.graph_pool_handle(), torch.cuda.CUDAGraph()
+            x = torch.zeros(1, device=device)
+            with torch.cuda.graph(anchor, pool=handle, stream=torch.cuda.Stream(device)):
+                x.add_(1)
+            self._pools[device] = (handle, anchor, x)
+        return self._pools[device][0]
 
     # -- one decode step ------------------------------------------------------------------------------
 
@@ -323,8 +339,8 @@ class FastRunner:
         B, P = tokens.shape
         if max_len > self.args.max_position_embeddings * 64:
             raise BridgeError(f"max_len {max_len}: far beyond the model's context")
-        st = self._state(bucket(B), len_bucket(max_len))
-        self._slot = P
+        st = self._state(bucket(B), len_bucket(min(max_len, P + GROW_AHEAD)))
+        self._slot, self._max_len = P, max_len
         spare = st.S  # spare rows: everything is padding, so each sees only its own current key
         for i, seg in enumerate(self.segments):
             st.slot[i].fill_(P)
@@ -337,6 +353,28 @@ class FastRunner:
         self._st, self._B, self._mode = st, B, mode
         return st, logits
 
+    def _room(self, st: State, need: int) -> State:
+        """The state whose cache holds `need` positions: `st`, or the next length bucket, which takes
+        over the rows (caches and counters copied) while `st` is dropped (its memory goes to the new
+        one). A long generation thus never attends over, or allocates, more than twice its length."""
+        if need > self._max_len:
+            raise BridgeError(f"decode step {need - 1}: past the cache length {self._max_len} given to start()")
+        if need <= st.S:
+            return st
+        new = self._state(st.B, len_bucket(need))
+        for a, b in zip(st.k + st.v, new.k + new.v):
+            b[:, :, :st.S].copy_(a)
+        for a, b in zip(st.slot + st.pad, new.slot + new.pad):
+            b.copy_(a)
+        for p in new.pad:
+            p[self._B:].fill_(new.S)  # spare rows stay all padding
+        for name in ("tok", "step", "temp", "top_p", "top_k", "seed", "counter"):
+            getattr(new, name).copy_(getattr(st, name))
+        self._states.pop((st.B, st.S), None)
+        self._st = new
+        self.stats["grown"] += 1
+        return new
+
     def start(self, tokens: torch.Tensor, pad: torch.Tensor, max_len: int) -> torch.Tensor:
         """Prefill left-padded prompts (B, P) with left padding `pad` (B,); logits (B, V) float32."""
         with torch.inference_mode():
@@ -344,10 +382,9 @@ class FastRunner:
 
     def next(self, token: torch.Tensor) -> torch.Tensor:
         """One decode step for tokens (B,); logits (B, V) float32 (a copy, safe to keep)."""
-        st, B = self._st, self._B
-        if self._slot >= st.S:
-            raise BridgeError(f"decode step {self._slot}: past the cache length {st.S} given to start()")
+        B = self._B
         with torch.inference_mode():
+            st = self._room(self._st, self._slot + 1)
             st.tok[:B, 0].copy_(token)
             st.step.zero_()
             self._step(st, self._mode)
@@ -392,6 +429,7 @@ class FastRunner:
         while n < budget:
             k = min(self.sync_every, budget - n)
             with torch.inference_mode():
+                st = self._room(st, P + n + k - 1)  # these k steps write slots P+n-1 .. P+n+k-2
                 st.step.zero_()
                 for _ in range(k):
                     self._step(st, mode)
