@@ -10,8 +10,9 @@ How it is fast (gpt-fast's recipe on the package's own model class):
   starts in the bucket of its prompt + 256 positions and moves to the next length bucket when it
   needs more (`_room`), so a step never attends over more than twice the positions in use, whatever
   `max_tokens` allows;
-- torch.compile (inductor, no autotuning) of ONE decoder layer, reused by every layer (same shapes),
-  plus the step's rope/mask prologue and the head; compiled once per bucket, never per request;
+- torch.compile (inductor with coordinate-descent tuning, no max-autotune) of ONE decoder layer,
+  reused by every layer (same shapes), plus the step's rope/mask prologue and the head; compiled
+  once per bucket, never per request;
 - the whole step (embedding, layers, head, token choice, slot and counter updates) captured in a
   `torch.cuda.CUDAGraph` per bucket (one per device when layers are spread over GPUs, see
   `fast_multi.place`) and replayed;

@@ -187,7 +187,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
         max_context: cap on prompt + generated tokens (default: config's max_position_embeddings).
         fast: decode with `fast.FastRunner` (fused projections, torch.compile, one CUDA graph per
             token, sampling on the device; docs/gpu.md). Default: on for CUDA with the native
-            backend, off elsewhere. Greedy tokens equal the eager path's.
+            backend, off elsewhere. Greedy tokens equal the eager path's in float32 (in bf16/fp16
+            they may part where the top two logits are within rounding).
         devices: spread the layers over several GPUs of this host (pipeline stages, fast path;
             `fast_multi.load_across`) instead of `device`.
     Returns:
