@@ -121,3 +121,17 @@ def test_graph_decode_grows_the_cache_like_eager(zoo):
     want = greedy(ref, 700, long)
     assert list(fast.steps(*padded(long), 700)) == want
     assert fast.stats["grown"] == 1
+
+
+def test_server_warm_up_leaves_nothing_to_compile_or_capture(zoo):
+    from mlx_bridge.deploy.fast import warm_up
+
+    m = load(zoo.hf("llama"), device="cuda", dtype="bfloat16")
+    assert warm_up(m, max_batch=4) == "batch sizes [1, 4] x 256 positions, greedy and sampled"
+    caps = m.runner.stats["captures"]
+    ids = [m.encode_prompt(p) for p in ["give three tips", "hello", "what is two plus two"]]
+    with torch.compiler.set_stance("fail_on_recompile"):
+        m.complete(ids, max_tokens=40)
+        m.complete(ids[:1], max_tokens=40, temperature=0.8, top_p=0.9, seed=1)
+        m.complete(ids, max_tokens=40, temperature=0.7)
+    assert m.runner.stats["captures"] == caps

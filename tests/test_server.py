@@ -334,3 +334,17 @@ def test_cli_serves(export_dir):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_warm_up_prepares_the_fast_path_buckets(export_dir):
+    from mlx_bridge import load
+    from mlx_bridge.deploy.fast import warm_up
+
+    assert warm_up(load(export_dir), max_batch=8) is None  # the eager runner has nothing to prepare
+    m = load(export_dir, fast=True)
+    assert m.max_context == 256  # the tiny model's context: its requests start in the 256 bucket
+    assert warm_up(m, max_batch=6) == "batch sizes [1, 8] x 256 positions, greedy and sampled"
+    assert sorted(m.runner._states) == [(1, 256), (8, 256)]
+    before = m.runner.stats["buckets"]
+    m.complete([m.encode_prompt(p) for p in PROMPTS[:5]], max_tokens=200)  # 5 rows: bucket 8, prepared
+    assert m.runner.stats["buckets"] == before

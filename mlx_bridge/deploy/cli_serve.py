@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from ..errors import BridgeError
@@ -29,6 +30,8 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=8, help="most prompts decoded together (default 8)")
     parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
                         help=f"largest request body; larger gets 413 (default {MAX_BODY_BYTES})")
+    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                        help="compile the fast path's decode step before serving (default: on; CUDA only)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
 
@@ -47,10 +50,16 @@ def main(args: argparse.Namespace) -> int:
         raise BridgeError("; ".join(problems))
 
     from .loader import load_from_args
+    from .fast import warm_up
     from .server import bind, create_app, generation_defaults, serve
 
     sock = bind(args.host, args.port)  # before loading: a taken port fails in a second, not after the model
     model = load_from_args(args.path, args)
+    if args.warmup and model.device.type == "cuda":
+        t = time.perf_counter()
+        done = warm_up(model, args.max_batch)
+        if done:
+            print(f"fast path ready ({done}) in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     name = args.model_name or model.name
     app = create_app(model, model_name=name, api_key=args.api_key, max_tokens_limit=args.max_tokens_limit,
                      max_body_bytes=args.max_body_bytes, max_batch=args.max_batch,

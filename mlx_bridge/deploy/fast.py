@@ -454,3 +454,21 @@ class FastRunner:
                     st = self._state(bucket(b), len_bucket(n))
                     for m in modes:
                         self._graphs(st, m)
+
+
+def warm_up(model, max_batch: int) -> str | None:
+    """Compile and capture the fast path's decode step for one row and for a full batch, greedy and
+    sampled, in the length bucket where requests with prompts under 256 tokens and a long
+    `max_tokens` start (512 positions, or the context if smaller), so that the first requests do not
+    wait for it. Returns what was prepared, or None when the model has no fast path.
+
+    Example:
+        >>> warm_up(load("deploy/alpaca", device="cuda"), max_batch=8)  # doctest: +SKIP
+        'batch sizes [1, 8] x 512 positions, greedy and sampled'
+    """
+    runner = model.runner
+    if not isinstance(runner, FastRunner):
+        return None
+    sizes, n = sorted({1, bucket(max_batch)}), len_bucket(min(model.max_context, 1 + GROW_AHEAD))
+    runner.warmup(batch_sizes=sizes, max_lens=(n,), modes=("greedy", "sample"))
+    return f"batch sizes {sizes} x {n} positions, greedy and sampled"
