@@ -298,6 +298,28 @@ def test_engine_batches_streams_with_other_requests(export_dir):
     assert alone[1].finish_reason == "stop"
 
 
+def test_engine_answers_a_short_request_before_its_long_batch_mate_ends(export_dir):
+    from mlx_bridge import load
+    from mlx_bridge.deploy.server_engine import Engine, Piece, StreamEnd
+    from mlx_bridge.deploy.server_protocol import Sampling
+
+    model = load(export_dir)
+    model.eos_token_ids = set()  # random weights: both rows run to their max_tokens
+    ids = [model.encode_prompt(p) for p in PROMPTS[:2]]
+    events = []
+    engine = Engine(model, max_batch=8)
+    short = engine.submit(lambda m: ([ids[0]], Sampling(max_tokens=2, temperature=0.0)))
+    long = engine.submit(lambda m: ([ids[1]], Sampling(max_tokens=120, temperature=0.0)), events.append)
+    seen_when_short_done = []
+    short.future.add_done_callback(lambda f: seen_when_short_done.append(len(events)))
+    engine.start()
+    assert len(short.future.result(timeout=120)[0].token_ids) == 2
+    engine.stop()
+    assert engine.stats.batches == 1 and isinstance(events[-1], StreamEnd) and events[-1].completion_tokens == 120
+    pieces = sum(isinstance(e, Piece) for e in events)
+    assert seen_when_short_done[0] < pieces // 2  # answered early in the long row's generation
+
+
 # -- the command line ----------------------------------------------------------------------------------
 
 def test_cli_refuses_bad_input(tmp_path, export_dir, capsys):

@@ -37,6 +37,7 @@ class Row:
     stop: list[str] | None = None
     ignore_eos: bool = False
     on_text: Callable[[str], bool | None] | None = None  # streamed: each final piece; False ends the row
+    on_done: Callable[[Completion], None] | None = None  # called as soon as the row ends
 
 
 class DeployedModel:
@@ -131,7 +132,9 @@ class DeployedModel:
                  seed: int | None = None) -> list[Completion]:
         """One batch of rows, each with its own prompt, `max_tokens`, stop strings and, for streaming,
         an `on_text` callback that gets each final piece of text as it is decoded (returning False
-        ends that row: its client went away). The server batches its requests through this.
+        ends that row: its client went away), and an `on_done` callback that gets the row's
+        `Completion` as soon as it ends (while longer rows go on). The server batches its requests
+        through this.
 
         Example:
             >>> m.run_rows([Row(m.encode_prompt("hi"), 8), Row(m.encode_prompt("yo"), 4, on_text=print)])  # doctest: +SKIP
@@ -145,9 +148,15 @@ class DeployedModel:
         texts = [RowText(self.decode, set() if r.ignore_eos else self.eos_token_ids, r.stop, min(r.max_tokens, budget),
                          pieces=r.on_text is not None) for r in rows]
 
+        done = [False] * len(rows)
+
         def emit(b: int, piece: str) -> None:
             if piece and rows[b].on_text is not None and rows[b].on_text(piece) is False:
                 texts[b].close("cancelled")
+            if texts[b].reason is not None and not done[b]:
+                done[b] = True
+                if rows[b].on_done is not None:
+                    rows[b].on_done(texts[b].completion(len(rows[b].prompt)))
 
         with self._lock:
             chunks = token_chunks(self.runner, prompts, budget, self.device, temperature=temperature, top_p=top_p,
@@ -157,7 +166,7 @@ class DeployedModel:
                     for b, t in enumerate(texts):
                         if t.reason is None:
                             emit(b, t.add([step[b] for step in chunk]))
-                    if all(t.reason is not None for t in texts):
+                    if all(done):
                         break
             finally:
                 chunks.close()

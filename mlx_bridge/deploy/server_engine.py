@@ -155,44 +155,52 @@ class Engine:
             self._run_group(members)
 
     def _run_group(self, members: list[tuple[Job, list[list[int]], Sampling]]) -> None:
-        """Rows of jobs with the same sampling, `max_batch` at a time; results set or streamed."""
+        """Rows of jobs with the same sampling, `max_batch` at a time. A job is answered (its future
+        set, or its stream ended) as soon as its own rows end, not when the whole batch does."""
         s = members[0][2]
         flat = [(job, index, ids, sampling) for job, rows, sampling in members for index, ids in enumerate(rows)]
-        out: dict[int, list] = defaultdict(list)
+        results: dict[int, dict[int, Any]] = {job.id: {} for job, _, _ in members}
         sent: set[int] = set()  # streamed jobs that have sent text (they cannot be retried)
+
+        def on_done(job: Job, index: int, n_rows: int, prompt_tokens: int):
+            def done(c) -> None:
+                results[job.id][index] = c
+                if job.emit is not None:
+                    if not job.cancelled.is_set():
+                        job.emit(StreamEnd(index, c.finish_reason, prompt_tokens, len(c.token_ids)))
+                    if len(results[job.id]) == n_rows:
+                        self.stats.streams += 1
+                elif len(results[job.id]) == n_rows and not job.future.done():
+                    job.future.set_result([results[job.id][i] for i in range(n_rows)])
+            return done
+
+        n_rows = {job.id: len(rows) for job, rows, _ in members}
         try:
             for i in range(0, len(flat), self.max_batch):
                 chunk = flat[i:i + self.max_batch]
-                rows = [Row(ids, sampling.max_tokens, list(sampling.stop) or None, on_text=self._on_text(job, index, sent))
+                rows = [Row(ids, sampling.max_tokens, list(sampling.stop) or None,
+                            on_text=self._on_text(job, index, sent),
+                            on_done=on_done(job, index, n_rows[job.id], len(ids)))
                         for job, index, ids, sampling in chunk]
                 for job, _, _, _ in chunk:
                     if job.emit is not None and not job.started:
                         job.started = True
                         job.emit("start")  # arguments are checked: errors now travel inside the event stream
-                results = self.model.run_rows(rows, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                                              seed=s.seed)
+                self.model.run_rows(rows, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed)
                 self.stats.batches += 1
                 self.stats.rows += len(chunk)
                 self.stats.max_rows = max(self.stats.max_rows, len(chunk))
-                for (job, index, ids, _), r in zip(chunk, results):
-                    out[job.id].append(r)
-                    if job.emit is not None and not job.cancelled.is_set():
-                        job.emit(StreamEnd(index, r.finish_reason, len(ids), len(r.token_ids)))
         except Exception as e:
             if len(members) == 1:
                 self._fail(members[0][0], e)
                 return
             for m in members:  # one bad request must not fail its batch-mates
+                if len(results[m[0].id]) == n_rows[m[0].id]:
+                    continue  # answered before the failure
                 if m[0].id in sent:
                     self._fail(m[0], e)
-                elif not m[0].future.done():
+                else:
                     self._run_group([m])
-            return
-        for job, _, _ in members:
-            if job.emit is not None:
-                self.stats.streams += 1
-            elif not job.future.done():
-                job.future.set_result(out[job.id])
 
     def _on_text(self, job: Job, index: int, sent: set[int]):
         if job.emit is None:
