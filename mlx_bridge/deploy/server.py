@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import BridgeError
 from . import server_protocol as proto
-from .server_engine import Engine, Piece, StreamEnd
+from .server_engine import Engine, StreamEnd
 from .server_protocol import APIError
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
@@ -228,8 +228,6 @@ async def _stream(engine: Engine, req: proto.Request, prepare, rid: str, name: s
                         started.add(ev.index)
                         yield _data(proto.chunk(kind, rid, name, ev.index, role=True))
                     yield _data(proto.chunk(kind, rid, name, ev.index, finish_reason=ev.finish_reason))
-                    continue
-                if not isinstance(ev, Piece):  # a repeated "start" (a batch retried job by job)
                     continue
                 if kind == "chat" and ev.index not in started:  # rows of one request interleave
                     started.add(ev.index)

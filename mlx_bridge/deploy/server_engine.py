@@ -162,25 +162,27 @@ class Engine:
         results: dict[int, dict[int, Any]] = {job.id: {} for job, _, _ in members}
         sent: set[int] = set()  # streamed jobs that have sent text (they cannot be retried)
 
-        def on_done(job: Job, index: int, n_rows: int, prompt_tokens: int):
+        n_rows = {job.id: len(rows) for job, rows, _ in members}
+
+        def on_done(job: Job, index: int, prompt_tokens: int):
             def done(c) -> None:
-                results[job.id][index] = c
+                got = results[job.id]
+                got[index] = c
                 if job.emit is not None:
                     if not job.cancelled.is_set():
                         job.emit(StreamEnd(index, c.finish_reason, prompt_tokens, len(c.token_ids)))
-                    if len(results[job.id]) == n_rows:
+                    if len(got) == n_rows[job.id]:
                         self.stats.streams += 1
-                elif len(results[job.id]) == n_rows and not job.future.done():
-                    job.future.set_result([results[job.id][i] for i in range(n_rows)])
+                elif len(got) == n_rows[job.id] and not job.future.done():
+                    job.future.set_result([got[i] for i in range(n_rows[job.id])])
             return done
 
-        n_rows = {job.id: len(rows) for job, rows, _ in members}
         try:
             for i in range(0, len(flat), self.max_batch):
                 chunk = flat[i:i + self.max_batch]
                 rows = [Row(ids, sampling.max_tokens, list(sampling.stop) or None,
                             on_text=self._on_text(job, index, sent),
-                            on_done=on_done(job, index, n_rows[job.id], len(ids)))
+                            on_done=on_done(job, index, len(ids)))
                         for job, index, ids, sampling in chunk]
                 for job, _, _, _ in chunk:
                     if job.emit is not None and not job.started:

@@ -30,12 +30,6 @@ def lora_factors(a: np.ndarray, b: np.ndarray, scale: float, kind: str = "linear
     raise ValueError(kind)
 
 
-def lora_delta(a: np.ndarray, b: np.ndarray, scale: float, kind: str = "linear") -> np.ndarray:
-    """The dense update (same shape as the weight), float32."""
-    left, right = lora_factors(a, b, scale, kind)
-    return left @ right
-
-
 def fuse_lora(w: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float, kind: str = "linear",
               out_dtype=np.float32, rows: int = 128) -> np.ndarray:
     """W + delta computed in float32 and rounded once to `out_dtype`.
