@@ -47,8 +47,8 @@ def build(shape: str, dtype, dev):
     """(transformers model, native Transformer sharing its tensors, config)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mlx_bridge.deploy.args import ModelArgs
-    from mlx_bridge.deploy.model import Transformer
+    from mlx_bridge.deploy.native.config import ModelArgs
+    from mlx_bridge.deploy.native.model import Transformer
 
     config = LlamaConfig(**SHAPES[shape], rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                          tie_word_embeddings=False)
@@ -176,8 +176,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="also write the numbers here")
     a = ap.parse_args(argv)
 
-    from mlx_bridge.deploy.fast import FastRunner
-    from mlx_bridge.deploy.runner import NativeRunner
+    from mlx_bridge.deploy.runners.fast import FastRunner
+    from mlx_bridge.deploy.runners.base import NativeRunner
 
     dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() and a.shape != "tiny" else "cpu"))
     dtype = getattr(torch, a.dtype or ("bfloat16" if dev.type == "cuda" else "float32"))

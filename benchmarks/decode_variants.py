@@ -11,9 +11,9 @@ import statistics, sys, time, json, os
 import torch, torch.nn.functional as F
 sys.path.insert(0, os.getcwd())
 from benchmarks.decode import build, bandwidth, prompts, sync
-from mlx_bridge.deploy import fast as fast_mod, fast_model as fm
-from mlx_bridge.deploy.fast import FastRunner
-from mlx_bridge.deploy.fast_sampling import greedy
+from mlx_bridge.deploy.runners import fast as fast_mod, fused as fm
+from mlx_bridge.deploy.runners.fast import FastRunner
+from mlx_bridge.deploy.runners.sampling import greedy
 
 shape = sys.argv[1] if len(sys.argv) > 1 else "llama2-7b"
 only = sys.argv[2].split(",") if len(sys.argv) > 2 else None
@@ -63,7 +63,7 @@ class ResidRunner(FastRunner):
         eps, gemma = spec.eps, spec.gemma
         base = fm.make_layer(spec, decode=True)
         nh, nkv, hd, scale, softcap = spec.nh, spec.nkv, spec.hd, spec.scale, spec.softcap
-        from mlx_bridge.deploy.layers import ACT
+        from mlx_bridge.deploy.native.layers import ACT
         act = ACT[spec.act]
         def layer(x, m, w, kc, vc, cos, sin, mask, slots):
             ln1, ln2, ln_pre, ln_post, wqkv, bqkv, wo, bo, qn, kn, wgu, bgu, wd, bd = w

@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     import openai
 
     from mlx_bridge import load
-    from mlx_bridge.deploy.server import ServerThread, create_app
+    from mlx_bridge.serve.app import ServerThread, create_app
     from mlx_bridge.testing.models import tiny_hf_model
 
     d = a.dir or tiny_hf_model(Path(tempfile.mkdtemp()) / "llama", "llama", hidden_size=256, intermediate_size=512,

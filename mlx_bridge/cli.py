@@ -18,7 +18,7 @@ COMMANDS = {
     "export": ("mlx_bridge.translate.cli", "export an MLX model/checkpoint to Hugging Face or PEFT"),
     "verify": ("mlx_bridge.verify.cli", "check an export against the checkpoint's MLX probes"),
     "generate": ("mlx_bridge.deploy.cli_generate", "generate text with an exported model (PyTorch)"),
-    "serve": ("mlx_bridge.deploy.cli_serve", "serve an exported model with an OpenAI-compatible API"),
+    "serve": ("mlx_bridge.serve.cli", "serve an exported model with an OpenAI-compatible API"),
     "demo": ("mlx_bridge.demo.cli", "run the whole path on the tiny model shipped with the package"),
 }
 

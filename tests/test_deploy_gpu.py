@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlx_bridge.deploy.layers import KVCache
+from mlx_bridge.deploy.native.layers import KVCache
 from mlx_bridge.deploy.loader import load
-from mlx_bridge.deploy.model import decode_step, prefill
+from mlx_bridge.deploy.native.model import decode_step, prefill
 from mlx_bridge.testing.adapters import shared_zoo
 
 pytestmark = pytest.mark.gpu

@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from mlx_bridge.deploy.args import ModelArgs
-from mlx_bridge.deploy.layers import KVCache
+from mlx_bridge.deploy.native.config import ModelArgs
+from mlx_bridge.deploy.native.layers import KVCache
 from mlx_bridge.deploy.loader import load
-from mlx_bridge.deploy.model import Transformer, decode_step, prefill
+from mlx_bridge.deploy.native.model import Transformer, decode_step, prefill
 from mlx_bridge.testing.adapters import shared_zoo
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "mixtral", "qwen3_moe"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlx_bridge.deploy.args import ModelArgs
+from mlx_bridge.deploy.native.config import ModelArgs
 from mlx_bridge.deploy.loader import load
-from mlx_bridge.deploy.rope import inv_freq
+from mlx_bridge.deploy.native.rope import inv_freq
 from mlx_bridge.errors import BridgeError
 from mlx_bridge.testing.models import tiny_hf_model
 

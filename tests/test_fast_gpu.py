@@ -4,8 +4,8 @@
 import pytest
 import torch
 
-from mlx_bridge.deploy.fast import FastRunner
-from mlx_bridge.deploy.fast_multi import load_across
+from mlx_bridge.deploy.runners.fast import FastRunner
+from mlx_bridge.deploy.runners.pipeline import load_across
 from mlx_bridge.deploy.generation import token_steps
 from mlx_bridge.deploy.loader import load
 from mlx_bridge.testing.adapters import shared_zoo
@@ -124,7 +124,7 @@ def test_graph_decode_grows_the_cache_like_eager(zoo):
 
 
 def test_server_warm_up_leaves_nothing_to_compile_or_capture(zoo):
-    from mlx_bridge.deploy.fast import warm_up
+    from mlx_bridge.deploy.runners.fast import warm_up
 
     m = load(zoo.hf("llama"), device="cuda", dtype="bfloat16")
     assert warm_up(m, max_batch=4) == "batch sizes [1, 4] x 256 positions, greedy and sampled"

@@ -37,7 +37,7 @@ def export_dir(tmp_path_factory) -> Path:
 def served(export_dir):
     """(client, url, expected): expected answers from DeployedModel, then the server on top of it."""
     from mlx_bridge import load
-    from mlx_bridge.deploy.server import ServerThread, create_app
+    from mlx_bridge.serve.app import ServerThread, create_app
 
     model = load(export_dir)
     greedy = dict(max_tokens=MAX_TOKENS, temperature=0.0)
@@ -207,8 +207,8 @@ def test_concurrent_requests_equal_sequential(served):
 
 def test_engine_batches_waiting_jobs_and_isolates_failures(export_dir):
     from mlx_bridge import load
-    from mlx_bridge.deploy.server_engine import Engine
-    from mlx_bridge.deploy.server_protocol import APIError, Sampling
+    from mlx_bridge.serve.engine import Engine
+    from mlx_bridge.serve.protocol import APIError, Sampling
 
     model = load(export_dir)
     s = Sampling(max_tokens=MAX_TOKENS, temperature=0.0)
@@ -262,8 +262,8 @@ def test_engine_batches_streams_with_other_requests(export_dir):
     """Streamed and plain greedy jobs with different max_tokens and stop strings share one batch; each
     row gets what it would get alone, streamed pieces included."""
     from mlx_bridge import load
-    from mlx_bridge.deploy.server_engine import Engine, Piece, StreamEnd
-    from mlx_bridge.deploy.server_protocol import Sampling
+    from mlx_bridge.serve.engine import Engine, Piece, StreamEnd
+    from mlx_bridge.serve.protocol import Sampling
 
     model = load(export_dir)
     ids = [model.encode_prompt(p) for p in PROMPTS[:4]]
@@ -300,8 +300,8 @@ def test_engine_batches_streams_with_other_requests(export_dir):
 
 def test_engine_answers_a_short_request_before_its_long_batch_mate_ends(export_dir):
     from mlx_bridge import load
-    from mlx_bridge.deploy.server_engine import Engine, Piece, StreamEnd
-    from mlx_bridge.deploy.server_protocol import Sampling
+    from mlx_bridge.serve.engine import Engine, Piece, StreamEnd
+    from mlx_bridge.serve.protocol import Sampling
 
     model = load(export_dir)
     model.eos_token_ids = set()  # random weights: both rows run to their max_tokens
@@ -360,7 +360,7 @@ def test_cli_serves(export_dir):
 
 def test_warm_up_prepares_the_fast_path_buckets(export_dir):
     from mlx_bridge import load
-    from mlx_bridge.deploy.fast import warm_up
+    from mlx_bridge.deploy.runners.fast import warm_up
 
     assert warm_up(load(export_dir), max_batch=8) is None  # the eager runner has nothing to prepare
     m = load(export_dir, fast=True)

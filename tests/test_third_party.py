@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlx_bridge.deploy.compat import check_export, lora_rank_flag, serve_commands, serving_notes
+from mlx_bridge.translate.compat import check_export, lora_rank_flag, serve_commands, serving_notes
 from mlx_bridge.formats import SafetensorsFile, load_file, save_file
 from mlx_bridge.testing import tiny_hf_model
 from mlx_bridge.testing.adapters import shared_zoo

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import BridgeError
 from .deployed import DeployedModel
-from .weights import header_dtype, weight_files
+from .native.weights import header_dtype, weight_files
 
 DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -121,10 +121,10 @@ def _eos_ids(d: Path, cfg: dict, tokenizer) -> set[int]:
 
 
 def _native(d, hf_config, files, device, dtype, fast: bool):
-    from .args import ModelArgs
-    from .model import Transformer
-    from .runner import NativeRunner
-    from .weights import load_weights
+    from .native.config import ModelArgs
+    from .native.model import Transformer
+    from .runners.base import NativeRunner
+    from .native.weights import load_weights
 
     args = ModelArgs.from_hf(hf_config)
     with torch.device("meta"):
@@ -133,7 +133,7 @@ def _native(d, hf_config, files, device, dtype, fast: bool):
     module.reset_rope(device)
     module = module.eval().requires_grad_(False)
     if fast:
-        from .fast import FastRunner
+        from .runners.fast import FastRunner
 
         return module, FastRunner(module)
     return module, NativeRunner(module)
@@ -142,7 +142,7 @@ def _native(d, hf_config, files, device, dtype, fast: bool):
 def _transformers(d, hf_config, device, dtype):
     from transformers import AutoModelForCausalLM
 
-    from .runner import HFRunner
+    from .runners.base import HFRunner
 
     # SDPA has no logit softcapping; some transformers releases still pick it for Gemma-2
     kw = {"attn_implementation": "eager"} if getattr(hf_config, "attn_logit_softcapping", None) else {}
@@ -207,7 +207,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
     if devices is not None:
         if backend == "transformers" or fast is False:
             raise BridgeError("devices=: spreading layers over GPUs needs the native backend and the fast path")
-        from .fast_multi import load_across
+        from .runners.pipeline import load_across
 
         return load_across(d, devices, dtype=dtype, max_context=max_context)
     if backend not in BACKENDS:
@@ -232,7 +232,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
     except (ValueError, OSError, KeyError, TypeError) as e:
         raise BridgeError(f"{d}: no usable tokenizer ({str(e).splitlines()[0][:200]})") from None
 
-    from .args import Unsupported
+    from .native.config import Unsupported
 
     chosen = backend
     if backend in ("auto", "native"):

@@ -103,7 +103,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
             _write_manifest(tmp, source, plan, format, notes, {"plan": t1 - t0, "write": t2 - t1},
                             warnings if format == "peft" else [])
         log(f"exported {src} -> {out} ({format}, {plan.dtype}, {time.perf_counter() - t0:.1f}s)")
-        from ..deploy.compat import check_export  # torch-free: what vLLM / TRT-LLM require of the dir
+        from .compat import check_export  # torch-free: what vLLM / TRT-LLM require of the dir
 
         for problem in check_export(out):
             print(f"warning: serving engines may refuse this export: {problem}", file=sys.stderr)

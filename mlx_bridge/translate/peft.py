@@ -128,7 +128,7 @@ def vllm_warnings(cfg: dict, tensors: list[PeftTensor]) -> list[str]:
     if cfg["use_dora"]:
         w.append("vLLM does not serve DoRA adapters; use --format hf (fused) to serve this with vLLM")
     if cfg["r"] > VLLM_DEFAULT_MAX_RANK:
-        from ..deploy.compat import lora_rank_flag  # torch-free
+        from .compat import lora_rank_flag  # torch-free
 
         try:
             flag = f"start vLLM with --max-lora-rank {lora_rank_flag(cfg['r'])} (or use --format hf)"

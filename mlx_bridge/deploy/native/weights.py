@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BridgeError, raise_all
+from ...errors import BridgeError, raise_all
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

@@ -14,8 +14,8 @@ import inspect
 
 import torch
 
-from .layers import KVCache
-from .model import Transformer, decode_step, prefill
+from ..native.layers import KVCache
+from ..native.model import Transformer, decode_step, prefill
 
 
 class NativeRunner:

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import BridgeError
-from .deployed import Row
-from .server_protocol import APIError, Sampling
+from ..deploy.deployed import Row
+from .protocol import APIError, Sampling
 
 # prepare(model) -> (prompt token ids per row, final sampling); runs on the worker thread
 Prepare = Callable[[Any], "tuple[list[list[int]], Sampling]"]

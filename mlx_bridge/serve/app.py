@@ -28,9 +28,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import BridgeError
-from . import server_protocol as proto
-from .server_engine import Engine, StreamEnd
-from .server_protocol import APIError
+from . import protocol as proto
+from .engine import Engine, StreamEnd
+from .protocol import APIError
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
 MAX_TOKENS_LIMIT = 4096

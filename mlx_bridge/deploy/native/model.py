@@ -16,7 +16,7 @@ graph.
 
 Example:
     >>> import torch
-    >>> from mlx_bridge.deploy.args import ModelArgs, RopeArgs
+    >>> from mlx_bridge.deploy.native.config import ModelArgs, RopeArgs
     >>> a = ModelArgs("llama", 32, 16, 32, 1, 2, 1, 8, windows=[None], ropes=[RopeArgs(dim=8)])
     >>> Transformer(a)(torch.tensor([[1, 2, 3]])).shape
     torch.Size([1, 3, 32])
@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .args import ModelArgs
+from .config import ModelArgs
 from .layers import DecoderLayer, KVCache, RMSNorm
 from .rope import cos_sin, inv_freq
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .args import ModelArgs
+from .config import ModelArgs
 from .rope import apply_rope
 
 ACT = {

@@ -10,7 +10,7 @@ or tensor parallelism, serve the export with vLLM (`vllm serve DIR --tensor-para
 --pipeline-parallel-size M`): the export is a plain Hugging Face directory.
 
 Example:
-    >>> from mlx_bridge.deploy.fast_multi import load_across          # doctest: +SKIP
+    >>> from mlx_bridge.deploy.runners.pipeline import load_across          # doctest: +SKIP
     >>> m = load_across("deploy/llama-70b", devices=["cuda:0", "cuda:1"], dtype="bfloat16")  # doctest: +SKIP
     >>> m.generate("Hello", max_tokens=16)                            # doctest: +SKIP
 """
@@ -21,11 +21,11 @@ import os
 
 import torch
 
-from ..errors import BridgeError
-from .deployed import DeployedModel
+from ...errors import BridgeError
+from ..deployed import DeployedModel
 from .fast import FastRunner
-from .loader import load, resolve_device
-from .model import Transformer
+from ..loader import load, resolve_device
+from ..native.model import Transformer
 
 
 def _bytes(m: torch.nn.Module) -> int:

@@ -18,8 +18,8 @@ MoE layers are not fused: `NotFusable`, and the runner captures the module's own
 
 Example:
     >>> import torch
-    >>> from mlx_bridge.deploy.args import ModelArgs, RopeArgs
-    >>> from mlx_bridge.deploy.model import Transformer
+    >>> from mlx_bridge.deploy.native.config import ModelArgs, RopeArgs
+    >>> from mlx_bridge.deploy.native.model import Transformer
     >>> m = Transformer(ModelArgs("llama", 32, 16, 32, 1, 2, 1, 8, windows=[None], ropes=[RopeArgs(dim=8)]))
     >>> f = fuse(m)
     >>> f.layers[0].w[4].shape, m.model.layers[0].self_attn.k_proj.weight.data_ptr() == f.layers[0].w[4][16:].data_ptr()
@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import ACT, attend
-from .model import Transformer, masks
-from .rope import apply_rope, cos_sin
+from ..native.layers import ACT, attend
+from ..native.model import Transformer, masks
+from ..native.rope import apply_rope, cos_sin
 
 
 class NotFusable(Exception):

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from .args import RopeArgs
+from .config import RopeArgs
 
 
 def _default(r: RopeArgs) -> tuple[torch.Tensor, float]:

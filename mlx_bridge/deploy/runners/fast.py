@@ -22,7 +22,7 @@ Greedy tokens are the eager path's: the functions compute what `Transformer.step
 compare them). MoE models run the module's own `decode_step` in the graph (no fusion, no compile).
 
 Example:
-    >>> from mlx_bridge.deploy.fast import FastRunner               # doctest: +SKIP
+    >>> from mlx_bridge.deploy.runners.fast import FastRunner               # doctest: +SKIP
     >>> runner = FastRunner(model.module)                            # doctest: +SKIP
     >>> for toks in runner.steps(tokens, pad, 64): ...               # doctest: +SKIP
 """
@@ -36,11 +36,11 @@ from typing import Iterator
 
 import torch
 
-from ..errors import BridgeError
-from . import fast_model as fm
-from .fast_sampling import greedy, pick
-from .layers import KVCache
-from .model import Transformer, decode_step, prefill
+from ...errors import BridgeError
+from . import fused as fm
+from .sampling import greedy, pick
+from ..native.layers import KVCache
+from ..native.model import Transformer, decode_step, prefill
 
 MIN_LEN = 256
 GROW_AHEAD = 256  # positions past the prompt allocated at first; the cache doubles when decoding needs more

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 from ..errors import BridgeError
-from .loader import add_load_arguments
-from .server import MAX_BODY_BYTES, MAX_TOKENS_LIMIT
+from ..deploy.loader import add_load_arguments
+from .app import MAX_BODY_BYTES, MAX_TOKENS_LIMIT
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
@@ -49,9 +49,9 @@ def main(args: argparse.Namespace) -> int:
     if problems:
         raise BridgeError("; ".join(problems))
 
-    from .loader import load_from_args
-    from .fast import warm_up
-    from .server import bind, create_app, generation_defaults, serve
+    from ..deploy.loader import load_from_args
+    from ..deploy.runners.fast import warm_up
+    from .app import bind, create_app, generation_defaults, serve
 
     sock = bind(args.host, args.port)  # before loading: a taken port fails in a second, not after the model
     model = load_from_args(args.path, args)

@@ -1,0 +1,1 @@
+"""The native PyTorch model: HF config parsing (`config`), layers, rope, weight loading, `Transformer`."""

@@ -1,0 +1,1 @@
+"""Runners drive a model for generation: eager (`base`), fast (fused, compiled, CUDA graphs), pipeline."""

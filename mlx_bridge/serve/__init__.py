@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: `app` (HTTP), `engine` (batching worker), `protocol`, `cli`."""
