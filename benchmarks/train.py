@@ -12,7 +12,8 @@ steps, in one process, alternating runs. Reported per run:
     loss       mean loss on the same held-out examples after the run (exact response-token mask), mean and
                standard deviation over the seeds (the noise a difference is judged against)
 
-The anchor is mlx-lm; the target is >= 1.2x its tokens/s.
+The anchor is mlx-lm; the target is >= 1.2x its tokens/s. On an NVIDIA GPU (MLX's CUDA backend, against
+PyTorch + PEFT as well): `benchmarks/train_cuda.py`.
 
     python benchmarks/train.py [--steps 40] [--batch-size 8] [--hidden 128] [--layers 4] [--repeats 3]
 """

@@ -104,5 +104,6 @@ def main(args: argparse.Namespace) -> int:
     trainer = MLXTrainer(model, data, out=out, resume=resume, force=force, revision=revision, **s)
     summary = trainer.train()
     print(json.dumps({"checkpoint": str(out), **{k: summary[k] for k in (
-        "steps", "epochs", "tokens", "final_train_loss", "final_valid_loss", "tokens_per_sec")}}, default=str))
+        "steps", "epochs", "tokens", "final_train_loss", "final_valid_loss", "tokens_per_sec", "startup_seconds",
+        "steady_tokens_per_sec", "trained_on")}}, default=str))
     return 0

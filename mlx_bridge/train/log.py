@@ -1,9 +1,11 @@
 """Progress bar, `training_log.jsonl` and the loss-curve PNG.
 
 Records are dicts: a step record {"step", "loss", "tokens", "lr", "tokens_per_sec", "peak_memory_gb",
-"epoch", "seconds"} and a validation record {"step", "val_loss", "val_ppl"}. The log lives in memory and
-is written with each checkpoint, so the log of a checkpoint matches its weights (a resumed run reads it
-back and continues it).
+"epoch", "seconds"} and a validation record {"step", "val_loss", "val_ppl"}. The first step of each
+`train()` call (the start-up step: it compiles the step, and on a GPU its kernels) also carries
+"startup": true and the backend and device it ran on; `speed` keeps it apart from steady-state speed.
+The log lives in memory and is written with each checkpoint, so the log of a checkpoint matches its
+weights (a resumed run reads it back and continues it).
 
 Example:
     >>> log = TrainLog()
@@ -68,21 +70,52 @@ class TrainLog:
         plt.close(fig)
 
 
+def speed(steps: list[dict]) -> dict:
+    """Start-up apart from steady state, over step records (a resumed run's log included).
+
+    startup_seconds: wall time of the start-up steps (the first step of each `train()` call: tracing,
+    compiling, kernel builds); steady_tokens_per_sec: input tokens / seconds of every other step.
+
+    Example:
+        >>> speed([{"seconds": 60.0, "input_tokens": 100, "startup": True}, {"seconds": 0.5, "input_tokens": 2000}])
+        {'startup_seconds': 60.0, 'startup_steps': 1, 'steady_tokens_per_sec': 4000.0, 'steady_steps': 1}
+    """
+    cold = [r for r in steps if r.get("startup")]
+    warm = [r for r in steps if not r.get("startup")]
+    secs = sum(r["seconds"] for r in warm)
+    return {"startup_seconds": round(sum(r["seconds"] for r in cold), 3), "startup_steps": len(cold),
+            "steady_tokens_per_sec": sum(r["input_tokens"] for r in warm) / secs if secs else None,
+            "steady_steps": len(warm)}
+
+
 class Progress:
-    """A tqdm bar over optimizer steps showing loss, tokens/s, learning rate and peak memory."""
+    """A tqdm bar over optimizer steps: loss, steady-state tokens/s, start-up time, learning rate, peak memory.
+
+    The tokens/s shown is the mean over this run's steps after the start-up step; until that step ends the
+    bar says it is starting up (compiling).
+    """
 
     def __init__(self, total: int, initial: int = 0, quiet: bool = False):
         from tqdm import tqdm
 
         self.bar = tqdm(total=total, initial=initial, disable=quiet, unit="step", dynamic_ncols=True,
                         file=sys.stderr, desc="train")
+        self.bar.set_postfix_str("start-up: first step (compiling)", refresh=False)
+        self.startup = 0.0
+        self.warm_tokens, self.warm_seconds = 0, 0.0
 
     def step(self, r: dict) -> None:
         self.bar.update(1)
+        if r.get("startup"):
+            self.startup += r["seconds"]
+        else:
+            self.warm_tokens += r["input_tokens"]
+            self.warm_seconds += r["seconds"]
         gb = r["peak_memory_gb"]
         peak = f"{gb:.2f} GB" if gb >= 1 else f"{gb * 1024:.0f} MB"
-        self.bar.set_postfix_str(f"loss {r['loss']:.3f} | {r['tokens_per_sec']:.0f} tok/s | lr {r['lr']:.2e} | "
-                                 f"peak {peak}", refresh=False)
+        tps = f"{self.warm_tokens / self.warm_seconds:,.0f} tok/s" if self.warm_seconds else "tok/s after start-up"
+        self.bar.set_postfix_str(f"loss {r['loss']:.3f} | {tps} | start-up {self.startup:.1f} s | "
+                                 f"lr {r['lr']:.2e} | peak {peak}", refresh=False)
 
     def write(self, msg: str) -> None:
         if not self.bar.disable:

@@ -24,11 +24,12 @@ import numpy as np
 from ..errors import BridgeError
 from ..manifest import Manifest, environment
 from . import checkpoint as ck
+from .backend import backend_info, describe, probe_dtype, refuse_missing_kernels
 from .batching import BatchStream, eval_batches
 from .config import TrainConfig, make_config
 from .dataset import TokenizedData, prepare
 from .golden import MAX_NEW_TOKENS, compute_probes, probe_ids
-from .log import Progress, TrainLog
+from .log import Progress, TrainLog, speed
 from .model import apply_fine_tune, grad_checkpointing, is_quantized, load_base, model_dtype
 from .step import Stepper, loss_sum, make_optimizer
 
@@ -89,6 +90,9 @@ class MLXTrainer:
         self.total_steps: int | None = None
         self.optimizer = None
         self._owned: set[Path] = set()
+        self.backend = backend_info()  # where MLX trains: metal, cuda or cpu, and the device's name
+        self._startup = False  # the next step is the first of a train() call (compiles)
+        self._say(f"backend {describe(self.backend)}")
         self._say(f"model {model}: {len(self.model.layers)} blocks, "
                   f"{'quantized (QLoRA)' if is_quantized(self.model) else model_dtype(self.model)}; "
                   f"{self.config.fine_tune_type} on {len(self.adapter['layers'])} blocks, "
@@ -164,8 +168,9 @@ class MLXTrainer:
         has_valid = "valid" in self.data.examples
         self.model.train()
         bar = Progress(total, initial=min(self.step, total), quiet=cfg.quiet)
+        self._startup = True
         try:
-            with grad_checkpointing(self.model, cfg.grad_checkpoint):
+            with grad_checkpointing(self.model, cfg.grad_checkpoint), refuse_missing_kernels():
                 if has_valid and cfg.eval_every and self.step == 0:
                     self._validate(bar)
                 while self.step < total and self.position < total_micro:
@@ -207,6 +212,9 @@ class MLXTrainer:
                   "lr": float(self.optimizer.learning_rate.item()), "tokens_per_sec": real / dt,
                   "peak_memory_gb": mx.get_peak_memory() / 1e9, "epoch": self.position / stream.per_epoch,
                   "seconds": dt}
+        if self._startup:  # the first step of this train() call: tracing, compilation, kernel builds
+            record.update(startup=True, backend=self.backend["backend"], device=self.backend["device"])
+            self._startup = False
         self.log.add(record)
         return record
 
@@ -236,7 +244,8 @@ class MLXTrainer:
         return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": n}
 
     def summary(self) -> dict:
-        steps = self.log.steps()[-self.config.steps_per_report:]
+        every = self.log.steps()
+        steps = every[-self.config.steps_per_report:]
         tok = sum(r["tokens"] for r in steps)
         return {
             "steps": self.step, "total_steps": self.total_steps, "micro_batches": self.position,
@@ -246,6 +255,8 @@ class MLXTrainer:
             "final_valid_loss": self.log.last("val_loss"), "final_valid_ppl": self.log.last("val_ppl"),
             "seconds": round(self.seconds, 3),
             "tokens_per_sec": self.input_tokens / self.seconds if self.seconds else None,
+            **speed(every),
+            "trained_on": sorted({f"{r['backend']} ({r['device']})" for r in every if r.get("backend")}),
             "peak_memory_gb": mx.get_peak_memory() / 1e9,
             "completed": self.total_steps is not None and self.step >= self.total_steps,
         }
@@ -277,10 +288,10 @@ class MLXTrainer:
             adapter=dict(self.adapter),
             hyperparameters=hyper,
             dataset=dict(self.data.info) if self.data is not None else {},
-            environment=environment(),
+            environment=environment(**self.backend),
             training=self.summary() if self.data is not None else {"steps": 0},
             probes={"file": "probes.safetensors", "num": int(ids.shape[0]), "length": int(ids.shape[1]),
-                    "max_new_tokens": MAX_NEW_TOKENS, "dtype": model_dtype(self.model)},
+                    "max_new_tokens": MAX_NEW_TOKENS, "dtype": probe_dtype(model_dtype(self.model))},
         )
 
     def save_checkpoint(self, directory: str | os.PathLike, force: bool = False) -> Path:
@@ -305,7 +316,7 @@ class MLXTrainer:
             ck.LOG: self.log.write_jsonl,
             ck.PLOT: lambda p: self.log.plot(p, f"{self.config.fine_tune_type} on {Path(base_ref).name}"),
             "probes.safetensors": lambda p: compute_probes(self.model, ids, self.tokenizer,
-                                                           model_dtype(self.model)).save(p.parent),
+                                                           probe_dtype(model_dtype(self.model))).save(p.parent),
         }
         if self.optimizer is not None:
             writers[ck.OPTIMIZER] = lambda p: ck.save_optimizer(self.optimizer, p)

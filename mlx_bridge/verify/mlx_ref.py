@@ -69,4 +69,6 @@ def mlx_probes(against: str | os.PathLike, input_ids: np.ndarray, max_new_tokens
     floats = [str(v.dtype).replace("mlx.core.", "") for _, v in tree_flatten(model.parameters())]
     floats = [f for f in floats if f in ("float32", "float16", "bfloat16")]
     dtype = max(set(floats), key=floats.count) if floats else "float32"
-    return Probes(input_ids.astype(np.int32), logits, greedy, dtype=dtype)
+    from ..train.backend import probe_dtype  # float32 on CUDA computes in TF32
+
+    return Probes(input_ids.astype(np.int32), logits, greedy, dtype=probe_dtype(dtype))

@@ -6,8 +6,8 @@ same token ids:
 
 - logits: max and mean |difference| over every probe position; a position is within tolerance when
   its max is at most atol + rtol * max|reference logit|, with (atol, rtol) set by the coarser of the
-  two dtypes. In float32 every position must be; in half precision up to 2% of them may not (rounding
-  can flip a near-tie, e.g. a MoE router's choice of expert, which moves that position as a whole);
+  two dtypes. In float32 every position must be; in half precision (and TF32) up to 2% of them may not
+  (rounding can flip a near-tie, e.g. a MoE router's choice of expert, which moves that position as a whole);
 - greedy: each probe's continuation is generated again (no EOS stop). A continuation that leaves the
   reference's passes only at a near-tie: re-scoring the reference tokens, the deployed model's margin
   between its own choice and the reference's is within the same logit limit.
@@ -34,11 +34,12 @@ from ..errors import BridgeError
 from ..probes import FILENAME as PROBES, Probes
 
 REPORT = "parity.json"
-# (atol, rtol) on logits for the coarser dtype of reference and deployed model
-TOLERANCES = {"float32": (1e-3, 1e-3), "float16": (1e-2, 1e-2), "bfloat16": (5e-2, 5e-2)}
+# (atol, rtol) on logits for the coarser dtype of reference and deployed model. "tfloat32": float32 weights
+# whose matmuls ran in TF32 (10-bit mantissa, as float16): a float32 model's probes made on MLX's CUDA backend
+TOLERANCES = {"float32": (1e-3, 1e-3), "tfloat32": (1e-2, 1e-2), "float16": (1e-2, 1e-2), "bfloat16": (5e-2, 5e-2)}
 # share of probe positions allowed over the limit (a flipped near-tie moves a whole position)
-OUTLIERS = {"float32": 0.0, "float16": 0.02, "bfloat16": 0.02}
-PRECISION = ["float32", "float16", "bfloat16"]  # finer -> coarser
+OUTLIERS = {"float32": 0.0, "tfloat32": 0.02, "float16": 0.02, "bfloat16": 0.02}
+PRECISION = ["float32", "tfloat32", "float16", "bfloat16"]  # finer -> coarser
 DEFAULT_PROMPTS = ["Give three tips for staying healthy.", "What is two plus two?", "Hello, how are you today?",
                    "Write one sentence about the sea."]
 
