@@ -19,6 +19,11 @@ from __future__ import annotations
 import argparse
 
 
+# options that take no value: "off unless given" needs no default in the help
+FLAGS = (argparse._HelpAction, argparse._VersionAction, argparse._StoreConstAction, argparse._CountAction,
+         argparse._AppendConstAction)
+
+
 def _shown(value) -> str | None:
     if value is None or value is False or value is argparse.SUPPRESS:
         return None
@@ -35,12 +40,13 @@ def show_defaults(parser: argparse.ArgumentParser, defaults: dict | None = None)
         defaults: dest -> default shown instead of the parser's own (for options whose parser default
             is None so that a config file can still set them).
 
-    An option is left alone when its help is suppressed, already mentions its default, or when the
-    default is None/False (a flag that is off, or a value computed at run time and explained in the help).
+    An option is left alone when it is a flag (store_true/false/const), its help is suppressed or
+    already mentions its default, or its default is None (a value decided at run time, which the help
+    explains).
     """
     defaults = defaults or {}
     for a in parser._actions:
-        if not a.option_strings or a.help == argparse.SUPPRESS or isinstance(a, argparse._HelpAction):
+        if not a.option_strings or a.help == argparse.SUPPRESS or isinstance(a, FLAGS):
             continue
         if "default" in (a.help or "").lower():
             continue
