@@ -215,10 +215,11 @@ class MLXTrainer:
                  f"{summary['final_train_loss']:.4f}" + (f", valid loss {valid:.4f}" if valid is not None else "")
                  + (", complete)" if summary["completed"] else ", not complete: --resume continues it)")]
         if kept:
-            lines.append(f"numbered checkpoints: {len(kept)} in {self.out / numbered.SUBDIR} "
-                         f"({kept[0][1].name} .. {kept[-1][1].name}; {self.out} is the latest)")
+            names = kept[0][1].name + (f" .. {kept[-1][1].name}" if len(kept) > 1 else "")
+            lines.append(f"numbered checkpoints: {len(kept)} in {self.out / numbered.SUBDIR} ({names}; "
+                         f"{self.out} is the latest)")
         lines.append(f"loss curve: {self.out / ck.PLOT}")
-        lines.append(f"next: mlx-bridge export {self.out} --out {self.out.name}-export")
+        lines.append(f"next: mlx-bridge export {self.out} --out {self.out.parent / (self.out.name + '-export')}")
         return "\n".join(lines)
 
     def _one_step(self, stream: BatchStream, stepper: Stepper, total_micro: int) -> dict:

@@ -12,7 +12,7 @@ same token ids:
   reference's passes only at a near-tie: re-scoring the reference tokens, the deployed model's margin
   between its own choice and the reference's is within the same logit limit.
 
-`verify` writes the report as `parity.json` into the export directory.
+`verify` writes the report as `parity.json` into the export directory and its result into the model card.
 
 Example:
     >>> report = verify("deploy/alpaca")        # doctest: +SKIP
@@ -32,6 +32,7 @@ import numpy as np
 
 from ..errors import BridgeError
 from ..probes import FILENAME as PROBES, Probes
+from ..translate.card import write_parity
 
 REPORT = "parity.json"
 # (atol, rtol) on logits for the coarser dtype of reference and deployed model
@@ -113,7 +114,7 @@ def _default_inputs(model, n_tokens: int = 16) -> np.ndarray:
 
 def verify(export_dir: str | os.PathLike, against: str | os.PathLike | None = None, *, device: str = "cpu",
            dtype: str = "auto", backend: str = "auto", atol: float | None = None, rtol: float | None = None,
-           max_new_tokens: int = 16, write: bool = True, model=None) -> dict:
+           max_new_tokens: int = 16, write: bool = True, model=None, log=None) -> dict:
     """Check an export against MLX's outputs; write `parity.json` into it; return the report.
 
     Args:
@@ -124,6 +125,7 @@ def verify(export_dir: str | os.PathLike, against: str | os.PathLike | None = No
         max_new_tokens: greedy tokens per probe when the probes are made here (`against` without probes).
         write: write `parity.json`.
         model: an already loaded `DeployedModel` of `export_dir` (skips loading).
+        log: called with a line as each phase starts (loading, logits, greedy), e.g. `print`.
     Returns:
         the report (see `parity.json`): "passed", "logits", "greedy", ...
     Raises:
@@ -135,9 +137,15 @@ def verify(export_dir: str | os.PathLike, against: str | os.PathLike | None = No
     """
     t0 = time.perf_counter()
     d = Path(export_dir)
+
+    def phase(msg: str) -> None:
+        if log is not None:
+            log(f"parity: {msg} ({time.perf_counter() - t0:.1f}s)")
+
     if model is None:
         from ..deploy.loader import load
 
+        phase(f"loading {d} in PyTorch on {device}")
         model = load(d, device=device, dtype=dtype, backend=backend)
     have_probes = (d / PROBES).exists()
     if against is None and not have_probes:
@@ -149,6 +157,7 @@ def verify(export_dir: str | os.PathLike, against: str | os.PathLike | None = No
         saved = Probes.load(d) if have_probes else None
         inputs = saved.input_ids if saved is not None else _default_inputs(model)
         G = saved.greedy.shape[1] if saved is not None and saved.greedy.shape[1] else max_new_tokens
+        phase(f"computing the MLX reference with {against}")
         probes, source = mlx_probes(against, inputs, G), "mlx-lm"
     else:
         probes, source = Probes.load(d), PROBES
@@ -158,8 +167,11 @@ def verify(export_dir: str | os.PathLike, against: str | os.PathLike | None = No
     a, r = atol if atol is not None else a, rtol if rtol is not None else r
     import torch
 
+    N, L = probes.input_ids.shape
+    phase(f"logits of {N} probes x {L} tokens")
     got = model.logits(torch.as_tensor(probes.input_ids, dtype=torch.long)).cpu().numpy()
     logits = compare_logits(probes.logits, got, a, r, OUTLIERS[coarse])
+    phase(f"greedy continuations of {N} probes ({probes.greedy.shape[1]} tokens each)")
     greedy = compare_greedy(model, probes.input_ids, probes.greedy, logits["limit"])
     from ..manifest import environment
 
@@ -177,6 +189,7 @@ def verify(export_dir: str | os.PathLike, against: str | os.PathLike | None = No
                          f"(limit {logits['limit']:.3g}); greedy {greedy['exact']}/{greedy['of']} identical")
     if write:
         _write_json(d / REPORT, report)
+        write_parity(d, report)  # the model card's parity section
     return report
 
 
