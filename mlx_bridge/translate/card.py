@@ -110,9 +110,13 @@ def _usage(fmt: str, base_ref: str, name: str) -> list[str]:
             "The adapter is fused into the weights: no PEFT needed. `mlx_bridge.load(DIR)` runs it in PyTorch.", ""]
 
 
-def parity_section(report: dict | None) -> list[str]:
+def parity_section(report: dict | None, fmt: str = "hf") -> list[str]:
     """The card's parity lines, between markers so that `verify` can replace them."""
-    if report is None:
+    if report is None and fmt == "peft":
+        body = ["Not checked here: `mlx-bridge verify` checks a Hugging Face export (`--format hf`) of the same "
+                "checkpoint; this adapter holds the same LoRA factors (transposed), and `probes.safetensors` the "
+                "MLX outputs to compare with."]
+    elif report is None:
         body = ["Not checked yet: `mlx-bridge verify DIR` compares this export with the MLX outputs saved with "
                 "the checkpoint (`probes.safetensors`) and writes the result here and in `parity.json`."]
     else:
@@ -134,7 +138,7 @@ def model_card(*, title: str, fmt: str, dtype: str, base_ref: str, base_id: str 
     lines += [f"# {title}", "", f"Exported from MLX by mlx-bridge: {'a PEFT adapter' if fmt == 'peft' else 'a Hugging Face model'} "
               f"({dtype}) of `{base_id or base_ref}`.", ""]
     lines += _training(manifest)
-    lines += parity_section(None)
+    lines += parity_section(None, fmt)
     lines += _usage(fmt, base_id or base_ref, name)
     if notes:
         lines += ["## What MLX computed with", "", *[f"- {n}" for n in notes], ""]
