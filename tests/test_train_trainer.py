@@ -254,6 +254,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint(bases, data, tmp_path, mon
     (["--targets", "q_proj,wq"], "targets: 'wq' matches no linear layer"),
     (["--num-layers", "5"], "num_layers: 5 is more than the model's 2 blocks"),
     (["--batch-size", "0", "--warmup", "-1"], "training settings: 2 problems: batch_size"),
+    (["--keep-last", "2"], "keep_last: 2 numbered checkpoints need save_every"),
 ])
 def test_cli_bad_settings_exit_2(bases, data, tmp_path, capsys, extra, message):
     rc = cli_main(["train", "--model", str(bases["f32"]), "--data", str(data), "--out", str(tmp_path / "o"),

@@ -2,7 +2,8 @@
 
 Precedence (the `mlx-bridge train` CLI): command-line flags, then the YAML `--config`, then the defaults
 below. The defaults follow mlx-lm's `lora.py` where it has one (rank 8, scale 20, Adam, lr 1e-5,
-batch 4, max length 2048), except `num_layers`, which is -1 (every block, as PEFT does).
+batch 4, max length 2048, validation every 200 steps on 25 batches), except `num_layers`, which is -1
+(every block, as PEFT does).
 
 Example:
     >>> cfg = TrainConfig(lora_rank=16, lora_alpha=32)
@@ -104,6 +105,9 @@ class TrainConfig:
         for k in ("warmup", "save_every", "keep_last", "eval_every"):
             if getattr(self, k) < 0:
                 p.append(f"{k}: must be >= 0, got {getattr(self, k)}")
+        if self.keep_last and not self.save_every:
+            p.append(f"keep_last: {self.keep_last} numbered checkpoints need save_every (they are written every "
+                     "save_every steps)")
         if self.num_layers == 0 or self.num_layers < -1:
             p.append(f"num_layers: must be -1 (all blocks) or a positive count, got {self.num_layers}")
         if self.lora_alpha is not None and self.lora_scale is not None:
