@@ -296,3 +296,13 @@ def test_cli_beats_yaml_beats_defaults(tmp_path):
     bad.write_text(json.dumps({"lora_rnak": 4}))
     with pytest.raises(BridgeError, match="lora_rnak: unknown setting"):
         load_yaml(bad)
+
+
+def test_loss_plot_smooths_the_train_curve_and_marks_validation(tmp_path):
+    from mlx_bridge.train.log import TrainLog, smooth, smoothing_window
+
+    assert smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert smoothing_window(10) == 1 and smoothing_window(200) == 10 and smoothing_window(10_000) == 50
+    log = TrainLog([{"step": i, "loss": 3.0 / i} for i in range(1, 101)] + [{"step": 0, "val_loss": 3.1, "val_ppl": 22.0}])
+    log.plot(tmp_path / "loss.png", "t")
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
