@@ -240,6 +240,10 @@ def test_cli_generate(zoo, capsys):
     assert cli_main(["generate", str(d), "--prompt", "hello", "--max-tokens", "8", "--ignore-chat-template",
                      "--temperature", "0.8", "--seed", "4", "--device", "cpu"]) == 0
     assert capsys.readouterr().out == m.generate("hello", chat=False, max_tokens=8, temperature=0.8, seed=4) + "\n"
+    assert cli_main(["generate", str(d), "--prompt", "hello", "--max-tokens", "8", "--system-prompt", "be brief",
+                     "--device", "cpu"]) == 0
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    assert capsys.readouterr().out == m.generate(messages=msgs, max_tokens=8) + "\n"
 
 
 @pytest.mark.parametrize("think", [False, True])
