@@ -125,7 +125,7 @@ def verify(export_dir: str | os.PathLike, against: str | os.PathLike | None = No
         max_new_tokens: greedy tokens per probe when the probes are made here (`against` without probes).
         write: write `parity.json`.
         model: an already loaded `DeployedModel` of `export_dir` (skips loading).
-        log: called with a line as each phase starts (loading, logits, greedy), e.g. `print`.
+        log: called with a line as each phase starts (after loading: logits, greedy), e.g. `print`.
     Returns:
         the report (see `parity.json`): "passed", "logits", "greedy", ...
     Raises:
@@ -145,8 +145,8 @@ def verify(export_dir: str | os.PathLike, against: str | os.PathLike | None = No
     if model is None:
         from ..deploy.loader import load
 
-        phase(f"loading {d} in PyTorch on {device}")
-        model = load(d, device=device, dtype=dtype, backend=backend)
+        model = load(d, device=device, dtype=dtype, backend=backend)  # bad input: its one-line error, nothing before
+        phase(f"loaded {d} in PyTorch ({model.backend}, {model.device}, {str(model.dtype).replace('torch.', '')})")
     have_probes = (d / PROBES).exists()
     if against is None and not have_probes:
         raise BridgeError(f"{d}: no {PROBES} (the checkpoint was saved without probes); "
