@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from .clihelp import show_defaults
 from .errors import BridgeError
 
 # subcommand -> (module, one-line help)
@@ -39,6 +40,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         if name == command:  # import only the module that runs
             importlib.import_module(module).build_parser(p)
+            show_defaults(p)
     return parser
 
 

@@ -103,7 +103,7 @@ def test_base_model_loads_in_mlx_lm_and_transformers_alike():
 def quick_demo(tmp_path_factory):
     from mlx_bridge.cli import main
 
-    out = tmp_path_factory.mktemp("demo") / "run"
+    out = tmp_path_factory.mktemp("demo") / "demo"  # the README's `mlx-bridge demo --out demo`
     code = main(["demo", "--quick", "--out", str(out)])
     return code, out, json.loads((out / "results.json").read_text())
 
@@ -144,3 +144,24 @@ def test_demo_refuses_bad_arguments(tmp_path, capsys):
     (tmp_path / "x").write_text("occupied")
     assert main(["demo", "--out", str(tmp_path)]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_readme_python_example_on_the_demo_gives_the_fine_tuned_answer(quick_demo, monkeypatch, capsys):
+    """The README's demo snippet, run as written (from the directory where `mlx-bridge demo --out demo`
+    ran), prints what the README says it prints: the reversed list, which the base model gets wrong."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    demo = readme[readme.index("## Demo"):readme.index("\n## ", readme.index("## Demo") + 1)]
+    code, shown = re.findall(r"```python\n(.*?)```\n```\n(.*?)```", demo, re.S)[0]
+    _, out, _ = quick_demo
+    monkeypatch.chdir(out.parent)
+    capsys.readouterr()
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert printed == shown and printed.strip() == "blue bat lime"
+    from mlx_bridge import load
+
+    base = load(out / "base-export").generate("Reverse the order of these words: lime bat blue")
+    assert base.strip() != "blue bat lime"  # the answer is the fine-tuning's

@@ -109,6 +109,9 @@ def test_peft_dora_warns_about_vllm(zoo, tmp_path, capsys):
     rc, text = _export_text(capsys, ad, "--out", tmp_path / "o", "--format", "peft")
     assert rc == 0 and (tmp_path / "o" / "adapter_model.safetensors").exists()
     assert "DoRA" in text and "vLLM" in text and "--format hf" in text, text
+    magnitudes = [line for line in text.splitlines() if "DoRA magnitude" in line]
+    n = 2 * 7  # 2 blocks x 7 linear layers, one magnitude vector each
+    assert len(magnitudes) == 1 and f"{n} tensors are DoRA magnitude" in magnitudes[0], magnitudes  # one line, not 14
 
 
 def test_peft_rank_above_16_warns_about_vllm(zoo, tmp_path, capsys):

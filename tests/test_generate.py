@@ -96,6 +96,27 @@ def test_stream_pieces_make_the_text(llama):
     assert s.last_completion is llama.last_completion and len(s.last_completion.token_ids) <= 20
 
 
+def test_plain_prompt_goes_through_the_chat_template_like_the_cli(llama, tmp_path):
+    """generate("an instruction") = one user message through the template (as `mlx-bridge generate` and
+    mlx-lm's CLI do); chat=False continues the raw text; a tokenizer without a template gets raw text."""
+    msgs = [{"role": "user", "content": "hello"}]
+    assert llama.chat_ids("hello") == llama.encode_prompt(messages=msgs) != llama.encode_prompt("hello")
+    assert llama.generate("hello", max_tokens=8) == llama.generate(messages=msgs, max_tokens=8)
+    raw = llama.complete([llama.encode_prompt("hello")], max_tokens=8)[0].text
+    assert llama.generate("hello", chat=False, max_tokens=8) == raw
+    assert "".join(llama.stream("hello", chat=False, max_tokens=8)) == raw
+    assert llama.generate(["hello", "a"], max_tokens=8)[0] == llama.generate("hello", max_tokens=8)
+    with pytest.raises(BridgeError, match="chat=False"):
+        llama.generate(messages=msgs, chat=False)
+    template, llama.tokenizer.chat_template = llama.tokenizer.chat_template, None
+    try:
+        assert llama.generate("hello", max_tokens=8) == raw
+        with pytest.raises(BridgeError, match="no chat template"):
+            llama.generate("hello", chat=True)
+    finally:
+        llama.tokenizer.chat_template = template
+
+
 def test_stream_never_splits_a_character(tmp_path):
     """Byte-level BPE splits multi-byte characters across tokens: no piece may end inside one."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -218,7 +239,11 @@ def test_cli_generate(zoo, capsys):
     assert capsys.readouterr().out == m.generate(messages=[{"role": "user", "content": "hello"}], max_tokens=8) + "\n"
     assert cli_main(["generate", str(d), "--prompt", "hello", "--max-tokens", "8", "--ignore-chat-template",
                      "--temperature", "0.8", "--seed", "4", "--device", "cpu"]) == 0
-    assert capsys.readouterr().out == m.generate("hello", max_tokens=8, temperature=0.8, seed=4) + "\n"
+    assert capsys.readouterr().out == m.generate("hello", chat=False, max_tokens=8, temperature=0.8, seed=4) + "\n"
+    assert cli_main(["generate", str(d), "--prompt", "hello", "--max-tokens", "8", "--system-prompt", "be brief",
+                     "--device", "cpu"]) == 0
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    assert capsys.readouterr().out == m.generate(messages=msgs, max_tokens=8) + "\n"
 
 
 @pytest.mark.parametrize("think", [False, True])

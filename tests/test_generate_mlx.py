@@ -75,7 +75,7 @@ def test_greedy_generation_equals_mlx_lm(zoo, arch):
     for p, (text, ids), c in zip(prompts, ref, got):
         assert c.token_ids == ids, f"{arch} {p!r}"
         assert c.text == text
-    assert m.generate(prompts[0], max_tokens=24) == ref[0][0]
+    assert m.generate(prompts[0], chat=False, max_tokens=24) == ref[0][0]
 
 
 def test_chat_template_tokens_and_generation_equal_mlx_lm(zoo):
@@ -89,4 +89,4 @@ def test_mlx_dir_of_dense_model_loads_directly(zoo):
     """An unquantized MLX dir of a dense arch is already Hugging Face layout."""
     m = load(zoo.mlx("llama"))
     ref = mlx_generate(zoo.mlx("llama"), PROMPTS[:1], max_tokens=16)
-    assert m.generate(PROMPTS[0], max_tokens=16) == ref[0][0]
+    assert m.generate(PROMPTS[0], chat=False, max_tokens=16) == ref[0][0]

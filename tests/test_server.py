@@ -42,7 +42,7 @@ def served(export_dir):
     model = load(export_dir)
     greedy = dict(max_tokens=MAX_TOKENS, temperature=0.0)
     expected = {
-        "generate": {p: model.generate(p, **greedy) for p in PROMPTS},
+        "generate": {p: model.generate(p, chat=False, **greedy) for p in PROMPTS},
         "complete": {p: model.complete([model.encode_prompt(p)], **greedy)[0] for p in PROMPTS},
         "chat": model.complete([model.encode_prompt(messages=CHAT)], **greedy)[0],
         "stop": None,

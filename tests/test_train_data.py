@@ -183,6 +183,56 @@ def test_truncation_warns_once_with_a_count(tok, capsys):
     assert stats["truncated"] == 2 and max(len(e.tokens) for e in exs) == 16
 
 
+def test_examples_longer_than_the_model_context_are_counted_and_truncated_to_it(tok, capsys):
+    recs = [{"text": " ".join(["one"] * n)} for n in (3, 30, 40, 5, 12)]
+    exs, stats = tokenize_split(recs, [f"r{i}" for i in range(5)], "text", "text", tok, False, 2048, "train",
+                                context=20)
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1, err
+    assert ("train: 2 of 5 examples are longer than the model's context of 20 tokens (max_position_embeddings) "
+            "(longest 41): they are truncated to 20 tokens") in err
+    assert stats["truncated"] == 2 and stats["longest"] == 41 and max(len(e.tokens) for e in exs) == 20
+    tokenize_split(recs, [f"r{i}" for i in range(5)], "text", "text", tok, False, 2048, "train", context=64)
+    assert capsys.readouterr().err == ""  # everything fits: no warning
+
+
+# ------------------------------------------------------------------ ShareGPT
+SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
+
+
+def as_sharegpt(chat_records: list[dict]) -> list[dict]:
+    return [{"conversations": [{"from": SHAREGPT_ROLE[m["role"]], "value": m["content"]} for m in r["messages"]]}
+            for r in chat_records]
+
+
+def test_sharegpt_records_train_exactly_like_chat_records(tok, tmp_path):
+    """`conversations` with from human/gpt/system: detected, and tokenized with the same tokens and the
+    same loss mask (every assistant turn, nothing else) as the equivalent `messages` records."""
+    chat = task_records("chat", 12)
+    chat[0]["messages"] += [{"role": "user", "content": "again"}, {"role": "assistant", "content": "one two"}]
+    p = write_records(tmp_path / "sg.jsonl", as_sharegpt(chat))
+    sg = prepare(str(p), tok, TrainConfig(valid_fraction=0.25))
+    ref = prepare(chat, tok, TrainConfig(valid_fraction=0.25))
+    assert sg.info["format"] == "sharegpt" and sg.info["template"] == "chat_template" and sg.info["mask_prompt"]
+    for split in ("train", "valid"):
+        assert len(sg.examples[split]) == len(ref.examples[split]) > 0
+        for a, b in zip(sg.examples[split], ref.examples[split]):
+            np.testing.assert_array_equal(a.tokens, b.tokens)
+            np.testing.assert_array_equal(a.mask, b.mask)
+    two_turns = next(e for e in sg.examples["train"] + sg.examples["valid"] if len(e.tokens) > 20)
+    assert targets_text(tok, two_turns).count("<|end|>") == 2  # both gpt turns, with their end-of-turn
+
+
+def test_sharegpt_bad_turns_are_listed(tmp_path):
+    recs = [{"conversations": [{"from": "human", "value": "hi"}]},
+            {"conversations": [{"from": "robot", "value": "hi"}, {"from": "gpt", "value": 3}]}]
+    with pytest.raises(BridgeError) as e:
+        check_records(read_records(write_records(tmp_path / "s.jsonl", recs)), None)
+    msg = str(e.value)
+    assert "s.jsonl:1: conversations has no gpt/assistant turn" in msg
+    assert "s.jsonl:2: conversations[0].from 'robot'" in msg and "s.jsonl:2: conversations[1].value" in msg
+
+
 def test_response_cut_off_by_truncation_is_dropped(tok, capsys):
     recs = [{"prompt": " ".join(["one"] * 30), "completion": "two"}, {"prompt": "one", "completion": "two"}]
     exs, stats = tokenize_split(recs, ["a", "b"], "completions", "chat_template", tok, True, 16)
@@ -246,3 +296,13 @@ def test_cli_beats_yaml_beats_defaults(tmp_path):
     bad.write_text(json.dumps({"lora_rnak": 4}))
     with pytest.raises(BridgeError, match="lora_rnak: unknown setting"):
         load_yaml(bad)
+
+
+def test_loss_plot_smooths_the_train_curve_and_marks_validation(tmp_path):
+    from mlx_bridge.train.log import TrainLog, smooth, smoothing_window
+
+    assert smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert smoothing_window(10) == 1 and smoothing_window(200) == 10 and smoothing_window(10_000) == 50
+    log = TrainLog([{"step": i, "loss": 3.0 / i} for i in range(1, 101)] + [{"step": 0, "val_loss": 3.1, "val_ppl": 22.0}])
+    log.plot(tmp_path / "loss.png", "t")
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"

@@ -254,6 +254,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint(bases, data, tmp_path, mon
     (["--targets", "q_proj,wq"], "targets: 'wq' matches no linear layer"),
     (["--num-layers", "5"], "num_layers: 5 is more than the model's 2 blocks"),
     (["--batch-size", "0", "--warmup", "-1"], "training settings: 2 problems: batch_size"),
+    (["--keep-last", "2"], "keep_last: 2 numbered checkpoints need save_every"),
 ])
 def test_cli_bad_settings_exit_2(bases, data, tmp_path, capsys, extra, message):
     rc = cli_main(["train", "--model", str(bases["f32"]), "--data", str(data), "--out", str(tmp_path / "o"),
@@ -287,3 +288,73 @@ def test_cli_bad_model_and_data_exit_2(bases, data, tmp_path, capsys):
         rc = cli_main(["train", "--out", str(tmp_path / "o"), "--quiet"] + args)
         err = capsys.readouterr().err.strip()
         assert rc == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_numbered_checkpoints_keep_last_and_the_latest_in_out(bases, data, tmp_path, capsys):
+    """--save-every 2 --keep-last 2 over 7 steps: step-4, step-6 and step-7 written, the last 2 kept; OUT
+    equals the newest (same files); each numbered one is a complete checkpoint; probes once per save."""
+    import mlx_bridge.train.trainer as trainer_mod
+
+    out = tmp_path / "ck"
+    calls = []
+    real = trainer_mod.compute_probes
+    trainer_mod.compute_probes = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    try:
+        tr = MLXTrainer(str(bases["f32"]), str(data), out=out, lora_rank=2, save_every=2, keep_last=2,
+                        **dict(FAST, quiet=False))
+        tr.train(iters=7)
+    finally:
+        trainer_mod.compute_probes = real
+    assert len(calls) == 4  # steps 2, 4, 6, 7: one probe run per save, none for OUT itself
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == ["step-0000006", "step-0000007"]
+    latest = out / "checkpoints" / "step-0000007"
+    for name in Manifest.load(latest).files:
+        assert (out / name).read_bytes() == (latest / name).read_bytes(), name
+    assert Manifest.load(out).files == Manifest.load(latest).files
+    assert json.loads((out / "checkpoints" / "step-0000006" / "trainer_state.json").read_text())["step"] == 6
+    assert mx.load(str(out / "checkpoints" / "step-0000006" / "adapters.safetensors"))
+    err = capsys.readouterr().err
+    assert f"checkpoint: {out} (step 7/7" in err
+    assert "numbered checkpoints: 2 in" in err and "step-0000006 .. step-0000007" in err
+    assert f"next: mlx-bridge export {out} --out {tmp_path / 'ck-export'}" in err
+    # resuming keeps the numbered ones and adds to them
+    c = MLXTrainer(str(bases["f32"]), str(data), out=out, resume=True, lora_rank=2, save_every=2, keep_last=2, **FAST)
+    c.train(iters=7)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == kept
+
+
+def test_validation_at_step_0_and_at_the_end_by_default(bases, data):
+    from mlx_lm.lora import CONFIG_DEFAULTS
+
+    from mlx_bridge.train.config import TrainConfig
+
+    # the defaults are mlx-lm's (steps_per_eval, val_batches)
+    assert (TrainConfig.eval_every, TrainConfig.val_batches) == (CONFIG_DEFAULTS["steps_per_eval"],
+                                                                  CONFIG_DEFAULTS["val_batches"])
+    tr = MLXTrainer(str(bases["f32"]), str(data), lora_rank=2, **FAST)
+    tr.train(iters=3)
+    assert [r["step"] for r in tr.log.records if "val_loss" in r] == [0, 3]
+
+
+def test_data_is_checked_before_the_model_loads(bases, tmp_path, monkeypatch):
+    import mlx_bridge.train.trainer as trainer_mod
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(trainer_mod, "load_base", no_load)
+    with pytest.raises(BridgeError, match="no such file or directory"):
+        MLXTrainer(str(bases["f32"]), str(tmp_path / "typo.jsonl"), lora_rank=2, **FAST)
+    bad = write_records(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "a"}])
+    with pytest.raises(BridgeError, match="bad.jsonl:2: missing field 'completion'"):
+        MLXTrainer(str(bases["f32"]), str(bad), lora_rank=2, **FAST)
+
+
+def test_examples_beyond_the_model_context_are_truncated_to_it(bases, tmp_path, capsys):
+    long = {"text": " ".join(["one two"] * 200)}  # 400 words > the tiny model's 256 positions
+    recs = task_records("text", 7) + [long]
+    tr = MLXTrainer(str(bases["f32"]), {"train": recs, "valid": recs[:2]}, lora_rank=2, mask_prompt=False, **FAST)
+    assert tr.context == 256
+    assert max(len(e.tokens) for e in tr.data.examples["train"]) == 256
+    assert "train: 1 of 8 examples are longer than the model's context of 256 tokens" in capsys.readouterr().err

@@ -56,6 +56,15 @@ def test_export_passes_and_writes_parity_json(export_with_probes):
     assert on_disk["deployed"] == {"backend": "native", "device": "cpu", "dtype": "float32"}
 
 
+def test_each_phase_is_reported_as_it_starts_and_the_card_gets_the_result(export_with_probes):
+    lines = []
+    report = verify(export_with_probes, log=lines.append)
+    assert [line.split(" ")[1] for line in lines] == ["loaded", "logits", "greedy"], lines
+    assert "3 probes x 10 tokens" in lines[1] and f"({G} tokens each)" in lines[2]
+    card = (export_with_probes / "README.md").read_text()
+    assert "**PASS**" in card and f"{report['logits']['max_abs_diff']:.3g}" in card
+
+
 def test_bfloat16_export_passes_with_the_bfloat16_tolerance(zoo, export_with_probes, tmp_path):
     from mlx_bridge import export
 

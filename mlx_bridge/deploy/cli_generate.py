@@ -38,11 +38,12 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model = load_from_args(args.model, args)
     t_load = time.perf_counter() - t0
-    if not args.ignore_chat_template and getattr(model.tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": args.system_prompt}] if args.system_prompt else [])
-        ids = model.encode_prompt(messages=messages + [{"role": "user", "content": prompt}])
+    chat = False if args.ignore_chat_template else None  # None: the template when the tokenizer has one
+    if args.system_prompt and chat is None and getattr(model.tokenizer, "chat_template", None):
+        ids = model.encode_prompt(messages=[{"role": "system", "content": args.system_prompt},
+                                            {"role": "user", "content": prompt}])
     else:
-        ids = model.encode_prompt(prompt)
+        ids = model.chat_ids(prompt, chat)
     t1 = time.perf_counter()
     stream = model.stream_ids(ids, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, seed=args.seed, stop=args.stop)

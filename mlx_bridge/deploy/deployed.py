@@ -7,7 +7,10 @@ Example:
     >>> from mlx_bridge import load                                     # doctest: +SKIP
     >>> m = load("deploy/alpaca")                                       # doctest: +SKIP
     >>> m.generate("Give three tips for staying healthy.", max_tokens=8)  # doctest: +SKIP
-    ' eat well, sleep, walk'
+    'Eat well, sleep, walk'
+
+`generate`/`stream` treat a plain prompt as an instruction (the chat template, when the tokenizer has
+one, as the CLI does); `chat=False` continues raw text; `encode_prompt` + `complete` work on token ids.
 """
 
 from __future__ import annotations
@@ -198,26 +201,56 @@ class DeployedModel:
 
         return TextStream(chunks(), self.decode, self.eos_token_ids, stop, len(prompt_ids), budget, done)
 
+    def chat_ids(self, prompt: str, chat: bool | None = None) -> list[int]:
+        """Token ids of a plain prompt as `mlx-bridge generate` (and `mlx_lm.generate`'s CLI) makes
+        them: one user message through the chat template when the tokenizer has one, the raw text
+        otherwise. `chat=False` always tokenizes the raw text; `chat=True` requires a template.
+
+        Example:
+            >>> m.chat_ids("hi") == m.encode_prompt(messages=[{"role": "user", "content": "hi"}])  # doctest: +SKIP
+            True
+        """
+        if chat is None:
+            chat = bool(getattr(self.tokenizer, "chat_template", None))
+        if chat:
+            if not isinstance(prompt, str):
+                raise BridgeError(f"prompt: must be a string, got {type(prompt).__name__}")
+            return self.encode_prompt(messages=[{"role": "user", "content": prompt}])
+        return self.encode_prompt(prompt)
+
+    def _ids(self, prompt: str | None, messages: list[dict] | None, chat: bool | None) -> list[int]:
+        if messages is not None and chat is False:
+            raise BridgeError("chat=False: messages always go through the chat template; pass a prompt")
+        if prompt is None or messages is not None:
+            return self.encode_prompt(prompt, messages)  # messages, or the error for neither / both
+        return self.chat_ids(prompt, chat)
+
     def generate(self, prompt: str | list[str] | None = None, *, messages: list[dict] | None = None,
-                 **sampling) -> str | list[str]:
+                 chat: bool | None = None, **sampling) -> str | list[str]:
         """The new text only (as `mlx_lm.generate` returns it); a list of prompts gives a list.
+
+        A plain prompt is an instruction: it goes through the tokenizer's chat template as one user
+        message when the tokenizer has one, as `mlx-bridge generate` and `mlx_lm.generate`'s CLI do;
+        `chat=False` continues the raw text instead (`mlx_lm.generate(model, tokenizer, prompt)`).
 
         Example:
             >>> m.generate("Give three tips for staying healthy.", max_tokens=32, temperature=0.7, seed=0)  # doctest: +SKIP
+            >>> m.generate("Once upon a time", chat=False, max_tokens=32)  # doctest: +SKIP
         """
         if isinstance(prompt, list):
             if messages is not None:
                 raise BridgeError("prompt: give a list of prompts or messages, not both")
-            return [c.text for c in self.complete([self.encode_prompt(p) for p in prompt], **sampling)]
-        return self.complete([self.encode_prompt(prompt, messages)], **sampling)[0].text
+            return [c.text for c in self.complete([self.chat_ids(p, chat) for p in prompt], **sampling)]
+        return self.complete([self._ids(prompt, messages, chat)], **sampling)[0].text
 
-    def stream(self, prompt: str | None = None, *, messages: list[dict] | None = None, **sampling) -> Iterator[str]:
-        """Text pieces of one generation as they are decoded.
+    def stream(self, prompt: str | None = None, *, messages: list[dict] | None = None, chat: bool | None = None,
+               **sampling) -> Iterator[str]:
+        """Text pieces of one generation as they are decoded (prompts as in `generate`).
 
         Example:
             >>> for piece in m.stream(messages=[{"role": "user", "content": "Hi"}]): print(piece, end="")  # doctest: +SKIP
         """
-        return self.stream_ids(self.encode_prompt(prompt, messages), **sampling)
+        return self.stream_ids(self._ids(prompt, messages, chat), **sampling)
 
     # -- scoring ---------------------------------------------------------------------------------------
 

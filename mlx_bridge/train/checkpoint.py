@@ -6,9 +6,10 @@
     optimizer.safetensors   the optimizer state (step, learning rate, moments) for resume
     trainer_state.json      optimizer step, micro-batch position, tokens, seconds (resume)
     training_log.jsonl      one line per step and per validation
-    loss.png                the loss curve
+    loss.png                the loss curve (train smoothed, validation points)
     probes.safetensors      golden MLX outputs (mlx_bridge.probes)
     manifest.json           mlx_bridge.manifest.Manifest, kind "checkpoint", with files {name: sha256}
+    checkpoints/            numbered checkpoints with --save-every (mlx_bridge.train.numbered)
 
 Everything is written into a temporary directory that is renamed over the target at the end
 (`fsutil.atomic_dir`), so a crash mid-save leaves the previous checkpoint in place.
@@ -95,13 +96,20 @@ def load_trainable(model: nn.Module, path: Path) -> None:
 
 
 def write_checkpoint(out: str | os.PathLike, manifest: Manifest, writers: dict[str, Callable[[Path], None]],
-                     force: bool = False) -> Path:
-    """Write each file with its writer into a temp dir, hash them into the manifest, rename into place."""
+                     force: bool = False, carry: tuple[str, ...] = ()) -> Path:
+    """Write each file with its writer into a temp dir, hash them into the manifest, rename into place.
+
+    The subdirectories named in `carry` (the numbered checkpoints) move from the old `out` into the new
+    one as the last step before the rename, when nothing can fail any more.
+    """
     with atomic_dir(out, force=force) as tmp:
         for name, write in writers.items():
             write(tmp / name)
         manifest.files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest.save(tmp)
+        for name in carry:
+            if (Path(out) / name).is_dir():
+                os.rename(Path(out) / name, tmp / name)
     return Path(out)
 
 

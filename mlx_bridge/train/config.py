@@ -2,7 +2,8 @@
 
 Precedence (the `mlx-bridge train` CLI): command-line flags, then the YAML `--config`, then the defaults
 below. The defaults follow mlx-lm's `lora.py` where it has one (rank 8, scale 20, Adam, lr 1e-5,
-batch 4, max length 2048), except `num_layers`, which is -1 (every block, as PEFT does).
+batch 4, max length 2048, validation every 200 steps on 25 batches), except `num_layers`, which is -1
+(every block, as PEFT does).
 
 Example:
     >>> cfg = TrainConfig(lora_rank=16, lora_alpha=32)
@@ -22,12 +23,12 @@ from ..errors import BridgeError, raise_all
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 SCHEDULES = ("constant", "cosine", "linear")
 OPTIMIZERS = ("adam", "adamw", "sgd")
-DATA_FORMATS = ("alpaca", "chat", "completions", "text")
+DATA_FORMATS = ("alpaca", "chat", "sharegpt", "completions", "text")
 TEMPLATES = ("chat_template", "alpaca", "plain")
 DEFAULT_SCALE = 20.0  # mlx-lm's default LoRA scale
 
 # settings that only change how a run is observed, not what it computes (may differ on resume)
-OBSERVATION_KEYS = ("save_every", "eval_every", "val_batches", "steps_per_report", "quiet")
+OBSERVATION_KEYS = ("save_every", "keep_last", "eval_every", "val_batches", "steps_per_report", "quiet")
 
 
 @dataclass
@@ -62,10 +63,11 @@ class TrainConfig:
     max_seq_len: int = 2048
     valid_fraction: float = 0.1  # held out with the seed when the data has no valid split
     # observation
-    save_every: int = 0  # optimizer steps between checkpoints (0 = only at the end)
-    eval_every: int = 0  # optimizer steps between validations (0 = only at the end)
-    val_batches: int = -1  # -1 = the whole validation split
-    steps_per_report: int = 10
+    save_every: int = 0  # optimizer steps between numbered checkpoints (0 = only the final one)
+    keep_last: int = 0  # numbered checkpoints kept (0 = all)
+    eval_every: int = 200  # validation at step 0, every N steps and at the end (0 = only at the end)
+    val_batches: int = 25  # batches per validation (-1 = the whole validation split)
+    steps_per_report: int = 10  # eval_every, val_batches, steps_per_report: mlx_lm.lora's CONFIG_DEFAULTS
     quiet: bool = False
 
     @property
@@ -100,9 +102,12 @@ class TrainConfig:
                 p.append(f"{k}: must be a positive integer, got {getattr(self, k)!r}")
         if self.max_seq_len < 2:
             p.append(f"max_seq_len: must be at least 2, got {self.max_seq_len}")
-        for k in ("warmup", "save_every", "eval_every"):
+        for k in ("warmup", "save_every", "keep_last", "eval_every"):
             if getattr(self, k) < 0:
                 p.append(f"{k}: must be >= 0, got {getattr(self, k)}")
+        if self.keep_last and not self.save_every:
+            p.append(f"keep_last: {self.keep_last} numbered checkpoints need save_every (they are written every "
+                     "save_every steps)")
         if self.num_layers == 0 or self.num_layers < -1:
             p.append(f"num_layers: must be -1 (all blocks) or a positive count, got {self.num_layers}")
         if self.lora_alpha is not None and self.lora_scale is not None:
@@ -219,7 +224,7 @@ def _coerce(cfg: TrainConfig) -> None:
             setattr(cfg, name, float(v))
         except (TypeError, ValueError):
             problems.append(f"{name}: expected a number, got {v!r}")
-    for name in ("lora_rank", "batch_size", "grad_accum", "warmup", "max_seq_len", "save_every", "eval_every",
+    for name in ("lora_rank", "batch_size", "grad_accum", "warmup", "max_seq_len", "save_every", "keep_last", "eval_every",
                  "val_batches", "seed", "num_layers", "iters", "steps_per_report"):
         v = getattr(cfg, name)
         if v is None:

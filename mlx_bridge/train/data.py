@@ -9,6 +9,8 @@ Sources:
 Formats (detected from the first record, overridable, then checked on every record):
     alpaca       instruction, output, optional input
     chat         messages [{role, content}], optional tools
+    sharegpt     conversations [{from, value}] with from human/gpt/system (Unsloth's and axolotl's
+                 aliases: user/input, assistant/output): read as chat, with the same loss mask
     completions  prompt, completion
     text         text
 
@@ -38,11 +40,15 @@ EXTENSIONS = (".jsonl", ".json")
 # format -> (required fields, optional fields); detection order matters (chat before text)
 FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "chat": (("messages",), ("tools",)),
+    "sharegpt": (("conversations",), ("tools",)),
     "completions": (("prompt", "completion"), ("tools",)),
     "alpaca": (("instruction", "output"), ("input",)),
     "text": (("text",), ()),
 }
 ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT `from` -> chat role (unsloth.chat_templates.standardize_sharegpt's aliases, plus tool)
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "input": "user", "gpt": "assistant",
+                  "assistant": "assistant", "output": "assistant", "tool": "tool"}
 
 
 @dataclass
@@ -185,6 +191,27 @@ def _check_message(m: object, where: str, i: int) -> list[str]:
     return p
 
 
+def sharegpt_messages(conversations: list[dict]) -> list[dict]:
+    """ShareGPT turns as chat messages.
+
+    Example:
+        >>> sharegpt_messages([{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}])
+        [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'hello'}]
+    """
+    return [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in conversations]
+
+
+def _check_turn(t: object, where: str, i: int) -> list[str]:
+    if not isinstance(t, dict):
+        return [f"{where}: conversations[{i}] must be an object"]
+    p = []
+    if t.get("from") not in SHAREGPT_ROLES:
+        p.append(f"{where}: conversations[{i}].from {t.get('from')!r} is not one of {', '.join(SHAREGPT_ROLES)}")
+    if not isinstance(t.get("value"), str):
+        p.append(f"{where}: conversations[{i}].value must be a string")
+    return p
+
+
 def check_record(r: object, fmt: str, where: str) -> list[str]:
     """Problems with one record of format `fmt` (empty when fine)."""
     if not isinstance(r, dict):
@@ -192,6 +219,15 @@ def check_record(r: object, fmt: str, where: str) -> list[str]:
     required, optional = FORMATS[fmt]
     p = [f"{where}: missing field {k!r} ({fmt} format)" for k in required if k not in r]
     if p:
+        return p
+    if fmt == "sharegpt":
+        turns = r["conversations"]
+        if not isinstance(turns, list) or not turns:
+            return [f"{where}: conversations must be a non-empty list"]
+        for i, t in enumerate(turns):
+            p += _check_turn(t, where, i)
+        if not p and not any(SHAREGPT_ROLES[t["from"]] == "assistant" for t in turns):
+            p.append(f"{where}: conversations has no gpt/assistant turn to train on")
         return p
     if fmt == "chat":
         msgs = r["messages"]

@@ -33,17 +33,23 @@ def probe_ids(examples: list[Example], num: int = NUM_PROBES, length: int = PROB
 
 
 def compute_probes(model: nn.Module, ids: np.ndarray, tokenizer=None, dtype: str = "float32",
-                   max_new_tokens: int = MAX_NEW_TOKENS) -> Probes:
-    """Run the probes through `model` in eval mode (dropout off); the mode is restored afterwards."""
+                   max_new_tokens: int = MAX_NEW_TOKENS, progress: bool = False) -> Probes:
+    """Run the probes through `model` in eval mode (dropout off); the mode is restored afterwards.
+    `progress` shows a bar over the forward passes when they take more than a couple of seconds."""
+    from .log import phase
+
     was_training = model.training
     model.eval()
     try:
         x = mx.array(ids)
         logits = model(x).astype(mx.float32)  # [N, L, V]
+        mx.eval(logits)
         seq = x
-        for _ in range(max_new_tokens):
+        for _ in phase(range(max_new_tokens), f"probes ({ids.shape[0]} x {ids.shape[1]} tokens, greedy)",
+                       quiet=not progress):
             nxt = mx.argmax(model(seq)[:, -1, :], axis=-1).astype(mx.int32)  # [N]
             seq = mx.concatenate([seq, nxt[:, None]], axis=1)
+            mx.eval(seq)
         mx.eval(logits, seq)
     finally:
         model.train(was_training)

@@ -1,4 +1,4 @@
-"""Progress bar, `training_log.jsonl` and the loss-curve PNG.
+"""Progress bars, `training_log.jsonl` and the loss-curve PNG.
 
 Records are dicts: a step record {"step", "loss", "tokens", "lr", "tokens_per_sec", "peak_memory_gb",
 "epoch", "seconds"} and a validation record {"step", "val_loss", "val_ppl"}. The first step of each
@@ -47,7 +47,8 @@ class TrainLog:
         return cls([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
 
     def plot(self, path: Path, title: str = "") -> None:
-        """Train loss per step and validation loss as points (matplotlib, Agg backend)."""
+        """Train loss per step (faint), its moving average over `smoothing_window` steps, and the
+        validation loss as points (matplotlib, Agg backend)."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -56,10 +57,14 @@ class TrainLog:
         fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
         tr = self.steps()
         if tr:
-            ax.plot([r["step"] for r in tr], [r["loss"] for r in tr], lw=1, label="train")
+            x, y = [r["step"] for r in tr], [r["loss"] for r in tr]
+            ax.plot(x, y, lw=0.8, alpha=0.3, color="C0", label="train")
+            w = smoothing_window(len(y))
+            if w > 1:
+                ax.plot(x, smooth(y, w), lw=1.5, color="C0", label=f"train, mean of {w} steps")
         va = [r for r in self.records if "val_loss" in r]
         if va:
-            ax.plot([r["step"] for r in va], [r["val_loss"] for r in va], "o-", ms=4, label="valid")
+            ax.plot([r["step"] for r in va], [r["val_loss"] for r in va], "o-", ms=4, color="C1", label="valid")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss (response tokens)")
         ax.set_title(title, fontsize=9)
@@ -86,6 +91,41 @@ def speed(steps: list[dict]) -> dict:
     return {"startup_seconds": round(sum(r["seconds"] for r in cold), 3), "startup_steps": len(cold),
             "steady_tokens_per_sec": sum(r["input_tokens"] for r in warm) / secs if secs else None,
             "steady_steps": len(warm)}
+
+
+def smoothing_window(n: int) -> int:
+    """Steps averaged in the plotted train curve: about a twentieth of the run, at most 50."""
+    return max(1, min(50, n // 20))
+
+
+def smooth(y: list[float], w: int) -> list[float]:
+    """Trailing moving average (the first points average what there is so far).
+
+    Example:
+        >>> smooth([1.0, 3.0, 5.0, 7.0], 2)
+        [1.0, 2.0, 4.0, 6.0]
+    """
+    out, acc = [], 0.0
+    for i, v in enumerate(y):
+        acc += v
+        if i >= w:
+            acc -= y[i - w]
+        out.append(acc / min(i + 1, w))
+    return out
+
+
+def phase(iterable, desc: str, total: int | None = None, quiet: bool = False):
+    """A progress bar for a phase (validation, probes, tokenizing) that shows up only when it takes more
+    than two seconds and goes away when it ends.
+
+    Example:
+        >>> sum(phase(range(3), "demo", quiet=True))
+        3
+    """
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, disable=quiet, delay=2, leave=False, file=sys.stderr,
+                dynamic_ncols=True)
 
 
 class Progress:

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import BridgeError
+from .data import sharegpt_messages
+from .log import phase
 
 ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately "
                  "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
@@ -51,7 +53,7 @@ def resolve_template(fmt: str, tokenizer, template: str | None) -> str:
         if template not in (None, "plain"):
             raise BridgeError(f"template: {template!r} does not apply to the text format")
         return "text"
-    if fmt == "chat" and template not in (None, "chat_template"):
+    if fmt in ("chat", "sharegpt") and template not in (None, "chat_template"):
         raise BridgeError(f"template: the chat format needs the tokenizer's chat template, not {template!r}")
     if template is None:
         template = "chat_template" if has_chat_template(tokenizer) else ("plain" if fmt == "completions" else "alpaca")
@@ -118,6 +120,8 @@ def encode_record(r: dict, fmt: str, template: str, tokenizer, mask_prompt: bool
     if template == "chat_template":
         if fmt == "chat":
             return encode_chat(tokenizer, r["messages"], r.get("tools"), mask_prompt)
+        if fmt == "sharegpt":
+            return encode_chat(tokenizer, sharegpt_messages(r["conversations"]), r.get("tools"), mask_prompt)
         user = alpaca_user_text(r) if fmt == "alpaca" else r["prompt"]
         reply = r["output"] if fmt == "alpaca" else r["completion"]
         msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
@@ -129,34 +133,41 @@ def encode_record(r: dict, fmt: str, template: str, tokenizer, mask_prompt: bool
 
 
 def tokenize_split(records: list[dict], where: list[str], fmt: str, template: str, tokenizer,
-                   mask_prompt: bool, max_seq_len: int, split: str = "train") -> tuple[list[Example], dict]:
-    """Tokenize a split; truncate to `max_seq_len` with one warning that counts the truncated examples.
+                   mask_prompt: bool, max_seq_len: int, split: str = "train",
+                   context: int | None = None, quiet: bool = False) -> tuple[list[Example], dict]:
+    """Tokenize a split; truncate to `max_seq_len` (or to the model's `context` when that is shorter)
+    with one warning that counts the truncated examples.
 
     Examples left without a target after truncation are dropped (counted in the same warning).
-    Returns the examples and counts {examples, truncated, dropped, tokens, target_tokens}.
+    Returns the examples and counts {examples, truncated, dropped, tokens, target_tokens, longest}.
     """
+    limit = min(max_seq_len, context) if context else max_seq_len
     out: list[Example] = []
-    truncated = dropped = 0
-    for r, w in zip(records, where):
+    truncated = dropped = longest = 0
+    for r, w in phase(zip(records, where), f"tokenize {split}", len(records), quiet):
         try:
             ex = encode_record(r, fmt, template, tokenizer, mask_prompt)
         except BridgeError:
             raise
         except Exception as e:  # a template that rejects the conversation, say
             raise BridgeError(f"{w}: could not apply the {template} template ({type(e).__name__}: {e})") from None
-        if len(ex.tokens) > max_seq_len:
+        longest = max(longest, len(ex.tokens))
+        if len(ex.tokens) > limit:
             truncated += 1
-            ex = Example(ex.tokens[:max_seq_len], ex.mask[:max_seq_len])
+            ex = Example(ex.tokens[:limit], ex.mask[:limit])
         if not ex.mask.any():
             dropped += 1
             continue
         out.append(ex)
     if truncated or dropped:
+        what = (f"the model's context of {context} tokens (max_position_embeddings)" if limit != max_seq_len
+                else f"max_seq_len={max_seq_len} tokens")
         extra = f"; {dropped} had no response tokens left and were dropped" if dropped else ""
-        print(f"warning: {split}: {truncated} of {len(records)} examples are longer than max_seq_len="
-              f"{max_seq_len} tokens and were truncated{extra}", file=sys.stderr)
+        print(f"warning: {split}: {truncated} of {len(records)} examples are longer than {what} (longest "
+              f"{longest}): they are truncated to {limit} tokens, and the tokens past that are not trained{extra}",
+              file=sys.stderr)
     if not out:
         raise BridgeError(f"{split} split: no example has a response token to train on")
-    stats = {"examples": len(out), "truncated": truncated, "dropped": dropped,
+    stats = {"examples": len(out), "truncated": truncated, "dropped": dropped, "longest": longest,
              "tokens": int(sum(len(e.tokens) for e in out)), "target_tokens": int(sum(e.mask.sum() for e in out))}
     return out, stats

@@ -23,13 +23,13 @@ import numpy as np
 
 from ..errors import BridgeError
 from ..manifest import Manifest, environment
-from . import checkpoint as ck
+from . import checkpoint as ck, numbered
 from .backend import backend_info, describe, probe_dtype, refuse_missing_kernels
 from .batching import BatchStream, eval_batches
 from .config import TrainConfig, make_config
-from .dataset import TokenizedData, prepare
+from .dataset import TokenizedData, check_data, prepare
 from .golden import MAX_NEW_TOKENS, compute_probes, probe_ids
-from .log import Progress, TrainLog, speed
+from .log import Progress, TrainLog, phase, speed
 from .model import apply_fine_tune, grad_checkpointing, is_quantized, load_base, model_dtype
 from .step import Stepper, loss_sum, make_optimizer
 
@@ -78,6 +78,8 @@ class MLXTrainer:
                 if not self.out.is_dir() or any(self.out.iterdir()):
                     raise BridgeError(f"{self.out}: output directory exists and is not empty (use --resume to "
                                       "continue its run or --force to replace it)")
+        checked = check_data(dataset, self.config) if dataset is not None else None  # before the model loads
+        self._say(f"loading {model} ...")
         self._base = load_base(str(model), revision)
         self.model, self.tokenizer = self._base.model, self._base.tokenizer
         self.adapter = apply_fine_tune(self.model, self.config)
@@ -97,19 +99,26 @@ class MLXTrainer:
                   f"{'quantized (QLoRA)' if is_quantized(self.model) else model_dtype(self.model)}; "
                   f"{self.config.fine_tune_type} on {len(self.adapter['layers'])} blocks, "
                   f"{self.trainable_parameters() / 1e6:.3f}M trainable parameters")
-        if dataset is not None:
-            self.load_data(dataset)
+        if checked is not None:
+            self.load_data(checked)
         if self._resume_dir is not None:
             self._resume(self._resume_dir)
 
     # ---------------------------------------------------------------- data
     def load_data(self, dataset) -> dict:
         """Read, check and tokenize a dataset; returns the manifest's dataset section."""
-        self.data = prepare(dataset, self.tokenizer, self.config)
+        self.data = prepare(dataset, self.tokenizer, self.config, context=self.context)
         c = self.data.info["counts"]
         self._say(f"data {self.data.info['name']}: {self.data.info['format']} format, template "
                   f"{self.data.info['template']}, {c['train']} train / {c['valid']} valid / {c['test']} test")
         return self.data.info
+
+    @property
+    def context(self) -> int | None:
+        """The model's context length (config.json's max_position_embeddings), when it states one."""
+        c = self._base.config
+        n = c.get("max_position_embeddings") or c.get("text_config", {}).get("max_position_embeddings")
+        return int(n) if n else None
 
     def _examples(self, split: str):
         if self.data is None:
@@ -182,11 +191,41 @@ class MLXTrainer:
                     if has_valid and (last or (cfg.eval_every and self.step % cfg.eval_every == 0)):
                         self._validate(bar)
                     if self.out is not None and (last or (cfg.save_every and self.step % cfg.save_every == 0)):
-                        self.save_checkpoint(self.out, force=True)
+                        self._save_during_training()
         finally:
             bar.close()
         self.model.eval()
-        return self.summary()
+        summary = self.summary()
+        if self.out is not None:
+            self._say(self._end_line(summary))
+        return summary
+
+    def _save_during_training(self) -> None:
+        """With save_every: a numbered checkpoint, then OUT made the same (hard links); else OUT only."""
+        if not self.config.save_every:
+            self.save_checkpoint(self.out, force=True)
+            return
+        d = self.save_checkpoint(numbered.numbered_dir(self.out, self.step), force=True)
+        files = {p.name: p for p in d.iterdir() if p.is_file() and p.name != "manifest.json"}
+        writers = {n: (lambda dst, src=src: numbered.link_or_copy(src, dst)) for n, src in files.items()}
+        ck.write_checkpoint(self.out, Manifest.load(d), writers, force=True, carry=(numbered.SUBDIR,))
+        self._owned.add(self.out.resolve())
+        numbered.prune(self.out, self.config.keep_last)
+
+    def _end_line(self, summary: dict) -> str:
+        """Where the checkpoint is and what to run next."""
+        valid = summary.get("final_valid_loss")
+        kept = numbered.numbered(self.out)
+        lines = [f"checkpoint: {self.out} (step {summary['steps']}/{summary['total_steps']}, train loss "
+                 f"{summary['final_train_loss']:.4f}" + (f", valid loss {valid:.4f}" if valid is not None else "")
+                 + (", complete)" if summary["completed"] else ", not complete: --resume continues it)")]
+        if kept:
+            names = kept[0][1].name + (f" .. {kept[-1][1].name}" if len(kept) > 1 else "")
+            lines.append(f"numbered checkpoints: {len(kept)} in {self.out / numbered.SUBDIR} ({names}; "
+                         f"{self.out} is the latest)")
+        lines.append(f"loss curve: {self.out / ck.PLOT}")
+        lines.append(f"next: mlx-bridge export {self.out} --out {self.out.parent / (self.out.name + '-export')}")
+        return "\n".join(lines)
 
     def _one_step(self, stream: BatchStream, stepper: Stepper, total_micro: int) -> dict:
         cfg = self.config
@@ -219,22 +258,26 @@ class MLXTrainer:
         return record
 
     def _validate(self, bar: Progress | None = None) -> dict:
-        m = self.evaluate("valid", limit=self.config.val_batches)
+        m = self.evaluate("valid", limit=self.config.val_batches, progress=not self.config.quiet)
         self.log.add({"step": self.step, "val_loss": m["loss"], "val_ppl": m["perplexity"]})
         if bar is not None:
             bar.write(f"step {self.step}: valid loss {m['loss']:.4f}, perplexity {m['perplexity']:.3f}")
         return m
 
-    def evaluate(self, split: str = "valid", limit: int = -1) -> dict:
+    def evaluate(self, split: str = "valid", limit: int = -1, progress: bool = False) -> dict:
         """Mean loss over the split's response tokens (exact mask) and its perplexity.
 
-        Returns {"loss", "perplexity", "tokens"}; `limit` caps the number of batches (-1 = all).
+        Returns {"loss", "perplexity", "tokens"}; `limit` caps the number of batches (-1 = all);
+        `progress` shows a bar when it takes more than a couple of seconds.
         """
         examples = self._examples(split)
         was_training = self.model.training
         self.model.eval()
         total, n = mx.array(0.0), 0
-        for b in eval_batches(examples, self.config.batch_size, limit=limit):
+        n_batches = -(-len(examples) // self.config.batch_size)
+        n_batches = n_batches if limit < 0 else min(limit, n_batches)
+        for b in phase(eval_batches(examples, self.config.batch_size, limit=limit), f"{split} loss", n_batches,
+                       quiet=not progress):
             ls, _ = loss_sum(self.model, mx.array(b.inputs), mx.array(b.targets), mx.array(b.mask))
             total = total + ls
             n += b.ntoks
@@ -316,11 +359,12 @@ class MLXTrainer:
             ck.LOG: self.log.write_jsonl,
             ck.PLOT: lambda p: self.log.plot(p, f"{self.config.fine_tune_type} on {Path(base_ref).name}"),
             "probes.safetensors": lambda p: compute_probes(self.model, ids, self.tokenizer,
-                                                           probe_dtype(model_dtype(self.model))).save(p.parent),
+                                                           probe_dtype(model_dtype(self.model)),
+                                                           progress=not self.config.quiet).save(p.parent),
         }
         if self.optimizer is not None:
             writers[ck.OPTIMIZER] = lambda p: ck.save_optimizer(self.optimizer, p)
-        out = ck.write_checkpoint(d, manifest, writers, force=force)
+        out = ck.write_checkpoint(d, manifest, writers, force=force, carry=(numbered.SUBDIR,))
         self._owned.add(out.resolve())
         return out
 

@@ -17,7 +17,7 @@ def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print every output tensor and what it is made of; write nothing")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     v = p.add_mutually_exclusive_group()
-    v.add_argument("--verify", dest="verify", action="store_true", default=None, help="run the parity check (needs torch)")
+    v.add_argument("--verify", dest="verify", action="store_true", default=None, help="run the parity check (needs torch; default: when torch is installed and the source has probes)")
     v.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity check")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p

@@ -354,10 +354,15 @@ def _lora_modules(tensors: dict) -> tuple[dict[str, dict[str, tuple]], list[str]
 def _check_lora_tensors(tensors: dict, cfg: dict) -> list[str]:
     problems: list[str] = []
     modules, others = _lora_modules(tensors)
+    by_why: dict[str, list[str]] = {}  # one line per kind of tensor, not one per tensor (a DoRA adapter has hundreds)
     for name in others:
         why = ("DoRA magnitude" if name.endswith("lora_magnitude_vector") else
                "a full weight (modules_to_save)" if name.endswith(".weight") else "not lora_A/lora_B")
-        problems.append(f"{PEFT_WEIGHTS}: {name} is {why}; vLLM accepts only lora_A/lora_B weights")
+        by_why.setdefault(why, []).append(name)
+    for why, names in by_why.items():
+        which = f"{names[0]} is" if len(names) == 1 else f"{len(names)} tensors are {why} (e.g. {names[0]}):"
+        problems.append(f"{PEFT_WEIGHTS}: {which}{f' {why};' if len(names) == 1 else ''} vLLM accepts only "
+                        "lora_A/lora_B weights")
     r, targets = cfg.get("r"), cfg.get("target_modules")
     for mod, ab in sorted(modules.items()):
         last = mod.rsplit(".", 1)[-1]

@@ -15,7 +15,7 @@ from ..formats.dtypes import OUTPUT_DTYPES
 from ..fsutil import atomic_dir, check_output_dir, sha256_file
 from ..manifest import Manifest
 from ..probes import FILENAME as PROBES
-from . import hf_config, peft
+from . import card, hf_config, peft
 from .execute import parse_size, write_weights
 from .plan import Plan, build_plan
 from .source import ADAPTER_CONFIG, ADAPTER_WEIGHTS, open_source
@@ -93,13 +93,13 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
                 _copy_tokenizer(source, tmp)
             else:
                 peft.write_peft(tmp, plan, tensors, pcfg)
+                _copy_tokenizer(source, tmp)  # PEFT's and vLLM's loaders read a tokenizer beside the adapter
                 for w in warnings:
                     print(f"warning: {w}", file=sys.stderr)
             t2 = time.perf_counter()
             if (source.path / PROBES).is_file():
                 shutil.copyfile(source.path / PROBES, tmp / PROBES)
-            (tmp / "README.md").write_text(hf_config.model_card(
-                plan.arch, _base_ref(source), str(source.path) if source.adapter else None, plan.dtype, notes, format))
+            (tmp / card.FILENAME).write_text(_card(source, plan, notes, format, out))
             _write_manifest(tmp, source, plan, format, notes, {"plan": t1 - t0, "write": t2 - t1},
                             warnings if format == "peft" else [])
         log(f"exported {src} -> {out} ({format}, {plan.dtype}, {time.perf_counter() - t0:.1f}s)")
@@ -111,6 +111,14 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
         source.close()
     _maybe_verify(out, verify, format, log)
     return out
+
+
+def _card(source, plan: Plan, notes: list[str], format: str, out: Path) -> str:
+    base_id = card.base_hub_id(source.manifest, source.adapter.config.get("model") if source.adapter else None,
+                               str(source.base.path))
+    title = f"{out.name}: {plan.arch.architecture}" + (" + adapter" if format == "peft" else "")
+    return card.model_card(title=title, fmt=format, dtype=plan.dtype, base_ref=_base_ref(source), base_id=base_id,
+                           manifest=source.manifest, notes=notes, name=out.name)
 
 
 def _base_ref(source) -> str:
@@ -143,7 +151,7 @@ def _write_manifest(out: Path, source, plan: Plan, format: str, notes: list[str]
     m.kind = "export"
     base_files = [f.path for f in source.base.files]
     src_files = base_files + ([source.adapter.file.path] if source.adapter else [])
-    out_files = sorted(p for p in out.iterdir() if p.is_file())
+    out_files = sorted(p for p in out.iterdir() if p.is_file() and p.name != card.FILENAME)  # verify fills it in
     if not m.architecture:
         m.architecture = {"model_type": plan.arch.model_type, "layout": "mlx-lm"}
     if not m.base_model:
@@ -178,5 +186,5 @@ def _maybe_verify(out: Path, verify: bool | None, format: str, log) -> None:
             raise BridgeError(f"--verify needs the deploy extra (torch): {e}") from None
         log(f"note: not verifying ({e}); run `mlx-bridge verify {out}` where torch is installed")
         return
-    report = run_verify(out)
+    report = run_verify(out, log=log)
     log(f"parity: {report.get('summary', report)}")

@@ -8,6 +8,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def build_parser(p: argparse.ArgumentParser) -> None:
@@ -27,7 +28,8 @@ def main(args: argparse.Namespace) -> int:
     from .parity import REPORT, summary, verify
 
     report = verify(args.export_dir, args.against, device=args.device, dtype=args.dtype, backend=args.backend,
-                    atol=args.atol, rtol=args.rtol, max_new_tokens=args.max_new_tokens, write=not args.no_write)
+                    atol=args.atol, rtol=args.rtol, max_new_tokens=args.max_new_tokens, write=not args.no_write,
+                    log=lambda line: print(line, file=sys.stderr, flush=True))
     print(summary(report))
     if not args.no_write:
         print(f"wrote {args.export_dir.rstrip('/')}/{REPORT}")

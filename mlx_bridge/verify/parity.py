@@ -12,7 +12,7 @@ same token ids:
   reference's passes only at a near-tie: re-scoring the reference tokens, the deployed model's margin
   between its own choice and the reference's is within the same logit limit.
 
-`verify` writes the report as `parity.json` into the export directory.
+`verify` writes the report as `parity.json` into the export directory and its result into the model card.
 
 Example:
     >>> report = verify("deploy/alpaca")        # doctest: +SKIP
@@ -32,6 +32,7 @@ import numpy as np
 
 from ..errors import BridgeError
 from ..probes import FILENAME as PROBES, Probes
+from ..translate.card import write_parity
 
 REPORT = "parity.json"
 # (atol, rtol) on logits for the coarser dtype of reference and deployed model. "tfloat32": float32 weights
@@ -114,7 +115,7 @@ def _default_inputs(model, n_tokens: int = 16) -> np.ndarray:
 
 def verify(export_dir: str | os.PathLike, against: str | os.PathLike | None = None, *, device: str = "cpu",
            dtype: str = "auto", backend: str = "auto", atol: float | None = None, rtol: float | None = None,
-           max_new_tokens: int = 16, write: bool = True, model=None) -> dict:
+           max_new_tokens: int = 16, write: bool = True, model=None, log=None) -> dict:
     """Check an export against MLX's outputs; write `parity.json` into it; return the report.
 
     Args:
@@ -125,6 +126,7 @@ def verify(export_dir: str | os.PathLike, against: str | os.PathLike | None = No
         max_new_tokens: greedy tokens per probe when the probes are made here (`against` without probes).
         write: write `parity.json`.
         model: an already loaded `DeployedModel` of `export_dir` (skips loading).
+        log: called with a line as each phase starts (after loading: logits, greedy), e.g. `print`.
     Returns:
         the report (see `parity.json`): "passed", "logits", "greedy", ...
     Raises:
@@ -136,10 +138,16 @@ def verify(export_dir: str | os.PathLike, against: str | os.PathLike | None = No
     """
     t0 = time.perf_counter()
     d = Path(export_dir)
+
+    def phase(msg: str) -> None:
+        if log is not None:
+            log(f"parity: {msg} ({time.perf_counter() - t0:.1f}s)")
+
     if model is None:
         from ..deploy.loader import load
 
-        model = load(d, device=device, dtype=dtype, backend=backend)
+        model = load(d, device=device, dtype=dtype, backend=backend)  # bad input: its one-line error, nothing before
+        phase(f"loaded {d} in PyTorch ({model.backend}, {model.device}, {str(model.dtype).replace('torch.', '')})")
     have_probes = (d / PROBES).exists()
     if against is None and not have_probes:
         raise BridgeError(f"{d}: no {PROBES} (the checkpoint was saved without probes); "
@@ -150,6 +158,7 @@ def verify(export_dir: str | os.PathLike, against: str | os.PathLike | None = No
         saved = Probes.load(d) if have_probes else None
         inputs = saved.input_ids if saved is not None else _default_inputs(model)
         G = saved.greedy.shape[1] if saved is not None and saved.greedy.shape[1] else max_new_tokens
+        phase(f"computing the MLX reference with {against}")
         probes, source = mlx_probes(against, inputs, G), "mlx-lm"
     else:
         probes, source = Probes.load(d), PROBES
@@ -159,8 +168,11 @@ def verify(export_dir: str | os.PathLike, against: str | os.PathLike | None = No
     a, r = atol if atol is not None else a, rtol if rtol is not None else r
     import torch
 
+    N, L = probes.input_ids.shape
+    phase(f"logits of {N} probes x {L} tokens")
     got = model.logits(torch.as_tensor(probes.input_ids, dtype=torch.long)).cpu().numpy()
     logits = compare_logits(probes.logits, got, a, r, OUTLIERS[coarse])
+    phase(f"greedy continuations of {N} probes ({probes.greedy.shape[1]} tokens each)")
     greedy = compare_greedy(model, probes.input_ids, probes.greedy, logits["limit"])
     from ..manifest import environment
 
@@ -178,6 +190,7 @@ def verify(export_dir: str | os.PathLike, against: str | os.PathLike | None = No
                          f"(limit {logits['limit']:.3g}); greedy {greedy['exact']}/{greedy['of']} identical")
     if write:
         _write_json(d / REPORT, report)
+        write_parity(d, report)  # the model card's parity section
     return report
 
 
