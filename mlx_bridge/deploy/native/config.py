@@ -78,7 +78,10 @@ class ModelArgs:
         mt = config.model_type
         if mt not in PARSERS:
             raise Unsupported(f"model_type {mt!r} has no native class")
-        return PARSERS[mt](config)
+        args = PARSERS[mt](config)
+        if args.moe and args.hidden_act != "silu":  # the routed expert kernels compute silu(gate) * up
+            raise Unsupported(f"hidden_act {args.hidden_act!r} in MoE experts (native: silu)")
+        return args
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelArgs":

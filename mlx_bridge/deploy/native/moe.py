@@ -6,7 +6,7 @@ stacked once into (E, 2I, D) `[gate; up]` and (E, D, I) `down` tensors, and the 
 `stack()` builds the stacked tensors on the parameters' device and rebinds every per-expert weight as a
 view of them (memory is not doubled, `state_dict()` keeps the names).
 
-Two implementations of the same routed product, `experts(x, w, idx, E)`:
+Two implementations of the same routed product, `experts(x, w, idx, gate_up, down)`:
     `experts_ref`  pure PyTorch, the loop over hit experts transformers runs (CPU, tests, reference)
     `moe_kernels.routed_experts`  Triton on CUDA: rows grouped by expert with static shapes, one grouped
                    GEMM reading only the selected experts' weights (graph-capturable, compiles as an op)
@@ -20,8 +20,6 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,8 +29,6 @@ from .config import ModelArgs
 # MoE types and the names of their per-expert (gate, up, down) linears in Hugging Face checkpoints
 EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2")}
 QWEN_NAMES = ("gate_proj", "up_proj", "down_proj")
-# expert activations the Triton kernel computes (act(gate) * up)
-KERNEL_ACTS = ("silu",)
 
 
 def route(logits: torch.Tensor, kind: str, top_k: int, norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,41 +47,42 @@ def route(logits: torch.Tensor, kind: str, top_k: int, norm: bool) -> tuple[torc
     return w, idx
 
 
-@dataclass
-class Experts:
-    """Stacked expert weights of one layer: gate_up (E, 2I, D) rows `[gate; up]`, down (E, D, I)."""
-
-    gate_up: torch.Tensor
-    down: torch.Tensor
-    act: str = "silu"
-
-    @property
-    def num(self) -> int:
-        return self.gate_up.shape[0]
-
-
-def experts_ref(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, ex: Experts) -> torch.Tensor:
-    """Routed expert products (T, D) for tokens x (T, D), weights w and ids idx (T, k): transformers' loop
-    (`MixtralExperts.forward`): per hit expert, its tokens' `[gate; up]` product, act(gate) * up, down,
-    times the routing weight, added in x's dtype."""
-    from .layers import ACT
-
-    act, out = ACT[ex.act], torch.zeros_like(x)
+def experts_ref(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, gate_up: torch.Tensor,
+                down: torch.Tensor) -> torch.Tensor:
+    """Routed expert products (T, D) for tokens x (T, D), weights w and ids idx (T, k), stacked experts
+    gate_up (E, 2I, D) and down (E, D, I): transformers' loop (`MixtralExperts.forward`): per hit
+    expert, its tokens' `[gate; up]` product, silu(gate) * up, down, times the routing weight, added
+    in x's dtype."""
+    out = torch.zeros_like(x)
     for e in torch.unique(idx).tolist():  # the experts this batch hits (a host sync: reference only)
         tok, k = torch.where(idx == e)
-        gate, up = F.linear(x[tok], ex.gate_up[e]).chunk(2, dim=-1)
-        y = F.linear(act(gate) * up, ex.down[e]) * w[tok, k, None]
+        gate, up = F.linear(x[tok], gate_up[e]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, down[e]) * w[tok, k, None]
         out.index_add_(0, tok, y.to(out.dtype))
     return out
 
 
-def experts(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, ex: Experts) -> torch.Tensor:
+def experts(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, gate_up: torch.Tensor,
+            down: torch.Tensor) -> torch.Tensor:
     """Routed expert products (T, D): the Triton grouped path on CUDA, `experts_ref` elsewhere."""
     if x.is_cuda:
         from ..runners.moe_kernels import routed_experts
 
-        return routed_experts(x, w, idx, ex.gate_up, ex.down)
-    return experts_ref(x, w, idx, ex)
+        return routed_experts(x, w, idx, gate_up, down)
+    return experts_ref(x, w, idx, gate_up, down)
+
+
+def sparse_ffn(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, kind: str,
+               top_k: int, norm: bool, shared: tuple | None = None) -> torch.Tensor:
+    """The whole sparse MLP of tokens x (T, D): route, routed experts, and for qwen2_moe the shared
+    expert `shared` = ([gate; up] (2S, D), down (D, S), gate (1, D)) scaled by sigmoid(gate x)."""
+    w, idx = route(F.linear(x, router), kind, top_k, norm)
+    out = experts(x, w, idx, gate_up, down)
+    if shared is not None:
+        sgu, sd, sg = shared
+        g, u = F.linear(x, sgu).chunk(2, dim=-1)
+        out = out + torch.sigmoid(F.linear(x, sg)) * F.linear(F.silu(g) * u, sd)
+    return out
 
 
 class _Expert(nn.Module):
@@ -107,11 +104,7 @@ class SparseMoe(nn.Module):
         super().__init__()
         from .layers import MLP
 
-        if a.hidden_act not in KERNEL_ACTS:
-            from .config import Unsupported
-
-            raise Unsupported(f"MoE hidden_act {a.hidden_act!r} (native: {', '.join(KERNEL_ACTS)})")
-        self.kind, self.top_k, self.norm_topk, self.act = a.moe, a.top_k, a.norm_topk_prob, a.hidden_act
+        self.kind, self.top_k, self.norm_topk = a.moe, a.top_k, a.norm_topk_prob
         self.names = EXPERT_NAMES.get(a.moe, QWEN_NAMES)
         self.gate = nn.Linear(a.hidden_size, a.num_experts, bias=False)
         self.experts = nn.ModuleList([_Expert(a, self.names) for _ in range(a.num_experts)])
@@ -119,9 +112,9 @@ class SparseMoe(nn.Module):
             self.shared_expert = MLP(a, a.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(a.hidden_size, 1, bias=False)
         self.shared = bool(a.shared_expert_intermediate_size)
-        self.stacked: Experts | None = None
+        self.stacked: tuple | None = None
 
-    def stack(self, gate_up: torch.Tensor | None = None, down: torch.Tensor | None = None) -> Experts:
+    def stack(self, gate_up: torch.Tensor | None = None, down: torch.Tensor | None = None) -> tuple:
         """Stack the experts once (or adopt given stacked tensors, e.g. transformers' own) and rebind the
         per-expert weights as views of them; return the stacked weights."""
         g, u, d = self.names
@@ -135,7 +128,7 @@ class SparseMoe(nn.Module):
                 getattr(e, g).weight = nn.Parameter(gate_up[i, :inter], requires_grad=False)
                 getattr(e, u).weight = nn.Parameter(gate_up[i, inter:], requires_grad=False)
                 getattr(e, d).weight = nn.Parameter(down[i], requires_grad=False)
-        self.stacked = Experts(gate_up, down, self.act)
+        self.stacked = (gate_up, down)
         return self.stacked
 
     def _apply(self, fn, recurse=True):
@@ -149,9 +142,9 @@ class SparseMoe(nn.Module):
     def forward(self, x):
         B, L, D = x.shape
         x = x.reshape(-1, D)  # [T, D]
-        ex = self.stacked or self.stack()
+        gate_up, down = self.stacked or self.stack()
         w, idx = self.route(x)
-        out = experts(x, w, idx, ex)
+        out = experts(x, w, idx, gate_up, down)
         if self.shared:  # qwen2_moe: + sigmoid(gate(x)) * shared_expert(x)
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out.view(B, L, D)
