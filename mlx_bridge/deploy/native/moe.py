@@ -117,6 +117,8 @@ class SparseMoe(nn.Module):
     def stack(self, gate_up: torch.Tensor | None = None, down: torch.Tensor | None = None) -> tuple:
         """Stack the experts once (or adopt given stacked tensors, e.g. transformers' own) and rebind the
         per-expert weights as views of them; return the stacked weights."""
+        if gate_up is None and self.stacked is not None:
+            return self.stacked
         g, u, d = self.names
         ex = list(self.experts)
         with torch.no_grad():
