@@ -65,10 +65,8 @@ def experts_ref(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, gate_up: to
 def experts(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, gate_up: torch.Tensor,
             down: torch.Tensor) -> torch.Tensor:
     """Routed expert products (T, D): the Triton grouped path on CUDA, `experts_ref` elsewhere."""
-    if x.is_cuda:
-        from ..runners.moe_kernels import routed_experts
-
-        return routed_experts(x, w, idx, gate_up, down)
+    if x.is_cuda:  # registered by importing runners.moe_kernels (`SparseMoe.stack` on a CUDA device)
+        return torch.ops.mlx_bridge.routed_experts(x, w, idx, gate_up, down)
     return experts_ref(x, w, idx, gate_up, down)
 
 
@@ -130,6 +128,8 @@ class SparseMoe(nn.Module):
                 getattr(e, g).weight = nn.Parameter(gate_up[i, :inter], requires_grad=False)
                 getattr(e, u).weight = nn.Parameter(gate_up[i, inter:], requires_grad=False)
                 getattr(e, d).weight = nn.Parameter(down[i], requires_grad=False)
+        if gate_up.is_cuda:
+            from ..runners import moe_kernels  # noqa: F401 (registers torch.ops.mlx_bridge.routed_experts)
         self.stacked = (gate_up, down)
         return self.stacked
 

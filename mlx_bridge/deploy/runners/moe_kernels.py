@@ -116,10 +116,11 @@ def align(idx: torch.Tensor, E: int, BM: int) -> tuple[torch.Tensor, torch.Tenso
     return ids, block_expert
 
 
-def _config(R: int) -> dict:
-    """Block sizes: decode (few rows a expert) reads weights in long K strips; prefill tiles squarer."""
+def _config(R: int, dtype: torch.dtype) -> dict:
+    """Block sizes: decode (few rows an expert) reads weights in long K strips; prefill tiles squarer.
+    float32 tiles are twice the bytes: half the K strip, so three stages fit in shared memory."""
     if R <= 512:
-        return dict(BM=16, BN=32, BK=256, num_warps=4, num_stages=3)
+        return dict(BM=16, BN=32, BK=256 if dtype != torch.float32 else 128, num_warps=4, num_stages=3)
     return dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=3)
 
 
@@ -130,7 +131,7 @@ def routed(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, gate_up: torch.T
     k = idx.shape[1]
     E, I2, _ = gate_up.shape
     I, R = I2 // 2, T * k
-    cfg = _config(R)
+    cfg = _config(R, x.dtype)
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
