@@ -41,6 +41,11 @@ SHAPES = {
                           moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
                           num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
                           norm_topk_prob=True, max_position_embeddings=40960, rope_theta=1e6),
+    # gpt-oss-20b: 24 layers, 32 experts of 2880, top-4, 64/8 heads of 64, sinks, alternating 128-token window
+    "gpt-oss-20b": dict(model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880,
+                        num_hidden_layers=24, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
+                        num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
+                        max_position_embeddings=131072),
     "qwen3-moe-tiny": dict(model_type="qwen3_moe", vocab_size=256, hidden_size=64, intermediate_size=128,
                            moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                            head_dim=16, num_experts=16, num_experts_per_tok=4, norm_topk_prob=True,

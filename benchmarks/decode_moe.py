@@ -19,6 +19,9 @@ def share_experts(hf, native) -> None:
     """Load `hf`'s tensors into `native` (built on meta): the stacked experts of transformers'
     `*Experts` (gate_up_proj (E, 2I, D), down_proj (E, D, I)) are adopted by `SparseMoe.stack`."""
     state = hf.state_dict()
+    if native.args.moe == "gpt_oss":  # stacked under the same names in both
+        native.load_state_dict(state, strict=True, assign=True)
+        return
     stacked = {k: v for k, v in state.items() if k.endswith((".experts.gate_up_proj", ".experts.down_proj"))}
     rest = {k: v for k, v in state.items() if k not in stacked}
     res = native.load_state_dict(rest, strict=False, assign=True)
@@ -47,7 +50,8 @@ def step_bytes(native, experts_per_layer: float) -> tuple[float, float]:
     dense = sum(p.numel() * p.element_size() for p in native.parameters() if id(p) not in expert_ids and p is not emb)
     if native.args.tie_word_embeddings:
         dense += emb.numel() * emb.element_size()  # the head reads the whole table
-    one = sum(p.numel() * p.element_size() for p in moes[0].experts[0].parameters()) if moes else 0
+    E = native.args.num_experts
+    one = sum(p.numel() * p.element_size() for p in moes[0].experts.parameters()) / E if moes else 0
     return float(dense), float(len(moes) * experts_per_layer * one)
 
 
@@ -57,7 +61,7 @@ def touched_experts(native, rows: torch.Tensor, P: int, chunk: int = 4) -> float
     moes, picks = sparse_layers(native), []
     for m in moes:
         m._picks = []
-        m._hook = m.gate.register_forward_hook(
+        m._hook = m.gate_linear.register_forward_hook(
             lambda g, i, logits, m=m: m._picks.append(route(logits, m.kind, m.top_k, m.norm_topk)[1]))
     with torch.inference_mode():
         for s in range(0, rows.shape[0], chunk):
@@ -66,7 +70,7 @@ def touched_experts(native, rows: torch.Tensor, P: int, chunk: int = 4) -> float
     for m in moes:
         m._hook.remove()
         idx = torch.cat([t.view(-1, L, t.shape[-1]) for t in m._picks])  # (B, L, k)
-        onehot = torch.zeros(L, m.gate.out_features, device=idx.device)
+        onehot = torch.zeros(L, m.gate_linear.out_features, device=idx.device)
         for b in range(B):  # how many rows pick each expert, per position
             onehot.scatter_add_(1, idx[b], torch.ones(idx[b].shape, device=idx.device))
         picks.append((onehot[P:] > 0).sum(1).float().mean().item())

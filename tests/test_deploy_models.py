@@ -19,7 +19,7 @@ from mlx_bridge.deploy.native.model import Transformer, decode_step, prefill
 from mlx_bridge.testing.adapters import shared_zoo
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "mixtral", "qwen3_moe", "qwen2_moe",
-         "olmoe"]
+         "olmoe", "gpt_oss"]
 
 
 @pytest.fixture(scope="session")

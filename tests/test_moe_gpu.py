@@ -12,7 +12,7 @@ from mlx_bridge.deploy.runners.fast import FastRunner
 from mlx_bridge.testing.adapters import shared_zoo
 
 pytestmark = pytest.mark.gpu
-MOE = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe"]
+MOE = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss"]
 PROMPTS = [[1, 20, 21, 22, 23, 24], [1, 30, 31], [1, 40, 41, 42, 43, 44, 45, 46, 47]]
 
 
@@ -27,17 +27,24 @@ def greedy(runner, n, prompts=PROMPTS):
 
 @pytest.mark.parametrize("T", [1, 3, 8, 32, 200, 1024])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_routed_kernels_equal_reference(T, dtype):
+@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss"])
+def test_routed_kernels_equal_reference(T, dtype, kind):
     from mlx_bridge.deploy.runners.moe_kernels import routed
 
     E, k, D, I = 64, 8, 256, 96  # I not a multiple of the block sizes: masked tails
     g = torch.Generator(device="cuda").manual_seed(T)
-    x = torch.randn(T, D, device="cuda", generator=g).to(dtype)
-    gu = (torch.randn(E, 2 * I, D, device="cuda", generator=g) * 0.05).to(dtype)
-    dn = (torch.randn(E, D, I, device="cuda", generator=g) * 0.05).to(dtype)
-    w, idx = route(torch.randn(T, E, device="cuda", generator=g).to(dtype), "qwen3_moe", k, True)
-    got = routed(x, w, idx, gu, dn)
-    ref = experts_ref(x.double(), w.double(), idx, gu.double(), dn.double())
+
+    def rand(*shape, s=0.05):
+        return (torch.randn(*shape, device="cuda", generator=g) * s).to(dtype)
+
+    x = rand(T, D, s=1.0)
+    if kind == "gpt_oss":  # stored (E, D, 2I) interleaved, (E, I, D), with biases; clamped SwiGLU
+        ex, glu = (rand(E, D, 2 * I, s=0.3), rand(E, 2 * I, s=0.5), rand(E, I, D), rand(E, D)), (1.702, 7.0)
+    else:
+        ex, glu = (rand(E, 2 * I, D), None, rand(E, D, I), None), None
+    w, idx = route(rand(T, E, s=1.0), kind, k, True)
+    got = routed(x, w, idx, *ex, glu is not None, *(glu or (0.0, 0.0)))
+    ref = experts_ref(x.double(), w.double(), idx, tuple(t if t is None else t.double() for t in ex), glu)
     err = ((got.double() - ref).norm() / ref.norm()).item()
     assert got.dtype == dtype and torch.isfinite(got).all()
     assert err < (1e-6 if dtype == torch.float32 else 1e-2), err
@@ -86,7 +93,7 @@ def _experts_used(module, tokens) -> dict:
         if hasattr(moe, "experts"):
             def hook(gate, inp, logits, i=i, moe=moe):
                 used.setdefault(i, set()).update(route(logits, moe.kind, moe.top_k, moe.norm_topk)[1].flatten().tolist())
-            hooks.append(moe.gate.register_forward_hook(hook))
+            hooks.append(moe.gate_linear.register_forward_hook(hook))
     with torch.inference_mode():
         module(tokens)
     for h in hooks:
@@ -94,7 +101,7 @@ def _experts_used(module, tokens) -> dict:
     return used
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "gpt_oss"])
 def test_captured_step_reads_only_routed_experts(zoo, arch):
     """Unselected experts' weights set to NaN: the captured decode gives the same tokens, all finite.
     (The dense fallback computed every expert and weighted it by zero: NaN * 0 = NaN.)"""
@@ -111,11 +118,11 @@ def test_captured_step_reads_only_routed_experts(zoo, arch):
     for i, layer in enumerate(m.module.model.layers):
         moe = getattr(layer, layer.ffn_name)
         if i in used:
-            gate_up, down = moe.stacked
-            for e in range(gate_up.shape[0]):
+            for e in range(moe.stacked[0].shape[0]):
                 if e not in used[i]:
-                    gate_up[e].fill_(float("nan"))
-                    down[e].fill_(float("nan"))
+                    for t in moe.stacked:  # gate_up, down (and gpt_oss's biases)
+                        if t is not None:
+                            t[e].fill_(float("nan"))
                     poisoned += 1
     assert poisoned >= 8  # 16 experts, top-2, 12 positions: most experts unused
     caps = fast.stats["captures"]

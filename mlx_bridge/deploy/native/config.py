@@ -64,13 +64,16 @@ class ModelArgs:
     windows: list = field(default_factory=list)  # per layer: sliding window size or None
     ropes: list = field(default_factory=list)  # per layer: RopeArgs
     # MoE
-    moe: str | None = None  # "mixtral" | "qwen3_moe" | "qwen2_moe" | "olmoe"
+    moe: str | None = None  # "mixtral" | "qwen3_moe" | "qwen2_moe" | "olmoe" | "gpt_oss"
     moe_layers: list = field(default_factory=list)  # per layer: True when the MLP is sparse
     num_experts: int = 0
     top_k: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True
     shared_expert_intermediate_size: int = 0  # qwen2_moe: a shared expert MLP, gated by sigmoid
+    sinks: bool = False  # gpt_oss: a learned sink logit per head in every softmax
+    swiglu_alpha: float = 1.702  # gpt_oss experts: (up + 1) * g * sigmoid(alpha g), g and up clamped
+    swiglu_limit: float = 7.0
 
     @classmethod
     def from_hf(cls, config: Any) -> "ModelArgs":
@@ -79,7 +82,7 @@ class ModelArgs:
         if mt not in PARSERS:
             raise Unsupported(f"model_type {mt!r} has no native class")
         args = PARSERS[mt](config)
-        if args.moe and args.hidden_act != "silu":  # the routed expert kernels compute silu(gate) * up
+        if args.moe and args.moe != "gpt_oss" and args.hidden_act != "silu":  # the routed expert kernels compute silu(gate) * up
             raise Unsupported(f"hidden_act {args.hidden_act!r} in MoE experts (native: silu)")
         return args
 
@@ -217,9 +220,16 @@ def _olmoe(c) -> ModelArgs:
                  norm_topk_prob=bool(c.norm_topk_prob))
 
 
+def _gpt_oss(c) -> ModelArgs:
+    bias = bool(_get(c, "attention_bias", True))
+    return _base(c, qkv_bias=bias, o_bias=bias, sinks=True, moe="gpt_oss", moe_layers=[True] * c.num_hidden_layers,
+                 num_experts=c.num_local_experts, top_k=c.num_experts_per_tok, moe_intermediate_size=c.intermediate_size,
+                 swiglu_alpha=float(c.swiglu_alpha), swiglu_limit=float(c.swiglu_limit))
+
+
 # model_type -> parser (the registry of native architectures)
 PARSERS: dict[str, Callable[[Any], ModelArgs]] = {
     "llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwen3, "phi3": _phi3,
     "gemma2": _gemma2, "gemma3_text": _gemma3_text, "mixtral": _mixtral, "qwen3_moe": _qwen3_moe,
-    "qwen2_moe": _qwen2_moe, "olmoe": _olmoe,
+    "qwen2_moe": _qwen2_moe, "olmoe": _olmoe, "gpt_oss": _gpt_oss,
 }

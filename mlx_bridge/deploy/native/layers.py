@@ -58,18 +58,25 @@ class KVCache:
         return self.k[0].shape[2]
 
 
-def attend(q, k, v, mask, scale: float, softcap: float | None) -> torch.Tensor:
-    """Attention of q (B, H, L, D) over k, v (B, H_kv, S, D); mask (B|1, 1, L, S) bool or None (causal)."""
-    if softcap is None:
+def attend(q, k, v, mask, scale: float, softcap: float | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of q (B, H, L, D) over k, v (B, H_kv, S, D); mask (B|1, 1, L, S) bool (or additive) or
+    None (causal); `sinks` (H,): gpt_oss's per-head sink logit, a softmax column whose value is dropped."""
+    if softcap is None and sinks is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
-    rep = q.shape[1] // k.shape[1]  # SDPA has no softcap: the eager path, as transformers runs Gemma-2
+    rep = q.shape[1] // k.shape[1]  # SDPA has neither: the eager path, as transformers runs Gemma-2 / gpt-oss
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     s = torch.matmul(q, k.transpose(2, 3)) * scale  # [B, H, L, S]
-    s = torch.tanh(s / softcap) * softcap
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
     if mask is None:
         mask = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
-    s = s.masked_fill(~mask, torch.finfo(s.dtype).min)
+    s = s.masked_fill(~mask, torch.finfo(s.dtype).min) if mask.dtype == torch.bool else s + mask
+    if sinks is not None:  # `eager_attention_forward` of gpt_oss: softmax in the activation dtype
+        B, H, L, _ = s.shape
+        s = torch.cat([s, sinks.reshape(1, H, 1, 1).expand(B, H, L, 1).to(s.dtype)], dim=-1)
+        s = s - s.max(dim=-1, keepdim=True).values
+        return torch.matmul(F.softmax(s, dim=-1, dtype=s.dtype)[..., :-1].to(v.dtype), v)
     return torch.matmul(F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
@@ -95,6 +102,8 @@ class Attention(nn.Module):
         self.qk_norm, self.qk_norm_full, self.clip = a.qk_norm, a.qk_norm_full, a.clip_qkv
         self.scale = a.attn_scale or a.head_dim ** -0.5
         self.softcap = a.attn_softcap
+        if a.sinks:
+            self.sinks = nn.Parameter(torch.zeros(a.num_heads))
 
     def forward(self, x, cos, sin, mask, cache: tuple | None = None, slots=None, kv_len: int | None = None):
         B, L, _ = x.shape  # x: [B, L, D]
@@ -116,7 +125,7 @@ class Attention(nn.Module):
             kc.index_copy_(2, slots, k)
             vc.index_copy_(2, slots, v)
             k, v = (kc, vc) if kv_len is None else (kc[:, :, :kv_len], vc[:, :, :kv_len])
-        out = attend(q, k, v, mask, self.scale, self.softcap)  # [B, H, L, hd]
+        out = attend(q, k, v, mask, self.scale, self.softcap, getattr(self, "sinks", None))  # [B, H, L, hd]
         return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
 
 

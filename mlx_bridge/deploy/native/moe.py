@@ -6,7 +6,10 @@ stacked once into (E, 2I, D) `[gate; up]` and (E, D, I) `down` tensors, and the 
 `stack()` builds the stacked tensors on the parameters' device and rebinds every per-expert weight as a
 view of them (memory is not doubled, `state_dict()` keeps the names).
 
-Two implementations of the same routed product, `experts(x, w, idx, gate_up, down)`:
+gpt_oss checkpoints hold the experts stacked already ((E, D, 2I) with gate and up interleaved, biases),
+and the kernels read that layout as it is.
+
+Two implementations of the same routed product, `experts(x, w, idx, ex, glu)`:
     `experts_ref`  pure PyTorch, the loop over hit experts transformers runs (CPU, tests, reference)
     `moe_kernels.routed_experts`  Triton on CUDA: rows grouped by expert with static shapes, one grouped
                    GEMM reading only the selected experts' weights (graph-capturable, compiles as an op)
@@ -37,7 +40,11 @@ def route(logits: torch.Tensor, kind: str, top_k: int, norm: bool) -> tuple[torc
     mixtral: softmax in float32, top-k, renormalised, kept in float32 (`MixtralTopKRouter`).
     qwen2_moe / qwen3_moe / olmoe: softmax in float32, top-k, renormalised when `norm`
     (`norm_topk_prob`), cast back to the logits' dtype.
+    gpt_oss: top-k of the logits, softmax over those k in the logits' dtype (`GptOssTopKRouter`).
     """
+    if kind == "gpt_oss":
+        v, idx = torch.topk(logits, top_k, dim=-1)
+        return F.softmax(v, dim=1, dtype=v.dtype), idx
     probs = F.softmax(logits, dim=-1, dtype=torch.float32)
     w, idx = torch.topk(probs, top_k, dim=-1)
     if norm:
@@ -47,40 +54,69 @@ def route(logits: torch.Tensor, kind: str, top_k: int, norm: bool) -> tuple[torc
     return w, idx
 
 
-def experts_ref(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, gate_up: torch.Tensor,
-                down: torch.Tensor) -> torch.Tensor:
-    """Routed expert products (T, D) for tokens x (T, D), weights w and ids idx (T, k), stacked experts
-    gate_up (E, 2I, D) and down (E, D, I): transformers' loop (`MixtralExperts.forward`): per hit
-    expert, its tokens' `[gate; up]` product, silu(gate) * up, down, times the routing weight, added
-    in x's dtype."""
+def _oss_glu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt_oss's clamped SwiGLU of interleaved [g0, u0, g1, u1, ...] (`GptOssExperts._apply_gate`)."""
+    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    gate = gate.clamp(min=None, max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def experts_ref(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, ex: tuple, glu: tuple | None = None) -> torch.Tensor:
+    """Routed expert products (T, D) for tokens x (T, D), weights w and ids idx (T, k), the loop over
+    hit experts that transformers runs (`MixtralExperts.forward`, `GptOssExperts.forward`).
+
+    ex = (gate_up, gate_up_bias, down, down_bias). glu None: rows layout, gate_up (E, 2I, D) rows
+    `[gate; up]`, down (E, D, I), silu(gate) * up, no biases. glu = (alpha, limit): gpt_oss layout,
+    gate_up (E, D, 2I) interleaved, down (E, I, D), biases, clamped SwiGLU.
+    """
+    gate_up, bgu, down, bd = ex
     out = torch.zeros_like(x)
     for e in torch.unique(idx).tolist():  # the experts this batch hits (a host sync: reference only)
         tok, k = torch.where(idx == e)
-        gate, up = F.linear(x[tok], gate_up[e]).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, down[e]) * w[tok, k, None]
-        out.index_add_(0, tok, y.to(out.dtype))
+        if glu is None:
+            gate, up = F.linear(x[tok], gate_up[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, down[e])
+        else:
+            y = _oss_glu(x[tok] @ gate_up[e] + bgu[e], *glu) @ down[e] + bd[e]
+        out.index_add_(0, tok, (y * w[tok, k, None]).to(out.dtype))
     return out
 
 
-def experts(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, gate_up: torch.Tensor,
-            down: torch.Tensor) -> torch.Tensor:
+def experts(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, ex: tuple, glu: tuple | None = None) -> torch.Tensor:
     """Routed expert products (T, D): the Triton grouped path on CUDA, `experts_ref` elsewhere."""
     if x.is_cuda:  # registered by importing runners.moe_kernels (`SparseMoe.stack` on a CUDA device)
-        return torch.ops.mlx_bridge.routed_experts(x, w, idx, gate_up, down)
-    return experts_ref(x, w, idx, gate_up, down)
+        alpha, limit = glu if glu is not None else (0.0, 0.0)
+        return torch.ops.mlx_bridge.routed_experts(x, w, idx, ex[0], ex[1], ex[2], ex[3], glu is not None,
+                                                    alpha, limit)
+    return experts_ref(x, w, idx, ex, glu)
 
 
-def sparse_ffn(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, kind: str,
-               top_k: int, norm: bool, shared: tuple | None = None) -> torch.Tensor:
-    """The whole sparse MLP of tokens x (T, D): route, routed experts, and for qwen2_moe the shared
-    expert `shared` = ([gate; up] (2S, D), down (D, S), gate (1, D)) scaled by sigmoid(gate x)."""
-    w, idx = route(F.linear(x, router), kind, top_k, norm)
-    out = experts(x, w, idx, gate_up, down)
+def sparse_ffn(x: torch.Tensor, router: tuple, ex: tuple, kind: str, top_k: int, norm: bool,
+               shared: tuple | None = None, glu: tuple | None = None) -> torch.Tensor:
+    """The whole sparse MLP of tokens x (T, D): route (router = (weight, bias)), routed experts, and for
+    qwen2_moe the shared expert `shared` = ([gate; up] (2S, D), down (D, S), gate (1, D)) scaled by
+    sigmoid(gate x)."""
+    w, idx = route(F.linear(x, *router), kind, top_k, norm)
+    out = experts(x, w, idx, ex, glu)
     if shared is not None:
         sgu, sd, sg = shared
         g, u = F.linear(x, sgu).chunk(2, dim=-1)
         out = out + torch.sigmoid(F.linear(x, sg)) * F.linear(F.silu(g) * u, sd)
     return out
+
+
+class OssExperts(nn.Module):
+    """gpt_oss's stacked experts under its checkpoint names: gate_up_proj (E, D, 2I) with gate and up
+    interleaved, gate_up_proj_bias (E, 2I), down_proj (E, I, D), down_proj_bias (E, D)."""
+
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        E, D, I = a.num_experts, a.hidden_size, a.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, D, 2 * I))
+        self.gate_up_proj_bias = nn.Parameter(torch.empty(E, 2 * I))
+        self.down_proj = nn.Parameter(torch.empty(E, I, D))
+        self.down_proj_bias = nn.Parameter(torch.empty(E, D))
 
 
 class _Expert(nn.Module):
@@ -95,42 +131,58 @@ class _Expert(nn.Module):
 
 
 class SparseMoe(nn.Module):
-    """Top-k routed experts: `gate` (E, D) router, `experts.{e}`, and for qwen2_moe a shared expert
-    (`shared_expert`, an MLP) scaled by sigmoid(`shared_expert_gate`)."""
+    """Top-k routed experts: the router (`gate` (E, D); gpt_oss `router` with a bias), the experts
+    (`experts.{e}`; gpt_oss stacked `OssExperts`), and for qwen2_moe a shared expert (`shared_expert`,
+    an MLP) scaled by sigmoid(`shared_expert_gate`)."""
 
     def __init__(self, a: ModelArgs):
         super().__init__()
         from .layers import MLP
 
         self.kind, self.top_k, self.norm_topk = a.moe, a.top_k, a.norm_topk_prob
+        oss = a.moe == "gpt_oss"
+        self.gate_name = "router" if oss else "gate"
+        setattr(self, self.gate_name, nn.Linear(a.hidden_size, a.num_experts, bias=oss))
+        self.glu = (a.swiglu_alpha, a.swiglu_limit) if oss else None
         self.names = EXPERT_NAMES.get(a.moe, QWEN_NAMES)
-        self.gate = nn.Linear(a.hidden_size, a.num_experts, bias=False)
-        self.experts = nn.ModuleList([_Expert(a, self.names) for _ in range(a.num_experts)])
+        if oss:
+            self.experts = OssExperts(a)
+        else:
+            self.experts = nn.ModuleList([_Expert(a, self.names) for _ in range(a.num_experts)])
         if a.shared_expert_intermediate_size:
             self.shared_expert = MLP(a, a.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(a.hidden_size, 1, bias=False)
         self.shared = bool(a.shared_expert_intermediate_size)
         self.stacked: tuple | None = None
 
+    @property
+    def gate_linear(self) -> nn.Linear:
+        return getattr(self, self.gate_name)
+
     def stack(self, gate_up: torch.Tensor | None = None, down: torch.Tensor | None = None) -> tuple:
-        """Stack the experts once (or adopt given stacked tensors, e.g. transformers' own) and rebind the
-        per-expert weights as views of them; return the stacked weights."""
+        """The experts as (gate_up, gate_up_bias, down, down_bias), stacked once: the per-expert weights
+        are stacked (or given stacked tensors, e.g. transformers' own, are adopted) and rebound as views
+        of them. gpt_oss's are stacked in the checkpoint already."""
         if gate_up is None and self.stacked is not None:
             return self.stacked
-        g, u, d = self.names
-        ex = list(self.experts)
-        with torch.no_grad():
-            if gate_up is None:
-                gate_up = torch.stack([torch.cat([getattr(e, g).weight, getattr(e, u).weight]) for e in ex])
-                down = torch.stack([getattr(e, d).weight for e in ex])
-            inter = gate_up.shape[1] // 2
-            for i, e in enumerate(ex):
-                getattr(e, g).weight = nn.Parameter(gate_up[i, :inter], requires_grad=False)
-                getattr(e, u).weight = nn.Parameter(gate_up[i, inter:], requires_grad=False)
-                getattr(e, d).weight = nn.Parameter(down[i], requires_grad=False)
-        if gate_up.is_cuda:
+        if self.glu is not None:
+            ex = self.experts
+            self.stacked = (ex.gate_up_proj, ex.gate_up_proj_bias, ex.down_proj, ex.down_proj_bias)
+        else:
+            g, u, d = self.names
+            ex = list(self.experts)
+            with torch.no_grad():
+                if gate_up is None:
+                    gate_up = torch.stack([torch.cat([getattr(e, g).weight, getattr(e, u).weight]) for e in ex])
+                    down = torch.stack([getattr(e, d).weight for e in ex])
+                inter = gate_up.shape[1] // 2
+                for i, e in enumerate(ex):
+                    getattr(e, g).weight = nn.Parameter(gate_up[i, :inter], requires_grad=False)
+                    getattr(e, u).weight = nn.Parameter(gate_up[i, inter:], requires_grad=False)
+                    getattr(e, d).weight = nn.Parameter(down[i], requires_grad=False)
+            self.stacked = (gate_up, None, down, None)
+        if self.stacked[0].is_cuda:
             from ..runners import moe_kernels  # noqa: F401 (registers torch.ops.mlx_bridge.routed_experts)
-        self.stacked = (gate_up, down)
         return self.stacked
 
     def _apply(self, fn, recurse=True):
@@ -139,14 +191,14 @@ class SparseMoe(nn.Module):
 
     def route(self, x):
         """(weights (T, k), expert ids (T, k)) for tokens x (T, D), as transformers computes them."""
-        return route(self.gate(x), self.kind, self.top_k, self.norm_topk)
+        return route(self.gate_linear(x), self.kind, self.top_k, self.norm_topk)
 
     def forward(self, x):
         B, L, D = x.shape
         x = x.reshape(-1, D)  # [T, D]
-        gate_up, down = self.stacked or self.stack()
+        ex = self.stack()
         w, idx = self.route(x)
-        out = experts(x, w, idx, gate_up, down)
+        out = experts(x, w, idx, ex, self.glu)
         if self.shared:  # qwen2_moe: + sigmoid(gate(x)) * shared_expert(x)
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out.view(B, L, D)

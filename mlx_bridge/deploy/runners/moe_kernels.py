@@ -6,8 +6,8 @@ of BLOCK_M sorted rows belongs to one expert; the number of blocks has a fixed u
 ceil((T k + min(E, T k) (BLOCK_M - 1)) / BLOCK_M), and blocks past the last expert exit at once. Two
 grouped GEMMs follow, each program reading one expert's weight tile:
 
-    _gate_up_act   h[r] = act(x[t] @ Wg[e]^T) * (x[t] @ Wu[e]^T)     (T k, I), act fused
-    _down          y[r] = w[r] * (h[r] @ Wd[e]^T)                       (T k, D) float32
+    _gate_up_act   h[r] = act(x[t] @ Wg[e]^T + bg) * (x[t] @ Wu[e]^T + bu)   (T k, I), act fused
+    _down          y[r] = w[r] * (h[r] @ Wd[e]^T + bd)                       (T k, D) float32
 
 and the k rows of each token are summed in float32 and cast. At batch 1 (k rows, k experts) this is a
 gather-matvec over k experts; at batch 32 an expert hit by several rows is read once per block. No
@@ -26,8 +26,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _gate_up_act(x_ptr, w_ptr, h_ptr, ids_ptr, bexp_ptr, R, E, I, D, top_k, sx, swe, swn, sh,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+def _gate_up_act(x_ptr, w_ptr, b_ptr, h_ptr, ids_ptr, bexp_ptr, R, E, I, D, top_k, sx, swe, swn, swk, up_off,
+                 sbe, sbn, b_up_off, sh, alpha, limit, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 IEEE: tl.constexpr, OSS: tl.constexpr, BIAS: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(bexp_ptr + pid_m)
     if e >= E:  # past the last expert's rows
@@ -38,8 +39,8 @@ def _gate_up_act(x_ptr, w_ptr, h_ptr, ids_ptr, bexp_ptr, R, E, I, D, top_k, sx, 
     offs_n = pid_n * BN + tl.arange(0, BN)
     nmask = offs_n < I
     offs_k = tl.arange(0, BK)
-    wg = w_ptr + e.to(tl.int64) * swe + offs_n[None, :].to(tl.int64) * swn  # gate rows [0, I)
-    wu = wg + I * swn  # up rows [I, 2I)
+    wg = w_ptr + e.to(tl.int64) * swe + offs_n[None, :].to(tl.int64) * swn  # gate column n
+    wu = wg + up_off  # up column n
     acc_g = tl.zeros((BM, BN), dtype=tl.float32)
     acc_u = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, D, BK):
@@ -47,22 +48,31 @@ def _gate_up_act(x_ptr, w_ptr, h_ptr, ids_ptr, bexp_ptr, R, E, I, D, top_k, sx, 
         kmask = kk < D
         a = tl.load(x_ptr + tok[:, None] * sx + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
         bm = kmask[:, None] & nmask[None, :]
-        g = tl.load(wg + kk[:, None], mask=bm, other=0.0)  # (BK, BN)
-        u = tl.load(wu + kk[:, None], mask=bm, other=0.0)
+        g = tl.load(wg + kk[:, None].to(tl.int64) * swk, mask=bm, other=0.0)  # (BK, BN)
+        u = tl.load(wu + kk[:, None].to(tl.int64) * swk, mask=bm, other=0.0)
         if IEEE:
             acc_g = tl.dot(a, g, acc_g, input_precision="ieee")
             acc_u = tl.dot(a, u, acc_u, input_precision="ieee")
         else:
             acc_g = tl.dot(a, g, acc_g)
             acc_u = tl.dot(a, u, acc_u)
-    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # silu(gate) * up
+    if BIAS:
+        bg = b_ptr + e.to(tl.int64) * sbe + offs_n * sbn
+        acc_g += tl.load(bg, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(bg + b_up_off, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    if OSS:  # gpt_oss: clamped SwiGLU, (up + 1) * gate * sigmoid(alpha * gate)
+        gc = tl.minimum(acc_g, limit)
+        uc = tl.minimum(tl.maximum(acc_u, -limit), limit)
+        h = (uc + 1.0) * (gc / (1.0 + tl.exp(-alpha * gc)))
+    else:  # silu(gate) * up
+        h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     tl.store(h_ptr + ids[:, None].to(tl.int64) * sh + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
              mask=valid[:, None] & nmask[None, :])
 
 
 @triton.jit
-def _down(h_ptr, w_ptr, rw_ptr, y_ptr, ids_ptr, bexp_ptr, R, E, N, K, sh, swe, swn, sy,
-          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+def _down(h_ptr, w_ptr, b_ptr, rw_ptr, y_ptr, ids_ptr, bexp_ptr, R, E, N, K, sh, swe, swn, swk, sbe, sy,
+          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, BIAS: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(bexp_ptr + pid_m)
     if e >= E:
@@ -79,11 +89,13 @@ def _down(h_ptr, w_ptr, rw_ptr, y_ptr, ids_ptr, bexp_ptr, R, E, N, K, sh, swe, s
         kk = k0 + offs_k
         kmask = kk < K
         a = tl.load(h_ptr + rows[:, None] * sh + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(wd + kk[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
+        b = tl.load(wd + kk[:, None].to(tl.int64) * swk, mask=kmask[:, None] & nmask[None, :], other=0.0)
         if IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
+    if BIAS:
+        acc += tl.load(b_ptr + e.to(tl.int64) * sbe + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
     acc = acc * tl.load(rw_ptr + rows, mask=valid, other=0.0)[:, None]
     tl.store(y_ptr + rows[:, None] * sy + offs_n[None, :], acc, mask=valid[:, None] & nmask[None, :])
 
@@ -124,37 +136,56 @@ def _config(R: int, dtype: torch.dtype) -> dict:
     return dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=3)
 
 
-def routed(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, gate_up: torch.Tensor,
-           down: torch.Tensor) -> torch.Tensor:
-    """sum_j w[t, j] * down[e](silu(gate[e] x[t]) * up[e] x[t]), e = idx[t, j]: (T, D) in x's dtype."""
+def routed(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, gate_up: torch.Tensor, gate_up_b: torch.Tensor | None,
+           down: torch.Tensor, down_b: torch.Tensor | None, oss: bool = False, alpha: float = 0.0,
+           limit: float = 0.0) -> torch.Tensor:
+    """sum_j w[t, j] * down[e](act(gate[e] x[t]) * up[e] x[t]), e = idx[t, j]: (T, D) in x's dtype.
+
+    Rows layout (oss False): gate_up (E, 2I, D) rows `[gate; up]`, down (E, D, I), silu. gpt_oss layout:
+    gate_up (E, D, 2I) columns interleaved `[g0, u0, g1, ...]`, down (E, I, D), biases (E, 2I) and
+    (E, D), clamped SwiGLU with `alpha`, `limit`. Both read as they are stored (strides).
+    """
     T, D = x.shape
     k = idx.shape[1]
-    E, I2, _ = gate_up.shape
-    I, R = I2 // 2, T * k
+    E = gate_up.shape[0]
+    x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
+    if oss:  # (E, D, 2I): column 2n gate n, 2n + 1 up n; down (E, I, D)
+        I = gate_up.shape[2] // 2
+        swn, swk, up_off = 2, gate_up.stride(1), 1
+        dwn, dwk = 1, down.stride(1)
+    else:  # (E, 2I, D): row n gate n, row I + n up n; down (E, D, I)
+        I = gate_up.shape[1] // 2
+        swn, swk, up_off = gate_up.stride(1), 1, I * gate_up.stride(1)
+        dwn, dwk = down.stride(1), 1
+    R = T * k
     cfg = _config(R, x.dtype)
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
     ids, bexp = align(idx, E, BM)
     nb = bexp.shape[0]
-    ieee = x.dtype == torch.float32
+    ieee, bias = x.dtype == torch.float32, gate_up_b is not None
+    gb = gate_up_b.contiguous() if bias else gate_up  # unused pointer when there is no bias
+    db = down_b.contiguous() if bias else down
     h = torch.empty(R, I, dtype=x.dtype, device=x.device)
-    _gate_up_act[(nb, _cdiv(I, BN))](x, gate_up, h, ids, bexp, R, E, I, D, k, x.stride(0), gate_up.stride(0),
-                                     gate_up.stride(1), h.stride(0), BM=BM, BN=BN, BK=BK, IEEE=ieee, **launch)
+    _gate_up_act[(nb, _cdiv(I, BN))](
+        x, gate_up, gb, h, ids, bexp, R, E, I, D, k, x.stride(0), gate_up.stride(0), swn, swk, up_off,
+        gb.stride(0), 2 if oss else 1, 1 if oss else I, h.stride(0), float(alpha), float(limit),
+        BM=BM, BN=BN, BK=BK, IEEE=ieee, OSS=oss, BIAS=bias, **launch)
     y = torch.empty(R, D, dtype=torch.float32, device=x.device)
     rw = w.reshape(-1).float()
-    _down[(nb, _cdiv(D, BN))](h, down, rw, y, ids, bexp, R, E, D, I, h.stride(0), down.stride(0), down.stride(1),
-                              y.stride(0), BM=BM, BN=BN, BK=BK, IEEE=ieee, **launch)
+    _down[(nb, _cdiv(D, BN))](h, down, db, rw, y, ids, bexp, R, E, D, I, h.stride(0), down.stride(0), dwn, dwk,
+                              db.stride(0), y.stride(0), BM=BM, BN=BN, BK=BK, IEEE=ieee, BIAS=bias, **launch)
     return y.view(T, k, D).sum(1).to(x.dtype)
 
 
 @torch.library.custom_op("mlx_bridge::routed_experts", mutates_args=())
 def routed_experts(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, gate_up: torch.Tensor,
-                   down: torch.Tensor) -> torch.Tensor:
+                   gate_up_b: torch.Tensor | None, down: torch.Tensor, down_b: torch.Tensor | None, oss: bool,
+                   alpha: float, limit: float) -> torch.Tensor:
     """`routed` as one op (opaque to torch.compile; its kernels are captured in the step's CUDA graph)."""
-    return routed(x, w, idx, gate_up, down)
+    return routed(x, w, idx, gate_up, gate_up_b, down, down_b, oss, alpha, limit)
 
 
 @routed_experts.register_fake
-def _(x, w, idx, gate_up, down):
+def _(x, w, idx, gate_up, gate_up_b, down, down_b, oss, alpha, limit):
     return torch.empty_like(x)
