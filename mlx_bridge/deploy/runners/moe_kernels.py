@@ -138,12 +138,13 @@ def _config(R: int, dtype: torch.dtype) -> dict:
 
 def routed(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, gate_up: torch.Tensor, gate_up_b: torch.Tensor | None,
            down: torch.Tensor, down_b: torch.Tensor | None, oss: bool = False, alpha: float = 0.0,
-           limit: float = 0.0) -> torch.Tensor:
+           limit: float = 0.0, cfg: dict | None = None) -> torch.Tensor:
     """sum_j w[t, j] * down[e](act(gate[e] x[t]) * up[e] x[t]), e = idx[t, j]: (T, D) in x's dtype.
 
     Rows layout (oss False): gate_up (E, 2I, D) rows `[gate; up]`, down (E, D, I), silu. gpt_oss layout:
     gate_up (E, D, 2I) columns interleaved `[g0, u0, g1, ...]`, down (E, I, D), biases (E, 2I) and
-    (E, D), clamped SwiGLU with `alpha`, `limit`. Both read as they are stored (strides).
+    (E, D), clamped SwiGLU with `alpha`, `limit`. Both read as they are stored (strides). `cfg`
+    overrides the block sizes (benchmarks/moe_kernels.py).
     """
     T, D = x.shape
     k = idx.shape[1]
@@ -158,7 +159,7 @@ def routed(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, gate_up: torch.T
         swn, swk, up_off = gate_up.stride(1), 1, I * gate_up.stride(1)
         dwn, dwk = down.stride(1), 1
     R = T * k
-    cfg = _config(R, x.dtype)
+    cfg = cfg or _config(R, x.dtype)
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     ids, bexp = align(idx, E, BM)
