@@ -224,7 +224,7 @@ def _gpt_oss(c) -> ModelArgs:
     bias = bool(_get(c, "attention_bias", True))
     return _base(c, qkv_bias=bias, o_bias=bias, sinks=True, moe="gpt_oss", moe_layers=[True] * c.num_hidden_layers,
                  num_experts=c.num_local_experts, top_k=c.num_experts_per_tok, moe_intermediate_size=c.intermediate_size,
-                 swiglu_alpha=float(c.swiglu_alpha), swiglu_limit=float(c.swiglu_limit))
+                 swiglu_alpha=float(_get(c, "swiglu_alpha", 1.702)), swiglu_limit=float(_get(c, "swiglu_limit", 7.0)))
 
 
 # model_type -> parser (the registry of native architectures)
