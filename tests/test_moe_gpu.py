@@ -27,7 +27,7 @@ def greedy(runner, n, prompts=PROMPTS):
 
 @pytest.mark.parametrize("T", [1, 3, 8, 32, 200, 1024])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss", "gpt_oss_stacked"])
 def test_routed_kernels_equal_reference(T, dtype, kind):
     from mlx_bridge.deploy.runners.moe_kernels import routed
 
@@ -38,11 +38,14 @@ def test_routed_kernels_equal_reference(T, dtype, kind):
         return (torch.randn(*shape, device="cuda", generator=g) * s).to(dtype)
 
     x = rand(T, D, s=1.0)
-    if kind == "gpt_oss":  # stored (E, D, 2I) interleaved, (E, I, D), with biases; clamped SwiGLU
+    if kind.startswith("gpt_oss"):  # stored (E, D, 2I) interleaved, (E, I, D), with biases; clamped SwiGLU
         ex, glu = (rand(E, D, 2 * I, s=0.3), rand(E, 2 * I, s=0.5), rand(E, I, D), rand(E, D)), (1.702, 7.0)
+        if kind == "gpt_oss_stacked":  # as `SparseMoe.stack` keeps them: transposed views of row-major copies
+            ex = (ex[0].transpose(1, 2).contiguous().transpose(1, 2), ex[1],
+                  ex[2].transpose(1, 2).contiguous().transpose(1, 2), ex[3])
     else:
         ex, glu = (rand(E, 2 * I, D), None, rand(E, D, I), None), None
-    w, idx = route(rand(T, E, s=1.0), kind, k, True)
+    w, idx = route(rand(T, E, s=1.0), kind.replace("_stacked", ""), k, True)
     got = routed(x, w, idx, *ex, glu is not None, *(glu or (0.0, 0.0)))
     ref = experts_ref(x.double(), w.double(), idx, tuple(t if t is None else t.double() for t in ex), glu)
     err = ((got.double() - ref).norm() / ref.norm()).item()

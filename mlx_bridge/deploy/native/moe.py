@@ -6,8 +6,9 @@ stacked once into (E, 2I, D) `[gate; up]` and (E, D, I) `down` tensors, and the 
 `stack()` builds the stacked tensors on the parameters' device and rebinds every per-expert weight as a
 view of them (memory is not doubled, `state_dict()` keeps the names).
 
-gpt_oss checkpoints hold the experts stacked already ((E, D, 2I) with gate and up interleaved, biases),
-and the kernels read that layout as it is.
+gpt_oss checkpoints hold the experts stacked already ((E, D, 2I) with gate and up interleaved, biases);
+`stack()` stores them transposed once ((E, 2I, D) rows gate 0, up 0, gate 1, ...; down (E, D, I)) and
+the parameters become transposed views of that (same names and shapes), so the kernels read rows.
 
 Two implementations of the same routed product, `experts(x, w, idx, ex, glu)`:
     `experts_ref`  pure PyTorch, the loop over hit experts transformers runs (CPU, tests, reference)
@@ -167,6 +168,11 @@ class SparseMoe(nn.Module):
             return self.stacked
         if self.glu is not None:
             ex = self.experts
+            if ex.gate_up_proj.stride(1) != 1:  # stored (E, D, 2I) and (E, I, D): keep each row of the
+                with torch.no_grad():  # products contiguous along D / I (kernels read whole rows), once
+                    gu, dn = (ex.gate_up_proj.transpose(1, 2).contiguous(), ex.down_proj.transpose(1, 2).contiguous())
+                ex.gate_up_proj = nn.Parameter(gu.transpose(1, 2), requires_grad=False)  # same shape, a view
+                ex.down_proj = nn.Parameter(dn.transpose(1, 2), requires_grad=False)
             self.stacked = (ex.gate_up_proj, ex.gate_up_proj_bias, ex.down_proj, ex.down_proj_bias)
         else:
             g, u, d = self.names

@@ -143,21 +143,22 @@ def routed(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, gate_up: torch.T
 
     Rows layout (oss False): gate_up (E, 2I, D) rows `[gate; up]`, down (E, D, I), silu. gpt_oss layout:
     gate_up (E, D, 2I) columns interleaved `[g0, u0, g1, ...]`, down (E, I, D), biases (E, 2I) and
-    (E, D), clamped SwiGLU with `alpha`, `limit`. Both read as they are stored (strides). `cfg`
+    (E, D), clamped SwiGLU with `alpha`, `limit`. Both read through their strides: whole rows are read
+fastest (gpt_oss after `SparseMoe.stack`: transposed views of row-major copies). `cfg`
     overrides the block sizes (benchmarks/moe_kernels.py).
     """
     T, D = x.shape
     k = idx.shape[1]
     E = gate_up.shape[0]
-    x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
+    x = x.contiguous()  # the weights are read through their strides (gpt_oss: transposed views)
     if oss:  # (E, D, 2I): column 2n gate n, 2n + 1 up n; down (E, I, D)
         I = gate_up.shape[2] // 2
-        swn, swk, up_off = 2, gate_up.stride(1), 1
-        dwn, dwk = 1, down.stride(1)
+        swn, swk, up_off = 2 * gate_up.stride(2), gate_up.stride(1), gate_up.stride(2)
+        dwn, dwk = down.stride(2), down.stride(1)
     else:  # (E, 2I, D): row n gate n, row I + n up n; down (E, D, I)
         I = gate_up.shape[1] // 2
-        swn, swk, up_off = gate_up.stride(1), 1, I * gate_up.stride(1)
-        dwn, dwk = down.stride(1), 1
+        swn, swk, up_off = gate_up.stride(1), gate_up.stride(2), I * gate_up.stride(1)
+        dwn, dwk = down.stride(1), down.stride(2)
     R = T * k
     cfg = cfg or _config(R, x.dtype)
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
