@@ -107,6 +107,34 @@ def sparse_ffn(x: torch.Tensor, router: tuple, ex: tuple, kind: str, top_k: int,
     return out
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def align(idx: torch.Tensor, E: int, BM: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group the routed rows of idx (T, k) by expert, static shapes: (sorted row ids (n_blocks * BM,),
+    padded with T k; expert of each block (n_blocks,), E past the last one).
+
+    Example:
+        >>> ids, be = align(torch.tensor([[2, 0], [2, 1]]), E=4, BM=2)
+        >>> ids.tolist(), be.tolist()
+        ([1, 4, 3, 4, 0, 2, 4, 4], [0, 1, 2, 4])
+    """
+    flat = idx.reshape(-1)
+    R = flat.numel()
+    n_blocks = _cdiv(R + min(E, R) * (BM - 1), BM)
+    counts = torch.zeros(E, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + BM - 1) // BM * BM
+    ends = padded.cumsum(0)
+    order = torch.sort(flat, stable=True).indices  # rows by expert, in row order within an expert
+    se = flat[order]
+    rank = torch.arange(R, device=idx.device) - (counts.cumsum(0) - counts)[se]
+    dest = (ends - padded)[se] + rank
+    ids = torch.full((n_blocks * BM,), R, dtype=torch.long, device=idx.device).scatter_(0, dest, order)
+    block_expert = torch.searchsorted(ends, torch.arange(n_blocks, device=idx.device) * BM, right=True)
+    return ids, block_expert
+
+
 class OssExperts(nn.Module):
     """gpt_oss's stacked experts under its checkpoint names: gate_up_proj (E, D, 2I) with gate and up
     interleaved, gate_up_proj_bias (E, 2I), down_proj (E, I, D), down_proj_bias (E, D)."""

@@ -1,8 +1,9 @@
 """Routed MoE expert products on CUDA with Triton: only the selected experts' weights are read.
 
-The (T, k) routed rows are grouped by expert with static shapes (vLLM's `moe_align_block_size`, in
-PyTorch ops): rows sorted by expert id, each expert's rows padded to a multiple of BLOCK_M, so a block
-of BLOCK_M sorted rows belongs to one expert; the number of blocks has a fixed upper bound,
+The (T, k) routed rows are grouped by expert with static shapes (`native.moe.align`, vLLM's
+`moe_align_block_size` in PyTorch ops): rows sorted by expert id, each expert's rows padded to a
+multiple of BLOCK_M, so a block of BLOCK_M sorted rows belongs to one expert; the number of blocks has
+a fixed upper bound,
 ceil((T k + min(E, T k) (BLOCK_M - 1)) / BLOCK_M), and blocks past the last expert exit at once. Two
 grouped GEMMs follow, each program reading one expert's weight tile:
 
@@ -15,7 +16,7 @@ host sync, no data-dependent shapes: the decode step captures in a CUDA graph, a
 a `torch.library.custom_op`, so a compiled layer calls it as one opaque op.
 
 Example:
-    >>> y = routed_experts(x, w, idx, gate_up, down)   # x (T, D) cuda; gate_up (E, 2I, D)  # doctest: +SKIP
+    >>> y = routed(x, w, idx, gate_up, None, down, None)   # x (T, D) cuda; gate_up (E, 2I, D)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ..native.moe import _cdiv, align
 
 
 @triton.jit
@@ -98,34 +101,6 @@ def _down(h_ptr, w_ptr, b_ptr, rw_ptr, y_ptr, ids_ptr, bexp_ptr, R, E, N, K, sh,
         acc += tl.load(b_ptr + e.to(tl.int64) * sbe + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
     acc = acc * tl.load(rw_ptr + rows, mask=valid, other=0.0)[:, None]
     tl.store(y_ptr + rows[:, None] * sy + offs_n[None, :], acc, mask=valid[:, None] & nmask[None, :])
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def align(idx: torch.Tensor, E: int, BM: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group the routed rows of idx (T, k) by expert, static shapes: (sorted row ids (n_blocks * BM,),
-    padded with T k; expert of each block (n_blocks,), E past the last one).
-
-    Example:
-        >>> ids, be = align(torch.tensor([[2, 0], [2, 1]]), E=4, BM=2)
-        >>> ids.tolist(), be.tolist()
-        ([1, 4, 3, 4, 0, 2, 4, 4], [0, 1, 2, 4])
-    """
-    flat = idx.reshape(-1)
-    R = flat.numel()
-    n_blocks = _cdiv(R + min(E, R) * (BM - 1), BM)
-    counts = torch.zeros(E, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts + BM - 1) // BM * BM
-    ends = padded.cumsum(0)
-    order = torch.sort(flat, stable=True).indices  # rows by expert, in row order within an expert
-    se = flat[order]
-    rank = torch.arange(R, device=idx.device) - (counts.cumsum(0) - counts)[se]
-    dest = (ends - padded)[se] + rank
-    ids = torch.full((n_blocks * BM,), R, dtype=torch.long, device=idx.device).scatter_(0, dest, order)
-    block_expert = torch.searchsorted(ends, torch.arange(n_blocks, device=idx.device) * BM, right=True)
-    return ids, block_expert
 
 
 def _config(R: int, dtype: torch.dtype) -> dict:
