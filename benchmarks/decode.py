@@ -10,12 +10,15 @@ and measures in one run, for transformers' default `generate` (the anchor), the 
 - throughput (new tokens/s, all rows) at batch 8 and 32, same prompt and length.
 
 The roofline is bytes of weights read per decode step (all but the embedding table) over the
-device-to-device copy bandwidth measured in the same run. Greedy tokens of the fast path are
+device-to-device copy bandwidth measured in the same run. MoE shapes (`qwen3-30b-a3b`) count only the
+experts a step reads: top_k a layer at batch 1, the distinct experts the batch's rows route to at
+batch B (`decode_moe.py`). Greedy tokens of the fast path are
 compared with the eager path's (random weights make near-ties common in bf16: reported, not asserted).
 
     python benchmarks/decode.py                      # CUDA, Llama-2-7B shape, bf16
     python benchmarks/decode.py --shape tiny          # CPU development run (seconds)
     python benchmarks/decode.py --dtype float16 --json out.json
+    python benchmarks/decode.py --shape qwen3-30b-a3b --new 128 --hf-new 16 --skip graph
 """
 
 from __future__ import annotations
@@ -33,6 +36,20 @@ SHAPES = {
                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
     "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192),
+    # Qwen3-30B-A3B: 48 layers, 128 experts of 768, top-8, GQA 32/4 heads of 128
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                          moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                          norm_topk_prob=True, max_position_embeddings=40960, rope_theta=1e6),
+    # gpt-oss-20b: 24 layers, 32 experts of 2880, top-4, 64/8 heads of 64, sinks, alternating 128-token window
+    "gpt-oss-20b": dict(model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880,
+                        num_hidden_layers=24, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
+                        num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
+                        max_position_embeddings=131072),
+    "qwen3-moe-tiny": dict(model_type="qwen3_moe", vocab_size=256, hidden_size=64, intermediate_size=128,
+                           moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=16, num_experts=16, num_experts_per_tok=4, norm_topk_prob=True,
+                           max_position_embeddings=2048),
     "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=2048),
 }
@@ -43,24 +60,32 @@ def sync(dev):
         torch.cuda.synchronize(dev)
 
 
-def build(shape: str, dtype, dev):
-    """(transformers model, native Transformer sharing its tensors, config)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build(shape: str, dtype, dev, layers: int | None = None):
+    """(transformers model, native Transformer sharing its tensors, config); `layers` overrides the depth."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from mlx_bridge.deploy.native.config import ModelArgs
     from mlx_bridge.deploy.native.model import Transformer
 
-    config = LlamaConfig(**SHAPES[shape], rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                         tie_word_embeddings=False)
+    kw = dict(SHAPES[shape])
+    if layers:
+        kw["num_hidden_layers"] = layers
+    config = AutoConfig.for_model(kw.pop("model_type", "llama"), **kw, rms_norm_eps=1e-5, bos_token_id=1,
+                                  eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     torch.manual_seed(0)
     with torch.device(dev):
-        hf = LlamaForCausalLM._from_config(config, dtype=dtype)
+        hf = AutoModelForCausalLM.from_config(config, dtype=dtype)
     hf = hf.eval().requires_grad_(False)
     hf.generation_config.eos_token_id = None  # random weights: never stop early
     hf.generation_config.pad_token_id = 0
     with torch.device("meta"):
         native = Transformer(ModelArgs.from_hf(config))
-    native.load_state_dict(hf.state_dict(), strict=True, assign=True)
+    if native.args.moe:
+        from decode_moe import share_experts
+
+        share_experts(hf, native)  # transformers' stacked experts become the native class's
+    else:
+        native.load_state_dict(hf.state_dict(), strict=True, assign=True)
     native.reset_rope(dev)
     return hf, native.eval().requires_grad_(False), config
 
@@ -103,7 +128,7 @@ def bench_runner(runner, B, P, N, vocab, dev, steps_fn):
     tokens, pad = prompts(B, P, vocab, dev)
     run_steps(steps_fn(runner, tokens, pad, N if steps_fn is fast_steps else 4), dev)  # warm-up: this bucket
     _, rest, toks = run_steps(steps_fn(runner, tokens, pad, N), dev)
-    return B * (N - 1) / rest, [t[0] for t in toks]
+    return B * (N - 1) / rest, toks
 
 
 def native_steps(runner, tokens, pad, N):
@@ -129,7 +154,7 @@ def ttft(first_token, dev, n=5) -> float:
     return statistics.median(ts)
 
 
-def bench_hf(hf, B, P, N, vocab, dev):
+def bench_hf(hf, B, P, N, vocab, dev):  # noqa: D103 (returns tok/s and row 0's tokens)
     tokens, _ = prompts(B, P, vocab, dev)
     mask = torch.ones_like(tokens)
 
@@ -171,6 +196,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--ttft-prompt", type=int, default=512)
     ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--layers", type=int, default=None, help="override the shape's number of layers")
+    ap.add_argument("--hf-new", type=int, default=None, help="new tokens for transformers (default: --new)")
     ap.add_argument("--skip", default="", help="comma list of columns to skip: hf,eager,graph,fast")
     ap.add_argument("--profile", default=None, help="write a kernel-time table of 16 fast batch-1 steps here")
     ap.add_argument("--json", default=None, help="also write the numbers here")
@@ -184,12 +211,21 @@ def main(argv=None) -> int:
     skip = set(filter(None, a.skip.split(",")))
     batches = [int(b) for b in a.batches.split(",")]
     t = time.perf_counter()
-    hf, native, cfg = build(a.shape, dtype, dev)
+    hf, native, cfg = build(a.shape, dtype, dev, a.layers)
     bw = bandwidth(dev)
     n_params = sum(p.numel() for p in hf.parameters())
     weight_bytes = (n_params - cfg.vocab_size * cfg.hidden_size) * dtype.itemsize  # embedding: one row a token
+    moe = native.args.moe is not None
+    if moe:  # a step reads only the experts it routes to
+        from decode_moe import step_bytes, touched_experts
+
+        dense_bytes, top_k_bytes = step_bytes(native, native.args.top_k)
+        expert_bytes = top_k_bytes / native.args.top_k  # one expert in every sparse layer
+        weight_bytes = dense_bytes + top_k_bytes
+    step_weights = {}  # batch -> bytes of weights one step reads
     card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
-    print(f"# {a.shape}: {n_params / 1e9:.2f} B params, {a.dtype or dtype}, {card}, torch {torch.__version__}, "
+    print(f"# {a.shape}: {cfg.num_hidden_layers} layers, {n_params / 1e9:.2f} B params, {a.dtype or dtype}, {card}, "
+          f"torch {torch.__version__}, transformers experts: {getattr(cfg, '_experts_implementation', None)}, "
           f"built in {time.perf_counter() - t:.0f} s", flush=True)
     print(f"# copy bandwidth {bw / 1e12:.2f} TB/s; {weight_bytes / 1e9:.2f} GB of weights per step; "
           f"roofline batch 1: {bw / weight_bytes:.0f} tok/s", flush=True)
@@ -210,12 +246,19 @@ def main(argv=None) -> int:
         runner = make()
         for B in batches:
             if kind == "hf":
-                rate, toks = bench_hf(hf, B, a.prompt, a.new, cfg.vocab_size, dev)
+                rate, toks = bench_hf(hf, B, a.prompt, a.hf_new or a.new, cfg.vocab_size, dev)
             else:
                 if kind == "fast":
                     runner.warmup(batch_sizes=(B,), max_lens=(a.prompt + a.new,))
-                rate, toks = bench_runner(runner, B, a.prompt, a.new, cfg.vocab_size, dev,
-                                          native_steps if kind == "native" else fast_steps)
+                rate, steps = bench_runner(runner, B, a.prompt, a.new, cfg.vocab_size, dev,
+                                           native_steps if kind == "native" else fast_steps)
+                toks = [t[0] for t in steps]
+                if moe and name == "fast":  # replay the batch's routing: experts touched per step
+                    rows = torch.cat([prompts(B, a.prompt, cfg.vocab_size, dev)[0],
+                                      torch.tensor(steps[:-1], device=dev).T], 1)
+                    n = touched_experts(native, rows, a.prompt)
+                    step_weights[B] = dense_bytes + n * expert_bytes
+                    res[name][f"experts a layer, batch {B}"] = n
             res[name][f"tok/s batch {B}"] = rate
             if B == 1:
                 res[name]["tokens"] = toks
@@ -248,16 +291,22 @@ def main(argv=None) -> int:
             line += f"{(1 / r if key == 'ttft ms' else r):9.1f}x"
         if key.startswith("tok/s") and bw == bw:
             B = int(key.split()[-1])
-            roof = B * bw / weight_bytes
+            roof = B * bw / step_weights.get(B, weight_bytes)
             line += f"   {roof:6.0f}" + (f" ({res['fast'][key] / roof:.0%})" if "fast" in res else "")
         print(line)
+    if moe and "fast" in res:
+        print("\nexperts a sparse layer reads per step (of %d): " % native.args.num_experts + ", ".join(
+            f"batch {B}: {res['fast'][f'experts a layer, batch {B}']:.1f}" for B in batches))
+        if a.hf_new:
+            print(f"transformers: {a.hf_new} new tokens a run (the others: {a.new})")
     if eager_tokens is not None and "fast" in res:
         same = next((i for i, (x, y) in enumerate(zip(res["fast"]["tokens"], eager_tokens)) if x != y), len(eager_tokens))
         print(f"\ngreedy tokens, batch 1: fast equals eager for the first {same} of {len(eager_tokens)}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"shape": a.shape, "dtype": str(dtype), "card": card, "torch": torch.__version__,
-                       "bandwidth": bw, "weight_bytes": weight_bytes, "results": res}, f, indent=1)
+                       "bandwidth": bw, "weight_bytes": weight_bytes, "step_weights": step_weights,
+                       "layers": cfg.num_hidden_layers, "results": res}, f, indent=1)
     return 0
 
 

@@ -128,10 +128,10 @@ def test_cuda_without_cuda(zoo):
 
 
 def test_native_backend_for_an_arch_it_lacks(zoo):
-    d = zoo.hf("qwen2_moe")
-    with pytest.raises(BridgeError, match="no native class for it: model_type 'qwen2_moe'"):
+    d = zoo.hf("olmo2")
+    with pytest.raises(BridgeError, match="no native class for it: model_type 'olmo2'"):
         load(d, backend="native")
-    with pytest.warns(UserWarning, match="qwen2_moe"):
+    with pytest.warns(UserWarning, match="olmo2"):
         m = load(d)
     assert m.backend == "transformers" and isinstance(m.generate("hello", max_tokens=3), str)
 

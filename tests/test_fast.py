@@ -13,7 +13,8 @@ from mlx_bridge.deploy.sampling import apply_top_k, apply_top_p
 from mlx_bridge.errors import BridgeError
 from mlx_bridge.testing.adapters import shared_zoo
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "mixtral", "qwen3_moe"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "mixtral", "qwen3_moe", "qwen2_moe",
+         "olmoe", "gpt_oss"]
 PROMPTS = [[1, 20, 21, 22, 23, 24], [1, 30, 31], [1, 40, 41, 42, 43, 44, 45, 46, 47]]  # ragged: bucket 4
 
 
@@ -45,7 +46,7 @@ def test_greedy_and_logits_equal_eager(zoo, arch, overrides):
     d = zoo.hf(arch, **overrides)
     ref, fast = load(d).runner, FastRunner(load(d).module)
     assert fast.use_graphs is False and fast.use_compile is False  # CPU: the same code, not captured
-    assert (fast.fused is None) == (arch in ("mixtral", "qwen3_moe"))
+    assert fast.fused is not None  # MoE layers too
     n = 40 if overrides else 16  # past the window of 8
     want = greedy_steps(ref, n)
     assert greedy_steps(StartNext(fast), n) == want  # start/next interface
@@ -74,7 +75,7 @@ def test_fusion_keeps_names_and_memory(zoo):
     assert attn.v_proj.weight.untyped_storage().data_ptr() == w[4].untyped_storage().data_ptr()
     assert attn.q_proj.bias.untyped_storage().data_ptr() == w[5].untyped_storage().data_ptr()
     mlp = m.module.model.layers[0].mlp
-    assert mlp.up_proj.weight.untyped_storage().data_ptr() == fast.fused.layers[0].w[10].untyped_storage().data_ptr()
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == fast.fused.layers[0].w[11].untyped_storage().data_ptr()
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])

@@ -131,6 +131,7 @@ def _native(d, hf_config, files, device, dtype, fast: bool):
         module = Transformer(args)
     load_weights(module, files, device, dtype, drop=("lm_head.weight",) if args.tie_word_embeddings else ())
     module.reset_rope(device)
+    module.stack_experts()
     module = module.eval().requires_grad_(False)
     if fast:
         from .runners.fast import FastRunner

@@ -53,6 +53,8 @@ ARCH_CONFIGS.update({
     "olmo2": {},
     "olmo3": {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 16, "rope_theta": 500000.0},
     "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
+    "gpt_oss": {"head_dim": 16, "intermediate_size": 32, "num_local_experts": 4, "num_experts_per_tok": 2,
+                "sliding_window": 8},
     "seed_oss": {"head_dim": 16},
     "stablelm": {},
     "starcoder2": {},

@@ -54,6 +54,8 @@ class ModelArgs:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False  # per-head RMSNorm on q and k before rope (qwen3, gemma3)
+    qk_norm_full: bool = False  # olmoe: RMSNorm over the whole q / k projection (all heads) instead
+    clip_qkv: float | None = None  # olmoe: q, k, v clamped to [-clip, clip]
     fused_qkv: bool = False  # phi3 qkv_proj / gate_up_proj
     gemma: bool = False  # norms scale by (1 + w), sandwich norms, embeddings * sqrt(hidden)
     attn_scale: float = 0.0  # softmax scale; 0 -> head_dim ** -0.5
@@ -62,12 +64,16 @@ class ModelArgs:
     windows: list = field(default_factory=list)  # per layer: sliding window size or None
     ropes: list = field(default_factory=list)  # per layer: RopeArgs
     # MoE
-    moe: str | None = None  # "mixtral" | "qwen3_moe"
+    moe: str | None = None  # "mixtral" | "qwen3_moe" | "qwen2_moe" | "olmoe" | "gpt_oss"
     moe_layers: list = field(default_factory=list)  # per layer: True when the MLP is sparse
     num_experts: int = 0
     top_k: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True
+    shared_expert_intermediate_size: int = 0  # qwen2_moe: a shared expert MLP, gated by sigmoid
+    sinks: bool = False  # gpt_oss: a learned sink logit per head in every softmax
+    swiglu_alpha: float = 1.702  # gpt_oss experts: (up + 1) * g * sigmoid(alpha g), g and up clamped
+    swiglu_limit: float = 7.0
 
     @classmethod
     def from_hf(cls, config: Any) -> "ModelArgs":
@@ -75,7 +81,10 @@ class ModelArgs:
         mt = config.model_type
         if mt not in PARSERS:
             raise Unsupported(f"model_type {mt!r} has no native class")
-        return PARSERS[mt](config)
+        args = PARSERS[mt](config)
+        if args.moe and args.moe != "gpt_oss" and args.hidden_act != "silu":  # the routed expert kernels compute silu(gate) * up
+            raise Unsupported(f"hidden_act {args.hidden_act!r} in MoE experts (native: silu)")
+        return args
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelArgs":
@@ -182,18 +191,45 @@ def _mixtral(c) -> ModelArgs:
                  top_k=c.num_experts_per_tok, moe_intermediate_size=c.intermediate_size, norm_topk_prob=True)
 
 
-def _qwen3_moe(c) -> ModelArgs:
+def _qwen_sparse(c) -> list[bool]:
+    """Which layers are sparse (`Qwen2MoeDecoderLayer`/`Qwen3MoeDecoderLayer`)."""
     n, only = c.num_hidden_layers, set(_get(c, "mlp_only_layers", []))
     step, e = _get(c, "decoder_sparse_step", 1), _get(c, "num_experts", 0)
-    sparse = [i not in only and e > 0 and (i + 1) % step == 0 for i in range(n)]
+    return [i not in only and e > 0 and (i + 1) % step == 0 for i in range(n)]
+
+
+def _qwen3_moe(c) -> ModelArgs:
     bias = bool(_get(c, "attention_bias", False))
     return _base(c, qkv_bias=bias, o_bias=bias, qk_norm=True, window_all_layers=True, moe="qwen3_moe",
-                 moe_layers=sparse, num_experts=e, top_k=c.num_experts_per_tok,
+                 moe_layers=_qwen_sparse(c), num_experts=_get(c, "num_experts", 0), top_k=c.num_experts_per_tok,
                  moe_intermediate_size=c.moe_intermediate_size, norm_topk_prob=bool(c.norm_topk_prob))
+
+
+def _qwen2_moe(c) -> ModelArgs:
+    return _base(c, qkv_bias=bool(_get(c, "qkv_bias", True)), moe="qwen2_moe", moe_layers=_qwen_sparse(c),
+                 num_experts=_get(c, "num_experts", 0), top_k=c.num_experts_per_tok,
+                 moe_intermediate_size=c.moe_intermediate_size, norm_topk_prob=bool(c.norm_topk_prob),
+                 shared_expert_intermediate_size=int(_get(c, "shared_expert_intermediate_size", 0)))
+
+
+def _olmoe(c) -> ModelArgs:
+    bias = bool(_get(c, "attention_bias", False))
+    return _base(c, qkv_bias=bias, o_bias=bias, qk_norm_full=True, clip_qkv=getattr(c, "clip_qkv", None),
+                 moe="olmoe", moe_layers=[True] * c.num_hidden_layers, num_experts=c.num_experts,
+                 top_k=c.num_experts_per_tok, moe_intermediate_size=c.intermediate_size,
+                 norm_topk_prob=bool(c.norm_topk_prob))
+
+
+def _gpt_oss(c) -> ModelArgs:
+    bias = bool(_get(c, "attention_bias", True))
+    return _base(c, qkv_bias=bias, o_bias=bias, sinks=True, moe="gpt_oss", moe_layers=[True] * c.num_hidden_layers,
+                 num_experts=c.num_local_experts, top_k=c.num_experts_per_tok, moe_intermediate_size=c.intermediate_size,
+                 swiglu_alpha=float(_get(c, "swiglu_alpha", 1.702)), swiglu_limit=float(_get(c, "swiglu_limit", 7.0)))
 
 
 # model_type -> parser (the registry of native architectures)
 PARSERS: dict[str, Callable[[Any], ModelArgs]] = {
     "llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwen3, "phi3": _phi3,
     "gemma2": _gemma2, "gemma3_text": _gemma3_text, "mixtral": _mixtral, "qwen3_moe": _qwen3_moe,
+    "qwen2_moe": _qwen2_moe, "olmoe": _olmoe, "gpt_oss": _gpt_oss,
 }

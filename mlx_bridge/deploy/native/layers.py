@@ -1,4 +1,4 @@
-"""Building blocks of the native model classes: norms, attention, MLPs, MoE blocks, the static KV cache.
+"""Building blocks of the native model classes: norms, attention, MLPs, the static KV cache (MoE: moe.py).
 
 Parameter names are Hugging Face's, so `Transformer.load_state_dict` takes an export's tensors as
 they are. Numerics follow transformers: norms in float32, rope cos/sin in the activation dtype,
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelArgs
+from .moe import SparseMoe
 from .rope import apply_rope
 
 ACT = {
@@ -57,18 +58,25 @@ class KVCache:
         return self.k[0].shape[2]
 
 
-def attend(q, k, v, mask, scale: float, softcap: float | None) -> torch.Tensor:
-    """Attention of q (B, H, L, D) over k, v (B, H_kv, S, D); mask (B|1, 1, L, S) bool or None (causal)."""
-    if softcap is None:
+def attend(q, k, v, mask, scale: float, softcap: float | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of q (B, H, L, D) over k, v (B, H_kv, S, D); mask (B|1, 1, L, S) bool (or additive) or
+    None (causal); `sinks` (H,): gpt_oss's per-head sink logit, a softmax column whose value is dropped."""
+    if softcap is None and sinks is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
-    rep = q.shape[1] // k.shape[1]  # SDPA has no softcap: the eager path, as transformers runs Gemma-2
+    rep = q.shape[1] // k.shape[1]  # SDPA has neither: the eager path, as transformers runs Gemma-2 / gpt-oss
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     s = torch.matmul(q, k.transpose(2, 3)) * scale  # [B, H, L, S]
-    s = torch.tanh(s / softcap) * softcap
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
     if mask is None:
         mask = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
-    s = s.masked_fill(~mask, torch.finfo(s.dtype).min)
+    s = s.masked_fill(~mask, torch.finfo(s.dtype).min) if mask.dtype == torch.bool else s + mask
+    if sinks is not None:  # `eager_attention_forward` of gpt_oss: softmax in the activation dtype
+        B, H, L, _ = s.shape
+        s = torch.cat([s, sinks.reshape(1, H, 1, 1).expand(B, H, L, 1).to(s.dtype)], dim=-1)
+        s = s - s.max(dim=-1, keepdim=True).values
+        return torch.matmul(F.softmax(s, dim=-1, dtype=s.dtype)[..., :-1].to(v.dtype), v)
     return torch.matmul(F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
@@ -88,9 +96,14 @@ class Attention(nn.Module):
         if a.qk_norm:
             self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps, a.gemma)
             self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps, a.gemma)
-        self.qk_norm = a.qk_norm
+        if a.qk_norm_full:  # olmoe: over all heads' q (H * hd) and k (H_kv * hd)
+            self.q_norm = RMSNorm(q, a.rms_norm_eps)
+            self.k_norm = RMSNorm(kv, a.rms_norm_eps)
+        self.qk_norm, self.qk_norm_full, self.clip = a.qk_norm, a.qk_norm_full, a.clip_qkv
         self.scale = a.attn_scale or a.head_dim ** -0.5
         self.softcap = a.attn_softcap
+        if a.sinks:
+            self.sinks = nn.Parameter(torch.zeros(a.num_heads))
 
     def forward(self, x, cos, sin, mask, cache: tuple | None = None, slots=None, kv_len: int | None = None):
         B, L, _ = x.shape  # x: [B, L, D]
@@ -98,6 +111,10 @@ class Attention(nn.Module):
             q, k, v = self.qkv_proj(x).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm_full:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
         q, k, v = q.view(B, L, -1, self.hd), k.view(B, L, -1, self.hd), v.view(B, L, -1, self.hd)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -108,7 +125,7 @@ class Attention(nn.Module):
             kc.index_copy_(2, slots, k)
             vc.index_copy_(2, slots, v)
             k, v = (kc, vc) if kv_len is None else (kc[:, :, :kv_len], vc[:, :, :kv_len])
-        out = attend(q, k, v, mask, self.scale, self.softcap)  # [B, H, L, hd]
+        out = attend(q, k, v, mask, self.scale, self.softcap, getattr(self, "sinks", None))  # [B, H, L, hd]
         return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
 
 
@@ -129,56 +146,6 @@ class MLP(nn.Module):
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
             return self.down_proj(up * self.act(gate))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-
-
-class MixtralExpert(nn.Module):
-    def __init__(self, a: ModelArgs):
-        super().__init__()
-        self.w1 = nn.Linear(a.hidden_size, a.moe_intermediate_size, bias=False)  # gate
-        self.w3 = nn.Linear(a.hidden_size, a.moe_intermediate_size, bias=False)  # up
-        self.w2 = nn.Linear(a.moe_intermediate_size, a.hidden_size, bias=False)  # down
-        self.act = ACT[a.hidden_act]
-
-    def forward(self, x):
-        return self.w2(self.act(self.w1(x)) * self.w3(x))
-
-
-class SparseMoe(nn.Module):
-    """Top-k routed experts: `gate` (E, D) router + `experts.{e}` (mixtral w1/w2/w3 or qwen gate/up/down)."""
-
-    def __init__(self, a: ModelArgs):
-        super().__init__()
-        self.kind, self.top_k, self.norm_topk = a.moe, a.top_k, a.norm_topk_prob
-        self.gate = nn.Linear(a.hidden_size, a.num_experts, bias=False)
-        make = (lambda: MixtralExpert(a)) if a.moe == "mixtral" else (lambda: MLP(a, a.moe_intermediate_size))
-        self.experts = nn.ModuleList([make() for _ in range(a.num_experts)])
-
-    def route(self, x):
-        """(weights (T, k), expert ids (T, k)) for tokens x (T, D), as transformers computes them."""
-        logits = self.gate(x)  # [T, E]
-        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
-        w, idx = torch.topk(probs, self.top_k, dim=-1)
-        if self.norm_topk:
-            w = w / w.sum(dim=-1, keepdim=True)
-        if self.kind != "mixtral":  # qwen3_moe casts the weights back; mixtral keeps float32
-            w = w.to(logits.dtype)
-        return w, idx
-
-    def forward(self, x):
-        B, L, D = x.shape
-        x = x.reshape(-1, D)  # [T, D]
-        w, idx = self.route(x)
-        out = torch.zeros_like(x)
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():  # static shapes: every expert, 0-weighted
-            dense = torch.zeros(x.shape[0], len(self.experts), dtype=w.dtype, device=x.device).scatter(1, idx, w)
-            for e, expert in enumerate(self.experts):
-                out += (expert(x) * dense[:, e, None]).to(out.dtype)
-            return out.view(B, L, D)
-        for e, expert in enumerate(self.experts):
-            tok, k = torch.where(idx == e)
-            if tok.numel():
-                out.index_add_(0, tok, (expert(x[tok]) * w[tok, k, None]).to(out.dtype))
-        return out.view(B, L, D)
 
 
 class DecoderLayer(nn.Module):

@@ -90,6 +90,14 @@ class Transformer(nn.Module):
         self.reset_rope()  # .to(device/dtype) moves the rope buffers; keep them float32, exact
         return out
 
+    def stack_experts(self) -> None:
+        """Stack every MoE layer's experts into (E, 2I, D) / (E, D, I) tensors on their device, once
+        (after loading weights; the per-expert parameters become views of them)."""
+        for layer in self.model.layers:
+            ffn = getattr(layer, layer.ffn_name)
+            if hasattr(ffn, "stack"):
+                ffn.stack()
+
     def _masks(self, q_slots, S: int, pad) -> dict:
         return masks(q_slots, S, pad, self.windows)
 

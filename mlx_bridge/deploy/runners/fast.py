@@ -19,7 +19,8 @@ How it is fast (gpt-fast's recipe on the package's own model class):
 - prefill eager with SDPA (flash when there is no padding).
 
 Greedy tokens are the eager path's: the functions compute what `Transformer.step` computes (the tests
-compare them). MoE models run the module's own `decode_step` in the graph (no fusion, no compile).
+compare them). MoE layers are fused and compiled too; their experts run as one routed op that reads
+only the selected experts (`moe_kernels`, Triton).
 
 Example:
     >>> from mlx_bridge.deploy.runners.fast import FastRunner               # doctest: +SKIP

@@ -14,7 +14,10 @@ float32, same rope, same masks) with fewer, larger kernels:
 Decode attends over the whole static cache slice with a mask (static shapes, graph-capturable); a
 GQA query is folded to (B, H_kv, H/H_kv, hd) so SDPA needs no repeated keys. Prefill writes the cache
 and attends over its own keys with SDPA, `is_causal` (flash) when there is no padding and no window.
-MoE layers are not fused: `NotFusable`, and the runner captures the module's own `decode_step`.
+MoE layers: the experts are stacked once (`SparseMoe.stack`); the layer routes in the compiled code
+and calls the routed-experts op (`moe_kernels`: Triton, reads only the selected experts), so dense and
+sparse layers compile and capture alike (a sparse layer's weight tuple is longer: its own graph).
+Attention sinks (gpt_oss) use the eager attention formula inside the compiled layer, as softcaps do.
 
 Example:
     >>> import torch
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..native.layers import ACT, attend
+from ..native.moe import sparse_ffn
 from ..native.model import Transformer, masks
 from ..native.rope import apply_rope, cos_sin
 
@@ -59,11 +63,18 @@ class Spec:
     qk_norm: bool
     final_softcap: float | None
     embed_scale: float | None  # gemma: sqrt(hidden) rounded to the model dtype
+    qk_norm_full: bool = False  # olmoe: q/k norms over all heads, before the head split
+    clip_qkv: float | None = None
+    moe: str | None = None  # routing kind (native.moe.route)
+    top_k: int = 0
+    norm_topk: bool = True
+    glu: tuple | None = None  # gpt_oss experts: (alpha, limit) of the clamped SwiGLU
 
 
 @dataclass
 class Layer:
-    # (ln1, ln2, ln_pre_ff, ln_post_ff, wqkv, bqkv, wo, bo, q_norm, k_norm, wgu, bgu, wd, bd); None if absent
+    # (ln1, ln2, ln_pre_ff, ln_post_ff, wqkv, bqkv, wo, bo, q_norm, k_norm, sinks) + the MLP's, None if absent:
+    # dense (wgu, bgu, wd, bd); sparse (router, router_bias, gate_up, gate_up_bias, down, down_bias, shared)
     w: tuple
     window: int | None
     rope: int
@@ -107,33 +118,29 @@ def fuse(module: Transformer) -> Fused:
     """Fused weights of a loaded native `Transformer` (its parameters become views of them).
 
     Raises:
-        NotFusable: the module has MoE layers.
+        NotFusable: the module has layers the functions do not cover.
     """
     a = module.args
-    if a.moe and any(a.moe_layers):
-        raise NotFusable(f"{a.model_type}: sparse MoE layers run the module's own decode step")
     dtype = module.model.embed_tokens.weight.dtype
     spec = Spec(a.num_heads, a.num_kv_heads, a.head_dim, a.rms_norm_eps, a.gemma, a.hidden_act,
                 a.attn_scale or a.head_dim ** -0.5, a.attn_softcap, a.qk_norm, a.final_softcap,
-                float(torch.tensor(a.hidden_size ** 0.5).to(dtype)) if a.gemma else None)
+                float(torch.tensor(a.hidden_size ** 0.5).to(dtype)) if a.gemma else None,
+                a.qk_norm_full, a.clip_qkv, a.moe, a.top_k, a.norm_topk_prob,
+                (a.swiglu_alpha, a.swiglu_limit) if a.moe == "gpt_oss" else None)
     layers = []
     with torch.no_grad():
         for i, dl in enumerate(module.model.layers):
-            at, mlp = dl.self_attn, dl.mlp
+            at, mlp = dl.self_attn, getattr(dl, dl.ffn_name)
             if at.fused:
                 wqkv, bqkv = at.qkv_proj.weight, at.qkv_proj.bias
             else:
                 wqkv, bqkv = _fuse_rows([at.q_proj, at.k_proj, at.v_proj])
-            if mlp.fused:
-                wgu, bgu = mlp.gate_up_proj.weight, mlp.gate_up_proj.bias
-            else:
-                wgu, bgu = _fuse_rows([mlp.gate_proj, mlp.up_proj])
-            g = a.gemma
+            g, qk = a.gemma, a.qk_norm or a.qk_norm_full
             w = (dl.input_layernorm.weight, dl.post_attention_layernorm.weight,
                  dl.pre_feedforward_layernorm.weight if g else None, dl.post_feedforward_layernorm.weight if g else None,
                  wqkv, bqkv, at.o_proj.weight, _bias(at.o_proj),
-                 at.q_norm.weight if a.qk_norm else None, at.k_norm.weight if a.qk_norm else None,
-                 wgu, bgu, mlp.down_proj.weight, _bias(mlp.down_proj))
+                 at.q_norm.weight if qk else None, at.k_norm.weight if qk else None,
+                 getattr(at, "sinks", None)) + _ffn_weights(mlp)
             layers.append(Layer(w, a.windows[i], module.rope_of_layer[i], wqkv.device))
     embed = module.model.embed_tokens.weight
     head = embed if a.tie_word_embeddings else module.lm_head.weight
@@ -142,6 +149,22 @@ def fuse(module: Transformer) -> Fused:
         head = head.to(norm.device)
     ropes = [(getattr(module, f"rope_inv_freq_{j}"), module.rope_scale[j]) for j in range(len(module._ropes))]
     return Fused(spec, layers, embed, norm, head, ropes, list(module.windows))
+
+
+def _ffn_weights(mlp: nn.Module) -> tuple:
+    """A dense MLP's (wgu, bgu, wd, bd), or a SparseMoe's (router, router_bias, gate_up, gate_up_bias, down,
+    down_bias, shared)."""
+    if hasattr(mlp, "experts"):
+        shared = None
+        if mlp.shared:
+            se = mlp.shared_expert
+            shared = (_fuse_rows([se.gate_proj, se.up_proj])[0], se.down_proj.weight, mlp.shared_expert_gate.weight)
+        return (mlp.gate_linear.weight, mlp.gate_linear.bias, *mlp.stack(), shared)
+    if mlp.fused:
+        wgu, bgu = mlp.gate_up_proj.weight, mlp.gate_up_proj.bias
+    else:
+        wgu, bgu = _fuse_rows([mlp.gate_proj, mlp.up_proj])
+    return wgu, bgu, mlp.down_proj.weight, _bias(mlp.down_proj)
 
 
 def rms(x: torch.Tensor, w: torch.Tensor, eps: float, gemma: bool) -> torch.Tensor:
@@ -165,10 +188,10 @@ def rope_masks(ropes: list, slots: torch.Tensor, pad: torch.Tensor, S: int, wind
     return rot, ms
 
 
-def _decode_attend(q, kc, vc, mask, scale: float, softcap: float | None):
+def _decode_attend(q, kc, vc, mask, scale: float, softcap: float | None, sinks=None):
     """q (B, H, 1, hd) over the whole cache kc, vc (B, H_kv, S, hd); GQA folded into the query axis."""
-    if softcap is not None:
-        return attend(q, kc, vc, mask, scale, softcap)
+    if softcap is not None or sinks is not None:
+        return attend(q, kc, vc, mask, scale, softcap, sinks)
     B, H, _, hd = q.shape
     o = F.scaled_dot_product_attention(q.reshape(B, kc.shape[1], H // kc.shape[1], hd), kc, vc,
                                        attn_mask=mask, scale=scale)  # [B, H_kv, H/H_kv, hd]
@@ -183,11 +206,25 @@ def make_layer(spec: Spec, decode: bool) -> Callable:
     """
     nh, nkv, hd, eps, gemma = spec.nh, spec.nkv, spec.hd, spec.eps, spec.gemma
     act, scale, softcap, qk_norm = ACT[spec.act], spec.scale, spec.softcap, spec.qk_norm
+    qk_full, clip = spec.qk_norm_full, spec.clip_qkv
+
+    def mlp(h, ffn):
+        if len(ffn) == 7:  # sparse
+            B, L, D = h.shape
+            return sparse_ffn(h.view(-1, D), ffn[:2], ffn[2:6], spec.moe, spec.top_k, spec.norm_topk, ffn[6],
+                              spec.glu).view(B, L, D)
+        wgu, bgu, wd, bd = ffn
+        gate, up = F.linear(h, wgu, bgu).chunk(2, dim=-1)
+        return F.linear(act(gate) * up, wd, bd)
 
     def layer(x, w, kc, vc, cos, sin, mask, slots):
-        ln1, ln2, ln_pre, ln_post, wqkv, bqkv, wo, bo, qn, kn, wgu, bgu, wd, bd = w
+        ln1, ln2, ln_pre, ln_post, wqkv, bqkv, wo, bo, qn, kn, sinks = w[:11]
         B, L, _ = x.shape  # x: [B, L, D]
         q, k, v = F.linear(rms(x, ln1, eps, gemma), wqkv, bqkv).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        if qk_full:
+            q, k = rms(q, qn, eps, False), rms(k, kn, eps, False)
+        if clip is not None:
+            q, k, v = q.clamp(-clip, clip), k.clamp(-clip, clip), v.clamp(-clip, clip)
         q, k, v = q.view(B, L, nh, hd), k.view(B, L, nkv, hd), v.view(B, L, nkv, hd)
         if qk_norm:
             q, k = rms(q, qn, eps, gemma), rms(k, kn, eps, gemma)
@@ -197,9 +234,9 @@ def make_layer(spec: Spec, decode: bool) -> Callable:
             kc.index_copy_(2, slots, k)
             vc.index_copy_(2, slots, v)
         if decode:
-            o = _decode_attend(q, kc, vc, mask, scale, softcap)
+            o = _decode_attend(q, kc, vc, mask, scale, softcap, sinks)
         else:
-            o = attend(q, k, v, mask, scale, softcap)  # [B, H, L, hd]
+            o = attend(q, k, v, mask, scale, softcap, sinks)  # [B, H, L, hd]
         o = F.linear(o.transpose(1, 2).reshape(B, L, nh * hd), wo, bo)
         if gemma:
             x = x + rms(o, ln2, eps, True)
@@ -207,8 +244,7 @@ def make_layer(spec: Spec, decode: bool) -> Callable:
         else:
             x = x + o
             h = rms(x, ln2, eps, gemma)
-        gate, up = F.linear(h, wgu, bgu).chunk(2, dim=-1)
-        m = F.linear(act(gate) * up, wd, bd)
+        m = mlp(h, w[11:])
         return x + (rms(m, ln_post, eps, True) if gemma else m)
 
     return layer

@@ -1,0 +1,76 @@
+"""Bandwidth of the routed-experts kernels (`deploy/runners/moe_kernels.py`) for real MoE shapes.
+
+For each shape and batch, random bf16 experts and router logits; the bytes a call must read are the
+touched experts' weights (each once) plus the activations; GB/s over the median of CUDA-graph replays,
+against the device-to-device copy bandwidth measured in the same run. Several block configurations
+are timed; the first row of each group is the default (`_config`).
+
+    python benchmarks/moe_kernels.py                       # CUDA only
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from mlx_bridge.deploy.native.moe import route
+from mlx_bridge.deploy.runners import moe_kernels as mk
+
+SHAPES = {  # E, k, D, I, gpt_oss layout
+    "qwen3-30b-a3b": (128, 8, 2048, 768, False),
+    "gpt-oss-20b": (32, 4, 2880, 2880, True),
+}
+CONFIGS = [None, dict(BM=16, BN=16, BK=256, num_warps=4, num_stages=3), dict(BM=16, BN=32, BK=128, num_warps=4, num_stages=4),
+           dict(BM=16, BN=64, BK=128, num_warps=4, num_stages=3), dict(BM=16, BN=64, BK=64, num_warps=4, num_stages=5)]
+
+
+def timed(fn, n=50) -> float:
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    ts = []
+    for _ in range(n):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(ts[5:])
+
+
+def main() -> int:
+    from benchmarks.decode import bandwidth
+
+    dev = torch.device("cuda")
+    bw = bandwidth(dev)
+    print(f"# {torch.cuda.get_device_name(dev)}, copy bandwidth {bw / 1e12:.2f} TB/s")
+    for name, (E, k, D, I, oss) in SHAPES.items():
+        torch.manual_seed(0)
+        if oss:
+            ex = (torch.randn(E, D, 2 * I, device=dev, dtype=torch.bfloat16) * 0.02, torch.zeros(E, 2 * I, device=dev, dtype=torch.bfloat16),
+                  torch.randn(E, I, D, device=dev, dtype=torch.bfloat16) * 0.02, torch.zeros(E, D, device=dev, dtype=torch.bfloat16))
+        else:
+            ex = (torch.randn(E, 2 * I, D, device=dev, dtype=torch.bfloat16) * 0.02, None,
+                  torch.randn(E, D, I, device=dev, dtype=torch.bfloat16) * 0.02, None)
+        per_expert = sum(t[0].numel() * 2 for t in ex if t is not None)
+        for T in (1, 8, 32, 512):
+            x = torch.randn(T, D, device=dev, dtype=torch.bfloat16)
+            w, idx = route(torch.randn(T, E, device=dev, dtype=torch.bfloat16), "gpt_oss" if oss else "qwen3_moe", k, True)
+            touched = idx.unique().numel()
+            need = touched * per_expert + T * D * 2 * 2
+            for cfg in CONFIGS if T <= 32 else [None]:
+                t = timed(lambda: mk.routed(x, w, idx, *ex, oss, 1.702, 7.0, cfg=cfg))
+                print(f"{name:14s} T={T:4d} experts {touched:3d} {need / 1e6:8.1f} MB {t * 1e6:8.1f} us "
+                      f"{need / t / 1e9:7.0f} GB/s ({need / t / bw:.0%} of copy)  {cfg or 'default'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,168 @@
+"""Routed MoE expert products on CUDA with Triton: only the selected experts' weights are read.
+
+The (T, k) routed rows are grouped by expert with static shapes (`native.moe.align`, vLLM's
+`moe_align_block_size` in PyTorch ops): rows sorted by expert id, each expert's rows padded to a
+multiple of BLOCK_M, so a block of BLOCK_M sorted rows belongs to one expert; the number of blocks has
+a fixed upper bound,
+ceil((T k + min(E, T k) (BLOCK_M - 1)) / BLOCK_M), and blocks past the last expert exit at once. Two
+grouped GEMMs follow, each program reading one expert's weight tile:
+
+    _gate_up_act   h[r] = act(x[t] @ Wg[e]^T + bg) * (x[t] @ Wu[e]^T + bu)   (T k, I), act fused
+    _down          y[r] = w[r] * (h[r] @ Wd[e]^T + bd)                       (T k, D) float32
+
+and the k rows of each token are summed in float32 and cast. At batch 1 (k rows, k experts) this is a
+gather-matvec over k experts; at batch 32 an expert hit by several rows is read once per block. No
+host sync, no data-dependent shapes: the decode step captures in a CUDA graph, and `routed_experts` is
+a `torch.library.custom_op`, so a compiled layer calls it as one opaque op.
+
+Example:
+    >>> y = routed(x, w, idx, gate_up, None, down, None)   # x (T, D) cuda; gate_up (E, 2I, D)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..native.moe import _cdiv, align
+
+
+@triton.jit
+def _gate_up_act(x_ptr, w_ptr, b_ptr, h_ptr, ids_ptr, bexp_ptr, R, E, I, D, top_k, sx, swe, swn, swk, up_off,
+                 sbe, sbn, b_up_off, sh, alpha, limit, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 IEEE: tl.constexpr, OSS: tl.constexpr, BIAS: tl.constexpr):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    e = tl.load(bexp_ptr + pid_m)
+    if e >= E:  # past the last expert's rows
+        return
+    ids = tl.load(ids_ptr + pid_m * BM + tl.arange(0, BM))  # (BM,) routed rows; R = padding
+    valid = ids < R
+    tok = (ids // top_k).to(tl.int64)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    nmask = offs_n < I
+    offs_k = tl.arange(0, BK)
+    wg = w_ptr + e.to(tl.int64) * swe + offs_n[None, :].to(tl.int64) * swn  # gate column n
+    wu = wg + up_off  # up column n
+    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        kk = k0 + offs_k
+        kmask = kk < D
+        a = tl.load(x_ptr + tok[:, None] * sx + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
+        bm = kmask[:, None] & nmask[None, :]
+        g = tl.load(wg + kk[:, None].to(tl.int64) * swk, mask=bm, other=0.0)  # (BK, BN)
+        u = tl.load(wu + kk[:, None].to(tl.int64) * swk, mask=bm, other=0.0)
+        if IEEE:
+            acc_g = tl.dot(a, g, acc_g, input_precision="ieee")
+            acc_u = tl.dot(a, u, acc_u, input_precision="ieee")
+        else:
+            acc_g = tl.dot(a, g, acc_g)
+            acc_u = tl.dot(a, u, acc_u)
+    if BIAS:
+        bg = b_ptr + e.to(tl.int64) * sbe + offs_n * sbn
+        acc_g += tl.load(bg, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(bg + b_up_off, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    if OSS:  # gpt_oss: clamped SwiGLU, (up + 1) * gate * sigmoid(alpha * gate)
+        gc = tl.minimum(acc_g, limit)
+        uc = tl.minimum(tl.maximum(acc_u, -limit), limit)
+        h = (uc + 1.0) * (gc / (1.0 + tl.exp(-alpha * gc)))
+    else:  # silu(gate) * up
+        h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    tl.store(h_ptr + ids[:, None].to(tl.int64) * sh + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
+             mask=valid[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _down(h_ptr, w_ptr, b_ptr, rw_ptr, y_ptr, ids_ptr, bexp_ptr, R, E, N, K, sh, swe, swn, swk, sbe, sy,
+          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, BIAS: tl.constexpr):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    e = tl.load(bexp_ptr + pid_m)
+    if e >= E:
+        return
+    ids = tl.load(ids_ptr + pid_m * BM + tl.arange(0, BM))
+    valid = ids < R
+    rows = ids.to(tl.int64)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    nmask = offs_n < N
+    offs_k = tl.arange(0, BK)
+    wd = w_ptr + e.to(tl.int64) * swe + offs_n[None, :].to(tl.int64) * swn
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + offs_k
+        kmask = kk < K
+        a = tl.load(h_ptr + rows[:, None] * sh + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(wd + kk[:, None].to(tl.int64) * swk, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    if BIAS:
+        acc += tl.load(b_ptr + e.to(tl.int64) * sbe + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    acc = acc * tl.load(rw_ptr + rows, mask=valid, other=0.0)[:, None]
+    tl.store(y_ptr + rows[:, None] * sy + offs_n[None, :], acc, mask=valid[:, None] & nmask[None, :])
+
+
+def _config(R: int, dtype: torch.dtype) -> dict:
+    """Block sizes: decode (few rows an expert) reads weights in long K strips; prefill tiles squarer.
+    float32 tiles are twice the bytes: half the K strip, so three stages fit in shared memory."""
+    if R <= 512:
+        return dict(BM=16, BN=32, BK=256 if dtype != torch.float32 else 128, num_warps=4, num_stages=3)
+    return dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=3)
+
+
+def routed(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, gate_up: torch.Tensor, gate_up_b: torch.Tensor | None,
+           down: torch.Tensor, down_b: torch.Tensor | None, oss: bool = False, alpha: float = 0.0,
+           limit: float = 0.0, cfg: dict | None = None) -> torch.Tensor:
+    """sum_j w[t, j] * down[e](act(gate[e] x[t]) * up[e] x[t]), e = idx[t, j]: (T, D) in x's dtype.
+
+    Rows layout (oss False): gate_up (E, 2I, D) rows `[gate; up]`, down (E, D, I), silu. gpt_oss layout:
+    gate_up (E, D, 2I) columns interleaved `[g0, u0, g1, ...]`, down (E, I, D), biases (E, 2I) and
+    (E, D), clamped SwiGLU with `alpha`, `limit`. Both read through their strides: whole rows are read
+fastest (gpt_oss after `SparseMoe.stack`: transposed views of row-major copies). `cfg`
+    overrides the block sizes (benchmarks/moe_kernels.py).
+    """
+    T, D = x.shape
+    k = idx.shape[1]
+    E = gate_up.shape[0]
+    x = x.contiguous()  # the weights are read through their strides (gpt_oss: transposed views)
+    if oss:  # (E, D, 2I): column 2n gate n, 2n + 1 up n; down (E, I, D)
+        I = gate_up.shape[2] // 2
+        swn, swk, up_off = 2 * gate_up.stride(2), gate_up.stride(1), gate_up.stride(2)
+        dwn, dwk = down.stride(2), down.stride(1)
+    else:  # (E, 2I, D): row n gate n, row I + n up n; down (E, D, I)
+        I = gate_up.shape[1] // 2
+        swn, swk, up_off = gate_up.stride(1), gate_up.stride(2), I * gate_up.stride(1)
+        dwn, dwk = down.stride(1), down.stride(2)
+    R = T * k
+    cfg = cfg or _config(R, x.dtype)
+    BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
+    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    ids, bexp = align(idx, E, BM)
+    nb = bexp.shape[0]
+    ieee, bias = x.dtype == torch.float32, gate_up_b is not None
+    gb = gate_up_b.contiguous() if bias else gate_up  # unused pointer when there is no bias
+    db = down_b.contiguous() if bias else down
+    h = torch.empty(R, I, dtype=x.dtype, device=x.device)
+    _gate_up_act[(nb, _cdiv(I, BN))](
+        x, gate_up, gb, h, ids, bexp, R, E, I, D, k, x.stride(0), gate_up.stride(0), swn, swk, up_off,
+        gb.stride(0), 2 if oss else 1, 1 if oss else I, h.stride(0), float(alpha), float(limit),
+        BM=BM, BN=BN, BK=BK, IEEE=ieee, OSS=oss, BIAS=bias, **launch)
+    y = torch.empty(R, D, dtype=torch.float32, device=x.device)
+    rw = w.reshape(-1).float()
+    _down[(nb, _cdiv(D, BN))](h, down, db, rw, y, ids, bexp, R, E, D, I, h.stride(0), down.stride(0), dwn, dwk,
+                              db.stride(0), y.stride(0), BM=BM, BN=BN, BK=BK, IEEE=ieee, BIAS=bias, **launch)
+    return y.view(T, k, D).sum(1).to(x.dtype)
+
+
+@torch.library.custom_op("mlx_bridge::routed_experts", mutates_args=())
+def routed_experts(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, gate_up: torch.Tensor,
+                   gate_up_b: torch.Tensor | None, down: torch.Tensor, down_b: torch.Tensor | None, oss: bool,
+                   alpha: float, limit: float) -> torch.Tensor:
+    """`routed` as one op (opaque to torch.compile; its kernels are captured in the step's CUDA graph)."""
+    return routed(x, w, idx, gate_up, gate_up_b, down, down_b, oss, alpha, limit)
+
+
+@routed_experts.register_fake
+def _(x, w, idx, gate_up, gate_up_b, down, down_b, oss, alpha, limit):
+    return torch.empty_like(x)

@@ -1,0 +1,117 @@
+"""MoE pieces on CPU against transformers' own modules: routing of every native MoE type, the PyTorch
+reference of the routed experts (both expert layouts), the static-shape row grouping the CUDA kernels
+use, and the stacked experts' memory and names."""
+
+import importlib
+
+import pytest
+import torch
+
+from mlx_bridge.deploy.native.config import ModelArgs
+from mlx_bridge.deploy.native.moe import SparseMoe, align, experts_ref, route
+
+SMALL = dict(hidden_size=32, intermediate_size=24, moe_intermediate_size=24, num_hidden_layers=1,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=64)
+# model_type -> (module, router class, experts class, {config fields})
+TYPES = {
+    "mixtral": ("mixtral", "MixtralTopKRouter", "MixtralExperts", dict(num_local_experts=8, num_experts_per_tok=2)),
+    "qwen2_moe": ("qwen2_moe", "Qwen2MoeTopKRouter", "Qwen2MoeExperts",
+                  dict(num_experts=8, num_experts_per_tok=3, norm_topk_prob=False)),
+    "qwen3_moe": ("qwen3_moe", "Qwen3MoeTopKRouter", "Qwen3MoeExperts",
+                  dict(num_experts=8, num_experts_per_tok=3, norm_topk_prob=True)),
+    "olmoe": ("olmoe", "OlmoeTopKRouter", "OlmoeExperts", dict(num_experts=8, num_experts_per_tok=2)),
+    "gpt_oss": ("gpt_oss", "GptOssTopKRouter", "GptOssExperts", dict(num_local_experts=8, num_experts_per_tok=2)),
+}
+
+
+def hf_modules(mt: str, seed: int = 0):
+    """(config, router, experts) of transformers' classes for `mt`, random weights."""
+    from transformers import AutoConfig
+
+    mod, router_cls, experts_cls, kw = TYPES[mt]
+    cfg = AutoConfig.for_model(mt, **SMALL, **kw)
+    m = importlib.import_module(f"transformers.models.{mod}.modeling_{mod}")
+    torch.manual_seed(seed)
+    router, experts = getattr(m, router_cls)(cfg).eval(), getattr(m, experts_cls)(cfg).eval()
+    with torch.no_grad():
+        for p in [*router.parameters(), *experts.parameters()]:
+            p.normal_(0, 0.3)
+    return cfg, router, experts
+
+
+def test_route_example():
+    w, idx = route(torch.tensor([[0.0, 2.0, 1.0]]), "mixtral", top_k=2, norm=True)
+    assert idx.tolist() == [[1, 2]] and w.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mt", list(TYPES))
+def test_routing_equals_transformers(mt, dtype):
+    cfg, router, _ = hf_modules(mt)
+    router = router.to(dtype)
+    x = torch.randn(40, SMALL["hidden_size"]).to(dtype)
+    a = ModelArgs.from_hf(cfg)
+    with torch.no_grad():
+        ref = router(x)
+        w, idx = route(torch.nn.functional.linear(x, router.weight, getattr(router, "bias", None)), a.moe, a.top_k,
+                       a.norm_topk_prob)
+    ref_w, ref_idx = ref[-2], ref[-1]  # (logits, weights, ids); gpt_oss returns the same three
+    assert torch.equal(idx, ref_idx)
+    assert w.dtype == ref_w.dtype and torch.equal(w, ref_w)
+
+
+@pytest.mark.parametrize("mt", ["mixtral", "qwen3_moe", "gpt_oss"])
+def test_experts_reference_equals_transformers(mt):
+    cfg, router, experts = hf_modules(mt, seed=1)
+    a = ModelArgs.from_hf(cfg)
+    x = torch.randn(40, SMALL["hidden_size"])
+    with torch.no_grad():
+        _, w, idx = router(x)
+        ref = experts(x, idx, w)
+        p = dict(experts.named_parameters())
+        if mt == "gpt_oss":
+            glu = (a.swiglu_alpha, a.swiglu_limit)
+            ex = (p["gate_up_proj"], p["gate_up_proj_bias"], p["down_proj"], p["down_proj_bias"])
+            got = experts_ref(x, w, idx, ex, glu)
+            moved = (ex[0].transpose(1, 2).contiguous().transpose(1, 2), ex[1],  # as `SparseMoe.stack` keeps them
+                     ex[2].transpose(1, 2).contiguous().transpose(1, 2), ex[3])
+            torch.testing.assert_close(experts_ref(x, w, idx, moved, glu), ref, rtol=1e-5, atol=1e-5)
+        else:
+            got = experts_ref(x, w, idx, (p["gate_up_proj"], None, p["down_proj"], None))
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("T,k,E,BM", [(1, 8, 128, 16), (3, 2, 4, 16), (32, 8, 128, 16), (512, 8, 128, 64), (7, 4, 5, 2)])
+def test_align_groups_every_row_once_by_expert(T, k, E, BM):
+    g = torch.Generator().manual_seed(T)
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])  # distinct experts a row
+    ids, bexp = align(idx, E, BM)
+    R = T * k
+    assert ids.shape == (bexp.numel() * BM,) and bexp.numel() == -(-(R + min(E, R) * (BM - 1)) // BM)
+    real = ids[ids < R]
+    assert sorted(real.tolist()) == list(range(R))  # every routed row exactly once
+    flat = idx.reshape(-1)
+    blocks = ids.view(-1, BM)
+    for b, e in enumerate(bexp.tolist()):
+        rows = blocks[b][blocks[b] < R]
+        if e == E:  # past the last expert: only padding
+            assert rows.numel() == 0
+        else:
+            assert rows.numel() > 0 and bool((flat[rows] == e).all())
+            assert rows.tolist() == sorted(rows.tolist())
+
+
+def test_stack_keeps_names_and_shares_memory():
+    a = ModelArgs("qwen3_moe", 64, 16, 32, 1, 2, 1, 8, moe="qwen3_moe", moe_layers=[True], num_experts=4,
+                  top_k=2, moe_intermediate_size=8)
+    moe = SparseMoe(a)
+    before = {k: v.clone() for k, v in moe.state_dict().items()}
+    gate_up, _, down, _ = moe.stack()
+    assert gate_up.shape == (4, 16, 16) and down.shape == (4, 16, 8)
+    after = moe.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert moe.experts[2].up_proj.weight.data_ptr() == gate_up[2, 8:].data_ptr()
+    assert moe.stack() is moe.stacked  # once
+    x = torch.randn(1, 5, 16)
+    moe.to(torch.float64)  # a cast copies the experts: stacked again from the new ones
+    assert moe.stacked is None and moe(x.double()).dtype == torch.float64

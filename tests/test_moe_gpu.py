@@ -1,0 +1,135 @@
+"""MoE on CUDA (skipped without a GPU): the Triton routed-experts kernels against the PyTorch reference,
+the compiled + captured fast path against the eager path and transformers, and a captured decode step
+that reads only the routed experts (the others are poisoned with NaN)."""
+
+import pytest
+import torch
+
+from mlx_bridge.deploy.generation import token_steps
+from mlx_bridge.deploy.loader import load
+from mlx_bridge.deploy.native.moe import experts_ref, route
+from mlx_bridge.deploy.runners.fast import FastRunner
+from mlx_bridge.testing.adapters import shared_zoo
+
+pytestmark = pytest.mark.gpu
+MOE = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss"]
+PROMPTS = [[1, 20, 21, 22, 23, 24], [1, 30, 31], [1, 40, 41, 42, 43, 44, 45, 46, 47]]
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    return shared_zoo(tmp_path_factory.getbasetemp() / "zoo")
+
+
+def greedy(runner, n, prompts=PROMPTS):
+    return list(token_steps(runner, prompts, n, "cuda", temperature=0.0, top_p=1.0, top_k=0, seed=None))
+
+
+@pytest.mark.parametrize("T", [1, 3, 8, 32, 200, 1024])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss", "gpt_oss_stacked"])
+def test_routed_kernels_equal_reference(T, dtype, kind):
+    from mlx_bridge.deploy.runners.moe_kernels import routed
+
+    E, k, D, I = 64, 8, 256, 96  # I not a multiple of the block sizes: masked tails
+    g = torch.Generator(device="cuda").manual_seed(T)
+
+    def rand(*shape, s=0.05):
+        return (torch.randn(*shape, device="cuda", generator=g) * s).to(dtype)
+
+    x = rand(T, D, s=1.0)
+    if kind.startswith("gpt_oss"):  # stored (E, D, 2I) interleaved, (E, I, D), with biases; clamped SwiGLU
+        ex, glu = (rand(E, D, 2 * I, s=0.3), rand(E, 2 * I, s=0.5), rand(E, I, D), rand(E, D)), (1.702, 7.0)
+        if kind == "gpt_oss_stacked":  # as `SparseMoe.stack` keeps them: transposed views of row-major copies
+            ex = (ex[0].transpose(1, 2).contiguous().transpose(1, 2), ex[1],
+                  ex[2].transpose(1, 2).contiguous().transpose(1, 2), ex[3])
+    else:
+        ex, glu = (rand(E, 2 * I, D), None, rand(E, D, I), None), None
+    w, idx = route(rand(T, E, s=1.0), kind.replace("_stacked", ""), k, True)
+    got = routed(x, w, idx, *ex, glu is not None, *(glu or (0.0, 0.0)))
+    ref = experts_ref(x.double(), w.double(), idx, tuple(t if t is None else t.double() for t in ex), glu)
+    err = ((got.double() - ref).norm() / ref.norm()).item()
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    assert err < (1e-6 if dtype == torch.float32 else 1e-2), err
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_fast_greedy_equals_eager_float32(zoo, arch):
+    d = zoo.hf(arch)
+    ref = load(d, device="cuda", dtype="float32", fast=False).runner
+    fast = FastRunner(load(d, device="cuda", dtype="float32", fast=False).module)
+    assert fast.fused is not None and fast.use_graphs and fast.use_compile  # MoE layers compiled too
+    want = greedy(ref, 24)
+    assert greedy(fast, 24) == want
+    cpu = load(d, dtype="float32").runner  # the PyTorch reference path
+    assert list(token_steps(cpu, PROMPTS, 24, "cpu", temperature=0.0, top_p=1.0, top_k=0, seed=None)) == want
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_fast_bfloat16_close_to_transformers(zoo, arch):
+    from transformers import AutoModelForCausalLM
+
+    d = zoo.hf(arch)
+    m = load(d, device="cuda", dtype="bfloat16")
+    hf = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.bfloat16).cuda().eval()
+    ids = torch.randint(0, m.config["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(ids.cuda()).logits.float().cpu()
+    got = m.logits(ids)
+    # the dense tests' bound on the mean; rounding may flip a near-tie in the router at a few positions
+    assert (got - ref).abs().mean().item() < 0.01 * ref.abs().max().item()
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() > 0.9
+    toks = torch.tensor([PROMPTS[2]], device="cuda")  # the fast path's prefill and decode steps
+    fast = [m.runner.start(toks[:, :5], torch.zeros(1, dtype=torch.long, device="cuda"), 16)]
+    for j in range(5, toks.shape[1]):
+        fast.append(m.runner.next(toks[0, j:j + 1]))
+    with torch.no_grad():
+        want = hf(toks).logits[0, 4:].float()
+    assert (torch.cat(fast) - want).abs().mean().item() < 0.01 * want.abs().max().item()
+
+
+def _experts_used(module, tokens) -> dict:
+    """layer -> set of expert ids the router picks for any position of `tokens` (B, L)."""
+    used, hooks = {}, []
+    for i, layer in enumerate(module.model.layers):
+        moe = getattr(layer, layer.ffn_name)
+        if hasattr(moe, "experts"):
+            def hook(gate, inp, logits, i=i, moe=moe):
+                used.setdefault(i, set()).update(route(logits, moe.kind, moe.top_k, moe.norm_topk)[1].flatten().tolist())
+            hooks.append(moe.gate_linear.register_forward_hook(hook))
+    with torch.inference_mode():
+        module(tokens)
+    for h in hooks:
+        h.remove()
+    return used
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_captured_step_reads_only_routed_experts(zoo, arch):
+    """Unselected experts' weights set to NaN: the captured decode gives the same tokens, all finite.
+    (The dense fallback computed every expert and weighted it by zero: NaN * 0 = NaN.)"""
+    over = {"num_experts": 16} if arch == "qwen3_moe" else {"num_local_experts": 16}
+    d = zoo.hf(arch, **over)
+    m = load(d, device="cuda", dtype="float32")
+    fast = m.runner
+    prompt = torch.tensor([[1, 20, 21, 22]], device="cuda")
+    pad = torch.zeros(1, dtype=torch.long, device="cuda")
+    want = [t[0] for t in fast.steps(prompt, pad, 12)]  # compiles and captures bucket (1, 256)
+    seq = torch.cat([prompt, torch.tensor([want[:-1]], device="cuda")], 1)
+    used = _experts_used(m.module, seq)
+    poisoned = 0
+    for i, layer in enumerate(m.module.model.layers):
+        moe = getattr(layer, layer.ffn_name)
+        if i in used:
+            for e in range(moe.stacked[0].shape[0]):
+                if e not in used[i]:
+                    for t in moe.stacked:  # gate_up, down (and gpt_oss's biases)
+                        if t is not None:
+                            t[e].fill_(float("nan"))
+                    poisoned += 1
+    assert poisoned >= 8  # 16 experts, top-2, 12 positions: most experts unused
+    caps = fast.stats["captures"]
+    got = list(fast.steps(prompt, pad, 12))
+    assert fast.stats["captures"] == caps  # the same captured graphs replayed
+    assert [t[0] for t in got] == want
+    assert torch.isfinite(fast._st.logits).all()
