@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import BridgeError
 from ..formats import SafetensorsFile
+from ..fsutil import is_hub_id
 from ..manifest import FILENAME as MANIFEST, Manifest
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -128,7 +129,7 @@ def resolve_model(ref: str, where: str, relative_to: Path | None = None) -> Path
         return p
     if relative_to is not None and not p.is_absolute() and (relative_to / p).is_dir():
         return relative_to / p
-    if p.is_absolute() or ref.startswith((".", "~")) or ref.count("/") != 1:
+    if not is_hub_id(ref):
         raise BridgeError(f"{where}: base model {ref!r} is not a directory (and not a hub id); pass --base DIR")
     try:
         from huggingface_hub import snapshot_download

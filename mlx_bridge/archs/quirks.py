@@ -1,0 +1,53 @@
+"""Where mlx-lm computes differently from what config.json means to transformers, per model type.
+
+These are the facts the derived data cannot show (they live in mlx-lm's forward code, not in its
+weight layout); each was found by a parity test (tests/test_export_parity.py, test_export_archs.py)
+and is what `translate/hf_config.py` writes into the exported config so transformers computes what
+MLX did. A type that exports wrongly and cannot be fixed here is refused with `refused`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Quirks:
+    # mlx-lm reads nested `rope_parameters` (transformers v5) for this type; else only top-level
+    # rope_theta / rope_scaling (and its own default when absent)
+    reads_rope_parameters: bool = False
+    # config values mlx-lm computes with whatever config.json says (e.g. the exact GELU it hard-codes)
+    mlx_forces: dict = field(default_factory=dict)
+    # config fields mlx-lm does not implement: MLX computed as if they were null
+    mlx_ignores: tuple[str, ...] = ()
+    # how mlx-lm lays out attention over layers: None (as transformers), "full" (no sliding window at
+    # all), "pattern" (global layers by sliding_window_pattern, not layer_types)
+    attention: str | None = None
+    honours_layer_types: bool = False  # "full" unless config.json has layer_types (then as transformers)
+    states_layer_types: bool = False  # transformers derives a window from other fields: write layer_types
+    has_use_sliding_window: bool = False  # the config class reads use_sliding_window
+    keeps_sliding_window: bool = False  # the class builds a sliding mask regardless: the value stays, unused
+    zero_centred_norms: bool = False  # norm weights stored as w - 1 (mlx-lm and transformers add 1)
+    refused: str | None = None  # the export is not right for this type (one line, listed in the docs)
+
+
+_FULL = dict(attention="full")
+_QWEN = dict(attention="full", states_layer_types=True, has_use_sliding_window=True)
+
+QUIRKS: dict[str, Quirks] = {
+    "llama": Quirks(**_FULL, honours_layer_types=True),
+    # mlx-lm remaps mistral to its llama module: a sliding window only through `layer_types`
+    "mistral": Quirks(**_FULL, honours_layer_types=True),
+    "mixtral": Quirks(**_FULL),
+    "phi3": Quirks(**_FULL),
+    "qwen2": Quirks(**_QWEN),
+    "qwen3": Quirks(**_QWEN, reads_rope_parameters=True),
+    "qwen3_moe": Quirks(**_QWEN),
+    "qwen2_moe": Quirks(**_QWEN),
+    "gemma2": Quirks(**_FULL, states_layer_types=True, keeps_sliding_window=True, zero_centred_norms=True),
+    "gemma3_text": Quirks(attention="pattern", zero_centred_norms=True),
+    # mlx-lm's gemma (v1) MLP uses exact GELU (nn.gelu); transformers rewrites "gelu" to the tanh
+    # approximation for Gemma, so the export names the exact one. vLLM only implements the tanh form.
+    "gemma": Quirks(mlx_forces={"hidden_act": "gelu_python", "hidden_activation": None}, zero_centred_norms=True),
+    "starcoder2": Quirks(mlx_forces={"hidden_act": "gelu"}),  # mlx-lm's starcoder2 MLP: exact nn.gelu
+}

@@ -1,0 +1,160 @@
+"""Tiny test configs per model type (2 layers, hidden 64) and the hub-style fields their checkpoints carry.
+
+`tiny_config(t)` is what `testing.tiny_hf_model` and `scripts/derive_archs.py` build a random
+transformers model from: the shared shape `BASE`, the generic size fields `GENERIC` where the type's
+config class has them, then the type's own `TINY` overrides. `hub_style(t, cfg)` adds the v4-style
+fields that hub checkpoints of a type carry and mlx-lm requires (transformers v5 writes only nested
+`rope_parameters` and its own names).
+
+Example:
+    >>> tiny_config("llama")["hidden_size"]
+    64
+"""
+
+from __future__ import annotations
+
+import json
+
+BASE = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False, rope_theta=10000.0,
+)
+# size fields set wherever the config class has them (MoE, MLA, linear attention, vision towers)
+GENERIC = dict(
+    head_dim=16, num_local_experts=4, num_experts=4, n_routed_experts=4, num_experts_per_tok=2,
+    moe_intermediate_size=32, shared_expert_intermediate_size=64, n_shared_experts=1, first_k_dense_replace=1,
+    kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1,
+    topk_group=1, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+    linear_value_head_dim=16, linear_conv_kernel_dim=4, full_attention_interval=2,
+    decoder_sparse_step=1, mlp_only_layers=[],
+)
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+              patch_size=8, num_channels=3)
+
+# per-type overrides (after GENERIC); these are the configs the parity tests run. The LEGACY types'
+# entries are complete (GENERIC is not applied to them: their test models stay as they were).
+TINY: dict[str, dict] = {
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "qwen2": {},
+    "qwen3": {"head_dim": 16},
+    "phi3": {"pad_token_id": 3},
+    "gemma2": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 32, "tie_word_embeddings": True,
+               "hidden_activation": "gelu_pytorch_tanh"},
+    "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 32, "tie_word_embeddings": True,
+                    "sliding_window_pattern": 2},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None},
+    "qwen3_moe": {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True},
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 64, "decoder_sparse_step": 1, "mlp_only_layers": []},
+    "cohere": {"tie_word_embeddings": True, "layer_norm_eps": 1e-5},
+    "ernie4_5": {"head_dim": 16},
+    "exaone4": {"head_dim": 16, "sliding_window": 16, "sliding_window_pattern": 2},
+    "gemma": {"head_dim": 16, "tie_word_embeddings": True},
+    "granite": {},
+    "helium": {"head_dim": 16},
+    "hunyuan_v1_dense": {"head_dim": 16},
+    "internlm3": {"head_dim": 16},
+    "nemotron": {},
+    "olmo2": {},
+    "olmo3": {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 16, "rope_theta": 500000.0},
+    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
+    "seed_oss": {"head_dim": 16},
+    "stablelm": {},
+    "starcoder2": {},
+    # hub Phi-3.5-MoE: biased attention and lm_head (mlx-lm's phimoe always has them)
+    "phimoe": {"attention_bias": True, "lm_head_bias": True},
+}
+
+# types whose mlx-lm ModelArgs require a top-level `rope_theta` (hub configs, written by transformers v4, have it)
+TOP_ROPE_THETA = ("ernie4_5", "exaone4", "granite", "helium", "olmo3", "stablelm", "qwen3_moe", "qwen2_moe")
+# v4 names mlx-lm reads that v5 renamed: v5 name -> v4 name, per type
+V4_NAMES = {"qwen3_moe": {"num_local_experts": "num_experts"}, "qwen2_moe": {"num_local_experts": "num_experts"}}
+
+
+# the types whose tiny parity configs predate the generic fill below (kept as they were)
+LEGACY = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "mixtral", "qwen3_moe",
+          "qwen2_moe", "olmo2", "olmo3", "olmoe", "granite", "helium", "ernie4_5", "seed_oss", "internlm3", "exaone4",
+          "hunyuan_v1_dense", "cohere", "starcoder2", "stablelm", "nemotron")
+
+
+def tiny_config(model_type: str, **overrides) -> dict:
+    """Config kwargs for a tiny random model of `model_type` (transformers' own config class decides
+    which generic fields apply)."""
+    from transformers import AutoConfig
+
+    default = AutoConfig.for_model(model_type)
+    cfg = dict(BASE)
+    if model_type not in LEGACY:
+        cfg.update({k: v for k, v in GENERIC.items() if hasattr(default, k)})
+    cfg.update(TINY.get(model_type, {}))
+    cfg.update(overrides)
+    for sub, extra in (("text_config", {}), ("vision_config", VISION)):
+        sc = getattr(default, sub, None)
+        if sc is not None and not isinstance(sc, dict):
+            vals = {**BASE, **GENERIC, "vocab_size": 96} if sub == "text_config" else extra
+            cfg[sub] = {k: v for k, v in vals.items() if hasattr(sc, k)}
+            cfg[sub].update(TINY.get(model_type, {}).get(sub, {}))
+    return cfg
+
+
+def hub_style(model_type: str, cfg: dict, hf_config=None) -> dict:
+    """Add the v4-style fields hub checkpoints of `model_type` carry (returns the changed dict).
+
+    For the types outside `LEGACY`: every field mlx-lm's `ModelArgs` requires (no default) that
+    config.json lacks is filled as a transformers-v4 config states it: from `rope_parameters`
+    (rope_theta, partial_rotary_factor, rope_scaling) or from the transformers config object
+    `hf_config`, whose attribute names and computed values (head_dim ...) v4 wrote out.
+    """
+    if model_type not in LEGACY:
+        _v4_fill(model_type, cfg, hf_config)
+        return cfg
+    if model_type == "gemma3_text":  # hub gemma3 configs carry it; mlx-lm reads it (default 6 > 2 layers)
+        cfg.setdefault("sliding_window_pattern", TINY[model_type]["sliding_window_pattern"])
+    if model_type in TOP_ROPE_THETA:
+        rp = cfg.get("rope_parameters") or {}
+        rp = rp.get("full_attention", rp)  # per-layer-type rope parameters (olmo3)
+        cfg.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
+        if model_type == "stablelm":
+            cfg.setdefault("partial_rotary_factor", rp.get("partial_rotary_factor", 0.25))
+        if model_type == "exaone4":  # hub exaone4 configs: "sliding_window_pattern": "LLLG"
+            cfg.setdefault("rope_scaling", None)
+            cfg["sliding_window_pattern"] = "".join("G" if t == "full_attention" else "L" for t in cfg["layer_types"])
+    for new, old in V4_NAMES.get(model_type, {}).items():
+        cfg.setdefault(old, cfg.get(new))
+    return cfg
+
+
+def _v4_fill(model_type: str, cfg: dict, hf_config) -> None:
+    import dataclasses
+
+    from mlx_lm.utils import _get_classes
+
+    _, args_cls = _get_classes({"model_type": model_type})
+    rp = cfg.get("rope_parameters") or {}
+    rp = rp.get("full_attention", rp) if isinstance(rp, dict) else {}
+    target = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    sub = getattr(hf_config, "text_config", None) if target is not cfg else hf_config
+    for f in dataclasses.fields(args_cls):
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+            continue
+        if cfg.get(f.name) is not None or target.get(f.name) is not None:
+            continue
+        if f.name == "rope_scaling":
+            v = rp if rp and rp.get("rope_type", "default") != "default" else None
+        elif f.name in rp:
+            v = rp[f.name]
+        elif sub is not None and getattr(sub, f.name, None) is not None:
+            v = getattr(sub, f.name)
+        elif hf_config is not None and getattr(hf_config, f.name, None) is not None:
+            v = getattr(hf_config, f.name)
+        elif f.name == "head_dim" and target.get("hidden_size"):  # v4 wrote the computed value
+            v = target["hidden_size"] // target["num_attention_heads"]
+        else:
+            continue
+        try:
+            json.dumps(v)
+        except TypeError:
+            continue
+        cfg[f.name] = v
