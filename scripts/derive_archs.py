@@ -3,6 +3,7 @@
     python scripts/derive_archs.py            # every mlx-lm type with a transformers class
     python scripts/derive_archs.py glm4 phimoe   # just these
     python scripts/derive_archs.py --check    # exit 1 when the checked-in data differs
+    python scripts/derive_archs.py --docs     # rewrite docs/architectures.md from the registry
 
 Each type's rules come from mlx-lm's own loading of a tiny transformers checkpoint (see
 mlx_bridge/archs/derive.py). A type whose rules cannot be derived is written with its reason.
@@ -18,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mlx_bridge.archs import DERIVED_DIR  # noqa: E402
+from mlx_bridge.archs import DERIVED_DIR, DOCS  # noqa: E402
 from mlx_bridge.archs.derive import Refused, derive, hf_classes, mlx_lm_types  # noqa: E402
 
 
@@ -37,7 +38,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("types", nargs="*")
     ap.add_argument("--check", action="store_true", help="compare with the checked-in files, write nothing")
+    ap.add_argument("--docs", action="store_true", help="write docs/architectures.md from the registry and stop")
     args = ap.parse_args(argv)
+    if args.docs:
+        from mlx_bridge.archs.docs import render
+
+        (ROOT / DOCS).write_text(render())
+        print(f"wrote {DOCS}")
+        return 0
     types = args.types or [t for t, _ in mlx_lm_types() if hf_classes(t)["hf_class"]]
     diffs = []
     for t in types:

@@ -84,10 +84,14 @@ def hf_defaults(model_type: str, keys) -> dict:
 
     c = AutoConfig.for_model(model_type)
     c = getattr(c, "text_config", None) or c
+    try:
+        rope = dict(getattr(c, "rope_parameters", None) or {})
+    except Exception:
+        rope = {}
     out = {}
     for k in keys:
         try:
-            v = getattr(c, k)
+            v = getattr(c, k) if k not in rope else rope[k]  # v5 keeps rope fields in rope_parameters
             json.dumps(v)
         except Exception:  # absent, not JSON, or a per-layer attribute transformers refuses to read globally
             continue
@@ -240,12 +244,21 @@ def _piece(hf, ids, ps, sh, names, mlx) -> dict:
                 raise Refused(f"HF tensor {hf}: {name} axis {j} is split unevenly")
             chunk = [j, int(line[0] // hs[i]), ms[j] // hs[i]]
         perm.append((i, j))
-    kept = [j for j in range(len(ms)) if not (j == 0 and "index" in part) and not np.all(idx[j] == idx[j].flat[0])]
-    order = [j for _, j in sorted(perm)]
-    if order != kept:
-        part["perm"] = [kept.index(j) for j in order]
+    rest = [j for j in range(len(ms)) if not (j == 0 and "index" in part)]  # axes of M[index]
+    to_h = dict((j, i) for i, j in perm)
+    free = [i for i in range(len(hs)) if hs[i] == 1 and i not in to_h.values()]
+    for j in rest:  # size-1 axes of M go to size-1 axes of HF, in order
+        if j not in to_h:
+            if not free:
+                raise Refused(f"HF tensor {hf}: {name} has more axes than it")
+            to_h[j] = free.pop(0)
+    if free or len(rest) != len(hs):
+        raise Refused(f"HF tensor {hf}: {name} has fewer axes than it")
+    order = [rest.index(j) for j in sorted(rest, key=lambda j: to_h[j])]
+    if order != list(range(len(rest))):
+        part["perm"] = order
     if chunk is not None:
-        part["chunk"] = [kept.index(chunk[0]), chunk[1], chunk[2]]  # axis of M[index], squeezed
+        part["chunk"] = [rest.index(chunk[0]), chunk[1], chunk[2]]  # axis of M[index]
     s = np.unique(sh)
     if s.size != 1:
         raise Refused(f"HF tensor {hf}: {name} is shifted by different amounts")

@@ -28,6 +28,9 @@ class Quirks:
     has_use_sliding_window: bool = False  # the config class reads use_sliding_window
     keeps_sliding_window: bool = False  # the class builds a sliding mask regardless: the value stays, unused
     zero_centred_norms: bool = False  # norm weights stored as w - 1 (mlx-lm and transformers add 1)
+    # HF tensors mlx-lm drops and computes without (e.g. a routing correction bias): written as zeros,
+    # shaped as in the --hf-base checkpoint, so transformers computes what MLX did
+    unused: tuple[str, ...] = ()
     refused: str | None = None  # the export is not right for this type (one line, listed in the docs)
 
 
@@ -50,4 +53,10 @@ QUIRKS: dict[str, Quirks] = {
     # approximation for Gemma, so the export names the exact one. vLLM only implements the tanh form.
     "gemma": Quirks(mlx_forces={"hidden_act": "gelu_python", "hidden_activation": None}, zero_centred_norms=True),
     "starcoder2": Quirks(mlx_forces={"hidden_act": "gelu"}),  # mlx-lm's starcoder2 MLP: exact nn.gelu
+    # mlx-lm's glm rotates the whole head (nn.RoPE(dims=head_dim, traditional=True)), whatever
+    # partial_rotary_factor says
+    "glm": Quirks(mlx_forces={"partial_rotary_factor": 1.0}),
+    # mlx-lm's ernie4_5_moe routes without moe_statics.e_score_correction_bias (dropped in sanitize)
+    "ernie4_5_moe": Quirks(unused=("model.layers.{}.mlp.moe_statics.e_score_correction_bias",)),
+    "gemma3": Quirks(zero_centred_norms=True),
 }

@@ -63,6 +63,10 @@ TINY: dict[str, dict] = {
     "seed_oss": {"head_dim": 16},
     "stablelm": {},
     "starcoder2": {},
+    "gptj": {"rotary_dim": 8},
+    # hub checkpoints tie the embeddings (mlx-lm's module always does)
+    "cohere2": {"tie_word_embeddings": True},
+    "qwen2_5_vl": {"tie_word_embeddings": True},
     # hub Phi-3.5-MoE: biased attention and lm_head (mlx-lm's phimoe always has them)
     "phimoe": {"attention_bias": True, "lm_head_bias": True},
 }
@@ -126,35 +130,52 @@ def hub_style(model_type: str, cfg: dict, hf_config=None) -> dict:
     return cfg
 
 
+# mlx-lm field -> the v4 config field (or rope_parameters key) it was written from
+V4_ALIASES = {"n_ctx": "n_positions", "rotary_emb_base": "rope_theta", "rotary_pct": "partial_rotary_factor"}
+
+
 def _v4_fill(model_type: str, cfg: dict, hf_config) -> None:
     import dataclasses
+    import sys
 
     from mlx_lm.utils import _get_classes
 
     _, args_cls = _get_classes({"model_type": model_type})
-    rp = cfg.get("rope_parameters") or {}
-    rp = rp.get("full_attention", rp) if isinstance(rp, dict) else {}
-    target = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
-    sub = getattr(hf_config, "text_config", None) if target is not cfg else hf_config
-    for f in dataclasses.fields(args_cls):
-        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
-            continue
-        if cfg.get(f.name) is not None or target.get(f.name) is not None:
-            continue
-        if f.name == "rope_scaling":
-            v = rp if rp and rp.get("rope_type", "default") != "default" else None
-        elif f.name in rp:
-            v = rp[f.name]
-        elif sub is not None and getattr(sub, f.name, None) is not None:
-            v = getattr(sub, f.name)
-        elif hf_config is not None and getattr(hf_config, f.name, None) is not None:
-            v = getattr(hf_config, f.name)
-        elif f.name == "head_dim" and target.get("hidden_size"):  # v4 wrote the computed value
-            v = target["hidden_size"] // target["num_attention_heads"]
-        else:
-            continue
-        try:
-            json.dumps(v)
-        except TypeError:
-            continue
-        cfg[f.name] = v
+    jobs = [(args_cls, cfg, hf_config)]
+    mod = sys.modules[args_cls.__module__]
+    text_cls = next((getattr(mod, n) for n in ("TextArgs", "TextConfig", "TextModelArgs") if hasattr(mod, n)), None)
+    if text_cls is not None and isinstance(cfg.get("text_config"), dict):
+        jobs.append((text_cls, cfg["text_config"], getattr(hf_config, "text_config", None)))
+    for cls, target, obj in jobs:
+        rp = target.get("rope_parameters") or {}
+        rp = rp.get("full_attention", rp) if isinstance(rp, dict) else {}
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+                continue
+            if target.get(f.name) is not None:
+                continue
+            name = V4_ALIASES.get(f.name, f.name)
+            if f.name == "rope_scaling":
+                v = rp if rp and rp.get("rope_type", "default") != "default" else None
+            elif name in rp:
+                v = rp[name]
+            elif target.get(name) is not None:
+                v = target[name]
+            elif obj is not None and _attr(obj, f.name) is not None:
+                v = _attr(obj, f.name)
+            elif f.name == "head_dim" and target.get("hidden_size"):  # v4 wrote the computed value
+                v = target["hidden_size"] // target["num_attention_heads"]
+            else:
+                continue
+            try:
+                json.dumps(v)
+            except TypeError:
+                continue
+            target[f.name] = v
+
+
+def _attr(obj, name):
+    try:
+        return getattr(obj, name, None)
+    except Exception:  # per-layer attributes transformers refuses to read globally
+        return None

@@ -73,10 +73,11 @@ class Part:
     chunk: tuple[int, int, int] | None = None  # (axis, k, n)
     perm: tuple[int, ...] | None = None
     shift: float = 0.0
+    zero: bool = False  # a tensor mlx-lm loads but does not compute with: written as the zeros MLX used
 
     @property
     def plain(self) -> bool:
-        return self.chunk is None and self.perm is None and not self.shift
+        return self.chunk is None and self.perm is None and not self.shift and not self.zero
 
     def shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The part's shape given its source tensor's (dequantized) shape."""
@@ -86,6 +87,8 @@ class Part:
         return tuple(s[i] for i in self.perm) if self.perm else tuple(s)
 
     def compute(self, out_dtype) -> np.ndarray:
+        if self.zero:
+            return np.zeros(self.src.file.info(self.src.key).shape, out_dtype)
         w = self.src.read()
         exact = self.lora is not None or not self.plain
         if self.quant:
@@ -126,6 +129,8 @@ class Part:
             ops.append(f"transpose{tuple(self.perm)}")
         if self.shift:
             ops.append(f"unshift({self.shift:g})")
+        if self.zero:
+            ops = [f"zeros (mlx-lm does not use {self.src})"]
         return " -> ".join(ops)
 
 
@@ -234,7 +239,7 @@ def _quant_params(qcfg: dict, module: str) -> dict | None:
 
 
 def _natural(key: str):
-    return [int(t) if t.isdigit() else t for t in key.replace(".", " . ").split()]
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in key.replace(".", " . ").split()]
 
 
 def build_plan(source: Source, dtype: str = "auto") -> Plan:
@@ -363,6 +368,7 @@ def build_plan(source: Source, dtype: str = "auto") -> Plan:
         if out_np is not None and DTYPES[dt].floating:
             dt = out_np.st
         items.append(Item(name, dt, tuple(shape), ps, rule.get("join"), rule.get("axis", 0)))
+    items += _dropped(source, arch, out_np, problems)
     problems += _check_config(cfg, where, logical, layers_seen)
     # attach adapters to every part that reads the adapted MLX weight
     for module, parts in sorted(lora_keys.items(), key=lambda kv: _natural(kv[0])):
@@ -381,6 +387,32 @@ def st_of(cfg: dict) -> str:
     name = cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"
     d = BY_NAME.get(name)
     return d.st if d is not None and d.floating else "BF16"
+
+
+def _dropped(source: Source, arch: Arch, out_np, problems: list[str]) -> list[Item]:
+    """The HF tensors mlx-lm drops on loading (vision towers ...), copied from the HF base."""
+    if not arch.dropped:
+        return []
+    hf = source.hf_base
+    if hf is None:
+        problems.append(f"{source.base.path}: mlx-lm drops {len(arch.dropped)} tensor kinds of {arch.model_type} "
+                        f"({arch.dropped[0]} ...) that the export needs: pass --hf-base DIR, the Hugging Face "
+                        f"checkpoint the base was converted from")
+        return []
+    if hf.config.get("model_type") != arch.model_type:
+        problems.append(f"{hf.path / 'config.json'}: model_type {hf.config.get('model_type')!r}, the base is "
+                        f"{arch.model_type!r}")
+        return []
+    items, dropped = [], set(arch.dropped)
+    for key in sorted(hf.where, key=_natural):
+        if key_template(key)[0] in dropped:
+            info = hf.where[key].info(key)
+            dt = out_np.st if out_np is not None and DTYPES[info.dtype].floating else info.dtype
+            zero = key_template(key)[0] in arch.quirks.unused
+            items.append(Item(key, dt, tuple(info.shape), [Part(Ref(hf.where[key], key), info.dtype, zero=zero)]))
+    if not items:
+        problems.append(f"{hf.path}: none of the tensors mlx-lm drops ({arch.dropped[0]} ...) is there")
+    return items
 
 
 def _check_config(cfg: dict, where: str, logical: dict, layers_seen: set[int]) -> list[str]:

@@ -1,0 +1,56 @@
+"""docs/architectures.md, generated from the registry (`python scripts/derive_archs.py --docs`).
+
+Per model type: the HF class, whether `--format hf` and `--format peft` export it, the native deploy
+class (deploy/native/config.py's parsers), and the names vLLM and TensorRT-LLM run it under; then
+every mlx-lm type with a transformers class that is refused, with the reason.
+
+Example:
+    >>> "| llama |" in render()  # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import json
+
+from .engines import TRTLLM_ARCHITECTURES, VLLM_ARCHITECTURES
+from .registry import DERIVED_DIR, get_arch, refused, supported
+
+
+def _native() -> set[str]:
+    from ..deploy.native.config import PARSERS  # names only; the parsers stay in deploy/
+
+    return set(PARSERS)
+
+
+def peft_column(model_type: str) -> str:
+    arch = get_arch({"model_type": model_type})
+    odd = sorted(t.rsplit(".", 2)[-2] for t in arch.rules if not arch.plain(t) and t.endswith("weight"))
+    return "yes" if not odd else f"yes, except on {', '.join(sorted(set(odd)))} (hf only)"
+
+
+def render() -> str:
+    native = _native()
+    types, ref = supported(), refused()
+    total = len(list(DERIVED_DIR.glob("*.json")))
+    versions = {json.loads(p.read_text()).get("mlx_lm") for p in DERIVED_DIR.glob("*.json")} - {None}
+    lines = [
+        "# Architectures", "",
+        "Generated from the registry (`mlx_bridge/archs`) by `python scripts/derive_archs.py --docs`; do not edit.",
+        f"The key rules are derived from mlx-lm {', '.join(sorted(versions))} itself (`scripts/derive_archs.py`).", "",
+        f"**{len(types)} of the {total} mlx-lm model types that have a transformers causal-LM or "
+        "image-text-to-text class export** (`--format hf`; `--format peft` where PEFT can express the adapter).", "",
+        "| model_type | HF class | hf | peft | native deploy class | vLLM | TensorRT-LLM |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t in types:
+        a = get_arch({"model_type": t})
+        vllm = a.architecture if a.architecture in VLLM_ARCHITECTURES else f"{a.architecture} (Transformers backend)"
+        trt = a.architecture if a.architecture in TRTLLM_ARCHITECTURES else "-"
+        lines.append(f"| {t} | {a.architecture} | yes | {peft_column(t)} | {'yes' if t in native else 'transformers'}"
+                     f" | {vllm} | {trt} |")
+    lines += ["", f"## Refused ({len(ref)})", "",
+              "Each is refused by name by `mlx-bridge export` (one line, exit 2, nothing written).", "",
+              "| model_type | reason |", "|---|---|"]
+    lines += [f"| {t} | {r.replace('|', '/')} |" for t, r in ref.items()]
+    return "\n".join(lines) + "\n"
