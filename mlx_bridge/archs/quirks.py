@@ -59,4 +59,6 @@ QUIRKS: dict[str, Quirks] = {
     # mlx-lm's ernie4_5_moe routes without moe_statics.e_score_correction_bias (dropped in sanitize)
     "ernie4_5_moe": Quirks(unused=("model.layers.{}.mlp.moe_statics.e_score_correction_bias",)),
     "gemma3": Quirks(zero_centred_norms=True),
+    # mlx-lm's cohere2 picks global layers by sliding_window_pattern (i % p == p - 1), not layer_types
+    "cohere2": Quirks(attention="pattern"),
 }

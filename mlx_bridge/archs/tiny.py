@@ -65,7 +65,11 @@ TINY: dict[str, dict] = {
     "starcoder2": {},
     "gptj": {"rotary_dim": 8},
     # hub checkpoints tie the embeddings (mlx-lm's module always does)
-    "cohere2": {"tie_word_embeddings": True},
+    "cohere2": {"tie_word_embeddings": True, "sliding_window": 16, "sliding_window_pattern": 2},
+    "gpt_neox": {"intermediate_size": 256},
+    "qwen3_next": {"layer_types": ["linear_attention", "full_attention"]},
+    "gemma3": {"text_config": {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 16,
+                               "query_pre_attn_scalar": 16}},  # mlx-lm's gpt_neox MLP is 4 * hidden_size whatever the config says
     "qwen2_5_vl": {"tie_word_embeddings": True},
     # hub Phi-3.5-MoE: biased attention and lm_head (mlx-lm's phimoe always has them)
     "phimoe": {"attention_bias": True, "lm_head_bias": True},
@@ -106,10 +110,11 @@ def tiny_config(model_type: str, **overrides) -> dict:
 def hub_style(model_type: str, cfg: dict, hf_config=None) -> dict:
     """Add the v4-style fields hub checkpoints of `model_type` carry (returns the changed dict).
 
-    For the types outside `LEGACY`: every field mlx-lm's `ModelArgs` requires (no default) that
-    config.json lacks is filled as a transformers-v4 config states it: from `rope_parameters`
-    (rope_theta, partial_rotary_factor, rope_scaling) or from the transformers config object
-    `hf_config`, whose attribute names and computed values (head_dim ...) v4 wrote out.
+    For the types outside `LEGACY`: every field mlx-lm's `ModelArgs` reads that config.json lacks is
+    filled as a transformers-v4 config states it (v4 wrote every attribute of the config object):
+    from the attribute of `hf_config` (computed values such as head_dim, full_attention_interval), and
+    for fields mlx-lm requires also from `rope_parameters` (rope_theta, partial_rotary_factor,
+    rope_scaling) and v4's names (`V4_ALIASES`).
     """
     if model_type not in LEGACY:
         _v4_fill(model_type, cfg, hf_config)
@@ -130,6 +135,8 @@ def hub_style(model_type: str, cfg: dict, hf_config=None) -> dict:
     return cfg
 
 
+# mlx-lm fields v4 configs stated as a period that v5 turns into layer_types (global layer every p-th)
+PERIODS = ("sliding_window_pattern", "full_attention_interval")
 # mlx-lm field -> the v4 config field (or rope_parameters key) it was written from
 V4_ALIASES = {"n_ctx": "n_positions", "rotary_emb_base": "rope_theta", "rotary_pct": "partial_rotary_factor"}
 
@@ -143,17 +150,24 @@ def _v4_fill(model_type: str, cfg: dict, hf_config) -> None:
     _, args_cls = _get_classes({"model_type": model_type})
     jobs = [(args_cls, cfg, hf_config)]
     mod = sys.modules[args_cls.__module__]
-    text_cls = next((getattr(mod, n) for n in ("TextArgs", "TextConfig", "TextModelArgs") if hasattr(mod, n)), None)
+    names = [n for n in ("TextArgs", "TextConfig", "TextModelArgs") if hasattr(mod, n)]
+    text_cls = getattr(mod, names[0]) if names else next(  # a wrapper around another mlx-lm module (gemma3)
+        (getattr(mod, n).ModelArgs for n in dir(mod) if n.endswith("_text") and hasattr(getattr(mod, n), "ModelArgs")),
+        None)
     if text_cls is not None and isinstance(cfg.get("text_config"), dict):
         jobs.append((text_cls, cfg["text_config"], getattr(hf_config, "text_config", None)))
     for cls, target, obj in jobs:
         rp = target.get("rope_parameters") or {}
         rp = rp.get("full_attention", rp) if isinstance(rp, dict) else {}
         for f in dataclasses.fields(cls):
-            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
-                continue
             if target.get(f.name) is not None:
                 continue
+            if f.name in PERIODS and "full_attention" in (target.get("layer_types") or []):
+                target[f.name] = target["layer_types"].index("full_attention") + 1
+                continue
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if not required and (obj is None or _attr(obj, f.name) is None):
+                continue  # a default mlx-lm field is filled only where transformers v4 wrote it out
             name = V4_ALIASES.get(f.name, f.name)
             if f.name == "rope_scaling":
                 v = rp if rp and rp.get("rope_type", "default") != "default" else None

@@ -66,6 +66,8 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
             raise BridgeError(f"{source.adapter.path / ADAPTER_CONFIG}: fine_tune_type 'full' has no PEFT form; use --format hf")
         plan = build_plan(source, dtype)
         cfg, notes = hf_config.effective_config(source.base.config, plan.arch, plan.dtype)
+        if source.hf_base is not None:  # what mlx-lm left out of its config (vision_config ...)
+            cfg.update({k: v for k, v in source.hf_base.config.items() if k not in cfg})
         if format == "peft":
             tensors, modules, rank = peft.peft_tensors(plan, dtype)
             pcfg = peft.peft_config(plan, modules, rank, _base_ref(source))
