@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .quirks import QUIRKS, Quirks
 from .registry import template
 from .tiny import hub_style, tiny_config
 
@@ -114,7 +115,10 @@ def save_tiny(model_type: str, out: Path) -> dict:
     config = AutoConfig.for_model(model_type, **cfg)
     auto = AutoModelForCausalLM if cls["hf_auto"] == "causal_lm" else AutoModelForImageTextToText
     torch.manual_seed(0)
-    auto.from_config(config, dtype=torch.float32).save_pretrained(str(out))
+    model = auto.from_config(config, dtype=torch.float32)
+    if QUIRKS.get(model_type, Quirks()).hub_saves_base_model:
+        model = model.base_model
+    model.save_pretrained(str(out))
     p = out / "config.json"
     c = hub_style(model_type, json.loads(p.read_text()), config)
     p.write_text(json.dumps(c, indent=2, sort_keys=True))
@@ -189,8 +193,32 @@ def trace(layout: dict, mlx: dict[str, np.ndarray]) -> dict:
             continue
         if np.any(ids < 0):
             raise Refused(f"HF tensor {hf} is partly dropped by mlx-lm")
-        rules[hf] = _split(hf, ids, ps, sh, names, mlx)
+        try:
+            rules[hf] = _split(hf, ids, ps, sh, names, mlx)
+        except Refused as e:
+            rules[hf] = _unflattened(hf, ids, ps, sh, names, mlx) or _raise(e)
     return {"hf": rules, "dropped": dropped}
+
+
+def _raise(e: Exception):
+    raise e
+
+
+def _unflattened(hf, ids, ps, sh, names, mlx) -> dict | None:
+    """The rule with one HF axis seen as two (deepseek's kv_b_proj: (heads * (nope + v), r) is
+    (heads, nope + v, r) to mlx-lm); the exporter joins the parts, then merges the two axes back."""
+    for a in range(ids.ndim):
+        n = ids.shape[a]
+        for f in range(2, n):
+            if n % f:
+                continue
+            shape = ids.shape[:a] + (f, n // f) + ids.shape[a + 1:]
+            try:
+                rule = _split(hf, *(x.reshape(shape) for x in (ids, ps, sh)), names, mlx)
+            except Refused:
+                continue
+            return {**rule, "merge": a}
+    return None
 
 
 def _split(hf, ids, ps, sh, names, mlx) -> dict:

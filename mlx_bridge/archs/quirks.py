@@ -31,6 +31,9 @@ class Quirks:
     # HF tensors mlx-lm drops and computes without (e.g. a routing correction bias): written as zeros,
     # shaped as in the --hf-base checkpoint, so transformers computes what MLX did
     unused: tuple[str, ...] = ()
+    # hub checkpoints hold the bare base model's keys (gpt2: "h.0.attn..."), which is what mlx-lm reads;
+    # the causal-LM class loads them too
+    hub_saves_base_model: bool = False
     refused: str | None = None  # the export is not right for this type (one line, listed in the docs)
 
 
@@ -59,6 +62,7 @@ QUIRKS: dict[str, Quirks] = {
     # mlx-lm's ernie4_5_moe routes without moe_statics.e_score_correction_bias (dropped in sanitize)
     "ernie4_5_moe": Quirks(unused=("model.layers.{}.mlp.moe_statics.e_score_correction_bias",)),
     "gemma3": Quirks(zero_centred_norms=True),
+    "gpt2": Quirks(hub_saves_base_model=True),
     # mlx-lm's cohere2 picks global layers by sliding_window_pattern (i % p == p - 1), not layer_types
     "cohere2": Quirks(attention="pattern"),
 }

@@ -77,7 +77,7 @@ class Arch:
     def plain(self, hf_template: str) -> bool:
         """True when the HF tensor is one MLX tensor (or one expert of it) renamed, nothing computed."""
         r = self.rules[hf_template]
-        return len(r["parts"]) == 1 and not set(r["parts"][0]) - {"mlx", "index"}
+        return len(r["parts"]) == 1 and not set(r["parts"][0]) - {"mlx", "index"} and "merge" not in r
 
 
 def _build(data: dict) -> Arch:

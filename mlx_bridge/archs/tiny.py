@@ -64,6 +64,9 @@ TINY: dict[str, dict] = {
     "stablelm": {},
     "starcoder2": {},
     "gptj": {"rotary_dim": 8},
+    "gpt2": {"tie_word_embeddings": True},
+    "deepseek_v3": {"head_dim": 8},  # transformers rotates head_dim = qk_rope_head_dim
+    "glm4_moe_lite": {"head_dim": 8},
     # hub checkpoints tie the embeddings (mlx-lm's module always does)
     "cohere2": {"tie_word_embeddings": True, "sliding_window": 16, "sliding_window_pattern": 2},
     "gpt_neox": {"intermediate_size": 256},

@@ -144,6 +144,7 @@ class Item:
     parts: list[Part]
     join: str | None = None
     axis: int = 0
+    merge: int | None = None  # axes merge, merge+1 of the joined parts are one HF axis
 
     @property
     def src(self) -> Ref:
@@ -164,7 +165,7 @@ class Item:
 
     @property
     def plain(self) -> bool:
-        return len(self.parts) == 1 and self.parts[0].plain
+        return len(self.parts) == 1 and self.parts[0].plain and self.merge is None
 
     @property
     def is_copy(self) -> bool:
@@ -182,6 +183,8 @@ class Item:
         ops = " + ".join(p.describe() for p in self.parts)
         if self.join:
             ops = f"{self.join}(axis {self.axis}: {ops})"
+        if self.merge is not None:
+            ops += f" -> merge(axes {self.merge}, {self.merge + 1})"
         if self.dtype != self.src_dtype or any(p.quant for p in self.parts):
             ops += f" -> cast({DTYPES[self.dtype].name})"
         return ("copy " if self.is_copy else "") + ops
@@ -198,6 +201,9 @@ def materialize(item: Item) -> np.ndarray:
         w = w.reshape(w.shape[: item.axis] + (-1,) + w.shape[item.axis + 2:])
     else:
         w = ws[0]
+    if item.merge is not None:
+        a = item.merge
+        w = w.reshape(w.shape[:a] + (-1,) + w.shape[a + 2:])
     return w.astype(out, copy=False)
 
 
@@ -364,10 +370,13 @@ def build_plan(source: Source, dtype: str = "auto") -> Plan:
         shape = list(shapes[0])
         if n > 1:
             shape[rule["axis"]] = sum(s[rule["axis"]] for s in shapes)
+        if "merge" in rule:  # two axes to mlx-lm, one in the HF tensor
+            a = rule["merge"]
+            shape[a: a + 2] = [shape[a] * shape[a + 1]]
         dt = ps[0].src_dtype
         if out_np is not None and DTYPES[dt].floating:
             dt = out_np.st
-        items.append(Item(name, dt, tuple(shape), ps, rule.get("join"), rule.get("axis", 0)))
+        items.append(Item(name, dt, tuple(shape), ps, rule.get("join"), rule.get("axis", 0), rule.get("merge")))
     items += _dropped(source, arch, out_np, problems)
     problems += _check_config(cfg, where, logical, layers_seen)
     # attach adapters to every part that reads the adapted MLX weight
