@@ -49,19 +49,9 @@ def test_docs_table_is_generated():
     assert (ROOT / "docs/architectures.md").read_text() == render(), "run: python scripts/derive_archs.py --docs"
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mixtral", "granitemoe", "qwen3_next"])
-def test_derived_sample_matches_mlx_lm(model_type):
-    """A few types rederived (seconds each); the slow test below rederives all of them."""
-    pytest.importorskip("mlx_lm")
-    from derive_archs import one, text
-
-    assert text(one(model_type)) == (DERIVED_DIR / f"{model_type}.json").read_text(), \
-        f"{model_type}: mlx-lm or transformers changed; run python scripts/derive_archs.py and review the diff"
-
-
-@pytest.mark.slow
 def test_all_derived_data_matches_mlx_lm():
-    """Every mlx-lm type with a transformers class, rederived (about 3 minutes on 2 cores)."""
+    """Every mlx-lm type with a transformers class, rederived from the installed mlx-lm and transformers
+    (about 40 s on 2 cores): a new release shows up here as a diff, not as a wrong export."""
     pytest.importorskip("mlx_lm")
     from derive_archs import main
 

@@ -63,6 +63,16 @@ QUIRKS: dict[str, Quirks] = {
     "ernie4_5_moe": Quirks(unused=("model.layers.{}.mlp.moe_statics.e_score_correction_bias",)),
     "gemma3": Quirks(zero_centred_norms=True),
     "gpt2": Quirks(hub_saves_base_model=True),
+    # parity tests (tests/test_export_registry.py) fail for these; refused until the difference is found
+    "laguna": Quirks(refused="the export's logits differ from MLX's (max |diff| 2.1 on the tiny model): mlx-lm "
+                             "computes laguna differently from its config in a way not yet traced"),
+    "mellum": Quirks(refused="the export's logits differ from MLX's (max |diff| 0.8 on the tiny model): mlx-lm "
+                             "computes mellum differently from its config in a way not yet traced"),
+    "deepseek_v32": Quirks(refused="transformers' tiny deepseek_v32 (its indexer) does not run with the test "
+                                   "shapes, so parity is unproven"),
+    "qwen2_5_vl": Quirks(refused="multimodal rope (mrope_section) not yet set up for a tiny parity model"),
+    "recurrent_gemma": Quirks(refused="mlx-lm's recurrent_gemma does not run a 2-layer model (block pattern), so "
+                                      "parity is unproven"),
     # mlx-lm's cohere2 picks global layers by sliding_window_pattern (i % p == p - 1), not layer_types
     "cohere2": Quirks(attention="pattern"),
 }

@@ -67,6 +67,8 @@ TINY: dict[str, dict] = {
     "gpt2": {"tie_word_embeddings": True},
     "deepseek_v3": {"head_dim": 8},  # transformers rotates head_dim = qk_rope_head_dim
     "glm4_moe_lite": {"head_dim": 8},
+    "deepseek_v32": {"head_dim": 8},
+    "falcon_h1": {"head_dim": 64},
     # hub checkpoints tie the embeddings (mlx-lm's module always does)
     "cohere2": {"tie_word_embeddings": True, "sliding_window": 16, "sliding_window_pattern": 2},
     "gpt_neox": {"intermediate_size": 256},
