@@ -56,7 +56,8 @@ def hf_classes(model_type: str) -> dict:
 
     causal = ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
     itt = ma.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type)
-    return {"hf_class": causal or itt, "hf_auto": "causal_lm" if causal else "image_text_to_text" if itt else None,
+    # a type with both (qwen3_5, llama4) ships on the hub as the multimodal checkpoint
+    return {"hf_class": itt or causal, "hf_auto": "image_text_to_text" if itt else "causal_lm" if causal else None,
             "config_class": ca.CONFIG_MAPPING_NAMES.get(model_type)}
 
 

@@ -70,7 +70,12 @@ QUIRKS: dict[str, Quirks] = {
                              "computes mellum differently from its config in a way not yet traced"),
     "deepseek_v32": Quirks(refused="transformers' tiny deepseek_v32 (its indexer) does not run with the test "
                                    "shapes, so parity is unproven"),
-    "qwen2_5_vl": Quirks(refused="multimodal rope (mrope_section) not yet set up for a tiny parity model"),
+    "qwen2_vl": Quirks(refused="the export's logits differ from MLX's (max |diff| 0.55 on the tiny model; "
+                               "multimodal rope) in a way not yet traced"),
+    "qwen2_5_vl": Quirks(refused="the export's logits differ from MLX's (max |diff| 0.32 on the tiny model; "
+                                 "multimodal rope) in a way not yet traced"),
+    "jamba": Quirks(refused="the export's logits differ from MLX's (max |diff| 0.49 on the tiny model): mlx-lm "
+                            "computes jamba differently from its config in a way not yet traced"),
     "recurrent_gemma": Quirks(refused="mlx-lm's recurrent_gemma does not run a 2-layer model (block pattern), so "
                                       "parity is unproven"),
     # mlx-lm's cohere2 picks global layers by sliding_window_pattern (i % p == p - 1), not layer_types

@@ -29,7 +29,11 @@ GENERIC = dict(
     decoder_sparse_step=1, mlp_only_layers=[],
 )
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16,
-              patch_size=8, num_channels=3)
+              patch_size=8, num_channels=3, depth=1, num_heads=2, embed_dim=32, out_hidden_size=64,
+              num_position_embeddings=16, deepstack_visual_indexes=[0], vision_output_dim=64,
+              projector_input_dim=64, projector_output_dim=64)
+
+_MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}  # sums to head_dim / 2
 
 # per-type overrides (after GENERIC); these are the configs the parity tests run. The LEGACY types'
 # entries are complete (GENERIC is not applied to them: their test models stay as they were).
@@ -73,9 +77,17 @@ TINY: dict[str, dict] = {
     "cohere2": {"tie_word_embeddings": True, "sliding_window": 16, "sliding_window_pattern": 2},
     "gpt_neox": {"intermediate_size": 256},
     "qwen3_next": {"layer_types": ["linear_attention", "full_attention"]},
+    "qwen3_5": {"text_config": {"layer_types": ["linear_attention", "full_attention"]}},
+    "qwen3_5_moe": {"text_config": {"layer_types": ["linear_attention", "full_attention"]}},
+    "afmoe": {"layer_types": ["sliding_attention", "full_attention"]},
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1},
+    "mamba2": {"num_heads": 8, "head_dim": 16, "expand": 2, "n_groups": 1},
     "gemma3": {"text_config": {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 16,
                                "query_pre_attn_scalar": 16}},  # mlx-lm's gpt_neox MLP is 4 * hidden_size whatever the config says
-    "qwen2_5_vl": {"tie_word_embeddings": True},
+    "qwen2_5_vl": {"tie_word_embeddings": True, "text_config": {"rope_parameters": _MROPE}},
+    "qwen2_vl": {"tie_word_embeddings": True, "text_config": {"rope_parameters": _MROPE}},
+    # mlx-lm's llama4 routes to one expert and makes every 4th layer global (4 layers at least)
+    "llama4": {"text_config": {"num_experts_per_tok": 1, "num_hidden_layers": 4}},
     # hub Phi-3.5-MoE: biased attention and lm_head (mlx-lm's phimoe always has them)
     "phimoe": {"attention_bias": True, "lm_head_bias": True},
 }
@@ -180,6 +192,8 @@ def _v4_fill(model_type: str, cfg: dict, hf_config) -> None:
                 v = rp[name]
             elif target.get(name) is not None:
                 v = target[name]
+            elif target is not cfg and cfg.get(name) is not None:  # a wrapper's field its text model reads
+                v = cfg[name]
             elif obj is not None and _attr(obj, f.name) is not None:
                 v = _attr(obj, f.name)
             elif f.name == "head_dim" and target.get("hidden_size"):  # v4 wrote the computed value
@@ -194,6 +208,8 @@ def _v4_fill(model_type: str, cfg: dict, hf_config) -> None:
 
 
 def _attr(obj, name):
+    if isinstance(getattr(type(obj), name, None), property):
+        return None  # computed by the config class, not a field a config.json states
     try:
         return getattr(obj, name, None)
     except Exception:  # per-layer attributes transformers refuses to read globally
