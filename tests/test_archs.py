@@ -37,7 +37,7 @@ def test_unknown_and_refused_types_are_named():
 def test_hf_classes_are_transformers_own():
     from transformers.models.auto import modeling_auto as ma
 
-    names = {**ma.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES, **ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES}
+    names = {**ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, **ma.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES}  # multimodal first
     bad = {t: get_arch({"model_type": t}).architecture for t in supported()
            if get_arch({"model_type": t}).architecture != names.get(t)}
     assert not bad, bad

@@ -63,3 +63,70 @@ def test_registry_type_plain_and_lora(zoo, model_type):
                 assert dst[k][2] == want, f"{k}: not as in the HF base"
     ad = zoo.adapter(base, "lora", rank=4, num_layers=2)
     close(torch_logits(load(exported(ad, **kw), arch), ids), zoo.logits(base, ad, ids=ids), f"{model_type} lora")
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "granitemoe", "qwen3_next"])
+def test_4bit_base_lora(zoo, model_type):
+    """A 4-bit base (g32) under LoRA, for types whose rules transpose, concatenate or shift: each part is
+    dequantized and adapted before mlx-lm's sanitize is undone."""
+    arch = get_arch({"model_type": model_type})
+    base = zoo.mlx(model_type, quant=dict(bits=4, group_size=32))
+    ids = probe_ids(hf_config(base)["vocab_size"], n=1, length=24, seed=3)
+    ad = zoo.adapter(base, "lora", rank=4, num_layers=2)
+    close(torch_logits(load(exported(ad), arch), ids), zoo.logits(base, ad, ids=ids), f"{model_type} 4-bit lora")
+
+
+@pytest.mark.parametrize("model_type", ["smollm3", "glm4", "phi"])
+def test_dora(zoo, model_type):
+    arch = get_arch({"model_type": model_type})
+    base = zoo.mlx(model_type)
+    ids = probe_ids(hf_config(base)["vocab_size"], n=1, length=24, seed=3)
+    ad = zoo.adapter(base, "dora", fine_tune_type="dora", rank=4)
+    close(torch_logits(load(exported(ad), arch), ids), zoo.logits(base, ad, ids=ids), f"{model_type} dora")
+
+
+def test_bf16_shifted_norms_rounded_once(zoo):
+    """qwen3_next in bf16: mlx-lm stores its norms +1; the export writes bf16(float32(w) - 1), rounded once,
+    and every tensor no rule touches is the MLX bytes."""
+    base = zoo.mlx("qwen3_next", dtype="bfloat16")
+    src, dst = read_tensors(base), read_tensors(exported(base))
+    arch = get_arch({"model_type": "qwen3_next"})
+    shifted = 0
+    for name, t in dst.items():
+        rule = arch.rules[template(name)[0]]
+        part = rule["parts"][0]
+        if arch.plain(template(name)[0]) and "index" not in part:
+            assert t == src[name], f"{name}: not the MLX bytes"
+        elif set(part) == {"mlx", "shift"}:
+            import torch
+
+            w = torch.frombuffer(bytearray(src[name][2]), dtype=torch.bfloat16).float()
+            want = (w - part["shift"]).to(torch.bfloat16).view(torch.uint16).numpy().tobytes()
+            assert t[0] == "BF16" and t[2] == want, f"{name}: not rounded once from float32"
+            shifted += 1
+    assert shifted >= 5
+
+
+@pytest.mark.parametrize("model_type", ["smollm3", "glm4", "cohere2"])
+def test_peft(zoo, model_type):
+    """PEFT adapter of a new dense type on its HF export: PeftModel computes what MLX computed."""
+    from test_export_peft import peft_model
+
+    base = zoo.mlx(model_type)
+    ids = probe_ids(hf_config(base)["vocab_size"], n=1, length=24, seed=3)
+    ad = zoo.adapter(base, "lora", rank=4, num_layers=2)
+    model = peft_model(exported(base), exported(ad, format="peft"))
+    close(torch_logits(model, ids), zoo.logits(base, ad, ids=ids), f"{model_type} peft")
+
+
+def test_peft_refused_where_mlx_reshapes(zoo, tmp_path):
+    """granitemoe's input_linear is mlx-lm's gate and up experts concatenated: an adapter on them has no PEFT
+    form, said in one line, and nothing is written."""
+    from mlx_bridge import export
+    from mlx_bridge.errors import BridgeError
+
+    base = zoo.mlx("granitemoe")
+    ad = zoo.adapter(base, "lora-experts", rank=4, num_layers=1, keys=["block_sparse_moe.switch_mlp.gate_proj"])
+    with pytest.raises(BridgeError, match="PEFT cannot express .*input_linear.*use --format hf"):
+        export(str(ad), str(tmp_path / "o"), format="peft", progress=False)
+    assert not (tmp_path / "o").exists()

@@ -74,6 +74,10 @@ QUIRKS: dict[str, Quirks] = {
                                "multimodal rope) in a way not yet traced"),
     "qwen2_5_vl": Quirks(refused="the export's logits differ from MLX's (max |diff| 0.32 on the tiny model; "
                                  "multimodal rope) in a way not yet traced"),
+    "gpt_oss": Quirks(refused="mlx-lm's sanitize reads gpt_oss only in the MXFP4 hub layout (*_blocks / *_scales); "
+                              "a bf16 checkpoint does not load in mlx-lm, so no rules could be traced through it"),
+    "mistral4": Quirks(refused="transformers' tiny mistral4 (partial-rotary MLA with llama-4 yarn scaling) does not run "
+                               "with the test shapes, so parity is unproven"),
     "jamba": Quirks(refused="the export's logits differ from MLX's (max |diff| 0.49 on the tiny model): mlx-lm "
                             "computes jamba differently from its config in a way not yet traced"),
     "recurrent_gemma": Quirks(refused="mlx-lm's recurrent_gemma does not run a 2-layer model (block pattern), so "

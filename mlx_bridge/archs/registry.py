@@ -95,7 +95,7 @@ def _load() -> tuple[dict[str, Arch], dict[str, dict]]:
     archs, refused = {}, {}
     for p in sorted(DERIVED_DIR.glob("*.json")):
         data = json.loads(p.read_text())
-        reason = data.get("refused") or QUIRKS.get(data["model_type"], Quirks()).refused
+        reason = QUIRKS.get(data["model_type"], Quirks()).refused or data.get("refused")
         if reason:
             refused[data["model_type"]] = {**data, "refused": reason}
         else:

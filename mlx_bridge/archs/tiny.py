@@ -73,6 +73,10 @@ TINY: dict[str, dict] = {
     "glm4_moe_lite": {"head_dim": 8},
     "deepseek_v32": {"head_dim": 8},
     "falcon_h1": {"head_dim": 64},
+    "mistral4": {"head_dim": 8},
+    "deepseek_v2": {"head_dim": 8, "rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0,
+                    "original_max_position_embeddings": 128, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0,
+                    "mscale_all_dim": 1.0}},
     # hub checkpoints tie the embeddings (mlx-lm's module always does)
     "cohere2": {"tie_word_embeddings": True, "sliding_window": 16, "sliding_window_pattern": 2},
     "gpt_neox": {"intermediate_size": 256},
@@ -183,6 +187,9 @@ def _v4_fill(model_type: str, cfg: dict, hf_config) -> None:
                 target[f.name] = target["layer_types"].index("full_attention") + 1
                 continue
             required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if f.name == "rope_scaling" and rp.get("rope_type", "default") != "default":
+                target[f.name] = rp  # v4 wrote a non-default rope as rope_scaling
+                continue
             if not required and (obj is None or _attr(obj, f.name) is None):
                 continue  # a default mlx-lm field is filled only where transformers v4 wrote it out
             name = V4_ALIASES.get(f.name, f.name)
