@@ -117,9 +117,9 @@ def save_tiny(model_type: str, out: Path) -> dict:
     auto = AutoModelForCausalLM if cls["hf_auto"] == "causal_lm" else AutoModelForImageTextToText
     torch.manual_seed(0)
     model = auto.from_config(config, dtype=torch.float32)
-    if QUIRKS.get(model_type, Quirks()).hub_saves_base_model:
-        model = model.base_model
-    model.save_pretrained(str(out))
+    q = QUIRKS.get(model_type, Quirks())
+    (model.base_model if q.hub_saves_base_model else model).save_pretrained(
+        str(out), save_original_format=not q.hub_saves_fused)
     p = out / "config.json"
     c = hub_style(model_type, json.loads(p.read_text()), config)
     p.write_text(json.dumps(c, indent=2, sort_keys=True))

@@ -34,6 +34,9 @@ class Quirks:
     # hub checkpoints hold the bare base model's keys (gpt2: "h.0.attn..."), which is what mlx-lm reads;
     # the causal-LM class loads them too
     hub_saves_base_model: bool = False
+    # hub checkpoints hold transformers' own fused layout (experts.gate_up_proj), which is what mlx-lm reads;
+    # save_pretrained(save_original_format=False) writes it
+    hub_saves_fused: bool = False
     refused: str | None = None  # the export is not right for this type (one line, listed in the docs)
 
 
@@ -63,6 +66,7 @@ QUIRKS: dict[str, Quirks] = {
     "ernie4_5_moe": Quirks(unused=("model.layers.{}.mlp.moe_statics.e_score_correction_bias",)),
     "gemma3": Quirks(zero_centred_norms=True),
     "gpt2": Quirks(hub_saves_base_model=True),
+    "qwen3_5_moe": Quirks(hub_saves_fused=True),
     # parity tests (tests/test_export_registry.py) fail for these; refused until the difference is found
     "laguna": Quirks(refused="the export's logits differ from MLX's (max |diff| 2.1 on the tiny model): mlx-lm "
                              "computes laguna differently from its config in a way not yet traced"),

@@ -82,13 +82,14 @@ TINY: dict[str, dict] = {
     "gpt_neox": {"intermediate_size": 256},
     "qwen3_next": {"layer_types": ["linear_attention", "full_attention"]},
     "qwen3_5": {"text_config": {"layer_types": ["linear_attention", "full_attention"]}},
-    "qwen3_5_moe": {"text_config": {"layer_types": ["linear_attention", "full_attention"]}},
+    "qwen3_5_moe": {"text_config": {"layer_types": ["linear_attention", "full_attention"], "num_experts": 4}},
     "afmoe": {"layer_types": ["sliding_attention", "full_attention"]},
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1},
     "mamba2": {"num_heads": 8, "head_dim": 16, "expand": 2, "n_groups": 1},
     "gemma3": {"text_config": {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 16,
                                "query_pre_attn_scalar": 16}},  # mlx-lm's gpt_neox MLP is 4 * hidden_size whatever the config says
     "qwen2_5_vl": {"tie_word_embeddings": True, "text_config": {"rope_parameters": _MROPE}},
+    "qwen3_vl": {"text_config": {"tie_word_embeddings": False, "rope_parameters": _MROPE}},
     "qwen2_vl": {"tie_word_embeddings": True, "text_config": {"rope_parameters": _MROPE}},
     # mlx-lm's llama4 routes to one expert and makes every 4th layer global (4 layers at least)
     "llama4": {"text_config": {"num_experts_per_tok": 1, "num_hidden_layers": 4}},
@@ -168,13 +169,16 @@ def _v4_fill(model_type: str, cfg: dict, hf_config) -> None:
 
     from mlx_lm.utils import _get_classes
 
-    _, args_cls = _get_classes({"model_type": model_type})
+    model_cls, args_cls = _get_classes({"model_type": model_type})
     jobs = [(args_cls, cfg, hf_config)]
-    mod = sys.modules[args_cls.__module__]
-    names = [n for n in ("TextArgs", "TextConfig", "TextModelArgs") if hasattr(mod, n)]
-    text_cls = getattr(mod, names[0]) if names else next(  # a wrapper around another mlx-lm module (gemma3)
-        (getattr(mod, n).ModelArgs for n in dir(mod) if n.endswith("_text") and hasattr(getattr(mod, n), "ModelArgs")),
-        None)
+    text_cls = None
+    for mod in [sys.modules[c.__module__] for c in model_cls.__mro__ if c.__module__.startswith("mlx_lm.models")]:
+        names = [n for n in ("TextArgs", "TextConfig", "TextModelArgs") if hasattr(mod, n)]
+        text_cls = getattr(mod, names[0]) if names else next(  # a wrapper around another module (gemma3)
+            (getattr(mod, n).ModelArgs for n in dir(mod) if n.endswith("_text") and hasattr(getattr(mod, n), "ModelArgs")),
+            None)
+        if text_cls is not None:
+            break
     if text_cls is not None and isinstance(cfg.get("text_config"), dict):
         jobs.append((text_cls, cfg["text_config"], getattr(hf_config, "text_config", None)))
     for cls, target, obj in jobs:

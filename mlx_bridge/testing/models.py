@@ -83,7 +83,8 @@ def tiny_hf_model(out: str | os.PathLike, model_type: str = "llama", dtype: str 
             elif "bias" in name:
                 p.normal_(0, 0.02)
     model = model.to(getattr(torch, dtype))
-    (model.base_model if arch.quirks.hub_saves_base_model else model).save_pretrained(str(out))
+    (model.base_model if arch.quirks.hub_saves_base_model else model).save_pretrained(
+        str(out), save_original_format=not arch.quirks.hub_saves_fused)
     p = out / "config.json"
     p.write_text(json.dumps(hub_style(model_type, json.loads(p.read_text()), config), indent=2, sort_keys=True))
     GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(str(out))
