@@ -104,14 +104,11 @@ def _rope_as_mlx(cfg: dict, c: dict, arch: Arch, notes: list[str]) -> None:
     params = {"rope_type": rope_type, "rope_theta": theta}
     params.update({k: v for k, v in (scaling or {}).items() if k not in ("type", "rope_type")})
     old = cfg.get("rope_parameters")
-    per_type = isinstance(old, dict) and old and all(isinstance(v, dict) for v in old.values())  # by layer type
-    for o in (old.values() if per_type else [old] if old is not None else []):
-        if o.get("rope_theta") != theta or (o.get("rope_type") or "default") != rope_type:
-            notes.append(f"rope: config.json's rope_parameters {old} is not read by mlx-lm for {arch.model_type}; "
-                         f"MLX computed with rope_theta={theta!r}, rope_type={rope_type!r}, which the export states")
-            break
+    if old is not None and (old.get("rope_theta") != theta or (old.get("rope_type") or "default") != rope_type):
+        notes.append(f"rope: config.json's rope_parameters {old} is not read by mlx-lm for {arch.model_type}; "
+                     f"MLX computed with rope_theta={theta!r}, rope_type={rope_type!r}, which the export states")
     c["rope_theta"] = theta
-    c["rope_parameters"] = {k: dict(params) for k in old} if per_type else params
+    c["rope_parameters"] = params
     if scaling is None:
         c.pop("rope_scaling", None)
 
