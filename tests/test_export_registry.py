@@ -130,3 +130,20 @@ def test_peft_refused_where_mlx_reshapes(zoo, tmp_path):
     with pytest.raises(BridgeError, match="PEFT cannot express .*input_linear.*use --format hf"):
         export(str(ad), str(tmp_path / "o"), format="peft", progress=False)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_next", "deepseek_v3", "phimoe", "gemma3", "mistral3"])
+def test_load_and_verify(zoo, model_type, tmp_path):
+    """Deploy follows: a LoRA checkpoint of the type exports, loads with `mlx_bridge.load` (transformers'
+    class the registry names, multimodal ones included) and `verify` passes on its MLX probes."""
+    from mlx_bridge import export
+    from mlx_bridge.testing.adapters import make_checkpoint
+    from mlx_bridge.verify import verify
+
+    arch = get_arch({"model_type": model_type})
+    base = zoo.mlx(model_type)
+    ckpt = make_checkpoint(zoo.adapter(base, "lora", rank=4, num_layers=2), tmp_path / "ckpt", base)
+    out = export(ckpt, tmp_path / "deploy", log=lambda *a: None, progress=False, verify=False,
+                 hf_base=str(zoo.hf(model_type)) if arch.dropped else None)
+    report = verify(out)
+    assert report["passed"], report["summary"]
