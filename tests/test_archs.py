@@ -62,3 +62,25 @@ def test_every_derived_file_is_one_type():
     for p in DERIVED_DIR.glob("*.json"):
         d = json.loads(p.read_text())
         assert d["model_type"] == p.stem and ("refused" in d or d["hf"]), p
+
+
+def test_one_hub_id_rule(tmp_path, monkeypatch):
+    """translate/source.py and train/model.py ask the same `is_hub_id`."""
+    from mlx_bridge.fsutil import is_hub_id
+    from mlx_bridge.translate.source import resolve_model
+
+    assert is_hub_id("mlx-community/Qwen3-0.6B-4bit") and is_hub_id("gpt2")
+    for ref in ("./llama", "/abs/llama", "~/llama", "a/b/c", "a/../b", "a--b/c", ""):
+        assert not is_hub_id(ref), ref
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org").mkdir()
+    (tmp_path / "org" / "model").mkdir()
+    assert not is_hub_id("org/model")  # an existing directory is a path
+    assert resolve_model("org/model", "x") == Path("org/model")
+    with pytest.raises(BridgeError, match="not a directory \\(and not a hub id\\)"):
+        resolve_model("a/b/c", "adapter_config.json")
+    pytest.importorskip("mlx_lm")
+    from mlx_bridge.train.model import load_base
+
+    with pytest.raises(BridgeError, match="no such directory"):
+        load_base("a/b/c")  # not a hub id by the same rule: no download is tried
