@@ -77,6 +77,9 @@ TINY: dict[str, dict] = {
     "minicpm3": {"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
                                      "long_factor": [1.0] * 4, "original_max_position_embeddings": 128}},
     "gpt_bigcode": {"n_inner": 256},
+    "lfm2": {"layer_types": ["conv", "full_attention"], "tie_word_embeddings": True},
+    "exaone_moe": {"mlp_layer_types": ["dense", "sparse"]},
+    "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"]},
     "dbrx": {"d_model": 64, "n_heads": 4, "n_layers": 2, "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0},
              "ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2}},
     "nemotron_h": {"mamba_num_heads": 4, "mamba_head_dim": 16, "ssm_state_size": 16, "n_groups": 1,
@@ -147,6 +150,8 @@ def hub_style(model_type: str, cfg: dict, hf_config=None) -> dict:
     """
     if model_type not in LEGACY:
         _v4_fill(model_type, cfg, hf_config)
+        for k, m in V4_VALUES.get(model_type, {}).items():
+            cfg[k] = [m.get(v, v) for v in cfg[k]] if isinstance(cfg.get(k), list) else cfg.get(k)
         return cfg
     if model_type == "gemma3_text":  # hub gemma3 configs carry it; mlx-lm reads it (default 6 > 2 layers)
         cfg.setdefault("sliding_window_pattern", TINY[model_type]["sliding_window_pattern"])
@@ -167,7 +172,12 @@ def hub_style(model_type: str, cfg: dict, hf_config=None) -> dict:
 # mlx-lm fields v4 configs stated as a period that v5 turns into layer_types (global layer every p-th)
 PERIODS = ("sliding_window_pattern", "full_attention_interval")
 # mlx-lm field -> the v4 config field (or rope_parameters key) it was written from
-V4_ALIASES = {"n_ctx": "n_positions", "rotary_emb_base": "rope_theta", "rotary_pct": "partial_rotary_factor"}
+V4_ALIASES = {"n_ctx": "n_positions", "rotary_emb_base": "rope_theta", "rotary_pct": "partial_rotary_factor",
+              "block_dim": "hidden_size"}
+# mlx-lm fields v4 configs stated that v5 keeps in another form: field -> value from the v5 config
+V4_COMPUTED = {"is_moe_layer": lambda c: [t == "sparse" for t in c["mlp_layer_types"]] if "mlp_layer_types" in c else None}
+# v5 values v4 configs spelled differently, per type: field -> {v5 value: v4 value}
+V4_VALUES = {"granitemoehybrid": {"layer_types": {"linear_attention": "mamba", "full_attention": "attention"}}}
 
 
 def _v4_fill(model_type: str, cfg: dict, hf_config) -> None:
@@ -204,6 +214,9 @@ def _v4_fill(model_type: str, cfg: dict, hf_config) -> None:
             if not required and (obj is None or _attr(obj, f.name) is None):
                 continue  # a default mlx-lm field is filled only where transformers v4 wrote it out
             name = V4_ALIASES.get(f.name, f.name)
+            if f.name in V4_COMPUTED and V4_COMPUTED[f.name](target) is not None:
+                target[f.name] = V4_COMPUTED[f.name](target)
+                continue
             if f.name == "rope_scaling":
                 v = rp if rp and rp.get("rope_type", "default") != "default" else None
             elif name in rp:
