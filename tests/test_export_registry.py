@@ -147,3 +147,16 @@ def test_load_and_verify(zoo, model_type, tmp_path):
                  hf_base=str(zoo.hf(model_type)) if arch.dropped else None)
     report = verify(out)
     assert report["passed"], report["summary"]
+
+
+def test_dropped_tensors_need_the_hf_base(zoo, tmp_path):
+    """mlx_lm.convert drops gemma3's vision tower: without --hf-base the export says so in one line and writes
+    nothing; with it, the model card notes nothing is guessed (ernie's unused bias is noted as zeros)."""
+    from mlx_bridge import export
+    from mlx_bridge.errors import BridgeError
+
+    with pytest.raises(BridgeError, match="mlx-lm drops .* of gemma3 .*pass --hf-base DIR"):
+        export(str(zoo.mlx("gemma3")), str(tmp_path / "o"), progress=False)
+    assert not (tmp_path / "o").exists()
+    out = exported(zoo.mlx("ernie4_5_moe"), hf_base=str(zoo.hf("ernie4_5_moe")))
+    assert "e_score_correction_bias: mlx-lm loads it but computes without it" in (out / "README.md").read_text()

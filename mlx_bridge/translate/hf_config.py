@@ -42,6 +42,8 @@ def effective_config(cfg: dict, arch: Arch, dtype: str) -> tuple[dict, list[str]
             notes.append(f"{k}: mlx-lm computes {arch.model_type} with {v!r} whatever config.json says "
                          f"({cfg.get(k)!r}); the export states {v!r}")
         c[k] = v
+    for t in arch.quirks.unused:
+        notes.append(f"{t}: mlx-lm loads it but computes without it; the export writes zeros (what MLX computed)")
     for k in arch.mlx_ignores:
         if cfg.get(k) is not None:
             c[k] = None
