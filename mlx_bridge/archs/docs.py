@@ -40,6 +40,14 @@ def render() -> str:
         f"The key rules are derived from mlx-lm {', '.join(sorted(versions))} itself (`scripts/derive_archs.py`).", "",
         f"**{len(types)} of the {total} mlx-lm model types that have a transformers causal-LM or "
         "image-text-to-text class export** (`--format hf`; `--format peft` where PEFT can express the adapter).", "",
+        "Each exportable type has a parity test (`tests/test_export_registry.py` for those not covered by the older "
+        "`test_export_parity.py` / `test_export_archs.py`): a tiny random transformers model (2 layers, hidden 64) "
+        "converted by `mlx_lm.convert`, a LoRA on every linear, exported, and transformers' float32 logits within "
+        "1e-3 relative of MLX's. Types whose checkpoints hold tensors mlx-lm drops (vision towers of multimodal "
+        "checkpoints, an unused routing bias) need `--hf-base DIR`, the Hugging Face checkpoint the MLX base was "
+        "converted from; those tensors are copied from it (or written as the zeros MLX computed with).", "",
+        "Native deploy class: `mlx_bridge.load` builds the package's own module; otherwise it runs transformers' class. "
+        "vLLM: the architecture name vLLM runs natively, or its Transformers backend.", "",
         "| model_type | HF class | hf | peft | native deploy class | vLLM | TensorRT-LLM |",
         "|---|---|---|---|---|---|---|",
     ]
