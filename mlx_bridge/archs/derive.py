@@ -144,7 +144,7 @@ def fill_ramps(out: Path) -> dict[str, tuple[int, tuple]]:
     return layout
 
 
-def mlx_sanitized(out: Path) -> tuple[dict[str, np.ndarray], list[str]]:
+def mlx_sanitized(out: Path) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
     """mlx-lm's own loading up to `sanitize`: the MLX layout (what `mlx_lm.convert` saves)."""
     import mlx.core as mx
     import mlx.nn as nn
@@ -164,8 +164,10 @@ def mlx_sanitized(out: Path) -> tuple[dict[str, np.ndarray], list[str]]:
     if missing or extra:
         raise Refused(f"mlx-lm's sanitize does not give the model's parameters (missing {missing[:3]}, "
                       f"unexpected {extra[:3]})")
-    embeds = sorted({template(name)[0] for name, m in model.named_modules() if isinstance(m, nn.Embedding)})
-    return {k: np.array(v.astype(mx.float32)) for k, v in weights.items()}, embeds
+    kinds = {"embeddings": sorted({template(n)[0] for n, m in model.named_modules() if isinstance(m, nn.Embedding)}),
+             "linears": sorted({template(n)[0] for n, m in model.named_modules()  # what mlx-lm's LoRA wraps
+                                if isinstance(m, nn.Linear) or type(m).__name__ == "SwitchLinear"})}
+    return {k: np.array(v.astype(mx.float32)) for k, v in weights.items()}, kinds
 
 
 def trace(layout: dict, mlx: dict[str, np.ndarray]) -> dict:
@@ -353,7 +355,8 @@ def _derive(model_type: str, version: str) -> dict:
                           f"{_line(e)})") from None
         layout = fill_ramps(d)
         try:
-            mlx, data["embeddings"] = mlx_sanitized(d)
+            mlx, kinds = mlx_sanitized(d)
+            data.update(kinds)
         except Refused:
             raise
         except Exception as e:

@@ -25,7 +25,8 @@ def _native() -> set[str]:
 
 def peft_column(model_type: str) -> str:
     arch = get_arch({"model_type": model_type})
-    odd = sorted(t.rsplit(".", 2)[-2] for t in arch.rules if not arch.plain(t) and t.endswith("weight"))
+    odd = sorted(t.rsplit(".", 2)[-2] for t in arch.rules if not arch.plain(t) and any(
+        p["mlx"].rsplit(".", 1)[0] in arch.linears for p in arch.rules[t]["parts"]))  # adapters PEFT can't state
     return "yes" if not odd else f"yes, except on {', '.join(sorted(set(odd)))} (hf only)"
 
 

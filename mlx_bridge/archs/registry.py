@@ -48,6 +48,7 @@ class Arch:
     rules: dict  # HF tensor template -> {"parts": [...], "join", "axis"} (see derive.py)
     dropped: tuple[str, ...]  # HF tensor templates mlx-lm drops (vision towers, unused buffers)
     embeddings: tuple[str, ...]  # MLX module templates that are nn.Embedding
+    linears: tuple[str, ...]  # MLX module templates mlx-lm's LoRA can wrap (Linear, SwitchLinear)
     mlx_defaults: dict  # every mlx-lm ModelArgs default
     hf_defaults: dict  # transformers' defaults for the same fields
     quirks: Quirks = field(default_factory=Quirks)
@@ -86,7 +87,8 @@ def _build(data: dict) -> Arch:
         for i, p in enumerate(rule["parts"]):
             by_mlx.setdefault(p["mlx"], []).append((hf, i))
     return Arch(data["model_type"], data["hf_class"], data["config_class"], data["hf_auto"], data["hf"],
-                tuple(data["dropped"]), tuple(data.get("embeddings", ())), data["mlx_defaults"],
+                tuple(data["dropped"]), tuple(data.get("embeddings", ())), tuple(data.get("linears", ())),
+                data["mlx_defaults"],
                 data.get("hf_defaults", {}), QUIRKS.get(data["model_type"], Quirks()), by_mlx)
 
 

@@ -183,6 +183,7 @@ V4_VALUES = {"granitemoehybrid": {"layer_types": {"linear_attention": "mamba", "
 def _v4_fill(model_type: str, cfg: dict, hf_config) -> None:
     import dataclasses
     import sys
+    import types
 
     from mlx_lm.utils import _get_classes
 
@@ -192,8 +193,8 @@ def _v4_fill(model_type: str, cfg: dict, hf_config) -> None:
     for mod in [sys.modules[c.__module__] for c in model_cls.__mro__ if c.__module__.startswith("mlx_lm.models")]:
         names = [n for n in ("TextArgs", "TextConfig", "TextModelArgs") if hasattr(mod, n)]
         text_cls = getattr(mod, names[0]) if names else next(  # a wrapper around another module (gemma3)
-            (getattr(mod, n).ModelArgs for n in dir(mod) if n.endswith("_text") and hasattr(getattr(mod, n), "ModelArgs")),
-            None)
+            (m.ModelArgs for m in map(lambda n: getattr(mod, n), dir(mod)) if isinstance(m, types.ModuleType)
+             and m.__name__.startswith("mlx_lm.models.") and hasattr(m, "ModelArgs")), None)
         if text_cls is not None:
             break
     if text_cls is not None and isinstance(cfg.get("text_config"), dict):
