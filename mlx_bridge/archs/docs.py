@@ -47,6 +47,9 @@ def render() -> str:
         "1e-3 relative of MLX's. Types whose checkpoints hold tensors mlx-lm drops (vision towers of multimodal "
         "checkpoints, an unused routing bias) need `--hf-base DIR`, the Hugging Face checkpoint the MLX base was "
         "converted from; those tensors are copied from it (or written as the zeros MLX computed with).", "",
+        "PEFT: `--format peft` writes the adapter when every adapted weight is one MLX tensor renamed (or one expert "
+        "of it); PEFT's own loading is run in the tests for llama, qwen2, phi3, mixtral, qwen3_moe "
+        "(`test_export_peft.py`) and smollm3, glm4, cohere2 (`test_export_registry.py`), not yet for the others.", "",
         "Native deploy class: `mlx_bridge.load` builds the package's own module; otherwise it runs transformers' class. "
         "vLLM: the architecture name vLLM runs natively, or its Transformers backend.", "",
         "| model_type | HF class | hf | peft | native deploy class | vLLM | TensorRT-LLM |",
