@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -70,3 +71,18 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
         while b := f.read(chunk):
             h.update(b)
     return h.hexdigest()
+
+
+_HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
+
+
+def is_hub_id(ref: str) -> bool:
+    """The one rule for "is this a model hub id?": `name` or `owner/name` (letters, digits, `_ . -`),
+    not an existing path, not starting with `.`, `/` or `~`, no `..` or `--`.
+
+    Example:
+        >>> is_hub_id("mlx-community/Llama-3.2-1B-Instruct-4bit"), is_hub_id("./models/llama"), is_hub_id("a/b/c")
+        (True, False, False)
+    """
+    return (bool(_HUB_ID.fullmatch(ref)) and ".." not in ref and "--" not in ref
+            and not Path(ref).expanduser().exists())

@@ -136,13 +136,13 @@ def test_config_says_more_layers_than_the_weights_have(src, tmp_path, capsys):
     refused(capsys, tmp_path, src, ("num_hidden_layers", "model.layers.2."))
 
 
-def test_unknown_model_type_lists_supported(src, tmp_path, capsys):
+def test_unknown_model_type_points_at_the_list(src, tmp_path, capsys):
+    """The registry has ~50 types: the line names the type and points at the generated table."""
     cfg = json.loads((src / "config.json").read_text())
     cfg["model_type"] = "frobnicator"
     (src / "config.json").write_text(json.dumps(cfg))
     line = refused(capsys, tmp_path, src, "frobnicator", "config.json")
-    for arch in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "mixtral", "qwen3_moe"):
-        assert arch in line, f"supported list lacks {arch}: {line}"
+    assert "docs/architectures.md" in line and (Path(__file__).parent.parent / "docs/architectures.md").is_file()
 
 
 def test_quantized_weight_without_biases(zoo, tmp_path, capsys):

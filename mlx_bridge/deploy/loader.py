@@ -141,15 +141,19 @@ def _native(d, hf_config, files, device, dtype, fast: bool):
 
 
 def _transformers(d, hf_config, device, dtype):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    from ..archs import get_arch, supported
     from .runners.base import HFRunner
+
+    mt = getattr(hf_config, "model_type", None)
+    multimodal = mt in supported() and get_arch({"model_type": mt}).hf_auto == "image_text_to_text"
+    auto = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM  # the class the export names
 
     # SDPA has no logit softcapping; some transformers releases still pick it for Gemma-2
     kw = {"attn_implementation": "eager"} if getattr(hf_config, "attn_logit_softcapping", None) else {}
     try:
-        module = AutoModelForCausalLM.from_pretrained(str(d), dtype=dtype, use_safetensors=True,
-                                                      trust_remote_code=False, **kw)
+        module = auto.from_pretrained(str(d), dtype=dtype, use_safetensors=True, trust_remote_code=False, **kw)
     except (ValueError, OSError, KeyError) as e:
         raise BridgeError(f"{d}: transformers cannot load it: {str(e).splitlines()[0][:200]}") from None
     module = module.to(device).eval().requires_grad_(False)

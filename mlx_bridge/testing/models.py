@@ -6,6 +6,9 @@ import json
 import os
 from pathlib import Path
 
+from ..archs.registry import describe
+from ..archs.tiny import TINY, hub_style, tiny_config
+
 WORDS = (
     "the a an is are was to of and in on for with you I it this that what how why when who "
     "give tips three one two four five six seven eight nine ten zero plus minus times equals answer "
@@ -18,49 +21,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|> {% endif %}"
 )
 
-# Per-arch config overrides on top of the shared tiny shape (2 layers, hidden 64).
-_BASE = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False, rope_theta=10000.0,
-)
-ARCH_CONFIGS: dict[str, dict] = {
-    "llama": {},
-    "mistral": {"sliding_window": None},
-    "qwen2": {},
-    "qwen3": {"head_dim": 16},
-    "phi3": {"pad_token_id": 3},
-    "gemma2": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 32, "tie_word_embeddings": True,
-               "hidden_activation": "gelu_pytorch_tanh"},
-    "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 32, "tie_word_embeddings": True,
-                    "sliding_window_pattern": 2},
-    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None},
-    "qwen3_moe": {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                  "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True},
-    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                  "shared_expert_intermediate_size": 64, "decoder_sparse_step": 1, "mlp_only_layers": []},
-}
-# More dense (and one MoE) types whose mlx-lm layout is the HF layout (export tests run them all).
-ARCH_CONFIGS.update({
-    "cohere": {"tie_word_embeddings": True, "layer_norm_eps": 1e-5},
-    "ernie4_5": {"head_dim": 16},
-    "exaone4": {"head_dim": 16, "sliding_window": 16, "sliding_window_pattern": 2},
-    "gemma": {"head_dim": 16, "tie_word_embeddings": True},
-    "granite": {},
-    "helium": {"head_dim": 16},
-    "hunyuan_v1_dense": {"head_dim": 16},
-    "internlm3": {"head_dim": 16},
-    "nemotron": {},
-    "olmo2": {},
-    "olmo3": {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 16, "rope_theta": 500000.0},
-    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
-    "gpt_oss": {"head_dim": 16, "intermediate_size": 32, "num_local_experts": 4, "num_experts_per_tok": 2,
-                "sliding_window": 8},
-    "seed_oss": {"head_dim": 16},
-    "stablelm": {},
-    "starcoder2": {},
-})
-# types whose mlx-lm ModelArgs require a top-level `rope_theta` (hub configs, written by transformers v4, have it)
-_TOP_ROPE_THETA = ("ernie4_5", "exaone4", "granite", "helium", "olmo3", "stablelm")
+ARCH_CONFIGS = TINY  # per-type tiny configs live in the registry (mlx_bridge.archs.tiny)
 
 
 def tiny_tokenizer(out: str | os.PathLike) -> "object":
@@ -98,59 +59,36 @@ def tiny_hf_model(out: str | os.PathLike, model_type: str = "llama", dtype: str 
         PosixPath('/tmp/hf-llama')
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
 
     out = Path(out)
     tok = tiny_tokenizer(out)
-    cfg = {**_BASE, **ARCH_CONFIGS[model_type], **overrides}  # overrides win over the arch defaults
-    cfg.update(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    arch = describe(model_type)  # refused types too: deploy tests build tiny models of types export refuses
+    cfg = tiny_config(model_type, **overrides)  # overrides win over the arch defaults
+    ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg.update(ids)
     cfg.setdefault("pad_token_id", tok.pad_token_id)
+    if isinstance(cfg.get("text_config"), dict):
+        cfg["text_config"].update(ids, pad_token_id=tok.pad_token_id)
     config = AutoConfig.for_model(model_type, **cfg)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    auto = AutoModelForCausalLM if arch.hf_auto == "causal_lm" else AutoModelForImageTextToText
+    model = auto.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name and p.dim() == 1:  # random norms: a wrong mapping must show
-                p.copy_(torch.randn_like(p) * 0.1 + (0.0 if model_type.startswith("gemma") else 1.0))
+                p.copy_(torch.randn_like(p) * 0.1 + (0.0 if arch.quirks.zero_centred_norms else 1.0))
             elif p.dim() >= 2:
                 p.normal_(0, 0.08)
             elif "bias" in name:
                 p.normal_(0, 0.02)
     model = model.to(getattr(torch, dtype))
-    model.save_pretrained(str(out))
-    _hub_style_config(out, model_type)
+    (model.base_model if arch.quirks.hub_saves_base_model else model).save_pretrained(
+        str(out), save_original_format=not arch.quirks.hub_saves_fused)
+    p = out / "config.json"
+    p.write_text(json.dumps(hub_style(model_type, json.loads(p.read_text()), config), indent=2, sort_keys=True))
     GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(str(out))
     return out
-
-
-def _hub_style_config(out: Path, model_type: str) -> None:
-    """Add the v4-style fields that hub checkpoints of these archs carry and mlx-lm requires.
-
-    transformers v5 writes `num_local_experts` and nested `rope_parameters` only; Qwen-MoE checkpoints on
-    the hub (written by v4) have `num_experts` and a top-level `rope_theta`, which mlx-lm's qwen MoE
-    models need. Gemma-3 hub configs carry `sliding_window_pattern`, which mlx-lm reads (v5 keeps only
-    `layer_types`). Several other types need a top-level `rope_theta` (`_TOP_ROPE_THETA`).
-    """
-    p = out / "config.json"
-    cfg = json.loads(p.read_text())
-    if model_type == "gemma3_text":  # hub gemma3 configs carry it; mlx-lm reads it (default 6 > 2 layers)
-        cfg.setdefault("sliding_window_pattern", ARCH_CONFIGS[model_type]["sliding_window_pattern"])
-        p.write_text(json.dumps(cfg, indent=2, sort_keys=True))
-    if model_type in _TOP_ROPE_THETA:
-        rp = cfg.get("rope_parameters") or {}
-        rp = rp.get("full_attention", rp)  # per-layer-type rope parameters (olmo3)
-        cfg.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
-        if model_type == "stablelm":
-            cfg.setdefault("partial_rotary_factor", rp.get("partial_rotary_factor", 0.25))
-        if model_type == "exaone4":  # hub exaone4 configs: "sliding_window_pattern": "LLLG"
-            cfg.setdefault("rope_scaling", None)
-            cfg["sliding_window_pattern"] = "".join("G" if t == "full_attention" else "L" for t in cfg["layer_types"])
-        p.write_text(json.dumps(cfg, indent=2, sort_keys=True))
-    if model_type not in ("qwen3_moe", "qwen2_moe"):
-        return
-    cfg.setdefault("num_experts", cfg.get("num_local_experts"))
-    cfg.setdefault("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
-    p.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
 def mlx_convert(hf_dir: str | os.PathLike, out: str | os.PathLike, *, quantize: bool = False, bits: int = 4,

@@ -24,7 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import BridgeError, raise_all
-from ..fsutil import sha256_file
+from ..fsutil import is_hub_id, sha256_file
 from .config import TrainConfig
 
 
@@ -64,7 +64,7 @@ def load_base(model: str, revision: str | None = None) -> Base:
     p = Path(model).expanduser()
     hub_id = None
     if not p.exists():
-        if str(model).startswith((".", "/", "~")) or str(model).count("/") > 1:
+        if not is_hub_id(str(model)):
             raise BridgeError(f"model {model!r}: no such directory")
         hub_id, p = str(model), _hub_download(str(model), revision)
         revision = p.name  # the snapshot directory is named after the commit

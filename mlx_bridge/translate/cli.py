@@ -13,6 +13,8 @@ def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--format", default="hf", choices=["hf", "peft"], help="hf: fused full model; peft: adapter only")
     p.add_argument("--dtype", default="auto", choices=["auto", *OUTPUT_DTYPES], help="auto keeps the base's dtypes")
     p.add_argument("--base", default=None, help="base model dir (overrides the adapter config / manifest)")
+    p.add_argument("--hf-base", default=None, help="the Hugging Face checkpoint the MLX base was converted from: "
+                   "tensors mlx-lm drops (vision towers) are copied from it")
     p.add_argument("--shard-size", default="5GB", help="largest shard (default 5GB)")
     p.add_argument("--dry-run", action="store_true", help="print every output tensor and what it is made of; write nothing")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
@@ -26,6 +28,6 @@ def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     from .export import export
 
-    export(args.src, args.out, format=args.format, dtype=args.dtype, base=args.base, shard_size=args.shard_size,
+    export(args.src, args.out, format=args.format, dtype=args.dtype, base=args.base, hf_base=args.hf_base, shard_size=args.shard_size,
            dry_run=args.dry_run, force=args.force, verify=args.verify, progress=not args.no_progress)
     return 0

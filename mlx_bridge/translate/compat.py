@@ -32,6 +32,9 @@ import os
 import re
 from pathlib import Path
 
+from ..archs import supported
+from ..archs.engines import TRTLLM_ARCHITECTURES, VLLM_ARCHITECTURES
+from ..archs.registry import get_arch
 from ..errors import BridgeError
 from ..formats.safetensors import read_header
 
@@ -39,37 +42,6 @@ INDEX = "model.safetensors.index.json"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
-
-# HF model_type -> the class transformers and the engines expect in `architectures`.
-ARCH_FOR_MODEL_TYPE = {
-    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaForCausalLM",
-    "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "mixtral": "MixtralForCausalLM",
-    "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmo2": "Olmo2ForCausalLM",
-    "granite": "GraniteForCausalLM", "starcoder2": "Starcoder2ForCausalLM", "cohere": "CohereForCausalLM",
-    "phi": "PhiForCausalLM", "olmoe": "OlmoeForCausalLM", "phimoe": "PhiMoEForCausalLM",
-}
-
-# vLLM's native decoder-only classes (registry.py `_TEXT_GENERATION_MODELS`), those mlx-lm also trains.
-# Others run through vLLM's Transformers backend (slower, still the same weights).
-VLLM_ARCHITECTURES = frozenset({
-    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
-    "PhiForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "MixtralForCausalLM",
-    "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "Qwen3NextForCausalLM", "OlmoForCausalLM",
-    "Olmo2ForCausalLM", "OlmoeForCausalLM", "GraniteForCausalLM", "GraniteMoeForCausalLM",
-    "Starcoder2ForCausalLM", "CohereForCausalLM", "Cohere2ForCausalLM", "PhiMoEForCausalLM",
-    "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "GptOssForCausalLM", "InternLM2ForCausalLM",
-    "StableLmForCausalLM", "MiniCPMForCausalLM", "Exaone4ForCausalLM", "Glm4ForCausalLM",
-    "Lfm2ForCausalLM", "MambaForCausalLM", "Mamba2ForCausalLM",
-})
-
-# TensorRT-LLM PyTorch backend, docs/source/models/supported-models.md.
-TRTLLM_ARCHITECTURES = frozenset({
-    "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-    "Qwen3MoeForCausalLM", "Qwen3NextForCausalLM", "Phi3ForCausalLM", "Gemma3ForCausalLM",
-    "DeepseekV3ForCausalLM", "GptOssForCausalLM", "Exaone4ForCausalLM", "NemotronForCausalLM",
-    "Cohere2ForCausalLM", "GraniteForCausalLM", "Glm4MoeForCausalLM",
-})
 
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_DEFAULT_MAX_LORA_RANK = 16
@@ -223,9 +195,9 @@ def _check_config(cfg: dict) -> list[str]:
     mt = cfg.get("model_type")
     if not isinstance(mt, str) or not mt:
         problems.append("config.json: model_type is missing")
-    elif archs and mt in ARCH_FOR_MODEL_TYPE and archs[0] != ARCH_FOR_MODEL_TYPE[mt]:
+    elif archs and mt in supported() and archs[0] != get_arch(cfg).architecture:
         problems.append(f"config.json: architectures[0] {archs[0]!r} does not match model_type {mt!r} "
-                        f"(expected {ARCH_FOR_MODEL_TYPE[mt]!r})")
+                        f"(expected {get_arch(cfg).architecture!r})")
     for key in ("quantization_config", "quantization"):
         if cfg.get(key) is not None:
             problems.append(f"config.json: {key} is present ({json.dumps(cfg[key])[:80]}); MLX quantization is not a "

@@ -19,7 +19,7 @@ from threadpoolctl import threadpool_limits
 
 from ..errors import BridgeError
 from ..formats import StreamWriter, TensorSpec
-from .plan import Item, materialize
+from .parts import Item, materialize
 
 INDEX = "model.safetensors.index.json"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

@@ -24,7 +24,7 @@ FORMATS = ("hf", "peft")
 
 
 def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", dtype: str = "auto",
-           base: str | os.PathLike | None = None, shard_size: str | int = "5GB", dry_run: bool = False,
+           base: str | os.PathLike | None = None, hf_base: str | os.PathLike | None = None, shard_size: str | int = "5GB", dry_run: bool = False,
            force: bool = False, verify: bool | None = None, progress: bool = True, log=print) -> Path:
     """Export SRC (MLX model dir, mlx-lm adapter dir or checkpoint dir) to `out`.
 
@@ -34,6 +34,8 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
         format: "hf" (adapter fused into a full model) or "peft" (adapter only).
         dtype: "auto" (keep the base's dtypes; untouched tensors byte for byte), or float32/float16/bfloat16.
         base: base model directory, overriding the adapter config / manifest.
+        hf_base: the Hugging Face checkpoint the MLX base came from; tensors mlx-lm drops (vision
+            towers of multimodal types) are copied from it byte for byte.
         shard_size: largest shard, e.g. "5GB".
         dry_run: print the plan and write nothing.
         force: replace an existing output directory.
@@ -56,7 +58,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
     out = Path(out)
     if not dry_run:
         check_output_dir(out, force)
-    source = open_source(src, base)
+    source = open_source(src, base, hf_base)
     try:
         if format == "peft" and source.adapter is None:
             raise BridgeError(f"{src}: --format peft needs an adapter or checkpoint directory, not a model directory")
@@ -64,6 +66,8 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
             raise BridgeError(f"{source.adapter.path / ADAPTER_CONFIG}: fine_tune_type 'full' has no PEFT form; use --format hf")
         plan = build_plan(source, dtype)
         cfg, notes = hf_config.effective_config(source.base.config, plan.arch, plan.dtype)
+        if source.hf_base is not None:  # what mlx-lm left out of its config (vision_config ...)
+            cfg.update({k: v for k, v in source.hf_base.config.items() if k not in cfg})
         if format == "peft":
             tensors, modules, rank = peft.peft_tensors(plan, dtype)
             pcfg = peft.peft_config(plan, modules, rank, _base_ref(source))

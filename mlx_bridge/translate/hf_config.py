@@ -13,7 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .archs import Arch
+from ..archs import Arch
 from .source import TOKENIZER_FILES
 
 DROP = ("quantization", "quantization_config", "_name_or_path")
@@ -23,7 +23,7 @@ def effective_config(cfg: dict, arch: Arch, dtype: str) -> tuple[dict, list[str]
     """(config for the export, notes on every value changed to what MLX used).
 
     Example:
-        >>> from mlx_bridge.translate.archs import get_arch
+        >>> from mlx_bridge.archs import get_arch
         >>> c, notes = effective_config({"model_type": "mixtral", "rope_parameters": {"rope_type": "default",
         ...     "rope_theta": 10000.0}}, get_arch({"model_type": "mixtral"}), "float32")
         >>> c["rope_parameters"]["rope_theta"], c["rope_theta"]
@@ -33,7 +33,7 @@ def effective_config(cfg: dict, arch: Arch, dtype: str) -> tuple[dict, list[str]
     notes = []
     c["architectures"] = [arch.architecture]
     c["torch_dtype"] = c["dtype"] = dtype
-    for k, v in arch.mlx_defaults.items():
+    for k, v in arch.config_defaults.items():
         if k not in cfg and k not in ("rope_theta", "rope_scaling"):
             c[k] = v
             notes.append(f"{k}: absent from config.json; MLX used its default {v!r}")
@@ -42,6 +42,8 @@ def effective_config(cfg: dict, arch: Arch, dtype: str) -> tuple[dict, list[str]
             notes.append(f"{k}: mlx-lm computes {arch.model_type} with {v!r} whatever config.json says "
                          f"({cfg.get(k)!r}); the export states {v!r}")
         c[k] = v
+    for t in arch.quirks.unused:
+        notes.append(f"{t}: mlx-lm loads it but computes without it; the export writes zeros (what MLX computed)")
     for k in arch.mlx_ignores:
         if cfg.get(k) is not None:
             c[k] = None
@@ -50,8 +52,8 @@ def effective_config(cfg: dict, arch: Arch, dtype: str) -> tuple[dict, list[str]
         _rope_as_mlx(cfg, c, arch, notes)
     elif "rope_theta" not in c and isinstance(c.get("rope_parameters"), dict) and "rope_theta" in c["rope_parameters"]:
         c["rope_theta"] = c["rope_parameters"]["rope_theta"]  # for readers bundling transformers v4
-    if arch.model_type in LAYER_PATTERNS:
-        LAYER_PATTERNS[arch.model_type](cfg, c, arch, notes)
+    if arch.quirks.attention in LAYER_PATTERNS:
+        LAYER_PATTERNS[arch.quirks.attention](cfg, c, arch, notes)
     return c, notes
 
 
@@ -62,7 +64,8 @@ def all_full_attention(cfg: dict, c: dict, arch: Arch, notes: list[str]) -> None
     `use_sliding_window` false, and `sliding_window` null where the model class allows it (gemma2 builds a
     sliding mask regardless, so its window value stays, unused).
     """
-    if arch.model_type in ("llama", "mistral") and cfg.get("layer_types"):
+    q = arch.quirks
+    if q.honours_layer_types and cfg.get("layer_types"):
         return  # mlx-lm's llama honours layer_types (and then the window), as transformers does
     n = cfg.get("num_hidden_layers", 0)
     types = cfg.get("layer_types") or []
@@ -71,11 +74,11 @@ def all_full_attention(cfg: dict, c: dict, arch: Arch, notes: list[str]) -> None
     if windowed:
         notes.append(f"attention: mlx-lm has no sliding window for {arch.model_type} and attends to the whole context "
                      f"in every layer; the export states full attention (sliding_window {cfg.get('sliding_window')!r} dropped)")
-    if types or arch.model_type in ("gemma2", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe"):
+    if types or q.states_layer_types:
         c["layer_types"] = ["full_attention"] * n
-    if "use_sliding_window" in cfg or arch.model_type.startswith("qwen"):
+    if "use_sliding_window" in cfg or q.has_use_sliding_window:
         c["use_sliding_window"] = False
-    if arch.model_type != "gemma2":
+    if not q.keeps_sliding_window:
         c["sliding_window"] = None
 
 
@@ -90,9 +93,8 @@ def gemma3_pattern(cfg: dict, c: dict, arch: Arch, notes: list[str]) -> None:
     c["sliding_window_pattern"] = p
 
 
-# model_type -> named fix of the attention layout to what mlx-lm computes
-LAYER_PATTERNS = {"gemma3_text": gemma3_pattern, **{t: all_full_attention for t in (
-    "llama", "mistral", "mixtral", "gemma2", "phi3", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe")}}
+# Quirks.attention -> named fix of the attention layout to what mlx-lm computes
+LAYER_PATTERNS = {"pattern": gemma3_pattern, "full": all_full_attention}
 
 
 def _rope_as_mlx(cfg: dict, c: dict, arch: Arch, notes: list[str]) -> None:

@@ -47,6 +47,11 @@ def peft_tensors(plan: Plan, dtype: str = "auto") -> tuple[list[PeftTensor], lis
     out: list[PeftTensor] = []
     modules: list[str] = []
     ranks = set()
+    bad = sorted({f"{p.src.key} -> {it.name}" for it in plan.items if not it.plain or it.parts[0].lora
+                  and it.parts[0].lora.kind == "stacked" for p in it.parts if p.lora is not None}, key=_natural)
+    if bad:
+        raise BridgeError(f"{plan.source.path}: PEFT cannot express an adapter on a weight mlx-lm reshapes, splits "
+                          f"or shifts ({'; '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}); use --format hf")
     for it in plan.items:
         lo = it.lora
         if lo is None:

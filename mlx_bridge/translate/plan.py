@@ -3,113 +3,22 @@
 The plan is built and validated completely before anything is written; `--dry-run` prints it. Each
 `Item` is made by `materialize` (or copied byte for byte when nothing changes), see `execute.py`.
 
-Key pass first (the arch table renames), then tensor ops on the renamed item: `dequantize`,
-`unstack_experts` (an expert slice of a stacked tensor), `fuse_lora` / `fuse_dora`, `cast`.
+Key pass: each MLX tensor is found in the registry's derived rules (`Arch.by_mlx`), which name the HF
+tensors it is part of; each HF tensor becomes an `Item` of `Part`s (parts.py) that undo mlx-lm's
+sanitize: unstack an expert, chunk, transpose, unshift, concatenate / interleave, merge axes. Tensors
+mlx-lm drops are copied from `--hf-base`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from ..errors import raise_all
-from ..formats import BY_NAME, DTYPES, SafetensorsFile
-from .archs import Arch, get_arch
-from .lora import fuse_dora, fuse_lora
-from .quant import AFFINE_BITS, GROUP_SIZES, MODES, MX_MODES, dequantize, dequantized_shape
+from ..archs import Arch, get_arch, template as key_template
+from ..formats import BY_NAME, DTYPES
+from .parts import Item, Lora, Part, Quant, Ref
+from .quant import AFFINE_BITS, GROUP_SIZES, MODES, MX_MODES, dequantized_shape
 from .source import Source
-
-EMBEDDINGS = ("model.embed_tokens",)  # modules that are nn.Embedding (LoRAEmbedding layout)
-
-
-@dataclass(frozen=True)
-class Ref:
-    """A source tensor, or its slice `[index]` along the first axis (one expert of a stacked tensor)."""
-
-    file: SafetensorsFile
-    key: str
-    index: int | None = None
-
-    def read(self) -> np.ndarray:
-        return self.file.read(self.key, self.index)
-
-    def __str__(self) -> str:
-        return f"{self.file.path.name}:{self.key}" + (f"[{self.index}]" if self.index is not None else "")
-
-
-@dataclass(frozen=True)
-class Quant:
-    scales: Ref
-    biases: Ref | None
-    bits: int
-    group_size: int
-    mode: str
-
-    def __str__(self) -> str:
-        return f"dequantize({self.mode} {self.bits}-bit g{self.group_size})"
-
-
-@dataclass(frozen=True)
-class Lora:
-    kind: str  # "linear" | "embedding" | "switch"
-    a: Ref
-    b: Ref
-    scale: float
-    m: Ref | None = None  # DoRA magnitude
-
-    def __str__(self) -> str:
-        return f"{'dora' if self.m is not None else 'lora'}({self.kind}, scale={self.scale:g}, {self.a.key[:-7]})"
-
-
-@dataclass
-class Item:
-    name: str  # output (HF) key
-    dtype: str  # output safetensors dtype
-    shape: tuple[int, ...]
-    src: Ref
-    src_dtype: str
-    quant: Quant | None = None
-    lora: Lora | None = None
-
-    @property
-    def is_copy(self) -> bool:
-        return self.quant is None and self.lora is None and self.dtype == self.src_dtype
-
-    @property
-    def nbytes(self) -> int:
-        n = DTYPES[self.dtype].itemsize
-        for s in self.shape:
-            n *= s
-        return n
-
-    def describe(self) -> str:
-        ops = [str(self.src)]
-        if self.src.index is not None:
-            ops.append(f"unstack_experts[{self.src.index}]")
-        if self.quant:
-            ops.append(str(self.quant))
-        if self.lora:
-            ops.append(str(self.lora))
-        if self.dtype != self.src_dtype or self.quant:
-            ops.append(f"cast({DTYPES[self.dtype].name})")
-        return ("copy " if self.is_copy else "") + " -> ".join(ops)
-
-
-def materialize(item: Item) -> np.ndarray:
-    """Compute one output tensor (dequantize -> fuse adapter in float32 -> round once)."""
-    w = item.src.read()
-    if item.quant:
-        q = item.quant
-        w = dequantize(w, q.scales.read(), q.biases.read() if q.biases else None, bits=q.bits,
-                       group_size=q.group_size, mode=q.mode, out_dtype=np.float32 if item.lora else DTYPES[item.dtype].np)
-    if item.lora:
-        lo = item.lora
-        if lo.m is not None:
-            w = fuse_dora(w, lo.a.read(), lo.b.read(), lo.scale, lo.m.read())
-        else:
-            w = fuse_lora(w, lo.a.read(), lo.b.read(), lo.scale, lo.kind, out_dtype=DTYPES[item.dtype].np)
-    return w.astype(DTYPES[item.dtype].np, copy=False)
 
 
 @dataclass
@@ -150,7 +59,7 @@ def _quant_params(qcfg: dict, module: str) -> dict | None:
 
 
 def _natural(key: str):
-    return [int(t) if t.isdigit() else t for t in key.replace(".", " . ").split()]
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in key.replace(".", " . ").split()]
 
 
 def build_plan(source: Source, dtype: str = "auto") -> Plan:
@@ -187,12 +96,13 @@ def build_plan(source: Source, dtype: str = "auto") -> Plan:
     qcfg = base.quantization or {}
     quantized = {k[: -len(".scales")] for k in refs if k.endswith(".scales")}
     out_np = None if dtype == "auto" else BY_NAME[dtype]
-    items: list[Item] = []
-    hf_params = arch.hf_params()
-    num_experts = cfg.get(arch.num_experts_key) or cfg.get("num_local_experts") or cfg.get("num_experts")
+    num_experts = next((cfg[k] for k in ("num_local_experts", "num_experts", "n_routed_experts") if cfg.get(k)), None)
     layers_seen: set[int] = set()
     logical: dict[str, tuple[int, ...]] = {}  # module -> dense weight shape (for adapter checks)
     model_float = None  # dtype of the model's dense weights
+    outputs: dict[str, tuple[str, dict[int, Part]]] = {}  # HF name -> (HF template, part number -> Part)
+    readers: dict[str, list[Part]] = {}  # MLX weight key -> the parts that read it
+    dense_shape: dict[str, tuple[int, ...]] = {}  # MLX key -> its (dequantized) shape
     for key in sorted(refs, key=_natural):
         module, _, leaf = key.rpartition(".")
         if module in quantized and leaf in ("scales", "biases"):
@@ -230,36 +140,63 @@ def build_plan(source: Source, dtype: str = "auto") -> Plan:
             quant = Quant(sref, bref, bits, gs, mode)
             sdt = sref.file.info(sref.key).dtype
             src_dt = sdt if mode == "affine" else st_of(cfg)
-        template, layers = arch.template(key)
+        template, layers = key_template(key)
+        dense_shape[key] = tuple(shape)
         if key.startswith("model.layers.") and layers:
             layers_seen.add(layers[0])
         if leaf == "weight" and len(shape) >= 2:
             logical[module] = shape
             if DTYPES[src_dt].floating and model_float is None:
                 model_float = src_dt
-        mtemplate = template[: -len(leaf) - 1]
-        if mtemplate in arch.experts:
-            E = shape[0]
-            if num_experts is not None and E != num_experts:
-                problems.append(f"{ref.file.path.name}: {key} stacks {E} experts, config says {arch.num_experts_key}={num_experts}")
-                continue
-            for e in range(E):
-                name = _fill(arch.experts[mtemplate] + "." + leaf, layers, e)
-                eref = Ref(ref.file, key, e)
-                equant = quant and Quant(Ref(quant.scales.file, quant.scales.key, e),
-                                         quant.biases and Ref(quant.biases.file, quant.biases.key, e), quant.bits,
-                                         quant.group_size, quant.mode)
-                items.append(_item(name, shape[1:], eref, src_dt, equant, out_np))
-            continue
-        if template not in hf_params:
+        uses = arch.by_mlx.get(template)
+        if not uses:
             problems.append(f"{ref.file.path.name}: unknown key {key!r} for model_type {arch.model_type!r}")
             continue
-        items.append(_item(key, shape, ref, src_dt, quant, out_np))
+        for hf_t, i in uses:
+            rule = arch.rules[hf_t]["parts"][i]
+            idx = rule.get("index")
+            if idx == "{e}" and num_experts is not None and shape[0] != num_experts:
+                problems.append(f"{ref.file.path.name}: {key} stacks {shape[0]} experts, config says {num_experts}")
+                break
+            for e in (range(shape[0]) if idx == "{e}" else [idx]):
+                name = _fill(hf_t, layers, e if idx == "{e}" else None)
+                if "{" in name:
+                    problems.append(f"{ref.file.path.name}: {key}: cannot name its HF tensor {hf_t}")
+                    continue
+                pq = quant and (quant if e is None else Quant(
+                    Ref(quant.scales.file, quant.scales.key, e),
+                    quant.biases and Ref(quant.biases.file, quant.biases.key, e), quant.bits, quant.group_size, quant.mode))
+                part = Part(Ref(ref.file, key, e), src_dt, pq, chunk=tuple(rule["chunk"]) if "chunk" in rule else None,
+                            perm=tuple(rule["perm"]) if "perm" in rule else None, shift=rule.get("shift", 0.0))
+                outputs.setdefault(name, (hf_t, {}))[1][i] = part
+                readers.setdefault(key, []).append(part)
+    items: list[Item] = []
+    for name in sorted(outputs, key=_natural):
+        hf_t, parts = outputs[name]
+        rule = arch.rules[hf_t]
+        n = len(rule["parts"])
+        if len(parts) != n:
+            missing = [_fill(rule["parts"][i]["mlx"], key_template(name)[1]) for i in range(n) if i not in parts]
+            problems.append(f"{source.base.path}: {name} needs {', '.join(missing)}, which the model lacks")
+            continue
+        ps = [parts[i] for i in range(n)]
+        shapes = [p.shape(dense_shape[p.src.key]) for p in ps]
+        shape = list(shapes[0])
+        if n > 1:
+            shape[rule["axis"]] = sum(s[rule["axis"]] for s in shapes)
+        if "merge" in rule:  # two axes to mlx-lm, one in the HF tensor
+            a = rule["merge"]
+            shape[a: a + 2] = [shape[a] * shape[a + 1]]
+        dt = ps[0].src_dtype
+        if out_np is not None and DTYPES[dt].floating:
+            dt = out_np.st
+        items.append(Item(name, dt, tuple(shape), ps, rule.get("join"), rule.get("axis", 0), rule.get("merge")))
+    items += _dropped(source, arch, out_np, problems)
     problems += _check_config(cfg, where, logical, layers_seen)
-    # attach adapters
-    by_name = {i.name: i for i in items}
+    # attach adapters to every part that reads the adapted MLX weight
     for module, parts in sorted(lora_keys.items(), key=lambda kv: _natural(kv[0])):
-        problems += _attach(module, parts, arch, logical, by_name, adapter.scale if adapter else 20.0)
+        problems += _attach(module, parts, arch, logical, readers.get(module + ".weight", []),
+                            adapter.scale if adapter else 20.0)
     raise_all(problems, str(source.path))
     if dtype == "auto":
         model_dtype = DTYPES[model_float].name if model_float else "float32"
@@ -275,11 +212,30 @@ def st_of(cfg: dict) -> str:
     return d.st if d is not None and d.floating else "BF16"
 
 
-def _item(name, shape, ref, src_dt, quant, out_np) -> Item:
-    dt = src_dt
-    if out_np is not None and DTYPES[src_dt].floating:
-        dt = out_np.st
-    return Item(name, dt, tuple(shape), ref, src_dt, quant)
+def _dropped(source: Source, arch: Arch, out_np, problems: list[str]) -> list[Item]:
+    """The HF tensors mlx-lm drops on loading (vision towers ...), copied from the HF base."""
+    if not arch.dropped:
+        return []
+    hf = source.hf_base
+    if hf is None:
+        problems.append(f"{source.base.path}: mlx-lm drops {len(arch.dropped)} tensor kinds of {arch.model_type} "
+                        f"({arch.dropped[0]} ...) that the export needs: pass --hf-base DIR, the Hugging Face "
+                        f"checkpoint the base was converted from")
+        return []
+    if hf.config.get("model_type") != arch.model_type:
+        problems.append(f"{hf.path / 'config.json'}: model_type {hf.config.get('model_type')!r}, the base is "
+                        f"{arch.model_type!r}")
+        return []
+    items, dropped = [], set(arch.dropped)
+    for key in sorted(hf.where, key=_natural):
+        if key_template(key)[0] in dropped:
+            info = hf.where[key].info(key)
+            dt = out_np.st if out_np is not None and DTYPES[info.dtype].floating else info.dtype
+            zero = key_template(key)[0] in arch.quirks.unused
+            items.append(Item(key, dt, tuple(info.shape), [Part(Ref(hf.where[key], key), info.dtype, zero=zero)]))
+    if not items:
+        problems.append(f"{hf.path}: none of the tensors mlx-lm drops ({arch.dropped[0]} ...) is there")
+    return items
 
 
 def _check_config(cfg: dict, where: str, logical: dict, layers_seen: set[int]) -> list[str]:
@@ -297,9 +253,9 @@ def _check_config(cfg: dict, where: str, logical: dict, layers_seen: set[int]) -
     return problems
 
 
-def _attach(module: str, parts: dict[str, Ref], arch: Arch, logical: dict, by_name: dict[str, Item],
+def _attach(module: str, parts: dict[str, Ref], arch: Arch, logical: dict, readers: list[Part],
             scale: float) -> list[str]:
-    """Attach one adapted module's LoRA/DoRA to the output items it produces."""
+    """Attach one adapted MLX module's LoRA/DoRA to the output parts made from its weight."""
     a, b, m = parts.get("lora_a"), parts.get("lora_b"), parts.get("m")
     fname = (a or b or m).file.path.name
     if a is None or b is None:
@@ -308,9 +264,9 @@ def _attach(module: str, parts: dict[str, Ref], arch: Arch, logical: dict, by_na
         return [f"{fname}: {module}.lora_a: the base model has no module {module!r}"]
     W = logical[module]
     ash, bsh = a.file.info(a.key).shape, b.file.info(b.key).shape
-    template, layers = arch.template(module + ".weight")
-    mtemplate = template[: -len(".weight")]
-    if mtemplate in arch.experts:
+    if not readers:
+        return [f"{fname}: {module}: adapted module has no output weight"]
+    if len(W) == 3:  # stacked experts (SwitchLinear)
         E, out, inp = W
         r = ash[1] if len(ash) == 3 else -1
         bad = _misfit(fname, module, W, ash, (E, r, inp), bsh, (E, out, r))
@@ -318,12 +274,12 @@ def _attach(module: str, parts: dict[str, Ref], arch: Arch, logical: dict, by_na
             return bad
         if m is not None:
             return [f"{fname}: {module}: DoRA on stacked experts is not supported (mlx-lm doesn't train it)"]
-        for e in range(E):
-            name = _fill(arch.experts[mtemplate] + ".weight", layers, e)
-            it = by_name[name]
-            it.lora = Lora("switch", Ref(a.file, a.key, e), Ref(b.file, b.key, e), scale)
+        for p in readers:
+            e = p.src.index
+            p.lora = (Lora("switch", Ref(a.file, a.key, e), Ref(b.file, b.key, e), scale) if e is not None
+                      else Lora("stacked", a, b, scale))
         return []
-    kind = "embedding" if module in EMBEDDINGS else "linear"
+    kind = "embedding" if key_template(module)[0] in arch.embeddings else "linear"
     if len(W) != 2:
         return [f"{fname}: {module}: adapter on a weight of shape {list(W)}"]
     if kind == "embedding":
@@ -342,10 +298,8 @@ def _attach(module: str, parts: dict[str, Ref], arch: Arch, logical: dict, by_na
             return bad
         if m is not None and tuple(m.file.info(m.key).shape) != (out,):
             return [f"{fname}: {module}.m has shape {list(m.file.info(m.key).shape)}, expected [{out}]"]
-    it = by_name.get(module + ".weight")
-    if it is None:
-        return [f"{fname}: {module}: adapted module has no output weight"]
-    it.lora = Lora(kind, a, b, scale, m)
+    for p in readers:
+        p.lora = Lora(kind, a, b, scale, m)
     return []
 
 

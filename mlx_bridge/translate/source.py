@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import BridgeError
 from ..formats import SafetensorsFile
+from ..fsutil import is_hub_id
 from ..manifest import FILENAME as MANIFEST, Manifest
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -109,9 +110,12 @@ class Source:
     base: Model
     adapter: Adapter | None
     manifest: Manifest | None  # the checkpoint's (or base dir's) manifest, if any
+    hf_base: Model | None = None  # the HF checkpoint of the base (for the tensors mlx-lm drops)
 
     def close(self) -> None:
         self.base.close()
+        if self.hf_base:
+            self.hf_base.close()
         if self.adapter:
             self.adapter.file.close()
 
@@ -128,7 +132,7 @@ def resolve_model(ref: str, where: str, relative_to: Path | None = None) -> Path
         return p
     if relative_to is not None and not p.is_absolute() and (relative_to / p).is_dir():
         return relative_to / p
-    if p.is_absolute() or ref.startswith((".", "~")) or ref.count("/") != 1:
+    if not is_hub_id(ref):
         raise BridgeError(f"{where}: base model {ref!r} is not a directory (and not a hub id); pass --base DIR")
     try:
         from huggingface_hub import snapshot_download
@@ -140,7 +144,16 @@ def resolve_model(ref: str, where: str, relative_to: Path | None = None) -> Path
         raise BridgeError(f"{where}: cannot fetch base model {ref!r} ({type(e).__name__}); pass --base DIR") from None
 
 
-def open_source(src: str | os.PathLike, base: str | os.PathLike | None = None) -> Source:
+def _hf_base(path: str | os.PathLike | None) -> Model | None:
+    if path is None:
+        return None
+    if not Path(path).is_dir():
+        raise BridgeError(f"--hf-base {path}: not a directory")
+    return Model.open(path)
+
+
+def open_source(src: str | os.PathLike, base: str | os.PathLike | None = None,
+                hf_base: str | os.PathLike | None = None) -> Source:
     """Open SRC (model, adapter or checkpoint dir) and its base model.
 
     Example:
@@ -171,8 +184,8 @@ def open_source(src: str | os.PathLike, base: str | os.PathLike | None = None) -
                 raise BridgeError(f"{src / ADAPTER_CONFIG}: no 'model' naming the base; pass --base DIR")
             base_dir = resolve_model(str(ref), str(src / (MANIFEST if manifest else ADAPTER_CONFIG)), src)
         adapter = Adapter(src, cfg, SafetensorsFile(src / ADAPTER_WEIGHTS), manifest)
-        return Source(src, Model.open(base_dir), adapter, manifest)
+        return Source(src, Model.open(base_dir), adapter, manifest, _hf_base(hf_base))
     if (src / "config.json").exists():
-        return Source(src, Model.open(src), None, manifest)
+        return Source(src, Model.open(src), None, manifest, _hf_base(hf_base))
     raise BridgeError(f"{src}: neither a model directory (config.json) nor an adapter/checkpoint directory "
                       f"({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")

@@ -1,0 +1,68 @@
+"""docs/architectures.md, generated from the registry (`python scripts/derive_archs.py --docs`).
+
+Per model type: the HF class, whether `--format hf` and `--format peft` export it, the native deploy
+class (deploy/native/config.py's parsers), and the names vLLM and TensorRT-LLM run it under; then
+every mlx-lm type with a transformers class that is refused, with the reason.
+
+Example:
+    >>> "| llama |" in render()  # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import json
+
+from .engines import TRTLLM_ARCHITECTURES, VLLM_ARCHITECTURES
+from .registry import DERIVED_DIR, get_arch, refused, supported
+
+
+def _native() -> set[str]:
+    from ..deploy.native.config import PARSERS  # names only; the parsers stay in deploy/
+
+    return set(PARSERS)
+
+
+def peft_column(model_type: str) -> str:
+    arch = get_arch({"model_type": model_type})
+    odd = sorted(t.rsplit(".", 2)[-2] for t in arch.rules if not arch.plain(t) and any(
+        p["mlx"].rsplit(".", 1)[0] in arch.linears for p in arch.rules[t]["parts"]))  # adapters PEFT can't state
+    return "yes" if not odd else f"yes, except on {', '.join(sorted(set(odd)))} (hf only)"
+
+
+def render() -> str:
+    native = _native()
+    types, ref = supported(), refused()
+    total = len(list(DERIVED_DIR.glob("*.json")))
+    versions = {json.loads(p.read_text()).get("mlx_lm") for p in DERIVED_DIR.glob("*.json")} - {None}
+    lines = [
+        "# Architectures", "",
+        "Generated from the registry (`mlx_bridge/archs`) by `python scripts/derive_archs.py --docs`; do not edit.",
+        f"The key rules are derived from mlx-lm {', '.join(sorted(versions))} itself (`scripts/derive_archs.py`).", "",
+        f"**{len(types)} of the {total} mlx-lm model types that have a transformers causal-LM or "
+        "image-text-to-text class export** (`--format hf`; `--format peft` where PEFT can express the adapter).", "",
+        "Each exportable type has a parity test (`tests/test_export_registry.py` for those not covered by the older "
+        "`test_export_parity.py` / `test_export_archs.py`): a tiny random transformers model (2 layers, hidden 64) "
+        "converted by `mlx_lm.convert`, a LoRA on every linear, exported, and transformers' float32 logits within "
+        "1e-3 relative of MLX's. Types whose checkpoints hold tensors mlx-lm drops (vision towers of multimodal "
+        "checkpoints, an unused routing bias) need `--hf-base DIR`, the Hugging Face checkpoint the MLX base was "
+        "converted from; those tensors are copied from it (or written as the zeros MLX computed with).", "",
+        "PEFT: `--format peft` writes the adapter when every adapted weight is one MLX tensor renamed (or one expert "
+        "of it); PEFT's own loading is run in the tests for llama, qwen2, phi3, mixtral, qwen3_moe "
+        "(`test_export_peft.py`) and smollm3, glm4, cohere2 (`test_export_registry.py`), not yet for the others.", "",
+        "Native deploy class: `mlx_bridge.load` builds the package's own module; otherwise it runs transformers' class. "
+        "vLLM: the architecture name vLLM runs natively, or its Transformers backend.", "",
+        "| model_type | HF class | hf | peft | native deploy class | vLLM | TensorRT-LLM |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t in types:
+        a = get_arch({"model_type": t})
+        vllm = a.architecture if a.architecture in VLLM_ARCHITECTURES else f"{a.architecture} (Transformers backend)"
+        trt = a.architecture if a.architecture in TRTLLM_ARCHITECTURES else "-"
+        lines.append(f"| {t} | {a.architecture} | yes | {peft_column(t)} | {'yes' if t in native else 'transformers'}"
+                     f" | {vllm} | {trt} |")
+    lines += ["", f"## Refused ({len(ref)})", "",
+              "Each is refused by name by `mlx-bridge export` (one line, exit 2, nothing written).", "",
+              "| model_type | reason |", "|---|---|"]
+    lines += [f"| {t} | {r.replace('|', '/')} |" for t, r in ref.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,99 @@
+"""Where mlx-lm computes differently from what config.json means to transformers, per model type.
+
+These are the facts the derived data cannot show (they live in mlx-lm's forward code, not in its
+weight layout); each was found by a parity test (tests/test_export_parity.py, test_export_archs.py)
+and is what `translate/hf_config.py` writes into the exported config so transformers computes what
+MLX did. A type that exports wrongly and cannot be fixed here is refused with `refused`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Quirks:
+    # mlx-lm reads nested `rope_parameters` (transformers v5) for this type; else only top-level
+    # rope_theta / rope_scaling (and its own default when absent)
+    reads_rope_parameters: bool = False
+    # config values mlx-lm computes with whatever config.json says (e.g. the exact GELU it hard-codes)
+    mlx_forces: dict = field(default_factory=dict)
+    # config fields mlx-lm does not implement: MLX computed as if they were null
+    mlx_ignores: tuple[str, ...] = ()
+    # how mlx-lm lays out attention over layers: None (as transformers), "full" (no sliding window at
+    # all), "pattern" (global layers by sliding_window_pattern, not layer_types)
+    attention: str | None = None
+    honours_layer_types: bool = False  # "full" unless config.json has layer_types (then as transformers)
+    states_layer_types: bool = False  # transformers derives a window from other fields: write layer_types
+    has_use_sliding_window: bool = False  # the config class reads use_sliding_window
+    keeps_sliding_window: bool = False  # the class builds a sliding mask regardless: the value stays, unused
+    zero_centred_norms: bool = False  # norm weights stored as w - 1 (mlx-lm and transformers add 1)
+    # HF tensors mlx-lm drops and computes without (e.g. a routing correction bias): written as zeros,
+    # shaped as in the --hf-base checkpoint, so transformers computes what MLX did
+    unused: tuple[str, ...] = ()
+    # hub checkpoints hold the bare base model's keys (gpt2: "h.0.attn..."), which is what mlx-lm reads;
+    # the causal-LM class loads them too
+    hub_saves_base_model: bool = False
+    # hub checkpoints hold transformers' own fused layout (experts.gate_up_proj), which is what mlx-lm reads;
+    # save_pretrained(save_original_format=False) writes it
+    hub_saves_fused: bool = False
+    refused: str | None = None  # the export is not right for this type (one line, listed in the docs)
+
+
+_FULL = dict(attention="full")
+_QWEN = dict(attention="full", states_layer_types=True, has_use_sliding_window=True)
+
+QUIRKS: dict[str, Quirks] = {
+    "llama": Quirks(**_FULL, honours_layer_types=True),
+    # mlx-lm remaps mistral to its llama module: a sliding window only through `layer_types`
+    "mistral": Quirks(**_FULL, honours_layer_types=True),
+    "mixtral": Quirks(**_FULL),
+    "phi3": Quirks(**_FULL),
+    "qwen2": Quirks(**_QWEN),
+    "qwen3": Quirks(**_QWEN, reads_rope_parameters=True),
+    "qwen3_moe": Quirks(**_QWEN),
+    "qwen2_moe": Quirks(**_QWEN),
+    "gemma2": Quirks(**_FULL, states_layer_types=True, keeps_sliding_window=True, zero_centred_norms=True),
+    "gemma3_text": Quirks(attention="pattern", zero_centred_norms=True),
+    # mlx-lm's gemma (v1) MLP uses exact GELU (nn.gelu); transformers rewrites "gelu" to the tanh
+    # approximation for Gemma, so the export names the exact one. vLLM only implements the tanh form.
+    "gemma": Quirks(mlx_forces={"hidden_act": "gelu_python", "hidden_activation": None}, zero_centred_norms=True),
+    "starcoder2": Quirks(mlx_forces={"hidden_act": "gelu"}),  # mlx-lm's starcoder2 MLP: exact nn.gelu
+    # mlx-lm's glm rotates the whole head (nn.RoPE(dims=head_dim, traditional=True)), whatever
+    # partial_rotary_factor says
+    "glm": Quirks(mlx_forces={"partial_rotary_factor": 1.0}),
+    # mlx-lm's ernie4_5_moe routes without moe_statics.e_score_correction_bias (dropped in sanitize)
+    "ernie4_5_moe": Quirks(unused=("model.layers.{}.mlp.moe_statics.e_score_correction_bias",)),
+    "gemma3": Quirks(zero_centred_norms=True),
+    "gpt2": Quirks(hub_saves_base_model=True),
+    "qwen3_5_moe": Quirks(hub_saves_fused=True),
+    # parity tests (tests/test_export_registry.py) fail for these; refused until the difference is found
+    "laguna": Quirks(refused="the export's logits differ from MLX's (max |diff| 2.1 on the tiny model): mlx-lm "
+                             "computes laguna differently from its config in a way not yet traced"),
+    "mellum": Quirks(refused="the export's logits differ from MLX's (max |diff| 0.8 on the tiny model): mlx-lm "
+                             "computes mellum differently from its config in a way not yet traced"),
+    "deepseek_v32": Quirks(refused="transformers' tiny deepseek_v32 (its indexer) does not run with the test "
+                                   "shapes, so parity is unproven"),
+    "qwen2_vl": Quirks(refused="the export's logits differ from MLX's (max |diff| 0.55 on the tiny model; "
+                               "multimodal rope) in a way not yet traced"),
+    "qwen2_5_vl": Quirks(refused="the export's logits differ from MLX's (max |diff| 0.32 on the tiny model; "
+                                 "multimodal rope) in a way not yet traced"),
+    "gpt_oss": Quirks(refused="mlx-lm's sanitize reads gpt_oss only in the MXFP4 hub layout (*_blocks / *_scales); "
+                              "a bf16 checkpoint does not load in mlx-lm, so no rules could be traced through it"),
+    "mistral4": Quirks(refused="transformers' tiny mistral4 (partial-rotary MLA with llama-4 yarn scaling) does not run "
+                               "with the test shapes, so parity is unproven"),
+    "minicpm3": Quirks(refused="the export's logits differ from MLX's (max |diff| 0.10 on the tiny model; longrope "
+                               "and MiniCPM's scale_* multipliers) in a way not yet traced"),
+    "exaone_moe": Quirks(refused="the export's logits differ from MLX's (max |diff| 1.2 on the tiny model) in a way "
+                                 "not yet traced"),
+    "granitemoehybrid": Quirks(refused="the export's logits differ from MLX's (max |diff| 0.51 on the tiny model; "
+                                       "granite multipliers, mamba layers) in a way not yet traced"),
+    "lfm2": Quirks(refused="the export's logits differ from MLX's (max |diff| 0.70 on the tiny model) in a way not "
+                           "yet traced"),
+    "jamba": Quirks(refused="the export's logits differ from MLX's (max |diff| 0.49 on the tiny model): mlx-lm "
+                            "computes jamba differently from its config in a way not yet traced"),
+    "recurrent_gemma": Quirks(refused="mlx-lm's recurrent_gemma does not run a 2-layer model (block pattern), so "
+                                      "parity is unproven"),
+    # mlx-lm's cohere2 picks global layers by sliding_window_pattern (i % p == p - 1), not layer_types
+    "cohere2": Quirks(attention="pattern"),
+}
