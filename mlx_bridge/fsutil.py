@@ -1,20 +1,56 @@
-"""Files: atomic output directories and hashing.
+"""Files: atomic output directories, crash recovery, permissions and hashing.
 
 Everything the tool writes goes into a temporary directory beside the target and is renamed into
-place at the end, so an interrupted run never leaves a half-written result under the final name.
+place at the end, so an interrupted run never leaves a half-written result under the final name:
+
+    .NAME.tmp-PID-XXXX   being written (incomplete; removed by the next run once PID is gone)
+    .NAME.new-PID        complete, about to replace NAME (`force`)
+    .NAME.old-PID        the previous NAME, moved aside for that moment
+
+Replacing an existing NAME takes three renames (tmp -> new, NAME -> old, new -> NAME); a run stopped
+between them (kill -9, power loss) leaves a complete output under one of the side names, and the next
+run on NAME (`recover`) puts it back and says so. Outputs get the permissions the umask gives (not
+the 0700/0600 of `tempfile`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import BridgeError
+
+_SIDE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|new|old)-(?P<pid>\d+)(-[^/]*)?$")
+
+
+def umask() -> int:
+    """The process umask (read without a window where it is changed, where /proc allows).
+
+    Example:
+        >>> 0 <= umask() <= 0o777
+        True
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def chmod_default(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give `path` the mode a plain `mkdir`/`open` would have under the umask (0777/0666 & ~umask)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
 
 
 def check_output_dir(out: str | os.PathLike, force: bool = False) -> Path:
@@ -32,11 +68,92 @@ def check_output_dir(out: str | os.PathLike, force: bool = False) -> Path:
     return out
 
 
-@contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that replaces `out` when the block succeeds.
+def check_apart(out: str | os.PathLike, source: str | os.PathLike, what: str = "the source") -> None:
+    """Refuse an output directory equal to, inside or above `source` (replacing it would destroy it).
 
-    On an exception the temporary directory is removed and `out` is left as it was.
+    Example:
+        >>> check_apart("/data/models/base-hf", "/data/models/base")
+        >>> check_apart("/data/models", "/data/models/base")
+        Traceback (most recent call last):
+        ...
+        mlx_bridge.errors.BridgeError: --out /data/models contains the source /data/models/base; choose a directory apart from it
+    """
+    o, s = Path(out).expanduser().resolve(), Path(source).expanduser().resolve()
+    if o == s:
+        rel = "is"
+    elif s in o.parents:
+        rel = "is inside"
+    elif o in s.parents:
+        rel = "contains"
+    else:
+        return
+    raise BridgeError(f"--out {out} {rel} {what} {source}; choose a directory apart from it")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _rmtree(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            p.unlink()
+
+
+def recover(out: str | os.PathLike, log: Callable[[str], None] | None = None) -> str | None:
+    """Clean up what stopped runs left beside `out`; put a complete output back under `out` if a run
+    stopped in the middle of replacing it. Side files of live processes are left alone.
+
+    Returns a sentence saying what was recovered (also passed to `log`), or None.
+
+    Example:
+        >>> recover("/nonexistent/out") is None
+        True
+    """
+    out = Path(out)
+    if not out.parent.is_dir():
+        return None
+    side: dict[str, list[Path]] = {"tmp": [], "new": [], "old": []}
+    for p in out.parent.iterdir():
+        m = _SIDE.match(p.name)
+        if m is None or _alive(int(m["pid"])):
+            continue
+        if m["kind"] == "tmp" or m["name"] != out.name:  # incomplete, or another output's (left as it is)
+            if m["kind"] == "tmp":
+                _rmtree(p)
+            continue
+        side[m["kind"]].append(p)
+    said = None
+    if not out.exists() and (side["new"] or side["old"]):
+        keep = (side["new"] or side["old"])[0]
+        os.rename(keep, out)
+        said = (f"{out}: a run stopped while replacing it; recovered the complete "
+                f"{'new' if keep in side['new'] else 'previous'} output from {keep.name}")
+    for p in side["new"] + side["old"]:
+        if p.exists():
+            _rmtree(p)
+    if said and log is not None:
+        log(said)
+    return said
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, force: bool = False,
+               log: Callable[[str], None] | None = None) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `out` when the block succeeds.
+
+    On an exception (Ctrl-C and SIGTERM included) the temporary directory is removed and `out` is left
+    as it was. Without `force`, an `out` that another process filled meanwhile is not replaced.
 
     Example:
         >>> import tempfile, os
@@ -46,21 +163,59 @@ def atomic_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
         >>> sorted(os.listdir(d))
         ['a.txt']
     """
-    out = check_output_dir(out, force)
+    out = Path(out)
+    recover(out, log)
+    check_output_dir(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
+        chmod_default(tmp, directory=True)
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _rmtree(tmp)
         raise
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
-    os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        if force and out.exists():
+            _swap(tmp, out)
+        else:
+            os.rename(tmp, out)  # atomic; replaces only an empty directory
+    except OSError as e:
+        _rmtree(tmp)
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise BridgeError(f"{out}: another run wrote it meanwhile; not replaced (use --force to overwrite)") from e
+        raise
+
+
+def _swap(tmp: Path, out: Path) -> None:
+    new, old = out.parent / f".{out.name}.new-{os.getpid()}", out.parent / f".{out.name}.old-{os.getpid()}"
+    os.rename(tmp, new)
+    os.rename(out, old)
+    os.rename(new, out)
+    _rmtree(old)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write a file through a temporary file beside it and `os.replace` (the old content stays whole
+    until the new one is complete); the mode follows the umask.
+
+    Example:
+        >>> import tempfile, os
+        >>> p = write_atomic(os.path.join(tempfile.mkdtemp(), "a.json"), "{}")
+        >>> p.read_text()
+        '{}'
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        chmod_default(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
@@ -70,3 +225,24 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
         while b := f.read(chunk):
             h.update(b)
     return h.hexdigest()
+
+
+def check_hashes(directory: str | os.PathLike, files: dict[str, str], what: str = "manifest.json") -> None:
+    """Refuse a directory whose files are not the bytes `files` ({name: sha256}) records.
+
+    Raises:
+        BridgeError: naming how many files changed or are missing and the first few.
+    """
+    from .errors import raise_all
+
+    d = Path(directory)
+    problems = []
+    for name, want in sorted(files.items()):
+        p = d / name
+        if Path(name).name != name:
+            problems.append(f"{name}: not a plain file name")
+        elif not p.is_file():
+            problems.append(f"{name}: missing")
+        elif sha256_file(p) != want:
+            problems.append(f"{name}: changed since it was saved (sha256 differs from {what})")
+    raise_all(problems, str(d))

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from .. import __version__
-from ..errors import BridgeError
+from ..errors import BridgeError, CheckFailed
 from ..formats.dtypes import OUTPUT_DTYPES
-from ..fsutil import atomic_dir, check_output_dir, sha256_file
+from ..fsutil import atomic_dir, check_apart, check_hashes, check_output_dir, sha256_file, write_atomic
 from ..manifest import Manifest
 from ..probes import FILENAME as PROBES
 from . import hf_config, peft
@@ -25,23 +26,33 @@ FORMATS = ("hf", "peft")
 
 def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", dtype: str = "auto",
            base: str | os.PathLike | None = None, shard_size: str | int = "5GB", dry_run: bool = False,
-           force: bool = False, verify: bool | None = None, progress: bool = True, log=print) -> Path:
+           force: bool = False, verify: bool | None = None, progress: bool = True, log=print,
+           allow_base_mismatch: bool = False, keep_failed: bool = False) -> Path:
     """Export SRC (MLX model dir, mlx-lm adapter dir or checkpoint dir) to `out`.
+
+    Nothing appears under `out` unless the whole export succeeded, its parity check included: a
+    failed check raises `CheckFailed` (exit 1) and leaves `out` as it was.
 
     Args:
         src: MLX model directory, or adapter/checkpoint directory (base from its config or `base`).
-        out: output directory (must not exist or be empty unless `force`).
+        out: output directory (must not exist or be empty unless `force`; never the source, inside it
+            or above it).
         format: "hf" (adapter fused into a full model) or "peft" (adapter only).
         dtype: "auto" (keep the base's dtypes; untouched tensors byte for byte), or float32/float16/bfloat16.
         base: base model directory, overriding the adapter config / manifest.
         shard_size: largest shard, e.g. "5GB".
         dry_run: print the plan and write nothing.
         force: replace an existing output directory.
-        verify: run `mlx_bridge.verify` on the result (None: when probes and torch are available).
+        verify: run `mlx_bridge.verify` on the result before it is put in place (None: when probes
+            and torch are available).
+        allow_base_mismatch: accept a base whose weight files are not the ones the checkpoint's
+            manifest records (sha256).
+        keep_failed: when the parity check fails, keep the output as `OUT.failed` for inspection.
     Returns:
         The output directory.
     Raises:
         BridgeError: bad input (named file and key); nothing is written.
+        CheckFailed: the parity check failed; nothing is written under `out`.
 
     Example:
         >>> export("checkpoints/alpaca-lora", "deploy/alpaca", format="hf", dtype="bfloat16")  # doctest: +SKIP
@@ -54,10 +65,18 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
         raise BridgeError(f"--dtype {dtype!r}: expected auto or one of {', '.join(OUTPUT_DTYPES)}")
     parse_size(shard_size)
     out = Path(out)
+    check_apart(out, src)
     if not dry_run:
         check_output_dir(out, force)
     source = open_source(src, base)
+    hashing = ThreadPoolExecutor(min(2, os.cpu_count() or 1))
     try:
+        check_apart(out, source.base.path, "the base model")
+        if source.manifest is not None and source.adapter is not None:
+            check_hashes(source.path, source.manifest.files)
+        # the source is hashed on both cores while the export runs (one read of each byte)
+        src_files = [f.path for f in source.base.files] + ([source.adapter.file.path] if source.adapter else [])
+        src_sha = _start_hashing(hashing, src_files)
         if format == "peft" and source.adapter is None:
             raise BridgeError(f"{src}: --format peft needs an adapter or checkpoint directory, not a model directory")
         if format == "peft" and source.adapter.fine_tune_type == "full":
@@ -72,6 +91,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
                 warnings.append("the adapter was trained on a quantized base: PEFT on the full-precision HF base "
                                 "differs slightly from what MLX computed; --format hf fuses into the exact dequantized base")
         if dry_run:
+            _check_base(source, src_sha, allow_base_mismatch)
             if format == "peft":
                 for t in tensors:
                     log(f"{t.name}  {list(t.shape)}  {t.dtype}  <- {t.ref}{' transposed' if t.transpose else ''}")
@@ -84,7 +104,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
             return out
         for n in notes:
             log(f"note: {n}")
-        with atomic_dir(out, force) as tmp:
+        with atomic_dir(out, force, log=lambda s: print(f"note: {s}", file=sys.stderr)) as tmp:
             t1 = time.perf_counter()
             if format == "hf":
                 write_weights(plan.items, tmp, shard_size, progress=progress)
@@ -100,17 +120,40 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
                 shutil.copyfile(source.path / PROBES, tmp / PROBES)
             (tmp / "README.md").write_text(hf_config.model_card(
                 plan.arch, _base_ref(source), str(source.path) if source.adapter else None, plan.dtype, notes, format))
-            _write_manifest(tmp, source, plan, format, notes, {"plan": t1 - t0, "write": t2 - t1},
-                            warnings if format == "peft" else [])
-        log(f"exported {src} -> {out} ({format}, {plan.dtype}, {time.perf_counter() - t0:.1f}s)")
-        from .compat import check_export  # torch-free: what vLLM / TRT-LLM require of the dir
+            _check_base(source, src_sha, allow_base_mismatch)
+            from .compat import check_export  # torch-free: what vLLM / TRT-LLM require of the dir
 
-        for problem in check_export(out):
-            print(f"warning: serving engines may refuse this export: {problem}", file=sys.stderr)
+            for problem in check_export(tmp):
+                print(f"warning: serving engines may refuse this export: {problem}", file=sys.stderr)
+            _maybe_verify(tmp, out, verify, format, log, keep_failed)
+            _write_manifest(tmp, source, plan, format, notes, {"plan": t1 - t0, "write": t2 - t1},
+                            warnings if format == "peft" else [], src_sha)
+        log(f"exported {src} -> {out} ({format}, {plan.dtype}, {time.perf_counter() - t0:.1f}s)")
     finally:
+        hashing.shutdown(wait=True, cancel_futures=True)
         source.close()
-    _maybe_verify(out, verify, format, log)
     return out
+
+
+def _start_hashing(pool: ThreadPoolExecutor, paths: list[Path]) -> dict[Path, Future]:
+    """{path: future sha256}, largest files first (so both cores stay busy to the end)."""
+    return {p: pool.submit(sha256_file, p) for p in sorted(set(paths), key=lambda p: -p.stat().st_size)}
+
+
+def _check_base(source, src_sha: dict[Path, Future], allow: bool) -> None:
+    """Refuse a base whose weight files are not the ones the checkpoint was trained on (its manifest's sha256)."""
+    want = (source.manifest.base_model.get("weight_sha256") if source.manifest and source.adapter else None) or {}
+    if not want:
+        return
+    got = {f.path.name: src_sha[f.path].result() for f in source.base.files}
+    differ = sorted(n for n in set(want) | set(got) if want.get(n) != got.get(n))
+    if not differ:
+        return
+    msg = (f"{source.base.path}: weight files differ from the base the checkpoint was trained on "
+           f"({len(differ)} of {len(set(want) | set(got))}: {', '.join(differ[:3])}; sha256 in {source.path / 'manifest.json'})")
+    if not allow:
+        raise BridgeError(msg + "; pass --allow-base-mismatch to export onto this base anyway")
+    print(f"warning: {msg}; exporting anyway (--allow-base-mismatch)", file=sys.stderr)
 
 
 def _base_ref(source) -> str:
@@ -128,21 +171,18 @@ def _copy_tokenizer(source, out: Path) -> None:
         print(f"warning: {source.base.path}: no tokenizer files found; the export has no tokenizer", file=sys.stderr)
 
 
-def _hash_files(*groups: list[Path]) -> list[dict[str, str]]:
-    """{file name: sha256} per group, files hashed on both cores at once (largest first)."""
-    paths = sorted({p for g in groups for p in g}, key=lambda p: -p.stat().st_size)
+def _hash_files(paths: list[Path]) -> dict[str, str]:
+    """{file name: sha256} of the files, hashed on both cores at once (largest first)."""
     with ThreadPoolExecutor(min(2, os.cpu_count() or 1)) as pool:
-        digest = dict(zip(paths, pool.map(sha256_file, paths)))
-    return [{p.name: digest[p] for p in g} for g in groups]
+        futures = _start_hashing(pool, paths)
+        return {p.name: futures[p].result() for p in paths}
 
 
 def _write_manifest(out: Path, source, plan: Plan, format: str, notes: list[str], seconds: dict,
-                    warnings: list[str]) -> None:
+                    warnings: list[str], src_sha: dict[Path, Future]) -> None:
     t = time.perf_counter()
     m = Manifest.from_dict(source.manifest.to_dict()) if source.manifest else Manifest()
     m.kind = "export"
-    base_files = [f.path for f in source.base.files]
-    src_files = base_files + ([source.adapter.file.path] if source.adapter else [])
     out_files = sorted(p for p in out.iterdir() if p.is_file())
     if not m.architecture:
         m.architecture = {"model_type": plan.arch.model_type, "layout": "mlx-lm"}
@@ -154,7 +194,8 @@ def _write_manifest(out: Path, source, plan: Plan, format: str, notes: list[str]
         m.adapter = {"type": source.adapter.fine_tune_type, "rank": lp.get("rank"), "scale": source.adapter.scale,
                      "lora_alpha": (source.adapter.scale * lp["rank"]) if lp.get("rank") else None,
                      "dropout": lp.get("dropout"), "modules": plan.adapter_modules}
-    src_hashes, out_hashes = _hash_files(src_files, out_files)
+    src_hashes = {p.name: f.result() for p, f in sorted(src_sha.items())}
+    out_hashes = _hash_files(out_files)
     m.export = {
         "format": format, "dtype": plan.dtype, "source": str(source.path), "base": str(source.base.path),
         "arch": plan.arch.model_type, "architecture": plan.arch.architecture,
@@ -167,16 +208,37 @@ def _write_manifest(out: Path, source, plan: Plan, format: str, notes: list[str]
     m.save(out)
 
 
-def _maybe_verify(out: Path, verify: bool | None, format: str, log) -> None:
-    if verify is False or format != "hf" or not (out / PROBES).is_file():
+def _maybe_verify(tmp: Path, out: Path, verify: bool | None, format: str, log, keep_failed: bool) -> None:
+    """Verify the finished export in its temporary directory (before it gets its name); a failure
+    raises `CheckFailed`, the output kept only as `OUT.failed` with `keep_failed`."""
+    if verify is False or not (tmp / PROBES).is_file():
+        return
+    if format != "hf":
+        log("note: a PEFT export is not verified here; verify an --format hf export of the same checkpoint")
         return
     try:
         import torch  # noqa: F401
-        from ..verify import verify as run_verify
+        from ..verify.parity import REPORT, verify as run_verify
     except ImportError as e:
         if verify:
-            raise BridgeError(f"--verify needs the deploy extra (torch): {e}") from None
+            raise BridgeError(f"--verify needs the deploy extra (torch): {e}") from e
         log(f"note: not verifying ({e}); run `mlx-bridge verify {out}` where torch is installed")
         return
-    report = run_verify(out)
-    log(f"parity: {report.get('summary', report)}")
+    report = run_verify(tmp, write=False)
+    report["export_dir"] = str(out)
+    write_atomic(tmp / REPORT, json.dumps(report, indent=2) + "\n")
+    log(f"parity: {report['summary']}")
+    if report["passed"]:
+        return
+    kept = ""
+    if keep_failed:
+        failed = out.parent / f"{out.name}.failed"
+        if (failed / REPORT).is_file():  # an earlier failed output of this tool
+            shutil.rmtree(failed)
+        if failed.exists():
+            kept = f"; {failed} exists, so the failed output was not kept"
+        else:
+            os.rename(tmp, failed)
+            kept = f"; the failed output is kept in {failed}"
+    raise CheckFailed(f"{out}: not written: the export does not compute what MLX computed "
+                      f"({report['summary']}){kept}")

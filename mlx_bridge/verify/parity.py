@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import BridgeError
+from ..fsutil import write_atomic
 from ..probes import FILENAME as PROBES, Probes
 
 REPORT = "parity.json"
@@ -66,11 +66,14 @@ def compare_logits(ref: np.ndarray, got: np.ndarray, atol: float, rtol: float, o
         raise BridgeError(f"{PROBES}: reference logits {ref.shape} but the model gives {got.shape} "
                           "(vocabulary size differs from the probes')")
     diff = np.abs(ref.astype(np.float64) - got.astype(np.float64))
-    ref_max = float(np.abs(ref).max())
+    ref_max = float(np.nanmax(np.abs(np.where(np.isfinite(ref), ref, np.nan)), initial=0.0))
     limit = atol + rtol * ref_max
     per_position = diff.max(-1)  # [N, L]
+    # a NaN/Inf logit on either side is never within tolerance (NaN - NaN compares as not over)
+    bad = ~np.isfinite(ref).all(-1) | ~np.isfinite(got).all(-1)
+    per_position = np.where(bad, np.inf, per_position)
     over, allowed = int((per_position > limit).sum()), int(outliers * per_position.size)
-    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "max_abs_reference": ref_max,
+    return {"max_abs_diff": float(per_position.max()), "non_finite_positions": int(bad.sum()), "mean_abs_diff": float(diff.mean()), "max_abs_reference": ref_max,
             "atol": atol, "rtol": rtol, "limit": limit, "positions": int(per_position.size),
             "positions_over_limit": over, "allowed_over_limit": allowed,
             "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean()),
@@ -173,19 +176,20 @@ def verify(export_dir: str | os.PathLike, against: str | os.PathLike | None = No
         "logits": logits, "greedy": greedy, "environment": environment(),
         "seconds": round(time.perf_counter() - t0, 3),
     }
+    report["tolerance"] = {"dtype": coarse, "atol": a, "rtol": r, "limit": logits["limit"],
+                           "outliers_allowed": OUTLIERS[coarse],
+                           "rule": "|logit diff| <= atol + rtol * max|reference logit| at every probe position "
+                                   "(up to outliers_allowed of them over); greedy tokens equal or a near-tie"}
     report["summary"] = (f"{'PASS' if report['passed'] else 'FAIL'}: logits max |diff| {logits['max_abs_diff']:.3g} "
-                         f"(limit {logits['limit']:.3g}); greedy {greedy['exact']}/{greedy['of']} identical")
+                         f"(limit {logits['limit']:.3g} = {a:g} + {r:g} x {logits['max_abs_reference']:.3g}, {coarse}); "
+                         f"greedy {greedy['exact']}/{greedy['of']} identical")
     if write:
         _write_json(d / REPORT, report)
     return report
 
 
 def _write_json(p: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, p)
+    write_atomic(p, json.dumps(obj, indent=2) + "\n")
 
 
 def summary(report: dict) -> str:
@@ -195,7 +199,8 @@ def summary(report: dict) -> str:
     lines = [
         f"parity of {report['export_dir']} ({dp['backend']}, {dp['device']}, {dp['dtype']}) against "
         f"{ref['source']} (MLX {ref['dtype']}): {report['probes']['num']} probes x {report['probes']['length']} tokens",
-        f"  logits: max |diff| {lg['max_abs_diff']:.3g} (limit {lg['limit']:.3g}), mean {lg['mean_abs_diff']:.3g}, "
+        f"  logits: max |diff| {lg['max_abs_diff']:.3g} (limit {lg['limit']:.3g} = atol {lg['atol']:g} + rtol "
+        f"{lg['rtol']:g} x max|logit| {lg['max_abs_reference']:.3g}), mean {lg['mean_abs_diff']:.3g}, "
         f"top-1 agreement {100 * lg['top1_agreement']:.1f}%"
         + (f"; {lg['positions_over_limit']}/{lg['positions']} positions over the limit "
            f"({lg['allowed_over_limit']} allowed)" if lg["positions_over_limit"] else ""),
