@@ -246,3 +246,73 @@ def check_hashes(directory: str | os.PathLike, files: dict[str, str], what: str 
         elif sha256_file(p) != want:
             problems.append(f"{name}: changed since it was saved (sha256 differs from {what})")
     raise_all(problems, str(d))
+
+
+def regular_file(path: str | os.PathLike) -> Path:
+    """`path` if it is a regular file (symlinks followed); a directory, FIFO or device is refused by
+    name before anything opens it (opening a FIFO would block).
+
+    Example:
+        >>> regular_file("/")
+        Traceback (most recent call last):
+        ...
+        mlx_bridge.errors.BridgeError: /: not a regular file (a directory)
+    """
+    import stat
+
+    p = Path(path)
+    try:
+        mode = os.stat(p).st_mode
+    except FileNotFoundError as e:
+        raise BridgeError(f"{p}: missing") from e
+    if not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+                "a socket" if stat.S_ISSOCK(mode) else "a device")
+        raise BridgeError(f"{p}: not a regular file ({kind})")
+    return p
+
+
+MAX_JSON = 64 << 20  # a config or manifest larger than this is not one
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object from a regular file; every failure is one `BridgeError` naming the file.
+
+    Example:
+        >>> read_json("/nonexistent/config.json")
+        Traceback (most recent call last):
+        ...
+        mlx_bridge.errors.BridgeError: /nonexistent/config.json: missing
+    """
+    import json
+
+    p = regular_file(path)
+    if p.stat().st_size > MAX_JSON:
+        raise BridgeError(f"{p}: {p.stat().st_size} bytes is too large for a JSON settings file")
+    try:
+        d = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BridgeError(f"{p}: not valid JSON ({e})") from e
+    except RecursionError as e:
+        raise BridgeError(f"{p}: not valid JSON (nested too deeply)") from e
+    if not isinstance(d, dict):
+        raise BridgeError(f"{p}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def inside(directory: str | os.PathLike, name: object, where: str) -> Path:
+    """`directory / name` for a file name read from a file (an index's weight_map): refused when it
+    is not a relative path that stays inside `directory` (`../x`, `/etc/passwd`).
+
+    Example:
+        >>> inside("/m", "../x", "index.json")
+        Traceback (most recent call last):
+        ...
+        mlx_bridge.errors.BridgeError: index.json: '../x' is not a file inside /m
+    """
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise BridgeError(f"{where}: {name!r} is not a file name")
+    parts = Path(name).parts
+    if Path(name).is_absolute() or ".." in parts or name.startswith("~"):
+        raise BridgeError(f"{where}: {name!r} is not a file inside {directory}")
+    return Path(directory) / name

@@ -28,6 +28,7 @@ from typing import BinaryIO, Iterable
 import numpy as np
 
 from ..errors import BridgeError
+from ..fsutil import regular_file
 from .dtypes import DTYPES, from_numpy
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
@@ -61,7 +62,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     and the key for: a header length past the end, non-JSON, unknown dtype, bad shape, dtype x shape not
     matching the byte count, offsets out of range or overlapping.
     """
-    path = Path(path)
+    path = regular_file(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -74,7 +75,9 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     try:
         header = json.loads(blob)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BridgeError(f"{path}: header is not valid JSON ({e})") from None
+        raise BridgeError(f"{path}: header is not valid JSON ({e})") from e
+    except RecursionError as e:  # a header nested thousands deep
+        raise BridgeError(f"{path}: header is not valid JSON (nested too deeply)") from e
     if not isinstance(header, dict):
         raise BridgeError(f"{path}: header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}

@@ -19,7 +19,7 @@ from threadpoolctl import threadpool_limits
 
 from ..errors import BridgeError
 from ..formats import StreamWriter, TensorSpec
-from .plan import Item, materialize
+from .plan import Item, check_finite, materialize
 
 INDEX = "model.safetensors.index.json"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -83,8 +83,9 @@ def write_weights(items: list[Item], out: Path, shard_size: int | str = "5GB", w
                 it = next(queue, None)
                 if it is None:
                     return
-                fut = None if it.is_copy else pool.submit(materialize, it)
-                if fut is not None:
+                # a copied tensor is only checked (NaN/Inf) on the pool while the kernel copies it
+                fut = pool.submit(check_finite if it.is_copy else materialize, it)
+                if not it.is_copy:
                     inflight += it.nbytes
                 pending.append((it, fut))
 
@@ -101,9 +102,10 @@ def write_weights(items: list[Item], out: Path, shard_size: int | str = "5GB", w
                                       {"format": "pt"})
                 left_in_shard = len(shard)
             it, fut = pending.popleft()
-            if fut is None:
+            if it.is_copy:
                 off, n, _ = it.src.file.span(it.src.key, it.src.index)
                 writer.copy_from(it.name, it.src.file.fileno(), off, n)
+                fut.result()
             else:
                 writer.write(it.name, fut.result())
                 inflight -= it.nbytes

@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import raise_all
+from ..errors import BridgeError, raise_all
 from ..formats import BY_NAME, DTYPES, SafetensorsFile
+from ..formats.dtypes import count_nonfinite
 from .archs import Arch, get_arch
 from .lora import fuse_dora, fuse_lora
 from .quant import AFFINE_BITS, GROUP_SIZES, MODES, MX_MODES, dequantize, dequantized_shape
 from .source import Source
+from .validate import check_against_weights, check_types
 
 EMBEDDINGS = ("model.embed_tokens",)  # modules that are nn.Embedding (LoRAEmbedding layout)
 
@@ -109,7 +111,22 @@ def materialize(item: Item) -> np.ndarray:
             w = fuse_dora(w, lo.a.read(), lo.b.read(), lo.scale, lo.m.read())
         else:
             w = fuse_lora(w, lo.a.read(), lo.b.read(), lo.scale, lo.kind, out_dtype=DTYPES[item.dtype].np)
-    return w.astype(DTYPES[item.dtype].np, copy=False)
+    w = w.astype(DTYPES[item.dtype].np, copy=False)
+    check_finite(item, w)
+    return w
+
+
+def check_finite(item: Item, w: np.ndarray | None = None) -> None:
+    """Refuse an output tensor with NaN/Inf values (a damaged source, or a fused adapter that
+    overflows the output dtype); `w` defaults to the source tensor of a copied item (memory-mapped)."""
+    if w is None:
+        w = item.src.file.get(item.src.key)
+        if item.src.index is not None:
+            w = w[item.src.index]
+    n = count_nonfinite(w)
+    if n:
+        why = "" if item.is_copy else f" after {' -> '.join(item.describe().split(' -> ')[1:])}"
+        raise BridgeError(f"{item.src}: {n} of {w.size} values of {item.name} are NaN or Inf{why}")
 
 
 @dataclass
@@ -163,6 +180,7 @@ def build_plan(source: Source, dtype: str = "auto") -> Plan:
     cfg = base.config
     where = str(base.path / "config.json")
     arch = get_arch(cfg, where)
+    raise_all(check_types(cfg), where)  # before any value is used for a size
     problems: list[str] = []
     # every source tensor (full fine-tune tensors replace the base's)
     refs: dict[str, Ref] = {k: Ref(f, k) for k, f in base.where.items()}
@@ -171,6 +189,9 @@ def build_plan(source: Source, dtype: str = "auto") -> Plan:
         afile = adapter.file
         ft = adapter.fine_tune_type
         for k in afile.keys():
+            bad = count_nonfinite(afile.get(k))
+            if bad:
+                problems.append(f"{afile.path.name}: {k}: {bad} NaN/Inf values")
             module, _, leaf = k.rpartition(".")
             if leaf in ("lora_a", "lora_b", "m") and ft in ("lora", "dora"):
                 lora_keys.setdefault(module, {})[leaf] = Ref(afile, k)
@@ -190,7 +211,6 @@ def build_plan(source: Source, dtype: str = "auto") -> Plan:
     items: list[Item] = []
     hf_params = arch.hf_params()
     num_experts = cfg.get(arch.num_experts_key) or cfg.get("num_local_experts") or cfg.get("num_experts")
-    layers_seen: set[int] = set()
     logical: dict[str, tuple[int, ...]] = {}  # module -> dense weight shape (for adapter checks)
     model_float = None  # dtype of the model's dense weights
     for key in sorted(refs, key=_natural):
@@ -231,8 +251,6 @@ def build_plan(source: Source, dtype: str = "auto") -> Plan:
             sdt = sref.file.info(sref.key).dtype
             src_dt = sdt if mode == "affine" else st_of(cfg)
         template, layers = arch.template(key)
-        if key.startswith("model.layers.") and layers:
-            layers_seen.add(layers[0])
         if leaf == "weight" and len(shape) >= 2:
             logical[module] = shape
             if DTYPES[src_dt].floating and model_float is None:
@@ -255,7 +273,7 @@ def build_plan(source: Source, dtype: str = "auto") -> Plan:
             problems.append(f"{ref.file.path.name}: unknown key {key!r} for model_type {arch.model_type!r}")
             continue
         items.append(_item(key, shape, ref, src_dt, quant, out_np))
-    problems += _check_config(cfg, where, logical, layers_seen)
+    problems += [f"{where}: {p}" for p in check_against_weights(cfg, {m + ".weight": s for m, s in logical.items()})]
     # attach adapters
     by_name = {i.name: i for i in items}
     for module, parts in sorted(lora_keys.items(), key=lambda kv: _natural(kv[0])):
@@ -280,21 +298,6 @@ def _item(name, shape, ref, src_dt, quant, out_np) -> Item:
     if out_np is not None and DTYPES[src_dt].floating:
         dt = out_np.st
     return Item(name, dt, tuple(shape), ref, src_dt, quant)
-
-
-def _check_config(cfg: dict, where: str, logical: dict, layers_seen: set[int]) -> list[str]:
-    problems = []
-    emb = logical.get("model.embed_tokens")
-    if emb is not None:
-        if cfg.get("vocab_size") not in (None, emb[0]):
-            problems.append(f"{where}: vocab_size={cfg['vocab_size']} but model.embed_tokens.weight has {emb[0]} rows")
-        if cfg.get("hidden_size") not in (None, emb[1]):
-            problems.append(f"{where}: hidden_size={cfg['hidden_size']} but model.embed_tokens.weight has {emb[1]} columns")
-    n = cfg.get("num_hidden_layers")
-    if layers_seen and n is not None and sorted(layers_seen) != list(range(n)):
-        problems.append(f"{where}: num_hidden_layers={n} but the weights have layers {min(layers_seen)}..{max(layers_seen)}"
-                        f" ({len(layers_seen)} layers)")
-    return problems
 
 
 def _attach(module: str, parts: dict[str, Ref], arch: Arch, logical: dict, by_name: dict[str, Item],
