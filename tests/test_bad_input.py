@@ -23,6 +23,7 @@ from mlx_bridge.cli import main as cli
 from mlx_bridge.errors import BridgeError
 from mlx_bridge.formats import load_file, save_file
 from test_export_common import zoo  # noqa: F401
+from test_export_errors import adapter  # noqa: F401  (a writable copy of a LoRA on the last block)
 
 ROOT = Path(__file__).resolve().parents[1]
 ST = "model.safetensors"
@@ -140,13 +141,6 @@ def test_inf_in_base_weights_with_a_dtype_cast(mlx_dir, tmp_path, capsys):
         w["model.norm.weight"][0] = np.inf
     edit_weights(mlx_dir, edit)
     export_refused(capsys, mlx_dir, tmp_path, "model.norm.weight", "NaN or Inf", extra=["--dtype", "bfloat16"])
-
-
-@pytest.fixture
-def adapter(zoo, tmp_path) -> Path:
-    base = zoo.mlx("llama")
-    return Path(shutil.copytree(zoo.adapter(base, "lora-qv-last", keys=["self_attn.q_proj", "self_attn.v_proj"],
-                                            num_layers=1, rank=2), tmp_path / "ad"))
 
 
 def test_nan_in_adapter_weights(adapter, tmp_path, capsys):
