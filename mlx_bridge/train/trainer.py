@@ -22,6 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import BridgeError
+from ..fsutil import check_apart, recover
 from ..manifest import Manifest, environment
 from . import checkpoint as ck
 from .batching import BatchStream, eval_batches
@@ -69,15 +70,18 @@ class MLXTrainer:
         self.out = Path(out) if out is not None else None
         self._resume_dir = None
         if self.out is not None:
-            if resume and self.out.is_dir() and any(self.out.iterdir()):
+            if resume:
+                recover(self.out, lambda m: print(f"note: {m}", file=sys.stderr))  # a save stopped between its renames: put the checkpoint back
                 if not ck.has_checkpoint(self.out):
-                    raise BridgeError(f"{self.out}: --resume given but the directory holds no checkpoint")
+                    raise BridgeError(f"{self.out}: --resume given but there is no checkpoint to resume there")
                 self._resume_dir = self.out
             elif not resume and not force and self.out.exists():
                 if not self.out.is_dir() or any(self.out.iterdir()):
                     raise BridgeError(f"{self.out}: output directory exists and is not empty (use --resume to "
                                       "continue its run or --force to replace it)")
         self._base = load_base(str(model), revision)
+        if self.out is not None:
+            check_apart(self.out, self._base.path, "the base model")
         self.model, self.tokenizer = self._base.model, self._base.tokenizer
         self.adapter = apply_fine_tune(self.model, self.config)
         self.data: TokenizedData | None = None

@@ -58,9 +58,10 @@ def mlx_probes(against: str | os.PathLike, input_ids: np.ndarray, max_new_tokens
         from mlx_lm import load as mlx_load
         from mlx_lm.generate import generate_step
     except ImportError as e:
-        raise BridgeError(f"--against needs mlx and mlx-lm ({e}); install mlx-bridge[train]") from None
+        raise BridgeError(f"--against needs mlx and mlx-lm ({e}); install mlx-bridge[train]") from e
     base, adapter = mlx_source(against)
-    model, _ = mlx_load(base, adapter_path=adapter)
+    model, _ = mlx_load(base, adapter_path=adapter, tokenizer_config={"trust_remote_code": False},
+                        trust_remote_code=False)
     logits = np.array(model(mx.array(input_ids.astype(np.int32))).astype(mx.float32))
     greedy = np.zeros((input_ids.shape[0], max_new_tokens), np.int32)
     for i, row in enumerate(input_ids):
