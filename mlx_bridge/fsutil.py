@@ -227,6 +227,51 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
+class StreamHasher:
+    """sha256 of files whose bytes are handed over in order as they are written: the updates run on
+    one background thread (hashlib releases the GIL), so hashing runs beside the writing and each
+    byte is hashed while it is in memory anyway. At most `limit` bytes of owned buffers wait.
+
+    Example:
+        >>> h = StreamHasher()
+        >>> h.update("a", b"hello "); h.update("a", b"world")
+        >>> h.digests()["a"] == hashlib.sha256(b"hello world").hexdigest()
+        True
+    """
+
+    def __init__(self, limit: int = 256 << 20):
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+        self._h: dict[str, "hashlib._Hash"] = {}
+        self._pending: deque = deque()
+        self._queued, self.limit = 0, limit
+
+    def update(self, name: str, data: bytes | memoryview, owned: bool = True) -> None:
+        """Add `data` to the hash of `name`; `owned`: the buffer holds memory (counted against `limit`;
+        a view of a mapped file is not)."""
+        mv = memoryview(data).cast("B")
+        h = self._h.setdefault(name, hashlib.sha256())
+        n = mv.nbytes if owned else 0
+        self._pending.append((self._pool.submit(h.update, mv), n))
+        self._queued += n
+        while self._queued > self.limit or (self._pending and self._pending[0][0].done()):
+            fut, k = self._pending.popleft()
+            fut.result()
+            self._queued -= k
+
+    def digests(self) -> dict[str, str]:
+        """{name: hex sha256} once every update is done."""
+        while self._pending:
+            self._pending.popleft()[0].result()
+        self._queued = 0
+        return {k: h.hexdigest() for k, h in self._h.items()}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def check_hashes(directory: str | os.PathLike, files: dict[str, str], what: str = "manifest.json") -> None:
     """Refuse a directory whose files are not the bytes `files` ({name: sha256}) records.
 

@@ -247,3 +247,17 @@ def test_sigterm_cleans_up_like_ctrl_c(zoo, tmp_path):
     _, err = p.communicate(timeout=60)
     assert p.returncode == 143, err
     assert "Traceback" not in err and os.listdir(tmp_path / "w") == []
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_shard_hashes_computed_while_writing_are_the_files(zoo, tmp_path, dtype):
+    """The sha256 of each shard is computed from the bytes as they are written (copied expert slices,
+    cast and fused tensors, several shards): it must equal a fresh hash of the file."""
+    from mlx_bridge import export
+
+    out = export(zoo.mlx("mixtral"), tmp_path / "out", dtype=dtype, shard_size="20KB", verify=False,
+                 progress=False, log=lambda *a: None)
+    m = Manifest.load(out)
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 3
+    assert {p.name: sha256_file(p) for p in out.iterdir() if p.name != "manifest.json"} == m.files

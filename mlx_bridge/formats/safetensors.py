@@ -152,6 +152,11 @@ class SafetensorsFile:
         per = t.nbytes // t.shape[0]
         return self._data_start + t.begin + index * per, per, t.shape[1:]
 
+    def view(self, name: str, index: int | None = None) -> memoryview:
+        """The stored bytes of a tensor (or of `tensor[index]`), zero-copy from the map."""
+        off, n, _ = self.span(name, index)
+        return memoryview(self._mm)[off : off + n] if n else memoryview(b"")
+
     def read(self, name: str, index: int | None = None) -> np.ndarray:
         """A private copy of the tensor (or of `tensor[index]`), read with pread: nothing stays mapped,
         so streaming a large model keeps the resident set small."""
@@ -227,7 +232,8 @@ class StreamWriter:
         self.specs = list(specs)
         self._next = 0
         self._f: BinaryIO = open(self.path, "wb")
-        self._f.write(build_header(self.specs, metadata))
+        self.header = build_header(self.specs, metadata)  # the first bytes of the file
+        self._f.write(self.header)
 
     def write(self, name: str, data: np.ndarray | bytes | memoryview) -> None:
         spec = self.specs[self._next]

@@ -15,10 +15,12 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 from threadpoolctl import threadpool_limits
 
 from ..errors import BridgeError
 from ..formats import StreamWriter, TensorSpec
+from ..fsutil import StreamHasher
 from .plan import Item, check_finite, materialize
 
 INDEX = "model.safetensors.index.json"
@@ -62,8 +64,13 @@ def shard_names(n: int, stem: str = "model") -> list[str]:
 
 
 def write_weights(items: list[Item], out: Path, shard_size: int | str = "5GB", workers: int | None = None,
-                  lookahead_bytes: int = 256 << 20, progress: bool = True) -> dict[str, str]:
-    """Write all items as shards + index into `out`; return {tensor name: file name}."""
+                  lookahead_bytes: int = 256 << 20, progress: bool = True,
+                  hasher: StreamHasher | None = None) -> dict[str, str]:
+    """Write all items as shards + index into `out`; return {tensor name: file name}.
+
+    With `hasher`, every shard's bytes are handed to it in file order as they are written (computed
+    tensors from memory, copied ones from the source's map), so its sha256 needs no second read.
+    """
     shards = assign_shards(items, parse_size(shard_size))
     names = shard_names(len(shards))
     weight_map = {it.name: name for shard, name in zip(shards, names) for it in shard}
@@ -100,14 +107,21 @@ def write_weights(items: list[Item], out: Path, shard_size: int | str = "5GB", w
                 shard, name = next(shard_iter)
                 writer = StreamWriter(out / name, [TensorSpec(i.name, i.dtype, i.shape) for i in shard],
                                       {"format": "pt"})
+                if hasher is not None:
+                    hasher.update(name, writer.header)
                 left_in_shard = len(shard)
             it, fut = pending.popleft()
             if it.is_copy:
                 off, n, _ = it.src.file.span(it.src.key, it.src.index)
                 writer.copy_from(it.name, it.src.file.fileno(), off, n)
                 fut.result()
+                if hasher is not None:
+                    hasher.update(name, it.src.file.view(it.src.key, it.src.index), owned=False)
             else:
-                writer.write(it.name, fut.result())
+                w = fut.result()
+                writer.write(it.name, w)
+                if hasher is not None:
+                    hasher.update(name, np.ascontiguousarray(w).reshape(-1).view(np.uint8).data)
                 inflight -= it.nbytes
             left_in_shard -= 1
             bar.update(it.nbytes)

@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import BridgeError, CheckFailed
 from ..formats.dtypes import OUTPUT_DTYPES
-from ..fsutil import atomic_dir, check_apart, check_hashes, check_output_dir, sha256_file, write_atomic
+from ..fsutil import StreamHasher, atomic_dir, check_apart, check_hashes, check_output_dir, sha256_file, write_atomic
 from ..manifest import Manifest
 from ..probes import FILENAME as PROBES
 from . import hf_config, peft
@@ -70,6 +70,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
         check_output_dir(out, force)
     source = open_source(src, base)
     hashing = ThreadPoolExecutor(min(2, os.cpu_count() or 1))
+    out_hasher = StreamHasher()  # the shards' sha256, computed from the bytes as they are written
     try:
         check_apart(out, source.base.path, "the base model")
         if source.manifest is not None and source.adapter is not None:
@@ -107,7 +108,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
         with atomic_dir(out, force, log=lambda s: print(f"note: {s}", file=sys.stderr)) as tmp:
             t1 = time.perf_counter()
             if format == "hf":
-                write_weights(plan.items, tmp, shard_size, progress=progress)
+                write_weights(plan.items, tmp, shard_size, progress=progress, hasher=out_hasher)
                 hf_config.write_config(tmp, cfg)
                 hf_config.write_generation_config(source.base.path, tmp, cfg)
                 _copy_tokenizer(source, tmp)
@@ -127,10 +128,11 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
                 print(f"warning: serving engines may refuse this export: {problem}", file=sys.stderr)
             _maybe_verify(tmp, out, verify, format, log, keep_failed)
             _write_manifest(tmp, source, plan, format, notes, {"plan": t1 - t0, "write": t2 - t1},
-                            warnings if format == "peft" else [], src_sha)
+                            warnings if format == "peft" else [], src_sha, out_hasher.digests())
         log(f"exported {src} -> {out} ({format}, {plan.dtype}, {time.perf_counter() - t0:.1f}s)")
     finally:
         hashing.shutdown(wait=True, cancel_futures=True)
+        out_hasher.close()
         source.close()
     return out
 
@@ -171,15 +173,16 @@ def _copy_tokenizer(source, out: Path) -> None:
         print(f"warning: {source.base.path}: no tokenizer files found; the export has no tokenizer", file=sys.stderr)
 
 
-def _hash_files(paths: list[Path]) -> dict[str, str]:
-    """{file name: sha256} of the files, hashed on both cores at once (largest first)."""
+def _hash_files(paths: list[Path], known: dict[str, str]) -> dict[str, str]:
+    """{file name: sha256} of the files: `known` ones as given, the rest hashed on both cores at once."""
+    todo = [p for p in paths if p.name not in known]
     with ThreadPoolExecutor(min(2, os.cpu_count() or 1)) as pool:
-        futures = _start_hashing(pool, paths)
-        return {p.name: futures[p].result() for p in paths}
+        futures = _start_hashing(pool, todo)
+        return {p.name: known[p.name] if p.name in known else futures[p].result() for p in paths}
 
 
 def _write_manifest(out: Path, source, plan: Plan, format: str, notes: list[str], seconds: dict,
-                    warnings: list[str], src_sha: dict[Path, Future]) -> None:
+                    warnings: list[str], src_sha: dict[Path, Future], written: dict[str, str]) -> None:
     t = time.perf_counter()
     m = Manifest.from_dict(source.manifest.to_dict()) if source.manifest else Manifest()
     m.kind = "export"
@@ -195,7 +198,7 @@ def _write_manifest(out: Path, source, plan: Plan, format: str, notes: list[str]
                      "lora_alpha": (source.adapter.scale * lp["rank"]) if lp.get("rank") else None,
                      "dropout": lp.get("dropout"), "modules": plan.adapter_modules}
     src_hashes = {p.name: f.result() for p, f in sorted(src_sha.items())}
-    out_hashes = _hash_files(out_files)
+    out_hashes = _hash_files(out_files, written)
     m.export = {
         "format": format, "dtype": plan.dtype, "source": str(source.path), "base": str(source.base.path),
         "arch": plan.arch.model_type, "architecture": plan.arch.architecture,
