@@ -261,3 +261,29 @@ def test_shard_hashes_computed_while_writing_are_the_files(zoo, tmp_path, dtype)
     shards = sorted(out.glob("model-*.safetensors"))
     assert len(shards) > 3
     assert {p.name: sha256_file(p) for p in out.iterdir() if p.name != "manifest.json"} == m.files
+
+
+# --- PEFT exports are verified too ---------------------------------------------------------------------------
+
+def test_peft_export_is_verified_and_verify_accepts_a_peft_dir(ckpt, tmp_path, capsys):
+    rc, err = run(capsys, "export", ckpt, "--out", tmp_path / "peft", "--format", "peft")
+    assert rc == 0, err
+    report = json.loads((tmp_path / "peft" / "parity.json").read_text())
+    assert report["passed"] and "peft" in report["deployed"], report["summary"]
+    assert "parity.json" in Manifest.load(tmp_path / "peft").files
+    # a PEFT file with the wrong scale (lora_alpha doubled): `verify DIR` fails, exit 1
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    cfg["lora_alpha"] *= 2
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(cfg))
+    assert cli(["verify", str(tmp_path / "peft"), "--no-write"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_failed_peft_parity_writes_nothing(ckpt, tmp_path, capsys):
+    other = other_base(ckpt, tmp_path)
+    where = tmp_path / "w"
+    where.mkdir()
+    rc, err = run(capsys, "export", ckpt, "--out", where / "out", "--format", "peft", "--base", other,
+                  "--allow-base-mismatch")
+    assert rc == 1 and "FAIL" in one_line(err), err
+    assert os.listdir(where) == []

@@ -126,7 +126,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
 
             for problem in check_export(tmp):
                 print(f"warning: serving engines may refuse this export: {problem}", file=sys.stderr)
-            _maybe_verify(tmp, out, verify, format, log, keep_failed)
+            _maybe_verify(tmp, out, verify, log, keep_failed, source.base.path)
             _write_manifest(tmp, source, plan, format, notes, {"plan": t1 - t0, "write": t2 - t1},
                             warnings if format == "peft" else [], src_sha, out_hasher.digests())
         log(f"exported {src} -> {out} ({format}, {plan.dtype}, {time.perf_counter() - t0:.1f}s)")
@@ -211,13 +211,11 @@ def _write_manifest(out: Path, source, plan: Plan, format: str, notes: list[str]
     m.save(out)
 
 
-def _maybe_verify(tmp: Path, out: Path, verify: bool | None, format: str, log, keep_failed: bool) -> None:
-    """Verify the finished export in its temporary directory (before it gets its name); a failure
-    raises `CheckFailed`, the output kept only as `OUT.failed` with `keep_failed`."""
+def _maybe_verify(tmp: Path, out: Path, verify: bool | None, log, keep_failed: bool, base: Path) -> None:
+    """Verify the finished export in its temporary directory (before it gets its name; a PEFT adapter
+    merged into `base`); a failure raises `CheckFailed`, the output kept only as `OUT.failed` with
+    `keep_failed`."""
     if verify is False or not (tmp / PROBES).is_file():
-        return
-    if format != "hf":
-        log("note: a PEFT export is not verified here; verify an --format hf export of the same checkpoint")
         return
     try:
         import torch  # noqa: F401
@@ -227,7 +225,7 @@ def _maybe_verify(tmp: Path, out: Path, verify: bool | None, format: str, log, k
             raise BridgeError(f"--verify needs the deploy extra (torch): {e}") from e
         log(f"note: not verifying ({e}); run `mlx-bridge verify {out}` where torch is installed")
         return
-    report = run_verify(tmp, write=False)
+    report = run_verify(tmp, write=False, base=base)
     report["export_dir"] = str(out)
     write_atomic(tmp / REPORT, json.dumps(report, indent=2) + "\n")
     log(f"parity: {report['summary']}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -116,7 +117,7 @@ def _default_inputs(model, n_tokens: int = 16) -> np.ndarray:
 
 def verify(export_dir: str | os.PathLike, against: str | os.PathLike | None = None, *, device: str = "cpu",
            dtype: str = "auto", backend: str = "auto", atol: float | None = None, rtol: float | None = None,
-           max_new_tokens: int = 16, write: bool = True, model=None) -> dict:
+           max_new_tokens: int = 16, write: bool = True, model=None, base: str | os.PathLike | None = None) -> dict:
     """Check an export against MLX's outputs; write `parity.json` into it; return the report.
 
     Args:
@@ -127,6 +128,8 @@ def verify(export_dir: str | os.PathLike, against: str | os.PathLike | None = No
         max_new_tokens: greedy tokens per probe when the probes are made here (`against` without probes).
         write: write `parity.json`.
         model: an already loaded `DeployedModel` of `export_dir` (skips loading).
+        base: for a PEFT adapter directory, the MLX base model it applies to (default: the one its
+            manifest names); the adapter is merged into it with PEFT's formulas (`peft_merge`) and run.
     Returns:
         the report (see `parity.json`): "passed", "logits", "greedy", ...
     Raises:
@@ -136,12 +139,22 @@ def verify(export_dir: str | os.PathLike, against: str | os.PathLike | None = No
         >>> verify("deploy/alpaca", against="ckpt/alpaca")["passed"]  # doctest: +SKIP
         True
     """
-    t0 = time.perf_counter()
     d = Path(export_dir)
+    from .peft_merge import is_peft_dir, merged_dir
+
+    if model is not None or not is_peft_dir(d):
+        return _verify(d, against, device, dtype, backend, atol, rtol, max_new_tokens, write, model, None)
+    with tempfile.TemporaryDirectory(prefix="mlx-bridge-peft-") as t:
+        merged = merged_dir(d, Path(t) / "merged", base)
+        return _verify(d, against, device, dtype, backend, atol, rtol, max_new_tokens, write, None, merged)
+
+
+def _verify(d: Path, against, device, dtype, backend, atol, rtol, max_new_tokens, write, model, merged) -> dict:
+    t0 = time.perf_counter()
     if model is None:
         from ..deploy.loader import load
 
-        model = load(d, device=device, dtype=dtype, backend=backend)
+        model = load(merged or d, device=device, dtype=dtype, backend=backend)
     have_probes = (d / PROBES).exists()
     if against is None and not have_probes:
         raise BridgeError(f"{d}: no {PROBES} (the checkpoint was saved without probes); "
@@ -170,7 +183,9 @@ def verify(export_dir: str | os.PathLike, against: str | os.PathLike | None = No
         "schema_version": 1, "passed": logits["passed"] and greedy["passed"], "export_dir": str(d),
         "reference": {"source": source, "against": str(against) if against is not None else None,
                       "dtype": probes.dtype},
-        "deployed": {"backend": model.backend, "device": str(model.device), "dtype": deployed_dtype},
+        "deployed": {"backend": model.backend, "device": str(model.device), "dtype": deployed_dtype,
+                     **({"peft": "adapter merged into its base with PEFT's formulas (verify/peft_merge.py)"}
+                        if merged else {})},
         "probes": {"num": int(probes.input_ids.shape[0]), "length": int(probes.input_ids.shape[1]),
                    "max_new_tokens": int(probes.greedy.shape[1])},
         "logits": logits, "greedy": greedy, "environment": environment(),
