@@ -177,10 +177,17 @@ def _verify(d: Path, against, device, dtype, backend, atol, rtol, max_new_tokens
     got = model.logits(torch.as_tensor(probes.input_ids, dtype=torch.long)).cpu().numpy()
     logits = compare_logits(probes.logits, got, a, r, OUTLIERS[coarse])
     greedy = compare_greedy(model, probes.input_ids, probes.greedy, logits["limit"])
+    long = None
+    if probes.long_input_ids is not None:  # past the sliding window / rope-scaling threshold
+        K = probes.long_logits.shape[1]
+        got_long = model.logits(torch.as_tensor(probes.long_input_ids, dtype=torch.long))[:, -K:].cpu().numpy()
+        long = dict(compare_logits(probes.long_logits, got_long, a, r, OUTLIERS[coarse]),
+                    length=int(probes.long_input_ids.shape[1]), positions_compared=int(K))
     from ..manifest import environment
 
     report = {
-        "schema_version": 1, "passed": logits["passed"] and greedy["passed"], "export_dir": str(d),
+        "schema_version": 1, "passed": logits["passed"] and greedy["passed"] and (long is None or long["passed"]),
+        "export_dir": str(d),
         "reference": {"source": source, "against": str(against) if against is not None else None,
                       "dtype": probes.dtype},
         "deployed": {"backend": model.backend, "device": str(model.device), "dtype": deployed_dtype,
@@ -188,7 +195,7 @@ def _verify(d: Path, against, device, dtype, backend, atol, rtol, max_new_tokens
                         if merged else {})},
         "probes": {"num": int(probes.input_ids.shape[0]), "length": int(probes.input_ids.shape[1]),
                    "max_new_tokens": int(probes.greedy.shape[1])},
-        "logits": logits, "greedy": greedy, "environment": environment(),
+        "logits": logits, "greedy": greedy, "long_probe": long, "environment": environment(),
         "seconds": round(time.perf_counter() - t0, 3),
     }
     report["tolerance"] = {"dtype": coarse, "atol": a, "rtol": r, "limit": logits["limit"],
@@ -197,7 +204,9 @@ def _verify(d: Path, against, device, dtype, backend, atol, rtol, max_new_tokens
                                    "(up to outliers_allowed of them over); greedy tokens equal or a near-tie"}
     report["summary"] = (f"{'PASS' if report['passed'] else 'FAIL'}: logits max |diff| {logits['max_abs_diff']:.3g} "
                          f"(limit {logits['limit']:.3g} = {a:g} + {r:g} x {logits['max_abs_reference']:.3g}, {coarse}); "
-                         f"greedy {greedy['exact']}/{greedy['of']} identical")
+                         f"greedy {greedy['exact']}/{greedy['of']} identical"
+                         + (f"; long probe ({long['length']} tokens) max |diff| {long['max_abs_diff']:.3g}"
+                            if long else ""))
     if write:
         _write_json(d / REPORT, report)
     return report
@@ -221,6 +230,9 @@ def summary(report: dict) -> str:
            f"({lg['allowed_over_limit']} allowed)" if lg["positions_over_limit"] else ""),
         f"  greedy: {gr['exact']}/{gr['of']} continuations identical ({gr['max_new_tokens']} tokens each)"
         + (f", {gr['near_ties']} diverge at a near-tie" if gr["near_ties"] else ""),
+        *([f"  long probe: {lp['length']} tokens (past the sliding window / rope-scaling threshold), last "
+           f"{lp['positions_compared']} positions: max |diff| {lp['max_abs_diff']:.3g} (limit {lp['limit']:.3g})"]
+          if (lp := report.get("long_probe")) else []),
         "PASS" if report["passed"] else "FAIL",
     ]
     return "\n".join(lines)
