@@ -287,3 +287,14 @@ def test_missing_extra_is_one_line(tmp_path):
         r = subprocess.run([sys.executable, "-m", "mlx_bridge", *argv], capture_output=True, text=True, env=env, timeout=120)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-1500:]
         assert r.stderr.startswith("error: ") and "pip install 'mlx-bridge[" in r.stderr, r.stderr
+
+
+def test_debug_shows_the_cause_chain(mlx_dir, tmp_path):
+    """--debug: the traceback with the cause (`raise ... from e`); without it one line."""
+    (mlx_dir / "config.json").write_text("{not json")
+    argv = [sys.executable, "-m", "mlx_bridge", "export", str(mlx_dir), "--out", str(tmp_path / "o")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    quiet = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    assert quiet.returncode == 2 and quiet.stderr.count("\n") == 1, quiet.stderr
+    loud = subprocess.run(argv[:3] + ["--debug"] + argv[3:], capture_output=True, text=True, env=env, timeout=120)
+    assert "JSONDecodeError" in loud.stderr and "direct cause" in loud.stderr, loud.stderr[-1500:]

@@ -47,7 +47,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise BridgeError(f"device {device!r}: not a device name ({e})") from None
+        raise BridgeError(f"device {device!r}: not a device name ({e})") from e
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise BridgeError(f"device {device!r}: CUDA is not available (torch {torch.__version__}, "
@@ -243,7 +243,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
             chosen = "native"
         except Unsupported as e:
             if backend == "native":
-                raise BridgeError(f"{d / 'config.json'}: no native class for it: {e}") from None
+                raise BridgeError(f"{d / 'config.json'}: no native class for it: {e}") from e
             warnings.warn(f"{d}: {e}: running it with transformers' AutoModelForCausalLM", stacklevel=2)
             chosen = "transformers"
     if chosen == "transformers":

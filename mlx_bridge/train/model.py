@@ -55,7 +55,7 @@ def _hub_download(name: str, revision: str | None) -> Path:
     except Exception as e:  # offline, unknown repo, auth: one line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BridgeError(f"model {name!r}: not a local directory, and it could not be fetched from the "
-                          f"Hugging Face hub ({type(e).__name__}: {msg})") from None
+                          f"Hugging Face hub ({type(e).__name__}: {msg})") from e
 
 
 def load_base(model: str, revision: str | None = None) -> Base:
@@ -77,11 +77,11 @@ def load_base(model: str, revision: str | None = None) -> Base:
         raise BridgeError(f"{cfg_path}: no model_type")
     try:
         _get_classes(config)
-    except ValueError:
+    except ValueError as e:
         import mlx_lm
 
         raise BridgeError(f"{cfg_path}: model_type {config['model_type']!r} is not an architecture mlx-lm "
-                          f"{mlx_lm.__version__} supports") from None
+                          f"{mlx_lm.__version__} supports") from e
     files = sorted(p.glob("model*.safetensors"))
     if not files:
         raise BridgeError(f"{p}: no model*.safetensors weight files")
@@ -184,7 +184,7 @@ def apply_fine_tune(model: nn.Module, cfg: TrainConfig) -> dict:
     try:
         linear_to_lora_layers(model, cfg.num_layers, params, use_dora=cfg.fine_tune_type == "dora")
     except ValueError as e:  # DoRA on MoE experts, say
-        raise BridgeError(f"fine_tune_type {cfg.fine_tune_type}: {e}") from None
+        raise BridgeError(f"fine_tune_type {cfg.fine_tune_type}: {e}") from e
     return {"type": cfg.fine_tune_type, "rank": cfg.lora_rank, "scale": cfg.scale, "lora_alpha": cfg.alpha,
             "alpha_given_as": cfg.alpha_given_as, "dropout": cfg.lora_dropout, "targets": keys,
             "layers": layers, "num_layers": cfg.num_layers}

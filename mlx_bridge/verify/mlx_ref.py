@@ -40,7 +40,7 @@ def mlx_source(against: str | os.PathLike) -> tuple[str, str | None]:
         try:
             base = json.loads((d / "adapter_config.json").read_text()).get("model")
         except (FileNotFoundError, json.JSONDecodeError) as e:
-            raise BridgeError(f"{d / 'adapter_config.json'}: unreadable ({e})") from None
+            raise BridgeError(f"{d / 'adapter_config.json'}: unreadable ({e})") from e
         if not base:
             raise BridgeError(f"{d / 'adapter_config.json'}: no 'model' naming the base model")
         return str(base), str(d)
