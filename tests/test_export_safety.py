@@ -98,6 +98,7 @@ def test_failed_parity_exits_1_and_writes_nothing(ckpt, tmp_path, capsys):
                   "--keep-failed")
     assert rc == 1 and sorted(os.listdir(where)) == ["out.failed"], (err, os.listdir(where))
     assert not json.loads((where / "out.failed" / "parity.json").read_text())["passed"]
+    assert f"base model: `{other}`" in (where / "out.failed" / "README.md").read_text()  # the base used
 
 
 def test_nan_logits_fail_parity():

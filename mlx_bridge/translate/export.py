@@ -119,9 +119,13 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
             t2 = time.perf_counter()
             if (source.path / PROBES).is_file():
                 shutil.copyfile(source.path / PROBES, tmp / PROBES)
+            base_ref = _base_ref(source)
+            if _check_base(source, src_sha, allow_base_mismatch):  # name the base actually used
+                base_ref = str(source.base.path)
+                if format == "peft":
+                    peft.write_config(tmp, dict(pcfg, base_model_name_or_path=base_ref))
             (tmp / "README.md").write_text(hf_config.model_card(
-                plan.arch, _base_ref(source), str(source.path) if source.adapter else None, plan.dtype, notes, format))
-            _check_base(source, src_sha, allow_base_mismatch)
+                plan.arch, base_ref, str(source.path) if source.adapter else None, plan.dtype, notes, format))
             from .compat import check_export  # torch-free: what vLLM / TRT-LLM require of the dir
 
             for problem in check_export(tmp):
@@ -142,20 +146,22 @@ def _start_hashing(pool: ThreadPoolExecutor, paths: list[Path]) -> dict[Path, Fu
     return {p: pool.submit(sha256_file, p) for p in sorted(set(paths), key=lambda p: -p.stat().st_size)}
 
 
-def _check_base(source, src_sha: dict[Path, Future], allow: bool) -> None:
-    """Refuse a base whose weight files are not the ones the checkpoint was trained on (its manifest's sha256)."""
+def _check_base(source, src_sha: dict[Path, Future], allow: bool) -> bool:
+    """Refuse a base whose weight files are not the ones the checkpoint was trained on (its manifest's
+    sha256); with `allow`, warn and return True."""
     want = (source.manifest.base_model.get("weight_sha256") if source.manifest and source.adapter else None) or {}
     if not want:
-        return
+        return False
     got = {f.path.name: src_sha[f.path].result() for f in source.base.files}
     differ = sorted(n for n in set(want) | set(got) if want.get(n) != got.get(n))
     if not differ:
-        return
+        return False
     msg = (f"{source.base.path}: weight files differ from the base the checkpoint was trained on "
            f"({len(differ)} of {len(set(want) | set(got))}: {', '.join(differ[:3])}; sha256 in {source.path / 'manifest.json'})")
     if not allow:
         raise BridgeError(msg + "; pass --allow-base-mismatch to export onto this base anyway")
     print(f"warning: {msg}; exporting anyway (--allow-base-mismatch)", file=sys.stderr)
+    return True
 
 
 def _base_ref(source) -> str:
