@@ -152,11 +152,6 @@ class SafetensorsFile:
         per = t.nbytes // t.shape[0]
         return self._data_start + t.begin + index * per, per, t.shape[1:]
 
-    def view(self, name: str, index: int | None = None) -> memoryview:
-        """The stored bytes of a tensor (or of `tensor[index]`), zero-copy from the map."""
-        off, n, _ = self.span(name, index)
-        return memoryview(self._mm)[off : off + n] if n else memoryview(b"")
-
     def read(self, name: str, index: int | None = None) -> np.ndarray:
         """A private copy of the tensor (or of `tensor[index]`), read with pread: nothing stays mapped,
         so streaming a large model keeps the resident set small."""

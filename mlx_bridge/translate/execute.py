@@ -1,9 +1,11 @@
 """Execute a plan: stream output tensors into safetensors shards.
 
 Shards are assigned up front (greedy, in order, at most `shard_size` bytes each; a larger tensor gets
-its own shard), so every header is known before the first byte. Tensors that need math are computed
-on a thread pool a few steps ahead of the writer (numpy releases the GIL in its kernels, so both cores
-work); untouched tensors go file-to-file with copy_file_range. Memory stays bounded by the look-ahead.
+its own shard), so every header is known before the first byte. Every tensor is produced on a thread
+pool a few steps ahead of the writer (numpy releases the GIL in its kernels, so both cores work): read
+with pread (nothing stays mapped), computed where the plan says so, and checked for NaN/Inf. Each
+byte then passes through once: written, and handed to the shard's sha256 (`fsutil.StreamHasher`,
+its own thread). Memory stays bounded by the look-ahead.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from threadpoolctl import threadpool_limits
 from ..errors import BridgeError
 from ..formats import StreamWriter, TensorSpec
 from ..fsutil import StreamHasher
-from .plan import Item, check_finite, materialize
+from .plan import Item, materialize
 
 INDEX = "model.safetensors.index.json"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -90,10 +92,8 @@ def write_weights(items: list[Item], out: Path, shard_size: int | str = "5GB", w
                 it = next(queue, None)
                 if it is None:
                     return
-                # a copied tensor is only checked (NaN/Inf) on the pool while the kernel copies it
-                fut = pool.submit(check_finite if it.is_copy else materialize, it)
-                if not it.is_copy:
-                    inflight += it.nbytes
+                fut = pool.submit(materialize, it)  # read (and computed), NaN/Inf checked
+                inflight += it.nbytes
                 pending.append((it, fut))
 
         writer = None
@@ -111,18 +111,11 @@ def write_weights(items: list[Item], out: Path, shard_size: int | str = "5GB", w
                     hasher.update(name, writer.header)
                 left_in_shard = len(shard)
             it, fut = pending.popleft()
-            if it.is_copy:
-                off, n, _ = it.src.file.span(it.src.key, it.src.index)
-                writer.copy_from(it.name, it.src.file.fileno(), off, n)
-                fut.result()
-                if hasher is not None:
-                    hasher.update(name, it.src.file.view(it.src.key, it.src.index), owned=False)
-            else:
-                w = fut.result()
-                writer.write(it.name, w)
-                if hasher is not None:
-                    hasher.update(name, np.ascontiguousarray(w).reshape(-1).view(np.uint8).data)
-                inflight -= it.nbytes
+            w = np.ascontiguousarray(fut.result())
+            writer.write(it.name, w)
+            if hasher is not None:
+                hasher.update(name, w.reshape(-1).view(np.uint8).data)
+            inflight -= it.nbytes
             left_in_shard -= 1
             bar.update(it.nbytes)
             refill()

@@ -116,13 +116,9 @@ def materialize(item: Item) -> np.ndarray:
     return w
 
 
-def check_finite(item: Item, w: np.ndarray | None = None) -> None:
-    """Refuse an output tensor with NaN/Inf values (a damaged source, or a fused adapter that
-    overflows the output dtype); `w` defaults to the source tensor of a copied item (memory-mapped)."""
-    if w is None:
-        w = item.src.file.get(item.src.key)
-        if item.src.index is not None:
-            w = w[item.src.index]
+def check_finite(item: Item, w: np.ndarray) -> None:
+    """Refuse an output tensor `w` with NaN/Inf values (a damaged source, or a fused adapter that
+    overflows the output dtype)."""
     n = count_nonfinite(w)
     if n:
         why = "" if item.is_copy else f" after {' -> '.join(item.describe().split(' -> ')[1:])}"
