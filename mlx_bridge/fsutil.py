@@ -239,7 +239,7 @@ class StreamHasher:
         True
     """
 
-    def __init__(self, limit: int = 128 << 20):
+    def __init__(self, limit: int = 64 << 20):
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
 
