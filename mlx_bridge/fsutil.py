@@ -218,11 +218,14 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     return path
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
-    """Hex sha256 of a file, read in 16 MB chunks."""
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24, stop=None) -> str | None:
+    """Hex sha256 of a file, read in 16 MB chunks; None if the event `stop` is set meanwhile (a
+    refused export does not wait for the hashing of a large base)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while b := f.read(chunk):
+            if stop is not None and stop.is_set():
+                return None
             h.update(b)
     return h.hexdigest()
 

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -69,7 +70,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
     if not dry_run:
         check_output_dir(out, force)
     source = open_source(src, base)
-    hashing = ThreadPoolExecutor(min(2, os.cpu_count() or 1))
+    hashing, stop = ThreadPoolExecutor(min(2, os.cpu_count() or 1)), threading.Event()
     out_hasher = StreamHasher()  # the shards' sha256, computed from the bytes as they are written
     try:
         check_apart(out, source.base.path, "the base model")
@@ -77,7 +78,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
             check_hashes(source.path, source.manifest.files)
         # the source is hashed on both cores while the export runs (one read of each byte)
         src_files = [f.path for f in source.base.files] + ([source.adapter.file.path] if source.adapter else [])
-        src_sha = _start_hashing(hashing, src_files)
+        src_sha = _start_hashing(hashing, src_files, stop)
         if format == "peft" and source.adapter is None:
             raise BridgeError(f"{src}: --format peft needs an adapter or checkpoint directory, not a model directory")
         if format == "peft" and source.adapter.fine_tune_type == "full":
@@ -135,15 +136,16 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
                             warnings if format == "peft" else [], src_sha, out_hasher.digests())
         log(f"exported {src} -> {out} ({format}, {plan.dtype}, {time.perf_counter() - t0:.1f}s)")
     finally:
+        stop.set()  # every hash the export needed is done; a refused one does not wait for the rest
         hashing.shutdown(wait=True, cancel_futures=True)
         out_hasher.close()
         source.close()
     return out
 
 
-def _start_hashing(pool: ThreadPoolExecutor, paths: list[Path]) -> dict[Path, Future]:
+def _start_hashing(pool: ThreadPoolExecutor, paths: list[Path], stop=None) -> dict[Path, Future]:
     """{path: future sha256}, largest files first (so both cores stay busy to the end)."""
-    return {p: pool.submit(sha256_file, p) for p in sorted(set(paths), key=lambda p: -p.stat().st_size)}
+    return {p: pool.submit(sha256_file, p, stop=stop) for p in sorted(set(paths), key=lambda p: -p.stat().st_size)}
 
 
 def _check_base(source, src_sha: dict[Path, Future], allow: bool) -> bool:
