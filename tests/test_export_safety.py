@@ -288,3 +288,8 @@ def test_failed_peft_parity_writes_nothing(ckpt, tmp_path, capsys):
                   "--allow-base-mismatch")
     assert rc == 1 and "FAIL" in one_line(err), err
     assert os.listdir(where) == []
+
+
+def test_verify_asked_without_probes_is_refused(zoo, tmp_path, capsys):
+    rc, err = run(capsys, "export", zoo.mlx("llama"), "--out", tmp_path / "out", "--verify")
+    assert rc == 2 and "probes.safetensors" in one_line(err) and not (tmp_path / "out").exists(), err

@@ -74,6 +74,9 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
     out_hasher = StreamHasher()  # the shards' sha256, computed from the bytes as they are written
     try:
         check_apart(out, source.base.path, "the base model")
+        if verify and not (source.path / PROBES).is_file():
+            raise BridgeError(f"--verify: {source.path} has no {PROBES} (MLX outputs saved with a checkpoint) to "
+                              f"check against; export, then `mlx-bridge verify OUT --against {source.path}`")
         if source.manifest is not None and source.adapter is not None:
             check_hashes(source.path, source.manifest.files)
         # the source is hashed on both cores while the export runs (one read of each byte)

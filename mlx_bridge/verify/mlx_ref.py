@@ -60,6 +60,12 @@ def mlx_probes(against: str | os.PathLike, input_ids: np.ndarray, max_new_tokens
     except ImportError as e:
         raise BridgeError(f"--against needs mlx and mlx-lm ({e}); install mlx-bridge[train]") from e
     base, adapter = mlx_source(against)
+    if Path(base).is_dir():  # config values checked before mlx-lm builds anything from them
+        from ..fsutil import read_json
+        from ..translate.validate import validate_model_dir
+
+        validate_model_dir(read_json(Path(base) / "config.json"), sorted(Path(base).glob("model*.safetensors")),
+                           str(Path(base) / "config.json"))
     model, _ = mlx_load(base, adapter_path=adapter, tokenizer_config={"trust_remote_code": False},
                         trust_remote_code=False)
     logits = np.array(model(mx.array(input_ids.astype(np.int32))).astype(mx.float32))
