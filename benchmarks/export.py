@@ -218,7 +218,7 @@ class NoHash:
     def update(self, *a, **k): pass
     def digests(self): return {}
     def close(self): pass
-ex.sha256_file = lambda p: "0" * 64
+ex.sha256_file = lambda p, **k: "0" * 64
 ex.StreamHasher = NoHash
 plan.count_nonfinite = lambda a: 0
 from mlx_bridge.cli import main
