@@ -284,7 +284,8 @@ def test_missing_extra_is_one_line(tmp_path):
         "        if name.split('.')[0] in ('torch', 'mlx'):\n            raise ModuleNotFoundError(f\"No module named '{name}'\", name=name)\n"
         "sys.meta_path.insert(0, B())\n")
     env = {**os.environ, "PYTHONPATH": f"{blocker}:{ROOT}"}
-    for argv in (["generate", "--help"], ["train", "--model", "x", "--data", "y", "--out", str(tmp_path / "t")]):
+    for argv in (["generate", "--help"], ["train", "--model", "x", "--data", "y", "--out", str(tmp_path / "t")],
+                 ["demo", "--quick", "--out", str(tmp_path / "d")]):
         r = subprocess.run([sys.executable, "-m", "mlx_bridge", *argv], capture_output=True, text=True, env=env, timeout=120)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-1500:]
         assert r.stderr.startswith("error: ") and "pip install 'mlx-bridge[" in r.stderr, r.stderr

@@ -163,3 +163,27 @@ def test_a_billion_layers_is_refused_before_mlx_builds_them(bases, tmp_path):
     (base / "config.json").write_text(json.dumps(cfg))
     r = child(f"from mlx_bridge.train.model import load_base\nload_base({str(base)!r})", timeout=120)
     assert "num_hidden_layers=1000000000" in r.stderr and "BridgeError" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("where", ["train", "export"])
+def test_hub_downloads_fetch_no_code(monkeypatch, tmp_path, where):
+    """A hub id is fetched without *.py (mlx-lm's own pattern list allows it)."""
+    import huggingface_hub
+
+    seen = {}
+
+    def fake(repo, revision=None, allow_patterns=None, **kw):
+        seen["patterns"] = allow_patterns
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    with pytest.raises(BridgeError):
+        if where == "train":
+            from mlx_bridge.train.model import load_base
+
+            load_base("someone/some-model")
+        else:
+            from mlx_bridge.translate.source import resolve_model
+
+            resolve_model("someone/some-model", "adapter_config.json")
+    assert seen["patterns"] and not any(p.endswith(".py") or p == "*" for p in seen["patterns"]), seen
