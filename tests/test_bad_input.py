@@ -300,3 +300,14 @@ def test_debug_shows_the_cause_chain(mlx_dir, tmp_path):
     assert quiet.returncode == 2 and quiet.stderr.count("\n") == 1, quiet.stderr
     loud = subprocess.run(argv[:3] + ["--debug"] + argv[3:], capture_output=True, text=True, env=env, timeout=120)
     assert "JSONDecodeError" in loud.stderr and "direct cause" in loud.stderr, loud.stderr[-1500:]
+
+
+@pytest.mark.parametrize("entry", [{"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]},
+                                   {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]},
+                                   {"dtype": "F32", "shape": [2], "data_offsets": {"a": 1}},
+                                   [1, 2, 3]])
+def test_hostile_header_entries(mlx_dir, tmp_path, capsys, entry):
+    blob = json.dumps({"x": entry}).encode()
+    blob += b" " * (-len(blob) % 8)
+    (mlx_dir / ST).write_bytes(struct.pack("<Q", len(blob)) + blob + b"\0" * 8)
+    export_refused(capsys, mlx_dir, tmp_path, ST, "'x'")

@@ -89,7 +89,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
         where = f"{path}: tensor {name!r}"
         if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= e.keys():
             raise BridgeError(f"{where}: entry needs dtype, shape and data_offsets")
-        dt = DTYPES.get(e["dtype"])
+        dt = DTYPES.get(e["dtype"]) if isinstance(e["dtype"], str) else None
         if dt is None:
             raise BridgeError(f"{where}: unknown dtype {e['dtype']!r}")
         shape, offs = e["shape"], e["data_offsets"]
