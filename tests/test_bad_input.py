@@ -96,6 +96,7 @@ BAD_CONFIGS = [
     ({"rms_norm_eps": -1}, "rms_norm_eps"),
     ({"num_hidden_layers": 3}, "num_hidden_layers"),
     ({"num_attention_heads": 8, "head_dim": 16}, "q_proj"),
+    ({"model_type": ["llama"]}, "model_type"),
 ]
 
 

@@ -187,3 +187,18 @@ def test_hub_downloads_fetch_no_code(monkeypatch, tmp_path, where):
 
             resolve_model("someone/some-model", "adapter_config.json")
     assert seen["patterns"] and not any(p.endswith(".py") or p == "*" for p in seen["patterns"]), seen
+
+
+@pytest.mark.parametrize("edit,field", [({"num_hidden_layers": "4"}, "num_hidden_layers"),
+                                        ({"model_type": ["llama"]}, "model_type"),
+                                        ({"vocab_size": None}, "vocab_size")])
+def test_train_refuses_bad_config_values(bases, data, tmp_path, capsys, edit, field):
+    base = Path(shutil.copytree(bases["f32"], tmp_path / "base"))
+    cfg = json.loads((base / "config.json").read_text())
+    cfg.update(edit)
+    (base / "config.json").write_text(json.dumps(cfg))
+    rc = cli(["train", "--model", str(base), "--data", str(data), "--out", str(tmp_path / "o"), "--iters", "1",
+              "--quiet"])
+    line = one_error(capsys.readouterr().err)
+    assert rc == 2 and "config.json" in line and field in line, line
+    assert not (tmp_path / "o").exists()

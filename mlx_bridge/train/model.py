@@ -24,7 +24,7 @@ import mlx.nn as nn
 
 from ..errors import BridgeError, raise_all
 from ..fsutil import read_json, sha256_file
-from ..translate.validate import validate_model_dir
+from ..translate.validate import check_types, validate_model_dir
 from .config import TrainConfig
 
 
@@ -75,6 +75,7 @@ def load_base(model: str, revision: str | None = None) -> Base:
     config = read_json(cfg_path)
     if "model_type" not in config:
         raise BridgeError(f"{cfg_path}: no model_type")
+    raise_all(check_types(config), str(cfg_path))
     try:
         _get_classes(config)
     except ValueError as e:

@@ -175,8 +175,8 @@ def build_plan(source: Source, dtype: str = "auto") -> Plan:
     base, adapter = source.base, source.adapter
     cfg = base.config
     where = str(base.path / "config.json")
+    raise_all(check_types(cfg), where)  # before any value is used (for a size, or as a registry key)
     arch = get_arch(cfg, where)
-    raise_all(check_types(cfg), where)  # before any value is used for a size
     problems: list[str] = []
     # every source tensor (full fine-tune tensors replace the base's)
     refs: dict[str, Ref] = {k: Ref(f, k) for k, f in base.where.items()}

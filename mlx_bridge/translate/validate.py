@@ -67,6 +67,8 @@ def check_types(cfg: dict) -> list[str]:
         ['vocab_size: null, expected a positive integer', "num_hidden_layers: '4' (str), expected a positive integer", "tie_word_embeddings: 'yes' (str), expected true or false"]
     """
     out = []
+    if "model_type" in cfg and not isinstance(cfg["model_type"], str):
+        out.append(f"model_type: {cfg['model_type']!r} ({type(cfg['model_type']).__name__}), expected a string")
     for k in SIZES:
         if k not in cfg or (cfg[k] is None and k in OPTIONAL):
             continue
