@@ -156,7 +156,7 @@ class SafetensorsFile:
         """A private copy of the tensor (or of `tensor[index]`), read with pread: nothing stays mapped,
         so streaming a large model keeps the resident set small."""
         off, n, shape = self.span(name, index)
-        buf = bytearray(n)
+        buf = np.empty(n, np.uint8)  # not zero-filled: every byte is read into it
         view = memoryview(buf)
         got = 0
         while got < n:
@@ -164,7 +164,7 @@ class SafetensorsFile:
             if k <= 0:
                 raise BridgeError(f"{self.path}: tensor {name!r} is cut short (truncated file)")
             got += k
-        return np.frombuffer(buf, dtype=DTYPES[self.tensors[name].dtype].np).reshape(shape)
+        return buf.view(DTYPES[self.tensors[name].dtype].np).reshape(shape)
 
     def fileno(self) -> int:
         return self._fh.fileno()

@@ -66,7 +66,7 @@ def shard_names(n: int, stem: str = "model") -> list[str]:
 
 
 def write_weights(items: list[Item], out: Path, shard_size: int | str = "5GB", workers: int | None = None,
-                  lookahead_bytes: int = 256 << 20, progress: bool = True,
+                  lookahead_bytes: int = 128 << 20, progress: bool = True,
                   hasher: StreamHasher | None = None) -> dict[str, str]:
     """Write all items as shards + index into `out`; return {tensor name: file name}.
 
