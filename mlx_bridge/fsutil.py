@@ -148,6 +148,28 @@ def recover(out: str | os.PathLike, log: Callable[[str], None] | None = None) ->
 
 
 @contextlib.contextmanager
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """A temporary directory `PREFIX-PID-XXXX` in the system's temp dir, removed afterwards; those of
+    runs that died (kill -9) are removed first.
+
+    Example:
+        >>> with scratch_dir("mlx-bridge-doc") as d:
+        ...     d.is_dir()
+        True
+    """
+    root = Path(tempfile.gettempdir())
+    for p in root.glob(f"{prefix}-*"):
+        pid = p.name[len(prefix) + 1:].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            _rmtree(p)
+    d = Path(tempfile.mkdtemp(prefix=f"{prefix}-{os.getpid()}-", dir=root))
+    try:
+        yield d
+    finally:
+        _rmtree(d)
+
+
+@contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike, force: bool = False,
                log: Callable[[str], None] | None = None) -> Iterator[Path]:
     """Yield a temporary directory that becomes `out` when the block succeeds.

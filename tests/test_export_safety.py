@@ -293,3 +293,16 @@ def test_failed_peft_parity_writes_nothing(ckpt, tmp_path, capsys):
 def test_verify_asked_without_probes_is_refused(zoo, tmp_path, capsys):
     rc, err = run(capsys, "export", zoo.mlx("llama"), "--out", tmp_path / "out", "--verify")
     assert rc == 2 and "probes.safetensors" in one_line(err) and not (tmp_path / "out").exists(), err
+
+
+def test_scratch_dirs_of_dead_runs_are_removed(tmp_path, monkeypatch):
+    import tempfile
+
+    from mlx_bridge.fsutil import scratch_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    stale = tmp_path / f"mlx-bridge-peft-{dead_pid()}-abc"
+    stale.mkdir()
+    with scratch_dir("mlx-bridge-peft") as d:
+        assert d.is_dir() and not stale.exists()
+    assert os.listdir(tmp_path) == []

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import BridgeError
-from ..fsutil import write_atomic
+from ..fsutil import scratch_dir, write_atomic
 from ..probes import FILENAME as PROBES, Probes
 
 REPORT = "parity.json"
@@ -144,8 +143,8 @@ def verify(export_dir: str | os.PathLike, against: str | os.PathLike | None = No
 
     if model is not None or not is_peft_dir(d):
         return _verify(d, against, device, dtype, backend, atol, rtol, max_new_tokens, write, model, None)
-    with tempfile.TemporaryDirectory(prefix="mlx-bridge-peft-") as t:
-        merged = merged_dir(d, Path(t) / "merged", base)
+    with scratch_dir("mlx-bridge-peft") as t:
+        merged = merged_dir(d, t / "merged", base)
         return _verify(d, against, device, dtype, backend, atol, rtol, max_new_tokens, write, None, merged)
 
 
