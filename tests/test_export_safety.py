@@ -306,3 +306,18 @@ def test_scratch_dirs_of_dead_runs_are_removed(tmp_path, monkeypatch):
     with scratch_dir("mlx-bridge-peft") as d:
         assert d.is_dir() and not stale.exists()
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("case", ["lora-emb-head", "dora", "qlora", "lora-qwen3_moe"])
+def test_peft_merge_formulas_pass_parity(zoo, tmp_path, case):
+    """The PEFT check merges with PEFT's own formulas: embedding LoRA, DoRA, a quantized base and MoE
+    experts all pass against the MLX probes of the checkpoint."""
+    from mlx_bridge import export
+    from test_export_peft import CASES
+
+    arch, quant, kw = CASES[case]
+    base = zoo.mlx(arch, quant=quant)
+    ckpt = make_checkpoint(zoo.adapter(base, case, **kw), tmp_path / "ckpt", base)
+    out = export(ckpt, tmp_path / "peft", format="peft", progress=False, log=lambda *a: None)
+    report = json.loads((out / "parity.json").read_text())
+    assert report["passed"], report["summary"]
