@@ -50,7 +50,7 @@ class MLXTrainer:
         dataset: local .json/.jsonl file or directory, hub name (`alpaca_cleaned`), a list of records or
             a dict of splits; may be given later with `load_data`.
         out: checkpoint directory for periodic and final saves during `train()` (optional).
-        resume: continue from the checkpoint in `out` (a fresh start when there is none yet).
+        resume: continue from the checkpoint in `out` (an error when there is none or it is damaged).
         force: replace an existing `out`.
         revision: hub revision (branch, tag or commit) of a hub model; recorded in the manifest.
         **settings: any `TrainConfig` field (fine_tune_type, lora_rank, lora_alpha or lora_scale, targets,
