@@ -52,8 +52,8 @@ orig_compile, orig_attend, orig_len = plain_compile, fm._decode_attend, fast_mod
 orig_grow = fast_mod.GROW_AHEAD
 
 
-def len128(n):
-    return max(256, -(-n // 128) * 128)
+def len128(n, min_len=256):
+    return max(min_len, -(-n // 128) * 128)
 
 class ResidRunner(FastRunner):
     """layers hand (x, m) on; the residual add of one layer fuses into the next layer's first norm."""

@@ -210,6 +210,22 @@ def measure(cmd: list[str]) -> tuple[float, float, float]:
     return secs, peak / 1024, cpu
 
 
+# the export with its checks stubbed out (sha256 of source and output, NaN/Inf scan): what they cost
+NO_CHECKS = """
+import sys
+import mlx_bridge.translate.export as ex, mlx_bridge.translate.plan as plan
+class NoHash:
+    def update(self, *a, **k): pass
+    def digests(self): return {}
+    def close(self): pass
+ex.sha256_file = lambda p, **k: "0" * 64
+ex.StreamHasher = NoHash
+plan.count_nonfinite = lambda a: 0
+from mlx_bridge.cli import main
+sys.exit(main(["export", sys.argv[1], "--out", sys.argv[2], "--no-verify"]))
+"""
+
+
 def warm(*dirs: Path) -> None:
     for d in dirs:
         for f in Path(d).rglob("*"):
@@ -253,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "model*.safetensors"),
         "cp -r base": (lambda x: ["cp", "-r", str(base), str(x)], "model*.safetensors"),
         "mlx-bridge export (hf)": (lambda x: [bridge, "export", str(ad), "--out", str(x)], "model*.safetensors"),
+        "export (hf), checks off": (lambda x: [sys.executable, "-c", NO_CHECKS, str(ad), str(x)], "model*.safetensors"),
         "mlx-bridge export (peft)": (lambda x: [bridge, "export", str(ad), "--out", str(x), "--format", "peft"],
                                      "adapter_model.safetensors"),
     }
@@ -283,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, (secs, rss, written, cpu, load) in rows.items():
         print(f"| {name:26} | {secs:8.2f} | {cpu:6.1f} | {rss:11.0f} | {written / 1e9 / secs:6.2f} | {t_fuse / secs:10.1f}x | "
               f"{secs / t_cp:8.2f}x | {load:4.1f} |")
+    checks = rows["mlx-bridge export (hf)"][0] - rows["export (hf), checks off"][0]
+    print(f"\nchecks (sha256 of every source and output byte, NaN/Inf scan of every tensor): "
+          f"{checks:+.2f} s wall ({rows['mlx-bridge export (hf)'][3] - rows['export (hf), checks off'][3]:+.1f} CPU s)")
     print(f"\nshape {args.shape} ({model_bytes / 1e9:.2f} GB bf16 weights), {os.cpu_count()} CPUs, best of "
           f"{args.repeat}. Warm page cache for every tool (inputs read before each run; no root to drop it); "
           "outputs timed into the page cache (sync untimed between tools). GB/s = weight bytes written / "

@@ -1,21 +1,56 @@
-"""Files: atomic output directories and hashing.
+"""Files: atomic output directories, crash recovery, permissions and hashing.
 
 Everything the tool writes goes into a temporary directory beside the target and is renamed into
-place at the end, so an interrupted run never leaves a half-written result under the final name.
+place at the end, so an interrupted run never leaves a half-written result under the final name:
+
+    .NAME.tmp-PID-XXXX   being written (incomplete; removed by the next run once PID is gone)
+    .NAME.new-PID        complete, about to replace NAME (`force`)
+    .NAME.old-PID        the previous NAME, moved aside for that moment
+
+Replacing an existing NAME takes three renames (tmp -> new, NAME -> old, new -> NAME); a run stopped
+between them (kill -9, power loss) leaves a complete output under one of the side names, and the next
+run on NAME (`recover`) puts it back and says so. Outputs get the permissions the umask gives (not
+the 0700/0600 of `tempfile`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import BridgeError
+
+_SIDE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|new|old)-(?P<pid>\d+)(-[^/]*)?$")
+
+
+def umask() -> int:
+    """The process umask (read without a window where it is changed, where /proc allows).
+
+    Example:
+        >>> 0 <= umask() <= 0o777
+        True
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def chmod_default(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give `path` the mode a plain `mkdir`/`open` would have under the umask (0777/0666 & ~umask)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
 
 
 def check_output_dir(out: str | os.PathLike, force: bool = False) -> Path:
@@ -33,11 +68,114 @@ def check_output_dir(out: str | os.PathLike, force: bool = False) -> Path:
     return out
 
 
-@contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that replaces `out` when the block succeeds.
+def check_apart(out: str | os.PathLike, source: str | os.PathLike, what: str = "the source") -> None:
+    """Refuse an output directory equal to, inside or above `source` (replacing it would destroy it).
 
-    On an exception the temporary directory is removed and `out` is left as it was.
+    Example:
+        >>> check_apart("/data/models/base-hf", "/data/models/base")
+        >>> check_apart("/data/models", "/data/models/base")
+        Traceback (most recent call last):
+        ...
+        mlx_bridge.errors.BridgeError: --out /data/models contains the source /data/models/base; choose a directory apart from it
+    """
+    o, s = Path(out).expanduser().resolve(), Path(source).expanduser().resolve()
+    if o == s:
+        rel = "is"
+    elif s in o.parents:
+        rel = "is inside"
+    elif o in s.parents:
+        rel = "contains"
+    else:
+        return
+    raise BridgeError(f"--out {out} {rel} {what} {source}; choose a directory apart from it")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _rmtree(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            p.unlink()
+
+
+def recover(out: str | os.PathLike, log: Callable[[str], None] | None = None) -> str | None:
+    """Clean up what stopped runs left beside `out`; put a complete output back under `out` if a run
+    stopped in the middle of replacing it. Side files of live processes are left alone.
+
+    Returns a sentence saying what was recovered (also passed to `log`), or None.
+
+    Example:
+        >>> recover("/nonexistent/out") is None
+        True
+    """
+    out = Path(out)
+    if not out.parent.is_dir():
+        return None
+    side: dict[str, list[Path]] = {"tmp": [], "new": [], "old": []}
+    for p in out.parent.iterdir():
+        m = _SIDE.match(p.name)
+        if m is None or _alive(int(m["pid"])):
+            continue
+        if m["kind"] == "tmp" or m["name"] != out.name:  # incomplete, or another output's (left as it is)
+            if m["kind"] == "tmp":
+                _rmtree(p)
+            continue
+        side[m["kind"]].append(p)
+    said = None
+    if not out.exists() and (side["new"] or side["old"]):
+        keep = (side["new"] or side["old"])[0]
+        os.rename(keep, out)
+        said = (f"{out}: a run stopped while replacing it; recovered the complete "
+                f"{'new' if keep in side['new'] else 'previous'} output from {keep.name}")
+    for p in side["new"] + side["old"]:
+        if p.exists():
+            _rmtree(p)
+    if said and log is not None:
+        log(said)
+    return said
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """A temporary directory `PREFIX-PID-XXXX` in the system's temp dir, removed afterwards; those of
+    runs that died (kill -9) are removed first.
+
+    Example:
+        >>> with scratch_dir("mlx-bridge-doc") as d:
+        ...     d.is_dir()
+        True
+    """
+    root = Path(tempfile.gettempdir())
+    for p in root.glob(f"{prefix}-*"):
+        pid = p.name[len(prefix) + 1:].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            _rmtree(p)
+    d = Path(tempfile.mkdtemp(prefix=f"{prefix}-{os.getpid()}-", dir=root))
+    try:
+        yield d
+    finally:
+        _rmtree(d)
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, force: bool = False,
+               log: Callable[[str], None] | None = None) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `out` when the block succeeds.
+
+    On an exception (Ctrl-C and SIGTERM included) the temporary directory is removed and `out` is left
+    as it was. Without `force`, an `out` that another process filled meanwhile is not replaced.
 
     Example:
         >>> import tempfile, os
@@ -47,28 +185,69 @@ def atomic_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
         >>> sorted(os.listdir(d))
         ['a.txt']
     """
-    out = check_output_dir(out, force)
+    out = Path(out)
+    recover(out, log)
+    check_output_dir(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
+        chmod_default(tmp, directory=True)
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _rmtree(tmp)
         raise
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
-    os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        if force and out.exists():
+            _swap(tmp, out)
+        else:
+            os.rename(tmp, out)  # atomic; replaces only an empty directory
+    except OSError as e:
+        _rmtree(tmp)
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise BridgeError(f"{out}: another run wrote it meanwhile; not replaced (use --force to overwrite)") from e
+        raise
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
-    """Hex sha256 of a file, read in 16 MB chunks."""
+def _swap(tmp: Path, out: Path) -> None:
+    new, old = out.parent / f".{out.name}.new-{os.getpid()}", out.parent / f".{out.name}.old-{os.getpid()}"
+    os.rename(tmp, new)
+    os.rename(out, old)
+    os.rename(new, out)
+    _rmtree(old)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write a file through a temporary file beside it and `os.replace` (the old content stays whole
+    until the new one is complete); the mode follows the umask.
+
+    Example:
+        >>> import tempfile, os
+        >>> p = write_atomic(os.path.join(tempfile.mkdtemp(), "a.json"), "{}")
+        >>> p.read_text()
+        '{}'
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        chmod_default(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24, stop=None) -> str | None:
+    """Hex sha256 of a file, read in 16 MB chunks; None if the event `stop` is set meanwhile (a
+    refused export does not wait for the hashing of a large base)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while b := f.read(chunk):
+            if stop is not None and stop.is_set():
+                return None
             h.update(b)
     return h.hexdigest()
 
@@ -86,3 +265,137 @@ def is_hub_id(ref: str) -> bool:
     """
     return (bool(_HUB_ID.fullmatch(ref)) and ".." not in ref and "--" not in ref
             and not Path(ref).expanduser().exists())
+class StreamHasher:
+    """sha256 of files whose bytes are handed over in order as they are written: the updates run on
+    one background thread (hashlib releases the GIL), so hashing runs beside the writing and each
+    byte is hashed while it is in memory anyway. At most `limit` bytes of owned buffers wait.
+
+    Example:
+        >>> h = StreamHasher()
+        >>> h.update("a", b"hello "); h.update("a", b"world")
+        >>> h.digests()["a"] == hashlib.sha256(b"hello world").hexdigest()
+        True
+    """
+
+    def __init__(self, limit: int = 64 << 20):
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+        self._h: dict[str, "hashlib._Hash"] = {}
+        self._pending: deque = deque()
+        self._queued, self.limit = 0, limit
+
+    def update(self, name: str, data: bytes | memoryview, owned: bool = True) -> None:
+        """Add `data` to the hash of `name`; `owned`: the buffer holds memory (counted against `limit`;
+        a view of a mapped file is not)."""
+        mv = memoryview(data).cast("B")
+        h = self._h.setdefault(name, hashlib.sha256())
+        n = mv.nbytes if owned else 0
+        self._pending.append((self._pool.submit(h.update, mv), n))
+        self._queued += n
+        while self._queued > self.limit or (self._pending and self._pending[0][0].done()):
+            fut, k = self._pending.popleft()
+            fut.result()
+            self._queued -= k
+
+    def digests(self) -> dict[str, str]:
+        """{name: hex sha256} once every update is done."""
+        while self._pending:
+            self._pending.popleft()[0].result()
+        self._queued = 0
+        return {k: h.hexdigest() for k, h in self._h.items()}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def check_hashes(directory: str | os.PathLike, files: dict[str, str], what: str = "manifest.json") -> None:
+    """Refuse a directory whose files are not the bytes `files` ({name: sha256}) records.
+
+    Raises:
+        BridgeError: naming how many files changed or are missing and the first few.
+    """
+    from .errors import raise_all
+
+    d = Path(directory)
+    problems = []
+    for name, want in sorted(files.items()):
+        p = d / name
+        if Path(name).name != name:
+            problems.append(f"{name}: not a plain file name")
+        elif not p.is_file():
+            problems.append(f"{name}: missing")
+        elif sha256_file(p) != want:
+            problems.append(f"{name}: changed since it was saved (sha256 differs from {what})")
+    raise_all(problems, str(d))
+
+
+def regular_file(path: str | os.PathLike) -> Path:
+    """`path` if it is a regular file (symlinks followed); a directory, FIFO or device is refused by
+    name before anything opens it (opening a FIFO would block).
+
+    Example:
+        >>> regular_file("/")
+        Traceback (most recent call last):
+        ...
+        mlx_bridge.errors.BridgeError: /: not a regular file (a directory)
+    """
+    import stat
+
+    p = Path(path)
+    try:
+        mode = os.stat(p).st_mode
+    except FileNotFoundError as e:
+        raise BridgeError(f"{p}: missing") from e
+    if not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+                "a socket" if stat.S_ISSOCK(mode) else "a device")
+        raise BridgeError(f"{p}: not a regular file ({kind})")
+    return p
+
+
+MAX_JSON = 64 << 20  # a config or manifest larger than this is not one
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object from a regular file; every failure is one `BridgeError` naming the file.
+
+    Example:
+        >>> read_json("/nonexistent/config.json")
+        Traceback (most recent call last):
+        ...
+        mlx_bridge.errors.BridgeError: /nonexistent/config.json: missing
+    """
+    import json
+
+    p = regular_file(path)
+    if p.stat().st_size > MAX_JSON:
+        raise BridgeError(f"{p}: {p.stat().st_size} bytes is too large for a JSON settings file")
+    try:
+        d = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BridgeError(f"{p}: not valid JSON ({e})") from e
+    except RecursionError as e:
+        raise BridgeError(f"{p}: not valid JSON (nested too deeply)") from e
+    if not isinstance(d, dict):
+        raise BridgeError(f"{p}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def inside(directory: str | os.PathLike, name: object, where: str) -> Path:
+    """`directory / name` for a file name read from a file (an index's weight_map): refused when it
+    is not a relative path that stays inside `directory` (`../x`, `/etc/passwd`).
+
+    Example:
+        >>> inside("/m", "../x", "index.json")
+        Traceback (most recent call last):
+        ...
+        mlx_bridge.errors.BridgeError: index.json: '../x' is not a file inside /m
+    """
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise BridgeError(f"{where}: {name!r} is not a file name")
+    parts = Path(name).parts
+    if Path(name).is_absolute() or ".." in parts or name.startswith("~"):
+        raise BridgeError(f"{where}: {name!r} is not a file inside {directory}")
+    return Path(directory) / name

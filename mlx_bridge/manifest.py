@@ -77,13 +77,11 @@ class Manifest:
         p = Path(path)
         if p.is_dir():
             p = p / FILENAME
-        try:
-            d = json.loads(p.read_text())
-        except FileNotFoundError:
-            raise BridgeError(f"{p}: no manifest") from None
-        except json.JSONDecodeError as e:
-            raise BridgeError(f"{p}: not valid JSON ({e})") from None
-        return cls.from_dict(d, str(p))
+        from .fsutil import read_json
+
+        if not p.exists():
+            raise BridgeError(f"{p}: no manifest")
+        return cls.from_dict(read_json(p), str(p))
 
     def save(self, directory: str | os.PathLike) -> Path:
         p = Path(directory) / FILENAME

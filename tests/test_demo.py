@@ -108,6 +108,7 @@ def quick_demo(tmp_path_factory):
     return code, out, json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.slow  # the quick demo trains 60 steps (about 20 s alone, minutes on a busy machine)
 def test_quick_demo_gains_tens_of_points_on_both_sides(quick_demo):
     code, out, res = quick_demo
     assert code == 0
@@ -122,6 +123,7 @@ def test_quick_demo_gains_tens_of_points_on_both_sides(quick_demo):
         assert ag["same_tokens"] == ag["n"], ag["differ"]
 
 
+@pytest.mark.slow
 def test_quick_demo_parity_and_files(quick_demo):
     _, out, res = quick_demo
     assert res["parity"]["passed"] and res["parity"]["max_abs_diff"] < 1e-3

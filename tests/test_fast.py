@@ -112,22 +112,32 @@ def test_buckets_are_reused_and_bounded(zoo):
         fast.next(torch.tensor([5, 6, 7]))
 
 
-def test_cache_grows_to_the_next_bucket_mid_generation(zoo):
-    """A request starts in the length bucket of its prompt + 256 positions and moves to a bigger one
+@pytest.mark.parametrize("min_len,grow,n_short,repeat,n_long", [
+    (8, 8, 10, 4, 40),  # buckets 32 -> 64 -> 128: the same moves in a few tokens
+    pytest.param(256, 256, 300, 40, 700, marks=pytest.mark.slow),  # the sizes a server uses
+])
+def test_cache_grows_to_the_next_bucket_mid_generation(zoo, min_len, grow, n_short, repeat, n_long):
+    """A request starts in the length bucket of its prompt + `grow` positions and moves to a bigger one
     when it needs it: the same tokens as the eager runner, which allocates the whole length up front."""
     d = zoo.hf("gemma2", sliding_window=8)  # sliding window and softcap across the move
-    ref, fast = load(d).runner, FastRunner(load(d).module)
-    want = greedy_steps(ref, 300)  # prompts of 9 tokens at most: 9 + 300 positions fit the first bucket, 512
-    assert list(fast.steps(*padded(PROMPTS), 300)) == want
+    ref, fast = load(d).runner, FastRunner(load(d).module, min_len=min_len, grow_ahead=grow)
+    want = greedy_steps(ref, n_short)  # prompts of 9 tokens at most: 9 + n_short positions fit the first bucket
+    first = len_bucket(9 + grow, min_len)
+    assert 9 + n_short <= first
+    assert list(fast.steps(*padded(PROMPTS), n_short)) == want
     assert fast.stats["grown"] == 0
-    long = [p * 40 for p in PROMPTS]  # 360 tokens at most: starts in bucket 1024, needs 360 + 700 - 1
-    want = greedy_steps(ref, 700, long)
-    assert list(fast.steps(*padded(long), 700)) == want
-    assert fast.stats["grown"] == 1 and sorted(S for _, S in fast._states) == [512, 2048]  # 1024 given up
-    assert greedy_steps(StartNext(fast), 700, long) == want  # start/next moves the same way
+    long = [p * repeat for p in PROMPTS]  # starts in the bucket of its prompt + grow, needs more
+    P = 9 * repeat
+    start, need = len_bucket(P + grow, min_len), len_bucket(P + n_long - 1, min_len)
+    assert need > start > first
+    want = greedy_steps(ref, n_long, long)
+    assert list(fast.steps(*padded(long), n_long)) == want
+    assert fast.stats["grown"] == 1 and sorted(S for _, S in fast._states) == [first, need]  # `start` given up
+    assert greedy_steps(StartNext(fast), n_long, long) == want  # start/next moves the same way
     assert fast.stats["grown"] == 2
 
 
+@pytest.mark.slow  # torch.compile on CPU: most of a minute
 def test_compiled_decode_equals_eager_bf16_without_recompiling(zoo):
     d = zoo.hf("qwen3")  # GQA, q/k norms
     ref = load(d, dtype="bfloat16").runner

@@ -37,6 +37,9 @@ class Quirks:
     # hub checkpoints hold transformers' own fused layout (experts.gate_up_proj), which is what mlx-lm reads;
     # save_pretrained(save_original_format=False) writes it
     hub_saves_fused: bool = False
+    # q/k/v/o and MLP projections are heads x head_dim and intermediate_size as translate/validate.py
+    # checks them; False for multi-head latent attention (o_proj is heads x v_head_dim) and gated queries
+    standard_projections: bool = True
     refused: str | None = None  # the export is not right for this type (one line, listed in the docs)
 
 
@@ -67,6 +70,11 @@ QUIRKS: dict[str, Quirks] = {
     "gemma3": Quirks(zero_centred_norms=True),
     "gpt2": Quirks(hub_saves_base_model=True),
     "qwen3_5_moe": Quirks(hub_saves_fused=True),
+    # multi-head latent attention (q/kv low-rank, v_head_dim) and gated queries (q_proj is 2 x heads x head_dim)
+    "deepseek_v2": Quirks(standard_projections=False),
+    "deepseek_v3": Quirks(standard_projections=False),
+    "glm4_moe_lite": Quirks(standard_projections=False),
+    "qwen3_next": Quirks(standard_projections=False),
     # parity tests (tests/test_export_registry.py) fail for these; refused until the difference is found
     "laguna": Quirks(refused="the export's logits differ from MLX's (max |diff| 2.1 on the tiny model): mlx-lm "
                              "computes laguna differently from its config in a way not yet traced"),

@@ -30,6 +30,7 @@ from . import task
 from .evaluate import agreement, evaluate_mlx, evaluate_torch
 
 BASE = Path(__file__).resolve().parent / "assets" / "base"
+NO_REMOTE_CODE = {"tokenizer_config": {"trust_remote_code": False}, "trust_remote_code": False}
 # what a run writes in its directory
 RUN_PATHS = {"data": "data", "checkpoint": "checkpoint", "export": "export", "base_export": "base-export",
              "results": "results.json"}
@@ -103,7 +104,7 @@ def run_demo(out: str | os.PathLike, preset: str = "default", steps: int | None 
             f"{paths['data']}; e.g. {test[0]['messages'][0]['content']!r} -> {task.answer(test[0])!r}")
 
     with _stage(times, "mlx before", log):
-        model, tok = mlx_load(str(base))
+        model, tok = mlx_load(str(base), **NO_REMOTE_CODE)
         mlx_before = evaluate_mlx(model, tok, test)
         del model
         log(f"MLX, base model: {100 * mlx_before.accuracy:.1f}% exact match")
@@ -118,7 +119,7 @@ def run_demo(out: str | os.PathLike, preset: str = "default", steps: int | None 
         del trainer
 
     with _stage(times, "mlx after", log):
-        model, tok = mlx_load(str(base), adapter_path=str(paths["checkpoint"]))
+        model, tok = mlx_load(str(base), adapter_path=str(paths["checkpoint"]), **NO_REMOTE_CODE)
         mlx_after = evaluate_mlx(model, tok, test)
         del model
         log(f"MLX, base + adapter: {100 * mlx_after.accuracy:.1f}% exact match")

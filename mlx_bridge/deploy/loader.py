@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 
 from ..errors import BridgeError
+from ..fsutil import read_json
+from ..translate.validate import validate_model_dir
 from .deployed import DeployedModel
 from .native.weights import header_dtype, weight_files
 
@@ -45,7 +47,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise BridgeError(f"device {device!r}: not a device name ({e})") from None
+        raise BridgeError(f"device {device!r}: not a device name ({e})") from e
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise BridgeError(f"device {device!r}: CUDA is not available (torch {torch.__version__}, "
@@ -92,12 +94,7 @@ def _read_config(d: Path) -> dict:
         elif (d / "adapter_config.json").exists():
             extra = " (a PEFT adapter: load its base model with PEFT)"
         raise BridgeError(f"{d}: not an export: no config.json{extra}")
-    try:
-        cfg = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BridgeError(f"{p}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise BridgeError(f"{p}: must be a JSON object")
+    cfg = read_json(p)
     for key in ("quantization", "quantization_config"):
         if cfg.get(key):
             raise BridgeError(f"{p}: {key} is set ({json.dumps(cfg[key])[:60]}): quantized MLX weights; "
@@ -105,15 +102,17 @@ def _read_config(d: Path) -> dict:
     return cfg
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0][:200] if text else type(e).__name__)
+
+
 def _eos_ids(d: Path, cfg: dict, tokenizer) -> set[int]:
     """mlx-lm's rule: generation_config's eos_token_id (when set) replaces config.json's; plus the tokenizer's."""
     eos = cfg.get("eos_token_id")
     gp = d / "generation_config.json"
     if gp.exists():
-        try:
-            eos = json.loads(gp.read_text()).get("eos_token_id") or eos
-        except json.JSONDecodeError as e:
-            raise BridgeError(f"{gp}: not valid JSON ({e})") from None
+        eos = read_json(gp).get("eos_token_id") or eos
     ids = set([eos] if isinstance(eos, int) else (eos or []))
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
@@ -154,8 +153,8 @@ def _transformers(d, hf_config, device, dtype):
     kw = {"attn_implementation": "eager"} if getattr(hf_config, "attn_logit_softcapping", None) else {}
     try:
         module = auto.from_pretrained(str(d), dtype=dtype, use_safetensors=True, trust_remote_code=False, **kw)
-    except (ValueError, OSError, KeyError) as e:
-        raise BridgeError(f"{d}: transformers cannot load it: {str(e).splitlines()[0][:200]}") from None
+    except Exception as e:  # transformers raises many kinds for a damaged directory
+        raise BridgeError(f"{d}: transformers cannot load it: {_first_line(e)}") from e
     module = module.to(device).eval().requires_grad_(False)
     return module, HFRunner(module)
 
@@ -219,6 +218,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
         raise BridgeError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
     cfg = _read_config(d)
     files = weight_files(d)
+    # every header and config value checked before anything is built (a damaged shard, a config
+    # claiming more layers than the weights hold) -- one line naming the file
+    validate_model_dir(cfg, files, str(d / "config.json"))
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, cfg, files, dev)
     import transformers
@@ -230,12 +232,12 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
 
     try:
         hf_config = AutoConfig.from_pretrained(str(d), trust_remote_code=False)
-    except (ValueError, KeyError, OSError) as e:
-        raise BridgeError(f"{d / 'config.json'}: transformers cannot read it: {str(e).splitlines()[0][:200]}") from None
+    except Exception as e:  # ValueError, KeyError, OSError, TypeError ... for a damaged config
+        raise BridgeError(f"{d / 'config.json'}: transformers cannot read it: {_first_line(e)}") from e
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(d), trust_remote_code=False)
-    except (ValueError, OSError, KeyError, TypeError) as e:
-        raise BridgeError(f"{d}: no usable tokenizer ({str(e).splitlines()[0][:200]})") from None
+    except Exception as e:  # a damaged tokenizer.json raises the tokenizers library's own Exception
+        raise BridgeError(f"{d}: no usable tokenizer ({_first_line(e)})") from e
 
     from .native.config import Unsupported
 
@@ -246,7 +248,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
             chosen = "native"
         except Unsupported as e:
             if backend == "native":
-                raise BridgeError(f"{d / 'config.json'}: no native class for it: {e}") from None
+                raise BridgeError(f"{d / 'config.json'}: no native class for it: {e}") from e
             warnings.warn(f"{d}: {e}: running it with transformers' AutoModelForCausalLM", stacklevel=2)
             chosen = "transformers"
     if chosen == "transformers":

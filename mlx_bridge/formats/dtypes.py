@@ -66,3 +66,30 @@ def st_name(name: str) -> str:
 def from_numpy(dt: np.dtype) -> DType:
     """Table entry for a numpy dtype (ml_dtypes included)."""
     return _BY_NP[np.dtype(dt)]
+
+
+# (unsigned view, exponent mask): a value is NaN or Inf exactly when all its exponent bits are set
+_SPECIAL = {"F64": (np.uint64, 0x7FF0000000000000), "F32": (np.uint32, 0x7F800000), "F16": (np.uint16, 0x7C00),
+            "BF16": (np.uint16, 0x7F80), "F8_E5M2": (np.uint8, 0x7C)}
+
+
+def count_nonfinite(a: np.ndarray, chunk: int = 1 << 22) -> int:
+    """Number of NaN/Inf values of a floating array (0 for other dtypes), from the exponent bits
+    (no float conversion; a few bytes of scratch per element of one chunk at a time).
+
+    Example:
+        >>> count_nonfinite(np.array([1.0, np.nan, np.inf, -np.inf], np.float32))
+        3
+        >>> count_nonfinite(np.array([1.0, np.nan], ml_dtypes.bfloat16))
+        1
+    """
+    d = from_numpy(a.dtype)
+    if d.st == "F8_E4M3":  # no Inf; NaN is the one pattern s.1111.111
+        u = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+        return int(np.count_nonzero((u & 0x7F) == 0x7F))
+    if d.st not in _SPECIAL:
+        return 0
+    ut, mask = _SPECIAL[d.st]
+    u = np.ascontiguousarray(a).reshape(-1).view(ut)
+    m = ut(mask)
+    return sum(int(np.count_nonzero((u[i:i + chunk] & m) == m)) for i in range(0, u.size, chunk))

@@ -28,6 +28,7 @@ from typing import BinaryIO, Iterable
 import numpy as np
 
 from ..errors import BridgeError
+from ..fsutil import regular_file
 from .dtypes import DTYPES, from_numpy
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
@@ -61,7 +62,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     and the key for: a header length past the end, non-JSON, unknown dtype, bad shape, dtype x shape not
     matching the byte count, offsets out of range or overlapping.
     """
-    path = Path(path)
+    path = regular_file(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -74,7 +75,9 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     try:
         header = json.loads(blob)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BridgeError(f"{path}: header is not valid JSON ({e})") from None
+        raise BridgeError(f"{path}: header is not valid JSON ({e})") from e
+    except RecursionError as e:  # a header nested thousands deep
+        raise BridgeError(f"{path}: header is not valid JSON (nested too deeply)") from e
     if not isinstance(header, dict):
         raise BridgeError(f"{path}: header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
@@ -86,7 +89,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
         where = f"{path}: tensor {name!r}"
         if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= e.keys():
             raise BridgeError(f"{where}: entry needs dtype, shape and data_offsets")
-        dt = DTYPES.get(e["dtype"])
+        dt = DTYPES.get(e["dtype"]) if isinstance(e["dtype"], str) else None
         if dt is None:
             raise BridgeError(f"{where}: unknown dtype {e['dtype']!r}")
         shape, offs = e["shape"], e["data_offsets"]
@@ -153,7 +156,7 @@ class SafetensorsFile:
         """A private copy of the tensor (or of `tensor[index]`), read with pread: nothing stays mapped,
         so streaming a large model keeps the resident set small."""
         off, n, shape = self.span(name, index)
-        buf = bytearray(n)
+        buf = np.empty(n, np.uint8)  # not zero-filled: every byte is read into it
         view = memoryview(buf)
         got = 0
         while got < n:
@@ -161,7 +164,7 @@ class SafetensorsFile:
             if k <= 0:
                 raise BridgeError(f"{self.path}: tensor {name!r} is cut short (truncated file)")
             got += k
-        return np.frombuffer(buf, dtype=DTYPES[self.tensors[name].dtype].np).reshape(shape)
+        return buf.view(DTYPES[self.tensors[name].dtype].np).reshape(shape)
 
     def fileno(self) -> int:
         return self._fh.fileno()
@@ -224,7 +227,8 @@ class StreamWriter:
         self.specs = list(specs)
         self._next = 0
         self._f: BinaryIO = open(self.path, "wb")
-        self._f.write(build_header(self.specs, metadata))
+        self.header = build_header(self.specs, metadata)  # the first bytes of the file
+        self._f.write(self.header)
 
     def write(self, name: str, data: np.ndarray | bytes | memoryview) -> None:
         spec = self.specs[self._next]

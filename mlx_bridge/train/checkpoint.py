@@ -12,7 +12,9 @@
     checkpoints/            numbered checkpoints with --save-every (mlx_bridge.train.numbered)
 
 Everything is written into a temporary directory that is renamed over the target at the end
-(`fsutil.atomic_dir`), so a crash mid-save leaves the previous checkpoint in place.
+(`fsutil.atomic_dir`), so a crash mid-save leaves the previous checkpoint in place; a crash between the
+renames that replace it is recovered by the next run (`fsutil.recover`). Resume checks every file
+against the manifest's sha256 before reading any of it.
 
 Example:
     >>> save_checkpoint_dir("ckpt", sections, writers)  # doctest: +SKIP
@@ -31,7 +33,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from ..errors import BridgeError, raise_all
-from ..fsutil import atomic_dir, sha256_file
+from ..fsutil import atomic_dir, check_hashes, read_json, regular_file, sha256_file
 from ..manifest import Manifest
 
 ADAPTERS = "adapters.safetensors"
@@ -68,9 +70,18 @@ def save_optimizer(optimizer: optim.Optimizer, path: Path) -> None:
     mx.save_safetensors(str(path), dict(tree_flatten(optimizer.state)))
 
 
+def _load(path: Path) -> dict[str, mx.array]:
+    """`mx.load` of a checkpoint file; a damaged one is one `BridgeError` naming it."""
+    regular_file(path)
+    try:
+        return mx.load(str(path))
+    except Exception as e:  # mlx raises RuntimeError/ValueError for a damaged file
+        raise BridgeError(f"{path}: unreadable ({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from e
+
+
 def load_optimizer(optimizer: optim.Optimizer, model: nn.Module, path: Path) -> None:
     """Restore the optimizer state saved by `save_optimizer`; every tensor must match by name and shape."""
-    saved = mx.load(str(path))
+    saved = _load(path)
     optimizer.init(model.trainable_parameters())
     have = dict(tree_flatten(optimizer.state))
     problems = [f"{k}: missing" for k in have if k not in saved and k != "learning_rate"]
@@ -84,7 +95,7 @@ def load_optimizer(optimizer: optim.Optimizer, model: nn.Module, path: Path) -> 
 
 def load_trainable(model: nn.Module, path: Path) -> None:
     """Load adapters.safetensors into the trainable parameters; names and shapes must match exactly."""
-    saved = mx.load(str(path))
+    saved = _load(path)
     have = trainable_weights(model)
     problems = [f"{k}: missing" for k in have if k not in saved]
     problems += [f"{k}: not a trainable parameter of this run" for k in saved if k not in have]
@@ -113,18 +124,39 @@ def write_checkpoint(out: str | os.PathLike, manifest: Manifest, writers: dict[s
     return Path(out)
 
 
+# trainer_state.json: field -> type (all >= 0)
+STATE_FIELDS = {"step": int, "position": int, "total_steps": int, "tokens": int, "input_tokens": int,
+                "seconds": (int, float)}
+
+
 def read_resume_state(ckpt: Path) -> tuple[Manifest, dict]:
-    """The manifest and trainer state of a checkpoint to resume; errors name the missing file."""
+    """The manifest and trainer state of a checkpoint to resume, every file checked against the
+    manifest's sha256 first; errors name the missing, changed or malformed file."""
     missing = [n for n in (ADAPTERS, OPTIMIZER, STATE, "manifest.json") if not (ckpt / n).is_file()]
     if missing:
         raise BridgeError(f"{ckpt}: cannot resume, missing {', '.join(missing)}")
     manifest = Manifest.load(ckpt)
     if manifest.kind != "checkpoint":
         raise BridgeError(f"{ckpt}/manifest.json: kind {manifest.kind!r} is not a checkpoint")
-    try:
-        state = json.loads((ckpt / STATE).read_text())
-    except json.JSONDecodeError as e:
-        raise BridgeError(f"{ckpt / STATE}: not valid JSON ({e})") from None
+    unlisted = [n for n in (ADAPTERS, OPTIMIZER, STATE) if n not in manifest.files]
+    if unlisted:
+        raise BridgeError(f"{ckpt}/manifest.json: files lists no sha256 for {', '.join(unlisted)}; cannot check "
+                          "the checkpoint before resuming it")
+    check_hashes(ckpt, manifest.files)
+    state = read_json(ckpt / STATE)
+    problems = [f"{k}: {state.get(k)!r}, expected a number >= 0" for k, t in STATE_FIELDS.items()
+                if not isinstance(state.get(k), t) or isinstance(state.get(k), bool) or state[k] < 0]
+    if not problems and state["step"] > state["total_steps"]:
+        problems.append(f"step {state['step']} is past total_steps {state['total_steps']}")
+    raise_all(problems, str(ckpt / STATE))
+    if (ckpt / LOG).exists():
+        for i, line in enumerate(regular_file(ckpt / LOG).read_text().splitlines(), 1):
+            try:
+                ok = not line.strip() or isinstance(json.loads(line), dict)
+            except json.JSONDecodeError:
+                ok = False
+            if not ok:
+                raise BridgeError(f"{ckpt / LOG}: line {i} is not a JSON object")
     return manifest, state
 
 

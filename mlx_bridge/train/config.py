@@ -187,12 +187,12 @@ def load_yaml(path: str | os.PathLike) -> dict:
     p = Path(path)
     try:
         d = yaml.safe_load(p.read_text())
-    except FileNotFoundError:
-        raise BridgeError(f"{p}: config file not found") from None
+    except FileNotFoundError as e:
+        raise BridgeError(f"{p}: config file not found") from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
-        raise BridgeError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+        raise BridgeError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from e
     if d is None:
         return {}
     if not isinstance(d, dict):

@@ -75,13 +75,13 @@ def read_json_records(path: Path) -> tuple[list[dict], list[str]]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise BridgeError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise BridgeError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from e
             where.append(f"{path}:{i}")
         return records, where
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise BridgeError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        raise BridgeError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
     if isinstance(data, dict) and any(s in data for s in SPLIT_FILES["train"]):
         raise BridgeError(f"{path}: a JSON object of splits is not supported; use a directory of split files")
     if not isinstance(data, list):
@@ -121,14 +121,14 @@ def read_hub(name: str) -> Records:
     hub_id = HUB_ALIASES.get(name, name)
     try:
         import datasets
-    except ImportError:
+    except ImportError as e:
         raise BridgeError(f"dataset {name!r}: not a local file or directory; loading {hub_id!r} from the hub "
-                          "needs the `datasets` package (pip install 'mlx-bridge[hub]')") from None
+                          "needs the `datasets` package (pip install 'mlx-bridge[hub]')") from e
     try:
         ds = datasets.load_dataset(hub_id)
     except Exception as e:  # offline, unknown name, auth: all one line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BridgeError(f"dataset {name!r}: could not load {hub_id!r} from the hub ({msg})") from None
+        raise BridgeError(f"dataset {name!r}: could not load {hub_id!r} from the hub ({msg})") from e
     splits, where = {}, {}
     for s in SPLITS:
         key = next((k for k in SPLIT_FILES[s] if k in ds), None)

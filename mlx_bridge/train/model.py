@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -24,7 +23,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import BridgeError, raise_all
-from ..fsutil import is_hub_id, sha256_file
+from ..fsutil import is_hub_id, read_json, sha256_file
+from ..translate.validate import check_types, validate_model_dir
 from .config import TrainConfig
 
 
@@ -47,14 +47,15 @@ class Base:
 
 def _hub_download(name: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
-    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
 
-    try:
-        return Path(snapshot_download(name, revision=revision, allow_patterns=DEFAULT_ALLOW_PATTERNS))
+    from ..translate.source import HUB_PATTERNS
+
+    try:  # weights, configs and tokenizer files; never code (mlx-lm's own list allows *.py)
+        return Path(snapshot_download(name, revision=revision, allow_patterns=[*HUB_PATTERNS, "*.jsonl"]))
     except Exception as e:  # offline, unknown repo, auth: one line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BridgeError(f"model {name!r}: not a local directory, and it could not be fetched from the "
-                          f"Hugging Face hub ({type(e).__name__}: {msg})") from None
+                          f"Hugging Face hub ({type(e).__name__}: {msg})") from e
 
 
 def load_base(model: str, revision: str | None = None) -> Base:
@@ -69,28 +70,31 @@ def load_base(model: str, revision: str | None = None) -> Base:
         hub_id, p = str(model), _hub_download(str(model), revision)
         revision = p.name  # the snapshot directory is named after the commit
     cfg_path = p / "config.json"
-    if not cfg_path.is_file():
+    if not cfg_path.exists():
         raise BridgeError(f"{p}: no config.json (expected an MLX or Hugging Face model directory)")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise BridgeError(f"{cfg_path}: not valid JSON ({e})") from None
+    config = read_json(cfg_path)
     if "model_type" not in config:
         raise BridgeError(f"{cfg_path}: no model_type")
+    raise_all(check_types(config), str(cfg_path))
     try:
         _get_classes(config)
-    except ValueError:
+    except ValueError as e:
         import mlx_lm
 
         raise BridgeError(f"{cfg_path}: model_type {config['model_type']!r} is not an architecture mlx-lm "
-                          f"{mlx_lm.__version__} supports") from None
-    if not list(p.glob("model*.safetensors")):
+                          f"{mlx_lm.__version__} supports") from e
+    files = sorted(p.glob("model*.safetensors"))
+    if not files:
         raise BridgeError(f"{p}: no model*.safetensors weight files")
+    validate_model_dir(config, files, str(cfg_path))  # before mlx-lm builds anything from the config
     try:
-        net, loaded_cfg = load_model(p)
+        net, loaded_cfg = load_model(p, trust_remote_code=False)
     except (ValueError, KeyError, TypeError) as e:
-        raise BridgeError(f"{p}: mlx-lm could not build the model ({type(e).__name__}: {e})") from None
-    tokenizer = load_tokenizer(p, eos_token_ids=loaded_cfg.get("eos_token_id"))
+        raise BridgeError(f"{p}: mlx-lm could not build the model ({type(e).__name__}: {e})") from e
+    try:  # never run a tokenizer's own code (auto_map); transformers would ask, or run it
+        tokenizer = load_tokenizer(p, {"trust_remote_code": False}, eos_token_ids=loaded_cfg.get("eos_token_id"))
+    except Exception as e:  # transformers and tokenizers raise many kinds for a damaged or custom tokenizer
+        raise BridgeError(f"{p}: no usable tokenizer ({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from e
     return Base(net, tokenizer, config, p.resolve(), hub_id, revision)
 
 
@@ -181,7 +185,7 @@ def apply_fine_tune(model: nn.Module, cfg: TrainConfig) -> dict:
     try:
         linear_to_lora_layers(model, cfg.num_layers, params, use_dora=cfg.fine_tune_type == "dora")
     except ValueError as e:  # DoRA on MoE experts, say
-        raise BridgeError(f"fine_tune_type {cfg.fine_tune_type}: {e}") from None
+        raise BridgeError(f"fine_tune_type {cfg.fine_tune_type}: {e}") from e
     return {"type": cfg.fine_tune_type, "rank": cfg.lora_rank, "scale": cfg.scale, "lora_alpha": cfg.alpha,
             "alpha_given_as": cfg.alpha_given_as, "dropout": cfg.lora_dropout, "targets": keys,
             "layers": layers, "num_layers": cfg.num_layers}

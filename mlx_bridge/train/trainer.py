@@ -22,6 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import BridgeError
+from ..fsutil import check_apart, recover
 from ..manifest import Manifest, environment
 from . import checkpoint as ck, numbered
 from .backend import backend_info, describe, probe_dtype, refuse_missing_kernels
@@ -50,7 +51,7 @@ class MLXTrainer:
         dataset: local .json/.jsonl file or directory, hub name (`alpaca_cleaned`), a list of records or
             a dict of splits; may be given later with `load_data`.
         out: checkpoint directory for periodic and final saves during `train()` (optional).
-        resume: continue from the checkpoint in `out` (a fresh start when there is none yet).
+        resume: continue from the checkpoint in `out` (an error when there is none or it is damaged).
         force: replace an existing `out`.
         revision: hub revision (branch, tag or commit) of a hub model; recorded in the manifest.
         **settings: any `TrainConfig` field (fine_tune_type, lora_rank, lora_alpha or lora_scale, targets,
@@ -70,9 +71,10 @@ class MLXTrainer:
         self.out = Path(out) if out is not None else None
         self._resume_dir = None
         if self.out is not None:
-            if resume and self.out.is_dir() and any(self.out.iterdir()):
+            if resume:
+                recover(self.out, lambda m: print(f"note: {m}", file=sys.stderr))  # a save stopped between its renames: put the checkpoint back
                 if not ck.has_checkpoint(self.out):
-                    raise BridgeError(f"{self.out}: --resume given but the directory holds no checkpoint")
+                    raise BridgeError(f"{self.out}: --resume given but there is no checkpoint to resume there")
                 self._resume_dir = self.out
             elif not resume and not force and self.out.exists():
                 if not self.out.is_dir() or any(self.out.iterdir()):
@@ -81,6 +83,8 @@ class MLXTrainer:
         checked = check_data(dataset, self.config) if dataset is not None else None  # before the model loads
         self._say(f"loading {model} ...")
         self._base = load_base(str(model), revision)
+        if self.out is not None:
+            check_apart(self.out, self._base.path, "the base model")
         self.model, self.tokenizer = self._base.model, self._base.tokenizer
         self.adapter = apply_fine_tune(self.model, self.config)
         self.data: TokenizedData | None = None

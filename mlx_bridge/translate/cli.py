@@ -21,6 +21,10 @@ def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     v = p.add_mutually_exclusive_group()
     v.add_argument("--verify", dest="verify", action="store_true", default=None, help="run the parity check (needs torch; default: when torch is installed and the source has probes)")
     v.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity check")
+    p.add_argument("--keep-failed", action="store_true",
+                   help="when the parity check fails, keep the output as OUT.failed (exit 1 all the same)")
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="export onto a base whose weights differ from the checkpoint manifest's sha256")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -28,6 +32,7 @@ def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     from .export import export
 
-    export(args.src, args.out, format=args.format, dtype=args.dtype, base=args.base, hf_base=args.hf_base, shard_size=args.shard_size,
-           dry_run=args.dry_run, force=args.force, verify=args.verify, progress=not args.no_progress)
+    export(args.src, args.out, format=args.format, dtype=args.dtype, base=args.base, hf_base=args.hf_base,
+           shard_size=args.shard_size, dry_run=args.dry_run, force=args.force, verify=args.verify,
+           progress=not args.no_progress, allow_base_mismatch=args.allow_base_mismatch, keep_failed=args.keep_failed)
     return 0

@@ -1,9 +1,11 @@
 """Execute a plan: stream output tensors into safetensors shards.
 
 Shards are assigned up front (greedy, in order, at most `shard_size` bytes each; a larger tensor gets
-its own shard), so every header is known before the first byte. Tensors that need math are computed
-on a thread pool a few steps ahead of the writer (numpy releases the GIL in its kernels, so both cores
-work); untouched tensors go file-to-file with copy_file_range. Memory stays bounded by the look-ahead.
+its own shard), so every header is known before the first byte. Every tensor is produced on a thread
+pool a few steps ahead of the writer (numpy releases the GIL in its kernels, so both cores work): read
+with pread (nothing stays mapped), computed where the plan says so, and checked for NaN/Inf. Each
+byte then passes through once: written, and handed to the shard's sha256 (`fsutil.StreamHasher`,
+its own thread). Memory stays bounded by the look-ahead.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 from threadpoolctl import threadpool_limits
 
 from ..errors import BridgeError
 from ..formats import StreamWriter, TensorSpec
+from ..fsutil import StreamHasher
 from .parts import Item, materialize
 
 INDEX = "model.safetensors.index.json"
@@ -62,8 +66,13 @@ def shard_names(n: int, stem: str = "model") -> list[str]:
 
 
 def write_weights(items: list[Item], out: Path, shard_size: int | str = "5GB", workers: int | None = None,
-                  lookahead_bytes: int = 256 << 20, progress: bool = True) -> dict[str, str]:
-    """Write all items as shards + index into `out`; return {tensor name: file name}."""
+                  lookahead_bytes: int = 128 << 20, progress: bool = True,
+                  hasher: StreamHasher | None = None) -> dict[str, str]:
+    """Write all items as shards + index into `out`; return {tensor name: file name}.
+
+    With `hasher`, every shard's bytes are handed to it in file order as they are written (computed
+    tensors from memory, copied ones from the source's map), so its sha256 needs no second read.
+    """
     shards = assign_shards(items, parse_size(shard_size))
     names = shard_names(len(shards))
     weight_map = {it.name: name for shard, name in zip(shards, names) for it in shard}
@@ -83,9 +92,8 @@ def write_weights(items: list[Item], out: Path, shard_size: int | str = "5GB", w
                 it = next(queue, None)
                 if it is None:
                     return
-                fut = None if it.is_copy else pool.submit(materialize, it)
-                if fut is not None:
-                    inflight += it.nbytes
+                fut = pool.submit(materialize, it)  # read (and computed), NaN/Inf checked
+                inflight += it.nbytes
                 pending.append((it, fut))
 
         writer = None
@@ -99,14 +107,15 @@ def write_weights(items: list[Item], out: Path, shard_size: int | str = "5GB", w
                 shard, name = next(shard_iter)
                 writer = StreamWriter(out / name, [TensorSpec(i.name, i.dtype, i.shape) for i in shard],
                                       {"format": "pt"})
+                if hasher is not None:
+                    hasher.update(name, writer.header)
                 left_in_shard = len(shard)
             it, fut = pending.popleft()
-            if fut is None:
-                off, n, _ = it.src.file.span(it.src.key, it.src.index)
-                writer.copy_from(it.name, it.src.file.fileno(), off, n)
-            else:
-                writer.write(it.name, fut.result())
-                inflight -= it.nbytes
+            w = np.ascontiguousarray(fut.result())
+            writer.write(it.name, w)
+            if hasher is not None:
+                hasher.update(name, w.reshape(-1).view(np.uint8).data)
+            inflight -= it.nbytes
             left_in_shard -= 1
             bar.update(it.nbytes)
             refill()

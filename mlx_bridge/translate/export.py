@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from .. import __version__
-from ..errors import BridgeError
+from ..errors import BridgeError, CheckFailed
 from ..formats.dtypes import OUTPUT_DTYPES
-from ..fsutil import atomic_dir, check_output_dir, sha256_file
+from ..fsutil import StreamHasher, atomic_dir, check_apart, check_hashes, check_output_dir, sha256_file, write_atomic
 from ..manifest import Manifest
 from ..probes import FILENAME as PROBES
 from . import card, hf_config, peft
@@ -24,13 +26,18 @@ FORMATS = ("hf", "peft")
 
 
 def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", dtype: str = "auto",
-           base: str | os.PathLike | None = None, hf_base: str | os.PathLike | None = None, shard_size: str | int = "5GB", dry_run: bool = False,
-           force: bool = False, verify: bool | None = None, progress: bool = True, log=print) -> Path:
+           base: str | os.PathLike | None = None, hf_base: str | os.PathLike | None = None,
+           shard_size: str | int = "5GB", dry_run: bool = False, force: bool = False, verify: bool | None = None,
+           progress: bool = True, log=print, allow_base_mismatch: bool = False, keep_failed: bool = False) -> Path:
     """Export SRC (MLX model dir, mlx-lm adapter dir or checkpoint dir) to `out`.
+
+    Nothing appears under `out` unless the whole export succeeded, its parity check included: a
+    failed check raises `CheckFailed` (exit 1) and leaves `out` as it was.
 
     Args:
         src: MLX model directory, or adapter/checkpoint directory (base from its config or `base`).
-        out: output directory (must not exist or be empty unless `force`).
+        out: output directory (must not exist or be empty unless `force`; never the source, inside it
+            or above it).
         format: "hf" (adapter fused into a full model) or "peft" (adapter only).
         dtype: "auto" (keep the base's dtypes; untouched tensors byte for byte), or float32/float16/bfloat16.
         base: base model directory, overriding the adapter config / manifest.
@@ -39,11 +46,16 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
         shard_size: largest shard, e.g. "5GB".
         dry_run: print the plan and write nothing.
         force: replace an existing output directory.
-        verify: run `mlx_bridge.verify` on the result (None: when probes and torch are available).
+        verify: run `mlx_bridge.verify` on the result before it is put in place (None: when probes
+            and torch are available).
+        allow_base_mismatch: accept a base whose weight files are not the ones the checkpoint's
+            manifest records (sha256).
+        keep_failed: when the parity check fails, keep the output as `OUT.failed` for inspection.
     Returns:
         The output directory.
     Raises:
         BridgeError: bad input (named file and key); nothing is written.
+        CheckFailed: the parity check failed; nothing is written under `out`.
 
     Example:
         >>> export("checkpoints/alpaca-lora", "deploy/alpaca", format="hf", dtype="bfloat16")  # doctest: +SKIP
@@ -56,10 +68,22 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
         raise BridgeError(f"--dtype {dtype!r}: expected auto or one of {', '.join(OUTPUT_DTYPES)}")
     parse_size(shard_size)
     out = Path(out)
+    check_apart(out, src)
     if not dry_run:
         check_output_dir(out, force)
     source = open_source(src, base, hf_base)
+    hashing, stop = ThreadPoolExecutor(min(2, os.cpu_count() or 1)), threading.Event()
+    out_hasher = StreamHasher()  # the shards' sha256, computed from the bytes as they are written
     try:
+        check_apart(out, source.base.path, "the base model")
+        if verify and not (source.path / PROBES).is_file():
+            raise BridgeError(f"--verify: {source.path} has no {PROBES} (MLX outputs saved with a checkpoint) to "
+                              f"check against; export, then `mlx-bridge verify OUT --against {source.path}`")
+        if source.manifest is not None and source.adapter is not None:
+            check_hashes(source.path, source.manifest.files)
+        # the source is hashed on both cores while the export runs (one read of each byte)
+        src_files = [f.path for f in source.base.files] + ([source.adapter.file.path] if source.adapter else [])
+        src_sha = _start_hashing(hashing, src_files, stop)
         if format == "peft" and source.adapter is None:
             raise BridgeError(f"{src}: --format peft needs an adapter or checkpoint directory, not a model directory")
         if format == "peft" and source.adapter.fine_tune_type == "full":
@@ -76,6 +100,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
                 warnings.append("the adapter was trained on a quantized base: PEFT on the full-precision HF base "
                                 "differs slightly from what MLX computed; --format hf fuses into the exact dequantized base")
         if dry_run:
+            _check_base(source, src_sha, allow_base_mismatch)
             if format == "peft":
                 for t in tensors:
                     log(f"{t.name}  {list(t.shape)}  {t.dtype}  <- {t.ref}{' transposed' if t.transpose else ''}")
@@ -88,10 +113,10 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
             return out
         for n in notes:
             log(f"note: {n}")
-        with atomic_dir(out, force) as tmp:
+        with atomic_dir(out, force, log=lambda s: print(f"note: {s}", file=sys.stderr)) as tmp:
             t1 = time.perf_counter()
             if format == "hf":
-                write_weights(plan.items, tmp, shard_size, progress=progress)
+                write_weights(plan.items, tmp, shard_size, progress=progress, hasher=out_hasher)
                 hf_config.write_config(tmp, cfg)
                 hf_config.write_generation_config(source.base.path, tmp, cfg)
                 _copy_tokenizer(source, tmp)
@@ -103,26 +128,59 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
             t2 = time.perf_counter()
             if (source.path / PROBES).is_file():
                 shutil.copyfile(source.path / PROBES, tmp / PROBES)
-            (tmp / card.FILENAME).write_text(_card(source, plan, notes, format, out))
-            _write_manifest(tmp, source, plan, format, notes, {"plan": t1 - t0, "write": t2 - t1},
-                            warnings if format == "peft" else [])
-        log(f"exported {src} -> {out} ({format}, {plan.dtype}, {time.perf_counter() - t0:.1f}s)")
-        from .compat import check_export  # torch-free: what vLLM / TRT-LLM require of the dir
+            base_ref = _base_ref(source)
+            mismatch = _check_base(source, src_sha, allow_base_mismatch)
+            if mismatch:  # name the base actually used
+                base_ref = str(source.base.path)
+                if format == "peft":
+                    peft.write_config(tmp, dict(pcfg, base_model_name_or_path=base_ref))
+            (tmp / card.FILENAME).write_text(_card(source, plan, notes, format, out, base_ref, mismatch))
+            from .compat import check_export  # torch-free: what vLLM / TRT-LLM require of the dir
 
-        for problem in check_export(out):
-            print(f"warning: serving engines may refuse this export: {problem}", file=sys.stderr)
+            for problem in check_export(tmp):
+                print(f"warning: serving engines may refuse this export: {problem}", file=sys.stderr)
+            _maybe_verify(tmp, out, verify, log, keep_failed, source.base.path)
+            _write_manifest(tmp, source, plan, format, notes, {"plan": t1 - t0, "write": t2 - t1},
+                            warnings if format == "peft" else [], src_sha, out_hasher.digests())
+        log(f"exported {src} -> {out} ({format}, {plan.dtype}, {time.perf_counter() - t0:.1f}s)")
     finally:
+        stop.set()  # every hash the export needed is done; a refused one does not wait for the rest
+        hashing.shutdown(wait=True, cancel_futures=True)
+        out_hasher.close()
         source.close()
-    _maybe_verify(out, verify, format, log)
     return out
 
 
-def _card(source, plan: Plan, notes: list[str], format: str, out: Path) -> str:
-    base_id = card.base_hub_id(source.manifest, source.adapter.config.get("model") if source.adapter else None,
-                               str(source.base.path))
+def _card(source, plan: Plan, notes: list[str], format: str, out: Path, base_ref: str, mismatch: bool) -> str:
+    base_id = (card.hub_id_of(base_ref) if mismatch else  # not the manifest's base: name only the one used
+               card.base_hub_id(source.manifest, source.adapter.config.get("model") if source.adapter else None,
+                                base_ref))
     title = f"{out.name}: {plan.arch.architecture}" + (" + adapter" if format == "peft" else "")
-    return card.model_card(title=title, fmt=format, dtype=plan.dtype, base_ref=_base_ref(source), base_id=base_id,
+    return card.model_card(title=title, fmt=format, dtype=plan.dtype, base_ref=base_ref, base_id=base_id,
                            manifest=source.manifest, notes=notes, name=out.name)
+
+
+def _start_hashing(pool: ThreadPoolExecutor, paths: list[Path], stop=None) -> dict[Path, Future]:
+    """{path: future sha256}, largest files first (so both cores stay busy to the end)."""
+    return {p: pool.submit(sha256_file, p, stop=stop) for p in sorted(set(paths), key=lambda p: -p.stat().st_size)}
+
+
+def _check_base(source, src_sha: dict[Path, Future], allow: bool) -> bool:
+    """Refuse a base whose weight files are not the ones the checkpoint was trained on (its manifest's
+    sha256); with `allow`, warn and return True."""
+    want = (source.manifest.base_model.get("weight_sha256") if source.manifest and source.adapter else None) or {}
+    if not want:
+        return False
+    got = {f.path.name: src_sha[f.path].result() for f in source.base.files}
+    differ = sorted(n for n in set(want) | set(got) if want.get(n) != got.get(n))
+    if not differ:
+        return False
+    msg = (f"{source.base.path}: weight files differ from the base the checkpoint was trained on "
+           f"({len(differ)} of {len(set(want) | set(got))}: {', '.join(differ[:3])}; sha256 in {source.path / 'manifest.json'})")
+    if not allow:
+        raise BridgeError(msg + "; pass --allow-base-mismatch to export onto this base anyway")
+    print(f"warning: {msg}; exporting anyway (--allow-base-mismatch)", file=sys.stderr)
+    return True
 
 
 def _base_ref(source) -> str:
@@ -140,21 +198,19 @@ def _copy_tokenizer(source, out: Path) -> None:
         print(f"warning: {source.base.path}: no tokenizer files found; the export has no tokenizer", file=sys.stderr)
 
 
-def _hash_files(*groups: list[Path]) -> list[dict[str, str]]:
-    """{file name: sha256} per group, files hashed on both cores at once (largest first)."""
-    paths = sorted({p for g in groups for p in g}, key=lambda p: -p.stat().st_size)
+def _hash_files(paths: list[Path], known: dict[str, str]) -> dict[str, str]:
+    """{file name: sha256} of the files: `known` ones as given, the rest hashed on both cores at once."""
+    todo = [p for p in paths if p.name not in known]
     with ThreadPoolExecutor(min(2, os.cpu_count() or 1)) as pool:
-        digest = dict(zip(paths, pool.map(sha256_file, paths)))
-    return [{p.name: digest[p] for p in g} for g in groups]
+        futures = _start_hashing(pool, todo)
+        return {p.name: known[p.name] if p.name in known else futures[p].result() for p in paths}
 
 
 def _write_manifest(out: Path, source, plan: Plan, format: str, notes: list[str], seconds: dict,
-                    warnings: list[str]) -> None:
+                    warnings: list[str], src_sha: dict[Path, Future], written: dict[str, str]) -> None:
     t = time.perf_counter()
     m = Manifest.from_dict(source.manifest.to_dict()) if source.manifest else Manifest()
     m.kind = "export"
-    base_files = [f.path for f in source.base.files]
-    src_files = base_files + ([source.adapter.file.path] if source.adapter else [])
     out_files = sorted(p for p in out.iterdir() if p.is_file() and p.name != card.FILENAME)  # verify fills it in
     if not m.architecture:
         m.architecture = {"model_type": plan.arch.model_type, "layout": "mlx-lm"}
@@ -166,7 +222,8 @@ def _write_manifest(out: Path, source, plan: Plan, format: str, notes: list[str]
         m.adapter = {"type": source.adapter.fine_tune_type, "rank": lp.get("rank"), "scale": source.adapter.scale,
                      "lora_alpha": (source.adapter.scale * lp["rank"]) if lp.get("rank") else None,
                      "dropout": lp.get("dropout"), "modules": plan.adapter_modules}
-    src_hashes, out_hashes = _hash_files(src_files, out_files)
+    src_hashes = {p.name: f.result() for p, f in sorted(src_sha.items())}
+    out_hashes = _hash_files(out_files, written)
     m.export = {
         "format": format, "dtype": plan.dtype, "source": str(source.path), "base": str(source.base.path),
         "arch": plan.arch.model_type, "architecture": plan.arch.architecture,
@@ -179,16 +236,36 @@ def _write_manifest(out: Path, source, plan: Plan, format: str, notes: list[str]
     m.save(out)
 
 
-def _maybe_verify(out: Path, verify: bool | None, format: str, log) -> None:
-    if verify is False or format != "hf" or not (out / PROBES).is_file():
+def _maybe_verify(tmp: Path, out: Path, verify: bool | None, log, keep_failed: bool, base: Path) -> None:
+    """Verify the finished export in its temporary directory (before it gets its name; a PEFT adapter
+    merged into `base`); a failure raises `CheckFailed`, the output kept only as `OUT.failed` with
+    `keep_failed`."""
+    if verify is False or not (tmp / PROBES).is_file():
         return
     try:
         import torch  # noqa: F401
-        from ..verify import verify as run_verify
+        from ..verify.parity import REPORT, verify as run_verify
     except ImportError as e:
         if verify:
-            raise BridgeError(f"--verify needs the deploy extra (torch): {e}") from None
+            raise BridgeError(f"--verify needs the deploy extra (torch): {e}") from e
         log(f"note: not verifying ({e}); run `mlx-bridge verify {out}` where torch is installed")
         return
-    report = run_verify(out, log=log)
-    log(f"parity: {report.get('summary', report)}")
+    report = run_verify(tmp, write=False, base=base, log=log)
+    report["export_dir"] = str(out)
+    write_atomic(tmp / REPORT, json.dumps(report, indent=2) + "\n")
+    card.write_parity(tmp, report)  # the model card's parity section
+    log(f"parity: {report['summary']}")
+    if report["passed"]:
+        return
+    kept = ""
+    if keep_failed:
+        failed = out.parent / f"{out.name}.failed"
+        if (failed / REPORT).is_file():  # an earlier failed output of this tool
+            shutil.rmtree(failed)
+        if failed.exists():
+            kept = f"; {failed} exists, so the failed output was not kept"
+        else:
+            os.rename(tmp, failed)
+            kept = f"; the failed output is kept in {failed}"
+    raise CheckFailed(f"{out}: not written: the export does not compute what MLX computed "
+                      f"({report['summary']}){kept}")

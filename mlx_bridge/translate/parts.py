@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import BridgeError
 from ..formats import DTYPES, SafetensorsFile
+from ..formats.dtypes import count_nonfinite
 from .lora import fuse_dora, fuse_lora
 from .quant import dequantize
 
@@ -203,4 +205,15 @@ def materialize(item: Item) -> np.ndarray:
     if item.merge is not None:
         a = item.merge
         w = w.reshape(w.shape[:a] + (-1,) + w.shape[a + 2:])
-    return w.astype(out, copy=False)
+    w = w.astype(out, copy=False)
+    check_finite(item, w)
+    return w
+
+
+def check_finite(item: Item, w: np.ndarray) -> None:
+    """Refuse an output tensor `w` with NaN/Inf values (a damaged source, or a fused adapter that
+    overflows the output dtype)."""
+    n = count_nonfinite(w)
+    if n:
+        why = "" if item.is_copy else f" after {' -> '.join(item.describe().split(' -> ')[1:])}"
+        raise BridgeError(f"{item.src}: {n} of {w.size} values of {item.name} are NaN or Inf{why}")

@@ -154,4 +154,8 @@ def write_peft(out: Path, plan: Plan, tensors: list[PeftTensor], cfg: dict) -> N
     with StreamWriter(out / WEIGHTS, specs, {"format": "pt"}) as w:
         for t in tensors:
             w.write(t.name, t.read())
+    write_config(out, cfg)
+
+
+def write_config(out: Path, cfg: dict) -> None:
     (out / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

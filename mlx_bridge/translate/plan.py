@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from ..errors import raise_all
 from ..archs import Arch, get_arch, template as key_template
 from ..formats import BY_NAME, DTYPES
+from ..formats.dtypes import count_nonfinite
 from .parts import Item, Lora, Part, Quant, Ref
 from .quant import AFFINE_BITS, GROUP_SIZES, MODES, MX_MODES, dequantized_shape
 from .source import Source
+from .validate import check_against_weights, check_types
 
 
 @dataclass
@@ -71,6 +73,7 @@ def build_plan(source: Source, dtype: str = "auto") -> Plan:
     base, adapter = source.base, source.adapter
     cfg = base.config
     where = str(base.path / "config.json")
+    raise_all(check_types(cfg), where)  # before any value is used (for a size, or as a registry key)
     arch = get_arch(cfg, where)
     problems: list[str] = []
     # every source tensor (full fine-tune tensors replace the base's)
@@ -80,6 +83,9 @@ def build_plan(source: Source, dtype: str = "auto") -> Plan:
         afile = adapter.file
         ft = adapter.fine_tune_type
         for k in afile.keys():
+            bad = count_nonfinite(afile.get(k))
+            if bad:
+                problems.append(f"{afile.path.name}: {k}: {bad} NaN/Inf values")
             module, _, leaf = k.rpartition(".")
             if leaf in ("lora_a", "lora_b", "m") and ft in ("lora", "dora"):
                 lora_keys.setdefault(module, {})[leaf] = Ref(afile, k)
@@ -97,7 +103,6 @@ def build_plan(source: Source, dtype: str = "auto") -> Plan:
     quantized = {k[: -len(".scales")] for k in refs if k.endswith(".scales")}
     out_np = None if dtype == "auto" else BY_NAME[dtype]
     num_experts = next((cfg[k] for k in ("num_local_experts", "num_experts", "n_routed_experts") if cfg.get(k)), None)
-    layers_seen: set[int] = set()
     logical: dict[str, tuple[int, ...]] = {}  # module -> dense weight shape (for adapter checks)
     model_float = None  # dtype of the model's dense weights
     outputs: dict[str, tuple[str, dict[int, Part]]] = {}  # HF name -> (HF template, part number -> Part)
@@ -142,8 +147,6 @@ def build_plan(source: Source, dtype: str = "auto") -> Plan:
             src_dt = sdt if mode == "affine" else st_of(cfg)
         template, layers = key_template(key)
         dense_shape[key] = tuple(shape)
-        if key.startswith("model.layers.") and layers:
-            layers_seen.add(layers[0])
         if leaf == "weight" and len(shape) >= 2:
             logical[module] = shape
             if DTYPES[src_dt].floating and model_float is None:
@@ -192,7 +195,7 @@ def build_plan(source: Source, dtype: str = "auto") -> Plan:
             dt = out_np.st
         items.append(Item(name, dt, tuple(shape), ps, rule.get("join"), rule.get("axis", 0), rule.get("merge")))
     items += _dropped(source, arch, out_np, problems)
-    problems += _check_config(cfg, where, logical, layers_seen)
+    problems += [f"{where}: {p}" for p in check_against_weights(cfg, {m + ".weight": s for m, s in logical.items()})]
     # attach adapters to every part that reads the adapted MLX weight
     for module, parts in sorted(lora_keys.items(), key=lambda kv: _natural(kv[0])):
         problems += _attach(module, parts, arch, logical, readers.get(module + ".weight", []),
@@ -236,21 +239,6 @@ def _dropped(source: Source, arch: Arch, out_np, problems: list[str]) -> list[It
     if not items:
         problems.append(f"{hf.path}: none of the tensors mlx-lm drops ({arch.dropped[0]} ...) is there")
     return items
-
-
-def _check_config(cfg: dict, where: str, logical: dict, layers_seen: set[int]) -> list[str]:
-    problems = []
-    emb = logical.get("model.embed_tokens")
-    if emb is not None:
-        if cfg.get("vocab_size") not in (None, emb[0]):
-            problems.append(f"{where}: vocab_size={cfg['vocab_size']} but model.embed_tokens.weight has {emb[0]} rows")
-        if cfg.get("hidden_size") not in (None, emb[1]):
-            problems.append(f"{where}: hidden_size={cfg['hidden_size']} but model.embed_tokens.weight has {emb[1]} columns")
-    n = cfg.get("num_hidden_layers")
-    if layers_seen and n is not None and sorted(layers_seen) != list(range(n)):
-        problems.append(f"{where}: num_hidden_layers={n} but the weights have layers {min(layers_seen)}..{max(layers_seen)}"
-                        f" ({len(layers_seen)} layers)")
-    return problems
 
 
 def _attach(module: str, parts: dict[str, Ref], arch: Arch, logical: dict, readers: list[Part],

@@ -10,33 +10,31 @@ Nothing is guessed from file names beyond these documented files.
 
 from __future__ import annotations
 
-import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import BridgeError
+from ..errors import BridgeError, raise_all
 from ..formats import SafetensorsFile
-from ..fsutil import is_hub_id
+from ..fsutil import inside, is_hub_id, read_json
 from ..manifest import FILENAME as MANIFEST, Manifest
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapters.safetensors"
+# what a hub download may fetch: weights, configs, tokenizer files; never code (*.py)
+HUB_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt",
                    "vocab.txt", "tiktoken.model", "tokenizer.tiktoken")
 
 
-def read_json(path: Path) -> dict:
-    try:
-        d = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BridgeError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BridgeError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise BridgeError(f"{path}: expected a JSON object")
-    return d
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @dataclass
@@ -56,7 +54,10 @@ class Model:
         config = read_json(path / "config.json")
         index = path / "model.safetensors.index.json"
         if index.exists():
-            names = sorted(set(read_json(index).get("weight_map", {}).values()))
+            wm = read_json(index).get("weight_map")
+            if not isinstance(wm, dict):
+                raise BridgeError(f"{index}: no weight_map object")
+            names = sorted({str(inside(path, n, str(index)).relative_to(path)) for n in wm.values()})
             missing = [n for n in names if not (path / n).exists()]
             if missing:
                 raise BridgeError(f"{index}: weight_map names missing files {missing}")
@@ -90,6 +91,34 @@ class Adapter:
     config: dict  # adapter_config.json
     file: SafetensorsFile
     manifest: Manifest | None
+
+    @staticmethod
+    def check(c: dict, where: str) -> None:
+        """Refuse adapter_config.json settings of the wrong type or out of range, naming each field."""
+        problems = []
+        ft = c.get("fine_tune_type", "lora")
+        if ft not in ("lora", "dora", "full"):
+            problems.append(f"fine_tune_type: {ft!r}, expected 'lora', 'dora' or 'full'")
+        lp = c.get("lora_parameters")
+        if lp is not None and not isinstance(lp, dict):
+            problems.append(f"lora_parameters: {lp!r} ({type(lp).__name__}), expected an object")
+            lp = None
+        lp = lp or {}
+        if "rank" in lp and not (_int(lp["rank"]) and lp["rank"] > 0):
+            problems.append(f"lora_parameters.rank: {lp['rank']!r}, expected a positive integer")
+        if "scale" in lp and not (_num(lp["scale"]) and math.isfinite(lp["scale"])):
+            problems.append(f"lora_parameters.scale: {lp['scale']!r}, expected a finite number")
+        if lp.get("dropout") is not None and not (_num(lp["dropout"]) and 0 <= lp["dropout"] < 1):
+            problems.append(f"lora_parameters.dropout: {lp['dropout']!r}, expected a number in [0, 1)")
+        keys = lp.get("keys")
+        if keys is not None and not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+            problems.append(f"lora_parameters.keys: {keys!r}, expected a list of module names")
+        nl = c.get("num_layers")
+        if nl is not None and not _int(nl):
+            problems.append(f"num_layers: {nl!r} ({type(nl).__name__}), expected an integer")
+        if c.get("model") is not None and not isinstance(c["model"], str):
+            problems.append(f"model: {c['model']!r}, expected a path or hub id")
+        raise_all(problems, where)
 
     @property
     def fine_tune_type(self) -> str:
@@ -136,12 +165,12 @@ def resolve_model(ref: str, where: str, relative_to: Path | None = None) -> Path
         raise BridgeError(f"{where}: base model {ref!r} is not a directory (and not a hub id); pass --base DIR")
     try:
         from huggingface_hub import snapshot_download
-    except ImportError:
-        raise BridgeError(f"{where}: base model {ref!r} is a hub id; install huggingface_hub or pass --base DIR") from None
+    except ImportError as e:
+        raise BridgeError(f"{where}: base model {ref!r} is a hub id; install huggingface_hub or pass --base DIR") from e
     try:
-        return Path(snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]))
+        return Path(snapshot_download(ref, allow_patterns=list(HUB_PATTERNS)))
     except Exception as e:  # offline, missing repo, auth
-        raise BridgeError(f"{where}: cannot fetch base model {ref!r} ({type(e).__name__}); pass --base DIR") from None
+        raise BridgeError(f"{where}: cannot fetch base model {ref!r} ({type(e).__name__}); pass --base DIR") from e
 
 
 def _hf_base(path: str | os.PathLike | None) -> Model | None:
@@ -167,6 +196,7 @@ def open_source(src: str | os.PathLike, base: str | os.PathLike | None = None,
     manifest = Manifest.load(src) if (src / MANIFEST).exists() else None
     if (src / ADAPTER_CONFIG).exists() or (src / ADAPTER_WEIGHTS).exists():
         cfg = read_json(src / ADAPTER_CONFIG)
+        Adapter.check(cfg, str(src / ADAPTER_CONFIG))
         if not (src / ADAPTER_WEIGHTS).exists():
             raise BridgeError(f"{src / ADAPTER_WEIGHTS}: missing (adapter_config.json is there)")
         if base is not None:

@@ -1,5 +1,7 @@
 """`mlx-bridge verify DIR [--against CHECKPOINT]`: parity report of an export; exit 1 when it fails.
 
+DIR is a Hugging Face export, or a PEFT adapter export (merged into its MLX base to be run; `--base`).
+
 Example:
     mlx-bridge verify deploy/alpaca
     mlx-bridge verify deploy/alpaca --against checkpoints/alpaca-lora --dtype float32
@@ -21,6 +23,8 @@ def build_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--atol", type=float, default=None, help="absolute logit tolerance (default: by dtype)")
     p.add_argument("--rtol", type=float, default=None, help="tolerance relative to max |logit| (default: by dtype)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens per probe made with --against")
+    p.add_argument("--base", default=None, metavar="MLX_BASE_DIR",
+                   help="for a PEFT adapter directory: the MLX base it applies to (default: from its manifest)")
     p.add_argument("--no-write", action="store_true", help="do not write parity.json")
 
 
@@ -29,7 +33,7 @@ def main(args: argparse.Namespace) -> int:
 
     report = verify(args.export_dir, args.against, device=args.device, dtype=args.dtype, backend=args.backend,
                     atol=args.atol, rtol=args.rtol, max_new_tokens=args.max_new_tokens, write=not args.no_write,
-                    log=lambda line: print(line, file=sys.stderr, flush=True))
+                    base=args.base, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(summary(report))
     if not args.no_write:
         print(f"wrote {args.export_dir.rstrip('/')}/{REPORT}")

@@ -40,7 +40,7 @@ def mlx_source(against: str | os.PathLike) -> tuple[str, str | None]:
         try:
             base = json.loads((d / "adapter_config.json").read_text()).get("model")
         except (FileNotFoundError, json.JSONDecodeError) as e:
-            raise BridgeError(f"{d / 'adapter_config.json'}: unreadable ({e})") from None
+            raise BridgeError(f"{d / 'adapter_config.json'}: unreadable ({e})") from e
         if not base:
             raise BridgeError(f"{d / 'adapter_config.json'}: no 'model' naming the base model")
         return str(base), str(d)
@@ -58,9 +58,16 @@ def mlx_probes(against: str | os.PathLike, input_ids: np.ndarray, max_new_tokens
         from mlx_lm import load as mlx_load
         from mlx_lm.generate import generate_step
     except ImportError as e:
-        raise BridgeError(f"--against needs mlx and mlx-lm ({e}); install mlx-bridge[train]") from None
+        raise BridgeError(f"--against needs mlx and mlx-lm ({e}); install mlx-bridge[train]") from e
     base, adapter = mlx_source(against)
-    model, _ = mlx_load(base, adapter_path=adapter)
+    if Path(base).is_dir():  # config values checked before mlx-lm builds anything from them
+        from ..fsutil import read_json
+        from ..translate.validate import validate_model_dir
+
+        validate_model_dir(read_json(Path(base) / "config.json"), sorted(Path(base).glob("model*.safetensors")),
+                           str(Path(base) / "config.json"))
+    model, _ = mlx_load(base, adapter_path=adapter, tokenizer_config={"trust_remote_code": False},
+                        trust_remote_code=False)
     logits = np.array(model(mx.array(input_ids.astype(np.int32))).astype(mx.float32))
     greedy = np.zeros((input_ids.shape[0], max_new_tokens), np.int32)
     for i, row in enumerate(input_ids):

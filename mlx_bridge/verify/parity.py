@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import BridgeError
+from ..fsutil import scratch_dir, write_atomic
 from ..probes import FILENAME as PROBES, Probes
 from ..translate.card import write_parity
 
@@ -68,11 +68,14 @@ def compare_logits(ref: np.ndarray, got: np.ndarray, atol: float, rtol: float, o
         raise BridgeError(f"{PROBES}: reference logits {ref.shape} but the model gives {got.shape} "
                           "(vocabulary size differs from the probes')")
     diff = np.abs(ref.astype(np.float64) - got.astype(np.float64))
-    ref_max = float(np.abs(ref).max())
+    ref_max = float(np.nanmax(np.abs(np.where(np.isfinite(ref), ref, np.nan)), initial=0.0))
     limit = atol + rtol * ref_max
     per_position = diff.max(-1)  # [N, L]
+    # a NaN/Inf logit on either side is never within tolerance (NaN - NaN compares as not over)
+    bad = ~np.isfinite(ref).all(-1) | ~np.isfinite(got).all(-1)
+    per_position = np.where(bad, np.inf, per_position)
     over, allowed = int((per_position > limit).sum()), int(outliers * per_position.size)
-    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "max_abs_reference": ref_max,
+    return {"max_abs_diff": float(per_position.max()), "non_finite_positions": int(bad.sum()), "mean_abs_diff": float(diff.mean()), "max_abs_reference": ref_max,
             "atol": atol, "rtol": rtol, "limit": limit, "positions": int(per_position.size),
             "positions_over_limit": over, "allowed_over_limit": allowed,
             "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean()),
@@ -115,7 +118,8 @@ def _default_inputs(model, n_tokens: int = 16) -> np.ndarray:
 
 def verify(export_dir: str | os.PathLike, against: str | os.PathLike | None = None, *, device: str = "cpu",
            dtype: str = "auto", backend: str = "auto", atol: float | None = None, rtol: float | None = None,
-           max_new_tokens: int = 16, write: bool = True, model=None, log=None) -> dict:
+           max_new_tokens: int = 16, write: bool = True, model=None, log=None,
+           base: str | os.PathLike | None = None) -> dict:
     """Check an export against MLX's outputs; write `parity.json` into it; return the report.
 
     Args:
@@ -127,6 +131,8 @@ def verify(export_dir: str | os.PathLike, against: str | os.PathLike | None = No
         write: write `parity.json`.
         model: an already loaded `DeployedModel` of `export_dir` (skips loading).
         log: called with a line as each phase starts (after loading: logits, greedy), e.g. `print`.
+        base: for a PEFT adapter directory, the MLX base model it applies to (default: the one its
+            manifest names); the adapter is merged into it with PEFT's formulas (`peft_merge`) and run.
     Returns:
         the report (see `parity.json`): "passed", "logits", "greedy", ...
     Raises:
@@ -136,8 +142,18 @@ def verify(export_dir: str | os.PathLike, against: str | os.PathLike | None = No
         >>> verify("deploy/alpaca", against="ckpt/alpaca")["passed"]  # doctest: +SKIP
         True
     """
-    t0 = time.perf_counter()
     d = Path(export_dir)
+    from .peft_merge import is_peft_dir, merged_dir
+
+    if model is not None or not is_peft_dir(d):
+        return _verify(d, against, device, dtype, backend, atol, rtol, max_new_tokens, write, model, None, log)
+    with scratch_dir("mlx-bridge-peft") as t:
+        merged = merged_dir(d, t / "merged", base)
+        return _verify(d, against, device, dtype, backend, atol, rtol, max_new_tokens, write, None, merged, log)
+
+
+def _verify(d: Path, against, device, dtype, backend, atol, rtol, max_new_tokens, write, model, merged, log) -> dict:
+    t0 = time.perf_counter()
 
     def phase(msg: str) -> None:
         if log is not None:
@@ -146,7 +162,7 @@ def verify(export_dir: str | os.PathLike, against: str | os.PathLike | None = No
     if model is None:
         from ..deploy.loader import load
 
-        model = load(d, device=device, dtype=dtype, backend=backend)  # bad input: its one-line error, nothing before
+        model = load(merged or d, device=device, dtype=dtype, backend=backend)  # bad input: its one-line error
         phase(f"loaded {d} in PyTorch ({model.backend}, {model.device}, {str(model.dtype).replace('torch.', '')})")
     have_probes = (d / PROBES).exists()
     if against is None and not have_probes:
@@ -174,20 +190,36 @@ def verify(export_dir: str | os.PathLike, against: str | os.PathLike | None = No
     logits = compare_logits(probes.logits, got, a, r, OUTLIERS[coarse])
     phase(f"greedy continuations of {N} probes ({probes.greedy.shape[1]} tokens each)")
     greedy = compare_greedy(model, probes.input_ids, probes.greedy, logits["limit"])
+    long = None
+    if probes.long_input_ids is not None:  # past the sliding window / rope-scaling threshold
+        K = probes.long_logits.shape[1]
+        got_long = model.logits(torch.as_tensor(probes.long_input_ids, dtype=torch.long))[:, -K:].cpu().numpy()
+        long = dict(compare_logits(probes.long_logits, got_long, a, r, OUTLIERS[coarse]),
+                    length=int(probes.long_input_ids.shape[1]), positions_compared=int(K))
     from ..manifest import environment
 
     report = {
-        "schema_version": 1, "passed": logits["passed"] and greedy["passed"], "export_dir": str(d),
+        "schema_version": 1, "passed": logits["passed"] and greedy["passed"] and (long is None or long["passed"]),
+        "export_dir": str(d),
         "reference": {"source": source, "against": str(against) if against is not None else None,
                       "dtype": probes.dtype},
-        "deployed": {"backend": model.backend, "device": str(model.device), "dtype": deployed_dtype},
+        "deployed": {"backend": model.backend, "device": str(model.device), "dtype": deployed_dtype,
+                     **({"peft": "adapter merged into its base with PEFT's formulas (verify/peft_merge.py)"}
+                        if merged else {})},
         "probes": {"num": int(probes.input_ids.shape[0]), "length": int(probes.input_ids.shape[1]),
                    "max_new_tokens": int(probes.greedy.shape[1])},
-        "logits": logits, "greedy": greedy, "environment": environment(),
+        "logits": logits, "greedy": greedy, "long_probe": long, "environment": environment(),
         "seconds": round(time.perf_counter() - t0, 3),
     }
+    report["tolerance"] = {"dtype": coarse, "atol": a, "rtol": r, "limit": logits["limit"],
+                           "outliers_allowed": OUTLIERS[coarse],
+                           "rule": "|logit diff| <= atol + rtol * max|reference logit| at every probe position "
+                                   "(up to outliers_allowed of them over); greedy tokens equal or a near-tie"}
     report["summary"] = (f"{'PASS' if report['passed'] else 'FAIL'}: logits max |diff| {logits['max_abs_diff']:.3g} "
-                         f"(limit {logits['limit']:.3g}); greedy {greedy['exact']}/{greedy['of']} identical")
+                         f"(limit {logits['limit']:.3g} = {a:g} + {r:g} x {logits['max_abs_reference']:.3g}, {coarse}); "
+                         f"greedy {greedy['exact']}/{greedy['of']} identical"
+                         + (f"; long probe ({long['length']} tokens) max |diff| {long['max_abs_diff']:.3g}"
+                            if long else ""))
     if write:
         _write_json(d / REPORT, report)
         write_parity(d, report)  # the model card's parity section
@@ -195,11 +227,7 @@ def verify(export_dir: str | os.PathLike, against: str | os.PathLike | None = No
 
 
 def _write_json(p: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, p)
+    write_atomic(p, json.dumps(obj, indent=2) + "\n")
 
 
 def summary(report: dict) -> str:
@@ -209,12 +237,16 @@ def summary(report: dict) -> str:
     lines = [
         f"parity of {report['export_dir']} ({dp['backend']}, {dp['device']}, {dp['dtype']}) against "
         f"{ref['source']} (MLX {ref['dtype']}): {report['probes']['num']} probes x {report['probes']['length']} tokens",
-        f"  logits: max |diff| {lg['max_abs_diff']:.3g} (limit {lg['limit']:.3g}), mean {lg['mean_abs_diff']:.3g}, "
+        f"  logits: max |diff| {lg['max_abs_diff']:.3g} (limit {lg['limit']:.3g} = atol {lg['atol']:g} + rtol "
+        f"{lg['rtol']:g} x max|logit| {lg['max_abs_reference']:.3g}), mean {lg['mean_abs_diff']:.3g}, "
         f"top-1 agreement {100 * lg['top1_agreement']:.1f}%"
         + (f"; {lg['positions_over_limit']}/{lg['positions']} positions over the limit "
            f"({lg['allowed_over_limit']} allowed)" if lg["positions_over_limit"] else ""),
         f"  greedy: {gr['exact']}/{gr['of']} continuations identical ({gr['max_new_tokens']} tokens each)"
         + (f", {gr['near_ties']} diverge at a near-tie" if gr["near_ties"] else ""),
+        *([f"  long probe: {lp['length']} tokens (past the sliding window / rope-scaling threshold), last "
+           f"{lp['positions_compared']} positions: max |diff| {lp['max_abs_diff']:.3g} (limit {lp['limit']:.3g})"]
+          if (lp := report.get("long_probe")) else []),
         "PASS" if report["passed"] else "FAIL",
     ]
     return "\n".join(lines)

@@ -11,13 +11,13 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
 from ...errors import BridgeError, raise_all
+from ...fsutil import inside, read_json
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -30,11 +30,10 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
     """The shard files of an export: from `model.safetensors.index.json`, else `model.safetensors`."""
     d = Path(path)
     if (d / INDEX).exists():
-        try:
-            wm = json.loads((d / INDEX).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise BridgeError(f"{d / INDEX}: not a valid index ({type(e).__name__}: {e})") from None
-        files = [d / f for f in sorted(set(wm.values()))]
+        wm = read_json(d / INDEX).get("weight_map")
+        if not isinstance(wm, dict):
+            raise BridgeError(f"{d / INDEX}: not a valid index (no weight_map object)")
+        files = sorted({inside(d, f, str(d / INDEX)) for f in wm.values()})
         missing = [f.name for f in files if not f.exists()]
         if missing:
             raise BridgeError(f"{d / INDEX}: names shards that do not exist: {', '.join(missing)}")

@@ -61,14 +61,14 @@ def bucket(n: int, sizes=BATCHES) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def len_bucket(n: int) -> int:
-    """Cache length for n positions: a power of two, at least MIN_LEN.
+def len_bucket(n: int, min_len: int = MIN_LEN) -> int:
+    """Cache length for n positions: a power of two, at least `min_len`.
 
     Example:
-        >>> len_bucket(10), len_bucket(385)
-        (256, 512)
+        >>> len_bucket(10), len_bucket(385), len_bucket(10, min_len=4)
+        (256, 512, 16)
     """
-    return max(MIN_LEN, 1 << (n - 1).bit_length())
+    return max(min_len, 1 << (n - 1).bit_length())
 
 
 INDUCTOR_OPTIONS = {
@@ -128,11 +128,17 @@ class FastRunner:
             used one is dropped beyond it and re-captured (not recompiled) when needed again.
         split_at: extra stage boundaries (layer indices) besides device changes; a stage hands its
             hidden state to the next one as it would across GPUs (tests the hand-over on one device).
+        min_len, grow_ahead: the shortest cache length bucket (default MIN_LEN) and the positions past
+            the prompt a request starts with (default GROW_AHEAD); small values let tests cross buckets
+            in a few tokens.
     """
 
     def __init__(self, module: Transformer, *, compile: bool | None = None, graphs: bool | None = None,
-                 sync_every: int = 8, max_buckets: int = 4, split_at: tuple[int, ...] = ()):
+                 sync_every: int = 8, max_buckets: int = 4, split_at: tuple[int, ...] = (),
+                 min_len: int | None = None, grow_ahead: int | None = None):
         self.module, self.args = module, module.args
+        self.min_len = MIN_LEN if min_len is None else min_len
+        self.grow_ahead = GROW_AHEAD if grow_ahead is None else grow_ahead
         self.vocab_size = module.args.vocab_size
         try:
             self.fused = fm.fuse(module)
@@ -341,7 +347,7 @@ class FastRunner:
         B, P = tokens.shape
         if max_len > self.args.max_position_embeddings * 64:
             raise BridgeError(f"max_len {max_len}: far beyond the model's context")
-        st = self._state(bucket(B), len_bucket(min(max_len, P + GROW_AHEAD)))
+        st = self._state(bucket(B), len_bucket(min(max_len, P + self.grow_ahead), self.min_len))
         self._slot, self._max_len = P, max_len
         spare = st.S  # spare rows: everything is padding, so each sees only its own current key
         for i, seg in enumerate(self.segments):
@@ -363,7 +369,7 @@ class FastRunner:
             raise BridgeError(f"decode step {need - 1}: past the cache length {self._max_len} given to start()")
         if need <= st.S:
             return st
-        new = self._state(st.B, len_bucket(need))
+        new = self._state(st.B, len_bucket(need, self.min_len))
         for a, b in zip(st.k + st.v, new.k + new.v):
             b[:, :, :st.S].copy_(a)
         for a, b in zip(st.slot + st.pad, new.slot + new.pad):
@@ -452,7 +458,7 @@ class FastRunner:
         with torch.inference_mode():
             for b in batch_sizes:
                 for n in max_lens:
-                    st = self._state(bucket(b), len_bucket(n))
+                    st = self._state(bucket(b), len_bucket(n, self.min_len))
                     for m in modes:
                         self._graphs(st, m)
 
