@@ -249,7 +249,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
         except Unsupported as e:
             if backend == "native":
                 raise BridgeError(f"{d / 'config.json'}: no native class for it: {e}") from e
-            warnings.warn(f"{d}: {e}: running it with transformers' AutoModelForCausalLM", stacklevel=2)
+            warnings.warn(f"{d}: {e}: running it with transformers", stacklevel=2)
             chosen = "transformers"
     if chosen == "transformers":
         if fast:
