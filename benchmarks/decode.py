@@ -213,7 +213,7 @@ def main(argv=None) -> int:
                 rate, toks = bench_hf(hf, B, a.prompt, a.new, cfg.vocab_size, dev)
             else:
                 if kind == "fast":
-                    runner.warmup(batch_sizes=(B,), max_lens=(a.prompt + a.new,))
+                    runner.prepare(batch_sizes=(B,), max_lens=(a.prompt + a.new,))
                 rate, toks = bench_runner(runner, B, a.prompt, a.new, cfg.vocab_size, dev,
                                           native_steps if kind == "native" else fast_steps)
             res[name][f"tok/s batch {B}"] = rate

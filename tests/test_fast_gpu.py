@@ -5,9 +5,8 @@ import pytest
 import torch
 
 from mlx_bridge.deploy.runners.fast import FastRunner
-from mlx_bridge.deploy.runners.pipeline import load_across
 from mlx_bridge.deploy.generation import token_steps
-from mlx_bridge.deploy.loader import load
+from mlx_bridge.deploy.loader import load, load_across
 from mlx_bridge.testing.adapters import shared_zoo
 
 pytestmark = pytest.mark.gpu
