@@ -198,12 +198,16 @@ class Engine:
                 if pending is not None:
                     self._collect(*pending)
                 pending = launched
+            self._fail_all(APIError(503, "the server is shutting down", code="shutting_down"))
         except BaseException as e:  # the model cannot run any more: fail everyone, say so on /health
             log.exception("the model worker failed")
-            self.broken = f"{type(e).__name__}"
-            for job in {r.job.id: r.job for r in [*self._waiting, *self._running.values()]}.values():
-                self._fail(job, e)
-            self._drain_queue(e)
+            self.broken = f"{type(e).__name__}"  # from now on the runner is not touched
+            self._fail_all(e)
+
+    def _fail_all(self, e: BaseException) -> None:
+        for job in {r.job.id: r.job for r in [*self._waiting, *self._running.values()]}.values():
+            self._fail(job, e)
+        self._drain_queue(e)
 
     def _admit(self, block: bool) -> None:
         """Take new jobs from the queue (waiting for one when there is nothing else to do)."""
@@ -258,6 +262,8 @@ class Engine:
         while budget > 0 and (partial or (self._waiting and self._free)):
             if partial:
                 r = partial.pop(0)
+                if r.job.over:
+                    continue
             else:
                 r = self._waiting.popleft()
                 r.slot = heapq.heappop(self._free)
@@ -299,7 +305,11 @@ class Engine:
             job.first_token = True
             self.metrics.ttft.observe(time.monotonic() - job.arrived)
         n0 = len(r.text.ids)
-        piece = r.text.add(tokens)
+        try:
+            piece = r.text.add(tokens)
+        except Exception as e:  # the tokenizer failed on this row: the request fails alone
+            self._fail(job, e)
+            return
         self.metrics.generated(len(r.text.ids) - n0)
         if piece and job.emit is not None:
             self._emit(job, Piece(r.index, piece))
@@ -323,7 +333,8 @@ class Engine:
     def _release(self, r: Row) -> None:
         if r.slot is not None and self._running.get(r.slot) is r:
             del self._running[r.slot]
-            self.runner.free(r.slot)
+            if self.broken is None:
+                self.runner.free(r.slot)
             heapq.heappush(self._free, r.slot)
             self.metrics.running = len(self._running)
         r.slot = None
