@@ -270,7 +270,7 @@ class _Chunks:
 
     def __next__(self):
         m = self._model
-        with m._lock:
+        with m._lock, torch.inference_mode():  # (a generator resumed on another thread has lost its own)
             if self._buf:
                 return self._buf.popleft()
             if self._done:
@@ -288,7 +288,8 @@ class _Chunks:
     def finish(self) -> None:
         """(Lock held.) Run the rest of the generation into the buffer."""
         try:
-            self._buf.extend(self._it)
+            with torch.inference_mode():
+                self._buf.extend(self._it)
         finally:
             self._end()
 
