@@ -14,8 +14,14 @@ prepared before ready) and drives it from a separate client process:
 Prompts are `--prompt` random token ids, each request asks for `--tokens` new tokens (EOS off).
 Prints a table; `--json` writes the numbers.
 
+`--stand-in STEP_MS,PREFILL_MS` measures the server's own host-side cost on any machine: the model's
+batch runner is replaced by one that only waits (GIL released, as a CUDA sync does) STEP_MS per
+decode step and PREFILL_MS per `--prompt` tokens of prefill, and returns token 5; the "raw" column is
+then what those waits alone allow.
+
     python benchmarks/serve.py                        # CUDA, Llama-2-7B shape, bf16
     python benchmarks/serve.py --shape tiny           # CPU development run
+    python benchmarks/serve.py --stand-in 5,20        # host-side ceiling (any machine)
 """
 
 from __future__ import annotations
@@ -48,6 +54,41 @@ def tokenizer(vocab: int):
     return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="w0", pad_token="w0")
 
 
+class StandIn:
+    """A batch runner that only waits: each decode step `step` s and each prefill `prefill` s per
+    `per` tokens, one after another as on a GPU stream; the tokens are all 5."""
+
+    def __init__(self, rows: int, vocab: int, step: float, prefill: float, per: int):
+        self.rows, self.vocab_size, self.stats = rows, vocab, {"captures": 0, "steps": 0}
+        self.step, self.prefill_s, self.per, self.busy = step, prefill, per, 0.0
+
+    def _queue(self, seconds: float) -> float:
+        self.busy = max(self.busy, time.perf_counter()) + seconds
+        return self.busy
+
+    def prepare(self) -> str:
+        return f"stand-in: {self.step * 1e3:g} ms a step, {self.prefill_s * 1e3:g} ms a {self.per}-token prefill"
+
+    def prefill(self, slot, tokens, start, sampling=None):
+        end = self._queue(self.prefill_s * len(tokens) / self.per)
+        if sampling is not None:
+            time.sleep(max(0.0, end - time.perf_counter()))
+            return 5
+
+    def launch(self, slots, need, greedy):
+        end, self.stats["steps"] = self._queue(self.step), self.stats["steps"] + 1
+
+        class Done:
+            def tokens(_):
+                time.sleep(max(0.0, end - time.perf_counter()))
+                return {s: 5 for s in slots}
+
+        return Done()
+
+    def free(self, slot):
+        pass
+
+
 def pct(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
@@ -55,29 +96,42 @@ def pct(xs, q):
 
 # -- the client side (its own process: the server's threads never wait for the client's GIL) ---------
 
-def _http(url, prompt, n, stream):
-    import httpx
+_CLIENTS: dict = {}
 
+
+def clients(url: str, conc: int):
+    """One httpx client and one openai client, shared by the client threads (both are thread-safe)
+    and made before any timing: making a client costs tens of milliseconds of the GIL."""
+    import httpx
+    import openai
+
+    if not _CLIENTS:
+        limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
+        _CLIENTS["httpx"] = httpx.Client(base_url=url, timeout=600, limits=limits)
+        _CLIENTS["openai"] = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600,
+                                           http_client=openai.DefaultHttpxClient(limits=limits))
+    return _CLIENTS
+
+
+def _http(url, prompt, n, stream):
+    c = _CLIENTS["httpx"]
     body = {"model": "m", "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": stream}
     t0 = time.perf_counter()
     first = None
-    with httpx.Client(timeout=600) as c:
-        if not stream:
-            r = c.post(url + "/v1/completions", json=body)
-            r.raise_for_status()
-            return time.perf_counter() - t0, None, r.json()["usage"]["completion_tokens"]
-        with c.stream("POST", url + "/v1/completions", json=body) as r:
-            r.raise_for_status()
-            for line in r.iter_lines():
-                if first is None and line.startswith("data: {") and '"text": ""' not in line:
-                    first = time.perf_counter() - t0
+    if not stream:
+        r = c.post("/v1/completions", json=body)
+        r.raise_for_status()
+        return time.perf_counter() - t0, None, r.json()["usage"]["completion_tokens"]
+    with c.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if first is None and line.startswith("data: {") and '"text": ""' not in line:
+                first = time.perf_counter() - t0
     return time.perf_counter() - t0, first, n
 
 
 def _openai(url, prompt, n, stream):
-    import openai
-
-    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+    client = _CLIENTS["openai"]
     t0 = time.perf_counter()
     first = None
     if not stream:
@@ -92,7 +146,10 @@ def _openai(url, prompt, n, stream):
 def scenarios(url: str, prompts: list, n: int, conc: int, arrivals: int, over: float) -> dict:
     """Run every scenario against the server at `url`; returns the numbers."""
     out = {}
-    _http(url, prompts[0], 8, False)  # connection + a first request
+    clients(url, max(conc, arrivals))
+    _http(url, prompts[0], 8, False)  # a first request
+    with ThreadPoolExecutor(conc) as pool:  # open the connections
+        list(pool.map(lambda p: _http(url, p, 2, False), prompts[:conc]))
     one = [_http(url, prompts[i], n, False) for i in range(3)]
     out["one"] = {"s": statistics.median(t for t, _, _ in one), "tok/s": n / statistics.median(t for t, _, _ in one)}
     for name, ask in (("httpx", _http), ("openai", _openai)):
@@ -125,8 +182,12 @@ def main(argv=None) -> int:
     ap.add_argument("--arrivals", type=int, default=64)
     ap.add_argument("--over", type=float, default=8.0)
     ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--stand-in", default=None, metavar="STEP_MS,PREFILL_MS",
+                    help="replace the model's runner by waits: the server's host-side ceiling")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
+    if a.stand_in:
+        a.shape = "tiny"
 
     from mlx_bridge.deploy.deployed import DeployedModel
     from mlx_bridge.deploy.runners.fast import FastRunner
@@ -143,7 +204,12 @@ def main(argv=None) -> int:
           flush=True)
 
     res: dict = {"card": card, "shape": a.shape, "dtype": str(dtype)}
-    for B in (1, a.max_batch):  # decode.py's raw figures, same weights, same run
+    if a.stand_in:
+        step, pre = (float(x) / 1e3 for x in a.stand_in.split(","))
+        card = res["card"] = f"stand-in runner ({a.stand_in} ms) on {card}"
+        res["raw batch 1"] = a.tokens / ((a.tokens - 1) * step + pre)  # what the waits alone allow
+        res[f"raw batch {a.max_batch}"] = a.max_batch * a.tokens / ((a.tokens - 1) * step + a.max_batch * pre)
+    for B in (1, a.max_batch) if not a.stand_in else ():  # decode.py's raw figures, same weights, same run
         t = time.perf_counter()
         runner.prepare(batch_sizes=(B,), max_lens=(a.prompt + a.tokens,))
         rate, _ = raw.bench_runner(runner, B, a.prompt, a.tokens, cfg.vocab_size, dev, raw.fast_steps)
@@ -162,6 +228,8 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     app = create_app(model, model_name="m", max_batch=a.max_batch, max_len=a.max_model_len,
                      max_request_tokens=1 << 30, max_queue=4096)
+    if a.stand_in:
+        app.state.engine.runner = StandIn(a.max_batch, cfg.vocab_size, step, pre, a.prompt)
     with ServerThread(app) as srv:
         res["ready s"] = time.perf_counter() - t
         engine = app.state.engine
