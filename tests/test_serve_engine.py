@@ -275,3 +275,22 @@ def test_row_text_decodes_incrementally(model):
     pieces = "".join(row.add([t]) for t in ids) + row.close()
     assert pieces == model.decode(ids)
     assert seen[0] < 10 * len(ids)  # the old RowText decoded 400 * 401 / 2 = 80,200 ids here
+
+
+def test_runners_share_one_protocol_and_the_pipeline_imports_no_loader(model, tmp_path):
+    import subprocess
+    import sys
+
+    from mlx_bridge import load
+    from mlx_bridge.deploy.runners.base import Runner
+    from mlx_bridge.deploy.runners.fast import FastRunner
+
+    assert isinstance(model.runner, Runner) and isinstance(FastRunner(load(model_dir(model)).module), Runner)
+    code = ("import sys, mlx_bridge.deploy.runners.pipeline as p; "
+            "print('mlx_bridge.deploy.loader' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"  # loader -> pipeline only: no import cycle
+
+
+def model_dir(model) -> Path:
+    return Path(model.tokenizer.name_or_path)

@@ -32,6 +32,9 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
                         help="positions per KV slot, prompt + max_tokens (default: the context, at most 4096)")
     parser.add_argument("--max-queue", type=int, default=256,
                         help="requests allowed to wait for a slot; more get 429 (default 256)")
+    parser.add_argument("--batch-sizes", default=None, metavar="1,2,4,...",
+                        help="decode batch sizes prepared at start-up (default: powers of two up to --max-batch); "
+                             "fewer start faster, a step then runs at the next size up")
     parser.add_argument("--prefill-chunk", type=int, default=512,
                         help="most prompt tokens prefilled between two decode steps (default 512)")
     parser.add_argument("--max-request-tokens", type=int, default=MAX_REQUEST_TOKENS,
@@ -60,6 +63,14 @@ def main(args: argparse.Namespace) -> int:
                  "max_connections", "idle_timeout", "header_timeout", "body_timeout"):
         if getattr(args, flag) < 1:
             problems.append(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    sizes = None
+    if args.batch_sizes is not None:
+        try:
+            sizes = tuple(int(x) for x in args.batch_sizes.split(",") if x.strip())
+        except ValueError:
+            sizes = ()
+        if not sizes or min(sizes) < 1:
+            problems.append(f"--batch-sizes {args.batch_sizes}: a comma list of positive integers")
     if args.max_model_len is not None and args.max_model_len < 2:
         problems.append(f"--max-model-len {args.max_model_len}: must be at least 2")
     if args.api_key is not None and not args.api_key.strip():
@@ -79,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
     name = args.model_name or model.name
     app = create_app(model, model_name=name, api_key=args.api_key, max_tokens_limit=args.max_tokens_limit,
                      max_body_bytes=args.max_body_bytes, max_batch=args.max_batch, max_queue=args.max_queue,
-                     max_len=args.max_model_len, prefill_chunk=args.prefill_chunk,
+                     max_len=args.max_model_len, prefill_chunk=args.prefill_chunk, batch_sizes=sizes,
                      max_request_tokens=args.max_request_tokens, body_timeout=args.body_timeout,
                      defaults=defaults, prepare=False)
     if args.prepare:

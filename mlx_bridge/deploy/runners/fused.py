@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..native.layers import ACT, attend
+from ..native.layers import rms_norm as rms  # one definition for the module and the fused functions
 from ..native.model import Transformer, masks
 from ..native.rope import apply_rope, cos_sin
 
@@ -143,15 +144,6 @@ def fuse(module: Transformer) -> Fused:
         head = head.to(norm.device)
     ropes = [(getattr(module, f"rope_inv_freq_{j}"), module.rope_scale[j]) for j in range(len(module._ropes))]
     return Fused(spec, layers, embed, norm, head, ropes, list(module.windows))
-
-
-def rms(x: torch.Tensor, w: torch.Tensor, eps: float, gemma: bool) -> torch.Tensor:
-    """RMSNorm as `layers.RMSNorm` computes it (float32 statistics)."""
-    xf = x.float()
-    n = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    if gemma:
-        return (n * (1.0 + w.float())).type_as(x)
-    return w * n.to(x.dtype)
 
 
 def rope_masks(ropes: list, slots: torch.Tensor, pad: torch.Tensor, S: int, windows: list[int], dtype: torch.dtype,
