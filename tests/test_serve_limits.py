@@ -198,3 +198,22 @@ def test_health_fails_once_the_model_cannot_run(export_dir):
         until(lambda: httpx.get(srv.url + "/health").status_code == 503)
         assert post(srv.url, {"prompt": PROMPT, "max_tokens": 4}).status_code == 503
         assert "mlx_bridge:healthy 0" in httpx.get(srv.url + "/metrics").text
+
+
+def test_requests_fit_the_kv_slot_length(export_dir):
+    """`max_len` (--max-model-len) below the model's context: a chat request without max_tokens gets
+    what the slot leaves, a longer one a 400 naming the length."""
+    from mlx_bridge import load
+    from mlx_bridge.serve.app import create_app
+    from mlx_bridge.serve.http import ServerThread
+
+    model = load(export_dir)
+    model.eos_token_ids = set()
+    with ServerThread(create_app(model, model_name="m", max_batch=1, max_len=40, max_tokens_limit=200)) as srv:
+        assert httpx.get(srv.url + "/v1/models").json()["data"][0]["max_model_len"] == 40
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]},
+                       timeout=120)
+        u = r.json()["usage"]
+        assert r.status_code == 200 and u["prompt_tokens"] + u["completion_tokens"] == 40
+        r = post(srv.url, {"prompt": PROMPT, "max_tokens": 100})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded" and "40" in r.text

@@ -109,7 +109,7 @@ def create_app(model, *, model_name: str | None = None, api_key: str | None = No
 
     def model_card() -> dict:
         return {"id": name, "object": "model", "created": created, "owned_by": "mlx-bridge",
-                "max_model_len": model.max_context}
+                "max_model_len": engine.max_len}
 
     created = int(time.time())
 
@@ -154,7 +154,7 @@ def create_app(model, *, model_name: str | None = None, api_key: str | None = No
         if req.model is not None and req.model != name:
             raise APIError(404, f"The model '{req.model}' does not exist.", param="model", code="model_not_found")
         proto.check_work(req, max_request_tokens, max_tokens_limit)
-        prepare = _preparer(req, max_tokens_limit)
+        prepare = _preparer(req, max_tokens_limit, engine.max_len)
         rid = proto.new_id(req.kind)
         if req.stream:
             return await _stream(engine, req, prepare, rid, name)
@@ -173,8 +173,9 @@ def create_app(model, *, model_name: str | None = None, api_key: str | None = No
     return app
 
 
-def _preparer(req: proto.Request, limit: int):
-    """The part of a request that needs the tokenizer: runs on the worker thread."""
+def _preparer(req: proto.Request, limit: int, context: int):
+    """The part of a request that needs the tokenizer: runs on the worker thread. `context`: the
+    positions a request may use (the KV slot length)."""
 
     def prepare(model):
         if req.kind == "chat":
@@ -191,7 +192,7 @@ def _preparer(req: proto.Request, limit: int):
                     prompts.append(list(p))
         sampling = req.sampling
         for ids in prompts:  # the longest prompt decides a missing max_tokens
-            sampling = proto.fit_to_context(sampling, len(ids), model.max_context, limit,
+            sampling = proto.fit_to_context(sampling, len(ids), context, limit,
                                             "messages" if req.kind == "chat" else "prompt")
         return [ids for ids in prompts for _ in range(req.n)], sampling
 
