@@ -294,3 +294,20 @@ def test_runners_share_one_protocol_and_the_pipeline_imports_no_loader(model, tm
 
 def model_dir(model) -> Path:
     return Path(model.tokenizer.name_or_path)
+
+
+@pytest.mark.parametrize("arch, backend", [("mixtral", "native"), ("llama", "transformers")])
+def test_models_without_a_slot_pool_run_the_same_scheduler(tmp_path, arch, backend):
+    """MoE layers and transformers models: one cache per row (`RowRunner`), the same answers."""
+    from mlx_bridge import load
+
+    m = load(tiny_hf_model(tmp_path / arch, arch), backend=backend)
+    ids = [m.encode_prompt(p) for p in PROMPTS[:3]]
+    want = [m.complete([x], max_tokens=6)[0].token_ids for x in ids]
+    with running(m, max_batch=2) as eng:
+        assert type(eng.runner).__name__ == "RowRunner"
+        jobs = [eng.submit(job(x, max_tokens=6, temperature=0.0)) for x in ids]
+        got = [j.future.result(timeout=120)[0].token_ids for j in jobs]
+        seeded = [eng.submit(job(ids[0], max_tokens=6, temperature=1.0, seed=5)) for _ in range(2)]
+        a, b = (j.future.result(timeout=120)[0].token_ids for j in seeded)
+    assert got == want and a == b
