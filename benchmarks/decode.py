@@ -249,7 +249,7 @@ def main(argv=None) -> int:
                 rate, toks = bench_hf(hf, B, a.prompt, a.hf_new or a.new, cfg.vocab_size, dev)
             else:
                 if kind == "fast":
-                    runner.warmup(batch_sizes=(B,), max_lens=(a.prompt + a.new,))
+                    runner.prepare(batch_sizes=(B,), max_lens=(a.prompt + a.new,))
                 rate, steps = bench_runner(runner, B, a.prompt, a.new, cfg.vocab_size, dev,
                                            native_steps if kind == "native" else fast_steps)
                 toks = [t[0] for t in steps]

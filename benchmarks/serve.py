@@ -1,74 +1,263 @@
-"""Server batching: N concurrent requests against the same N one after another, through the `openai` client.
+"""Serving under load: `mlx-bridge serve`'s app against the raw decode path, same weights, one run.
 
-Starts `mlx-bridge serve`'s app (uvicorn, loopback) on a random tiny llama (or an export directory given
-as DIR), sends N completion requests of T tokens each, streamed and not, first one by one (the anchor:
-what a one-request-at-a-time server gives) and then all at once from N client threads, and prints the
-wall times, the speed-up and the engine's batch statistics. EOS is switched off so that every request
-runs to T tokens; answers are compared between the two runs.
+Builds a random-weight Llama (default: Llama-2-7B shape, bf16 on CUDA; `--shape tiny` on CPU) as
+`benchmarks/decode.py` does, measures the raw fast path (`FastRunner.steps`, decode.py's figures) at
+batch 1 and `--max-batch`, then serves the same model (continuous batching, every decode shape
+prepared before ready) and drives it from a separate client process:
 
-    python benchmarks/serve.py                    # CPU, random 4-layer llama (hidden 256)
-    python benchmarks/serve.py DIR --device cuda  # an export on a GPU
+- one request at a time (tokens/s of a whole request, prefill and first token included);
+- `--max-batch` concurrent requests (tokens/s in all);
+- `--arrivals` streamed requests arriving evenly over `--over` seconds: first-token and whole-request
+  p50/p95, against one request alone;
+- the last two again with the official `openai` client (streamed).
+
+Prompts are `--prompt` random token ids, each request asks for `--tokens` new tokens (EOS off).
+Prints a table; `--json` writes the numbers.
+
+`--stand-in STEP_MS,PREFILL_MS` measures the server's own host-side cost on any machine: the model's
+batch runner is replaced by one that only waits (GIL released, as a CUDA sync does) STEP_MS per
+decode step and PREFILL_MS per `--prompt` tokens of prefill, and returns token 5; the "raw" column is
+then what those waits alone allow.
+
+    python benchmarks/serve.py                        # CUDA, Llama-2-7B shape, bf16
+    python benchmarks/serve.py --shape tiny           # CPU development run
+    python benchmarks/serve.py --stand-in 5,20        # host-side ceiling (any machine)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import multiprocessing as mp
+import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import decode as raw  # noqa: E402  (benchmarks/decode.py: the model builder and the raw decode loop)
+
+
+def tokenizer(vocab: int):
+    """A real fast tokenizer over `vocab` word-level tokens (decode cost as a served model has)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    t.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="w0", pad_token="w0")
+
+
+class StandIn:
+    """A batch runner that only waits: each decode step `step` s and each prefill `prefill` s per
+    `per` tokens, one after another as on a GPU stream; the tokens are all 5."""
+
+    def __init__(self, rows: int, vocab: int, step: float, prefill: float, per: int):
+        self.rows, self.vocab_size, self.stats = rows, vocab, {"captures": 0, "steps": 0}
+        self.step, self.prefill_s, self.per, self.busy = step, prefill, per, 0.0
+
+    def _queue(self, seconds: float) -> float:
+        self.busy = max(self.busy, time.perf_counter()) + seconds
+        return self.busy
+
+    def prepare(self) -> str:
+        return f"stand-in: {self.step * 1e3:g} ms a step, {self.prefill_s * 1e3:g} ms a {self.per}-token prefill"
+
+    def prefill(self, slot, tokens, start, sampling=None):
+        end = self._queue(self.prefill_s * len(tokens) / self.per)
+        if sampling is not None:
+            time.sleep(max(0.0, end - time.perf_counter()))
+            return 5
+
+    def launch(self, slots, need, greedy):
+        end, self.stats["steps"] = self._queue(self.step), self.stats["steps"] + 1
+
+        class Done:
+            def tokens(_):
+                time.sleep(max(0.0, end - time.perf_counter()))
+                return {s: 5 for s in slots}
+
+        return Done()
+
+    def free(self, slot):
+        pass
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+# -- the client side (its own process: the server's threads never wait for the client's GIL) ---------
+
+_CLIENTS: dict = {}
+
+
+def clients(url: str, conc: int):
+    """One httpx client and one openai client, shared by the client threads (both are thread-safe)
+    and made before any timing: making a client costs tens of milliseconds of the GIL."""
+    import httpx
+    import openai
+
+    if not _CLIENTS:
+        limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
+        _CLIENTS["httpx"] = httpx.Client(base_url=url, timeout=600, limits=limits)
+        _CLIENTS["openai"] = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600,
+                                           http_client=openai.DefaultHttpxClient(limits=limits))
+    return _CLIENTS
+
+
+def _http(url, prompt, n, stream):
+    c = _CLIENTS["httpx"]
+    body = {"model": "m", "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": stream}
+    t0 = time.perf_counter()
+    first = None
+    if not stream:
+        r = c.post("/v1/completions", json=body)
+        r.raise_for_status()
+        return time.perf_counter() - t0, None, r.json()["usage"]["completion_tokens"]
+    with c.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if first is None and line.startswith("data: {") and '"text": ""' not in line:
+                first = time.perf_counter() - t0
+    return time.perf_counter() - t0, first, n
+
+
+def _openai(url, prompt, n, stream):
+    client = _CLIENTS["openai"]
+    t0 = time.perf_counter()
+    first = None
+    if not stream:
+        r = client.completions.create(model="m", prompt=prompt, max_tokens=n, temperature=0)
+        return time.perf_counter() - t0, None, r.usage.completion_tokens
+    for c in client.completions.create(model="m", prompt=prompt, max_tokens=n, temperature=0, stream=True):
+        if first is None and c.choices and c.choices[0].text:
+            first = time.perf_counter() - t0
+    return time.perf_counter() - t0, first, n
+
+
+def scenarios(url: str, prompts: list, n: int, conc: int, arrivals: int, over: float) -> dict:
+    """Run every scenario against the server at `url`; returns the numbers."""
+    out = {}
+    clients(url, max(conc, arrivals))
+    _http(url, prompts[0], 8, False)  # a first request
+    with ThreadPoolExecutor(conc) as pool:  # open the connections
+        list(pool.map(lambda p: _http(url, p, 2, False), prompts[:conc]))
+    one = [_http(url, prompts[i], n, False) for i in range(3)]
+    out["one"] = {"s": statistics.median(t for t, _, _ in one), "tok/s": n / statistics.median(t for t, _, _ in one)}
+    for name, ask in (("httpx", _http), ("openai", _openai)):
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(conc) as pool:
+            got = list(pool.map(lambda p: ask(url, p, n, name == "openai"), prompts[:conc]))
+        wall = time.perf_counter() - t0
+        out[f"concurrent {name}"] = {"tok/s": sum(k for _, _, k in got) / wall, "s": wall}
+        futs = []
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(arrivals) as pool:
+            for i in range(arrivals):
+                time.sleep(max(0.0, t0 + i * over / arrivals - time.perf_counter()))
+                futs.append(pool.submit(ask, url, prompts[i % len(prompts)], n, True))
+            got = [f.result() for f in futs]
+        lat, ttft = [t for t, _, _ in got], [f for _, f, _ in got]
+        out[f"arrivals {name}"] = {"ttft p50": pct(ttft, 50), "ttft p95": pct(ttft, 95), "lat p50": pct(lat, 50),
+                                   "lat p95": pct(lat, 95)}
+    return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("dir", nargs="?", help="export directory (default: a random tiny llama)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--requests", "-n", type=int, default=16)
-    ap.add_argument("--tokens", "-t", type=int, default=64)
-    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--shape", choices=sorted(raw.SHAPES), default="llama2-7b")
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--arrivals", type=int, default=64)
+    ap.add_argument("--over", type=float, default=8.0)
+    ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--stand-in", default=None, metavar="STEP_MS,PREFILL_MS",
+                    help="replace the model's runner by waits: the server's host-side ceiling")
+    ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
+    if a.stand_in:
+        a.shape = "tiny"
 
-    import httpx
-    import openai
-
-    from mlx_bridge import load
+    from mlx_bridge.deploy.deployed import DeployedModel
+    from mlx_bridge.deploy.runners.fast import FastRunner
     from mlx_bridge.serve.app import ServerThread, create_app
-    from mlx_bridge.testing.models import tiny_hf_model
 
-    d = a.dir or tiny_hf_model(Path(tempfile.mkdtemp()) / "llama", "llama", hidden_size=256, intermediate_size=512,
-                               num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
-    model = load(d, device=a.device)
-    model.eos_token_ids = set()  # every request runs to --tokens
-    prompts = [f"prompt number {i} says" for i in range(a.requests)]
-    rows = []
-    with ServerThread(create_app(model, model_name="m", max_batch=a.max_batch)) as srv:
-        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+    dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() and a.shape != "tiny" else "cpu"))
+    dtype = getattr(torch, a.dtype or ("bfloat16" if dev.type == "cuda" else "float32"))
+    card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    t = time.perf_counter()
+    hf, native, cfg = raw.build(a.shape, dtype, dev)
+    del hf
+    runner = FastRunner(native)
+    print(f"# {a.shape}, {dtype}, {card}, torch {torch.__version__}: built in {time.perf_counter() - t:.0f} s",
+          flush=True)
 
-        def ask(p, stream):
-            r = client.completions.create(model="m", prompt=p, max_tokens=a.tokens, temperature=0, stream=stream)
-            return "".join(c.choices[0].text for c in r) if stream else r.choices[0].text
+    res: dict = {"card": card, "shape": a.shape, "dtype": str(dtype)}
+    if a.stand_in:
+        step, pre = (float(x) / 1e3 for x in a.stand_in.split(","))
+        card = res["card"] = f"stand-in runner ({a.stand_in} ms) on {card}"
+        res["raw batch 1"] = a.tokens / ((a.tokens - 1) * step + pre)  # what the waits alone allow
+        res[f"raw batch {a.max_batch}"] = a.max_batch * a.tokens / ((a.tokens - 1) * step + a.max_batch * pre)
+    for B in (1, a.max_batch) if not a.stand_in else ():  # decode.py's raw figures, same weights, same run
+        t = time.perf_counter()
+        runner.prepare(batch_sizes=(B,), max_lens=(a.prompt + a.tokens,))
+        rate, _ = raw.bench_runner(runner, B, a.prompt, a.tokens, cfg.vocab_size, dev, raw.fast_steps)
+        res[f"raw batch {B}"] = rate
+        print(f"# raw fast path batch {B}: {rate:.1f} tok/s (prepared + measured in {time.perf_counter() - t:.0f} s)",
+              flush=True)
+    runner._states.clear()  # the raw buckets' caches: the server has its own pool
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
 
-        ask(prompts[0], False)  # warm-up
-        for stream in (False, True):
-            t = time.perf_counter()
-            one = [ask(p, stream) for p in prompts]
-            t_one = time.perf_counter() - t
-            before = httpx.get(srv.url + "/health").json()["stats"]
-            t = time.perf_counter()
-            with ThreadPoolExecutor(a.requests) as pool:
-                many = list(pool.map(lambda p: ask(p, stream), prompts))
-            t_many = time.perf_counter() - t
-            after = httpx.get(srv.url + "/health").json()["stats"]
-            batches = after["batches"] - before["batches"]
-            rows.append(("streamed" if stream else "plain", t_one, t_many, batches, after["max_rows"], one == many))
-    print(f"# {a.requests} requests of {a.tokens} tokens, greedy, {model!r}, --max-batch {a.max_batch}\n")
-    print("| requests | one by one s | concurrent s | speed-up | batches (concurrent) | largest batch | same answers |")
-    print("|---|---:|---:|---:|---:|---:|---|")
-    for kind, t1, tn, b, mx, same in rows:
-        print(f"| {kind} | {t1:.2f} | {tn:.2f} | {t1 / tn:.1f}x | {b} | {mx} | {same} |")
+    tok = tokenizer(cfg.vocab_size)
+    model = DeployedModel(native, tok, cfg.to_dict(), dev, dtype, "m", cfg.max_position_embeddings, set(), runner,
+                          "native")
+    g = torch.Generator().manual_seed(3)
+    prompts = torch.randint(3, cfg.vocab_size, (max(a.arrivals, a.max_batch), a.prompt), generator=g).tolist()
+    t = time.perf_counter()
+    app = create_app(model, model_name="m", max_batch=a.max_batch, max_len=a.max_model_len,
+                     max_request_tokens=1 << 30, max_queue=4096)
+    if a.stand_in:
+        app.state.engine.runner = StandIn(a.max_batch, cfg.vocab_size, step, pre, a.prompt)
+    with ServerThread(app) as srv:
+        res["ready s"] = time.perf_counter() - t
+        engine = app.state.engine
+        print(f"# server ready in {res['ready s']:.1f} s: {engine.prepared}", flush=True)
+        captures = engine.runner.stats["captures"]
+        with mp.get_context("spawn").Pool(1) as pool:
+            res.update(pool.apply(scenarios, (srv.url, prompts, a.tokens, a.max_batch, a.arrivals, a.over)))
+        res["captures after ready"] = engine.runner.stats["captures"] - captures
+        res["max running"] = engine.metrics.max_running
+    one = res["one"]["s"]
+    print(f"\n# {a.shape} {dtype} on {card}; prompts {a.prompt} tokens, {a.tokens} new tokens each, greedy, "
+          f"--max-batch {a.max_batch}; ready (every shape prepared) in {res['ready s']:.1f} s; "
+          f"captures after ready: {res['captures after ready']}\n")
+    print("| load | served | raw (same run) | served / raw |")
+    print("|---|---:|---:|---:|")
+    r1, rb = res["raw batch 1"], res[f"raw batch {a.max_batch}"]
+    print(f"| one request at a time, tok/s | {res['one']['tok/s']:.1f} | {r1:.1f} (batch 1) | {res['one']['tok/s'] / r1:.0%} |")
+    for c in ("httpx", "openai"):
+        v = res[f"concurrent {c}"]["tok/s"]
+        print(f"| {a.max_batch} concurrent ({c}), tok/s in all | {v:.0f} | {rb:.0f} (batch {a.max_batch}) | {v / rb:.0%} |")
+    for c in ("httpx", "openai"):
+        v = res[f"arrivals {c}"]
+        print(f"| {a.arrivals} streamed over {a.over:g} s ({c}): first token p50 / p95 | {v['ttft p50'] * 1e3:.0f} / "
+              f"{v['ttft p95'] * 1e3:.0f} ms | | |")
+        print(f"| {a.arrivals} streamed over {a.over:g} s ({c}): whole request p50 / p95 | {v['lat p50']:.2f} / "
+              f"{v['lat p95']:.2f} s | {one:.2f} s alone | p95 {v['lat p95'] / one:.2f}x |")
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1))
     return 0
 
 

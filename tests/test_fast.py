@@ -6,7 +6,8 @@ import torch
 
 from mlx_bridge.deploy.runners import sampling as fs
 from mlx_bridge.deploy.runners.fast import FastRunner, bucket, len_bucket
-from mlx_bridge.deploy.runners.pipeline import load_across, split_layers
+from mlx_bridge.deploy.loader import load_across
+from mlx_bridge.deploy.runners.pipeline import split_layers
 from mlx_bridge.deploy.generation import token_steps
 from mlx_bridge.deploy.loader import load
 from mlx_bridge.deploy.sampling import apply_top_k, apply_top_p

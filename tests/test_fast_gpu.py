@@ -5,9 +5,8 @@ import pytest
 import torch
 
 from mlx_bridge.deploy.runners.fast import FastRunner
-from mlx_bridge.deploy.runners.pipeline import load_across
 from mlx_bridge.deploy.generation import token_steps
-from mlx_bridge.deploy.loader import load
+from mlx_bridge.deploy.loader import load, load_across
 from mlx_bridge.testing.adapters import shared_zoo
 
 pytestmark = pytest.mark.gpu
@@ -123,11 +122,9 @@ def test_graph_decode_grows_the_cache_like_eager(zoo):
     assert fast.stats["grown"] == 1
 
 
-def test_server_warm_up_leaves_nothing_to_compile_or_capture(zoo):
-    from mlx_bridge.deploy.runners.fast import warm_up
-
+def test_prepare_leaves_nothing_to_compile_or_capture(zoo):
     m = load(zoo.hf("llama"), device="cuda", dtype="bfloat16")
-    assert warm_up(m, max_batch=4) == "batch sizes [1, 4] x 256 positions, greedy and sampled"
+    m.runner.prepare(batch_sizes=(1, 4), max_lens=(256,), modes=("greedy", "sample"))
     caps = m.runner.stats["captures"]
     ids = [m.encode_prompt(p) for p in ["give three tips", "hello", "what is two plus two"]]
     with torch.compiler.set_stance("fail_on_recompile"):

@@ -1,7 +1,10 @@
 """`DeployedModel`: an exported model loaded in PyTorch, with mlx-lm's tokenization and generation.
 
-Calls are serialised by a lock (one generation at a time per model); a server that wants concurrency
-batches prompts into one `complete` call.
+Calls are serialised by a lock (one generation at a time per model), held only while the runner
+computes, never while a stream waits for its reader: a call that needs the runner while a stream is
+paused first runs that stream to its end into a buffer the stream then reads from (so a partly read
+stream blocks nobody, and using the model inside a stream's loop does not deadlock). The server
+batches its requests itself (`serve.engine`).
 
 Example:
     >>> from mlx_bridge import load                                     # doctest: +SKIP
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -53,6 +57,7 @@ class DeployedModel:
         self.eos_token_ids, self.runner, self.backend = set(eos_token_ids), runner, backend
         self.last_completion: Completion | None = None
         self._lock = threading.Lock()
+        self._paused: _Chunks | None = None  # the stream whose generation is under way on the runner
 
     def __repr__(self) -> str:
         return (f"DeployedModel({self.name!r}, backend={self.backend}, device={self.device}, dtype={self.dtype}, "
@@ -162,6 +167,7 @@ class DeployedModel:
                     rows[b].on_done(texts[b].completion(len(rows[b].prompt)))
 
         with self._lock:
+            self._free_runner()
             chunks = token_chunks(self.runner, prompts, budget, self.device, temperature=temperature, top_p=top_p,
                                   top_k=top_k, seed=seed, pad_id=self._pad_id)
             try:
@@ -192,14 +198,18 @@ class DeployedModel:
         budget = self._budget([prompt_ids], max_tokens)
 
         def chunks():
-            with self._lock:
-                yield from token_chunks(self.runner, [prompt_ids], budget, self.device, temperature=temperature,
-                                        top_p=top_p, top_k=top_k, seed=seed, pad_id=self._pad_id)
+            return token_chunks(self.runner, [prompt_ids], budget, self.device, temperature=temperature,
+                                top_p=top_p, top_k=top_k, seed=seed, pad_id=self._pad_id)
 
         def done(c):
             self.last_completion = c
 
-        return TextStream(chunks(), self.decode, self.eos_token_ids, stop, len(prompt_ids), budget, done)
+        return TextStream(_Chunks(self, chunks), self.decode, self.eos_token_ids, stop, len(prompt_ids), budget, done)
+
+    def _free_runner(self) -> None:
+        """(Lock held.) Let a paused stream finish its generation into its buffer: the runner is free."""
+        if self._paused is not None:
+            self._paused.finish()
 
     def chat_ids(self, prompt: str, chat: bool | None = None) -> list[int]:
         """Token ids of a plain prompt as `mlx-bridge generate` (and `mlx_lm.generate`'s CLI) makes
@@ -268,9 +278,61 @@ class DeployedModel:
             raise BridgeError(f"input_ids: ids must be in 0..{self._vocab - 1}, got {int(input_ids.min())}.."
                               f"{int(input_ids.max())}")
         with self._lock, torch.inference_mode():
+            self._free_runner()
             return self.runner.logits(input_ids.to(self.device))
 
     @property
     def _pad_id(self) -> int:
         pid = self.tokenizer.pad_token_id
         return int(pid) if pid is not None else 0
+
+
+class _Chunks:
+    """The token chunks of one stream, computed under the model's lock one chunk per `next` (the lock
+    is never held while the reader has the chunk). Another call that needs the runner meanwhile
+    calls `finish`, which runs the rest of this generation into a buffer read from afterwards."""
+
+    def __init__(self, model: DeployedModel, make: Callable[[], Iterator]):
+        self._model, self._make = model, make
+        self._it: Iterator | None = None
+        self._buf: deque = deque()
+        self._done = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        m = self._model
+        with m._lock, torch.inference_mode():  # (a generator resumed on another thread has lost its own)
+            if self._buf:
+                return self._buf.popleft()
+            if self._done:
+                raise StopIteration
+            if m._paused is not self:
+                m._free_runner()
+                m._paused = self
+                self._it = self._make()
+            try:
+                return next(self._it)
+            except StopIteration:
+                self._end()
+                raise
+
+    def finish(self) -> None:
+        """(Lock held.) Run the rest of the generation into the buffer."""
+        try:
+            with torch.inference_mode():
+                self._buf.extend(self._it)
+        finally:
+            self._end()
+
+    def _end(self) -> None:
+        self._done = True
+        if self._model._paused is self:
+            self._model._paused = None
+
+    def close(self) -> None:
+        with self._model._lock:
+            if self._it is not None and not self._done:
+                self._it.close()
+            self._end()

@@ -86,13 +86,45 @@ def token_chunks(runner, prompts: list[list[int]], budget: int, device, *, tempe
                 logits = runner.next(nxt)
 
 
+class IncrementalText:
+    """The text of a growing list of token ids, decoded a few tokens at a time (vLLM's
+    `detokenize_incrementally`): each `add` decodes the tokens since the last emitted piece plus the
+    ones before it (for a tokenizer's leading-space rules), not the whole row, so a row costs time
+    linear in its length.
+
+    Example:
+        >>> t = IncrementalText(lambda ids: "".join(chr(96 + i) for i in ids))
+        >>> t.add([1, 2]), t.add([3]), t.text
+        ('ab', 'c', 'abc')
+    """
+
+    def __init__(self, decode):
+        self._decode = decode
+        self.ids: list[int] = []
+        self.text = ""
+        self._prefix = self._read = 0  # ids[prefix:read] were decoded already; read: end of the emitted text
+
+    def add(self, tokens: list[int]) -> str:
+        """Take new tokens; return the text they complete ('' while a character is still partial)."""
+        self.ids += tokens
+        before = self._decode(self.ids[self._prefix:self._read])
+        now = self._decode(self.ids[self._prefix:])
+        if len(now) > len(before) and not now.endswith("\ufffd") and now.startswith(before):
+            piece = now[len(before):]
+            self._prefix, self._read = self._read, len(self.ids)
+            self.text += piece
+            return piece
+        return ""
+
+
 class RowText:
     """The text of one generated row as its tokens arrive: EOS, length and stop strings end it, and
     `add` returns only text that is final.
 
     A piece is final when it has no trailing partial UTF-8 character, no trailing space (a tokenizer
-    may still merge it) and nothing that could be the start of a stop string. The text is
-    `decode(ids)` (mlx-lm's), cut before the earliest stop string; the pieces concatenate to it.
+    may still merge it) and nothing that could be the start of a stop string. Text is decoded
+    incrementally (`IncrementalText`) while the row runs, and once whole (`decode(ids)`, mlx-lm's
+    text) when it ends, cut before the earliest stop string; the pieces concatenate to it.
 
     Example:
         >>> r = RowText(lambda ids: "".join(chr(96 + i) for i in ids), eos={0}, stop=["cd"], limit=10)
@@ -103,6 +135,8 @@ class RowText:
     def __init__(self, decode, eos: set[int], stop: list[str] | None, limit: int, pieces: bool = True):
         self._decode, self._eos, self._stop, self._limit = decode, eos, stop, limit
         self._pieces = pieces  # False: nobody reads pieces, decode only to look for stop strings
+        self._inc = IncrementalText(decode)
+        self._longest = max((len(x) for x in stop or ()), default=0)
         self.ids: list[int] = []
         self.reason: str | None = None  # "stop" | "length" | "cancelled" once the row has ended
         self.text: str | None = None  # the whole text, once ended
@@ -122,22 +156,22 @@ class RowText:
             if len(self.ids) >= self._limit:
                 self.reason = "length"
                 break
-        if self.reason is None and not self._pieces and not self._stop:
-            return ""
-        text = self._decode(self.ids)
-        cut = find_stop(text, self._stop)
-        if cut is not None:
-            for k in range(n0 + 1, len(self.ids)):  # several new tokens: keep those up to the stop's end
+        if not self._pieces and not self._stop:
+            return self._finish(self._decode(self.ids)) if self.reason is not None else ""
+        seen = len(self._inc.text)
+        self._inc.add(self.ids[n0:])
+        if self._stop and find_stop(self._inc.text[max(0, seen - self._longest):], self._stop) is not None:
+            for k in range(n0 + 1, len(self.ids) + 1):  # keep the tokens up to the stop string's end
                 head = self._decode(self.ids[:k])
                 if find_stop(head, self._stop) is not None:
-                    self.ids, text = self.ids[:k], head
+                    self.ids = self.ids[:k]
                     break
             self.reason = "stop"
-            return self._finish(text[: find_stop(text, self._stop)])
         if self.reason is not None:
-            return self._finish(text)
-        if text.endswith("\ufffd"):
-            return ""
+            final = self._decode(self.ids)
+            cut = find_stop(final, self._stop)
+            return self._finish(final if cut is None else final[:cut])
+        text = self._inc.text
         safe = text[: len(text) - holdback(text, self._stop)].rstrip(" ")
         if len(safe) > len(self._emitted) and safe.startswith(self._emitted):
             piece, self._emitted = safe[len(self._emitted):], safe

@@ -194,7 +194,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
             backend, off elsewhere. Greedy tokens equal the eager path's in float32 (in bf16/fp16
             they may part where the top two logits are within rounding).
         devices: spread the layers over several GPUs of this host (pipeline stages, fast path;
-            `fast_multi.load_across`) instead of `device`.
+            `load_across`) instead of `device`.
     Returns:
         a `DeployedModel` (`.generate`, `.stream`, `.complete`, `.logits`, `.module`).
     Raises:
@@ -211,8 +211,6 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
     if devices is not None:
         if backend == "transformers" or fast is False:
             raise BridgeError("devices=: spreading layers over GPUs needs the native backend and the fast path")
-        from .runners.pipeline import load_across
-
         return load_across(d, devices, dtype=dtype, max_context=max_context)
     if backend not in BACKENDS:
         raise BridgeError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
@@ -261,3 +259,32 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
         raise BridgeError(f"{d / 'config.json'}: no max_position_embeddings; pass max_context=")
     return DeployedModel(module, tokenizer, cfg, dev, dt, d.resolve().name, int(ctx), _eos_ids(d, cfg, tokenizer),
                          runner, chosen)
+
+
+def load_across(path: str | os.PathLike, devices: list[str] | None = None, dtype: str | torch.dtype = "auto",
+                max_context: int | None = None, **runner_options) -> DeployedModel:
+    """Load an export with its layers spread over `devices` (default: every CUDA GPU) and the fast
+    runner (`runners.pipeline.place`: pipeline stages).
+
+    The weights are read into host memory first (memory-mapped when the dtype matches the files),
+    then each layer is moved to its GPU, so no GPU ever holds more than its share.
+
+    Raises:
+        BridgeError: what `load` raises; an architecture without a native class (use
+            transformers' `device_map="auto"`, see docs/gpu.md).
+
+    Example:
+        >>> m = load_across("deploy/llama-70b", devices=["cuda:0", "cuda:1"], dtype="bfloat16")  # doctest: +SKIP
+    """
+    from .runners.fast import FastRunner
+    from .runners.pipeline import place
+
+    if devices is None:
+        if not torch.cuda.is_available():
+            raise BridgeError("devices: no CUDA device; pass devices=[...]")
+        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    m = load(path, device="cpu", dtype=dtype, backend="native", max_context=max_context)
+    place(m.module, [resolve_device(x) for x in devices])
+    runner = FastRunner(m.module, **runner_options)
+    return DeployedModel(m.module, m.tokenizer, m.config, runner.device, m.dtype, m.name, m.max_context,
+                         m.eos_token_ids, runner, "native")

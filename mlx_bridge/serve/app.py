@@ -2,8 +2,10 @@
 
 Routes: `GET /health`, `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/completions`,
 `POST /v1/chat/completions` (`stream: true` answers with server-sent events in OpenAI's chunk format,
-ending with `data: [DONE]`). One worker thread owns the model (`server_engine.Engine`); handlers only
-parse, queue and wait, so the event loop stays free and concurrent requests are batched.
+ending with `data: [DONE]`), `GET /metrics` (Prometheus text). One worker thread owns the model
+(`engine.Engine`, continuous batching); handlers only parse, queue and wait, so the event loop stays
+free. A client that goes away, streamed or not, has its rows stopped; the work a request may ask for
+is bounded (`max_request_tokens`), the queue too (429 with Retry-After).
 
 Example:
     >>> from mlx_bridge import load
@@ -17,28 +19,34 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import socket
-import threading
+import logging
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import BridgeError
 from . import protocol as proto
 from .engine import Engine, StreamEnd
+from .http import Limits, ServerThread, bind, serve  # noqa: F401  (the app's runners, re-exported)
 from .protocol import APIError
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
 MAX_TOKENS_LIMIT = 4096
+MAX_REQUEST_TOKENS = 65536  # prompts x n x max_tokens of one request
+BODY_TIMEOUT = 30.0  # s to receive a whole request body
+log = logging.getLogger("mlx_bridge.serve")
 
 
 def create_app(model, *, model_name: str | None = None, api_key: str | None = None,
                max_tokens_limit: int = MAX_TOKENS_LIMIT, max_body_bytes: int = MAX_BODY_BYTES,
-               max_batch: int = 8, max_queue: int = 256, defaults: dict | None = None) -> FastAPI:
+               max_batch: int = 8, max_queue: int = 256, defaults: dict | None = None,
+               max_request_tokens: int = MAX_REQUEST_TOKENS, max_len: int | None = None, prefill_chunk: int = 512,
+               batch_sizes: tuple[int, ...] | None = None, body_timeout: float = BODY_TIMEOUT,
+               prepare: bool = True) -> FastAPI:
     """Build the app around a loaded `DeployedModel`; the worker starts and stops with the app.
 
     Args:
@@ -47,18 +55,28 @@ def create_app(model, *, model_name: str | None = None, api_key: str | None = No
         api_key: when set, `/v1/*` needs `Authorization: Bearer <api_key>` (401 otherwise).
         max_tokens_limit: largest `max_tokens` a request may ask for (400 above).
         max_body_bytes: largest request body (413 above).
-        max_batch: most prompts in one batched forward pass.
-        defaults: default `temperature`/`top_p`/`top_k` (e.g. from generation_config.json).
+        max_batch: most rows decoding at once (KV slots of the continuous batch).
+        max_queue: requests allowed to wait for a slot (429 with Retry-After past it).
+        defaults: default `temperature`/`top_p`/`top_k` (`generation_defaults` of the export).
+        max_request_tokens: most prompts x n x max_tokens one request may ask for (400 above).
+        max_len: positions per KV slot (prompt + max_tokens; default: the context, at most 4096).
+        prefill_chunk: most prompt tokens prefilled between two decode steps.
+        batch_sizes: decode batch sizes to prepare (default 1, 2, 4, ... max_batch).
+        body_timeout: seconds a client has to send its request body (408 after).
+        prepare: compile and capture every decode shape before the server says it is ready.
 
     Example:
         >>> app = create_app(model, model_name="alpaca", max_batch=16)  # doctest: +SKIP
     """
     name = model_name or model.name
-    engine = Engine(model, max_batch=max_batch, max_queue=max_queue)
+    engine = Engine(model, max_batch=max_batch, max_queue=max_queue, max_len=max_len, prefill_chunk=prefill_chunk,
+                    batch_sizes=batch_sizes)
     defaults = dict(defaults or {})
 
     @asynccontextmanager
     async def lifespan(app):
+        if prepare:  # uvicorn says it is ready only after this: nothing compiles or captures later
+            log.info("decode steps prepared: %s", await asyncio.to_thread(engine.prepare))
         engine.start()
         yield
         await asyncio.to_thread(engine.stop)
@@ -68,15 +86,17 @@ def create_app(model, *, model_name: str | None = None, api_key: str | None = No
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        retry = getattr(e, "retry_after", None)
+        return JSONResponse(e.body(), status_code=e.status, headers={"Retry-After": str(retry)} if retry else None)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
         return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
 
     @app.exception_handler(Exception)
-    async def _crash(request: Request, e: Exception):
-        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}: {e}").body(), status_code=500)
+    async def _crash(request: Request, e: Exception):  # the details go to the log, never to the client
+        log.error("%s %s failed", request.method, request.url.path, exc_info=e)
+        return JSONResponse(APIError(500, "internal server error (see the server log)").body(), status_code=500)
 
     def check_key(request: Request) -> None:
         if api_key is None:
@@ -89,15 +109,20 @@ def create_app(model, *, model_name: str | None = None, api_key: str | None = No
 
     def model_card() -> dict:
         return {"id": name, "object": "model", "created": created, "owned_by": "mlx-bridge",
-                "max_model_len": model.max_context}
+                "max_model_len": engine.max_len}
 
     created = int(time.time())
 
     @app.get("/health")
     async def health():
         ok = engine.alive
-        body = {"status": "ok" if ok else "worker stopped", "model": name, "stats": engine.stats.as_dict()}
+        body = {"status": "ok" if ok else "the model can no longer run", "model": name,
+                "stats": engine.metrics.as_dict()}
         return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(engine.metrics.render(engine.alive), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -114,29 +139,33 @@ def create_app(model, *, model_name: str | None = None, api_key: str | None = No
     @app.post("/v1/completions")
     async def completions(request: Request):
         check_key(request)
-        req = proto.parse_completion(await read_json(request, max_body_bytes), limit=max_tokens_limit,
+        req = proto.parse_completion(await read_json(request, max_body_bytes, body_timeout), limit=max_tokens_limit,
                                      defaults=defaults)
-        return await answer(req)
+        return await answer(req, request)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         check_key(request)
-        req = proto.parse_chat(await read_json(request, max_body_bytes), limit=max_tokens_limit, defaults=defaults)
-        return await answer(req)
+        req = proto.parse_chat(await read_json(request, max_body_bytes, body_timeout), limit=max_tokens_limit,
+                               defaults=defaults)
+        return await answer(req, request)
 
-    async def answer(req: proto.Request):
+    async def answer(req: proto.Request, request: Request):
         if req.model is not None and req.model != name:
             raise APIError(404, f"The model '{req.model}' does not exist.", param="model", code="model_not_found")
-        prepare = _preparer(req, max_tokens_limit)
+        proto.check_work(req, max_request_tokens, max_tokens_limit)
+        prepare = _preparer(req, max_tokens_limit, engine.max_len)
         rid = proto.new_id(req.kind)
         if req.stream:
             return await _stream(engine, req, prepare, rid, name)
         job = engine.submit(prepare)
         try:
-            done = await asyncio.wrap_future(job.future)
+            done = await _wait_or_disconnect(job, request)
         except asyncio.CancelledError:
             job.cancelled.set()
             raise
+        if done is None:  # the client went away: its rows have been stopped; nobody reads an answer
+            return PlainTextResponse("", status_code=499)
         prompt_tokens = sum(c.prompt_tokens for c in done[::req.n])
         choices = [(c.text, c.finish_reason) for c in done]
         return proto.response(req.kind, rid, name, choices, prompt_tokens, sum(len(c.token_ids) for c in done))
@@ -144,8 +173,9 @@ def create_app(model, *, model_name: str | None = None, api_key: str | None = No
     return app
 
 
-def _preparer(req: proto.Request, limit: int):
-    """The part of a request that needs the tokenizer: runs on the worker thread."""
+def _preparer(req: proto.Request, limit: int, context: int):
+    """The part of a request that needs the tokenizer: runs on the worker thread. `context`: the
+    positions a request may use (the KV slot length)."""
 
     def prepare(model):
         if req.kind == "chat":
@@ -162,25 +192,48 @@ def _preparer(req: proto.Request, limit: int):
                     prompts.append(list(p))
         sampling = req.sampling
         for ids in prompts:  # the longest prompt decides a missing max_tokens
-            sampling = proto.fit_to_context(sampling, len(ids), model.max_context, limit,
+            sampling = proto.fit_to_context(sampling, len(ids), context, limit,
                                             "messages" if req.kind == "chat" else "prompt")
         return [ids for ids in prompts for _ in range(req.n)], sampling
 
     return prepare
 
 
-async def read_json(request: Request, limit: int) -> dict:
-    """The JSON object in the body; 413 past `limit` bytes, 400 when it is not a JSON object."""
+async def _wait_or_disconnect(job, request: Request, every: float = 0.25):
+    """The job's result; None (and the job cancelled) when the client disconnects first."""
+    fut = asyncio.wrap_future(job.future)
+    while True:
+        done, _ = await asyncio.wait({fut}, timeout=every)
+        if done:
+            return fut.result()
+        if await request.is_disconnected():
+            job.cancelled.set()
+            fut.cancel()
+            return None
+
+
+async def read_json(request: Request, limit: int, timeout: float = BODY_TIMEOUT) -> dict:
+    """The JSON object in the body; 413 past `limit` bytes, 408 when it takes more than `timeout`
+    seconds to arrive, 400 when it is not a JSON object (or nests too deep to parse)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"request body is {declared} bytes; the limit is {limit}", code="request_too_large")
     body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise APIError(413, f"request body is over the limit of {limit} bytes", code="request_too_large")
+
+    async def receive():
+        async for part in request.stream():
+            body.extend(part)
+            if len(body) > limit:
+                raise APIError(413, f"request body is over the limit of {limit} bytes", code="request_too_large")
+
+    try:
+        await asyncio.wait_for(receive(), timeout)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s", code="request_timeout") from None
     try:
         value = json.loads(body)
+    except RecursionError:
+        raise APIError(400, "the JSON body nests too deeply", code="invalid_json") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"We could not parse the JSON body of your request ({e}).", code="invalid_json") from None
     if not isinstance(value, dict):
@@ -249,84 +302,28 @@ def _data(obj: dict) -> str:
 
 
 def generation_defaults(path: str | Path) -> dict:
-    """Default sampling from `generation_config.json` (temperature, top_p, top_k), as vLLM reads it.
+    """Default sampling from the export's `generation_config.json`, as transformers' `generate`
+    reads it: greedy (temperature 0) unless `do_sample` is true, then the file's `temperature`,
+    `top_p` and `top_k` where it sets them (vLLM's `--generation-config auto`). No file: {} (OpenAI's
+    defaults, as vLLM).
 
     Example:
         >>> generation_defaults("deploy/alpaca")  # doctest: +SKIP
-        {'temperature': 0.6, 'top_p': 0.9}
+        {'temperature': 0.0}
     """
     p = Path(path) / "generation_config.json"
     if not p.exists():
         return {}
-    cfg = json.loads(p.read_text())
-    return {k: cfg[k] for k in ("temperature", "top_p", "top_k") if cfg.get(k) is not None}
-
-
-def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
-    """A listening-ready socket on host:port (IPv4 or IPv6); `BridgeError` when the address is taken.
-
-    Example:
-        >>> s = bind("127.0.0.1", 0); s.getsockname()[0]
-        '127.0.0.1'
-    """
     try:
-        family, kind, proto_, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        sock = socket.socket(family, kind, proto_)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
-    except OSError as e:
-        raise BridgeError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
-    return sock
-
-
-def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
-          sock: socket.socket | None = None) -> None:
-    """Run the app with uvicorn until interrupted (one process, one model worker).
-
-    Example:
-        >>> serve(create_app(model), port=8000)  # doctest: +SKIP
-    """
-    import uvicorn
-
-    sock = sock or bind(host, port)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
-    server.run(sockets=[sock])
-
-
-class ServerThread:
-    """Run the app on a free loopback port in a background thread (tests, notebooks, the demo).
-
-    Example:
-        >>> with ServerThread(create_app(model)) as srv:  # doctest: +SKIP
-        ...     httpx.get(srv.url + "/health").json()["status"]
-        'ok'
-    """
-
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
-        import uvicorn
-
-        self.sock = bind(host, port)
-        self.host, self.port = self.sock.getsockname()[:2]
-        self.url = f"http://{self.host}:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def start(self, timeout: float = 30.0) -> "ServerThread":
-        self.thread.start()
-        t0 = time.monotonic()
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() - t0 > timeout:
-                raise RuntimeError(f"server on {self.url} did not start")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.sock.close()
-
-    def __enter__(self) -> "ServerThread":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        cfg = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BridgeError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise BridgeError(f"{p}: must be a JSON object")
+    if not cfg.get("do_sample", False):
+        return {"temperature": 0.0}
+    out = {k: cfg[k] for k in ("temperature", "top_p", "top_k") if cfg.get(k) is not None}
+    bad = [k for k, v in out.items() if isinstance(v, bool) or not isinstance(v, (int, float))]
+    if bad:
+        raise BridgeError(f"{p}: {bad[0]} must be a number, got {out[bad[0]]!r}")
+    return out

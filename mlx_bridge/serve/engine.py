@@ -1,12 +1,19 @@
-"""The server's worker: one thread owns the model (and its tokenizer) and drains a queue of jobs.
+"""The server's worker: one thread owns the model and runs continuous (iteration-level) batching.
 
-Jobs that wait in the queue together, streamed or not, run as static batches through
-`DeployedModel.run_rows` (ragged prompts, each row with its own max_tokens and stop strings, at most
-`max_batch` rows a call): greedy rows all batch together, sampled rows with their temperature/top-p/
-top-k, and a seeded request alone (so that it is reproducible). Streamed rows get their text pieces as
-the batch decodes. The model is never touched from two threads, and a failing job fails alone: a
-batch that raises is retried job by job (a stream that has sent text fails instead), and the worker
-keeps serving.
+The loop follows vLLM's scheduler, one iteration at a time:
+
+    admit    new requests: tokenize and check them (`prepare`), queue their rows (FIFO)
+    prefill  waiting rows take free KV slots; at most `prefill_chunk` prompt tokens a round, so a
+             long prompt is written in chunks while the running rows keep decoding
+    decode   one step for every running row (`runner.launch`), each with its own sampling settings
+    collect  the previous step's tokens: text, stop strings, EOS, max_tokens; ended rows free their slot
+
+A request therefore starts at the next step after it arrives (after its prefill), not when the
+running batch ends, and each row leaves the batch as soon as it ends. The step is launched before the
+previous one's tokens are read, so the GPU works while the host detokenizes. A request whose client
+went away (`Job.cancelled`) has its rows ended at the next round. A request the model refuses fails
+alone; if a decode step itself fails the model can no longer run: every request fails, `broken` says
+why, and `/health` answers 503.
 
 Example:
     >>> engine = Engine(model, max_batch=8).start()  # doctest: +SKIP
@@ -16,21 +23,27 @@ Example:
 
 from __future__ import annotations
 
+import heapq
 import itertools
+import logging
 import queue
 import threading
-from collections import defaultdict
+import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..deploy.generation import Completion, RowText
+from ..deploy.runners.slots import RowSampling, batch_runner
 from ..errors import BridgeError
-from ..deploy.deployed import Row
+from .metrics import Metrics
 from .protocol import APIError, Sampling
 
-# prepare(model) -> (prompt token ids per row, final sampling); runs on the worker thread
+log = logging.getLogger("mlx_bridge.serve")
+
+# prepare(model) -> (prompt token ids per row, sampling); runs on the worker thread
 Prepare = Callable[[Any], "tuple[list[list[int]], Sampling]"]
-_STOP = object()
 _ids = itertools.count()
 
 
@@ -55,186 +68,323 @@ class StreamEnd:
 @dataclass
 class Job:
     prepare: Prepare
-    emit: Callable[[Any], None] | None = None  # streamed: receives "start", Piece, StreamEnd, errors
+    emit: Callable[[Any], None] | None = None  # streamed: receives "start", Piece, StreamEnd, APIError
     future: Future = field(default_factory=Future)  # not streamed: list[Completion], or the exception
     cancelled: threading.Event = field(default_factory=threading.Event)
     id: int = field(default_factory=lambda: next(_ids))
-    started: bool = False  # streamed: "start" sent
+    arrived: float = field(default_factory=time.monotonic)
+    results: dict = field(default_factory=dict)  # row index -> Completion
+    n_rows: int = 0
+    unplaced: int = 0  # rows still waiting for a slot
+    first_token: bool = False
+    over: bool = False  # answered, failed or cancelled
 
 
 @dataclass
-class Stats:
-    jobs: int = 0
-    batches: int = 0
-    rows: int = 0
-    max_rows: int = 0
-    streams: int = 0
-    cancelled: int = 0  # streams stopped early because their client went away
-    errors: int = 0
+class Row:
+    job: Job
+    index: int
+    prompt: list[int]
+    sampling: RowSampling
+    text: RowText
+    slot: int | None = None
+    filled: int = 0  # prompt tokens in the cache
+    pos: int = 0  # positions the row uses on the device (its next decode step writes here)
+    launched: int = 0  # decode steps launched for it
+    max_tokens: int = 1
 
-    def as_dict(self) -> dict:
-        return dict(vars(self))
+    @property
+    def ended(self) -> bool:
+        return self.text.reason is not None
 
 
 class Engine:
-    """Queue + worker thread in front of a `DeployedModel`.
+    """Queue + worker thread in front of a `DeployedModel`, continuous batching through its
+    `batch_runner` (a KV-slot pool on the native dense models).
 
     Args:
-        model: a `DeployedModel` (`complete`, `stream_ids`, `encode_prompt`, `max_context`).
-        max_batch: most prompt rows in one `complete` call.
-        max_queue: jobs allowed to wait; past it `submit` raises a 503 `APIError`.
+        model: a `DeployedModel`.
+        max_batch: most rows decoding at once (KV slots).
+        max_queue: requests allowed to wait; past it `submit` raises a 429 `APIError` (Retry-After).
+        max_len: positions per KV slot (prompt + new tokens; default: the model's context, at most 4096).
+        prefill_chunk: most prompt tokens prefilled between two decode steps.
+        batch_sizes: batch sizes the decode step is prepared for (default 1, 2, 4, ... `max_batch`).
     """
 
-    def __init__(self, model, *, max_batch: int = 8, max_queue: int = 256):
+    def __init__(self, model, *, max_batch: int = 8, max_queue: int = 256, max_len: int | None = None,
+                 prefill_chunk: int = 512, batch_sizes: tuple[int, ...] | None = None):
         self.model, self.max_batch, self.max_queue = model, max(1, max_batch), max_queue
-        self.stats = Stats()
+        self.max_len = min(max_len or min(model.max_context, 4096), model.max_context)
+        self.prefill_chunk = max(1, prefill_chunk)
+        self.runner = batch_runner(model, rows=self.max_batch, max_len=self.max_len, batch_sizes=batch_sizes)
+        self.max_batch = self.runner.rows
+        self.metrics = Metrics()
+        self.broken: str | None = None  # why the model can no longer run
+        self.prepared: str | None = None
         self._q: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="mlx-bridge-engine", daemon=True)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._waiting: deque[Row] = deque()  # rows waiting for a slot, FIFO
+        self._running: dict[int, Row] = {}  # slot -> row (prefilling or decoding)
+        self._free = list(range(self.max_batch))  # a heap: the lowest free slot first keeps batches small
+        self._thread = threading.Thread(target=self._loop, name="mlx-bridge-engine", daemon=True)
+
+    def prepare(self) -> str:
+        """Compile and capture every decode shape now (before serving); what was prepared."""
+        t = time.perf_counter()
+        what = self.runner.prepare()
+        self.prepared = f"{what} in {time.perf_counter() - t:.1f} s"
+        return self.prepared
 
     def start(self) -> "Engine":
         self._thread.start()
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
-        self._q.put(_STOP)
-        self._thread.join(timeout)
+        self._stop.set()
+        self._q.put(None)
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self.broken is None and self._thread.is_alive()
+
+    @property
+    def stats(self) -> Metrics:
+        return self.metrics
 
     def submit(self, prepare: Prepare, emit: Callable[[Any], None] | None = None) -> Job:
-        """Queue a job; `emit` makes it a streamed one. Thread-safe."""
-        if self._q.qsize() >= self.max_queue:
-            raise APIError(503, f"the server is busy ({self.max_queue} requests waiting); retry later",
-                           code="overloaded")
-        if not self._thread.is_alive() and self._thread.ident is not None:
-            raise APIError(503, "the model worker has stopped", code="worker_stopped")
+        """Queue a job; `emit` makes it a streamed one. Thread-safe.
+
+        Raises:
+            APIError: 429 (with `retry_after`) when `max_queue` requests wait; 503 when the model
+                can no longer run.
+        """
+        if self.broken is not None or (self._thread.ident is not None and not self._thread.is_alive()):
+            raise APIError(503, "the model can no longer run; the server must be restarted", code="model_unavailable")
+        with self._lock:
+            if self.metrics.waiting >= self.max_queue:
+                self.metrics.requests["rejected"] += 1
+                e = APIError(429, f"the server is busy ({self.max_queue} requests waiting); retry later",
+                             code="overloaded", type="rate_limit_error")
+                e.retry_after = 1
+                raise e
+            self.metrics.waiting += 1
         job = Job(prepare, emit)
         self._q.put(job)
         return job
 
-    # -- worker thread -------------------------------------------------------------------------------
+    # -- the worker thread -----------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _loop(self) -> None:
+        pending = None  # the launched step whose tokens are not read yet: (Pending, rows)
+        try:
+            while not self._stop.is_set():
+                idle = not (self._waiting or self._running or pending)
+                self._admit(block=idle)
+                self._drop_cancelled()
+                self._prefill()
+                rows = [r for r in self._running.values() if r.filled == len(r.prompt) and not r.ended
+                        and r.launched < r.max_tokens - 1]
+                launched = None
+                if rows:
+                    launched = (self.runner.launch([r.slot for r in rows], max(r.pos for r in rows) + 1,
+                                                   all(r.sampling.greedy for r in rows)), rows)
+                    for r in rows:
+                        r.pos += 1
+                        r.launched += 1
+                    self.metrics.steps += 1
+                if pending is not None:
+                    self._collect(*pending)
+                pending = launched
+            self._fail_all(APIError(503, "the server is shutting down", code="shutting_down"))
+        except BaseException as e:  # the model cannot run any more: fail everyone, say so on /health
+            log.exception("the model worker failed")
+            self.broken = f"{type(e).__name__}"  # from now on the runner is not touched
+            self._fail_all(e)
+
+    def _fail_all(self, e: BaseException) -> None:
+        for job in {r.job.id: r.job for r in [*self._waiting, *self._running.values()]}.values():
+            self._fail(job, e)
+        self._drain_queue(e)
+
+    def _admit(self, block: bool) -> None:
+        """Take new jobs from the queue (waiting for one when there is nothing else to do)."""
         while True:
-            first = self._q.get()
-            if first is _STOP:
-                return
-            jobs, stop = [first], False
-            while len(jobs) < 4 * self.max_batch:
-                try:
-                    j = self._q.get_nowait()
-                except queue.Empty:
-                    break
-                if j is _STOP:
-                    stop = True
-                    break
-                jobs.append(j)
             try:
-                self._step(jobs)
-            except BaseException as e:  # never let the worker die with requests waiting
-                for j in jobs:
-                    self._fail(j, e)
-            if stop:
+                job = self._q.get(timeout=0.5) if block else self._q.get_nowait()
+            except queue.Empty:
                 return
-
-    def _step(self, jobs: list[Job]) -> None:
-        groups: dict[Any, list[tuple[Job, list[list[int]], Sampling]]] = defaultdict(list)
-        for job in jobs:
+            block = False
+            if job is None:
+                return
             if job.cancelled.is_set():
+                self._end_job(job, "cancelled")
                 continue
-            self.stats.jobs += 1
             try:
-                rows, sampling = job.prepare(self.model)
+                prompts, s = job.prepare(self.model)
+                self._check(prompts, s)
             except Exception as e:
                 self._fail(job, e)
                 continue
-            groups[_batch_key(sampling, job)].append((job, rows, sampling))
-        for members in groups.values():
-            self._run_group(members)
+            job.n_rows = job.unplaced = len(prompts)
+            self._emit(job, "start")  # the request is valid: errors now travel inside its event stream
+            for i, ids in enumerate(prompts):
+                rs = RowSampling(s.temperature, s.top_p, s.top_k, s.seed, stream=i)
+                text = RowText(self.model.decode, self.model.eos_token_ids, list(s.stop) or None, s.max_tokens,
+                               pieces=job.emit is not None)
+                self._waiting.append(Row(job, i, list(ids), rs, text, max_tokens=s.max_tokens))
 
-    def _run_group(self, members: list[tuple[Job, list[list[int]], Sampling]]) -> None:
-        """Rows of jobs with the same sampling, `max_batch` at a time. A job is answered (its future
-        set, or its stream ended) as soon as its own rows end, not when the whole batch does."""
-        s = members[0][2]
-        flat = [(job, index, ids, sampling) for job, rows, sampling in members for index, ids in enumerate(rows)]
-        results: dict[int, dict[int, Any]] = {job.id: {} for job, _, _ in members}
-        sent: set[int] = set()  # streamed jobs that have sent text (they cannot be retried)
+    def _check(self, prompts: list[list[int]], s: Sampling) -> None:
+        vocab = self.runner.vocab_size
+        for i, p in enumerate(prompts):
+            if not p:
+                raise APIError(400, "the prompt is empty (0 tokens)", param="prompt")
+            bad = [t for t in p if not 0 <= t < vocab]
+            if bad:
+                raise APIError(400, f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
+                               param="prompt")
+            if len(p) + s.max_tokens > self.max_len:
+                raise APIError(400, f"prompt ({len(p)} tokens) + max_tokens ({s.max_tokens}) is more than the "
+                               f"{self.max_len} positions a request may use on this server", param="max_tokens",
+                               code="context_length_exceeded")
 
-        n_rows = {job.id: len(rows) for job, rows, _ in members}
+    def _drop_cancelled(self) -> None:
+        for r in [*self._waiting, *self._running.values()]:
+            if r.job.cancelled.is_set() and not r.job.over:
+                self._end_job(r.job, "cancelled")
 
-        def on_done(job: Job, index: int, prompt_tokens: int):
-            def done(c) -> None:
-                got = results[job.id]
-                got[index] = c
-                if job.emit is not None:
-                    if not job.cancelled.is_set():
-                        job.emit(StreamEnd(index, c.finish_reason, prompt_tokens, len(c.token_ids)))
-                    if len(got) == n_rows[job.id]:
-                        self.stats.streams += 1
-                elif len(got) == n_rows[job.id] and not job.future.done():
-                    job.future.set_result([got[i] for i in range(n_rows[job.id])])
-            return done
+    def _prefill(self) -> None:
+        """Up to `prefill_chunk` prompt tokens: rows already prefilling first, then new ones in free slots."""
+        budget = self.prefill_chunk
+        partial = [r for r in self._running.values() if r.filled < len(r.prompt)]
+        while budget > 0 and (partial or (self._waiting and self._free)):
+            if partial:
+                r = partial.pop(0)
+                if r.job.over:
+                    continue
+            else:
+                r = self._waiting.popleft()
+                r.slot = heapq.heappop(self._free)
+                self._running[r.slot] = r
+                self._placed(r.job)
+            n = min(budget, len(r.prompt) - r.filled)
+            last = r.filled + n == len(r.prompt)
+            try:
+                first = self.runner.prefill(r.slot, r.prompt[r.filled:r.filled + n], r.filled,
+                                            r.sampling if last else None)
+            except BridgeError as e:  # the model refused this request's input
+                self._fail(r.job, e)
+                continue
+            budget -= n
+            r.filled += n
+            self.metrics.prompt_tokens += n
+            if last:
+                r.pos = len(r.prompt)
+                self._tokens(r, [first])
 
+    def _placed(self, job: Job) -> None:
+        job.unplaced -= 1
+        if job.unplaced == 0:
+            with self._lock:
+                self.metrics.waiting -= 1
+        self.metrics.running = len(self._running)
+        self.metrics.max_running = max(self.metrics.max_running, self.metrics.running)
+
+    def _collect(self, pending, rows: list[Row]) -> None:
+        got = pending.tokens()
+        for r in rows:
+            if not r.ended and not r.job.over:
+                self._tokens(r, [got[r.slot]])
+
+    def _tokens(self, r: Row, tokens: list[int]) -> None:
+        """A row's new tokens: its text, and its end."""
+        job = r.job
+        if not job.first_token:
+            job.first_token = True
+            self.metrics.ttft.observe(time.monotonic() - job.arrived)
+        n0 = len(r.text.ids)
         try:
-            for i in range(0, len(flat), self.max_batch):
-                chunk = flat[i:i + self.max_batch]
-                rows = [Row(ids, sampling.max_tokens, list(sampling.stop) or None,
-                            on_text=self._on_text(job, index, sent),
-                            on_done=on_done(job, index, len(ids)))
-                        for job, index, ids, sampling in chunk]
-                for job, _, _, _ in chunk:
-                    if job.emit is not None and not job.started:
-                        job.started = True
-                        job.emit("start")  # arguments are checked: errors now travel inside the event stream
-                self.model.run_rows(rows, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed)
-                self.stats.batches += 1
-                self.stats.rows += len(chunk)
-                self.stats.max_rows = max(self.stats.max_rows, len(chunk))
-        except Exception as e:
-            if len(members) == 1:
-                self._fail(members[0][0], e)
-                return
-            for m in members:  # one bad request must not fail its batch-mates
-                if len(results[m[0].id]) == n_rows[m[0].id]:
-                    continue  # answered before the failure
-                if m[0].id in sent:
-                    self._fail(m[0], e)
-                else:
-                    self._run_group([m])
+            piece = r.text.add(tokens)
+        except Exception as e:  # the tokenizer failed on this row: the request fails alone
+            self._fail(job, e)
+            return
+        self.metrics.generated(len(r.text.ids) - n0)
+        if piece and job.emit is not None:
+            self._emit(job, Piece(r.index, piece))
+        if r.ended:
+            self._row_done(r)
 
-    def _on_text(self, job: Job, index: int, sent: set[int]):
-        if job.emit is None:
-            return None
+    def _row_done(self, r: Row) -> None:
+        job = r.job
+        self._release(r)
+        c: Completion = r.text.completion(len(r.prompt))
+        job.results[r.index] = c
+        if job.emit is not None:
+            self._emit(job, StreamEnd(r.index, c.finish_reason, c.prompt_tokens, len(c.token_ids)))
+        if len(job.results) == job.n_rows:
+            job.over = True
+            self.metrics.requests["finished"] += 1
+            self.metrics.latency.observe(time.monotonic() - job.arrived)
+            if job.emit is None and not job.future.done():
+                job.future.set_result([job.results[i] for i in range(job.n_rows)])
 
-        def on_text(piece: str) -> bool:
-            if job.cancelled.is_set():
-                self.stats.cancelled += 1
-                return False  # the client went away: the row stops
-            sent.add(job.id)
-            job.emit(Piece(index, piece))
-            return True
+    def _release(self, r: Row) -> None:
+        if r.slot is not None and self._running.get(r.slot) is r:
+            del self._running[r.slot]
+            if self.broken is None:
+                self.runner.free(r.slot)
+            heapq.heappush(self._free, r.slot)
+            self.metrics.running = len(self._running)
+        r.slot = None
 
-        return on_text
+    def _end_job(self, job: Job, outcome: str, error: APIError | None = None) -> None:
+        """Take every row of `job` out (waiting or running); count it once."""
+        if job.over:
+            return
+        job.over = True
+        for r in [r for r in self._running.values() if r.job is job]:
+            self._release(r)
+        self._waiting = deque(r for r in self._waiting if r.job is not job)
+        if job.unplaced > 0 or job.n_rows == 0:
+            job.unplaced = 0
+            with self._lock:
+                self.metrics.waiting -= 1
+        self.metrics.requests[outcome] += 1
+        if error is not None:
+            if job.emit is not None:
+                self._emit(job, error)
+            elif not job.future.done():
+                job.future.set_exception(error)
+        elif job.emit is None and not job.future.done():
+            job.future.cancel()
 
     def _fail(self, job: Job, e: BaseException) -> None:
-        self.stats.errors += 1
-        if isinstance(e, BridgeError):  # the model refused the input (e.g. a token id outside the vocabulary)
-            e = APIError(400, str(e))
-        elif not isinstance(e, APIError):
-            e = APIError(500, f"{type(e).__name__}: {e}")
-        if job.emit is not None:
-            job.emit(e)
-        elif not job.future.done():
-            job.future.set_exception(e)
+        if isinstance(e, APIError):
+            err = e
+        elif isinstance(e, BridgeError):  # the model refused the input (e.g. a token id outside the vocabulary)
+            err = APIError(400, str(e))
+        else:  # a bug or a broken device: the details go to the log, not to the client
+            log.error("request %d failed: %s: %s", job.id, type(e).__name__, e)
+            err = APIError(500, "internal error while generating (see the server log)")
+        self._end_job(job, "failed", err)
 
+    def _emit(self, job: Job, event) -> None:
+        """Hand an event to a streamed job's client; a client that cannot take it is cancelled."""
+        if job.emit is None:
+            return
+        try:
+            job.emit(event)
+        except Exception:  # never let a client's callback kill the worker
+            log.exception("request %d: its event could not be delivered; cancelling it", job.id)
+            job.cancelled.set()
 
-def _batch_key(s: Sampling, job: Job) -> tuple:
-    """Greedy rows batch whatever their seed, max_tokens or stop strings; sampled rows with the same
-    temperature/top-p/top-k; seeded sampling runs alone so that it is reproducible."""
-    if s.temperature == 0:
-        return ("greedy",)
-    if s.seed is not None:
-        return ("seeded", job.id)
-    return ("sampled", s.temperature, s.top_p, s.top_k)
+    def _drain_queue(self, e: BaseException) -> None:
+        while True:
+            try:
+                job = self._q.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                self._fail(job, e)

@@ -114,9 +114,15 @@ def _common(body: dict) -> dict:
     stream = body.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:
         raise APIError(400, "stream must be a boolean", param="stream")
-    so = body.get("stream_options") or {}
-    if not isinstance(so, dict) or not isinstance(so.get("include_usage", False), bool):
-        raise APIError(400, "stream_options must be {'include_usage': bool}", param="stream_options")
+    so = body.get("stream_options")
+    if so is not None:
+        if not stream:  # OpenAI and vLLM refuse it on a plain request
+            raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+        extra = sorted(set(so) - {"include_usage"}) if isinstance(so, dict) else None
+        if extra is None or extra or not isinstance(so.get("include_usage", False), bool):
+            raise APIError(400, "stream_options must be {'include_usage': true|false}" +
+                           (f" (unknown key {extra[0]!r})" if extra else ""), param="stream_options")
+    so = so or {}
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise APIError(400, "model must be a string", param="model")
@@ -146,7 +152,7 @@ def _sampling(body: dict, limit: int, defaults: dict | None, default_max: int | 
         temperature=_num(body, "temperature", float, float(d.get("temperature", 1.0)), lo=0.0, hi=2.0),
         top_p=_num(body, "top_p", float, float(d.get("top_p", 1.0)), lo=0.0, hi=1.0, open_lo=True),
         top_k=max(top_k, 0),
-        seed=_num(body, "seed", int, None),
+        seed=_num(body, "seed", int, None, lo=-(2 ** 63), hi=2 ** 63 - 1),
         stop=tuple(stop),
     )
 
@@ -174,6 +180,25 @@ def _refuse(body: dict, allowed: dict) -> None:
         neutral = ok if isinstance(ok, tuple) else (ok,)
         if not any(v == x and type(v) is type(x) for x in neutral if x is not None):
             raise APIError(400, f"{key}={v!r} is not supported by this server", param=key)
+
+
+def check_work(req: Request, limit: int, max_tokens_limit: int) -> None:
+    """400 when prompts x n x max_tokens (the tokens a request may make the server generate) is over
+    `limit`; a chat request without max_tokens counts `max_tokens_limit`.
+
+    Example:
+        >>> check_work(parse_completion({"prompt": ["dog"] * 400, "n": 16}, limit=64), 65536, 64)
+        Traceback (most recent call last):
+        ...
+        mlx_bridge.serve.protocol.APIError: this request asks for up to 400 prompts x n=16 x max_tokens=16 = 102400 tokens; this server allows at most 65536 per request (--max-request-tokens)
+    """
+    rows = max(1, len(req.prompts)) * req.n
+    mt = req.sampling.max_tokens or max_tokens_limit
+    if rows * mt > limit:
+        raise APIError(400, f"this request asks for up to {max(1, len(req.prompts))} prompts x n={req.n} x "
+                            f"max_tokens={mt} = {rows * mt} tokens; this server allows at most {limit} per "
+                            "request (--max-request-tokens)", param="n" if req.n > 1 else "max_tokens",
+                       code="request_too_large")
 
 
 def context_error(prompt_tokens: int, max_tokens: int, context: int, param: str = "messages") -> APIError:

@@ -26,6 +26,15 @@ ACT = {
 }
 
 
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, gemma: bool = False) -> torch.Tensor:
+    """RMSNorm with float32 statistics, as transformers computes it (the module and the fused path)."""
+    xf = x.float()
+    n = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if gemma:  # (x * (1 + w)) in float32, then cast (transformers Gemma*RMSNorm)
+        return (n * (1.0 + w.float())).type_as(x)
+    return w * n.to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, gemma: bool = False):
         super().__init__()
@@ -33,11 +42,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if gemma else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        n = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.gemma:  # (x * (1 + w)) in float32, then cast (transformers Gemma*RMSNorm)
-            return (n * (1.0 + self.weight.float())).type_as(x)
-        return self.weight * n.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps, self.gemma)
 
 
 @dataclass

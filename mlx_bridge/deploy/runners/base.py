@@ -2,6 +2,12 @@
 
     runner.start(tokens (B, P), pad (B,), max_len) -> logits (B, V) float32   # prompt, new cache
     runner.next(token (B,))                       -> logits (B, V) float32   # one decode step
+    runner.logits(input_ids (B, L))               -> logits (B, L, V) float32  # scoring, no cache
+
+`Runner` declares it. The runners: `NativeRunner` (here, eager), `HFRunner` (here, transformers),
+`fast.FastRunner` (fused, compiled, one CUDA graph per step; also the pipeline across GPUs that
+`pipeline.place` sets up), which adds its own on-device loop `steps`. Continuous batching for the
+server has its own interface over a KV-slot pool (`slots.SlotRunner`, `slots.RowRunner`).
 
 `NativeRunner` drives the native `Transformer` through the pure `prefill`/`decode_step` functions
 over a static KV cache; `HFRunner` drives any transformers causal LM with a `DynamicCache`, an
@@ -11,11 +17,25 @@ attention mask and position ids (its way of handling left padding).
 from __future__ import annotations
 
 import inspect
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from ..native.layers import KVCache
 from ..native.model import Transformer, decode_step, prefill
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """What `generation.token_chunks` and `DeployedModel` need from a backend."""
+
+    vocab_size: int
+
+    def start(self, tokens: torch.Tensor, pad: torch.Tensor, max_len: int) -> torch.Tensor: ...
+
+    def next(self, token: torch.Tensor) -> torch.Tensor: ...
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor: ...
 
 
 class NativeRunner:

@@ -1,6 +1,6 @@
 """`FastRunner`: the native model's decode step on CUDA as one graph replay per token, no host sync.
 
-Same interface as `runner.NativeRunner` (`start`, `next`, `logits`), plus `steps`, a whole decode loop
+The `base.Runner` interface (`start`, `next`, `logits`), plus `steps`, a whole decode loop
 that keeps sampling on the device and copies tokens to the host once every `sync_every` steps.
 
 How it is fast (gpt-fast's recipe on the package's own model class):
@@ -449,11 +449,12 @@ class FastRunner:
                 yield from rows
             n += k
 
-    def warmup(self, batch_sizes=(1,), max_lens=(MIN_LEN,), modes=("greedy",)) -> None:
-        """Compile and capture buckets ahead of the first request (e.g. at server start).
+    def prepare(self, batch_sizes=(1,), max_lens=(MIN_LEN,), modes=("greedy",)) -> None:
+        """Compile and capture buckets ahead of the first call (the server prepares its own
+        continuous-batching steps: `slots.SlotRunner.prepare`).
 
         Example:
-            >>> runner.warmup(batch_sizes=(1, 8), max_lens=(512, 2048))   # doctest: +SKIP
+            >>> runner.prepare(batch_sizes=(1, 8), max_lens=(512, 2048))   # doctest: +SKIP
         """
         with torch.inference_mode():
             for b in batch_sizes:
@@ -461,21 +462,3 @@ class FastRunner:
                     st = self._state(bucket(b), len_bucket(n, self.min_len))
                     for m in modes:
                         self._graphs(st, m)
-
-
-def warm_up(model, max_batch: int) -> str | None:
-    """Compile and capture the fast path's decode step for one row and for a full batch, greedy and
-    sampled, in the length bucket where requests with prompts under 256 tokens and a long
-    `max_tokens` start (512 positions, or the context if smaller), so that the first requests do not
-    wait for it. Returns what was prepared, or None when the model has no fast path.
-
-    Example:
-        >>> warm_up(load("deploy/alpaca", device="cuda"), max_batch=8)  # doctest: +SKIP
-        'batch sizes [1, 8] x 512 positions, greedy and sampled'
-    """
-    runner = model.runner
-    if not isinstance(runner, FastRunner):
-        return None
-    sizes, n = sorted({1, bucket(max_batch)}), len_bucket(min(model.max_context, 1 + GROW_AHEAD))
-    runner.warmup(batch_sizes=sizes, max_lens=(n,), modes=("greedy", "sample"))
-    return f"batch sizes {sizes} x {n} positions, greedy and sampled"

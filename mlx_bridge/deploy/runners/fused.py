@@ -7,7 +7,8 @@ Hugging Face names. The functions below compute what `model.Transformer.step` co
 float32, same rope, same masks) with fewer, larger kernels:
 
     make_layer(spec, decode)  one decoder layer; every layer has the same shapes, so one compiled
-                              graph serves all of them (compile time does not grow with depth)
+                              graph serves all of them (compile time does not grow with depth);
+                              its halves `make_qkv` and `make_out` around the attention
     rope_masks(...)           cos/sin per rope setting and one mask per sliding window, once a step
     make_head(spec)           final norm, lm_head, softcap
 
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..native.layers import ACT, attend
+from ..native.layers import rms_norm as rms  # one definition for the module and the fused functions
 from ..native.moe import sparse_ffn
 from ..native.model import Transformer, masks
 from ..native.rope import apply_rope, cos_sin
@@ -167,15 +169,6 @@ def _ffn_weights(mlp: nn.Module) -> tuple:
     return wgu, bgu, mlp.down_proj.weight, _bias(mlp.down_proj)
 
 
-def rms(x: torch.Tensor, w: torch.Tensor, eps: float, gemma: bool) -> torch.Tensor:
-    """RMSNorm as `layers.RMSNorm` computes it (float32 statistics)."""
-    xf = x.float()
-    n = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    if gemma:
-        return (n * (1.0 + w.float())).type_as(x)
-    return w * n.to(x.dtype)
-
-
 def rope_masks(ropes: list, slots: torch.Tensor, pad: torch.Tensor, S: int, windows: list[int], dtype: torch.dtype,
                additive: bool) -> tuple[list, dict]:
     """Per rope setting (cos, sin) for queries at `slots` (L,) of rows with left padding `pad` (B,),
@@ -198,27 +191,17 @@ def _decode_attend(q, kc, vc, mask, scale: float, softcap: float | None, sinks=N
     return o.reshape(B, H, 1, hd)
 
 
-def make_layer(spec: Spec, decode: bool) -> Callable:
-    """layer(x, w, kc, vc, cos, sin, mask, slots) -> x: one decoder layer (pure but for the cache write).
-
-    decode: x is (B, 1, D), attends over all of kc/vc with `mask`; else x is (B, L, D) written at
-    `slots` and attends over its own keys (`mask` None: causal). kc None: no cache (scoring).
+def make_qkv(spec: Spec, rows: bool = False) -> Callable:
+    """qkv(x, w, kc, vc, cos, sin, slots) -> (q (B, H, L, hd), k, v (B, H_kv, L, hd)): the first half
+    of a decoder layer (norm, fused projection, q/k norms, rope), keys and values written into the
+    cache kc/vc at `slots` (L,) shared by the batch, or, with `rows`, each row's one new key at its
+    own position `slots` (B,) (continuous batching: rows do not share positions). kc None: no write.
     """
-    nh, nkv, hd, eps, gemma = spec.nh, spec.nkv, spec.hd, spec.eps, spec.gemma
-    act, scale, softcap, qk_norm = ACT[spec.act], spec.scale, spec.softcap, spec.qk_norm
+    nh, nkv, hd, eps, gemma, qk_norm = spec.nh, spec.nkv, spec.hd, spec.eps, spec.gemma, spec.qk_norm
     qk_full, clip = spec.qk_norm_full, spec.clip_qkv
 
-    def mlp(h, ffn):
-        if len(ffn) == 7:  # sparse
-            B, L, D = h.shape
-            return sparse_ffn(h.view(-1, D), ffn[:2], ffn[2:6], spec.moe, spec.top_k, spec.norm_topk, ffn[6],
-                              spec.glu).view(B, L, D)
-        wgu, bgu, wd, bd = ffn
-        gate, up = F.linear(h, wgu, bgu).chunk(2, dim=-1)
-        return F.linear(act(gate) * up, wd, bd)
-
-    def layer(x, w, kc, vc, cos, sin, mask, slots):
-        ln1, ln2, ln_pre, ln_post, wqkv, bqkv, wo, bo, qn, kn, sinks = w[:11]
+    def qkv(x, w, kc, vc, cos, sin, slots):
+        ln1, wqkv, bqkv, qn, kn = w[0], w[4], w[5], w[8], w[9]
         B, L, _ = x.shape  # x: [B, L, D]
         q, k, v = F.linear(rms(x, ln1, eps, gemma), wqkv, bqkv).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
         if qk_full:
@@ -230,13 +213,35 @@ def make_layer(spec: Spec, decode: bool) -> Callable:
             q, k = rms(q, qn, eps, gemma), rms(k, kn, eps, gemma)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kc is not None:
+        if kc is not None and rows:
+            at = slots.view(B, 1, 1, 1).expand(B, nkv, 1, hd)
+            kc.scatter_(2, at, k)
+            vc.scatter_(2, at, v)
+        elif kc is not None:
             kc.index_copy_(2, slots, k)
             vc.index_copy_(2, slots, v)
-        if decode:
-            o = _decode_attend(q, kc, vc, mask, scale, softcap, sinks)
-        else:
-            o = attend(q, k, v, mask, scale, softcap, sinks)  # [B, H, L, hd]
+        return q, k, v
+
+    return qkv
+
+
+def make_out(spec: Spec) -> Callable:
+    """out(x, o, w) -> x: the second half of a decoder layer: attention output o (B, H, L, hd)
+    projected and added to x (B, L, D), then the MLP (gemma: with its extra norms; MoE: routed experts)."""
+    nh, hd, eps, gemma, act = spec.nh, spec.hd, spec.eps, spec.gemma, ACT[spec.act]
+
+    def mlp(h, ffn):
+        if len(ffn) == 7:  # sparse
+            B, L, D = h.shape
+            return sparse_ffn(h.view(-1, D), ffn[:2], ffn[2:6], spec.moe, spec.top_k, spec.norm_topk, ffn[6],
+                              spec.glu).view(B, L, D)
+        wgu, bgu, wd, bd = ffn
+        gate, up = F.linear(h, wgu, bgu).chunk(2, dim=-1)
+        return F.linear(act(gate) * up, wd, bd)
+
+    def out(x, o, w):
+        ln2, ln_post, ln_pre, wo, bo = w[1], w[3], w[2], w[6], w[7]
+        B, L, _ = x.shape
         o = F.linear(o.transpose(1, 2).reshape(B, L, nh * hd), wo, bo)
         if gemma:
             x = x + rms(o, ln2, eps, True)
@@ -246,6 +251,27 @@ def make_layer(spec: Spec, decode: bool) -> Callable:
             h = rms(x, ln2, eps, gemma)
         m = mlp(h, w[11:])
         return x + (rms(m, ln_post, eps, True) if gemma else m)
+
+    return out
+
+
+def make_layer(spec: Spec, decode: bool) -> Callable:
+    """layer(x, w, kc, vc, cos, sin, mask, slots) -> x: one decoder layer (pure but for the cache write).
+
+    decode: x is (B, 1, D), attends over all of kc/vc with `mask`; else x is (B, L, D) written at
+    `slots` and attends over its own keys (`mask` None: causal). kc None: no cache (scoring).
+    """
+    scale, softcap = spec.scale, spec.softcap
+    qkv, out = make_qkv(spec), make_out(spec)
+
+    def layer(x, w, kc, vc, cos, sin, mask, slots):
+        q, k, v = qkv(x, w, kc, vc, cos, sin, slots)
+        sinks = w[10]  # gpt_oss attention sinks (None elsewhere)
+        if decode:
+            o = _decode_attend(q, kc, vc, mask, scale, softcap, sinks)
+        else:
+            o = attend(q, k, v, mask, scale, softcap, sinks)  # [B, H, L, hd]
+        return out(x, o, w)
 
     return layer
 

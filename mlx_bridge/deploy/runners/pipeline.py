@@ -9,22 +9,20 @@ fitting the model, at the speed of one GPU with all the memory of several. For m
 or tensor parallelism, serve the export with vLLM (`vllm serve DIR --tensor-parallel-size N
 --pipeline-parallel-size M`): the export is a plain Hugging Face directory.
 
+`loader.load(DIR, devices=[...])` (`loader.load_across`) loads the weights, calls `place` and builds
+the runner; this module imports nothing from the loader (no import cycle).
+
 Example:
-    >>> from mlx_bridge.deploy.runners.pipeline import load_across          # doctest: +SKIP
-    >>> m = load_across("deploy/llama-70b", devices=["cuda:0", "cuda:1"], dtype="bfloat16")  # doctest: +SKIP
+    >>> from mlx_bridge import load                                    # doctest: +SKIP
+    >>> m = load("deploy/llama-70b", devices=["cuda:0", "cuda:1"], dtype="bfloat16")  # doctest: +SKIP
     >>> m.generate("Hello", max_tokens=16)                            # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ...errors import BridgeError
-from ..deployed import DeployedModel
-from .fast import FastRunner
-from ..loader import load, resolve_device
 from ..native.model import Transformer
 
 
@@ -51,14 +49,15 @@ def split_layers(sizes: list[int], first: int, last: int, n: int) -> list[int]:
     return out
 
 
-def place(module: Transformer, devices: list[str | torch.device]) -> list[int]:
-    """Move a native `Transformer` (before `FastRunner` fuses it) across `devices`; device of each layer.
+def place(module: Transformer, devices: list[torch.device]) -> list[int]:
+    """Move a native `Transformer` (before `FastRunner` fuses it) across `devices` (resolved, e.g. by
+    `loader.resolve_device`); the device index of each layer.
 
     Example:
-        >>> place(model.module, ["cuda:0", "cuda:1"])                 # doctest: +SKIP
+        >>> place(model.module, [torch.device("cuda:0"), torch.device("cuda:1")])  # doctest: +SKIP
         [0, 0, ..., 1, 1]
     """
-    devs = [resolve_device(d) for d in devices]
+    devs = [torch.device(d) for d in devices]
     if not devs:
         raise BridgeError("devices: give at least one device")
     layers = module.model.layers
@@ -73,25 +72,3 @@ def place(module: Transformer, devices: list[str | torch.device]) -> list[int]:
         module.lm_head.to(devs[-1])
     module.reset_rope(devs[0])
     return plan
-
-
-def load_across(path: str | os.PathLike, devices: list[str] | None = None, dtype: str | torch.dtype = "auto",
-                max_context: int | None = None, **runner_options) -> DeployedModel:
-    """Load an export with its layers spread over `devices` (default: every CUDA GPU) and the fast runner.
-
-    The weights are read into host memory first (memory-mapped when the dtype matches the files),
-    then each layer is moved to its GPU, so no GPU ever holds more than its share.
-
-    Raises:
-        BridgeError: what `load` raises; an architecture without a native class (use
-            transformers' `device_map="auto"`, see docs/gpu.md).
-    """
-    if devices is None:
-        if not torch.cuda.is_available():
-            raise BridgeError("devices: no CUDA device; pass devices=[...]")
-        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    m = load(path, device="cpu", dtype=dtype, backend="native", max_context=max_context)
-    place(m.module, devices)
-    runner = FastRunner(m.module, **runner_options)
-    return DeployedModel(m.module, m.tokenizer, m.config, runner.device, m.dtype, m.name, m.max_context,
-                         m.eos_token_ids, runner, "native")

@@ -35,9 +35,12 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def uniform(seed: torch.Tensor, counter: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Noise (B, V) float32 in (0, 1) from per-row seeds (B,) int64 and a step counter (1,) int64."""
-    rows = torch.arange(seed.shape[0], device=seed.device)
+def uniform(seed: torch.Tensor, counter: torch.Tensor, vocab: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Noise (B, V) float32 in (0, 1) from per-row seeds (B,) int64 and a step counter (1,) or (B,)
+    int64. `rows` (B,) tells rows with one seed apart (default: their index in the batch; continuous
+    batching passes each row's own number, so that a row draws the same wherever it sits)."""
+    if rows is None:
+        rows = torch.arange(seed.shape[0], device=seed.device)
     h = _mix(_mix(_mix(seed & M32) ^ rows) ^ (counter & M32))  # [B]
     u = _mix(h[:, None] ^ torch.arange(vocab, device=seed.device)[None])  # [B, V]
     return ((u >> 8).float() + 0.5) * (2.0 ** -24)
@@ -61,11 +64,12 @@ def filtered_logprobs(logits: torch.Tensor, top_p: torch.Tensor, top_k: torch.Te
 
 
 def pick(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
-         seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
-    """Next token ids (B,) from logits (B, V): argmax where temperature is 0, else a filtered draw."""
+         seed: torch.Tensor, counter: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V): argmax where temperature is 0, else a filtered draw
+    (`uniform` says what `counter` and `rows` are)."""
     lp = filtered_logprobs(logits, top_p, top_k)
     t = torch.where(temperature > 0, temperature, 1.0)[:, None]
-    g = -torch.log(-torch.log(uniform(seed, counter, logits.shape[-1])))
+    g = -torch.log(-torch.log(uniform(seed, counter, logits.shape[-1], rows)))
     drawn = (lp / t + g).argmax(dim=-1)
     return torch.where(temperature > 0, drawn, logits.argmax(dim=-1))
 

@@ -1,0 +1,388 @@
+"""Continuous batching: a pool of KV-cache rows ("slots") that requests join and leave between steps.
+
+`SlotRunner` holds one static cache of `rows` slots x `max_len` positions. A row's prompt is written
+into a free slot in chunks (`prefill`), its first token chosen, and from the next decode step on it
+decodes with every other running row (`launch`); when it ends its slot is `free`d for the next one.
+Each slot keeps its own position, sampling settings (temperature, top-p, top-k, seed) and noise
+counter on the device, so rows never pad to one another and a seeded row draws the same tokens
+whatever its batch-mates (`sampling.pick` with per-row counters and row numbers).
+
+A decode step runs over slots [0, B) for B the smallest batch size >= the highest busy slot + 1, and
+attends over the first S positions, S the smallest length bucket (256, 512, ...) that holds every
+busy row; free slots inside [0, B) are computed and ignored. On CUDA the step is the fast path's
+(fused projections, `torch.compile` of the layer halves `fused.make_qkv`/`make_out`, one CUDA graph
+per (B, S, greedy|sampled)); `prepare` compiles and captures every one of them up front, so nothing
+compiles or captures while serving. Attention sits between the compiled halves, eager but inside the
+graph, so compile work grows with the batch sizes only, not with the length buckets. Prefill is the
+module's own `Transformer.step` (any chunk at any offset). `launch` returns at once: the tokens reach
+the host when `Pending.tokens()` is called, so the next step can be launched before them.
+
+`RowRunner` gives the same interface over any runner with `start`/`next` (transformers models, MoE,
+layers spread over GPUs): one cache per row and rows decoded one after another (correct, not fast).
+
+Example:
+    >>> r = SlotRunner(model.module, rows=8, max_len=1024)                     # doctest: +SKIP
+    >>> r.prepare()                                                             # doctest: +SKIP
+    >>> first = r.prefill(0, prompt_ids, 0, RowSampling(temperature=0.0))       # doctest: +SKIP
+    >>> r.launch([0]).tokens()                                                  # doctest: +SKIP
+    {0: 42}
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ...errors import BridgeError
+from . import fused as fm
+from .fast import BATCHES, INDUCTOR_OPTIONS, MIN_LEN, len_bucket
+from .sampling import pick
+from ..native.layers import KVCache
+from ..native.model import Transformer
+
+
+@dataclass(frozen=True)
+class RowSampling:
+    """How one row chooses its tokens. `seed` None draws a random one; `stream` tells rows of one
+    request (n > 1, several prompts) apart, so that they differ under one seed.
+
+    Example:
+        >>> RowSampling(temperature=0.7, top_p=0.9, seed=1).greedy
+        False
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stream: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def seed31(seed: int | None) -> int:
+    """A request's seed (any int64) folded to the 31 bits the device noise takes; None: a random one.
+
+    Example:
+        >>> seed31(7), seed31(2**40 + 7) != 7
+        (7, True)
+    """
+    if seed is None:
+        return random.getrandbits(31)
+    s = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return (s ^ (s >> 31) ^ (s >> 62)) & 0x7FFFFFFF
+
+
+class Pending:
+    """The tokens of one launched decode step, {slot: token}; `tokens()` waits for them."""
+
+    def __init__(self, slots: list[int], out: torch.Tensor, event=None):
+        self.slots, self._out, self._event = slots, out, event
+
+    def tokens(self) -> dict[int, int]:
+        if self._event is not None:
+            self._event.synchronize()
+        got = self._out.tolist()
+        return {s: got[s] for s in self.slots}
+
+
+def row_masks(pos: torch.Tensor, S: int, windows: list[int], additive: bool, dtype) -> dict:
+    """window (None = full) -> mask (B, 1, 1, S) for one query per row at its position `pos` (B,):
+    keys up to it (within the window); bool, or 0/-inf in `dtype` when `additive`."""
+    k = torch.arange(S, device=pos.device)[None]  # [1, S]
+    q = pos[:, None]  # [B, 1]
+    seen = k <= q
+    out = {}
+    for w in [None, *windows]:
+        m = (seen if w is None else seen & (q - k < w))[:, None, None]
+        out[w] = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, float("-inf")) if additive else m
+    return out
+
+
+class SlotRunner:
+    """Continuous-batching decode of a native `Transformer` on one device (see the module docstring).
+
+    Args:
+        module: a loaded dense `Transformer` (MoE: `fused.NotFusable`; use `RowRunner`).
+        rows: slots in the pool (most rows decoding at once).
+        max_len: most positions a row may use (prompt + new tokens).
+        compile, graphs: torch.compile the layer halves / capture each step (default: on CUDA).
+        batch_sizes: batch sizes a step may run at (default 1, 2, 4, ... up to `rows`).
+        fused: the module's fused weights when a `FastRunner` has made them already (not twice).
+    Raises:
+        fm.NotFusable: MoE layers, or layers on several devices.
+    """
+
+    def __init__(self, module: Transformer, *, rows: int, max_len: int, compile: bool | None = None,
+                 graphs: bool | None = None, batch_sizes: tuple[int, ...] | None = None, fused: fm.Fused | None = None):
+        self.fused = f = fused or fm.fuse(module)
+        if len(f.devices) > 1:
+            raise fm.NotFusable("layers on several devices: continuous batching runs on one device")
+        self.module, self.args, self.vocab_size = module, module.args, module.args.vocab_size
+        self.device, self.dtype = f.embed.device, f.embed.dtype
+        cuda = self.device.type == "cuda"
+        self.use_graphs = cuda if graphs is None else graphs
+        self.use_compile = cuda if compile is None else compile
+        self.rows, self.max_len = rows, max_len
+        self.sizes = tuple(sorted({min(b, rows) for b in (batch_sizes or BATCHES)} | {rows}))
+        S, self.lens = len_bucket(max_len), []
+        while not self.lens or self.lens[-1] < S:
+            self.lens.append(MIN_LEN if not self.lens else self.lens[-1] * 2)
+        a, dev, R = self.args, self.device, rows
+        long = dict(dtype=torch.long, device=dev)
+        with torch.inference_mode():
+            self.k = [torch.zeros(R, a.num_kv_heads, S, a.head_dim, device=dev, dtype=self.dtype) for _ in range(a.num_layers)]
+            self.v = [torch.zeros_like(t) for t in self.k]
+            self.tok, self.pos, self.active = (torch.zeros(R, **long) for _ in range(3))
+            self.top_k, self.seed, self.stream, self.counter, self.out = (torch.zeros(R, **long) for _ in range(5))
+            self.temp, self.top_p = torch.zeros(R, device=dev), torch.ones(R, device=dev)
+            self._host = [torch.zeros(R, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
+        self._flip = 0
+        self.stats = {"captures": 0, "steps": 0}
+        self._graphs: dict = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._ropes = [(inv.to(dev), s) for inv, s in f.ropes]
+        spec, dtype = f.spec, self.dtype
+
+        def rope(ropes, pos):
+            return [fm.cos_sin(inv, s, pos[:, None], dtype) for inv, s in ropes]
+
+        fns = (fm.make_qkv(spec, rows=True), fm.make_out(spec), fm.make_head(spec), rope, pick)
+        if self.use_compile:
+            lim = torch._dynamo.config
+            lim.recompile_limit = max(lim.recompile_limit, 64)
+            lim.accumulated_recompile_limit = max(getattr(lim, "accumulated_recompile_limit", 256), 1024)
+            fns = tuple(torch.compile(fn, dynamic=False, fullgraph=True, options=INDUCTOR_OPTIONS) for fn in fns)
+        self._qkv, self._out, self._head, self._rope, self._pick = fns
+
+    # -- one decode step over slots [0, B), attending over S positions ----------------------------------
+
+    def _run(self, B: int, S: int, mode: str) -> None:
+        f, spec = self.fused, self.fused.spec
+        pos, act = self.pos[:B], self.active[:B]
+        x = fm.embed(f, self.tok[:B, None])  # [B, 1, D]
+        rot = self._rope(self._ropes, pos)
+        ms = row_masks(pos, S, f.windows, spec.softcap is None, self.dtype)
+        for li, L in enumerate(f.layers):
+            kc, vc = self.k[li][:B], self.v[li][:B]
+            q, _, _ = self._qkv(x, L.w, kc, vc, *rot[L.rope], pos)
+            o = fm._decode_attend(q, kc[:, :, :S], vc[:, :, :S], ms[L.window], spec.scale, spec.softcap, L.w[10])
+            x = self._out(x, o, L.w)
+        logits = self._head(x[:, -1], f.norm, f.head)  # [B, V]
+        if mode == "greedy":
+            nxt = logits.argmax(dim=-1)
+        else:
+            nxt = self._pick(logits, self.temp[:B], self.top_p[:B], self.top_k[:B], self.seed[:B], self.counter[:B],
+                             self.stream[:B])
+        self.out[:B].copy_(nxt)
+        self.tok[:B].copy_(nxt)
+        pos.add_(act)
+        self.counter[:B].add_(act)
+
+    def _graph(self, B: int, S: int, mode: str):
+        """The captured step for (B, S, mode), compiling and capturing it the first time. The warm-up
+        runs are real steps: the small per-row state is restored after them, and the keys they write
+        (at each row's position and the next) are rewritten before any query can see them."""
+        key = (B, S, mode)
+        if key in self._graphs:
+            return self._graphs[key]
+        small = [self.tok, self.pos, self.counter, self.out]
+        saved = [t.clone() for t in small]
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._run(B, S, mode)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self._pool, stream=torch.cuda.Stream(self.device)):
+            self._run(B, S, mode)
+        for t, v in zip(small, saved):
+            t.copy_(v)
+        self._graphs[key] = g
+        self.stats["captures"] += 1
+        return g
+
+    def shape(self, top: int, need: int) -> tuple[int, int]:
+        """(B, S) of a step whose highest busy slot is `top` and whose longest row needs `need` positions."""
+        B = next(b for b in self.sizes if b > top)
+        S = next((s for s in self.lens if s >= need), None)
+        if S is None or need > self.max_len:
+            raise BridgeError(f"decode: {need} positions needed, the pool holds {self.max_len}")
+        return B, S
+
+    def launch(self, slots: list[int], need: int, greedy: bool) -> Pending:
+        """One decode step for the busy `slots` (each row's next token), `need` the positions the
+        longest of them uses after it; returns without waiting for the tokens.
+
+        Example:
+            >>> r.launch([0, 3], need=40, greedy=True).tokens()    # doctest: +SKIP
+            {0: 17, 3: 5}
+        """
+        B, S = self.shape(max(slots), need)
+        mode = "greedy" if greedy else "sample"
+        with torch.inference_mode():
+            if self.use_graphs:
+                self._graph(B, S, mode).replay()
+            else:
+                self._run(B, S, mode)
+            self.stats["steps"] += 1
+            host = self._host[self._flip]
+            self._flip ^= 1
+            if self.device.type != "cuda":
+                return Pending(slots, self.out.clone())
+            host.copy_(self.out, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+            return Pending(slots, host, ev)
+
+    def prepare(self) -> str:
+        """Compile and capture every (batch size, length bucket, greedy|sampled) step before serving.
+
+        Example:
+            >>> r.prepare()                                                 # doctest: +SKIP
+            'batch sizes [1, 2, 4, 8] x lengths [256, 512] x greedy/sampled: 16 graphs'
+        """
+        if not self.use_graphs:
+            return "eager (no graphs to capture)"
+        with torch.inference_mode():
+            for B in self.sizes:
+                for S in self.lens:
+                    for mode in ("greedy", "sample"):
+                        self._graph(B, S, mode)
+            for t in (self.tok, self.pos, self.active, self.counter):
+                t.zero_()
+        return (f"batch sizes {list(self.sizes)} x lengths {self.lens} x greedy/sampled: "
+                f"{len(self._graphs)} graphs")
+
+    # -- rows joining and leaving ------------------------------------------------------------------------
+
+    def prefill(self, slot: int, tokens: list[int], start: int, sampling: RowSampling | None = None) -> int | None:
+        """Write prompt tokens at positions [start, start + len) of `slot` (a chunk; the slot's earlier
+        chunks must be there). With `sampling` (the last chunk): choose the row's first token, which
+        the next `launch` takes as input, and return it.
+
+        Example:
+            >>> r.prefill(2, ids[:512], 0); r.prefill(2, ids[512:], 512, RowSampling())  # doctest: +SKIP
+            318
+        """
+        L, dev = len(tokens), self.device
+        with torch.inference_mode():
+            ids = torch.tensor([tokens], dtype=torch.long, device=dev)
+            cache = KVCache([k[slot:slot + 1] for k in self.k], [v[slot:slot + 1] for v in self.v])
+            slots = torch.arange(start, start + L, device=dev)
+            logits = self.module.step(ids, slots, torch.zeros(1, dtype=torch.long, device=dev), cache,
+                                      kv_len=start + L, last_only=True)[:, -1]
+            if sampling is None:
+                return None
+            s = slice(slot, slot + 1)
+            self.temp[s].fill_(float(sampling.temperature))
+            self.top_p[s].fill_(float(sampling.top_p))
+            self.top_k[s].fill_(int(sampling.top_k))
+            self.seed[s].fill_(seed31(sampling.seed))
+            self.stream[s].fill_(int(sampling.stream))
+            self.counter[s].zero_()
+            first = pick(logits, self.temp[s], self.top_p[s], self.top_k[s], self.seed[s], self.counter[s], self.stream[s])
+            self.tok[s].copy_(first)
+            self.pos[s].fill_(start + L)
+            self.counter[s].fill_(1)
+            self.active[s].fill_(1)
+            return int(first)
+
+    def free(self, slot: int) -> None:
+        """The row in `slot` has ended: it stops advancing (it may still be computed, and ignored)."""
+        with torch.inference_mode():
+            self.active[slot] = 0
+            self.pos[slot] = 0
+
+
+class RowRunner:
+    """`SlotRunner`'s interface over per-row runners (`make()` -> an object with `start`/`next`):
+    one cache per row, decoded one row after another. For what has no slot pool: transformers
+    models, MoE layers, layers over several GPUs.
+
+    Example:
+        >>> r = RowRunner(lambda: copy.copy(model.runner), rows=4, max_len=512, device="cpu")  # doctest: +SKIP
+    """
+
+    def __init__(self, make: Callable, *, rows: int, max_len: int, device, vocab_size: int):
+        self.make, self.rows, self.max_len, self.device = make, rows, max_len, torch.device(device)
+        self.vocab_size = vocab_size
+        self.stats = {"captures": 0, "steps": 0}
+        self._rows: dict[int, dict] = {}
+
+    def prepare(self) -> str:
+        return "one row at a time (no slot pool for this model)"
+
+    def prefill(self, slot: int, tokens: list[int], start: int, sampling: RowSampling | None = None) -> int | None:
+        row = self._rows.setdefault(slot, {"prompt": []})
+        if start == 0:
+            row.clear()
+            row["prompt"] = []
+        row["prompt"] += list(tokens)
+        if sampling is None:
+            return None
+        dev = self.device
+        with torch.inference_mode():
+            ids = torch.tensor([row["prompt"]], dtype=torch.long, device=dev)
+            row["runner"] = runner = self.make()
+            logits = runner.start(ids, torch.zeros(1, dtype=torch.long, device=dev), self.max_len)
+            long = dict(dtype=torch.long, device=logits.device)
+            row["s"] = (torch.tensor([float(sampling.temperature)], device=logits.device),
+                        torch.tensor([float(sampling.top_p)], device=logits.device),
+                        torch.tensor([int(sampling.top_k)], **long), torch.tensor([seed31(sampling.seed)], **long))
+            row["stream"], row["n"] = torch.tensor([int(sampling.stream)], **long), 0
+            return self._pick(row, logits)
+
+    def _pick(self, row: dict, logits: torch.Tensor) -> int:
+        counter = torch.tensor([row["n"]], dtype=torch.long, device=logits.device)
+        row["n"] += 1
+        row["tok"] = int(pick(logits, *row["s"], counter, row["stream"]))
+        return row["tok"]
+
+    def launch(self, slots: list[int], need: int, greedy: bool) -> Pending:
+        got = torch.zeros(max(slots) + 1, dtype=torch.long)
+        with torch.inference_mode():
+            for s in slots:
+                row = self._rows[s]
+                logits = row["runner"].next(torch.tensor([row["tok"]], device=self.device))
+                got[s] = self._pick(row, logits)
+        self.stats["steps"] += 1
+        return Pending(slots, got)
+
+    def free(self, slot: int) -> None:
+        self._rows.pop(slot, None)
+
+
+def batch_runner(model, *, rows: int, max_len: int, batch_sizes: tuple[int, ...] | None = None):
+    """The continuous-batching runner for a `DeployedModel`: a `SlotRunner` for a native model the
+    fused path takes (dense or MoE) on one device (compiled and captured when the model runs the fast path), else a `RowRunner`
+    (its rows one after another; one row at a time for layers spread over GPUs).
+
+    Example:
+        >>> batch_runner(load("deploy/alpaca"), rows=8, max_len=2048)   # doctest: +SKIP
+        <...SlotRunner object at ...>
+    """
+    from .base import NativeRunner
+    from .fast import FastRunner
+
+    runner = model.runner
+    fast = isinstance(runner, FastRunner)
+    if model.backend == "native":
+        try:
+            return SlotRunner(model.module, rows=rows, max_len=max_len, compile=None if fast else False, graphs=None if fast else False,
+                              batch_sizes=batch_sizes, fused=runner.fused if fast else None)
+        except fm.NotFusable:
+            pass
+        if not fast or len(runner.segments) == 1:
+            return RowRunner(lambda: NativeRunner(model.module), rows=rows, max_len=max_len, device=model.device,
+                             vocab_size=runner.vocab_size)
+        return RowRunner(lambda: runner, rows=1, max_len=max_len, device=model.device, vocab_size=runner.vocab_size)
+    return RowRunner(lambda: copy.copy(runner), rows=rows, max_len=max_len, device=model.device,
+                     vocab_size=runner.vocab_size)
