@@ -20,12 +20,13 @@ from .execute import parse_size, write_weights
 from .plan import Plan, build_plan
 from .source import ADAPTER_CONFIG, ADAPTER_WEIGHTS, open_source
 
-FORMATS = ("hf", "peft")
+FORMATS = ("hf", "peft", "gguf")
 
 
 def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", dtype: str = "auto",
            base: str | os.PathLike | None = None, shard_size: str | int = "5GB", dry_run: bool = False,
-           force: bool = False, verify: bool | None = None, progress: bool = True, log=print) -> Path:
+           force: bool = False, verify: bool | None = None, progress: bool = True, log=print,
+           gguf_type: str | None = None, gguf_split: str | None = None) -> Path:
     """Export SRC (MLX model dir, mlx-lm adapter dir or checkpoint dir) to `out`.
 
     Args:
@@ -38,6 +39,8 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
         dry_run: print the plan and write nothing.
         force: replace an existing output directory.
         verify: run `mlx_bridge.verify` on the result (None: when probes and torch are available).
+        gguf_type: with format "gguf": q4_k_m, q5_k_m, q6_k, q8_0, q4_0, f16, bf16 or f32 (default f16).
+        gguf_split: with format "gguf": split the file into gguf-split shards of at most this size.
     Returns:
         The output directory.
     Raises:
@@ -53,6 +56,13 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
     if dtype != "auto" and dtype not in OUTPUT_DTYPES:
         raise BridgeError(f"--dtype {dtype!r}: expected auto or one of {', '.join(OUTPUT_DTYPES)}")
     parse_size(shard_size)
+    if (gguf_type or gguf_split) and format != "gguf":
+        raise BridgeError("--gguf-type / --gguf-split need --format gguf")
+    if format == "gguf":
+        from .gguf import check_gguf_type
+
+        gguf_type = check_gguf_type(gguf_type or "f16")
+        split = parse_size(gguf_split) if gguf_split else 0
     out = Path(out)
     if not dry_run:
         check_output_dir(out, force)
@@ -62,6 +72,8 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
             raise BridgeError(f"{src}: --format peft needs an adapter or checkpoint directory, not a model directory")
         if format == "peft" and source.adapter.fine_tune_type == "full":
             raise BridgeError(f"{source.adapter.path / ADAPTER_CONFIG}: fine_tune_type 'full' has no PEFT form; use --format hf")
+        if format == "gguf":
+            return _export_gguf(source, src, out, gguf_type, split, dry_run, force, progress, log, t0)
         plan = build_plan(source, dtype)
         cfg, notes = hf_config.effective_config(source.base.config, plan.arch, plan.dtype)
         if format == "peft":
@@ -110,6 +122,34 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
     finally:
         source.close()
     _maybe_verify(out, verify, format, log)
+    return out
+
+
+def _export_gguf(source, src, out: Path, gguf_type: str, split: int, dry_run: bool, force: bool, progress: bool,
+                 log, t0: float) -> Path:
+    """The --format gguf branch: one .gguf (or gguf-split shards) + Modelfile + README + manifest."""
+    from .gguf import prepare_gguf
+
+    job = prepare_gguf(source, gguf_type, _base_ref(source))
+    try:
+        if dry_run:
+            log(job.table())
+            for n in job.notes:
+                log(f"# config: {n}")
+            return out
+        with atomic_dir(out, force) as tmp:
+            t1 = time.perf_counter()
+            files = job.write(tmp, split, progress)
+            t2 = time.perf_counter()
+            (tmp / "README.md").write_text(hf_config.model_card(
+                job.plan.arch, _base_ref(source), str(source.path) if source.adapter else None, gguf_type,
+                job.notes, "gguf"))
+            _write_manifest(tmp, source, job.plan, "gguf", job.notes, {"plan": t1 - t0, "write": t2 - t1}, job.warnings)
+    finally:
+        job.close()
+    for n in job.notes:
+        log(f"note: {n}")
+    log(f"exported {src} -> {out} (gguf {gguf_type}: {', '.join(f.name for f in files)}, {time.perf_counter() - t0:.1f}s)")
     return out
 
 
