@@ -1,0 +1,229 @@
+"""Issue 15: `export --format gguf`, checked by llama.cpp itself (llama-cpp-python, built from source).
+
+Tiny models carry real vocabularies (llama.cpp's own `models/ggml-vocab-*.gguf`, rebuilt as HF
+tokenizer files): HF model -> mlx-lm convert (float32) [-> LoRA adapter] -> export gguf -> llama.cpp.
+The reference is transformers on the `--format hf` export of the same source (the same fused weights).
+
+Figures: f32 logits within 1e-3 of transformers (float32; llama.cpp sums in another order), f16 within
+2e-2, q8_0 within 0.1, with greedy continuations equal for f32/f16 and >= 90% equal tokens for q8_0.
+K-quant files are byte-compared with `llama_model_quantize` run on our f32 file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+llama_cpp = pytest.importorskip("llama_cpp")
+gguf = pytest.importorskip("gguf")
+
+from mlx_bridge.testing.adapters import make_adapter, mlx_convert  # noqa: E402
+from mlx_bridge.testing.gguf import hf_tokenizer, vocab_file, vocab_tests  # noqa: E402
+from mlx_bridge.testing.models import tiny_hf_model  # noqa: E402
+from test_export_common import load_hf, run_export  # noqa: E402
+
+PROMPT = [128000, 791, 4062, 14198, 39935, 35308, 927, 279]  # llama-bpe ids: "<bos>The quick brown fox jumps over the"
+TOL = {"f32": 1e-3, "f16": 2e-2, "q8_0": 0.1}
+N_GEN = 12
+
+
+@pytest.fixture(scope="session")
+def gz(tmp_path_factory):
+    """Session cache of tokenizers, models and exports for the GGUF tests."""
+    return GgufZoo(tmp_path_factory.getbasetemp() / "gguf-zoo")
+
+
+class GgufZoo:
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def tok(self, vocab: str) -> Path:
+        d = self.root / f"tok-{vocab}"
+        if not (d / "tokenizer_config.json").exists():
+            hf_tokenizer(vocab_file(vocab), d)
+        return d
+
+    def mlx(self, arch: str, vocab: str = "llama-bpe", **overrides) -> Path:
+        tag = "-".join([arch, vocab] + [f"{k}{v}" for k, v in sorted(overrides.items())])
+        d = self.root / f"mlx-{tag}"
+        if not (d / "config.json").exists():
+            hf = self.root / f"hf-{tag}"
+            tiny_hf_model(hf, arch, tokenizer_dir=self.tok(vocab), **overrides)
+            mlx_convert(hf, d, dtype="float32")
+        return d
+
+    def adapter(self, base: Path) -> Path:
+        d = Path(f"{base}-lora")
+        if not (d / "adapters.safetensors").exists():
+            make_adapter(base, d, rank=4, num_layers=2)
+        return d
+
+    def export(self, src: Path, fmt: str, gguf_type: str | None = None) -> Path:
+        out = Path(f"{src}-{fmt}{'-' + gguf_type if gguf_type else ''}")
+        if not out.exists():
+            kw = {"gguf_type": gguf_type} if fmt == "gguf" else {"dtype": "float32", "verify": False}
+            run_export(src, out, format=fmt, progress=False, **kw)
+        return out
+
+
+def gguf_path(d: Path) -> Path:
+    (p,) = sorted(d.glob("*.gguf"))
+    return p
+
+
+def llama_logits(path: Path, ids: list[int]) -> np.ndarray:
+    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2, seed=0)
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def llama_greedy(path: Path, ids: list[int], n: int) -> list[int]:
+    llm = llama_cpp.Llama(str(path), n_ctx=64, verbose=False, n_threads=2, seed=0)
+    out = []
+    for t in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+        out.append(t)
+        if len(out) == n:
+            break
+    return out
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+def hf_logits(model, ids: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+@pytest.mark.parametrize("case", ["llama", "llama+lora", "qwen2", "mistral"])
+@pytest.mark.parametrize("gguf_type", ["f32", "f16", "q8_0"])
+def test_llama_cpp_matches_transformers(gz, case, gguf_type):
+    """llama.cpp on the GGUF computes what transformers computes on the HF export of the same source."""
+    arch, _, lora = case.partition("+")
+    src = gz.mlx(arch)
+    if lora:
+        src = gz.adapter(src)
+    model = load_hf(gz.export(src, "hf"))
+    path = gguf_path(gz.export(src, "gguf", gguf_type))
+    got, want = llama_logits(path, PROMPT), hf_logits(model, PROMPT)
+    diff = np.abs(got - want).max()
+    assert diff <= TOL[gguf_type], f"{case} {gguf_type}: max |logit diff| {diff:.3e} > {TOL[gguf_type]}"
+    g_cpp, g_hf = llama_greedy(path, PROMPT, N_GEN), hf_greedy(model, PROMPT, N_GEN)
+    if gguf_type == "q8_0":
+        agree = np.mean(np.array(g_cpp) == np.array(g_hf))
+        assert agree >= 0.9, f"{case} q8_0: greedy tokens {g_cpp} vs {g_hf} ({agree:.0%} equal)"
+    else:
+        assert g_cpp == g_hf, f"{case} {gguf_type}: greedy {g_cpp} != transformers {g_hf}"
+
+
+@pytest.mark.parametrize("vocab", ["llama-bpe", "qwen2", "llama-spm"])
+def test_vocab_is_llama_cpps_own(gz, vocab):
+    """Tokens, types, merges/scores and pre-tokenizer equal llama.cpp's vocab file, and llama.cpp
+    tokenizes its own test strings with our GGUF as it does with its file."""
+    arch = "qwen2" if vocab == "qwen2" else "llama"
+    path = gguf_path(gz.export(gz.mlx(arch, vocab), "gguf", "f16"))
+    ours, ref = gguf.GGUFReader(path).fields, gguf.GGUFReader(vocab_file(vocab)).fields
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+                "tokenizer.ggml.merges", "tokenizer.ggml.scores", "tokenizer.ggml.bos_token_id"):
+        if key in ref:
+            assert key in ours and ours[key].contents() == ref[key].contents(), f"{vocab}: {key} differs"
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    for text, ids in vocab_tests(vocab_file(vocab)):
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids, f"{vocab}: {text!r}"
+
+
+def _quantize_with_llama_cpp(src: Path, dst: Path, ftype: int) -> None:
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = 2
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    assert rc == 0, f"llama_model_quantize({src}) returned {rc}"
+
+
+@pytest.mark.parametrize("gguf_type", ["q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_0"])
+def test_quantized_bytes_equal_llama_cpp(gz, tmp_path, gguf_type):
+    """Every tensor's type and bytes equal `llama_model_quantize` run on our f32 GGUF (hidden 256: K-quant rows)."""
+    from mlx_bridge.translate.gguf.types import GGUF_TYPES
+
+    src = gz.adapter(gz.mlx("llama", "llama-spm", hidden_size=256, intermediate_size=512, num_hidden_layers=8))
+    f32 = gguf_path(gz.export(src, "gguf", "f32"))
+    ref_path = tmp_path / "ref.gguf"
+    _quantize_with_llama_cpp(f32, ref_path, int(GGUF_TYPES[gguf_type][0]))
+    ours = {t.name: t for t in gguf.GGUFReader(gguf_path(gz.export(src, "gguf", gguf_type))).tensors}
+    ref = {t.name: t for t in gguf.GGUFReader(ref_path).tensors}
+    assert list(ours) == list(ref)
+    bad = [f"{n}: {ours[n].tensor_type.name} vs {ref[n].tensor_type.name}" for n in ref
+           if ours[n].tensor_type != ref[n].tensor_type]
+    assert not bad, f"{gguf_type}: tensor types differ: {bad}"
+    bad = [n for n in ref if bytes(ours[n].data.tobytes()) != bytes(ref[n].data.tobytes())]
+    assert not bad, f"{gguf_type}: bytes differ in {bad}"
+    if gguf_type in ("q4_k_m", "q5_k_m"):
+        assert {"Q4_K", "Q6_K"} & {t.tensor_type.name for t in ours.values()}, "no K-quant tensor was written"
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run([sys.executable, "-m", "mlx_bridge", "export", *map(str, args)], capture_output=True,
+                          text=True, env=env)
+
+
+def test_bad_input_one_line_exit_2(gz, tmp_path):
+    """Unknown --gguf-type, an arch without a GGUF export, a tokenizer llama.cpp can't represent."""
+    from mlx_bridge.testing.adapters import Zoo
+
+    src = gz.mlx("llama")
+    wordlevel = Zoo(gz.root / "zoo").mlx("llama")  # the tiny word-level tokenizer
+    olmo = Zoo(gz.root / "zoo").mlx("olmo2")
+    cases = [((src, "--gguf-type", "q3_k_xl"), "--gguf-type 'q3_k_xl'"),
+             ((olmo,), "model_type 'olmo2' has no GGUF export"),
+             ((wordlevel,), "WordLevel tokenizer has no llama.cpp representation")]
+    for args, needle in cases:
+        out = tmp_path / "out"
+        r = _cli(args[0], "--out", out, "--format", "gguf", *args[1:])
+        assert r.returncode == 2, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], r.stderr
+        assert not out.exists()
+
+
+def test_unknown_pre_tokenizer_warns_once(gz, tmp_path):
+    """A split regex llama.cpp doesn't know: the closest pre-tokenizer and one warning."""
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    for f in gz.tok("llama-bpe").iterdir():
+        (tok / f.name).write_bytes(f.read_bytes())
+    tj = json.loads((tok / "tokenizer.json").read_text())
+    tj["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = \
+        tj["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"].replace("{1,3}", "{1,4}")
+    (tok / "tokenizer.json").write_text(json.dumps(tj))
+    from mlx_bridge.translate.gguf.vocab import read_vocab
+
+    v = read_vocab(tok, 128256, "llama")
+    assert v.pre == "llama-bpe" and len(v.warnings) == 1 and "closest" in v.warnings[0]
+
+
+def test_modelfile_and_split(gz, tmp_path):
+    """Modelfile: FROM the file, llama 3 TEMPLATE, stop tokens; --gguf-split shards load in llama.cpp."""
+    src = gz.mlx("llama")
+    text = (gz.export(src, "gguf", "f16") / "Modelfile").read_text()
+    assert "FROM ./model-f16.gguf" in text and "<|start_header_id|>" in text and 'PARAMETER stop "<|eot_id|>"' in text
+    out = run_export(src, tmp_path / "split", format="gguf", gguf_type="f32", gguf_split="20MB", progress=False)
+    shards = sorted(out.glob("*.gguf"))
+    assert len(shards) > 1 and shards[0].name == f"model-f32-00001-of-{len(shards):05d}.gguf"
+    whole = gguf_path(gz.export(src, "gguf", "f32"))
+    np.testing.assert_array_equal(llama_logits(shards[0], PROMPT), llama_logits(whole, PROMPT))
