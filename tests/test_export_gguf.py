@@ -24,9 +24,7 @@ import pytest
 llama_cpp = pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")
 
-from mlx_bridge.testing.adapters import make_adapter, mlx_convert  # noqa: E402
-from mlx_bridge.testing.gguf import hf_tokenizer, vocab_file, vocab_tests  # noqa: E402
-from mlx_bridge.testing.models import tiny_hf_model  # noqa: E402
+from mlx_bridge.testing.gguf import GgufZoo, vocab_file, vocab_tests  # noqa: E402
 from test_export_common import load_hf, run_export  # noqa: E402
 
 PROMPT = [128000, 791, 4062, 14198, 39935, 35308, 927, 279]  # llama-bpe ids: "<bos>The quick brown fox jumps over the"
@@ -38,40 +36,6 @@ N_GEN = 12
 def gz(tmp_path_factory):
     """Session cache of tokenizers, models and exports for the GGUF tests."""
     return GgufZoo(tmp_path_factory.getbasetemp() / "gguf-zoo")
-
-
-class GgufZoo:
-    def __init__(self, root: Path):
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-
-    def tok(self, vocab: str) -> Path:
-        d = self.root / f"tok-{vocab}"
-        if not (d / "tokenizer_config.json").exists():
-            hf_tokenizer(vocab_file(vocab), d)
-        return d
-
-    def mlx(self, arch: str, vocab: str = "llama-bpe", **overrides) -> Path:
-        tag = "-".join([arch, vocab] + [f"{k}{v}" for k, v in sorted(overrides.items())])
-        d = self.root / f"mlx-{tag}"
-        if not (d / "config.json").exists():
-            hf = self.root / f"hf-{tag}"
-            tiny_hf_model(hf, arch, tokenizer_dir=self.tok(vocab), **overrides)
-            mlx_convert(hf, d, dtype="float32")
-        return d
-
-    def adapter(self, base: Path) -> Path:
-        d = Path(f"{base}-lora")
-        if not (d / "adapters.safetensors").exists():
-            make_adapter(base, d, rank=4, num_layers=2)
-        return d
-
-    def export(self, src: Path, fmt: str, gguf_type: str | None = None) -> Path:
-        out = Path(f"{src}-{fmt}{'-' + gguf_type if gguf_type else ''}")
-        if not out.exists():
-            kw = {"gguf_type": gguf_type} if fmt == "gguf" else {"dtype": "float32", "verify": False}
-            run_export(src, out, format=fmt, progress=False, **kw)
-        return out
 
 
 def gguf_path(d: Path) -> Path:
@@ -227,3 +191,20 @@ def test_modelfile_and_split(gz, tmp_path):
     assert len(shards) > 1 and shards[0].name == f"model-f32-00001-of-{len(shards):05d}.gguf"
     whole = gguf_path(gz.export(src, "gguf", "f32"))
     np.testing.assert_array_equal(llama_logits(shards[0], PROMPT), llama_logits(whole, PROMPT))
+
+
+def test_pre_tokenizer_table_is_llama_cpps():
+    """pre_tokenizers.json is what scripts/derive_gguf_vocab.py reads from the pinned llama.cpp (no drift)."""
+    import importlib.util
+
+    from mlx_bridge.testing.gguf import llama_cpp_sdist
+    from mlx_bridge.translate.gguf.vocab import PRE
+
+    spec = importlib.util.spec_from_file_location("derive", Path(__file__).resolve().parents[1] / "scripts" / "derive_gguf_vocab.py")
+    derive = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(derive)
+    version, files = derive._read(llama_cpp_sdist())
+    convert = next(files[p] for p in derive.CONVERT if p in files and "def get_vocab_base_pre" in files[p])
+    chktxt, chkhsh = derive.parse_chkhsh(convert)
+    assert (version, chktxt, chkhsh) == (PRE["llama_cpp"], PRE["chktxt"], PRE["chkhsh"])
+    assert derive.parse_regexes(files[derive.VOCAB]) == PRE["regex"]

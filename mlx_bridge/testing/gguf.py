@@ -20,6 +20,9 @@ import tarfile
 from importlib import metadata
 from pathlib import Path
 
+from .adapters import make_adapter, mlx_convert
+from .models import tiny_hf_model
+
 CACHE = Path(os.environ.get("MLX_BRIDGE_CACHE", Path.home() / ".cache" / "mlx-bridge"))
 LLAMA3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
                    "{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
@@ -59,6 +62,44 @@ def vocab_tests(vocab: Path) -> list[tuple[str, list[int]]]:
     inp = Path(f"{vocab}.inp").read_text(encoding="utf-8").split(sep)
     out = Path(f"{vocab}.out").read_text(encoding="utf-8").split("\n")
     return [(t, [int(x) for x in o.split()]) for t, o in zip(inp, out)]
+
+
+class GgufZoo:
+    """Tiny models with real vocabularies, their adapters and exports, built once each under `root`."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def tok(self, vocab: str) -> Path:
+        d = self.root / f"tok-{vocab}"
+        if not (d / "tokenizer_config.json").exists():
+            hf_tokenizer(vocab_file(vocab), d)
+        return d
+
+    def mlx(self, arch: str, vocab: str = "llama-bpe", **overrides) -> Path:
+        tag = "-".join([arch, vocab] + [f"{k}{v}" for k, v in sorted(overrides.items())])
+        d = self.root / f"mlx-{tag}"
+        if not (d / "config.json").exists():
+            hf = self.root / f"hf-{tag}"
+            tiny_hf_model(hf, arch, tokenizer_dir=self.tok(vocab), **overrides)
+            mlx_convert(hf, d, dtype="float32")
+        return d
+
+    def adapter(self, base: Path) -> Path:
+        d = Path(f"{base}-lora")
+        if not (d / "adapters.safetensors").exists():
+            make_adapter(base, d, rank=4, num_layers=2)
+        return d
+
+    def export(self, src: Path, fmt: str, gguf_type: str | None = None) -> Path:
+        out = Path(f"{src}-{fmt}{'-' + gguf_type if gguf_type else ''}")
+        if not out.exists():
+            from mlx_bridge import export
+
+            kw = {"gguf_type": gguf_type} if fmt == "gguf" else {"dtype": "float32", "verify": False}
+            export(str(src), str(out), format=fmt, progress=False, log=lambda *a: None, **kw)
+        return out
 
 
 def _fields(vocab: Path) -> dict:

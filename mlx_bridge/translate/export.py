@@ -141,9 +141,7 @@ def _export_gguf(source, src, out: Path, gguf_type: str, split: int, dry_run: bo
             t1 = time.perf_counter()
             files = job.write(tmp, split, progress)
             t2 = time.perf_counter()
-            (tmp / "README.md").write_text(hf_config.model_card(
-                job.plan.arch, _base_ref(source), str(source.path) if source.adapter else None, gguf_type,
-                job.notes, "gguf"))
+            (tmp / "README.md").write_text(job.readme(files, _base_ref(source), str(source.path) if source.adapter else None))
             _write_manifest(tmp, source, job.plan, "gguf", job.notes, {"plan": t1 - t0, "write": t2 - t1}, job.warnings)
     finally:
         job.close()

@@ -80,6 +80,19 @@ class GgufJob:
         self.notes.append(write_modelfile(out, files[0].name, tok, self._vocab.tokens, eos))
         return files
 
+    def readme(self, files: list[Path], base: str, adapter: str | None) -> str:
+        lines = [f"# {self.plan.arch.architecture} as GGUF, exported by mlx-bridge", "",
+                 f"- base model: `{base}`", f"- adapter: `{adapter}` (fused in float32)" if adapter else "- adapter: none",
+                 f"- type: {self.gguf_type} (llama.cpp file type {GGUF_TYPES[self.gguf_type][0].name}), "
+                 f"architecture {self._ga.arch.name.lower()}, tokenizer {self._vocab.model} (pre {self._vocab.pre})",
+                 f"- files: {', '.join(f.name for f in files)}", "",
+                 f"Run with `llama-cli -m {files[0].name}`, or `ollama create NAME -f Modelfile`; LM Studio opens the file.", ""]
+        if self.notes:
+            lines += ["## Notes", "", *[f"- {n}" for n in self.notes], ""]
+        if self.warnings:
+            lines += ["## Warnings", "", *[f"- {w}" for w in self.warnings], ""]
+        return "\n".join(lines)
+
     def close(self) -> None:
         if self._tok is not None:
             self._tok.cleanup()

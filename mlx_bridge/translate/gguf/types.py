@@ -7,7 +7,7 @@ and the fallback for rows that don't fill a block. So `--gguf-type q4_k_m` gives
 `llama_model_quantize(f32.gguf, Q4_K_M)` gives, and with the numpy K-quants the same bytes.
 
 Example:
-    >>> p = TypePicker("q4_k_m", n_layer=2, n_attn_v=2, n_expert=0, tied=False)
+    >>> p = TypePicker("q4_k_m", n_layer=8, n_attn_v=8, n_expert=0, tied=False)
     >>> [p.pick(n, s).name for n, s in [("blk.0.attn_v.weight", (256, 256)), ("blk.0.attn_q.weight", (256, 256)),
     ...                                 ("blk.0.attn_norm.weight", (256,)), ("output.weight", (32, 256))]]
     ['Q6_K', 'Q4_K', 'F32', 'Q6_K']
