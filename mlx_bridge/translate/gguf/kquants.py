@@ -52,23 +52,23 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
     sum_w = _seq_sum(w)
     sum_x = _seq_sum(w * x)
     flat = mx == mn
-    rng = np.where(flat, F32(1), mx - mn)
-    xm = x - mn  # x[i] - min
     fmax = F32(nmax)
-    iscale = fmax / rng
-    scale = F32(1) / iscale
-    L = np.clip(_nearest(iscale * xm), 0, fmax)
+    one = F32(1)
+    # C overwrites `min` with each better fit, and later steps quantize x - min over (max - min) with it
+    iscale = fmax / np.where(flat, one, mx - mn)
+    scale = one / iscale
+    L = np.clip(_nearest(iscale * (x - mn)), 0, fmax)
     diff = (scale * L + mn) - x
     best = _seq_sum(w * (diff * diff))
-    best_is = iscale  # the L of the best fit is recomputed from its iscale at the end (same values)
+    best_is, best_base = iscale, mn  # the best L is recomputed from the iscale and min it was made with
     for step in range(nstep + 1):
-        iscale = (F32(rmin) + F32(rdelta) * F32(step) + fmax) / rng
-        la = np.clip(_nearest(iscale * xm), 0, fmax)
+        iscale = (F32(rmin) + F32(rdelta) * F32(step) + fmax) / np.where(flat, one, mx - mn)
+        la = np.clip(_nearest(iscale * (x - mn)), 0, fmax)
         wl = w * la
         sum_l, sum_l2, sum_xl = _seq_sum(wl), _seq_sum(wl * la), _seq_sum(wl * x)
         D = sum_w * sum_l2 - sum_l * sum_l
         ok = D > 0
-        Ds = np.where(ok, D, F32(1))
+        Ds = np.where(ok, D, one)
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / Ds
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / Ds
         pos = this_min > 0
@@ -84,10 +84,11 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
         cur = _seq_sum(diff)
         better = ok & (cur < best)
         best_is = np.where(better, iscale, best_is)
+        best_base = np.where(better, mn, best_base)
         best = np.where(better, cur, best)
         scale = np.where(better, this_scale, scale)
         mn = np.where(better, this_min, mn)
-    L = np.clip(_nearest(best_is * xm), 0, fmax)
+    L = np.clip(_nearest(best_is * (x - best_base)), 0, fmax)
     L = np.where(flat, F32(0), L)
     scale = np.where(flat, F32(0), scale)
     return scale.astype(F32), (-np.where(flat, mn0, mn)).astype(F32), L
