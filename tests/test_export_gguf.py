@@ -4,8 +4,10 @@ Tiny models carry real vocabularies (llama.cpp's own `models/ggml-vocab-*.gguf`,
 tokenizer files): HF model -> mlx-lm convert (float32) [-> LoRA adapter] -> export gguf -> llama.cpp.
 The reference is transformers on the `--format hf` export of the same source (the same fused weights).
 
-Figures: f32 logits within 1e-3 of transformers (float32; llama.cpp sums in another order), f16 within
-2e-2, q8_0 within 0.1, with greedy continuations equal for f32/f16 and >= 90% equal tokens for q8_0.
+llama.cpp runs with a float32 KV cache (its default f16 cache alone moves f32 logits by 1e-3). Figures:
+f32 logits within 1e-4 of transformers (measured 1.4e-6 on llama), f16 within 1e-2 (2.2e-3), q8_0
+within 0.25 (0.10-0.12), greedy continuations equal for f32/f16, and for q8_0 the same top-1 next
+token at >= 85% of 48 teacher-forced positions (measured 0.90-0.98: random tiny models have near-flat logits).
 K-quant files are byte-compared with `llama_model_quantize` run on our f32 file.
 """
 
@@ -28,7 +30,8 @@ from mlx_bridge.testing.gguf import GgufZoo, vocab_file, vocab_tests  # noqa: E4
 from test_export_common import load_hf, run_export  # noqa: E402
 
 PROMPT = [128000, 791, 4062, 14198, 39935, 35308, 927, 279]  # llama-bpe ids: "<bos>The quick brown fox jumps over the"
-TOL = {"f32": 1e-3, "f16": 2e-2, "q8_0": 0.1}
+TOL = {"f32": 1e-4, "f16": 1e-2, "q8_0": 0.25}
+F32_CACHE = dict(type_k=0, type_v=0)  # GGML_TYPE_F32
 N_GEN = 12
 
 
@@ -44,13 +47,13 @@ def gguf_path(d: Path) -> Path:
 
 
 def llama_logits(path: Path, ids: list[int]) -> np.ndarray:
-    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2, seed=0)
+    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2, seed=0, **F32_CACHE)
     llm.eval(ids)
     return np.array(llm.scores[: len(ids)], dtype=np.float32)
 
 
 def llama_greedy(path: Path, ids: list[int], n: int) -> list[int]:
-    llm = llama_cpp.Llama(str(path), n_ctx=64, verbose=False, n_threads=2, seed=0)
+    llm = llama_cpp.Llama(str(path), n_ctx=64, verbose=False, n_threads=2, seed=0, **F32_CACHE)
     out = []
     for t in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
         out.append(t)
@@ -74,24 +77,32 @@ def hf_logits(model, ids: list[int]) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
-@pytest.mark.parametrize("case", ["llama", "llama+lora", "qwen2", "mistral"])
+CASES = {"llama": ("llama", "llama-bpe"), "llama+lora": ("llama", "llama-bpe"), "mistral": ("mistral", "llama-bpe"),
+         "qwen2": ("qwen2", "qwen2")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("gguf_type", ["f32", "f16", "q8_0"])
 def test_llama_cpp_matches_transformers(gz, case, gguf_type):
-    """llama.cpp on the GGUF computes what transformers computes on the HF export of the same source."""
-    arch, _, lora = case.partition("+")
-    src = gz.mlx(arch)
-    if lora:
+    """llama.cpp on the GGUF computes what transformers computes on the HF export of the same source:
+    logits on 48 random tokens within TOL; f32/f16: the same 12 greedy tokens; q8_0: the same top-1
+    next token at >= 85% of the 48 positions (measured 0.90-0.98)."""
+    arch, vocab = CASES[case]
+    src = gz.mlx(arch, vocab)
+    if case.endswith("+lora"):
         src = gz.adapter(src)
     model = load_hf(gz.export(src, "hf"))
     path = gguf_path(gz.export(src, "gguf", gguf_type))
-    got, want = llama_logits(path, PROMPT), hf_logits(model, PROMPT)
+    ids = [PROMPT[0]] + np.random.default_rng(0).integers(0, 32000, 47).tolist()
+    got, want = llama_logits(path, ids), hf_logits(model, ids)
     diff = np.abs(got - want).max()
     assert diff <= TOL[gguf_type], f"{case} {gguf_type}: max |logit diff| {diff:.3e} > {TOL[gguf_type]}"
-    g_cpp, g_hf = llama_greedy(path, PROMPT, N_GEN), hf_greedy(model, PROMPT, N_GEN)
     if gguf_type == "q8_0":
-        agree = np.mean(np.array(g_cpp) == np.array(g_hf))
-        assert agree >= 0.9, f"{case} q8_0: greedy tokens {g_cpp} vs {g_hf} ({agree:.0%} equal)"
+        agree = np.mean(got.argmax(-1) == want.argmax(-1))
+        assert agree >= 0.85, f"{case} q8_0: top-1 next token equal at {agree:.0%} of {len(ids)} positions"
     else:
+        g_cpp, g_hf = llama_greedy(path, PROMPT, N_GEN), hf_greedy(model, PROMPT, N_GEN)
         assert g_cpp == g_hf, f"{case} {gguf_type}: greedy {g_cpp} != transformers {g_hf}"
 
 
