@@ -78,31 +78,34 @@ def hf_logits(model, ids: list[int]) -> np.ndarray:
 
 
 CASES = {"llama": ("llama", "llama-bpe"), "llama+lora": ("llama", "llama-bpe"), "mistral": ("mistral", "llama-bpe"),
-         "qwen2": ("qwen2", "qwen2")}
+         "qwen2": ("qwen2", "qwen2"), "qwen3": ("qwen3", "qwen2"), "qwen3_moe+lora": ("qwen3_moe", "qwen2"),
+         "mixtral+lora": ("mixtral", "llama-spm"), "phi3": ("phi3", "phi-3"), "gemma2": ("gemma2", "llama-spm")}
+PARAMS = [(c, t) for c in CASES for t in (("f32", "f16", "q8_0") if c in ("llama", "llama+lora", "qwen2") else ("f32",))]
+# llama.cpp's CPU GELU reads an f16 lookup table (ggml-cpu/vec.h GGML_GELU_FP16): gemma2 f32 logits move by 1e-3
+ARCH_TOL = {"gemma2": 5e-3}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("gguf_type", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("case,gguf_type", PARAMS)
 def test_llama_cpp_matches_transformers(gz, case, gguf_type):
     """llama.cpp on the GGUF computes what transformers computes on the HF export of the same source:
     logits on 48 random tokens within TOL; f32/f16: the same 12 greedy tokens; q8_0: the same top-1
     next token at >= 85% of the 48 positions (measured 0.90-0.98)."""
     arch, vocab = CASES[case]
     src = gz.mlx(arch, vocab)
-    if case.endswith("+lora"):
+    if "+lora" in case:
         src = gz.adapter(src)
     model = load_hf(gz.export(src, "hf"))
     path = gguf_path(gz.export(src, "gguf", gguf_type))
-    ids = [PROMPT[0]] + np.random.default_rng(0).integers(0, 32000, 47).tolist()
+    ids = np.random.default_rng(0).integers(3, 32000, 48).tolist()  # valid ids in every vocab used here
     got, want = llama_logits(path, ids), hf_logits(model, ids)
-    diff = np.abs(got - want).max()
-    assert diff <= TOL[gguf_type], f"{case} {gguf_type}: max |logit diff| {diff:.3e} > {TOL[gguf_type]}"
+    diff, tol = np.abs(got - want).max(), max(TOL[gguf_type], ARCH_TOL.get(arch, 0))
+    assert diff <= tol, f"{case} {gguf_type}: max |logit diff| {diff:.3e} > {tol}"
     if gguf_type == "q8_0":
         agree = np.mean(got.argmax(-1) == want.argmax(-1))
         assert agree >= 0.85, f"{case} q8_0: top-1 next token equal at {agree:.0%} of {len(ids)} positions"
     else:
-        g_cpp, g_hf = llama_greedy(path, PROMPT, N_GEN), hf_greedy(model, PROMPT, N_GEN)
+        g_cpp, g_hf = llama_greedy(path, ids[:8], N_GEN), hf_greedy(model, ids[:8], N_GEN)
         assert g_cpp == g_hf, f"{case} {gguf_type}: greedy {g_cpp} != transformers {g_hf}"
 
 

@@ -130,7 +130,7 @@ def _export_gguf(source, src, out: Path, gguf_type: str, split: int, dry_run: bo
     """The --format gguf branch: one .gguf (or gguf-split shards) + Modelfile + README + manifest."""
     from .gguf import prepare_gguf
 
-    job = prepare_gguf(source, gguf_type, _base_ref(source))
+    job = prepare_gguf(source, gguf_type, Path(_base_ref(source)).name)  # general.name, as convert_hf_to_gguf names it
     try:
         if dry_run:
             log(job.table())
