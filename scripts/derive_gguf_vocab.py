@@ -98,8 +98,9 @@ def main(argv: list[str]) -> int:
         return 2
     chktxt, chkhsh = parse_chkhsh(convert)
     regex = parse_regexes(files[VOCAB])
-    OUT.write_text(json.dumps({"llama_cpp": version, "chktxt": chktxt, "chkhsh": chkhsh, "regex": regex},
-                              indent=1, ensure_ascii=False, sort_keys=True) + "\n")
+    # regex names keep llama-vocab.cpp's order: among aliases of one pre-tokenizer type the first is canonical
+    OUT.write_text(json.dumps({"chkhsh": dict(sorted(chkhsh.items())), "chktxt": chktxt, "llama_cpp": version,
+                               "regex": regex}, indent=1, ensure_ascii=False) + "\n")
     print(f"{OUT}: {len(chkhsh)} hashes, {len(regex)} pre-tokenizer names (llama.cpp of {version})")
     return 0
 

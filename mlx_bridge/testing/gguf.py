@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -84,6 +85,8 @@ class GgufZoo:
             hf = self.root / f"hf-{tag}"
             tiny_hf_model(hf, arch, tokenizer_dir=self.tok(vocab), **overrides)
             mlx_convert(hf, d, dtype="float32")
+            if (self.tok(vocab) / "tokenizer.model").is_file():  # as hub MLX models of SentencePiece families ship it
+                (d / "tokenizer.model").write_bytes((self.tok(vocab) / "tokenizer.model").read_bytes())
         return d
 
     def adapter(self, base: Path) -> Path:
@@ -153,7 +156,8 @@ def _bpe_json(f: dict, out: Path, tokens: list[str], types: list[int], bos: int 
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
                   "ignore_merges": pre == "llama-bpe",
-                  "vocab": {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty != 3},
+                  "vocab": {t: i for i, (t, ty) in enumerate(zip(tokens, types))
+                            if ty != 3 and not (ty == 4 and re.fullmatch(r"\[PAD\d+\]", t))},  # GGUF padding
                   "merges": list(f["tokenizer.ggml.merges"])},
     }
     (out / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))

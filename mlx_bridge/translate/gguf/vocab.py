@@ -76,7 +76,7 @@ def closest_pre(regexes: list[str]) -> tuple[str, float]:
     """(llama.cpp pre-tokenizer name, similarity 0..1) whose regexes are nearest to `regexes`."""
     want = "|".join(regexes)
     best, score = "default", -1.0
-    for name, cands in sorted(PRE["regex"].items()):
+    for name, cands in PRE["regex"].items():  # llama-vocab.cpp's order: ties go to a type's first (canonical) name
         for cand in (cands, *([c] for c in cands)):
             r = difflib.SequenceMatcher(None, want, "|".join(cand), autojunk=False).ratio()
             if r > score:
@@ -166,6 +166,9 @@ def _llama_hf(tok_dir: Path, n_vocab: int) -> Vocab:
         types.append(typ)
     if len(tokens) > n_vocab:
         raise BridgeError(f"{tok_dir / 'tokenizer.json'}: {len(tokens)} tokens, more than vocab_size {n_vocab}")
+    unk = json.loads((tok_dir / "tokenizer.json").read_text())["model"].get("unk_token")
+    if unk is not None and unk.encode() in tokens:  # as the SentencePiece path types it
+        types[tokens.index(unk.encode())] = T.UNKNOWN
     for i in range(len(tokens), n_vocab):
         tokens.append(f"[PAD{i}]".encode())
         scores.append(-1000.0)
