@@ -80,10 +80,11 @@ def hf_logits(model, ids: list[int]) -> np.ndarray:
 
 CASES = {"llama": ("llama", "llama-bpe"), "llama+lora": ("llama", "llama-bpe"), "mistral": ("mistral", "llama-bpe"),
          "qwen2": ("qwen2", "qwen2"), "qwen3": ("qwen3", "qwen2"), "qwen3_moe+lora": ("qwen3_moe", "qwen2"),
-         "mixtral+lora": ("mixtral", "llama-spm"), "phi3": ("phi3", "phi-3"), "gemma2": ("gemma2", "llama-spm")}
+         "mixtral+lora": ("mixtral", "llama-spm"), "phi3": ("phi3", "phi-3"), "gemma2": ("gemma2", "llama-spm"),
+         "gemma3_text": ("gemma3_text", "llama-spm")}
 PARAMS = [(c, t) for c in CASES for t in (("f32", "f16", "q8_0") if c in ("llama", "llama+lora", "qwen2") else ("f32",))]
 # llama.cpp's CPU GELU reads an f16 lookup table (ggml-cpu/vec.h GGML_GELU_FP16): gemma2 f32 logits move by 1e-3
-ARCH_TOL = {"gemma2": 5e-3}
+ARCH_TOL = {"gemma2": 5e-3, "gemma3_text": 5e-3}
 
 
 @pytest.mark.slow
@@ -110,6 +111,7 @@ def test_llama_cpp_matches_transformers(gz, case, gguf_type):
         assert g_cpp == g_hf, f"{case} {gguf_type}: greedy {g_cpp} != transformers {g_hf}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("vocab", ["llama-bpe", "qwen2", "llama-spm"])
 def test_vocab_is_llama_cpps_own(gz, vocab):
     """Tokens, types, merges/scores and pre-tokenizer equal llama.cpp's vocab file, and llama.cpp
@@ -143,6 +145,7 @@ def _quantize_with_llama_cpp(src: Path, dst: Path, ftype: int) -> None:
     assert rc == 0, f"llama_model_quantize({src}) returned {rc}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gguf_type", ["q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_0"])
 def test_quantized_bytes_equal_llama_cpp(gz, tmp_path, gguf_type):
     """Every tensor's type and bytes equal `llama_model_quantize` run on our f32 GGUF (hidden 256: K-quant rows)."""
@@ -205,6 +208,7 @@ def test_unknown_pre_tokenizer_warns_once(gz, tmp_path):
     assert PRE["regex"][v.pre] == PRE["regex"]["llama-bpe"] and len(v.warnings) == 1 and "closest" in v.warnings[0]
 
 
+@pytest.mark.slow
 def test_modelfile_and_split(gz, tmp_path):
     """Modelfile: FROM the file, llama 3 TEMPLATE, stop tokens; --gguf-split shards load in llama.cpp."""
     src = gz.mlx("llama")

@@ -28,6 +28,8 @@ class GgufArch:
     # config keys that must hold this value for llama.cpp's graph to compute what MLX computed
     requires: dict[str, object] = field(default_factory=dict)
     sliding_window_full: bool = False  # llama.cpp windows this arch's attention; MLX does not: window = context
+    sliding_layers: bool = False  # MLX windows the `layer_types` "sliding_attention" layers: write window + pattern
+    query_scale_head_dim: bool = False  # llama.cpp scales queries by 1/sqrt(head_dim), MLX by query_pre_attn_scalar
 
 
 _MOE = {"add_expert_feed_forward_length": "moe_intermediate_size"}
@@ -42,7 +44,11 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     "qwen3": GgufArch(gguf.MODEL_ARCH.QWEN3),
     "qwen3_moe": GgufArch(gguf.MODEL_ARCH.QWEN3MOE, extra=_MOE, requires={"norm_topk_prob": True}),
     "phi3": GgufArch(gguf.MODEL_ARCH.PHI3),
-    "gemma2": GgufArch(gguf.MODEL_ARCH.GEMMA2, norm_shift=1.0, extra=_GEMMA2, sliding_window_full=True),
+    "gemma2": GgufArch(gguf.MODEL_ARCH.GEMMA2, norm_shift=1.0, extra=_GEMMA2, sliding_window_full=True,
+                       query_scale_head_dim=True),
+    "gemma3_text": GgufArch(gguf.MODEL_ARCH.GEMMA3, norm_shift=1.0, sliding_layers=True, query_scale_head_dim=True,
+                            extra={"add_final_logit_softcapping": "final_logit_softcapping",
+                                   "add_rope_freq_base_swa": "rope_local_base_freq"}),
 }
 
 

@@ -39,9 +39,9 @@ def check_arch(model_type: str, cfg: dict, where: str) -> GgufArch:
     rope_type = rp.get("rope_type") or "default"
     if rope_type not in ROPE_TYPES or (rope_type == "llama3" and not ga.llama_extras):
         problems.append(f"{where}: rope_type {rope_type!r} is not written to GGUF for {model_type}")
-    if model_type == "gemma2" and cfg.get("query_pre_attn_scalar") not in (None, cfg.get("head_dim")):
-        problems.append(f"{where}: query_pre_attn_scalar={cfg['query_pre_attn_scalar']} but llama.cpp's gemma2 "
-                        f"scales queries by 1/sqrt(head_dim={cfg.get('head_dim')})")
+    if ga.query_scale_head_dim and cfg.get("query_pre_attn_scalar") not in (None, cfg.get("head_dim")):
+        problems.append(f"{where}: query_pre_attn_scalar={cfg['query_pre_attn_scalar']} but llama.cpp's "
+                        f"{ga.arch.name.lower()} scales queries by 1/sqrt(head_dim={cfg.get('head_dim')})")
     raise_all(problems)
     return ga
 
@@ -85,6 +85,11 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
             getattr(w, method)(cfg[key])
     if ga.sliding_window_full:  # mlx-lm attends to the whole context in every layer
         w.add_sliding_window(ctx)
+    if ga.sliding_layers:  # the window on exactly the layers mlx-lm windows (effective config's layer_types)
+        types = cfg.get("layer_types") or []
+        if any(t == "sliding_attention" for t in types):
+            w.add_sliding_window(cfg["sliding_window"])
+            w.add_sliding_window_pattern([t == "sliding_attention" for t in types])
 
 
 def llama3_rope_freqs(cfg: dict) -> np.ndarray:
