@@ -146,12 +146,17 @@ def _quantize_with_llama_cpp(src: Path, dst: Path, ftype: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("gguf_type", ["q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_0"])
-def test_quantized_bytes_equal_llama_cpp(gz, tmp_path, gguf_type):
-    """Every tensor's type and bytes equal `llama_model_quantize` run on our f32 GGUF (hidden 256: K-quant rows)."""
+@pytest.mark.parametrize("arch,gguf_type", [("llama", t) for t in ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_0")]
+                         + [("mixtral", "q4_k_m")])
+def test_quantized_bytes_equal_llama_cpp(gz, tmp_path, arch, gguf_type):
+    """Every tensor's type and bytes equal `llama_model_quantize` run on our f32 GGUF (hidden 256: K-quant rows;
+    8 layers for the `_m` mixes' layer pattern; mixtral with 8 experts for llama.cpp's 8-expert rules)."""
     from mlx_bridge.translate.gguf.types import GGUF_TYPES
 
-    src = gz.adapter(gz.mlx("llama", "llama-spm", hidden_size=256, intermediate_size=512, num_hidden_layers=8))
+    shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8)
+    if arch == "mixtral":
+        shape.update(num_hidden_layers=2, num_local_experts=8)
+    src = gz.adapter(gz.mlx(arch, "llama-spm", **shape))
     f32 = gguf_path(gz.export(src, "gguf", "f32"))
     ref_path = tmp_path / "ref.gguf"
     _quantize_with_llama_cpp(f32, ref_path, int(GGUF_TYPES[gguf_type][0]))
