@@ -145,14 +145,26 @@ def write_gguf(plan: Plan, cfg: dict, ga: GgufArch, vocab: Vocab, tok_dir: Path,
     return files
 
 
-def _compute(t: GTensor, ty) -> np.ndarray:
-    return quantize(materialize(t), ty)
+SPLIT_BYTES = 16 << 20  # a tensor larger than this is quantized in row blocks on all workers
+
+
+def _compute(t: GTensor, ty, qpool: ThreadPoolExecutor, workers: int) -> np.ndarray:
+    """Materialize in float32, then quantize; a large tensor in row blocks in parallel (quantization
+    works row by row, so the blocks' bytes laid end to end are the tensor's)."""
+    x = materialize(t)
+    rows = x.reshape(-1, x.shape[-1])
+    if x.nbytes < SPLIT_BYTES or workers < 2:
+        return quantize(x, ty)
+    parts = np.array_split(rows, 2 * workers)
+    return np.concatenate([np.ascontiguousarray(q).reshape(len(p), -1)
+                           for p, q in zip(parts, qpool.map(lambda r: quantize(r, ty), parts))])
 
 
 def _stream(w: gguf.GGUFWriter, tensors: list[GTensor], types: list, lookahead: int, progress) -> None:
     """Compute tensors on both cores a few ahead of the writer; write them in order."""
     workers = min(2, os.cpu_count() or 1)
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool, \
+            ThreadPoolExecutor(workers) as qpool:
         pending: deque = deque()
         todo = iter(zip(tensors, types))
         inflight = 0
@@ -162,7 +174,7 @@ def _stream(w: gguf.GGUFWriter, tensors: list[GTensor], types: list, lookahead: 
                 if nxt is None:
                     break
                 size = 4 * int(np.prod(nxt[0].shape))
-                pending.append((pool.submit(_compute, *nxt), size))
+                pending.append((pool.submit(_compute, *nxt, qpool, workers), size))
                 inflight += size
             if not pending:
                 return
