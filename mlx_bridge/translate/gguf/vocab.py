@@ -157,12 +157,28 @@ def _sentencepiece(path: Path, tok_dir: Path, n_vocab: int) -> Vocab:
     return Vocab("llama", tokens, types, scores=scores, pre="default")
 
 
+def merge_scores(tj: dict) -> dict[str, float]:
+    """SentencePiece-style scores from a BPE tokenizer.json: a token made by merge r scores -r.
+
+    llama.cpp's SentencePiece tokenizer merges the best-scoring adjacent pair first, which with these
+    scores is the lowest merge rank, as the BPE model in tokenizer.json applies them (gguf-py's
+    LlamaHfVocab leaves every score at -1000, so llama.cpp would merge in text order instead).
+    """
+    out: dict[str, float] = {}
+    for r, m in enumerate(tj["model"].get("merges", [])):
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        out.setdefault(a + b, -float(r))
+    return out
+
+
 def _llama_hf(tok_dir: Path, n_vocab: int) -> Vocab:
     v = gguf.LlamaHfVocab(tok_dir)
+    ranks = merge_scores(json.loads((tok_dir / "tokenizer.json").read_text()))
     tokens, scores, types = [], [], []
     for text, score, typ in v.all_tokens():
         tokens.append(text)
-        scores.append(score)
+        t = text.decode("utf-8", errors="replace")
+        scores.append(ranks.get(t, 0.0 if len(t) == 1 or typ != T.NORMAL else -1e9) if typ == T.NORMAL else score)
         types.append(typ)
     if len(tokens) > n_vocab:
         raise BridgeError(f"{tok_dir / 'tokenizer.json'}: {len(tokens)} tokens, more than vocab_size {n_vocab}")
