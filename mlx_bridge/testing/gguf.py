@@ -169,7 +169,7 @@ def _spm_model(f: dict, out: Path, tokens: list[str], types: list[int]) -> None:
     m = pb.ModelProto()
     m.trainer_spec.model_type = pb.TrainerSpec.BPE
     m.trainer_spec.byte_fallback = True
-    m.trainer_spec.vocab_size = len(tokens)
+    m.trainer_spec.vocab_size = len([t for t in tokens if not re.fullmatch(r"\[PAD\d+\]", t)])
     m.trainer_spec.unk_id, m.trainer_spec.bos_id, m.trainer_spec.eos_id, m.trainer_spec.pad_id = 0, 1, 2, -1
     m.normalizer_spec.name = "identity"
     m.normalizer_spec.add_dummy_prefix = True
@@ -178,7 +178,10 @@ def _spm_model(f: dict, out: Path, tokens: list[str], types: list[int]) -> None:
     kinds = {1: pb.ModelProto.SentencePiece.NORMAL, 2: pb.ModelProto.SentencePiece.UNKNOWN,
              3: pb.ModelProto.SentencePiece.CONTROL, 4: pb.ModelProto.SentencePiece.USER_DEFINED,
              5: pb.ModelProto.SentencePiece.UNUSED, 6: pb.ModelProto.SentencePiece.BYTE}
-    for t, s, ty in zip(tokens, f["tokenizer.ggml.scores"], types):
+    n = len(tokens)
+    while n and re.fullmatch(r"\[PAD\d+\]", tokens[n - 1]):  # GGUF padding is no SentencePiece piece
+        n -= 1
+    for t, s, ty in zip(tokens[:n], f["tokenizer.ggml.scores"], types):
         p = m.pieces.add()
         p.piece, p.score, p.type = t, s, kinds[ty]
     (out / "tokenizer.model").write_bytes(m.SerializeToString())
