@@ -245,7 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, help="where to build and write (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the built base/adapter in the work dir (and reuse them)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per tool; the fastest is shown")
+    ap.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                    help="gguf: q4_k_m / q8_0 export against llama.cpp's llama_model_quantize from an f16 GGUF")
     args = ap.parse_args(argv)
+    if args.format == "gguf":
+        return gguf_main(args)
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix=f"bench-export-{args.shape}-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -309,6 +313,81 @@ def main(argv: list[str] | None = None) -> int:
           "seconds (peft writes only the adapter). CPU s = user+sys of the tool's process tree; load = 1-minute "
           "load average when the run started (other work on the machine slows wall times). Peak RSS: process tree polled every 20 ms (max of summed "
           "VmRSS and of each process's VmHWM). Targets (issue 2): export >= 10x faster than fuse, <= 3x cp, RSS < 1 GB.")
+    if not args.keep and args.workdir is None:
+        shutil.rmtree(work)
+    return 0
+
+
+# --format gguf: our GGUF export against llama.cpp's quantizer, in the same run
+
+QUANTIZE = """import ctypes, sys, llama_cpp
+p = llama_cpp.llama_model_quantize_default_params(); p.ftype = int(sys.argv[3]); p.nthread = 2
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))"""
+
+
+def build_base_gguf(d: Path, shape: str) -> int:
+    """The bf16 base of `shape` with a real 32000-token SentencePiece vocabulary (llama.cpp's llama-spm,
+    TinyLlama's): the tiny word-level tokenizer has no GGUF form."""
+    from mlx_bridge.testing.gguf import hf_tokenizer, vocab_file
+
+    n = build_base(d, shape)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (d / f).unlink(missing_ok=True)
+    hf_tokenizer(vocab_file("llama-spm"), d)
+    return n
+
+
+def gguf_main(args) -> int:
+    """Export q4_k_m / q8_0 (fused in float32, quantized in numpy) vs llama_model_quantize from an f16 GGUF."""
+    from mlx_bridge.translate.gguf import GGUF_TYPES
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix=f"bench-gguf-{args.shape}-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if SHAPES[args.shape]["vocab_size"] != 32000:
+        SHAPES[args.shape] = dict(SHAPES[args.shape], vocab_size=32000)  # the real vocabulary's size
+    base, ad = work / f"base-gguf-{args.shape}", work / f"adapter-gguf-{args.shape}"
+    if not (base / "model.safetensors.index.json").exists():
+        shutil.rmtree(base, ignore_errors=True)
+        build_base_gguf(base, args.shape)
+    if not (ad / "adapter_config.json").exists():
+        shutil.rmtree(ad, ignore_errors=True)
+        build_adapter(ad, base, args.shape)
+    print(f"{args.shape}: base {dir_bytes(base, 'model*.safetensors') / 1e9:.2f} GB bf16 + rank-{RANK} LoRA on every "
+          f"linear, under {work}", flush=True)
+    bridge = str(Path(sys.executable).with_name("mlx-bridge"))
+    f16 = work / "out-f16"
+    shutil.rmtree(f16, ignore_errors=True)
+
+    def ours(t):
+        return lambda x: [bridge, "export", str(ad), "--out", str(x), "--format", "gguf", "--gguf-type", t, "--no-progress"]
+
+    def theirs(t):
+        return lambda x: ["bash", "-c", f'mkdir -p "{x}" && "{sys.executable}" -c "$0" "{f16}/model-f16.gguf" '
+                          f'"{x}/model-{t}.gguf" {int(GGUF_TYPES[t][0])}', QUANTIZE]
+
+    tools = {"mlx-bridge export gguf f16": ours("f16"),
+             "mlx-bridge export gguf q8_0": ours("q8_0"), "llama_model_quantize f16->q8_0": theirs("q8_0"),
+             "mlx-bridge export gguf q4_k_m": ours("q4_k_m"), "llama_model_quantize f16->q4_k_m": theirs("q4_k_m")}
+    rows = {}
+    for name, cmd in tools.items():
+        x = f16 if name.endswith("f16") else work / ("out-" + "".join(c if c.isalnum() else "_" for c in name))
+        shutil.rmtree(x, ignore_errors=True) if x != f16 else None
+        warm(base, ad) if name.startswith("mlx-bridge") else warm(f16)
+        load = os.getloadavg()[0]
+        secs, rss, cpu = measure(cmd(x))
+        rows[name] = (secs, rss, dir_bytes(x, "*.gguf"), cpu, load)
+        print(f"  {name}: {secs:.2f} s", flush=True)
+        if x != f16:
+            shutil.rmtree(x)
+        os.sync()
+    print()
+    print(f"| {'tool':34} | {'seconds':>8} | {'CPU s':>6} | {'peak RSS MB':>11} | {'GGUF MB':>8} | {'load':>4} |")
+    print(f"|{'-' * 36}|{'-' * 10}|{'-' * 8}|{'-' * 13}|{'-' * 10}|{'-' * 6}|")
+    for name, (secs, rss, written, cpu, load) in rows.items():
+        print(f"| {name:34} | {secs:8.2f} | {cpu:6.1f} | {rss:11.0f} | {written / 1e6:8.1f} | {load:4.1f} |")
+    print(f"\nshape {args.shape}, {os.cpu_count()} CPUs. mlx-bridge reads the bf16 MLX model + adapter, fuses in float32 "
+          "and quantizes in numpy; llama_model_quantize (nthread 2) reads the f16 GGUF written by the first row. "
+          "Peak RSS: process tree polled every 20 ms.")
     if not args.keep and args.workdir is None:
         shutil.rmtree(work)
     return 0

@@ -49,10 +49,11 @@ def tiny_tokenizer(out: str | os.PathLike) -> "object":
 
 
 def tiny_hf_model(out: str | os.PathLike, model_type: str = "llama", dtype: str = "float32", seed: int = 0,
-                  **overrides) -> Path:
+                  tokenizer_dir: str | os.PathLike | None = None, **overrides) -> Path:
     """Save a random transformers model of `model_type` (2 layers, hidden 64) plus tokenizer to `out`.
 
-    Norm weights are randomised too, so a mapping error in them shows up in the logits.
+    Norm weights are randomised too, so a mapping error in them shows up in the logits. The tokenizer is
+    the tiny word-level one, or the one in `tokenizer_dir` (e.g. a real vocabulary for GGUF tests).
 
     Example:
         >>> tiny_hf_model("/tmp/hf-llama", "llama")  # doctest: +SKIP
@@ -62,7 +63,13 @@ def tiny_hf_model(out: str | os.PathLike, model_type: str = "llama", dtype: str 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
 
     out = Path(out)
-    tok = tiny_tokenizer(out)
+    if tokenizer_dir is None:
+        tok = tiny_tokenizer(out)
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        tok.save_pretrained(str(out))
     arch = describe(model_type)  # refused types too: deploy tests build tiny models of types export refuses
     cfg = tiny_config(model_type, **overrides)  # overrides win over the arch defaults
     ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)

@@ -10,7 +10,11 @@ from ..formats.dtypes import OUTPUT_DTYPES
 def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("src", help="MLX model dir, mlx-lm adapter dir, or mlx-bridge checkpoint dir")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--format", default="hf", choices=["hf", "peft"], help="hf: fused full model; peft: adapter only")
+    p.add_argument("--format", default="hf", choices=["hf", "peft", "gguf"],
+                   help="hf: fused full model; peft: adapter only; gguf: llama.cpp / Ollama / LM Studio file")
+    p.add_argument("--gguf-type", default=None, help="with --format gguf: q4_k_m, q5_k_m, q6_k, q8_0, q4_0, f16 (default), "
+                   "bf16 or f32")
+    p.add_argument("--gguf-split", default=None, help="with --format gguf: split into gguf-split shards of this size")
     p.add_argument("--dtype", default="auto", choices=["auto", *OUTPUT_DTYPES], help="auto keeps the base's dtypes")
     p.add_argument("--base", default=None, help="base model dir (overrides the adapter config / manifest)")
     p.add_argument("--hf-base", default=None, help="the Hugging Face checkpoint the MLX base was converted from: "
@@ -34,5 +38,6 @@ def main(args: argparse.Namespace) -> int:
 
     export(args.src, args.out, format=args.format, dtype=args.dtype, base=args.base, hf_base=args.hf_base,
            shard_size=args.shard_size, dry_run=args.dry_run, force=args.force, verify=args.verify,
-           progress=not args.no_progress, allow_base_mismatch=args.allow_base_mismatch, keep_failed=args.keep_failed)
+           progress=not args.no_progress, allow_base_mismatch=args.allow_base_mismatch, keep_failed=args.keep_failed,
+           gguf_type=args.gguf_type, gguf_split=args.gguf_split)
     return 0

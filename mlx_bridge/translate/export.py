@@ -22,13 +22,14 @@ from .execute import parse_size, write_weights
 from .plan import Plan, build_plan
 from .source import ADAPTER_CONFIG, ADAPTER_WEIGHTS, open_source
 
-FORMATS = ("hf", "peft")
+FORMATS = ("hf", "peft", "gguf")
 
 
 def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", dtype: str = "auto",
            base: str | os.PathLike | None = None, hf_base: str | os.PathLike | None = None,
            shard_size: str | int = "5GB", dry_run: bool = False, force: bool = False, verify: bool | None = None,
-           progress: bool = True, log=print, allow_base_mismatch: bool = False, keep_failed: bool = False) -> Path:
+           progress: bool = True, log=print, allow_base_mismatch: bool = False, keep_failed: bool = False,
+           gguf_type: str | None = None, gguf_split: str | None = None) -> Path:
     """Export SRC (MLX model dir, mlx-lm adapter dir or checkpoint dir) to `out`.
 
     Nothing appears under `out` unless the whole export succeeded, its parity check included: a
@@ -51,6 +52,8 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
         allow_base_mismatch: accept a base whose weight files are not the ones the checkpoint's
             manifest records (sha256).
         keep_failed: when the parity check fails, keep the output as `OUT.failed` for inspection.
+        gguf_type: with format "gguf": q4_k_m, q5_k_m, q6_k, q8_0, q4_0, f16, bf16 or f32 (default f16).
+        gguf_split: with format "gguf": split the file into gguf-split shards of at most this size.
     Returns:
         The output directory.
     Raises:
@@ -67,6 +70,13 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
     if dtype != "auto" and dtype not in OUTPUT_DTYPES:
         raise BridgeError(f"--dtype {dtype!r}: expected auto or one of {', '.join(OUTPUT_DTYPES)}")
     parse_size(shard_size)
+    if (gguf_type or gguf_split) and format != "gguf":
+        raise BridgeError("--gguf-type / --gguf-split need --format gguf")
+    if format == "gguf":
+        from .gguf import check_gguf_type
+
+        gguf_type = check_gguf_type(gguf_type or "f16")
+        split = parse_size(gguf_split) if gguf_split else 0
     out = Path(out)
     check_apart(out, src)
     if not dry_run:
@@ -88,6 +98,9 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
             raise BridgeError(f"{src}: --format peft needs an adapter or checkpoint directory, not a model directory")
         if format == "peft" and source.adapter.fine_tune_type == "full":
             raise BridgeError(f"{source.adapter.path / ADAPTER_CONFIG}: fine_tune_type 'full' has no PEFT form; use --format hf")
+        if format == "gguf":
+            return _export_gguf(source, src, out, gguf_type, split, dry_run, force, progress, log, t0, src_sha,
+                                allow_base_mismatch)
         plan = build_plan(source, dtype)
         cfg, notes = hf_config.effective_config(source.base.config, plan.arch, plan.dtype)
         if source.hf_base is not None:  # what mlx-lm left out of its config (vision_config ...)
@@ -181,6 +194,38 @@ def _check_base(source, src_sha: dict[Path, Future], allow: bool) -> bool:
         raise BridgeError(msg + "; pass --allow-base-mismatch to export onto this base anyway")
     print(f"warning: {msg}; exporting anyway (--allow-base-mismatch)", file=sys.stderr)
     return True
+
+
+def _export_gguf(source, src, out: Path, gguf_type: str, split: int, dry_run: bool, force: bool, progress: bool,
+                 log, t0: float, src_sha: dict[Path, Future], allow_base_mismatch: bool) -> Path:
+    """The --format gguf branch: one .gguf (or gguf-split shards) + Modelfile + README + manifest."""
+    from .gguf import prepare_gguf
+
+    job = prepare_gguf(source, gguf_type, Path(_base_ref(source)).name)  # general.name, as convert_hf_to_gguf names it
+    try:
+        if dry_run:
+            log(job.table())
+            for n in job.notes:
+                log(f"# config: {n}")
+            return out
+        mismatch = _check_base(source, src_sha, allow_base_mismatch)
+        base_ref = str(source.base.path) if mismatch else _base_ref(source)
+        with atomic_dir(out, force, log=lambda s: print(f"note: {s}", file=sys.stderr)) as tmp:
+            t1 = time.perf_counter()
+            files = job.write(tmp, split, progress)
+            t2 = time.perf_counter()
+            (tmp / "README.md").write_text(job.readme(files, base_ref, str(source.path) if source.adapter else None))
+            _write_manifest(tmp, source, job.plan, "gguf", job.notes, {"plan": t1 - t0, "write": t2 - t1}, job.warnings,
+                            src_sha, {})
+            m = Manifest.load(tmp)
+            m.export.update(dtype=gguf_type, fused_in="float32")  # the plan's float32 is the fuse, not the file
+            m.save(tmp)
+    finally:
+        job.close()
+    for n in job.notes:
+        log(f"note: {n}")
+    log(f"exported {src} -> {out} (gguf {gguf_type}: {', '.join(f.name for f in files)}, {time.perf_counter() - t0:.1f}s)")
+    return out
 
 
 def _base_ref(source) -> str:

@@ -1,0 +1,101 @@
+"""GGUF tensors of a plan: llama.cpp names, order, layout (q/k permutation, norm shift, merged experts).
+
+Each `GTensor` is made of one plan item, or of E items (one per expert) stacked into the (E, out, in)
+tensor llama.cpp reads. `materialize` computes it in float32 (the plan is built at float32, so the
+adapter is fused in float32 and nothing is rounded before quantization).
+
+Example:
+    >>> permute_qk(np.arange(8, dtype=np.float32).reshape(8, 1), n_head=2)[:, 0].tolist()
+    [0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import gguf
+import numpy as np
+
+from ...errors import raise_all
+from ..parts import Item, materialize as materialize_item
+from ..plan import Plan
+from .archs import GgufArch, merged_expert_name
+
+
+@dataclass
+class GTensor:
+    name: str  # llama.cpp name, e.g. "blk.0.attn_q.weight"
+    shape: tuple[int, ...]  # numpy order (rows last)
+    items: list[Item]  # one, or one per expert (stacked on axis 0)
+    n_head: int | None = None  # permute rows for llama-style rope with this many heads
+    shift: float = 0.0
+
+    @property
+    def layer(self) -> int:
+        m = re.match(r"blk\.(\d+)\.", self.name)
+        return int(m.group(1)) if m else -1
+
+    def describe(self) -> str:
+        src = self.items[0].describe() + (f" ... stack({len(self.items)} experts)" if len(self.items) > 1 else "")
+        ops = ([f"permute_qk(n_head={self.n_head})"] if self.n_head else []) + ([f"+{self.shift:g}"] if self.shift else [])
+        return " -> ".join([src, *ops])
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF's rotate-half row order -> llama.cpp's interleaved pairs, per head (convert_hf_to_gguf's permute)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def materialize(t: GTensor) -> np.ndarray:
+    """The float32 tensor llama.cpp expects for `t`."""
+    if len(t.items) == 1:
+        w = materialize_item(t.items[0])
+    else:
+        w = np.stack([materialize_item(i) for i in t.items])
+    w = w.astype(np.float32, copy=False)
+    if t.n_head:
+        w = permute_qk(w, t.n_head)
+    if t.shift:
+        w = w + np.float32(t.shift)
+    return w
+
+
+def _sort_key(t: GTensor):
+    """llama.cpp's weight_name_comparer: by layer (non-layer tensors first), then name."""
+    return (t.layer, t.name)
+
+
+def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
+    """Every GGUF tensor of `plan`, in llama.cpp's order; BridgeError naming each unmappable tensor."""
+    arch = plan.arch
+    n_layer = cfg["num_hidden_layers"]
+    names = gguf.get_tensor_name_map(ga.arch, n_layer)
+    n_head = cfg["num_attention_heads"]
+    n_kv = cfg.get("num_key_value_heads") or n_head
+    expert_tpl = {t: merged_expert_name(t) for t in arch.rules if "{e}" in t}  # per-expert HF templates
+    groups: dict[str, list[Item]] = {}
+    problems = []
+    for it in plan.items:
+        template, idx = arch.template(it.name)
+        hf = it.name
+        if template in expert_tpl:  # one expert of a stacked tensor: layer index first, expert second
+            hf = expert_tpl[template].replace("{}", str(idx[0]), 1)
+        groups.setdefault(hf, []).append(it)
+    out = []
+    for hf, items in groups.items():
+        base, _, suffix = hf.rpartition(".")
+        name = names.get_name(base)
+        if name is None:
+            problems.append(f"{hf}: llama.cpp ({ga.arch.name.lower()}) has no tensor for it")
+            continue
+        shape = items[0].shape if len(items) == 1 else (len(items), *items[0].shape)
+        heads = None
+        if ga.permute_qk and hf.endswith(("q_proj.weight", "q_proj.bias")):
+            heads = n_head
+        elif ga.permute_qk and hf.endswith(("k_proj.weight", "k_proj.bias")):
+            heads = n_kv
+        shift = ga.norm_shift if hf.endswith("norm.weight") else 0.0
+        out.append(GTensor(f"{name}.{suffix}", tuple(shape), items, heads, shift))
+    raise_all(problems, plan.source.path)
+    return sorted(out, key=_sort_key)

@@ -1,0 +1,124 @@
+"""`--gguf-type`: the file type, the tensor type llama.cpp's quantizer picks per tensor, and the quantizers.
+
+`TypePicker` follows `llama_tensor_get_type` in llama.cpp's src/llama-quant.cpp for the file types we
+write (no importance matrix, no overrides): which tensors stay float (1-D, norms, the MoE router),
+the `_M` mixes (more bits for attn_v / ffn_down in `use_more_bits` layers, Q6_K for the output),
+and the fallback for rows that don't fill a block. So `--gguf-type q4_k_m` gives the tensor types
+`llama_model_quantize(f32.gguf, Q4_K_M)` gives, and with the numpy K-quants the same bytes.
+
+Example:
+    >>> p = TypePicker("q4_k_m", n_layer=8, n_attn_v=8, n_expert=0, tied=False)
+    >>> [p.pick(n, s).name for n, s in [("blk.0.attn_v.weight", (256, 256)), ("blk.0.attn_q.weight", (256, 256)),
+    ...                                 ("blk.0.attn_norm.weight", (256,)), ("output.weight", (32, 256))]]
+    ['Q6_K', 'Q4_K', 'F32', 'Q6_K']
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, LlamaFileType as FT
+from gguf import quants as gq
+
+from .kquants import QUANTIZERS
+
+# --gguf-type -> (llama_ftype, its default tensor type)
+GGUF_TYPES: dict[str, tuple[FT, T]] = {
+    "f32": (FT.ALL_F32, T.F32), "f16": (FT.MOSTLY_F16, T.F16), "bf16": (FT.MOSTLY_BF16, T.BF16),
+    "q8_0": (FT.MOSTLY_Q8_0, T.Q8_0), "q4_0": (FT.MOSTLY_Q4_0, T.Q4_0),
+    "q6_k": (FT.MOSTLY_Q6_K, T.Q6_K), "q5_k_m": (FT.MOSTLY_Q5_K_M, T.Q5_K), "q4_k_m": (FT.MOSTLY_Q4_K_M, T.Q4_K),
+}
+FLOAT = (T.F32, T.F16, T.BF16)
+# tensor_type_fallback: a row that doesn't fill a 256-block
+FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
+# substrings of tensor names llama.cpp never quantizes (of those our archs have)
+KEEP = ("_norm.weight", "ffn_gate_inp.weight")
+
+
+def use_more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _category(name: str) -> str:
+    """tensor_get_category, in its order of checks."""
+    if name == "output.weight":
+        return "output"
+    if name == "token_embd.weight":
+        return "token_embd"
+    for cat in ("attn_qkv", "attn_kv_b", "attn_v", "attn_k", "attn_q", "attn_output"):
+        if f"{cat}.weight" in name:
+            return "attn_v" if cat in ("attn_qkv", "attn_kv_b") else cat
+    for cat in ("ffn_up", "ffn_gate", "ffn_down"):
+        if cat in name:
+            return cat
+    return "other"
+
+
+class TypePicker:
+    """Tensor types for one file, picked in file order (the attn_v / ffn_down counters depend on it)."""
+
+    def __init__(self, gguf_type: str, n_layer: int, n_attn_v: int, n_expert: int, tied: bool):
+        self.ftype, self.default = GGUF_TYPES[gguf_type]
+        self.n_layer, self.n_attn_v, self.n_expert, self.tied = n_layer, n_attn_v, n_expert, tied
+        self.i_attn_v = self.i_ffn_down = 0
+
+    def pick(self, name: str, shape: tuple[int, ...]) -> T:
+        """Type of tensor `name` with numpy `shape` (rows last), given it is float32 at the source."""
+        if len(shape) < 2 or not name.endswith("weight") or any(k in name for k in KEEP):
+            return T.F32
+        t = self.default
+        if t in FLOAT:
+            return t
+        t = self._mix(name, shape, t)
+        ncols = shape[-1]
+        if ncols % GGML_QUANT_SIZES[t][0]:
+            t = FALLBACK.get(t, t)
+            if ncols % GGML_QUANT_SIZES[t][0]:
+                t = T.F16
+        return t
+
+    def _mix(self, name: str, shape: tuple[int, ...], t: T) -> T:
+        ft, cat = self.ftype, _category(name)
+        mixed = ft in (FT.MOSTLY_Q4_K_M, FT.MOSTLY_Q5_K_M)
+        if cat == "output" or (self.tied and cat == "token_embd"):
+            if shape[-1] % GGML_QUANT_SIZES[t][0]:
+                return T.Q8_0
+            return t if t == T.Q8_0 else T.Q6_K
+        if cat == "attn_v":
+            if mixed and use_more_bits(self.i_attn_v, self.n_attn_v):
+                t = T.Q6_K
+            if self.n_expert == 8:
+                t = T.Q8_0
+            self.i_attn_v += 1
+        elif cat == "attn_k" and self.n_expert == 8:
+            t = T.Q8_0
+        elif cat == "ffn_down":
+            i = int(name.split(".")[1]) if self.n_expert > 1 else self.i_ffn_down
+            if mixed and use_more_bits(i, self.n_layer):
+                t = T.Q6_K
+            self.i_ffn_down += 1
+        elif cat == "attn_output" and self.n_expert == 8 and ft == FT.MOSTLY_Q4_K_M:
+            t = T.Q5_K
+        return t
+
+
+def quantize(x: np.ndarray, t: T) -> np.ndarray:
+    """float32 array -> the bytes of type `t` (float types as their numpy dtype).
+
+    Example:
+        >>> quantize(np.ones((2, 32), np.float32), T.Q8_0).shape
+        (2, 34)
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if t == T.F32:
+        return x
+    if t == T.F16:
+        return x.astype(np.float16)
+    if t.name in QUANTIZERS:
+        return QUANTIZERS[t.name](x)
+    return gq.quantize(x, t)
+
+
+def nbytes(shape: tuple[int, ...], t: T) -> int:
+    block, size = GGML_QUANT_SIZES[t]
+    n = int(np.prod(shape))
+    return n // block * size

@@ -1,0 +1,186 @@
+"""Write a plan as one GGUF file (or gguf-split shards): metadata, vocabulary, tensors streamed.
+
+Header and tensor infos are known up front (types picked by `TypePicker`, sizes from the shapes), so
+tensors stream into the file in llama.cpp's order; a thread pool computes them a few steps ahead
+(materialize in float32 -> layout -> quantize; numpy releases the GIL), memory bounded by the look-ahead.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import gguf
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from ...errors import BridgeError, raise_all
+from ..plan import Plan
+from .archs import GGUF_ARCHS, GgufArch
+from .tensors import GTensor, gguf_tensors, materialize
+from .types import GGUF_TYPES, TypePicker, nbytes, quantize
+from .vocab import Vocab
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def check_arch(model_type: str, cfg: dict, where: str) -> GgufArch:
+    """The arch's GGUF data; BridgeError when llama.cpp can't compute what MLX computed."""
+    ga = GGUF_ARCHS.get(model_type)
+    if ga is None:
+        raise BridgeError(f"{where}: model_type {model_type!r} has no GGUF export (llama.cpp-runnable types we "
+                          f"write: {', '.join(sorted(GGUF_ARCHS))})")
+    problems = [f"{where}: {k}={cfg.get(k)!r}, but llama.cpp's {ga.arch.name.lower()} computes as if {k}={v!r}"
+                for k, v in ga.requires.items() if cfg.get(k, v) != v]
+    rp = cfg.get("rope_parameters") or {}
+    rope_type = rp.get("rope_type") or "default"
+    if rope_type not in ROPE_TYPES or (rope_type == "llama3" and not ga.llama_extras):
+        problems.append(f"{where}: rope_type {rope_type!r} is not written to GGUF for {model_type}")
+    if ga.query_scale_head_dim and cfg.get("query_pre_attn_scalar") not in (None, cfg.get("head_dim")):
+        problems.append(f"{where}: query_pre_attn_scalar={cfg['query_pre_attn_scalar']} but llama.cpp's "
+                        f"{ga.arch.name.lower()} scales queries by 1/sqrt(head_dim={cfg.get('head_dim')})")
+    raise_all(problems)
+    return ga
+
+
+def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> None:
+    """TextModel.set_gguf_parameters (+ LlamaModel's, + the arch's extras) from the effective config."""
+    n_head = cfg["num_attention_heads"]
+    w.add_block_count(cfg["num_hidden_layers"])
+    ctx = cfg.get("max_position_embeddings")
+    if ctx is not None:
+        w.add_context_length(ctx)
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(cfg.get("num_key_value_heads") or n_head)
+    rp = cfg.get("rope_parameters") or {}
+    theta = rp.get("rope_theta", cfg.get("rope_theta"))
+    if theta is not None:
+        w.add_rope_freq_base(float(theta))
+    if rp.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rp["factor"]))
+    w.add_layer_norm_rms_eps(cfg.get("rms_norm_eps", 1e-6))
+    n_exp = cfg.get("num_local_experts") or cfg.get("num_experts")
+    if n_exp:
+        w.add_expert_count(n_exp)
+        w.add_expert_used_count(cfg["num_experts_per_tok"])
+    head_dim = cfg.get("head_dim")
+    if head_dim is not None:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if ga.llama_extras:
+        w.add_vocab_size(n_vocab)
+        w.add_rope_dimension_count(head_dim or cfg["hidden_size"] // n_head)
+    if ga.arch == gguf.MODEL_ARCH.PHI3:  # Phi3MiniModel: rope over the whole head, no window unless set
+        w.add_rope_dimension_count(int(rp.get("partial_rotary_factor", 1.0) * cfg["hidden_size"]) // n_head)
+        w.add_rope_scaling_orig_ctx_len(cfg.get("original_max_position_embeddings") or ctx)
+        w.add_sliding_window(cfg.get("sliding_window") or 0)
+    for method, key in ga.extra.items():
+        if cfg.get(key) is not None:
+            getattr(w, method)(cfg[key])
+    if ga.sliding_window_full:  # mlx-lm attends to the whole context in every layer
+        w.add_sliding_window(ctx)
+    if ga.sliding_layers:  # the window on exactly the layers mlx-lm windows (effective config's layer_types)
+        types = cfg.get("layer_types") or []
+        if any(t == "sliding_attention" for t in types):
+            w.add_sliding_window(cfg["sliding_window"])
+            w.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+
+
+def llama3_rope_freqs(cfg: dict) -> np.ndarray:
+    """rope_freqs.weight for rope_type llama3 (convert_hf_to_gguf LlamaModel.generate_extra_tensors)."""
+    rp = cfg["rope_parameters"]
+    dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    freqs = 1.0 / (float(rp.get("rope_theta", 10000.0)) ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor, lo, hi = rp.get("factor", 8.0), rp.get("low_freq_factor", 1.0), rp.get("high_freq_factor", 4.0)
+    old = rp.get("original_max_position_embeddings", 8192)
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < old / hi:
+            out.append(1.0)
+        elif wavelen > old / lo:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - lo) / (hi - lo)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def write_gguf(plan: Plan, cfg: dict, ga: GgufArch, vocab: Vocab, tok_dir: Path, path: Path, gguf_type: str,
+               name: str, split_bytes: int = 0, lookahead_bytes: int = 256 << 20, progress=None) -> list[Path]:
+    """Write `path` (and its split shards when `split_bytes`); return the files written."""
+    tensors = gguf_tensors(plan, ga, cfg)
+    extra: list[tuple[str, np.ndarray]] = []
+    if (cfg.get("rope_parameters") or {}).get("rope_type") == "llama3":
+        extra.append((gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_freqs(cfg)))
+    names = {t.name for t in tensors}
+    picker = TypePicker(gguf_type, cfg["num_hidden_layers"], sum("attn_v." in n or "attn_qkv." in n for n in names),
+                        cfg.get("num_local_experts") or cfg.get("num_experts") or 0, "output.weight" not in names)
+    types = [picker.pick(t.name, t.shape) for t in tensors]
+    w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[ga.arch], split_max_size=split_bytes)
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(name)
+    add_hparams(w, cfg, ga, len(vocab.tokens))
+    w.add_file_type(GGUF_TYPES[gguf_type][0])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    vocab.add_to(w, tok_dir)
+    for n, arr in extra:
+        w.add_tensor_info(n, arr.shape, arr.dtype, arr.nbytes, raw_dtype=gguf.GGMLQuantizationType.F32)
+    for t, ty in zip(tensors, types):
+        w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes(t.shape, ty), raw_dtype=ty)
+    files = w.format_shard_names(path)
+    w.write_header_to_file(path)
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for _, arr in extra:
+        w.write_tensor_data(arr)
+    _stream(w, tensors, types, lookahead_bytes, progress)
+    w.close()
+    return files
+
+
+SPLIT_BYTES = 16 << 20  # a tensor larger than this is quantized in row blocks on all workers
+
+
+def _compute(t: GTensor, ty, qpool: ThreadPoolExecutor, workers: int) -> np.ndarray:
+    """Materialize in float32, then quantize; a large tensor in row blocks in parallel (quantization
+    works row by row, so the blocks' bytes laid end to end are the tensor's)."""
+    x = materialize(t)
+    rows = x.reshape(-1, x.shape[-1])
+    if x.nbytes < SPLIT_BYTES or workers < 2:
+        return quantize(x, ty)
+    parts = np.array_split(rows, 2 * workers)
+    return np.concatenate([np.ascontiguousarray(q).reshape(len(p), -1)
+                           for p, q in zip(parts, qpool.map(lambda r: quantize(r, ty), parts))])
+
+
+def _stream(w: gguf.GGUFWriter, tensors: list[GTensor], types: list, lookahead: int, progress) -> None:
+    """Compute tensors on both cores a few ahead of the writer; write them in order."""
+    workers = min(2, os.cpu_count() or 1)
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool, \
+            ThreadPoolExecutor(workers) as qpool:
+        pending: deque = deque()
+        todo = iter(zip(tensors, types))
+        inflight = 0
+        while True:
+            while inflight < lookahead or not pending:
+                nxt = next(todo, None)
+                if nxt is None:
+                    break
+                size = 4 * int(np.prod(nxt[0].shape))
+                pending.append((pool.submit(_compute, *nxt, qpool, workers), size))
+                inflight += size
+            if not pending:
+                return
+            fut, size = pending.popleft()
+            data = fut.result()
+            w.write_tensor_data(data)
+            inflight -= size
+            if progress is not None:
+                progress(size)
