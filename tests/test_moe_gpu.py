@@ -75,7 +75,7 @@ def test_fast_bfloat16_close_to_transformers(zoo, arch):
     ids = torch.randint(0, m.config["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = hf(ids.cuda()).logits.float().cpu()
-    got = m.logits(ids)
+    got = m.logits(ids).float().cpu()
     # the dense tests' bound on the mean; rounding may flip a near-tie in the router at a few positions
     assert (got - ref).abs().mean().item() < 0.01 * ref.abs().max().item()
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() > 0.9
@@ -108,7 +108,8 @@ def _experts_used(module, tokens) -> dict:
 def test_captured_step_reads_only_routed_experts(zoo, arch):
     """Unselected experts' weights set to NaN: the captured decode gives the same tokens, all finite.
     (The dense fallback computed every expert and weighted it by zero: NaN * 0 = NaN.)"""
-    over = {"num_experts": 16} if arch == "qwen3_moe" else {"num_local_experts": 16}
+    # 32 experts, top-2, 12 positions: about 15 of them unused per layer (16 left too few by chance)
+    over = {"num_experts": 32} if arch == "qwen3_moe" else {"num_local_experts": 32}
     d = zoo.hf(arch, **over)
     m = load(d, device="cuda", dtype="float32")
     fast = m.runner
@@ -127,7 +128,7 @@ def test_captured_step_reads_only_routed_experts(zoo, arch):
                         if t is not None:
                             t[e].fill_(float("nan"))
                     poisoned += 1
-    assert poisoned >= 8  # 16 experts, top-2, 12 positions: most experts unused
+    assert poisoned >= 8  # most experts unused
     caps = fast.stats["captures"]
     got = list(fast.steps(prompt, pad, 12))
     assert fast.stats["captures"] == caps  # the same captured graphs replayed

@@ -187,7 +187,10 @@ def _v4_fill(model_type: str, cfg: dict, hf_config) -> None:
     import sys
     import types
 
-    from mlx_lm.utils import _get_classes
+    try:
+        from mlx_lm.utils import _get_classes
+    except ImportError:  # no mlx-lm here (a GPU box with the deploy extra): nothing reads the config with it
+        return
 
     model_cls, args_cls = _get_classes({"model_type": model_type})
     jobs = [(args_cls, cfg, hf_config)]
