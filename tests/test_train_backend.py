@@ -75,35 +75,3 @@ def test_cli_run_reports_startup_steady_and_backend(tmp_path, capsys):
     steps = [r for r in log if "loss" in r]
     assert [bool(r.get("startup")) for r in steps] == [True, False, False]
     assert steps[0]["backend"] == info["backend"] and steps[0]["device"] == info["device"]
-
-
-def test_the_compiled_step_is_traced_once(monkeypatch):
-    """Adam's state exists before the first step, so step 2 does not trace and build kernels again."""
-    import mlx.nn as nn
-
-    from mlx_bridge.train import step as step_mod
-    from mlx_bridge.train.config import TrainConfig
-
-    traces = []
-
-    def counted(model, inputs, targets, mask):
-        traces.append(inputs.shape)
-        logits = model(inputs)
-        return (nn.losses.cross_entropy(logits, targets) * mask).sum(), mask.sum()
-
-    monkeypatch.setattr(step_mod, "loss_sum", counted)
-
-    class Tiny(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb, self.out = nn.Embedding(16, 8), nn.Linear(8, 16)
-
-        def __call__(self, x):
-            return self.out(self.emb(x))
-
-    model = Tiny()
-    opt = step_mod.make_optimizer(TrainConfig(learning_rate=1e-2), total_steps=4)
-    stepper = step_mod.Stepper(model, opt, compile=True)
-    x = mx.array([[1, 2, 3, 4]])
-    losses = [stepper.micro(x, x, mx.ones((1, 4)), last=True)[0].item() for _ in range(4)]
-    assert len(traces) == 1 and losses[-1] < losses[0]

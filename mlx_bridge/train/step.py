@@ -66,9 +66,6 @@ class Stepper:
         self.grad = None
         self.ntoks = None
         vg = nn.value_and_grad(model, loss_sum)
-        # the optimizer's state (Adam's m and v) now, not lazily in the first update: otherwise the compiled
-        # step sees a new state tree at step 2 and is traced and its kernels built a second time
-        optimizer.init(model.trainable_parameters())
         state = [model.state, optimizer.state, mx.random.state]
 
         def first(inputs, targets, mask):
