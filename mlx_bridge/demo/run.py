@@ -38,7 +38,7 @@ RUN_PATHS = {"data": "data", "checkpoint": "checkpoint", "export": "export", "ba
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """How big the run is: `default` takes about a minute on 2 CPU cores (limit 3), `quick` about 20 s."""
+    """How big the run is: `default` takes about 1.5 minutes on 2 CPU cores (limit 3), `quick` under a minute."""
 
     steps: int = 200
     batch_size: int = 16
