@@ -49,7 +49,7 @@ def _quote(s: str) -> str:
 def modelfile(gguf_name: str, chat_template: str | None, eos_tokens: list[str], gen: dict) -> tuple[str, str]:
     """(Modelfile text, one-line note on the template it uses)."""
     fam = chat_family(chat_template)
-    lines = [f"# written by mlx-bridge: ollama create NAME -f Modelfile", f"FROM ./{gguf_name}"]
+    lines = ["# written by mlx-bridge: ollama create NAME -f Modelfile", f"FROM ./{gguf_name}"]
     stops = list(dict.fromkeys(eos_tokens))
     if fam is not None:
         tpl, fam_stops = TEMPLATES[fam]
