@@ -9,20 +9,10 @@ from mlx_bridge.deploy.generation import token_steps
 from mlx_bridge.deploy.loader import load
 from mlx_bridge.deploy.native.moe import experts_ref, route
 from mlx_bridge.deploy.runners.fast import FastRunner
-from mlx_bridge.testing.adapters import shared_zoo
+from test_fast_gpu import PROMPTS, greedy, zoo  # noqa: F401  (the dense GPU tests' prompts, helper, fixture)
 
 pytestmark = pytest.mark.gpu
 MOE = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss"]
-PROMPTS = [[1, 20, 21, 22, 23, 24], [1, 30, 31], [1, 40, 41, 42, 43, 44, 45, 46, 47]]
-
-
-@pytest.fixture(scope="session")
-def zoo(tmp_path_factory):
-    return shared_zoo(tmp_path_factory.getbasetemp() / "zoo")
-
-
-def greedy(runner, n, prompts=PROMPTS):
-    return list(token_steps(runner, prompts, n, "cuda", temperature=0.0, top_p=1.0, top_k=0, seed=None))
 
 
 @pytest.mark.parametrize("T", [1, 3, 8, 32, 200, 1024])

@@ -135,20 +135,3 @@ def write_generation_config(src: Path, out: Path, cfg: dict) -> None:
         return
     gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-
-
-def model_card(arch: Arch, base: str, adapter: str | None, dtype: str, notes: list[str], fmt: str) -> str:
-    lines = ["---", "library_name: " + ("peft" if fmt == "peft" else "transformers"), "tags:", "- mlx-bridge", "---", "",
-             f"# {arch.architecture} exported by mlx-bridge", "",
-             f"- base model: `{base}`", f"- adapter: `{adapter}`" if adapter else "- adapter: none",
-             f"- format: {fmt}, dtype: {dtype}", ""]
-    if fmt == "peft":
-        lines += ["Load with `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), DIR)`, or serve with",
-                  "`vllm serve BASE --enable-lora --lora-modules name=DIR`.", ""]
-    else:
-        lines += ["Load with `AutoModelForCausalLM.from_pretrained(DIR)`, `mlx_bridge.load(DIR)`, or `vllm serve DIR`.", ""]
-    if notes:
-        lines += ["## What MLX computed with", "", *[f"- {n}" for n in notes], ""]
-    lines += ["`manifest.json` records the source, hashes and settings; `parity.json` (when present) the check",
-              "against the MLX outputs saved with the checkpoint.", ""]
-    return "\n".join(lines)
