@@ -18,6 +18,7 @@ from mlx_bridge.probes import Probes
 from mlx_bridge.testing import mlx_convert, tiny_hf_model
 from mlx_bridge.testing.train import write_split_dir
 from mlx_bridge.train.backend import backend_info
+from mlx_bridge.train.log import TrainLog
 from mlx_bridge.train.trainer import MLXTrainer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
@@ -61,7 +62,7 @@ def test_fine_tune_types_train_on_cuda(bases, data, tmp_path, kind, base):
     m = Manifest.load(out)
     assert m.environment["backend"] == "cuda" and m.environment["device"] == backend_info()["device"]
     assert m.training["startup_seconds"] == s["startup_seconds"]
-    first = json.loads((out / "training_log.jsonl").read_text().splitlines()[0])
+    first = TrainLog.read_jsonl(out / "training_log.jsonl").steps()[0]  # line 0 is the step-0 validation
     assert first["startup"] is True and first["backend"] == "cuda"
     # what mlx-lm computes on CUDA when it loads the checkpoint itself equals the saved probes
     p = Probes.load(out)
