@@ -72,8 +72,12 @@ def test_fine_tune_types_train_on_cuda(bases, data, tmp_path, kind, base):
 
 
 def test_cuda_steps_match_the_cpu(bases, data):
-    """The same code on both backends: per-step losses agree (TF32 matmuls on CUDA: ~1e-3 relative)."""
-    settings = dict(lora_rank=4, seed=3, **FAST)
+    """The same code on both backends: per-step losses agree (TF32 matmuls on CUDA: ~1e-3 relative).
+
+    At lr 1e-3: at FAST's 1e-2 the trajectory is chaotic (CPU runs whose base weights differ by 1e-3 relative
+    noise spread 25% at step 3; an H200 run landed inside that spread), at 1e-3 they spread 0.13% in 4 steps.
+    """
+    settings = dict(lora_rank=4, seed=3, **{**FAST, "learning_rate": 1e-3})
     gpu = MLXTrainer(str(bases["f32"]), str(data), **settings)
     gpu.train(iters=4)
     device = mx.default_device()
