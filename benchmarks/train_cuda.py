@@ -81,7 +81,8 @@ def make_data(d: Path, n: int, seq_len: int, seed: int = 0) -> None:
 def result(name: str, seconds: list[float], targets_per_step: int, peak_bytes: int) -> dict:
     steady = seconds[1:]
     return {"trainer": name, "startup_s": seconds[0], "steady_tokens_per_sec": targets_per_step * len(steady) / sum(steady),
-            "steady_s_per_step": statistics.median(steady), "steps": len(seconds), "peak_gb": peak_bytes / 1e9}
+            "steady_s_per_step": statistics.median(steady), "steps": len(seconds), "peak_gb": peak_bytes / 1e9,
+            "step_seconds": [round(s, 4) for s in seconds]}  # a retrace shows as a slow step after the first
 
 
 def run_bridge(model_dir: Path, data: Path, a, name: str) -> dict:
@@ -206,7 +207,7 @@ def main() -> int:
 
     def done(r):
         runs.append(r)
-        print(json.dumps(r), file=sys.stderr, flush=True)
+        print(json.dumps({k: v for k, v in r.items() if k != "step_seconds"}), file=sys.stderr, flush=True)
         if a.json:
             Path(a.json).write_text(json.dumps({"device": info, "args": vars(a), "runs": runs}, indent=2) + "\n")
 
