@@ -75,3 +75,46 @@ def test_cli_run_reports_startup_steady_and_backend(tmp_path, capsys):
     steps = [r for r in log if "loss" in r]
     assert [bool(r.get("startup")) for r in steps] == [True, False, False]
     assert steps[0]["backend"] == info["backend"] and steps[0]["device"] == info["device"]
+
+
+def test_stepper_counts_the_traces_that_compile_the_step():
+    """mx.compile traces the step on the first call, again on the second (the optimizer's state exists
+    now) and on each new batch shape; those steps are start-up, not steady state."""
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    from mlx_bridge.train.step import Stepper
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.out = nn.Embedding(16, 8), nn.Linear(8, 16)
+
+        def __call__(self, x):
+            return self.out(self.emb(x))
+
+    model = Tiny()
+    st = Stepper(model, optim.Adam(learning_rate=1e-3))
+    seen = []
+    for L in (4, 4, 4, 8, 8, 4):
+        x = mx.zeros((2, L), mx.int32)
+        st.micro(x, x, mx.ones((2, L)), last=True)
+        seen.append(st.traces)
+    assert seen == [1, 2, 2, 3, 3, 3]
+    eager = Stepper(model, optim.Adam(learning_rate=1e-3), compile=False)
+    eager.micro(x, x, mx.ones((2, 4)), last=True)
+    assert eager.traces == 0
+
+
+def test_compiled_run_counts_the_retrace_as_startup(tmp_path, capsys):
+    hf = tiny_hf_model(tmp_path / "hf", "llama", seed=1)
+    base = mlx_convert(hf, tmp_path / "mlx")
+    data = write_split_dir(tmp_path / "data", "completions", n_train=12, n_valid=4)
+    out = tmp_path / "ckpt"
+    assert cli_main(["train", "--model", str(base), "--data", str(data), "--out", str(out), "--iters", "3",
+                     "--lora-rank", "2", "--batch-size", "4", "--quiet"]) == 0
+    steps = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
+    flags = [bool(r.get("startup")) for r in steps if "loss" in r]
+    assert flags[:2] == [True, True]  # step 1 compiles, step 2 compiles again with the optimizer's state
+    m = Manifest.load(out)
+    assert m.training["startup_steps"] == sum(flags) and m.training["steady_steps"] == 3 - sum(flags)

@@ -78,8 +78,10 @@ class TrainLog:
 def speed(steps: list[dict]) -> dict:
     """Start-up apart from steady state, over step records (a resumed run's log included).
 
-    startup_seconds: wall time of the start-up steps (the first step of each `train()` call: tracing,
-    compiling, kernel builds); steady_tokens_per_sec: input tokens / seconds of every other step.
+    startup_seconds: wall time of the start-up steps (the first step of each `train()` call, with its
+    kernel builds, and every step that traced and compiled the step function: the second too, once the
+    optimizer's state exists, and any new batch shape); steady_tokens_per_sec: input tokens / seconds
+    of every other step.
 
     Example:
         >>> speed([{"seconds": 60.0, "input_tokens": 100, "startup": True}, {"seconds": 0.5, "input_tokens": 2000}])

@@ -59,27 +59,36 @@ class Stepper:
 
     `micro(batch)` accumulates one micro-batch and returns (loss_sum, ntoks) as arrays; `update()`
     applies the accumulated gradient divided by the accumulated target count.
+
+    `traces` counts the times mx.compile traced (and so compiled) a step function: their Python bodies
+    run only then. It grows on the first step, again on the second (the optimizer's state now exists,
+    so the compiled graph's inputs change) and on each new batch shape.
     """
 
     def __init__(self, model: nn.Module, optimizer: optim.Optimizer, compile: bool = True):
         self.model, self.optimizer = model, optimizer
         self.grad = None
         self.ntoks = None
+        self.traces = 0
         vg = nn.value_and_grad(model, loss_sum)
         state = [model.state, optimizer.state, mx.random.state]
 
         def first(inputs, targets, mask):
+            self.traces += compile
             (ls, n), g = vg(model, inputs, targets, mask)
             return ls, n, g
 
         def more(inputs, targets, mask, acc, acc_n):
+            self.traces += compile
             (ls, n), g = vg(model, inputs, targets, mask)
             return ls, n + acc_n, tree_map(mx.add, g, acc)
 
         def apply(acc, acc_n):
+            self.traces += compile
             optimizer.update(model, tree_map(lambda g: g / acc_n, acc))
 
         def one(inputs, targets, mask):  # grad_accum == 1: all in one graph
+            self.traces += compile
             (ls, n), g = vg(model, inputs, targets, mask)
             optimizer.update(model, tree_map(lambda x: x / n, g))
             return ls, n

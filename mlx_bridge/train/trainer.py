@@ -235,6 +235,7 @@ class MLXTrainer:
         cfg = self.config
         tic = time.perf_counter()
         ls_sum, n_sum, real = 0.0, 0, 0
+        traces = stepper.traces
         for j in range(cfg.grad_accum):
             b = stream.batch(self.position)
             last = j == cfg.grad_accum - 1 or self.position + 1 == total_micro
@@ -255,7 +256,8 @@ class MLXTrainer:
                   "lr": float(self.optimizer.learning_rate.item()), "tokens_per_sec": real / dt,
                   "peak_memory_gb": mx.get_peak_memory() / 1e9, "epoch": self.position / stream.per_epoch,
                   "seconds": dt}
-        if self._startup:  # the first step of this train() call: tracing, compilation, kernel builds
+        if self._startup or stepper.traces > traces:  # the first step of a train() call (kernel builds) or
+            # one that traced and compiled the step (the second, once the optimizer's state exists; new shapes)
             record.update(startup=True, backend=self.backend["backend"], device=self.backend["device"])
             self._startup = False
         self.log.add(record)
