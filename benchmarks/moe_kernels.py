@@ -9,6 +9,7 @@ block configurations too (the first row of a group is the default, `_config`). L
 alone: PyTorch's softmax/top-k/normalise against the one-kernel `route_fused`.
 
     python benchmarks/moe_kernels.py                       # CUDA only
+    python benchmarks/moe_kernels.py --batches 1
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ SHAPES = {  # E, k, D, I, gpt_oss layout
     "qwen3-30b-a3b": (128, 8, 2048, 768, False),
     "gpt-oss-20b": (32, 4, 2880, 2880, True),
 }
-CONFIGS = [None, dict(BM=16, BN=16, BK=256, num_warps=4, num_stages=3), dict(BM=16, BN=64, BK=128, num_warps=4, num_stages=3),
-           dict(BM=16, BN=32, BK=512, num_warps=8, num_stages=3)]
+CONFIGS = [None, dict(BM=16, BN=32, BK=256, num_warps=4, num_stages=3), dict(BM=16, BN=32, BK=128, num_warps=4, num_stages=3),
+           dict(BM=16, BN=16, BK=256, num_warps=4, num_stages=2), dict(BM=16, BN=64, BK=128, num_warps=4, num_stages=3)]
 
 
 def timed(fn, n=50) -> float:
@@ -48,8 +49,14 @@ def timed(fn, n=50) -> float:
     return statistics.median(ts[5:])
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    import argparse
+
     from benchmarks.decode import bandwidth
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", default="1,8,32,512")
+    batches = [int(b) for b in ap.parse_args(argv).batches.split(",")]
 
     dev = torch.device("cuda")
     bw = bandwidth(dev)
@@ -66,7 +73,7 @@ def main() -> int:
                   torch.randn(E, D, I, device=dev, dtype=torch.bfloat16) * 0.02, None)
         per_expert = sum(t[0].numel() * 2 for t in ex if t is not None)
         kind = "gpt_oss" if oss else "qwen3_moe"
-        for T in (1, 8, 32, 512):
+        for T in batches:
             x = torch.randn(T, D, device=dev, dtype=torch.bfloat16)
             logits = torch.randn(T, E, device=dev, dtype=torch.bfloat16)
             w, idx = route(logits, kind, k, True)

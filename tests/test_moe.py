@@ -147,3 +147,15 @@ def test_stack_keeps_names_and_shares_memory():
     x = torch.randn(1, 5, 16)
     moe.to(torch.float64)  # a cast copies the experts: stacked again from the new ones
     assert moe.stacked is None and moe(x.double()).dtype == torch.float64
+
+
+def test_tiny_override_wins_over_an_aliased_default():
+    """gpt_oss maps `num_experts` to `num_local_experts`: an override of either name is kept (the GPU
+    test that poisons unused experts builds a 32-expert gpt_oss this way; it used to get 4)."""
+    from transformers import AutoConfig
+
+    from mlx_bridge.archs.tiny import tiny_config
+
+    for mt, name in (("gpt_oss", "num_local_experts"), ("mixtral", "num_local_experts"), ("qwen3_moe", "num_experts")):
+        cfg = AutoConfig.for_model(mt, **tiny_config(mt, **{name: 32}))
+        assert getattr(cfg, name) == 32, mt

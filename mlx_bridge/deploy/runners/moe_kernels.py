@@ -151,11 +151,15 @@ def route_fused(logits: torch.Tensor, kind: str, top_k: int, norm: bool) -> tupl
     return w, idx
 
 
-def _config(R: int, dtype: torch.dtype) -> dict:
+def _config(R: int, dtype: torch.dtype, gather: bool = False) -> dict:
     """Block sizes: decode (few rows an expert) reads weights in long K strips; prefill tiles squarer.
-    float32 tiles are twice the bytes: half the K strip, so three stages fit in shared memory."""
+    float32 tiles are twice the bytes: half the K strip, so three stages fit in shared memory. A block
+    per row (gather) keeps two stages: 80 KB of shared memory a [gate; up] program, two programs an SM,
+    so qwen3-30b-a3b's 192 programs at batch 1 run in one wave on an H200's 132 SMs (three stages: one
+    program an SM, a second wave 45% full)."""
     if R <= 512:
-        return dict(BM=16, BN=32, BK=256 if dtype != torch.float32 else 128, num_warps=4, num_stages=3)
+        return dict(BM=16, BN=32, BK=256 if dtype != torch.float32 else 128, num_warps=4,
+                    num_stages=2 if gather else 3)
     return dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=3)
 
 
@@ -191,10 +195,10 @@ def routed(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, gate_up: torch.T
         swn, swk, up_off = gate_up.stride(1), gate_up.stride(2), I * gate_up.stride(1)
         dwn, dwk = down.stride(1), down.stride(2)
     R = T * k
-    cfg = cfg or _config(R, x.dtype)
+    gather = gathers(T, k, E) if gather is None else gather
+    cfg = cfg or _config(R, x.dtype, gather)
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    gather = gathers(T, k, E) if gather is None else gather
     if gather:  # block m = routed row m of expert idx[m]: no grouping
         bexp = idx.reshape(-1).contiguous()
         ids, nb = bexp, R
