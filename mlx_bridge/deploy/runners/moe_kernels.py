@@ -112,16 +112,19 @@ def _down(h_ptr, w_ptr, b_ptr, rw_ptr, y_ptr, ids_ptr, bexp_ptr, R, E, N, K, sh,
 
 @triton.jit
 def _route(l_ptr, w_ptr, idx_ptr, E, sl, K: tl.constexpr, BE: tl.constexpr, OSS: tl.constexpr, NORM: tl.constexpr):
-    """One token's routing from its logits (E,): top-K ids by rank (ties: lower id first, as
+    """One token's routing from its logits (E,): top-K ids, K rounds of max (ties: lower id first, as
     torch.topk), weights softmax-then-top-K (renormalised when NORM) or, gpt_oss, softmax of the top K."""
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BE)
     m = offs < E
     l = tl.load(l_ptr + t * sl + offs, mask=m, other=float("-inf")).to(tl.float32)
-    li, lj = l[:, None], l[None, :]
-    better = ((lj > li) | ((lj == li) & (offs[None, :] < offs[:, None]))) & m[None, :]
-    rank = tl.sum(better.to(tl.int32), axis=1)  # (BE,) 0 for the largest logit
-    sel = m & (rank < K)
+    rank = tl.full((BE,), K, tl.int32)  # K: not selected
+    cur = l
+    for j in tl.static_range(K):
+        e = tl.min(tl.where(cur == tl.max(cur, 0), offs, BE), 0)  # the largest left, lowest id
+        rank = tl.where(offs == e, j, rank)
+        cur = tl.where(offs == e, float("-inf"), cur)
+    sel = rank < K
     if OSS:  # softmax over the K selected logits
         p = tl.where(sel, tl.exp(l - tl.max(l, 0)), 0.0)
         p = p / tl.sum(p, 0)
@@ -147,7 +150,7 @@ def route_fused(logits: torch.Tensor, kind: str, top_k: int, norm: bool) -> tupl
     w = torch.empty(T, top_k, dtype=torch.float32 if kind == "mixtral" else logits.dtype, device=logits.device)
     idx = torch.empty(T, top_k, dtype=torch.long, device=logits.device)
     _route[(T,)](logits, w, idx, E, logits.stride(0), K=top_k, BE=triton.next_power_of_2(E), OSS=oss,
-                 NORM=norm and not oss, num_warps=4 if E <= 128 else 8)
+                 NORM=norm and not oss, num_warps=1 if E <= 256 else 4)  # one warp: shuffles only
     return w, idx
 
 
