@@ -112,19 +112,16 @@ def _down(h_ptr, w_ptr, b_ptr, rw_ptr, y_ptr, ids_ptr, bexp_ptr, R, E, N, K, sh,
 
 @triton.jit
 def _route(l_ptr, w_ptr, idx_ptr, E, sl, K: tl.constexpr, BE: tl.constexpr, OSS: tl.constexpr, NORM: tl.constexpr):
-    """One token's routing from its logits (E,): top-K ids, K rounds of max (ties: lower id first, as
+    """One token's routing from its logits (E,): top-K ids by rank (ties: lower id first, as
     torch.topk), weights softmax-then-top-K (renormalised when NORM) or, gpt_oss, softmax of the top K."""
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BE)
     m = offs < E
     l = tl.load(l_ptr + t * sl + offs, mask=m, other=float("-inf")).to(tl.float32)
-    rank = tl.full((BE,), K, tl.int32)  # K: not selected
-    cur = l
-    for j in tl.static_range(K):
-        e = tl.min(tl.where(cur == tl.max(cur, 0), offs, BE), 0)  # the largest left, lowest id
-        rank = tl.where(offs == e, j, rank)
-        cur = tl.where(offs == e, float("-inf"), cur)
-    sel = rank < K
+    li, lj = l[:, None], l[None, :]
+    better = ((lj > li) | ((lj == li) & (offs[None, :] < offs[:, None]))) & m[None, :]
+    rank = tl.sum(better.to(tl.int32), axis=1)  # (BE,) 0 for the largest logit
+    sel = m & (rank < K)
     if OSS:  # softmax over the K selected logits
         p = tl.where(sel, tl.exp(l - tl.max(l, 0)), 0.0)
         p = p / tl.sum(p, 0)
@@ -150,19 +147,15 @@ def route_fused(logits: torch.Tensor, kind: str, top_k: int, norm: bool) -> tupl
     w = torch.empty(T, top_k, dtype=torch.float32 if kind == "mixtral" else logits.dtype, device=logits.device)
     idx = torch.empty(T, top_k, dtype=torch.long, device=logits.device)
     _route[(T,)](logits, w, idx, E, logits.stride(0), K=top_k, BE=triton.next_power_of_2(E), OSS=oss,
-                 NORM=norm and not oss, num_warps=1 if E <= 256 else 4)  # one warp: shuffles only
+                 NORM=norm and not oss, num_warps=4 if E <= 128 else 8)
     return w, idx
 
 
-def _config(R: int, dtype: torch.dtype, gather: bool = False) -> dict:
+def _config(R: int, dtype: torch.dtype) -> dict:
     """Block sizes: decode (few rows an expert) reads weights in long K strips; prefill tiles squarer.
-    float32 tiles are twice the bytes: half the K strip, so three stages fit in shared memory. A block
-    per row (gather) keeps two stages: 80 KB of shared memory a [gate; up] program, two programs an SM,
-    so qwen3-30b-a3b's 192 programs at batch 1 run in one wave on an H200's 132 SMs (three stages: one
-    program an SM, a second wave 45% full)."""
+    float32 tiles are twice the bytes: half the K strip, so three stages fit in shared memory."""
     if R <= 512:
-        return dict(BM=16, BN=32, BK=256 if dtype != torch.float32 else 128, num_warps=4,
-                    num_stages=2 if gather else 3)
+        return dict(BM=16, BN=32, BK=256 if dtype != torch.float32 else 128, num_warps=4, num_stages=3)
     return dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=3)
 
 
@@ -198,10 +191,10 @@ def routed(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, gate_up: torch.T
         swn, swk, up_off = gate_up.stride(1), gate_up.stride(2), I * gate_up.stride(1)
         dwn, dwk = down.stride(1), down.stride(2)
     R = T * k
-    gather = gathers(T, k, E) if gather is None else gather
-    cfg = cfg or _config(R, x.dtype, gather)
+    cfg = cfg or _config(R, x.dtype)
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    gather = gathers(T, k, E) if gather is None else gather
     if gather:  # block m = routed row m of expert idx[m]: no grouping
         bexp = idx.reshape(-1).contiguous()
         ids, nb = bexp, R
