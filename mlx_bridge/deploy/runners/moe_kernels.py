@@ -1,19 +1,21 @@
 """Routed MoE expert products on CUDA with Triton: only the selected experts' weights are read.
 
-The (T, k) routed rows are grouped by expert with static shapes (`native.moe.align`, vLLM's
-`moe_align_block_size` in PyTorch ops): rows sorted by expert id, each expert's rows padded to a
-multiple of BLOCK_M, so a block of BLOCK_M sorted rows belongs to one expert; the number of blocks has
-a fixed upper bound,
-ceil((T k + min(E, T k) (BLOCK_M - 1)) / BLOCK_M), and blocks past the last expert exit at once. Two
-grouped GEMMs follow, each program reading one expert's weight tile:
+Two kernels, each program reading one expert's weight tile:
 
     _gate_up_act   h[r] = act(x[t] @ Wg[e]^T + bg) * (x[t] @ Wu[e]^T + bu)   (T k, I), act fused
     _down          y[r] = w[r] * (h[r] @ Wd[e]^T + bd)                       (T k, D) float32
 
-and the k rows of each token are summed in float32 and cast. At batch 1 (k rows, k experts) this is a
-gather-matvec over k experts; at batch 32 an expert hit by several rows is read once per block. No
-host sync, no data-dependent shapes: the decode step captures in a CUDA graph, and `routed_experts` is
-a `torch.library.custom_op`, so a compiled layer calls it as one opaque op.
+over the routed rows r = t k + j, e = idx[t, j]. Decode (`gathers`: one token, or at most E / 2
+rows): a block per routed row, its expert read by id, nothing grouped (the grouping's ~20 small
+launches cost more than the batch-1 products). Otherwise the rows are grouped by expert with static
+shapes (`native.moe.align`, vLLM's `moe_align_block_size` in PyTorch ops): rows sorted by expert id,
+each expert's rows padded to a multiple of BLOCK_M, so a block of BLOCK_M sorted rows belongs to one
+expert and an expert hit by several rows is read once per block; the number of blocks has a fixed
+upper bound, ceil((T k + min(E, T k) (BLOCK_M - 1)) / BLOCK_M), and blocks past the last expert exit
+at once. The caller sums the k rows of a token (in a compiled layer: fused into the residual add).
+`_route` is the routing (softmax, top-k, renormalisation, cast) of `native.moe.route` as one kernel.
+No host sync, no data-dependent shapes: the decode step captures in a CUDA graph, and
+`routed_experts` / `route_topk` are `torch.library.custom_op`s, opaque to a compiled layer.
 
 Example:
     >>> y = routed(x, w, idx, gate_up, None, down, None)   # x (T, D) cuda; gate_up (E, 2I, D)  # doctest: +SKIP
