@@ -25,7 +25,8 @@ SHAPES = {  # E, k, D, I, gpt_oss layout
     "qwen3-30b-a3b": (128, 8, 2048, 768, False),
     "gpt-oss-20b": (32, 4, 2880, 2880, True),
 }
-CONFIGS = [None, dict(BM=16, BN=32, BK=256, num_warps=4, num_stages=3), dict(BM=16, BN=32, BK=128, num_warps=4, num_stages=3),
+# the default first; two stages: two [gate; up] programs an SM (batch 1 in one wave on 132 SMs)
+CONFIGS = [None, dict(BM=16, BN=32, BK=256, num_warps=4, num_stages=2), dict(BM=16, BN=32, BK=128, num_warps=4, num_stages=3),
            dict(BM=16, BN=16, BK=256, num_warps=4, num_stages=2), dict(BM=16, BN=64, BK=128, num_warps=4, num_stages=3)]
 
 
