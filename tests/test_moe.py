@@ -39,6 +39,38 @@ def hf_modules(mt: str, seed: int = 0):
     return cfg, router, experts
 
 
+def routed_case(layout: str, T: int, dims: tuple, dtype, device: str = "cpu", seed: int = 0):
+    """Random inputs of the routed-experts kernels, (x, w, idx, ex, glu) with dims (E, k, D, I): layout
+    "rows" (E, 2I, D) / (E, D, I), "gpt_oss" (E, D, 2I) interleaved / (E, I, D) with biases and the
+    clamped SwiGLU, "gpt_oss_stacked" the same as `SparseMoe.stack` keeps them (transposed views of
+    row-major copies)."""
+    E, k, D, I = dims
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def rand(*shape, s=0.05):
+        return (torch.randn(*shape, device=device, generator=g) * s).to(dtype)
+
+    x = rand(T, D, s=1.0)
+    if layout.startswith("gpt_oss"):
+        ex, glu = (rand(E, D, 2 * I, s=0.3), rand(E, 2 * I, s=0.5), rand(E, I, D), rand(E, D)), (1.702, 7.0)
+        if layout == "gpt_oss_stacked":
+            ex = (ex[0].transpose(1, 2).contiguous().transpose(1, 2), ex[1],
+                  ex[2].transpose(1, 2).contiguous().transpose(1, 2), ex[3])
+    else:
+        ex, glu = (rand(E, 2 * I, D), None, rand(E, D, I), None), None
+    w, idx = route(rand(T, E, s=1.0), "gpt_oss" if glu else "qwen3_moe", k, True)
+    return x, w, idx, ex, glu
+
+
+def routed_error(y: torch.Tensor, case: tuple) -> float:
+    """Relative error of the kernels' (T k, D) rows, summed per token, against `experts_ref` in float64."""
+    x, w, idx, ex, glu = case
+    got = y.view(*idx.shape, x.shape[1]).sum(1).to(x.dtype)
+    assert y.dtype == torch.float32 and got.isfinite().all()
+    ref = experts_ref(x.double(), w.double(), idx, tuple(t if t is None else t.double() for t in ex), glu)
+    return ((got.double() - ref).norm() / ref.norm()).item()
+
+
 def test_route_example():
     w, idx = route(torch.tensor([[0.0, 2.0, 1.0]]), "mixtral", top_k=2, norm=True)
     assert idx.tolist() == [[1, 2]] and w.dtype == torch.float32
@@ -115,3 +147,15 @@ def test_stack_keeps_names_and_shares_memory():
     x = torch.randn(1, 5, 16)
     moe.to(torch.float64)  # a cast copies the experts: stacked again from the new ones
     assert moe.stacked is None and moe(x.double()).dtype == torch.float64
+
+
+def test_tiny_override_wins_over_an_aliased_default():
+    """gpt_oss maps `num_experts` to `num_local_experts`: an override of either name is kept (the GPU
+    test that poisons unused experts builds a 32-expert gpt_oss this way; it used to get 4)."""
+    from transformers import AutoConfig
+
+    from mlx_bridge.archs.tiny import tiny_config
+
+    for mt, name in (("gpt_oss", "num_local_experts"), ("mixtral", "num_local_experts"), ("qwen3_moe", "num_experts")):
+        cfg = AutoConfig.for_model(mt, **tiny_config(mt, **{name: 32}))
+        assert getattr(cfg, name) == 32, mt

@@ -7,40 +7,41 @@ import torch
 
 from mlx_bridge.deploy.generation import token_steps
 from mlx_bridge.deploy.loader import load
-from mlx_bridge.deploy.native.moe import experts_ref, route
+from mlx_bridge.deploy.native.moe import route
 from mlx_bridge.deploy.runners.fast import FastRunner
+from test_moe import routed_case, routed_error
 from test_fast_gpu import PROMPTS, greedy, zoo  # noqa: F401  (the dense GPU tests' prompts, helper, fixture)
 
 pytestmark = pytest.mark.gpu
 MOE = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss"]
 
 
+@pytest.mark.parametrize("gather", [False, True])  # rows grouped by expert; a block per row (decode)
 @pytest.mark.parametrize("T", [1, 3, 8, 32, 200, 1024])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss", "gpt_oss_stacked"])
-def test_routed_kernels_equal_reference(T, dtype, kind):
+def test_routed_kernels_equal_reference(T, dtype, kind, gather):
     from mlx_bridge.deploy.runners.moe_kernels import routed
 
-    E, k, D, I = 64, 8, 256, 96  # I not a multiple of the block sizes: masked tails
-    g = torch.Generator(device="cuda").manual_seed(T)
-
-    def rand(*shape, s=0.05):
-        return (torch.randn(*shape, device="cuda", generator=g) * s).to(dtype)
-
-    x = rand(T, D, s=1.0)
-    if kind.startswith("gpt_oss"):  # stored (E, D, 2I) interleaved, (E, I, D), with biases; clamped SwiGLU
-        ex, glu = (rand(E, D, 2 * I, s=0.3), rand(E, 2 * I, s=0.5), rand(E, I, D), rand(E, D)), (1.702, 7.0)
-        if kind == "gpt_oss_stacked":  # as `SparseMoe.stack` keeps them: transposed views of row-major copies
-            ex = (ex[0].transpose(1, 2).contiguous().transpose(1, 2), ex[1],
-                  ex[2].transpose(1, 2).contiguous().transpose(1, 2), ex[3])
-    else:
-        ex, glu = (rand(E, 2 * I, D), None, rand(E, D, I), None), None
-    w, idx = route(rand(T, E, s=1.0), kind.replace("_stacked", ""), k, True)
-    got = routed(x, w, idx, *ex, glu is not None, *(glu or (0.0, 0.0)))
-    ref = experts_ref(x.double(), w.double(), idx, tuple(t if t is None else t.double() for t in ex), glu)
-    err = ((got.double() - ref).norm() / ref.norm()).item()
-    assert got.dtype == dtype and torch.isfinite(got).all()
+    if gather and T > 32:
+        pytest.skip("a block per row is for decode")
+    case = routed_case(kind, T, (64, 8, 256, 96), dtype, "cuda", seed=T)  # I = 96: masked tails
+    x, w, idx, ex, glu = case
+    err = routed_error(routed(x, w, idx, *ex, glu is not None, *(glu or (0.0, 0.0)), gather=gather), case)
     assert err < (1e-6 if dtype == torch.float32 else 1e-2), err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind,norm", [("mixtral", True), ("qwen3_moe", True), ("qwen2_moe", False), ("gpt_oss", True)])
+def test_route_kernel_equals_route(kind, norm, dtype):
+    from mlx_bridge.deploy.runners.moe_kernels import route_fused
+
+    g = torch.Generator().manual_seed(0)  # distinct logits, exact in bfloat16: no ties to break
+    logits = torch.stack([(torch.randperm(128, generator=g) - 64).float() / 16 for _ in range(40)]).to(dtype).cuda()
+    w, idx = route_fused(logits, kind, 8, norm)
+    ref_w, ref_idx = route(logits, kind, 8, norm)
+    assert torch.equal(idx, ref_idx) and w.dtype == ref_w.dtype
+    assert ((w.float() - ref_w.float()).abs() <= 4 * torch.finfo(w.dtype).eps * ref_w.abs().float()).all()
 
 
 @pytest.mark.parametrize("arch", MOE)

@@ -131,6 +131,10 @@ def tiny_config(model_type: str, **overrides) -> dict:
     if model_type not in LEGACY:
         cfg.update({k: v for k, v in GENERIC.items() if hasattr(default, k)})
     cfg.update(TINY.get(model_type, {}))
+    for alias, name in getattr(type(default), "attribute_map", {}).items():  # e.g. gpt_oss num_experts ->
+        for given, other in ((alias, name), (name, alias)):  # num_local_experts: an override of either
+            if given in overrides and other not in overrides:  # name wins over a default under the other
+                cfg.pop(other, None)
     cfg.update(overrides)
     for sub, extra in (("text_config", {}), ("vision_config", VISION)):
         sc = getattr(default, sub, None)

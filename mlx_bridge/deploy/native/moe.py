@@ -12,8 +12,10 @@ the parameters become transposed views of that (same names and shapes), so the k
 
 Two implementations of the same routed product, `experts(x, w, idx, ex, glu)`:
     `experts_ref`  pure PyTorch, the loop over hit experts transformers runs (CPU, tests, reference)
-    `moe_kernels.routed_experts`  Triton on CUDA: rows grouped by expert with static shapes, one grouped
-                   GEMM reading only the selected experts' weights (graph-capturable, compiles as an op)
+    `moe_kernels.routed_experts`  Triton on CUDA, reading only the selected experts' weights
+                   (graph-capturable, compiles as an op): at decode a block per routed row, else rows
+                   grouped by expert with static shapes and grouped GEMMs
+On CUDA the routing (softmax, top-k, normalisation, cast) is one kernel too (`routing`).
 
 Example:
     >>> import torch
@@ -85,12 +87,20 @@ def experts_ref(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, ex: tuple, 
 
 
 def experts(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, ex: tuple, glu: tuple | None = None) -> torch.Tensor:
-    """Routed expert products (T, D): the Triton grouped path on CUDA, `experts_ref` elsewhere."""
+    """Routed expert products (T, D): the Triton kernels on CUDA (the k weighted rows of a token summed
+    here in float32, so a compiled layer fuses the sum into its residual add), `experts_ref` elsewhere."""
     if x.is_cuda:  # registered by importing runners.moe_kernels (`SparseMoe.stack` on a CUDA device)
         alpha, limit = glu if glu is not None else (0.0, 0.0)
-        return torch.ops.mlx_bridge.routed_experts(x, w, idx, ex[0], ex[1], ex[2], ex[3], glu is not None,
-                                                    alpha, limit)
+        y = torch.ops.mlx_bridge.routed_experts(x, w, idx, ex[0], ex[1], ex[2], ex[3], glu is not None, alpha, limit)
+        return y.view(*idx.shape, x.shape[1]).sum(1).to(x.dtype)  # (T k, D) float32 -> (T, D)
     return experts_ref(x, w, idx, ex, glu)
+
+
+def routing(logits: torch.Tensor, kind: str, top_k: int, norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route` on CPU; on CUDA the same routing as one Triton kernel (`moe_kernels.route_fused`)."""
+    if logits.is_cuda:
+        return torch.ops.mlx_bridge.route_topk(logits, kind, top_k, norm)
+    return route(logits, kind, top_k, norm)
 
 
 def sparse_ffn(x: torch.Tensor, router: tuple, ex: tuple, kind: str, top_k: int, norm: bool,
@@ -98,7 +108,7 @@ def sparse_ffn(x: torch.Tensor, router: tuple, ex: tuple, kind: str, top_k: int,
     """The whole sparse MLP of tokens x (T, D): route (router = (weight, bias)), routed experts, and for
     qwen2_moe the shared expert `shared` = ([gate; up] (2S, D), down (D, S), gate (1, D)) scaled by
     sigmoid(gate x)."""
-    w, idx = route(F.linear(x, *router), kind, top_k, norm)
+    w, idx = routing(F.linear(x, *router), kind, top_k, norm)
     out = experts(x, w, idx, ex, glu)
     if shared is not None:
         sgu, sd, sg = shared
@@ -216,7 +226,7 @@ class SparseMoe(nn.Module):
                     getattr(e, d).weight = nn.Parameter(down[i], requires_grad=False)
             self.stacked = (gate_up, None, down, None)
         if self.stacked[0].is_cuda:
-            from ..runners import moe_kernels  # noqa: F401 (registers torch.ops.mlx_bridge.routed_experts)
+            from ..runners import moe_kernels  # noqa: F401 (registers torch.ops.mlx_bridge.routed_experts, route_topk)
         return self.stacked
 
     def _apply(self, fn, recurse=True):
@@ -225,7 +235,7 @@ class SparseMoe(nn.Module):
 
     def route(self, x):
         """(weights (T, k), expert ids (T, k)) for tokens x (T, D), as transformers computes them."""
-        return route(self.gate_linear(x), self.kind, self.top_k, self.norm_topk)
+        return routing(self.gate_linear(x), self.kind, self.top_k, self.norm_topk)
 
     def forward(self, x):
         B, L, D = x.shape

@@ -1,19 +1,21 @@
 """Routed MoE expert products on CUDA with Triton: only the selected experts' weights are read.
 
-The (T, k) routed rows are grouped by expert with static shapes (`native.moe.align`, vLLM's
-`moe_align_block_size` in PyTorch ops): rows sorted by expert id, each expert's rows padded to a
-multiple of BLOCK_M, so a block of BLOCK_M sorted rows belongs to one expert; the number of blocks has
-a fixed upper bound,
-ceil((T k + min(E, T k) (BLOCK_M - 1)) / BLOCK_M), and blocks past the last expert exit at once. Two
-grouped GEMMs follow, each program reading one expert's weight tile:
+Two kernels, each program reading one expert's weight tile:
 
     _gate_up_act   h[r] = act(x[t] @ Wg[e]^T + bg) * (x[t] @ Wu[e]^T + bu)   (T k, I), act fused
     _down          y[r] = w[r] * (h[r] @ Wd[e]^T + bd)                       (T k, D) float32
 
-and the k rows of each token are summed in float32 and cast. At batch 1 (k rows, k experts) this is a
-gather-matvec over k experts; at batch 32 an expert hit by several rows is read once per block. No
-host sync, no data-dependent shapes: the decode step captures in a CUDA graph, and `routed_experts` is
-a `torch.library.custom_op`, so a compiled layer calls it as one opaque op.
+over the routed rows r = t k + j, e = idx[t, j]. Decode (`gathers`: one token, or at most E / 2
+rows): a block per routed row, its expert read by id, nothing grouped (the grouping's ~20 small
+launches cost more than the batch-1 products). Otherwise the rows are grouped by expert with static
+shapes (`native.moe.align`, vLLM's `moe_align_block_size` in PyTorch ops): rows sorted by expert id,
+each expert's rows padded to a multiple of BLOCK_M, so a block of BLOCK_M sorted rows belongs to one
+expert and an expert hit by several rows is read once per block; the number of blocks has a fixed
+upper bound, ceil((T k + min(E, T k) (BLOCK_M - 1)) / BLOCK_M), and blocks past the last expert exit
+at once. The caller sums the k rows of a token (in a compiled layer: fused into the residual add).
+`_route` is the routing (softmax, top-k, renormalisation, cast) of `native.moe.route` as one kernel.
+No host sync, no data-dependent shapes: the decode step captures in a CUDA graph, and
+`routed_experts` / `route_topk` are `torch.library.custom_op`s, opaque to a compiled layer.
 
 Example:
     >>> y = routed(x, w, idx, gate_up, None, down, None)   # x (T, D) cuda; gate_up (E, 2I, D)  # doctest: +SKIP
@@ -31,12 +33,15 @@ from ..native.moe import _cdiv, align
 @triton.jit
 def _gate_up_act(x_ptr, w_ptr, b_ptr, h_ptr, ids_ptr, bexp_ptr, R, E, I, D, top_k, sx, swe, swn, swk, up_off,
                  sbe, sbn, b_up_off, sh, alpha, limit, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                 IEEE: tl.constexpr, OSS: tl.constexpr, BIAS: tl.constexpr):
+                 IEEE: tl.constexpr, OSS: tl.constexpr, BIAS: tl.constexpr, GATHER: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(bexp_ptr + pid_m)
-    if e >= E:  # past the last expert's rows
-        return
-    ids = tl.load(ids_ptr + pid_m * BM + tl.arange(0, BM))  # (BM,) routed rows; R = padding
+    if GATHER:  # one routed row a block: bexp is idx itself, block m is row m
+        ids = tl.where(tl.arange(0, BM) == 0, pid_m, R)
+    else:
+        if e >= E:  # past the last expert's rows
+            return
+        ids = tl.load(ids_ptr + pid_m * BM + tl.arange(0, BM))  # (BM,) routed rows; R = padding
     valid = ids < R
     tok = (ids // top_k).to(tl.int64)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -75,12 +80,16 @@ def _gate_up_act(x_ptr, w_ptr, b_ptr, h_ptr, ids_ptr, bexp_ptr, R, E, I, D, top_
 
 @triton.jit
 def _down(h_ptr, w_ptr, b_ptr, rw_ptr, y_ptr, ids_ptr, bexp_ptr, R, E, N, K, sh, swe, swn, swk, sbe, sy,
-          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, BIAS: tl.constexpr):
+          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, BIAS: tl.constexpr,
+          GATHER: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(bexp_ptr + pid_m)
-    if e >= E:
-        return
-    ids = tl.load(ids_ptr + pid_m * BM + tl.arange(0, BM))
+    if GATHER:
+        ids = tl.where(tl.arange(0, BM) == 0, pid_m, R)
+    else:
+        if e >= E:
+            return
+        ids = tl.load(ids_ptr + pid_m * BM + tl.arange(0, BM))
     valid = ids < R
     rows = ids.to(tl.int64)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -99,8 +108,49 @@ def _down(h_ptr, w_ptr, b_ptr, rw_ptr, y_ptr, ids_ptr, bexp_ptr, R, E, N, K, sh,
             acc = tl.dot(a, b, acc)
     if BIAS:
         acc += tl.load(b_ptr + e.to(tl.int64) * sbe + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    acc = acc * tl.load(rw_ptr + rows, mask=valid, other=0.0)[:, None]
+    acc = acc * tl.load(rw_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
     tl.store(y_ptr + rows[:, None] * sy + offs_n[None, :], acc, mask=valid[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _route(l_ptr, w_ptr, idx_ptr, E, sl, K: tl.constexpr, BE: tl.constexpr, OSS: tl.constexpr, NORM: tl.constexpr):
+    """One token's routing from its logits (E,): top-K ids by rank (ties: lower id first, as
+    torch.topk), weights softmax-then-top-K (renormalised when NORM) or, gpt_oss, softmax of the top K."""
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BE)
+    m = offs < E
+    l = tl.load(l_ptr + t * sl + offs, mask=m, other=float("-inf")).to(tl.float32)
+    li, lj = l[:, None], l[None, :]
+    better = ((lj > li) | ((lj == li) & (offs[None, :] < offs[:, None]))) & m[None, :]
+    rank = tl.sum(better.to(tl.int32), axis=1)  # (BE,) 0 for the largest logit
+    sel = m & (rank < K)
+    if OSS:  # softmax over the K selected logits
+        p = tl.where(sel, tl.exp(l - tl.max(l, 0)), 0.0)
+        p = p / tl.sum(p, 0)
+    else:  # softmax over all E in float32, the top K of it
+        p = tl.where(m, tl.exp(l - tl.max(l, 0)), 0.0)
+        p = p / tl.sum(p, 0)
+        if NORM:
+            p = p / tl.sum(tl.where(sel, p, 0.0), 0)
+    tl.store(idx_ptr + t * K + rank, offs.to(tl.int64), mask=sel)
+    tl.store(w_ptr + t * K + rank, p.to(w_ptr.dtype.element_ty), mask=sel)
+
+
+def route_fused(logits: torch.Tensor, kind: str, top_k: int, norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`native.moe.route` in one kernel (a program a token): same ids, same dtypes; the weights equal
+    `route`'s up to the rounding of exp and of the sums (float32).
+
+    Example:
+        >>> w, idx = route_fused(torch.tensor([[0.0, 2.0, 1.0]], device="cuda"), "qwen3_moe", 2, True)  # doctest: +SKIP
+    """
+    T, E = logits.shape
+    logits = logits.contiguous()
+    oss = kind == "gpt_oss"
+    w = torch.empty(T, top_k, dtype=torch.float32 if kind == "mixtral" else logits.dtype, device=logits.device)
+    idx = torch.empty(T, top_k, dtype=torch.long, device=logits.device)
+    _route[(T,)](logits, w, idx, E, logits.stride(0), K=top_k, BE=triton.next_power_of_2(E), OSS=oss,
+                 NORM=norm and not oss, num_warps=4 if E <= 128 else 8)
+    return w, idx
 
 
 def _config(R: int, dtype: torch.dtype) -> dict:
@@ -111,16 +161,24 @@ def _config(R: int, dtype: torch.dtype) -> dict:
     return dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=3)
 
 
+def gathers(T: int, k: int, E: int) -> bool:
+    """Whether T tokens' T k routed rows run ungrouped, a block per row (decode: no grouping kernels;
+    an expert hit by two rows is read twice): one token, or at most E / 2 rows (about 80% of them
+    then hit distinct experts)."""
+    return T == 1 or 2 * T * k <= E
+
+
 def routed(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, gate_up: torch.Tensor, gate_up_b: torch.Tensor | None,
            down: torch.Tensor, down_b: torch.Tensor | None, oss: bool = False, alpha: float = 0.0,
-           limit: float = 0.0, cfg: dict | None = None) -> torch.Tensor:
-    """sum_j w[t, j] * down[e](act(gate[e] x[t]) * up[e] x[t]), e = idx[t, j]: (T, D) in x's dtype.
+           limit: float = 0.0, cfg: dict | None = None, gather: bool | None = None) -> torch.Tensor:
+    """w[t, j] * down[e](act(gate[e] x[t]) * up[e] x[t]), e = idx[t, j]: (T k, D) float32, row t k + j
+    (the caller sums the k rows of a token, inside its compiled graph).
 
     Rows layout (oss False): gate_up (E, 2I, D) rows `[gate; up]`, down (E, D, I), silu. gpt_oss layout:
     gate_up (E, D, 2I) columns interleaved `[g0, u0, g1, ...]`, down (E, I, D), biases (E, 2I) and
     (E, D), clamped SwiGLU with `alpha`, `limit`. Both read through their strides: whole rows are read
-fastest (gpt_oss after `SparseMoe.stack`: transposed views of row-major copies). `cfg`
-    overrides the block sizes (benchmarks/moe_kernels.py).
+    fastest (gpt_oss after `SparseMoe.stack`: transposed views of row-major copies). `cfg`
+    overrides the block sizes, `gather` the choice of `gathers` (benchmarks/moe_kernels.py).
     """
     T, D = x.shape
     k = idx.shape[1]
@@ -138,8 +196,13 @@ fastest (gpt_oss after `SparseMoe.stack`: transposed views of row-major copies).
     cfg = cfg or _config(R, x.dtype)
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    ids, bexp = align(idx, E, BM)
-    nb = bexp.shape[0]
+    gather = gathers(T, k, E) if gather is None else gather
+    if gather:  # block m = routed row m of expert idx[m]: no grouping
+        bexp = idx.reshape(-1).contiguous()
+        ids, nb = bexp, R
+    else:
+        ids, bexp = align(idx, E, BM)
+        nb = bexp.shape[0]
     ieee, bias = x.dtype == torch.float32, gate_up_b is not None
     gb = gate_up_b.contiguous() if bias else gate_up  # unused pointer when there is no bias
     db = down_b.contiguous() if bias else down
@@ -147,12 +210,13 @@ fastest (gpt_oss after `SparseMoe.stack`: transposed views of row-major copies).
     _gate_up_act[(nb, _cdiv(I, BN))](
         x, gate_up, gb, h, ids, bexp, R, E, I, D, k, x.stride(0), gate_up.stride(0), swn, swk, up_off,
         gb.stride(0), 2 if oss else 1, 1 if oss else I, h.stride(0), float(alpha), float(limit),
-        BM=BM, BN=BN, BK=BK, IEEE=ieee, OSS=oss, BIAS=bias, **launch)
+        BM=BM, BN=BN, BK=BK, IEEE=ieee, OSS=oss, BIAS=bias, GATHER=gather, **launch)
     y = torch.empty(R, D, dtype=torch.float32, device=x.device)
-    rw = w.reshape(-1).float()
+    rw = w.reshape(-1).contiguous()  # read as float32 in the kernel
     _down[(nb, _cdiv(D, BN))](h, down, db, rw, y, ids, bexp, R, E, D, I, h.stride(0), down.stride(0), dwn, dwk,
-                              db.stride(0), y.stride(0), BM=BM, BN=BN, BK=BK, IEEE=ieee, BIAS=bias, **launch)
-    return y.view(T, k, D).sum(1).to(x.dtype)
+                              db.stride(0), y.stride(0), BM=BM, BN=BN, BK=BK, IEEE=ieee, BIAS=bias,
+                              GATHER=gather, **launch)
+    return y
 
 
 @torch.library.custom_op("mlx_bridge::routed_experts", mutates_args=())
@@ -165,4 +229,17 @@ def routed_experts(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, gate_up:
 
 @routed_experts.register_fake
 def _(x, w, idx, gate_up, gate_up_b, down, down_b, oss, alpha, limit):
-    return torch.empty_like(x)
+    return x.new_empty(idx.numel(), x.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("mlx_bridge::route_topk", mutates_args=())
+def route_topk(logits: torch.Tensor, kind: str, top_k: int, norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route_fused` as one op."""
+    return route_fused(logits, kind, top_k, norm)
+
+
+@route_topk.register_fake
+def _(logits, kind, top_k, norm):
+    T = logits.shape[0]
+    w = logits.new_empty(T, top_k, dtype=torch.float32 if kind == "mixtral" else logits.dtype)
+    return w, logits.new_empty(T, top_k, dtype=torch.long)
