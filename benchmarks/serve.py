@@ -55,8 +55,9 @@ def tokenizer(vocab: int):
 
 
 class StandIn:
-    """A batch runner that only waits: each decode step `step` s and each prefill `prefill` s per
-    `per` tokens, one after another as on a GPU stream; the tokens are all 5."""
+    """A batch runner that only waits: each decode step `step` s and each prefill call `prefill` s per
+    `per` tokens of its longest chunk (rows prefilled together cost one), one after another as on a
+    GPU stream; the tokens are all 5."""
 
     def __init__(self, rows: int, vocab: int, step: float, prefill: float, per: int):
         self.rows, self.vocab_size, self.stats = rows, vocab, {"captures": 0, "steps": 0}
@@ -69,21 +70,25 @@ class StandIn:
     def prepare(self) -> str:
         return f"stand-in: {self.step * 1e3:g} ms a step, {self.prefill_s * 1e3:g} ms a {self.per}-token prefill"
 
-    def prefill(self, slot, tokens, start, sampling=None):
-        end = self._queue(self.prefill_s * len(tokens) / self.per)
-        if sampling is not None:
-            time.sleep(max(0.0, end - time.perf_counter()))
-            return 5
+    def fits(self, lengths):
+        return len(lengths) <= 4 and sum(lengths) <= max(lengths[0], self.per * 4)
 
-    def launch(self, slots, need, greedy):
-        end, self.stats["steps"] = self._queue(self.step), self.stats["steps"] + 1
+    def prefill(self, chunks):
+        end = self._queue(self.prefill_s * max(len(c.tokens) for c in chunks) / self.per)
+        return self._done({c.slot: 5 for c in chunks if c.sampling is not None}, end)
 
+    @staticmethod
+    def _done(got, end):
         class Done:
             def tokens(_):
                 time.sleep(max(0.0, end - time.perf_counter()))
-                return {s: 5 for s in slots}
+                return got
 
         return Done()
+
+    def launch(self, slots, need, greedy):
+        end, self.stats["steps"] = self._queue(self.step), self.stats["steps"] + 1
+        return self._done({s: 5 for s in slots}, end)
 
     def free(self, slot):
         pass
