@@ -14,7 +14,7 @@ A request therefore starts at the next step after it arrives (after its prefill)
 running batch ends, and each row leaves the batch as soon as it ends. Prefill and step are launched
 before the previous round's tokens are read, so the device never waits for the host (the first
 token of a row reaches its client one round after its prefill, with the decode step it joined).
-`timing` says where the worker's time goes (launching prefills and steps, waiting for tokens,
+`timing` says where the worker's time goes (idle, launching prefills and steps, waiting for tokens,
 text and events). A request whose client
 went away (`Job.cancelled`) has its rows ended at the next round. A request the model refuses fails
 alone; if a decode step itself fails the model can no longer run: every request fails, `broken` says
@@ -125,7 +125,7 @@ class Engine:
                                    chunk=self.prefill_chunk)
         self.max_batch = self.runner.rows
         self.metrics = Metrics()
-        self.timing = {"prefill": 0.0, "launch": 0.0, "wait": 0.0, "text": 0.0}  # worker seconds, by part
+        self.timing = {"idle": 0.0, "prefill": 0.0, "launch": 0.0, "wait": 0.0, "text": 0.0}  # worker seconds, by part
         self.broken: str | None = None  # why the model can no longer run
         self.prepared: str | None = None
         self._q: queue.Queue = queue.Queue()
@@ -190,7 +190,10 @@ class Engine:
         try:
             while not self._stop.is_set():
                 idle = not (self._waiting or self._running or pending)
+                t0 = t()
                 self._admit(block=idle)
+                if idle:
+                    clock["idle"] += t() - t0
                 self._drop_cancelled()
                 t0 = t()
                 launched = [self._prefill()]
