@@ -103,3 +103,30 @@ def test_the_worker_launches_the_next_step_before_reading_a_prefill(model):
             read = log.index(("read", n), n) if ("read", n) in log else None
             launched = [e for e in log[n + 1:read] if e[0] == "launch"]
             assert read is None or launched, f"prefill {n} read before any step was launched after it"
+
+
+def test_the_compiled_step_writes_each_rows_key_in_place(model):
+    """The decode step's cache write, compiled as the server compiles it, touches only the rows' new
+    positions: a `scatter_` there was compiled as a copy of the whole cache and back, per layer and
+    step (on an H200 the 32-row step took 24.5 ms where the raw batch-32 step takes 5.5 ms)."""
+    import torch
+    from torch._inductor.utils import run_and_get_code
+
+    from mlx_bridge.deploy.runners import fused as fm
+    from mlx_bridge.deploy.runners.fast import INDUCTOR_OPTIONS
+
+    f = fm.fuse(model.module)
+    spec, L, (inv, scale) = f.spec, f.layers[0], f.ropes[f.layers[0].rope]
+    B, S = 3, 1000  # a cache size that appears nowhere else in the generated code
+    kc = torch.zeros(4, spec.nkv, S, spec.hd)
+    vc = torch.zeros_like(kc)
+    x, pos = torch.randn(B, 1, f.embed.shape[1]), torch.tensor([5, 999, 0])
+    cos, sin = fm.cos_sin(inv, scale, pos[:, None], torch.float32)
+    qkv = torch.compile(fm.make_qkv(spec, rows=True), dynamic=False, fullgraph=True, options=INDUCTOR_OPTIONS)
+    with torch.inference_mode():
+        (q, k, v), code = run_and_get_code(qkv, x, L.w, kc[:B], vc[:B], cos, sin, pos)
+    assert not any(str(kc[:B].numel()) in c for c in code), "the compiled step copies the whole cache"
+    for b, p in enumerate(pos.tolist()):
+        torch.testing.assert_close(kc[b, :, p], k[b, :, 0])
+        torch.testing.assert_close(vc[b, :, p], v[b, :, 0])
+    assert kc[3].abs().sum() == 0 and kc[:B].abs().sum(dim=(1, 3)).count_nonzero() == B  # nothing else written

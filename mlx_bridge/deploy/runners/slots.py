@@ -20,7 +20,7 @@ prefilled together; a long prompt a chunk at a time, between decode steps): the 
 not compiled (the matmuls dominate), each row's keys written at its own slot and offset, its queries
 attending over its slot. On CUDA the call is one graph replay per (rows, chunk length, length bucket),
 rows and lengths padded up to a prepared shape (padding lanes write a scratch slot, padded positions
-land past the row's end and are never attended), all captured by `prepare`. `prefill` and `launch`
+go to a spare position past every bucket), all captured by `prepare`. `prefill` and `launch`
 return at once: the tokens reach the host when `Pending.tokens()` is called, so the next step can be
 launched before them.
 
@@ -174,12 +174,12 @@ class SlotRunner:
         self.chunk = max(1, chunk)
         self.lanes = tuple(n for n in LANES if n <= rows)
         self.chunk_lens = tuple(sorted({c for c in CHUNKS if c < self.chunk} | {self.chunk}))
-        # slot R is scratch: the padding lanes of a prefill write there; the tail of `chunk` positions
-        # past the longest bucket takes a padded chunk's writes past a row's end (never attended)
+        # slot R is scratch: the padding lanes of a prefill write there; position S (past every bucket)
+        # takes the writes of a chunk's padding tokens (never attended)
         a, dev, R = self.args, self.device, rows
         long = dict(dtype=torch.long, device=dev)
         with torch.inference_mode():
-            self.k = [torch.zeros(R + 1, a.num_kv_heads, S + self.chunk, a.head_dim, device=dev, dtype=self.dtype)
+            self.k = [torch.zeros(R + 1, a.num_kv_heads, S + 1, a.head_dim, device=dev, dtype=self.dtype)
                       for _ in range(a.num_layers)]
             self.v = [torch.zeros_like(t) for t in self.k]
             self.tok, self.pos, self.active = (torch.zeros(R + 1, **long) for _ in range(3))
@@ -392,6 +392,7 @@ class SlotRunner:
         f, spec = self.fused, self.fused.spec
         toks, slot, start, last, fin = buf[:, :C], buf[:, C], buf[:, C + 1], buf[:, C + 2], buf[:, C + 3].bool()
         pos = start[:, None] + self._ar[:C]  # [N, C]
+        put = torch.where(self._ar[:C] <= last[:, None], pos, self.k[0].shape[2] - 1)  # padding -> the spare position
         x = fm.embed(f, toks)  # [N, C, D]
         rot = [fm.cos_sin(inv, sc, pos, self.dtype) for inv, sc in self._ropes]
         k = self._ar[:S]
@@ -401,8 +402,8 @@ class SlotRunner:
         for li, L in enumerate(f.layers):
             kc, vc = self.k[li], self.v[li]
             q, kk, vv = self._pqkv(x, L.w, None, None, *rot[L.rope], None)  # [N, H, C, hd]
-            kc[at, :, pos] = kk.transpose(1, 2)
-            vc[at, :, pos] = vv.transpose(1, 2)
+            kc[at, :, put] = kk.transpose(1, 2)
+            vc[at, :, put] = vv.transpose(1, 2)
             o = attend(q, kc[:, :, :S].index_select(0, slot), vc[:, :, :S].index_select(0, slot), ms[L.window],
                        spec.scale, spec.softcap, L.w[10])
             x = self._pout(x, o, L.w)
