@@ -24,7 +24,7 @@ go to a spare position past every bucket), all captured by `prepare`. `prefill` 
 return at once: the tokens reach the host when `Pending.tokens()` is called, so the next step can be
 launched before them.
 
-`RowRunner` gives the same interface over any runner with `start`/`next` (transformers models, MoE,
+`rows.RowRunner` gives the same interface over any runner with `start`/`next` (transformers models,
 layers spread over GPUs): one cache per row and rows decoded one after another (correct, not fast).
 
 Example:
@@ -40,8 +40,8 @@ from __future__ import annotations
 
 import copy
 import random
+import time
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -49,7 +49,7 @@ from ...errors import BridgeError
 from . import fused as fm
 from .fast import BATCHES, INDUCTOR_OPTIONS, MIN_LEN, len_bucket
 from .sampling import pick
-from ..native.layers import KVCache, attend
+from ..native.layers import attend
 from ..native.model import Transformer
 
 LANES = (1, 2, 4)  # rows one prefill call takes together (padded up to one of these on CUDA)
@@ -189,7 +189,8 @@ class SlotRunner:
             self._ar = torch.arange(max(self.chunk, max(self.lanes), S), **long)
             self._host = [torch.zeros(R + 1, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
             self._phost = [torch.zeros(max(self.lanes), dtype=torch.long, pin_memory=cuda) for _ in range(2)]
-            self._pin = [torch.zeros(max(self.lanes) * (self.chunk + 4), dtype=torch.long, pin_memory=cuda) for _ in range(2)]
+            n = max(self.lanes) * (self.chunk + 4)
+            self._pin = [torch.zeros(n, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
         self._flip = self._pflip = 0
         self._pin_done: list = [None, None]
         self.stats = {"captures": 0, "steps": 0, "prefills": 0}
@@ -295,28 +296,33 @@ class SlotRunner:
             return Pending(where, host, ev)
 
     def prepare(self) -> str:
-        """Compile and capture every (batch size, length bucket, greedy|sampled) step before serving.
+        """Compile and capture every (batch size, length bucket, greedy|sampled) decode step and every
+        (rows, chunk length, length bucket) prefill before serving; what was prepared, and how long each took.
 
         Example:
             >>> r.prepare()                                                 # doctest: +SKIP
-            'batch sizes [1, 2, 4, 8] x lengths [256, 512] x greedy/sampled: 16 graphs'
+            'decode: batch sizes [1, 2] x lengths [256] x greedy/sampled: 4 graphs (41.0 s); prefill: ...'
         """
         if not self.use_graphs:
             return "eager (no graphs to capture)"
+        t = time.perf_counter()
         with torch.inference_mode():
             for B in self.sizes:
                 for S in self.lens:
                     for mode in ("greedy", "sample"):
                         self._graph(B, S, mode)
+            t1 = time.perf_counter()
             shapes = [(n, c) for n in self.lanes for c in self.chunk_lens if n * c <= self.chunk or n == 1]
             for n, c in shapes:
                 for S in self.lens:
                     self._pgraph(n, c, S)
-            for t in (self.tok, self.pos, self.active, self.counter):
-                t.zero_()
+            for x in (self.tok, self.pos, self.active, self.counter):
+                x.zero_()
+        t2 = time.perf_counter()
         decode = sum(1 for k in self._graphs if k[0] != "prefill")
-        return (f"decode: batch sizes {list(self.sizes)} x lengths {self.lens} x greedy/sampled: {decode} graphs; "
-                f"prefill: (rows, chunk) {shapes} x lengths {self.lens}: {len(self._graphs) - decode} graphs")
+        return (f"decode: batch sizes {list(self.sizes)} x lengths {self.lens} x greedy/sampled: {decode} graphs "
+                f"({t1 - t:.1f} s); prefill: (rows, chunk) {shapes} x lengths {self.lens}: "
+                f"{len(self._graphs) - decode} graphs ({t2 - t1:.1f} s)")
 
     # -- rows joining and leaving ------------------------------------------------------------------------
 
@@ -341,7 +347,8 @@ class SlotRunner:
 
         Example:
             >>> r.prefill([Chunk(2, ids[:512], 0)])                                        # doctest: +SKIP
-            >>> r.prefill([Chunk(2, ids[512:], 512, RowSampling()), Chunk(3, ids2, 0, RowSampling())]).tokens()  # doctest: +SKIP
+            >>> g = RowSampling()                                                         # doctest: +SKIP
+            >>> r.prefill([Chunk(2, ids[512:], 512, g), Chunk(3, ids2, 0, g)]).tokens()   # doctest: +SKIP
             {2: 318, 3: 29871}
         """
         if not chunks or not self.fits([len(c.tokens) for c in chunks]) or min(len(c.tokens) for c in chunks) < 1:
@@ -412,7 +419,8 @@ class SlotRunner:
         first = pick(logits, self.temp[slot], self.top_p[slot], self.top_k[slot], self.seed[slot], zero,
                      self.stream[slot])
         self.first[:N].copy_(first)
-        for t, v in ((self.tok, first), (self.pos, start + last + 1), (self.counter, zero + 1), (self.active, zero + 1)):
+        done = ((self.tok, first), (self.pos, start + last + 1), (self.counter, zero + 1), (self.active, zero + 1))
+        for t, v in done:
             t[slot] = torch.where(fin, v, t[slot])
 
     def _pgraph(self, N: int, C: int, S: int):
@@ -447,76 +455,6 @@ class SlotRunner:
             self.pos[slot] = 0
 
 
-class RowRunner:
-    """`SlotRunner`'s interface over per-row runners (`make()` -> an object with `start`/`next`):
-    one cache per row, decoded one row after another. For what has no slot pool: transformers
-    models, MoE layers, layers over several GPUs.
-
-    Example:
-        >>> r = RowRunner(lambda: copy.copy(model.runner), rows=4, max_len=512, device="cpu")  # doctest: +SKIP
-    """
-
-    def __init__(self, make: Callable, *, rows: int, max_len: int, device, vocab_size: int):
-        self.make, self.rows, self.max_len, self.device = make, rows, max_len, torch.device(device)
-        self.vocab_size = vocab_size
-        self.stats = {"captures": 0, "steps": 0, "prefills": 0}
-        self._rows: dict[int, dict] = {}
-
-    def prepare(self) -> str:
-        return "one row at a time (no slot pool for this model)"
-
-    def fits(self, lengths: list[int]) -> bool:
-        return len(lengths) <= LANES[-1]
-
-    def prefill(self, chunks: list[Chunk]) -> Pending:
-        got = torch.zeros(len(chunks), dtype=torch.long)
-        for i, ch in enumerate(chunks):
-            first = self._prefill(ch.slot, ch.tokens, ch.start, ch.sampling)
-            if first is not None:
-                got[i] = first
-        self.stats["prefills"] += 1
-        return Pending({ch.slot: i for i, ch in enumerate(chunks) if ch.sampling is not None}, got)
-
-    def _prefill(self, slot: int, tokens: list[int], start: int, sampling: RowSampling | None) -> int | None:
-        row = self._rows.setdefault(slot, {"prompt": []})
-        if start == 0:
-            row.clear()
-            row["prompt"] = []
-        row["prompt"] += list(tokens)
-        if sampling is None:
-            return None
-        dev = self.device
-        with torch.inference_mode():
-            ids = torch.tensor([row["prompt"]], dtype=torch.long, device=dev)
-            row["runner"] = runner = self.make()
-            logits = runner.start(ids, torch.zeros(1, dtype=torch.long, device=dev), self.max_len)
-            long = dict(dtype=torch.long, device=logits.device)
-            row["s"] = (torch.tensor([float(sampling.temperature)], device=logits.device),
-                        torch.tensor([float(sampling.top_p)], device=logits.device),
-                        torch.tensor([int(sampling.top_k)], **long), torch.tensor([seed31(sampling.seed)], **long))
-            row["stream"], row["n"] = torch.tensor([int(sampling.stream)], **long), 0
-            return self._pick(row, logits)
-
-    def _pick(self, row: dict, logits: torch.Tensor) -> int:
-        counter = torch.tensor([row["n"]], dtype=torch.long, device=logits.device)
-        row["n"] += 1
-        row["tok"] = int(pick(logits, *row["s"], counter, row["stream"]))
-        return row["tok"]
-
-    def launch(self, slots: list[int], need: int, greedy: bool) -> Pending:
-        got = torch.zeros(max(slots) + 1, dtype=torch.long)
-        with torch.inference_mode():
-            for s in slots:
-                row = self._rows[s]
-                logits = row["runner"].next(torch.tensor([row["tok"]], device=self.device))
-                got[s] = self._pick(row, logits)
-        self.stats["steps"] += 1
-        return Pending({s: s for s in slots}, got)
-
-    def free(self, slot: int) -> None:
-        self._rows.pop(slot, None)
-
-
 def batch_runner(model, *, rows: int, max_len: int, batch_sizes: tuple[int, ...] | None = None, chunk: int = 512):
     """The continuous-batching runner for a `DeployedModel`: a `SlotRunner` for a native model the
     fused path takes (dense or MoE) on one device (compiled and captured when the model runs the fast path), else a `RowRunner`
@@ -528,6 +466,7 @@ def batch_runner(model, *, rows: int, max_len: int, batch_sizes: tuple[int, ...]
     """
     from .base import NativeRunner
     from .fast import FastRunner
+    from .rows import RowRunner
 
     runner = model.runner
     fast = isinstance(runner, FastRunner)
