@@ -55,8 +55,9 @@ def tokenizer(vocab: int):
 
 
 class StandIn:
-    """A batch runner that only waits: each decode step `step` s and each prefill `prefill` s per
-    `per` tokens, one after another as on a GPU stream; the tokens are all 5."""
+    """A batch runner that only waits: each decode step `step` s and each prefill call `prefill` s per
+    `per` tokens of its longest chunk (rows prefilled together cost one), one after another as on a
+    GPU stream; the tokens are all 5."""
 
     def __init__(self, rows: int, vocab: int, step: float, prefill: float, per: int):
         self.rows, self.vocab_size, self.stats = rows, vocab, {"captures": 0, "steps": 0}
@@ -69,21 +70,25 @@ class StandIn:
     def prepare(self) -> str:
         return f"stand-in: {self.step * 1e3:g} ms a step, {self.prefill_s * 1e3:g} ms a {self.per}-token prefill"
 
-    def prefill(self, slot, tokens, start, sampling=None):
-        end = self._queue(self.prefill_s * len(tokens) / self.per)
-        if sampling is not None:
-            time.sleep(max(0.0, end - time.perf_counter()))
-            return 5
+    def fits(self, lengths):
+        return len(lengths) <= 4 and sum(lengths) <= max(lengths[0], self.per * 4)
 
-    def launch(self, slots, need, greedy):
-        end, self.stats["steps"] = self._queue(self.step), self.stats["steps"] + 1
+    def prefill(self, chunks):
+        end = self._queue(self.prefill_s * max(len(c.tokens) for c in chunks) / self.per)
+        return self._done({c.slot: 5 for c in chunks if c.sampling is not None}, end)
 
+    @staticmethod
+    def _done(got, end):
         class Done:
             def tokens(_):
                 time.sleep(max(0.0, end - time.perf_counter()))
-                return {s: 5 for s in slots}
+                return got
 
         return Done()
+
+    def launch(self, slots, need, greedy):
+        end, self.stats["steps"] = self._queue(self.step), self.stats["steps"] + 1
+        return self._done({s: 5 for s in slots}, end)
 
     def free(self, slot):
         pass
@@ -143,15 +148,18 @@ def _openai(url, prompt, n, stream):
     return time.perf_counter() - t0, first, n
 
 
-def scenarios(url: str, prompts: list, n: int, conc: int, arrivals: int, over: float) -> dict:
-    """Run every scenario against the server at `url`; returns the numbers."""
+def scenarios(url: str, prompts: list, n: int, conc: int, arrivals: int, over: float, one: bool) -> dict:
+    """Run the scenarios against the server at `url` (`one`: one request at a time, else the loads);
+    returns the numbers."""
     out = {}
     clients(url, max(conc, arrivals))
-    _http(url, prompts[0], 8, False)  # a first request
-    with ThreadPoolExecutor(conc) as pool:  # open the connections
-        list(pool.map(lambda p: _http(url, p, 2, False), prompts[:conc]))
-    one = [_http(url, prompts[i], n, False) for i in range(3)]
-    out["one"] = {"s": statistics.median(t for t, _, _ in one), "tok/s": n / statistics.median(t for t, _, _ in one)}
+    if one:
+        _http(url, prompts[0], 8, False)  # a first request
+        with ThreadPoolExecutor(conc) as pool:  # open the connections
+            list(pool.map(lambda p: _http(url, p, 2, False), prompts[:conc]))
+        got = [_http(url, prompts[i], n, False) for i in range(5)]
+        out["one"] = {"s": statistics.median(t for t, _, _ in got), "tok/s": n / statistics.median(t for t, _, _ in got)}
+        return out
     for name, ask in (("httpx", _http), ("openai", _openai)):
         t0 = time.perf_counter()
         with ThreadPoolExecutor(conc) as pool:
@@ -236,7 +244,13 @@ def main(argv=None) -> int:
         print(f"# server ready in {res['ready s']:.1f} s: {engine.prepared}", flush=True)
         captures = engine.runner.stats["captures"]
         with mp.get_context("spawn").Pool(1) as pool:
-            res.update(pool.apply(scenarios, (srv.url, prompts, a.tokens, a.max_batch, a.arrivals, a.over)))
+            for one in (True, False):  # where the worker's time goes, one request at a time and under the loads
+                before, steps = dict(engine.timing), engine.metrics.steps
+                t1 = time.perf_counter()
+                res.update(pool.apply(scenarios, (srv.url, prompts, a.tokens, a.max_batch, a.arrivals, a.over, one)))
+                res["worker " + ("one" if one else "loads")] = {
+                    "wall s": time.perf_counter() - t1, "steps": engine.metrics.steps - steps,
+                    **{k: v - before[k] for k, v in engine.timing.items()}}
         res["captures after ready"] = engine.runner.stats["captures"] - captures
         res["max running"] = engine.metrics.max_running
     one = res["one"]["s"]
@@ -256,6 +270,14 @@ def main(argv=None) -> int:
               f"{v['ttft p95'] * 1e3:.0f} ms | | |")
         print(f"| {a.arrivals} streamed over {a.over:g} s ({c}): whole request p50 / p95 | {v['lat p50']:.2f} / "
               f"{v['lat p95']:.2f} s | {one:.2f} s alone | p95 {v['lat p95'] / one:.2f}x |")
+    print("\n| worker thread, seconds | wall | decode steps | idle | launching prefills | launching steps "
+          "| waiting for tokens | text + events | other (admit, bookkeeping) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for k in ("one", "loads"):
+        w = res["worker " + k]
+        rest = w["wall s"] - w["idle"] - w["prefill"] - w["launch"] - w["wait"] - w["text"]
+        print(f"| {k} | {w['wall s']:.2f} | {w['steps']} | {w['idle']:.2f} | {w['prefill']:.3f} | {w['launch']:.3f} | {w['wait']:.3f} "
+              f"| {w['text']:.3f} | {rest:.3f} |")
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
     return 0

@@ -3,14 +3,19 @@
 The loop follows vLLM's scheduler, one iteration at a time:
 
     admit    new requests: tokenize and check them (`prepare`), queue their rows (FIFO)
-    prefill  waiting rows take free KV slots; at most `prefill_chunk` prompt tokens a round, so a
-             long prompt is written in chunks while the running rows keep decoding
+    prefill  one call a round (`runner.prefill`) for the rows still prefilling and the waiting rows
+             that take free KV slots, together (up to 4 rows, `prefill_chunk` tokens); a long prompt
+             is written a chunk a round while the running rows keep decoding
     decode   one step for every running row (`runner.launch`), each with its own sampling settings
-    collect  the previous step's tokens: text, stop strings, EOS, max_tokens; ended rows free their slot
+    collect  the previous round's tokens (first tokens of the rows whose prefill ended, then the
+             step's): text, stop strings, EOS, max_tokens; ended rows free their slot
 
 A request therefore starts at the next step after it arrives (after its prefill), not when the
-running batch ends, and each row leaves the batch as soon as it ends. The step is launched before the
-previous one's tokens are read, so the GPU works while the host detokenizes. A request whose client
+running batch ends, and each row leaves the batch as soon as it ends. Prefill and step are launched
+before the previous round's tokens are read, so the device never waits for the host (the first
+token of a row reaches its client one round after its prefill, with the decode step it joined).
+`timing` says where the worker's time goes (idle, launching prefills and steps, waiting for tokens,
+text and events). A request whose client
 went away (`Job.cancelled`) has its rows ended at the next round. A request the model refuses fails
 alone; if a decode step itself fails the model can no longer run: every request fails, `broken` says
 why, and `/health` answers 503.
@@ -35,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..deploy.generation import Completion, RowText
-from ..deploy.runners.slots import RowSampling, batch_runner
+from ..deploy.runners.slots import Chunk, RowSampling, batch_runner
 from ..errors import BridgeError
 from .metrics import Metrics
 from .protocol import APIError, Sampling
@@ -116,9 +121,11 @@ class Engine:
         self.model, self.max_batch, self.max_queue = model, max(1, max_batch), max_queue
         self.max_len = min(max_len or min(model.max_context, 4096), model.max_context)
         self.prefill_chunk = max(1, prefill_chunk)
-        self.runner = batch_runner(model, rows=self.max_batch, max_len=self.max_len, batch_sizes=batch_sizes)
+        self.runner = batch_runner(model, rows=self.max_batch, max_len=self.max_len, batch_sizes=batch_sizes,
+                                   chunk=self.prefill_chunk)
         self.max_batch = self.runner.rows
         self.metrics = Metrics()
+        self.timing = {"idle": 0.0, "prefill": 0.0, "launch": 0.0, "wait": 0.0, "text": 0.0}  # worker seconds, by part
         self.broken: str | None = None  # why the model can no longer run
         self.prepared: str | None = None
         self._q: queue.Queue = queue.Queue()
@@ -178,26 +185,33 @@ class Engine:
     # -- the worker thread -----------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        pending = None  # the launched step whose tokens are not read yet: (Pending, rows)
+        pending: list = []  # launched prefill / step whose tokens are not read yet: [(Pending, rows)]
+        clock, t = self.timing, time.perf_counter
         try:
             while not self._stop.is_set():
                 idle = not (self._waiting or self._running or pending)
+                t0 = t()
                 self._admit(block=idle)
+                if idle:
+                    clock["idle"] += t() - t0
                 self._drop_cancelled()
-                self._prefill()
+                t0 = t()
+                launched = [self._prefill()]
+                t1 = t()
                 rows = [r for r in self._running.values() if r.filled == len(r.prompt) and not r.ended
                         and r.launched < r.max_tokens - 1]
-                launched = None
                 if rows:
-                    launched = (self.runner.launch([r.slot for r in rows], max(r.pos for r in rows) + 1,
-                                                   all(r.sampling.greedy for r in rows)), rows)
+                    launched.append((self.runner.launch([r.slot for r in rows], max(r.pos for r in rows) + 1,
+                                                        all(r.sampling.greedy for r in rows)), rows))
                     for r in rows:
                         r.pos += 1
                         r.launched += 1
                     self.metrics.steps += 1
-                if pending is not None:
-                    self._collect(*pending)
-                pending = launched
+                clock["prefill"] += t1 - t0
+                clock["launch"] += t() - t1
+                for p in pending:  # a row's first token before its step's
+                    self._collect(*p)
+                pending = [p for p in launched if p is not None]
             self._fail_all(APIError(503, "the server is shutting down", code="shutting_down"))
         except BaseException as e:  # the model cannot run any more: fail everyone, say so on /health
             log.exception("the model worker failed")
@@ -255,34 +269,39 @@ class Engine:
             if r.job.cancelled.is_set() and not r.job.over:
                 self._end_job(r.job, "cancelled")
 
-    def _prefill(self) -> None:
-        """Up to `prefill_chunk` prompt tokens: rows already prefilling first, then new ones in free slots."""
-        budget = self.prefill_chunk
-        partial = [r for r in self._running.values() if r.filled < len(r.prompt)]
-        while budget > 0 and (partial or (self._waiting and self._free)):
-            if partial:
-                r = partial.pop(0)
-                if r.job.over:
-                    continue
-            else:
-                r = self._waiting.popleft()
-                r.slot = heapq.heappop(self._free)
-                self._running[r.slot] = r
-                self._placed(r.job)
-            n = min(budget, len(r.prompt) - r.filled)
-            last = r.filled + n == len(r.prompt)
-            try:
-                first = self.runner.prefill(r.slot, r.prompt[r.filled:r.filled + n], r.filled,
-                                            r.sampling if last else None)
-            except BridgeError as e:  # the model refused this request's input
-                self._fail(r.job, e)
-                continue
-            budget -= n
-            r.filled += n
-            self.metrics.prompt_tokens += n
-            if last:
+    def _prefill(self) -> tuple | None:
+        """Launch one prefill call: the next chunk (at most `prefill_chunk` tokens) of the rows already
+        prefilling, then of waiting rows placed in free slots, as many as `runner.fits` takes together.
+        Returns (Pending of the first tokens, rows whose prompt is now written) or None."""
+        take = lambda r: min(len(r.prompt) - r.filled, self.prefill_chunk)  # noqa: E731
+        picked: list[Row] = []
+        for r in self._running.values():
+            if r.filled < len(r.prompt) and not r.job.over and self.runner.fits([*map(take, picked), take(r)]):
+                picked.append(r)
+        while self._waiting and self._free and self.runner.fits([*map(take, picked), take(self._waiting[0])]):
+            r = self._waiting.popleft()
+            r.slot = heapq.heappop(self._free)
+            self._running[r.slot] = r
+            self._placed(r.job)
+            picked.append(r)
+        if not picked:
+            return None
+        chunks = [Chunk(r.slot, r.prompt[r.filled:r.filled + take(r)], r.filled,
+                        r.sampling if r.filled + take(r) == len(r.prompt) else None) for r in picked]
+        try:
+            pending = self.runner.prefill(chunks)
+        except BridgeError as e:  # the model refused these requests' input
+            for job in {r.job.id: r.job for r in picked}.values():
+                self._fail(job, e)
+            return None
+        done = []
+        for r, ch in zip(picked, chunks):
+            r.filled += len(ch.tokens)
+            self.metrics.prompt_tokens += len(ch.tokens)
+            if ch.sampling is not None:
                 r.pos = len(r.prompt)
-                self._tokens(r, [first])
+                done.append(r)
+        return (pending, done) if done else None
 
     def _placed(self, job: Job) -> None:
         job.unplaced -= 1
@@ -293,10 +312,14 @@ class Engine:
         self.metrics.max_running = max(self.metrics.max_running, self.metrics.running)
 
     def _collect(self, pending, rows: list[Row]) -> None:
+        t0 = time.perf_counter()
         got = pending.tokens()
+        t1 = time.perf_counter()
         for r in rows:
             if not r.ended and not r.job.over:
                 self._tokens(r, [got[r.slot]])
+        self.timing["wait"] += t1 - t0
+        self.timing["text"] += time.perf_counter() - t1
 
     def _tokens(self, r: Row, tokens: list[int]) -> None:
         """A row's new tokens: its text, and its end."""

@@ -7,7 +7,7 @@
 `Runner` declares it. The runners: `NativeRunner` (here, eager), `HFRunner` (here, transformers),
 `fast.FastRunner` (fused, compiled, one CUDA graph per step; also the pipeline across GPUs that
 `pipeline.place` sets up), which adds its own on-device loop `steps`. Continuous batching for the
-server has its own interface over a KV-slot pool (`slots.SlotRunner`, `slots.RowRunner`).
+server has its own interface over a KV-slot pool (`slots.SlotRunner`, `rows.RowRunner`).
 
 `NativeRunner` drives the native `Transformer` through the pure `prefill`/`decode_step` functions
 over a static KV cache; `HFRunner` drives any transformers causal LM with a `DynamicCache`, an

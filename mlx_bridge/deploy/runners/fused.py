@@ -213,10 +213,11 @@ def make_qkv(spec: Spec, rows: bool = False) -> Callable:
             q, k = rms(q, qn, eps, gemma), rms(k, kn, eps, gemma)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kc is not None and rows:
-            at = slots.view(B, 1, 1, 1).expand(B, nkv, 1, hd)
-            kc.scatter_(2, at, k)
-            vc.scatter_(2, at, v)
+        if kc is not None and rows:  # indexed assignment: inductor writes it in place (a scatter_ on the
+            # cache was compiled as a copy of the whole cache and back, per layer and step)
+            b = torch.arange(B, device=slots.device)
+            kc[b, :, slots] = k[:, :, 0]
+            vc[b, :, slots] = v[:, :, 0]
         elif kc is not None:
             kc.index_copy_(2, slots, k)
             vc.index_copy_(2, slots, v)

@@ -13,18 +13,26 @@ busy row; free slots inside [0, B) are computed and ignored. On CUDA the step is
 (fused projections, `torch.compile` of the layer halves `fused.make_qkv`/`make_out`, one CUDA graph
 per (B, S, greedy|sampled)); `prepare` compiles and captures every one of them up front, so nothing
 compiles or captures while serving. Attention sits between the compiled halves, eager but inside the
-graph, so compile work grows with the batch sizes only, not with the length buckets. Prefill is the
-module's own `Transformer.step` (any chunk at any offset). `launch` returns at once: the tokens reach
-the host when `Pending.tokens()` is called, so the next step can be launched before them.
+graph, so compile work grows with the batch sizes only, not with the length buckets.
 
-`RowRunner` gives the same interface over any runner with `start`/`next` (transformers models, MoE,
+Prefill takes the prompt chunks of up to 4 rows in one call (newcomers admitted together are
+prefilled together; a long prompt a chunk at a time, between decode steps): the same fused functions,
+not compiled (the matmuls dominate), each row's keys written at its own slot and offset, its queries
+attending over its slot. On CUDA the call is one graph replay per (rows, chunk length, length bucket),
+rows and lengths padded up to a prepared shape (padding lanes write a scratch slot, padded positions
+go to a spare position past every bucket), all captured by `prepare`. `prefill` and `launch`
+return at once: the tokens reach the host when `Pending.tokens()` is called, so the next step can be
+launched before them.
+
+`rows.RowRunner` gives the same interface over any runner with `start`/`next` (transformers models,
 layers spread over GPUs): one cache per row and rows decoded one after another (correct, not fast).
 
 Example:
     >>> r = SlotRunner(model.module, rows=8, max_len=1024)                     # doctest: +SKIP
     >>> r.prepare()                                                             # doctest: +SKIP
-    >>> first = r.prefill(0, prompt_ids, 0, RowSampling(temperature=0.0))       # doctest: +SKIP
-    >>> r.launch([0]).tokens()                                                  # doctest: +SKIP
+    >>> r.prefill([Chunk(0, prompt_ids, 0, RowSampling(temperature=0.0))]).tokens()  # doctest: +SKIP
+    {0: 17}
+    >>> r.launch([0], need=len(prompt_ids) + 1, greedy=True).tokens()             # doctest: +SKIP
     {0: 42}
 """
 
@@ -32,8 +40,8 @@ from __future__ import annotations
 
 import copy
 import random
+import time
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -41,8 +49,11 @@ from ...errors import BridgeError
 from . import fused as fm
 from .fast import BATCHES, INDUCTOR_OPTIONS, MIN_LEN, len_bucket
 from .sampling import pick
-from ..native.layers import KVCache
+from ..native.layers import attend
 from ..native.model import Transformer
+
+LANES = (1, 2, 4)  # rows one prefill call takes together (padded up to one of these on CUDA)
+CHUNKS = (16, 64, 128, 256, 512, 1024, 2048)  # chunk lengths a prefill is padded up to on CUDA
 
 
 @dataclass(frozen=True)
@@ -80,16 +91,38 @@ def seed31(seed: int | None) -> int:
 
 
 class Pending:
-    """The tokens of one launched decode step, {slot: token}; `tokens()` waits for them."""
+    """Tokens of a launched step, {slot: token}; `tokens()` waits for them. `where` maps each slot to
+    its entry of `out` (a decode step: the slot itself; a prefill: the row's lane)."""
 
-    def __init__(self, slots: list[int], out: torch.Tensor, event=None):
-        self.slots, self._out, self._event = slots, out, event
+    def __init__(self, where: dict[int, int], out: torch.Tensor, event=None):
+        self.where, self._out, self._event = where, out, event
 
     def tokens(self) -> dict[int, int]:
         if self._event is not None:
             self._event.synchronize()
         got = self._out.tolist()
-        return {s: got[s] for s in self.slots}
+        return {s: got[i] for s, i in self.where.items()}
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Prompt tokens of the row in `slot`, written at positions [start, start + len(tokens)); with
+    `sampling` (the prompt's last chunk) the row's first token is chosen too.
+
+    Example:
+        >>> Chunk(slot=0, tokens=[1, 2, 3], start=0, sampling=RowSampling()).sampling.greedy
+        True
+    """
+
+    slot: int
+    tokens: list[int]
+    start: int
+    sampling: RowSampling | None = None
+
+
+def up(n: int, sizes) -> int | None:
+    """The smallest of `sizes` >= n, or None."""
+    return next((s for s in sizes if s >= n), None)
 
 
 def row_masks(pos: torch.Tensor, S: int, windows: list[int], additive: bool, dtype) -> dict:
@@ -115,12 +148,14 @@ class SlotRunner:
         compile, graphs: torch.compile the layer halves / capture each step (default: on CUDA).
         batch_sizes: batch sizes a step may run at (default 1, 2, 4, ... up to `rows`).
         fused: the module's fused weights when a `FastRunner` has made them already (not twice).
+        chunk: most prompt tokens one `prefill` call writes (its rows' chunks, padded, together).
     Raises:
         fm.NotFusable: MoE layers, or layers on several devices.
     """
 
     def __init__(self, module: Transformer, *, rows: int, max_len: int, compile: bool | None = None,
-                 graphs: bool | None = None, batch_sizes: tuple[int, ...] | None = None, fused: fm.Fused | None = None):
+                 graphs: bool | None = None, batch_sizes: tuple[int, ...] | None = None, fused: fm.Fused | None = None,
+                 chunk: int = 512):
         self.fused = f = fused or fm.fuse(module)
         if len(f.devices) > 1:
             raise fm.NotFusable("layers on several devices: continuous batching runs on one device")
@@ -129,23 +164,38 @@ class SlotRunner:
         cuda = self.device.type == "cuda"
         self.use_graphs = cuda if graphs is None else graphs
         self.use_compile = cuda if compile is None else compile
+        self.padded = self.use_graphs  # prefill shapes padded up to prepared ones (graphs need them)
         self.rows, self.max_len = rows, max_len
         self.sizes = tuple(sorted({min(b, rows) for b in (batch_sizes or BATCHES)} | {rows}))
         S, self.lens = len_bucket(max_len), []
         while not self.lens or self.lens[-1] < S:
             self.lens.append(MIN_LEN if not self.lens else self.lens[-1] * 2)
+        # prefill shapes: (lanes, chunk length), lanes * length <= chunk (one row may take a whole chunk)
+        self.chunk = max(1, chunk)
+        self.lanes = tuple(n for n in LANES if n <= rows)
+        self.chunk_lens = tuple(sorted({c for c in CHUNKS if c < self.chunk} | {self.chunk}))
+        # slot R is scratch: the padding lanes of a prefill write there; position S (past every bucket)
+        # takes the writes of a chunk's padding tokens (never attended)
         a, dev, R = self.args, self.device, rows
         long = dict(dtype=torch.long, device=dev)
         with torch.inference_mode():
-            self.k = [torch.zeros(R, a.num_kv_heads, S, a.head_dim, device=dev, dtype=self.dtype) for _ in range(a.num_layers)]
+            self.k = [torch.zeros(R + 1, a.num_kv_heads, S + 1, a.head_dim, device=dev, dtype=self.dtype)
+                      for _ in range(a.num_layers)]
             self.v = [torch.zeros_like(t) for t in self.k]
-            self.tok, self.pos, self.active = (torch.zeros(R, **long) for _ in range(3))
-            self.top_k, self.seed, self.stream, self.counter, self.out = (torch.zeros(R, **long) for _ in range(5))
-            self.temp, self.top_p = torch.zeros(R, device=dev), torch.ones(R, device=dev)
-            self._host = [torch.zeros(R, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
-        self._flip = 0
-        self.stats = {"captures": 0, "steps": 0}
+            self.tok, self.pos, self.active = (torch.zeros(R + 1, **long) for _ in range(3))
+            self.top_k, self.seed, self.stream, self.counter, self.out = (torch.zeros(R + 1, **long) for _ in range(5))
+            self.temp, self.top_p = torch.zeros(R + 1, device=dev), torch.ones(R + 1, device=dev)
+            self.first = torch.zeros(max(self.lanes), **long)
+            self._ar = torch.arange(max(self.chunk, max(self.lanes), S), **long)
+            self._host = [torch.zeros(R + 1, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
+            self._phost = [torch.zeros(max(self.lanes), dtype=torch.long, pin_memory=cuda) for _ in range(2)]
+            n = max(self.lanes) * (self.chunk + 4)
+            self._pin = [torch.zeros(n, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
+        self._flip = self._pflip = 0
+        self._pin_done: list = [None, None]
+        self.stats = {"captures": 0, "steps": 0, "prefills": 0}
         self._graphs: dict = {}
+        self._pbufs: dict = {}  # (lanes, length) -> the prefill graphs' input (lanes, length + 4) on the device
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._ropes = [(inv.to(dev), s) for inv, s in f.ropes]
         spec, dtype = f.spec, self.dtype
@@ -153,6 +203,8 @@ class SlotRunner:
         def rope(ropes, pos):
             return [fm.cos_sin(inv, s, pos[:, None], dtype) for inv, s in ropes]
 
+        # prefill: the same functions uncompiled (eager kernels, captured in a graph on CUDA: matmuls dominate)
+        self._pqkv, self._pout, self._phead = fm.make_qkv(spec), fm.make_out(spec), fm.make_head(spec)
         fns = (fm.make_qkv(spec, rows=True), fm.make_out(spec), fm.make_head(spec), rope, pick)
         if self.use_compile:
             lim = torch._dynamo.config
@@ -235,65 +287,166 @@ class SlotRunner:
             self.stats["steps"] += 1
             host = self._host[self._flip]
             self._flip ^= 1
+            where = {s: s for s in slots}
             if self.device.type != "cuda":
-                return Pending(slots, self.out.clone())
+                return Pending(where, self.out.clone())
             host.copy_(self.out, non_blocking=True)
             ev = torch.cuda.Event()
             ev.record()
-            return Pending(slots, host, ev)
+            return Pending(where, host, ev)
 
     def prepare(self) -> str:
-        """Compile and capture every (batch size, length bucket, greedy|sampled) step before serving.
+        """Compile and capture every (batch size, length bucket, greedy|sampled) decode step and every
+        (rows, chunk length, length bucket) prefill before serving; what was prepared, and how long each took.
 
         Example:
             >>> r.prepare()                                                 # doctest: +SKIP
-            'batch sizes [1, 2, 4, 8] x lengths [256, 512] x greedy/sampled: 16 graphs'
+            'decode: batch sizes [1, 2] x lengths [256] x greedy/sampled: 4 graphs (41.0 s); prefill: ...'
         """
         if not self.use_graphs:
             return "eager (no graphs to capture)"
+        t = time.perf_counter()
         with torch.inference_mode():
             for B in self.sizes:
                 for S in self.lens:
                     for mode in ("greedy", "sample"):
                         self._graph(B, S, mode)
-            for t in (self.tok, self.pos, self.active, self.counter):
-                t.zero_()
-        return (f"batch sizes {list(self.sizes)} x lengths {self.lens} x greedy/sampled: "
-                f"{len(self._graphs)} graphs")
+            t1 = time.perf_counter()
+            shapes = [(n, c) for n in self.lanes for c in self.chunk_lens if n * c <= self.chunk or n == 1]
+            for n, c in shapes:
+                for S in self.lens:
+                    self._pgraph(n, c, S)
+            for x in (self.tok, self.pos, self.active, self.counter):
+                x.zero_()
+        t2 = time.perf_counter()
+        decode = sum(1 for k in self._graphs if k[0] != "prefill")
+        return (f"decode: batch sizes {list(self.sizes)} x lengths {self.lens} x greedy/sampled: {decode} graphs "
+                f"({t1 - t:.1f} s); prefill: (rows, chunk) {shapes} x lengths {self.lens}: "
+                f"{len(self._graphs) - decode} graphs ({t2 - t1:.1f} s)")
 
     # -- rows joining and leaving ------------------------------------------------------------------------
 
-    def prefill(self, slot: int, tokens: list[int], start: int, sampling: RowSampling | None = None) -> int | None:
-        """Write prompt tokens at positions [start, start + len) of `slot` (a chunk; the slot's earlier
-        chunks must be there). With `sampling` (the last chunk): choose the row's first token, which
-        the next `launch` takes as input, and return it.
+    def fits(self, lengths: list[int]) -> bool:
+        """Whether one `prefill` call takes chunks of these lengths (rows and padded tokens within bounds).
 
         Example:
-            >>> r.prefill(2, ids[:512], 0); r.prefill(2, ids[512:], 512, RowSampling())  # doctest: +SKIP
-            318
+            >>> r.fits([128, 128, 100]), r.fits([512, 1])          # doctest: +SKIP
+            (True, False)
         """
-        L, dev = len(tokens), self.device
+        n, c = len(lengths), max(lengths)
+        if not self.padded:
+            return n <= self.lanes[-1] and (n == 1 or sum(lengths) <= self.chunk) and c <= self.chunk
+        N, C = up(n, self.lanes), up(c, self.chunk_lens)
+        return N is not None and C is not None and (N == 1 or N * C <= self.chunk)
+
+    def prefill(self, chunks: list[Chunk]) -> Pending:
+        """Write prompt chunks of up to `len(self.lanes)` rows in one call (one graph replay on CUDA;
+        rows and lengths padded up to a prepared shape) and choose the first token of each row whose
+        last chunk this is. Returns at once; `tokens()` gives {slot: first token} of those rows. The
+        rows' next `launch` takes those tokens as input.
+
+        Example:
+            >>> r.prefill([Chunk(2, ids[:512], 0)])                                        # doctest: +SKIP
+            >>> g = RowSampling()                                                         # doctest: +SKIP
+            >>> r.prefill([Chunk(2, ids[512:], 512, g), Chunk(3, ids2, 0, g)]).tokens()   # doctest: +SKIP
+            {2: 318, 3: 29871}
+        """
+        if not chunks or not self.fits([len(c.tokens) for c in chunks]) or min(len(c.tokens) for c in chunks) < 1:
+            raise BridgeError(f"prefill: {[len(c.tokens) for c in chunks]} tokens do not fit one call "
+                              f"(at most {self.lanes[-1]} rows, {self.chunk} tokens)")
+        n, c = len(chunks), max(len(c.tokens) for c in chunks)
+        need = max(ch.start + len(ch.tokens) for ch in chunks)
+        S = next((s for s in self.lens if s >= need), None)
+        if S is None or need > self.max_len:
+            raise BridgeError(f"prefill: {need} positions needed, the pool holds {self.max_len}")
+        N, C = (up(n, self.lanes), up(c, self.chunk_lens)) if self.padded else (n, c)
+        data = [[*ch.tokens, *[0] * (C - len(ch.tokens)), ch.slot, ch.start, len(ch.tokens) - 1,
+                 int(ch.sampling is not None)] for ch in chunks]
+        data += [[0] * C + [self.rows, 0, 0, 0]] * (N - n)  # padding lanes: the scratch slot
         with torch.inference_mode():
-            ids = torch.tensor([tokens], dtype=torch.long, device=dev)
-            cache = KVCache([k[slot:slot + 1] for k in self.k], [v[slot:slot + 1] for v in self.v])
-            slots = torch.arange(start, start + L, device=dev)
-            logits = self.module.step(ids, slots, torch.zeros(1, dtype=torch.long, device=dev), cache,
-                                      kv_len=start + L, last_only=True)[:, -1]
-            if sampling is None:
-                return None
-            s = slice(slot, slot + 1)
-            self.temp[s].fill_(float(sampling.temperature))
-            self.top_p[s].fill_(float(sampling.top_p))
-            self.top_k[s].fill_(int(sampling.top_k))
-            self.seed[s].fill_(seed31(sampling.seed))
-            self.stream[s].fill_(int(sampling.stream))
-            self.counter[s].zero_()
-            first = pick(logits, self.temp[s], self.top_p[s], self.top_k[s], self.seed[s], self.counter[s], self.stream[s])
-            self.tok[s].copy_(first)
-            self.pos[s].fill_(start + L)
-            self.counter[s].fill_(1)
-            self.active[s].fill_(1)
-            return int(first)
+            for ch in chunks:
+                if ch.sampling is not None:
+                    sm, sl = ch.sampling, slice(ch.slot, ch.slot + 1)
+                    self.temp[sl].fill_(float(sm.temperature))
+                    self.top_p[sl].fill_(float(sm.top_p))
+                    self.top_k[sl].fill_(int(sm.top_k))
+                    self.seed[sl].fill_(seed31(sm.seed))
+                    self.stream[sl].fill_(int(sm.stream))
+            self.stats["prefills"] += 1
+            where = {ch.slot: i for i, ch in enumerate(chunks) if ch.sampling is not None}
+            if not self.use_graphs:
+                self._prefill_run(torch.tensor(data, dtype=torch.long, device=self.device), N, C, S)
+                return Pending(where, self.first.clone())
+            g, buf = self._pgraph(N, C, S)
+            pin, i = self._pin[self._pflip], self._pflip
+            if self._pin_done[i] is not None:
+                self._pin_done[i].synchronize()  # its copy two calls ago (long done)
+            pin = pin[:N * (C + 4)].view(N, C + 4)  # contiguous: one asynchronous copy
+            pin.copy_(torch.tensor(data, dtype=torch.long))
+            buf.copy_(pin, non_blocking=True)
+            g.replay()
+            host = self._phost[i]
+            host.copy_(self.first, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+            self._pin_done[i], self._pflip = ev, i ^ 1
+            return Pending(where, host, ev)
+
+    def _prefill_run(self, buf: torch.Tensor, N: int, C: int, S: int) -> None:
+        """Prefill lanes `buf` (N, C + 4): per lane C tokens, then slot, start, last index, last chunk?
+        Keys and values go to positions start + [0, C) of each slot; queries attend over S positions.
+        Rows whose last chunk this is get their first token (`first`), position, counter, `active`."""
+        f, spec = self.fused, self.fused.spec
+        toks, slot, start, last, fin = buf[:, :C], buf[:, C], buf[:, C + 1], buf[:, C + 2], buf[:, C + 3].bool()
+        pos = start[:, None] + self._ar[:C]  # [N, C]
+        put = torch.where(self._ar[:C] <= last[:, None], pos, self.k[0].shape[2] - 1)  # padding -> the spare position
+        x = fm.embed(f, toks)  # [N, C, D]
+        rot = [fm.cos_sin(inv, sc, pos, self.dtype) for inv, sc in self._ropes]
+        k = self._ar[:S]
+        d = pos[:, :, None] - k  # [N, C, S]
+        ms = {w: ((d >= 0) if w is None else (d >= 0) & (d < w))[:, None] for w in [None, *f.windows]}
+        at = slot[:, None].expand(N, C)
+        for li, L in enumerate(f.layers):
+            kc, vc = self.k[li], self.v[li]
+            q, kk, vv = self._pqkv(x, L.w, None, None, *rot[L.rope], None)  # [N, H, C, hd]
+            kc[at, :, put] = kk.transpose(1, 2)
+            vc[at, :, put] = vv.transpose(1, 2)
+            o = attend(q, kc[:, :, :S].index_select(0, slot), vc[:, :, :S].index_select(0, slot), ms[L.window],
+                       spec.scale, spec.softcap, L.w[10])
+            x = self._pout(x, o, L.w)
+        logits = self._phead(x[self._ar[:N], last], f.norm, f.head)  # [N, V]
+        zero = torch.zeros_like(slot)
+        first = pick(logits, self.temp[slot], self.top_p[slot], self.top_k[slot], self.seed[slot], zero,
+                     self.stream[slot])
+        self.first[:N].copy_(first)
+        done = ((self.tok, first), (self.pos, start + last + 1), (self.counter, zero + 1), (self.active, zero + 1))
+        for t, v in done:
+            t[slot] = torch.where(fin, v, t[slot])
+
+    def _pgraph(self, N: int, C: int, S: int):
+        """The captured prefill for (N rows, C tokens, S positions) and its input buffer; the warm-up
+        and capture runs write only the scratch slot."""
+        key = ("prefill", N, C, S)
+        if (N, C) not in self._pbufs:
+            buf = torch.zeros(N, C + 4, dtype=torch.long, device=self.device)
+            buf[:, C] = self.rows
+            self._pbufs[(N, C)] = buf
+        buf = self._pbufs[(N, C)]
+        if key not in self._graphs:
+            buf.zero_()
+            buf[:, C] = self.rows
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._prefill_run(buf, N, C, S)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self._pool, stream=torch.cuda.Stream(self.device)):
+                self._prefill_run(buf, N, C, S)
+            self._graphs[key] = g
+            self.stats["captures"] += 1
+        return self._graphs[key], buf
 
     def free(self, slot: int) -> None:
         """The row in `slot` has ended: it stops advancing (it may still be computed, and ignored)."""
@@ -302,65 +455,7 @@ class SlotRunner:
             self.pos[slot] = 0
 
 
-class RowRunner:
-    """`SlotRunner`'s interface over per-row runners (`make()` -> an object with `start`/`next`):
-    one cache per row, decoded one row after another. For what has no slot pool: transformers
-    models, MoE layers, layers over several GPUs.
-
-    Example:
-        >>> r = RowRunner(lambda: copy.copy(model.runner), rows=4, max_len=512, device="cpu")  # doctest: +SKIP
-    """
-
-    def __init__(self, make: Callable, *, rows: int, max_len: int, device, vocab_size: int):
-        self.make, self.rows, self.max_len, self.device = make, rows, max_len, torch.device(device)
-        self.vocab_size = vocab_size
-        self.stats = {"captures": 0, "steps": 0}
-        self._rows: dict[int, dict] = {}
-
-    def prepare(self) -> str:
-        return "one row at a time (no slot pool for this model)"
-
-    def prefill(self, slot: int, tokens: list[int], start: int, sampling: RowSampling | None = None) -> int | None:
-        row = self._rows.setdefault(slot, {"prompt": []})
-        if start == 0:
-            row.clear()
-            row["prompt"] = []
-        row["prompt"] += list(tokens)
-        if sampling is None:
-            return None
-        dev = self.device
-        with torch.inference_mode():
-            ids = torch.tensor([row["prompt"]], dtype=torch.long, device=dev)
-            row["runner"] = runner = self.make()
-            logits = runner.start(ids, torch.zeros(1, dtype=torch.long, device=dev), self.max_len)
-            long = dict(dtype=torch.long, device=logits.device)
-            row["s"] = (torch.tensor([float(sampling.temperature)], device=logits.device),
-                        torch.tensor([float(sampling.top_p)], device=logits.device),
-                        torch.tensor([int(sampling.top_k)], **long), torch.tensor([seed31(sampling.seed)], **long))
-            row["stream"], row["n"] = torch.tensor([int(sampling.stream)], **long), 0
-            return self._pick(row, logits)
-
-    def _pick(self, row: dict, logits: torch.Tensor) -> int:
-        counter = torch.tensor([row["n"]], dtype=torch.long, device=logits.device)
-        row["n"] += 1
-        row["tok"] = int(pick(logits, *row["s"], counter, row["stream"]))
-        return row["tok"]
-
-    def launch(self, slots: list[int], need: int, greedy: bool) -> Pending:
-        got = torch.zeros(max(slots) + 1, dtype=torch.long)
-        with torch.inference_mode():
-            for s in slots:
-                row = self._rows[s]
-                logits = row["runner"].next(torch.tensor([row["tok"]], device=self.device))
-                got[s] = self._pick(row, logits)
-        self.stats["steps"] += 1
-        return Pending(slots, got)
-
-    def free(self, slot: int) -> None:
-        self._rows.pop(slot, None)
-
-
-def batch_runner(model, *, rows: int, max_len: int, batch_sizes: tuple[int, ...] | None = None):
+def batch_runner(model, *, rows: int, max_len: int, batch_sizes: tuple[int, ...] | None = None, chunk: int = 512):
     """The continuous-batching runner for a `DeployedModel`: a `SlotRunner` for a native model the
     fused path takes (dense or MoE) on one device (compiled and captured when the model runs the fast path), else a `RowRunner`
     (its rows one after another; one row at a time for layers spread over GPUs).
@@ -371,13 +466,14 @@ def batch_runner(model, *, rows: int, max_len: int, batch_sizes: tuple[int, ...]
     """
     from .base import NativeRunner
     from .fast import FastRunner
+    from .rows import RowRunner
 
     runner = model.runner
     fast = isinstance(runner, FastRunner)
     if model.backend == "native":
         try:
             return SlotRunner(model.module, rows=rows, max_len=max_len, compile=None if fast else False, graphs=None if fast else False,
-                              batch_sizes=batch_sizes, fused=runner.fused if fast else None)
+                              batch_sizes=batch_sizes, fused=runner.fused if fast else None, chunk=chunk)
         except fm.NotFusable:
             pass
         if not fast or len(runner.segments) == 1:
