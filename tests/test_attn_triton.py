@@ -58,3 +58,11 @@ def test_decode_attention_default_blocks_short_cache():
 def test_splits():
     assert ak.splits(1, 4, 512, 64) == 8 and ak.splits(1, 4, 512, 32) == 16 and ak.splits(1, 4, 64, 64) == 1
     assert ak.splits(32, 4, 512, 64) == 2 and ak.splits(32, 8, 8192, 64) == 1
+
+
+def test_decode_attention_op_traces_in_a_compiled_function():
+    """The custom op's schema and fake output under torch.compile (aot_eager: no inductor on CPU)."""
+    q, k, v, mask, s = decode_case(2, 8, 2, 64, 32, torch.float32, window=24, sinks=True)
+    f = torch.compile(lambda q, k, v, m, s: ak.decode_attention(q, k, v, m, 0.2, None, s) + 1, backend="aot_eager",
+                      fullgraph=True)
+    assert torch.equal(f(q, k, v, mask, s), ak.decode(q, k, v, mask, 0.2, None, s) + 1)

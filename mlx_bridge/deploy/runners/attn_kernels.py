@@ -137,13 +137,15 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     `n_splits` override the key block and the splits (the tests use small ones)."""
     B, H, L, D = q.shape
     _, Hkv, S, _ = k.shape
-    assert L == 1 and H % Hkv == 0 and k.stride(3) == 1 and v.stride(3) == 1 and q.stride(3) == 1, (q.shape, k.shape)
+    assert L == 1 and H % Hkv == 0 and k.stride(3) == 1 and v.stride(3) == 1, (q.shape, k.shape, k.stride())
+    q = q if q.stride(3) == 1 else q.contiguous()
     G = H // Hkv
     BD = max(16, triton.next_power_of_2(D))  # tl.dot needs 16
     BN = BN or (64 if BD * q.element_size() <= 256 else 32)  # two stages of key and value tiles: <= 128 KB
     mask = mask.reshape(mask.shape[0], S).contiguous()
     smb = mask.stride(0) if mask.shape[0] > 1 else 0
     n = n_splits or splits(B, Hkv, S, BN)
+    assert n & (n - 1) == 0, n  # the combine kernel's arange
     chunk = triton.cdiv(triton.cdiv(S, n), BN) * BN
     out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
     final = n == 1

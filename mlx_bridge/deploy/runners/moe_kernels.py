@@ -170,11 +170,12 @@ DECODE_CONFIGS = [dict(BM=16, BN=32, BK=256, num_warps=4, num_stages=3), dict(BM
 _TUNED: dict = {}  # (R, E, I, D, dtype, oss, bias) -> the config `tuned` picked
 
 
-def tuned(key: tuple, run, configs: list = DECODE_CONFIGS, reps: int = 20) -> dict:
-    """The fastest of `configs` for `key`, `run(cfg)` timed with CUDA events (median of `reps` after
-    two warm-ups), remembered for the process. Under a graph capture (no sync allowed) an untimed key
-    gets the first config; `FastRunner` and `SlotRunner` run each step twice before capturing it, so
-    their keys are timed then and nothing is compiled or timed after capture.
+def tuned(key: tuple, run, configs: list = DECODE_CONFIGS, reps: int = 10) -> dict:
+    """The fastest of `configs` for `key`, remembered for the process: `run(cfg)` captured `reps`
+    times in a CUDA graph (GPU time, not the launch cost a batch-1 call would otherwise measure) and
+    the median of 5 replays. Under a capture (no sync allowed) an untimed key gets the first config;
+    `FastRunner` and `SlotRunner` run each step twice before capturing it, so their keys are timed
+    then, and nothing is compiled or timed after capture.
 
     Example:
         >>> cfg = tuned(("rows", 8), lambda cfg: routed(x, w, idx, gu, None, dn, None, cfg=cfg, gather=True))  # doctest: +SKIP
@@ -187,13 +188,18 @@ def tuned(key: tuple, run, configs: list = DECODE_CONFIGS, reps: int = 20) -> di
     for cfg in configs:
         for _ in range(2):
             run(cfg)  # compiles this config's kernels
-        ev = [torch.cuda.Event(enable_timing=True) for _ in range(2 * reps)]
-        for i in range(reps):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(reps):
+                run(cfg)
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(10)]
+        for i in range(5):
             ev[2 * i].record()
-            run(cfg)
+            g.replay()
             ev[2 * i + 1].record()
         torch.cuda.synchronize()
-        times.append(sorted(ev[2 * i].elapsed_time(ev[2 * i + 1]) for i in range(reps))[reps // 2])
+        times.append(sorted(ev[2 * i].elapsed_time(ev[2 * i + 1]) for i in range(5))[2])
+        del g
     _TUNED[key] = configs[min(range(len(configs)), key=times.__getitem__)]
     return _TUNED[key]
 
