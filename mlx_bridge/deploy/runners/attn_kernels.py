@@ -23,6 +23,8 @@ Example:
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import triton
 import triton.language as tl
@@ -148,23 +150,23 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     assert n & (n - 1) == 0, n  # the combine kernel's arange
     chunk = triton.cdiv(triton.cdiv(S, n), BN) * BN
     out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
-    final = n == 1
-    if final:
+    if n == 1:
         pm = pl = po = out  # unused
     else:
         pm = torch.empty(B, H, n, dtype=torch.float32, device=q.device)
         pl = torch.empty_like(pm)
         po = torch.empty(B, H, n, BD, dtype=torch.float32, device=q.device)
     sink = sinks if sinks is not None else out  # unused pointer without sinks
-    _partial[(B * Hkv, n)](
-        q, k, v, mask, out, pm, pl, po, sink, H, G, S, D, chunk, float(scale), float(softcap or 1.0),
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        smb, out.stride(0), out.stride(1), SPLITS=n, BG=max(16, triton.next_power_of_2(G)), BN=BN, BD=BD,
-        CAP=softcap is not None, BOOL=mask.dtype == torch.bool, SINK=sinks is not None, FINAL=final,
-        IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
-    if not final:
-        _combine[(B * H,)](pm, pl, po, out, sink, H, D, out.stride(0), out.stride(1), SPLITS=n, BD=BD,
-                           SINK=sinks is not None, num_warps=1 if BD <= 128 else 2)
+    with torch.cuda.device(q.device) if q.is_cuda else nullcontext():  # Triton launches on the current device
+        _partial[(B * Hkv, n)](
+            q, k, v, mask, out, pm, pl, po, sink, H, G, S, D, chunk, float(scale), float(softcap or 1.0),
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            smb, out.stride(0), out.stride(1), SPLITS=n, BG=max(16, triton.next_power_of_2(G)), BN=BN, BD=BD,
+            CAP=softcap is not None, BOOL=mask.dtype == torch.bool, SINK=sinks is not None, FINAL=n == 1,
+            IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
+        if n > 1:
+            _combine[(B * H,)](pm, pl, po, out, sink, H, D, out.stride(0), out.stride(1), SPLITS=n, BD=BD,
+                               SINK=sinks is not None, num_warps=1 if BD <= 128 else 2)
     return out
 
 
