@@ -18,8 +18,12 @@ if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
 os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
+from mlx_bridge.deploy.loader import load  # noqa: E402
 from mlx_bridge.deploy.runners import attn_kernels as ak  # noqa: E402
+from mlx_bridge.deploy.runners import fused as fm  # noqa: E402
+from mlx_bridge.deploy.runners.fast import FastRunner  # noqa: E402
 from test_attn_gpu import decode_case, eager  # noqa: E402
+from test_fast import PROMPTS, padded, zoo  # noqa: E402, F401  (the CPU fast-path tests' prompts and models)
 
 CASES = [  # (B, H, Hkv, S, D, window, softcap, sinks)
     (1, 8, 2, 64, 32, None, None, False),
@@ -66,3 +70,27 @@ def test_decode_attention_op_traces_in_a_compiled_function():
     f = torch.compile(lambda q, k, v, m, s: ak.decode_attention(q, k, v, m, 0.2, None, s) + 1, backend="aot_eager",
                       fullgraph=True)
     assert torch.equal(f(q, k, v, mask, s), ak.decode(q, k, v, mask, 0.2, None, s) + 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,overrides", [("qwen3_moe", {}), ("gpt_oss", {}), ("gemma2", {"sliding_window": 4})])
+def test_fast_path_decoding_through_the_kernel_equals_eager(zoo, arch, overrides, monkeypatch):
+    """The fast path's decode steps (uncompiled on CPU) with the kernel in place of `_decode_attend`,
+    as on CUDA: its real cache, masks (padding, windows), sinks and softcap; logits equal eager's."""
+    calls = []
+
+    def kernel(q, kc, vc, mask, scale, softcap, sinks=None):
+        calls.append(mask.shape)
+        return ak.decode(q, kc, vc, mask, scale, softcap, sinks)
+
+    monkeypatch.setattr(fm, "_decode_attend", kernel)
+    d = zoo.hf(arch, **overrides)
+    ref, fast = load(d).runner, FastRunner(load(d).module, min_len=16, grow_ahead=4)
+    toks, pad = padded(PROMPTS)
+    a, b = ref.start(toks, pad, 40), fast.start(toks, pad, 40)
+    t = a.argmax(-1)
+    for _ in range(12):  # 9 + 12 positions: past the window of 4, and across the 16-position bucket
+        a, b = ref.next(t), fast.next(t)
+        torch.testing.assert_close(b, a, rtol=0, atol=2e-5)
+        t = a.argmax(-1)
+    assert calls and fast.stats["grown"] == 1
