@@ -5,7 +5,8 @@ router logits; the bytes a call must read are the touched experts' weights (each
 activations; GB/s over the median of CUDA-graph replays, against the device-to-device copy bandwidth
 measured in the same run. Both paths are timed up to batch 32: a block per routed row ("gather", no
 grouping) and rows grouped by expert ("grouped"); `*` marks the one `gathers` picks. At batch 1 a few
-block configurations too (the first row of a group is the default, `_config`). Last, the routing
+block configurations too (the first row of a group is what `routed` runs by default: at decode the
+pipeline depth `moe_kernels.tuned` timed, printed after it). Last, the routing
 alone: PyTorch's softmax/top-k/normalise against the one-kernel `route_fused`.
 
     python benchmarks/moe_kernels.py                       # CUDA only
@@ -25,7 +26,7 @@ SHAPES = {  # E, k, D, I, gpt_oss layout
     "qwen3-30b-a3b": (128, 8, 2048, 768, False),
     "gpt-oss-20b": (32, 4, 2880, 2880, True),
 }
-# the default first; two stages: two [gate; up] programs an SM (batch 1 in one wave on 132 SMs)
+# the default first (decode: `moe_kernels.tuned`'s choice); two stages: two [gate; up] programs an SM (batch 1 in one wave on 132 SMs)
 CONFIGS = [None, dict(BM=16, BN=32, BK=256, num_warps=4, num_stages=2), dict(BM=16, BN=32, BK=128, num_warps=4, num_stages=3),
            dict(BM=16, BN=16, BK=256, num_warps=4, num_stages=2), dict(BM=16, BN=64, BK=128, num_warps=4, num_stages=3)]
 
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
                     pick = "*" if gather == mk.gathers(T, k, E) else " "
                     print(f"{name:14s} T={T:4d} {'gather' if gather else 'grouped':7s}{pick} experts {touched:3d} "
                           f"{need / 1e6:8.1f} MB {t * 1e6:8.1f} us {need / t / 1e9:7.0f} GB/s ({need / t / bw:.0%} of copy)  "
-                          f"{cfg or 'default'}", flush=True)
+                          f"{cfg or 'default ' + str(mk._TUNED.get((T * k, E, I, D, x.dtype, oss, oss)) or '')}", flush=True)
             if T in (1, 32):
                 t_ref = timed(lambda: route(logits, kind, k, True))
                 t_fused = timed(lambda: mk.route_fused(logits, kind, k, True))

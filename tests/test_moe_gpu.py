@@ -125,3 +125,27 @@ def test_captured_step_reads_only_routed_experts(zoo, arch):
     assert fast.stats["captures"] == caps  # the same captured graphs replayed
     assert [t[0] for t in got] == want
     assert torch.isfinite(fast._st.logits).all()
+
+
+def test_decode_blocks_timed_before_capture(zoo, monkeypatch):
+    """The decode configurations differ only in pipeline depth (the same sums); `tuned` times them on
+    the card, in the warm-up steps: no key is first met under a capture (nothing timed after it)."""
+    from mlx_bridge.deploy.runners import moe_kernels as mk
+
+    x, w, idx, ex, _ = routed_case("qwen3_moe", 1, (64, 8, 256, 96), torch.bfloat16, "cuda")
+    ys = [mk.routed(x, w, idx, *ex, cfg=c, gather=True) for c in mk.DECODE_CONFIGS]
+    assert torch.equal(ys[0], ys[1])
+    assert torch.equal(mk.routed(x, w, idx, *ex), ys[0]) and (8, 64, 96, 256, torch.bfloat16, False, False) in mk._TUNED
+    calls, tuned = [], mk.tuned
+
+    def spy(key, run, *a, **kw):
+        calls.append((key in mk._TUNED, torch.cuda.is_current_stream_capturing()))
+        return tuned(key, run, *a, **kw)
+
+    monkeypatch.setattr(mk, "tuned", spy)
+    monkeypatch.setattr(mk, "_TUNED", {})  # this test's runner meets its shapes first
+    m = load(zoo.hf("qwen3_moe"), device="cuda", dtype="bfloat16")
+    prompt, pad = torch.tensor([[1, 20, 21, 22]], device="cuda"), torch.zeros(1, dtype=torch.long, device="cuda")
+    list(m.runner.steps(prompt, pad, 12))  # compiles, times and captures bucket (1, 256)
+    assert (False, False) in calls and (True, True) in calls  # timed in the warm-up, found at capture
+    assert (False, True) not in calls

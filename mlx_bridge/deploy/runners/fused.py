@@ -12,13 +12,15 @@ float32, same rope, same masks) with fewer, larger kernels:
     rope_masks(...)           cos/sin per rope setting and one mask per sliding window, once a step
     make_head(spec)           final norm, lm_head, softcap
 
-Decode attends over the whole static cache slice with a mask (static shapes, graph-capturable); a
-GQA query is folded to (B, H_kv, H/H_kv, hd) so SDPA needs no repeated keys. Prefill writes the cache
+Decode attends over the whole static cache slice with a mask (static shapes, graph-capturable): on
+CUDA with the Triton decode kernel (`attn_kernels`, split over the cache), elsewhere with SDPA, a GQA
+query folded to (B, H_kv, H/H_kv, hd) so it needs no repeated keys. Prefill writes the cache
 and attends over its own keys with SDPA, `is_causal` (flash) when there is no padding and no window.
 MoE layers: the experts are stacked once (`SparseMoe.stack`); the layer routes in the compiled code
 and calls the routed-experts op (`moe_kernels`: Triton, reads only the selected experts), so dense and
 sparse layers compile and capture alike (a sparse layer's weight tuple is longer: its own graph).
-Attention sinks (gpt_oss) use the eager attention formula inside the compiled layer, as softcaps do.
+At prefill (and off CUDA at decode) attention sinks (gpt_oss) use the eager attention formula inside
+the compiled layer, as softcaps do.
 
 Example:
     >>> import torch
@@ -44,6 +46,9 @@ from ..native.layers import rms_norm as rms  # one definition for the module and
 from ..native.moe import sparse_ffn
 from ..native.model import Transformer, masks
 from ..native.rope import apply_rope, cos_sin
+
+
+DECODE_KERNEL_MAX_HD = 256  # larger heads attend with SDPA: the kernel's key tiles would crowd shared memory
 
 
 class NotFusable(Exception):
@@ -144,6 +149,8 @@ def fuse(module: Transformer) -> Fused:
                  at.q_norm.weight if qk else None, at.k_norm.weight if qk else None,
                  getattr(at, "sinks", None)) + _ffn_weights(mlp)
             layers.append(Layer(w, a.windows[i], module.rope_of_layer[i], wqkv.device))
+    if any(l.device.type == "cuda" for l in layers):
+        from . import attn_kernels  # noqa: F401 (registers torch.ops.mlx_bridge.decode_attention)
     embed = module.model.embed_tokens.weight
     head = embed if a.tie_word_embeddings else module.lm_head.weight
     norm = module.model.norm.weight
@@ -182,7 +189,11 @@ def rope_masks(ropes: list, slots: torch.Tensor, pad: torch.Tensor, S: int, wind
 
 
 def _decode_attend(q, kc, vc, mask, scale: float, softcap: float | None, sinks=None):
-    """q (B, H, 1, hd) over the whole cache kc, vc (B, H_kv, S, hd); GQA folded into the query axis."""
+    """q (B, H, 1, hd) over the whole cache kc, vc (B, H_kv, S, hd). CUDA: the Triton decode kernel
+    (`attn_kernels`, registered by `fuse`; softcap and sinks included). Elsewhere SDPA with GQA folded
+    into the query axis, or the eager formula for softcap and sinks."""
+    if q.is_cuda and q.shape[-1] <= DECODE_KERNEL_MAX_HD:
+        return torch.ops.mlx_bridge.decode_attention(q, kc, vc, mask, scale, softcap, sinks)
     if softcap is not None or sinks is not None:
         return attend(q, kc, vc, mask, scale, softcap, sinks)
     B, H, _, hd = q.shape

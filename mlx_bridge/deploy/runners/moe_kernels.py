@@ -15,7 +15,8 @@ upper bound, ceil((T k + min(E, T k) (BLOCK_M - 1)) / BLOCK_M), and blocks past 
 at once. The caller sums the k rows of a token (in a compiled layer: fused into the residual add).
 `_route` is the routing (softmax, top-k, renormalisation, cast) of `native.moe.route` as one kernel.
 No host sync, no data-dependent shapes: the decode step captures in a CUDA graph, and
-`routed_experts` / `route_topk` are `torch.library.custom_op`s, opaque to a compiled layer.
+`routed_experts` / `route_topk` are `torch.library.custom_op`s, opaque to a compiled layer. The decode
+blocks' pipeline depth is timed on the card per shape before capture (`tuned`).
 
 Example:
     >>> y = routed(x, w, idx, gate_up, None, down, None)   # x (T, D) cuda; gate_up (E, 2I, D)  # doctest: +SKIP
@@ -161,6 +162,48 @@ def _config(R: int, dtype: torch.dtype) -> dict:
     return dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=3)
 
 
+# decode (a block per routed row), bf16/fp16: the block sizes measured on an H200 with three stages or
+# two (two programs an SM: batch 1's 192 [gate; up] programs in one wave). Same blocks, so the same sums
+# in the same order: the choice changes the time, never the result. Chosen per shape by timing both
+# (`tuned`) the first time a shape runs outside a graph capture: in the warm-up steps before capture.
+DECODE_CONFIGS = [dict(BM=16, BN=32, BK=256, num_warps=4, num_stages=3), dict(BM=16, BN=32, BK=256, num_warps=4, num_stages=2)]
+_TUNED: dict = {}  # (R, E, I, D, dtype, oss, bias) -> the config `tuned` picked
+
+
+def tuned(key: tuple, run, configs: list = DECODE_CONFIGS, reps: int = 10) -> dict:
+    """The fastest of `configs` for `key`, remembered for the process: `run(cfg)` captured `reps`
+    times in a CUDA graph (GPU time, not the launch cost a batch-1 call would otherwise measure) and
+    the median of 5 replays. Under a capture (no sync allowed) an untimed key gets the first config;
+    `FastRunner` and `SlotRunner` run each step twice before capturing it, so their keys are timed
+    then, and nothing is compiled or timed after capture.
+
+    Example:
+        >>> cfg = tuned(("rows", 8), lambda cfg: routed(x, w, idx, gu, None, dn, None, cfg=cfg, gather=True))  # doctest: +SKIP
+    """
+    if key in _TUNED:
+        return _TUNED[key]
+    if torch.cuda.is_current_stream_capturing():
+        return configs[0]
+    times = []
+    for cfg in configs:
+        for _ in range(2):
+            run(cfg)  # compiles this config's kernels
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(reps):
+                run(cfg)
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(10)]
+        for i in range(5):
+            ev[2 * i].record()
+            g.replay()
+            ev[2 * i + 1].record()
+        torch.cuda.synchronize()
+        times.append(sorted(ev[2 * i].elapsed_time(ev[2 * i + 1]) for i in range(5))[2])
+        del g
+    _TUNED[key] = configs[min(range(len(configs)), key=times.__getitem__)]
+    return _TUNED[key]
+
+
 def gathers(T: int, k: int, E: int) -> bool:
     """Whether T tokens' T k routed rows run ungrouped, a block per row (decode: no grouping kernels;
     an expert hit by two rows is read twice): one token, or at most E / 2 rows (about 80% of them
@@ -193,10 +236,13 @@ def routed(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, gate_up: torch.T
         swn, swk, up_off = gate_up.stride(1), gate_up.stride(2), I * gate_up.stride(1)
         dwn, dwk = down.stride(1), down.stride(2)
     R = T * k
+    gather = gathers(T, k, E) if gather is None else gather
+    if cfg is None and gather and x.is_cuda and x.dtype != torch.float32:
+        key = (R, E, I, D, x.dtype, oss, gate_up_b is not None)
+        cfg = tuned(key, lambda c: routed(x, w, idx, gate_up, gate_up_b, down, down_b, oss, alpha, limit, c, gather))
     cfg = cfg or _config(R, x.dtype)
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    gather = gathers(T, k, E) if gather is None else gather
     if gather:  # block m = routed row m of expert idx[m]: no grouping
         bexp = idx.reshape(-1).contiguous()
         ids, nb = bexp, R
