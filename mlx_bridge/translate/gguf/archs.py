@@ -30,6 +30,7 @@ class GgufArch:
     sliding_window_full: bool = False  # llama.cpp windows this arch's attention; MLX does not: window = context
     sliding_layers: bool = False  # MLX windows the `layer_types` "sliding_attention" layers: write window + pattern
     query_scale_head_dim: bool = False  # llama.cpp scales queries by 1/sqrt(head_dim), MLX by query_pre_attn_scalar
+    no_gqa: bool = False  # llama.cpp sizes this arch's k_norm by n_embd: num_key_value_heads must equal the heads
 
 
 _MOE = {"add_expert_feed_forward_length": "moe_intermediate_size"}
@@ -44,11 +45,21 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     "qwen3": GgufArch(gguf.MODEL_ARCH.QWEN3),
     "qwen3_moe": GgufArch(gguf.MODEL_ARCH.QWEN3MOE, extra=_MOE, requires={"norm_topk_prob": True}),
     "phi3": GgufArch(gguf.MODEL_ARCH.PHI3),
+    "gemma": GgufArch(gguf.MODEL_ARCH.GEMMA, norm_shift=1.0),
     "gemma2": GgufArch(gguf.MODEL_ARCH.GEMMA2, norm_shift=1.0, extra=_GEMMA2, sliding_window_full=True,
                        query_scale_head_dim=True),
     "gemma3_text": GgufArch(gguf.MODEL_ARCH.GEMMA3, norm_shift=1.0, sliding_layers=True, query_scale_head_dim=True,
                             extra={"add_final_logit_softcapping": "final_logit_softcapping",
                                    "add_rope_freq_base_swa": "rope_local_base_freq"}),
+    "olmo2": GgufArch(gguf.MODEL_ARCH.OLMO2),
+    "olmoe": GgufArch(gguf.MODEL_ARCH.OLMOE, requires={"norm_topk_prob": False}, no_gqa=True),
+    "granite": GgufArch(gguf.MODEL_ARCH.GRANITE, permute_qk=True, llama_extras=True,
+                        extra={"add_attention_scale": "attention_multiplier", "add_embedding_scale": "embedding_multiplier",
+                               "add_residual_scale": "residual_multiplier", "add_logit_scale": "logits_scaling"}),
+    "cohere": GgufArch(gguf.MODEL_ARCH.COMMAND_R, extra={"add_logit_scale": "logit_scale"}),
+    "starcoder2": GgufArch(gguf.MODEL_ARCH.STARCODER2),
+    "qwen2_moe": GgufArch(gguf.MODEL_ARCH.QWEN2MOE, requires={"norm_topk_prob": False},
+                          extra={**_MOE, "add_expert_shared_feed_forward_length": "shared_expert_intermediate_size"}),
 }
 
 
