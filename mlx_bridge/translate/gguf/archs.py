@@ -12,7 +12,9 @@ Example:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import gguf
 
@@ -30,9 +32,16 @@ class GgufArch:
     sliding_window_full: bool = False  # llama.cpp windows this arch's attention; MLX does not: window = context
     sliding_layers: bool = False  # MLX windows the `layer_types` "sliding_attention" layers: write window + pattern
     query_scale_head_dim: bool = False  # llama.cpp scales queries by 1/sqrt(head_dim), MLX by query_pre_attn_scalar
+    partial_rope: bool = False  # rope over partial_rotary_factor (or rotary_pct) of each head: write the dimension count
+    # HF tensor name suffix -> layout op (tensors.OPS): "transpose" (GPT-2's Conv1D), "qkv_by_kind" (GPT-NeoX's
+    # per-head [q k v] rows -> all q rows, all k rows, all v rows)
+    ops: dict[str, str] = field(default_factory=dict)
+    kv_heads: str = "gqa"  # "gqa": num_key_value_heads; "mha": as many as the heads; "multi_query": 1 if multi_query
     no_gqa: bool = False  # llama.cpp sizes this arch's k_norm by n_embd: num_key_value_heads must equal the heads
 
 
+_CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # GPT-2's Conv1D stores (in, out)
+_PARALLEL = {"add_parallel_residual": "use_parallel_residual"}
 _MOE = {"add_expert_feed_forward_length": "moe_intermediate_size"}
 _GEMMA2 = {"add_attn_logit_softcapping": "attn_logit_softcapping",
            "add_final_logit_softcapping": "final_logit_softcapping"}
@@ -60,7 +69,52 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     "starcoder2": GgufArch(gguf.MODEL_ARCH.STARCODER2),
     "qwen2_moe": GgufArch(gguf.MODEL_ARCH.QWEN2MOE, requires={"norm_topk_prob": False},
                           extra={**_MOE, "add_expert_shared_feed_forward_length": "shared_expert_intermediate_size"}),
+    "smollm3": GgufArch(gguf.MODEL_ARCH.SMOLLM3, permute_qk=True, llama_extras=True),
+    "exaone": GgufArch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, llama_extras=True),
+    "internlm3": GgufArch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, llama_extras=True),
+    "iquestcoder": GgufArch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, llama_extras=True),
+    "seed_oss": GgufArch(gguf.MODEL_ARCH.SEED_OSS),
+    "olmo3": GgufArch(gguf.MODEL_ARCH.OLMO2, sliding_layers=True),
+    "ernie4_5": GgufArch(gguf.MODEL_ARCH.ERNIE4_5),
+    "hunyuan_v1_dense": GgufArch(gguf.MODEL_ARCH.HUNYUAN_DENSE),
+    "nemotron": GgufArch(gguf.MODEL_ARCH.NEMOTRON, norm_shift=1.0, partial_rope=True, extra={"add_layer_norm_eps": "norm_eps"}),
+    "cohere2": GgufArch(gguf.MODEL_ARCH.COHERE2, partial_rope=True, sliding_layers=True, extra={"add_logit_scale": "logit_scale"}),
+    "glm4": GgufArch(gguf.MODEL_ARCH.GLM4, partial_rope=True),
+    "phi": GgufArch(gguf.MODEL_ARCH.PHI2, partial_rope=True),
+    "gpt_bigcode": GgufArch(gguf.MODEL_ARCH.STARCODER, kv_heads="multi_query"),
+    "gpt2": GgufArch(gguf.MODEL_ARCH.GPT2, kv_heads="mha", ops={k: "transpose" for k in _CONV1D}),
+    "gpt_neox": GgufArch(gguf.MODEL_ARCH.GPTNEOX, partial_rope=True, kv_heads="mha", extra=_PARALLEL,
+                         ops={"query_key_value.weight": "qkv_by_kind", "query_key_value.bias": "qkv_by_kind"}),
+    "stablelm": GgufArch(gguf.MODEL_ARCH.STABLELM, partial_rope=True, extra=_PARALLEL, requires={"qk_layernorm": False}),
 }
+
+# llama.cpp converts these, but its graph computes something else than MLX (and transformers) do
+GGUF_REFUSED: dict[str, str] = {
+    "phimoe": "llama.cpp's phimoe routes experts by softmax top-k; PhiMoE routes by sparsemixer (logits differ)",
+    "exaone4": "llama.cpp's exaone4 logits differ from transformers' beyond the first position (measured 0.08-3.7 on "
+               "a tiny model); not written until that is understood",
+}
+
+LLAMA_CPP = json.loads(Path(__file__).with_name("llama_cpp_archs.json").read_text())
+
+
+def refusal(model_type: str) -> str:
+    """Why `model_type` has no GGUF export, in one sentence.
+
+    Example:
+        >>> refusal("helium")  # doctest: +SKIP
+        "llama.cpp (llama-cpp-python 0.3.36) has no converter for HeliumForCausalLM"
+    """
+    if model_type in GGUF_REFUSED:
+        return GGUF_REFUSED[model_type]
+    from ...archs import get_arch
+
+    cls = get_arch({"model_type": model_type}).architecture
+    where = f"llama.cpp (llama-cpp-python {LLAMA_CPP['llama_cpp']})"
+    arch = {k.lower(): v for k, v in LLAMA_CPP["hf_class"].items()}.get(cls.lower())  # PhiMoE/Phimoe
+    if arch is None:
+        return f"{where} has no converter for {cls}"
+    return f"{where} converts {cls} as {arch.lower()}, which mlx-bridge does not write yet"
 
 
 def merged_expert_name(per_expert: str) -> str:

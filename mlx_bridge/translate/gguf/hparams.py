@@ -16,17 +16,51 @@ import gguf
 import numpy as np
 
 from ...errors import BridgeError, raise_all
-from .archs import GGUF_ARCHS, GgufArch
+from .archs import GGUF_ARCHS, GgufArch, refusal
 
 ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def gguf_config(cfg: dict) -> dict:
+    """`cfg` with what llama.cpp's converter reads, resolved by transformers' own config class: the
+    standard names (num_hidden_layers, ...) filled from its aliases (`attribute_map`, e.g. GPT-2's
+    n_layer), GPT-2-style n_inner (else 4 x hidden), and the rotary fraction the class computes with.
+
+    Example:
+        >>> gguf_config({"model_type": "gpt2", "n_layer": 2, "n_embd": 64})["num_hidden_layers"]
+        2
+    """
+    from transformers import AutoConfig
+
+    conf = AutoConfig.for_model(**cfg)
+    out = dict(cfg)
+    for std, alias in conf.attribute_map.items():
+        if out.get(std) is None and out.get(alias) is not None:
+            out[std] = out[alias]
+    if hasattr(conf, "n_inner"):  # GPT-2 style: the MLP is n_inner wide, else 4 x hidden
+        out["intermediate_size"] = conf.n_inner or 4 * out["hidden_size"]
+    rp = getattr(conf, "rope_parameters", None) or {}
+    frac = rp.get("partial_rotary_factor") or getattr(conf, "partial_rotary_factor", None) or getattr(conf, "rotary_pct", None)
+    if frac is not None:
+        out["partial_rotary_factor"] = frac
+    return out
+
+
+def kv_heads(cfg: dict, ga: GgufArch) -> int:
+    """Key/value heads as llama.cpp must count them for this arch."""
+    n_head = cfg["num_attention_heads"]
+    if ga.kv_heads == "mha":
+        return n_head
+    if ga.kv_heads == "multi_query":
+        return 1 if cfg.get("multi_query", True) else n_head
+    return cfg.get("num_key_value_heads") or n_head
 
 
 def check_arch(model_type: str, cfg: dict, where: str) -> GgufArch:
     """The arch's GGUF data; BridgeError when llama.cpp can't compute what MLX computed."""
     ga = GGUF_ARCHS.get(model_type)
     if ga is None:
-        raise BridgeError(f"{where}: model_type {model_type!r} has no GGUF export (llama.cpp-runnable types we "
-                          f"write: {', '.join(sorted(GGUF_ARCHS))})")
+        raise BridgeError(f"{where}: model_type {model_type!r} has no GGUF export: {refusal(model_type)}")
     problems = [f"{where}: {k}={cfg.get(k)!r}, but llama.cpp's {ga.arch.name.lower()} computes as if {k}={v!r}"
                 for k, v in ga.requires.items() if cfg.get(k, v) != v]
     rp = cfg.get("rope_parameters") or {}
@@ -54,7 +88,7 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
     w.add_embedding_length(cfg["hidden_size"])
     w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(n_head)
-    w.add_head_count_kv(cfg.get("num_key_value_heads") or n_head)
+    w.add_head_count_kv(kv_heads(cfg, ga))
     rp = cfg.get("rope_parameters") or {}
     theta = rp.get("rope_theta", cfg.get("rope_theta"))
     if theta is not None:
@@ -77,7 +111,10 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
     if ga.llama_extras:
         w.add_vocab_size(n_vocab)
         w.add_rope_dimension_count(head_dim or cfg["hidden_size"] // n_head)
-    if ga.arch == gguf.MODEL_ARCH.PHI3:  # Phi3MiniModel: rope over the whole head, no window unless set
+    if ga.partial_rope:
+        f = cfg.get("partial_rotary_factor", 1.0)  # as gguf_config resolved it
+        w.add_rope_dimension_count(int(f * (head_dim or cfg["hidden_size"] // n_head)))
+    if ga.arch in (gguf.MODEL_ARCH.PHI3, gguf.MODEL_ARCH.PHIMOE):  # Phi3MiniModel: rope over the whole head, no window unless set
         w.add_rope_dimension_count(int(rp.get("partial_rotary_factor", 1.0) * cfg["hidden_size"]) // n_head)
         w.add_rope_scaling_orig_ctx_len(cfg.get("original_max_position_embeddings") or ctx)
         w.add_sliding_window(cfg.get("sliding_window") or 0)

@@ -30,6 +30,7 @@ class GTensor:
     items: list[Item]  # one, or one per expert (stacked on axis 0)
     n_head: int | None = None  # permute rows for llama-style rope with this many heads
     shift: float = 0.0
+    op: str | None = None  # a layout op of OPS, before the permutation
 
     @property
     def layer(self) -> int:
@@ -38,13 +39,22 @@ class GTensor:
 
     def describe(self) -> str:
         src = self.items[0].describe() + (f" ... stack({len(self.items)} experts)" if len(self.items) > 1 else "")
-        ops = ([f"permute_qk(n_head={self.n_head})"] if self.n_head else []) + ([f"+{self.shift:g}"] if self.shift else [])
+        ops = ([self.op] if self.op else [f"permute_qk(n_head={self.n_head})"] if self.n_head else []) + \
+            ([f"+{self.shift:g}"] if self.shift else [])
         return " -> ".join([src, *ops])
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     """HF's rotate-half row order -> llama.cpp's interleaved pairs, per head (convert_hf_to_gguf's permute)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def qkv_by_kind(w: np.ndarray, n_head: int) -> np.ndarray:
+    """GPT-NeoX's fused rows per head [q k v] -> [all q | all k | all v] (GPTNeoXModel.modify_tensors)."""
+    return w.reshape(n_head, 3, -1, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
+
+
+OPS = {"transpose": lambda w, n_head: np.ascontiguousarray(w.T), "qkv_by_kind": qkv_by_kind}
 
 
 def materialize(t: GTensor) -> np.ndarray:
@@ -54,6 +64,8 @@ def materialize(t: GTensor) -> np.ndarray:
     else:
         w = np.stack([materialize_item(i) for i in t.items])
     w = w.astype(np.float32, copy=False)
+    if t.op:
+        return OPS[t.op](w, t.n_head)
     if t.n_head:
         w = permute_qk(w, t.n_head)
     if t.shift:
@@ -96,6 +108,11 @@ def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
         elif ga.permute_qk and hf.endswith(("k_proj.weight", "k_proj.bias")):
             heads = n_kv
         shift = ga.norm_shift if hf.endswith("norm.weight") else 0.0
-        out.append(GTensor(f"{name}.{suffix}", tuple(shape), items, heads, shift))
+        op = next((o for k, o in ga.ops.items() if hf.endswith(k)), None)
+        if op == "transpose":
+            shape = shape[::-1]
+        elif op:
+            heads = n_head
+        out.append(GTensor(f"{name}.{suffix}", tuple(shape), items, heads, shift, op))
     raise_all(problems, plan.source.path)
     return sorted(out, key=_sort_key)
