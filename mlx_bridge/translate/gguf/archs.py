@@ -36,6 +36,7 @@ class GgufArch:
     # HF tensor name suffix -> layout op (tensors.OPS): "transpose" (GPT-2's Conv1D), "qkv_by_kind" (GPT-NeoX's
     # per-head [q k v] rows -> all q rows, all k rows, all v rows)
     ops: dict[str, str] = field(default_factory=dict)
+    consts: dict[str, object] = field(default_factory=dict)  # GGUFWriter method -> the value llama.cpp's converter writes
     kv_heads: str = "gqa"  # "gqa": num_key_value_heads; "mha": as many as the heads; "multi_query": 1 if multi_query
     no_gqa: bool = False  # llama.cpp sizes this arch's k_norm by n_embd: num_key_value_heads must equal the heads
 
@@ -43,6 +44,10 @@ class GgufArch:
 _CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # GPT-2's Conv1D stores (in, out)
 _PARALLEL = {"add_parallel_residual": "use_parallel_residual"}
 _MOE = {"add_expert_feed_forward_length": "moe_intermediate_size"}
+# DeepSeek-style routed experts (convert_hf_to_gguf's Glm4MoeModel, Dots1Model): config key per hparam
+_ROUTED = {**_MOE, "add_expert_shared_count": "n_shared_experts", "add_leading_dense_block_count": "first_k_dense_replace",
+           "add_expert_weights_scale": "routed_scaling_factor", "add_expert_weights_norm": "norm_topk_prob"}
+_SIGMOID = {"add_expert_gating_func": gguf.ExpertGatingFuncType.SIGMOID}  # transformers routes by sigmoid
 _GEMMA2 = {"add_attn_logit_softcapping": "attn_logit_softcapping",
            "add_final_logit_softcapping": "final_logit_softcapping"}
 
@@ -85,6 +90,12 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     "gpt2": GgufArch(gguf.MODEL_ARCH.GPT2, kv_heads="mha", ops={k: "transpose" for k in _CONV1D}),
     "gpt_neox": GgufArch(gguf.MODEL_ARCH.GPTNEOX, partial_rope=True, kv_heads="mha", extra=_PARALLEL,
                          ops={"query_key_value.weight": "qkv_by_kind", "query_key_value.bias": "qkv_by_kind"}),
+    "glm4_moe": GgufArch(gguf.MODEL_ARCH.GLM4_MOE, partial_rope=True, extra=_ROUTED,
+                         consts=_SIGMOID),
+    "dots1": GgufArch(gguf.MODEL_ARCH.DOTS1, extra=_ROUTED, no_gqa=True, consts=_SIGMOID),
+    "ernie4_5_moe": GgufArch(gguf.MODEL_ARCH.ERNIE4_5_MOE, extra={
+        **_MOE, "add_interleave_moe_layer_step": "moe_layer_interval", "add_leading_dense_block_count": "moe_layer_start_index",
+        "add_expert_shared_count": "moe_num_shared_experts"}),
     "stablelm": GgufArch(gguf.MODEL_ARCH.STABLELM, partial_rope=True, extra=_PARALLEL, requires={"qk_layernorm": False}),
 }
 

@@ -21,6 +21,10 @@ from .archs import GGUF_ARCHS, GgufArch, refusal
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
+_EXPERT_ALIASES = {"num_experts": ("num_local_experts", "n_routed_experts", "moe_num_experts"),
+                   "num_experts_per_tok": ("num_experts_per_token", "top_k_experts", "moe_k")}
+
+
 def gguf_config(cfg: dict) -> dict:
     """`cfg` with what llama.cpp's converter reads, resolved by transformers' own config class: the
     standard names (num_hidden_layers, ...) filled from its aliases (`attribute_map`, e.g. GPT-2's
@@ -39,6 +43,9 @@ def gguf_config(cfg: dict) -> dict:
             out[std] = out[alias]
     if hasattr(conf, "n_inner"):  # GPT-2 style: the MLP is n_inner wide, else 4 x hidden
         out["intermediate_size"] = conf.n_inner or 4 * out["hidden_size"]
+    for std, aliases in _EXPERT_ALIASES.items():  # TextModel.set_gguf_parameters' find_hparam lists
+        if out.get(std) is None:
+            out[std] = next((out[a] for a in aliases if out.get(a) is not None), None)
     rp = getattr(conf, "rope_parameters", None) or {}
     frac = rp.get("partial_rotary_factor") or getattr(conf, "partial_rotary_factor", None) or getattr(conf, "rotary_pct", None)
     if frac is not None:
@@ -118,6 +125,11 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
         w.add_rope_dimension_count(int(rp.get("partial_rotary_factor", 1.0) * cfg["hidden_size"]) // n_head)
         w.add_rope_scaling_orig_ctx_len(cfg.get("original_max_position_embeddings") or ctx)
         w.add_sliding_window(cfg.get("sliding_window") or 0)
+    score = cfg.get("scoring_func")
+    if score in ("sigmoid", "softmax"):
+        w.add_expert_gating_func(getattr(gguf.ExpertGatingFuncType, score.upper()))
+    for method, value in ga.consts.items():
+        getattr(w, method)(value)
     for method, key in ga.extra.items():
         if cfg.get(key) is not None:
             getattr(w, method)(cfg[key])

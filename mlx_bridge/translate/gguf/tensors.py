@@ -96,7 +96,7 @@ def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
         groups.setdefault(hf, []).append(it)
     out = []
     for hf, items in groups.items():
-        base, _, suffix = hf.rpartition(".")
+        base, _, suffix = hf.replace("e_score_correction_bias", "e_score_correction.bias").rpartition(".")
         name = names.get_name(base)
         if name is None:
             problems.append(f"{hf}: llama.cpp ({ga.arch.name.lower()}) has no tensor for it")
