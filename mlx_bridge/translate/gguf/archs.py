@@ -38,6 +38,8 @@ class GgufArch:
     ops: dict[str, str] = field(default_factory=dict)
     consts: dict[str, object] = field(default_factory=dict)  # GGUFWriter method -> the value llama.cpp's converter writes
     kv_heads: str = "gqa"  # "gqa": num_key_value_heads; "mha": as many as the heads; "multi_query": 1 if multi_query
+    swa_layer_counts: tuple[int, ...] = ()  # llama.cpp windows attention only at these layer counts (else none)
+    no_rope_step: int = 0  # llama.cpp skips rope on every n-th layer (a fixed step): the config must agree
     no_gqa: bool = False  # llama.cpp sizes this arch's k_norm by n_embd: num_key_value_heads must equal the heads
 
 
@@ -74,13 +76,15 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     "starcoder2": GgufArch(gguf.MODEL_ARCH.STARCODER2),
     "qwen2_moe": GgufArch(gguf.MODEL_ARCH.QWEN2MOE, requires={"norm_topk_prob": False},
                           extra={**_MOE, "add_expert_shared_feed_forward_length": "shared_expert_intermediate_size"}),
-    "smollm3": GgufArch(gguf.MODEL_ARCH.SMOLLM3, permute_qk=True, llama_extras=True),
+    "smollm3": GgufArch(gguf.MODEL_ARCH.SMOLLM3, permute_qk=True, llama_extras=True, no_rope_step=4),
     "exaone": GgufArch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, llama_extras=True),
     "internlm3": GgufArch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, llama_extras=True),
     "iquestcoder": GgufArch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, llama_extras=True),
     "seed_oss": GgufArch(gguf.MODEL_ARCH.SEED_OSS),
     "olmo3": GgufArch(gguf.MODEL_ARCH.OLMO2, sliding_layers=True),
     "ernie4_5": GgufArch(gguf.MODEL_ARCH.ERNIE4_5),
+    # llama-model's exaone4: a sliding window (and rope only on windowed layers) only in the 64-layer 32B shape
+    "exaone4": GgufArch(gguf.MODEL_ARCH.EXAONE4, sliding_layers=True, swa_layer_counts=(64,)),
     "hunyuan_v1_dense": GgufArch(gguf.MODEL_ARCH.HUNYUAN_DENSE),
     "nemotron": GgufArch(gguf.MODEL_ARCH.NEMOTRON, norm_shift=1.0, partial_rope=True, extra={"add_layer_norm_eps": "norm_eps"}),
     "cohere2": GgufArch(gguf.MODEL_ARCH.COHERE2, partial_rope=True, sliding_layers=True, extra={"add_logit_scale": "logit_scale"}),
@@ -102,8 +106,6 @@ GGUF_ARCHS: dict[str, GgufArch] = {
 # llama.cpp converts these, but its graph computes something else than MLX (and transformers) do
 GGUF_REFUSED: dict[str, str] = {
     "phimoe": "llama.cpp's phimoe routes experts by softmax top-k; PhiMoE routes by sparsemixer (logits differ)",
-    "exaone4": "llama.cpp's exaone4 logits differ from transformers' beyond the first position (measured 0.08-3.7 on "
-               "a tiny model); not written until that is understood",
 }
 
 LLAMA_CPP = json.loads(Path(__file__).with_name("llama_cpp_archs.json").read_text())

@@ -77,6 +77,18 @@ def check_arch(model_type: str, cfg: dict, where: str) -> GgufArch:
     if ga.query_scale_head_dim and cfg.get("query_pre_attn_scalar") not in (None, cfg.get("head_dim")):
         problems.append(f"{where}: query_pre_attn_scalar={cfg['query_pre_attn_scalar']} but llama.cpp's "
                         f"{ga.arch.name.lower()} scales queries by 1/sqrt(head_dim={cfg.get('head_dim')})")
+    n_layer = cfg.get("num_hidden_layers")
+    if ga.swa_layer_counts and n_layer not in ga.swa_layer_counts and cfg.get("sliding_window") is not None:
+        problems.append(f"{where}: sliding_window={cfg['sliding_window']} with {n_layer} layers, but llama.cpp's "
+                        f"{ga.arch.name.lower()} windows attention (and skips rope on global layers) only with "
+                        f"{' or '.join(map(str, ga.swa_layer_counts))} layers")
+    if ga.no_rope_step:  # SmolLM3Config: no_rope_layers[i] = 1 where rope is used
+        want = [int((i + 1) % ga.no_rope_step != 0) for i in range(n_layer)]
+        step = cfg.get("no_rope_layer_interval") or ga.no_rope_step
+        got = cfg.get("no_rope_layers") or [int((i + 1) % step != 0) for i in range(n_layer)]
+        if list(got) != want:
+            problems.append(f"{where}: no_rope_layers={got}, but llama.cpp's {ga.arch.name.lower()} skips rope on "
+                            f"every {ga.no_rope_step}th layer ({want})")
     n_kv = cfg.get("num_key_value_heads") or cfg.get("num_attention_heads")
     if ga.no_gqa and n_kv != cfg.get("num_attention_heads"):
         problems.append(f"{where}: num_key_value_heads={n_kv} but llama.cpp's {ga.arch.name.lower()} needs as many "
