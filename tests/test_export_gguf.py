@@ -87,8 +87,9 @@ CASES = {"llama": ("llama", "llama-bpe"), "llama+lora": ("llama", "llama-bpe"), 
 CASES.update({t: (t, "llama-spm") for t in ("olmo2", "olmo3", "granite", "cohere", "cohere2", "starcoder2", "smollm3",
                                             "exaone", "internlm3", "iquestcoder", "seed_oss", "ernie4_5", "hunyuan_v1_dense",
                                             "nemotron", "glm4", "phi", "stablelm", "gpt2", "gpt_bigcode", "gpt_neox",
-                                            "glm4_moe", "dots1", "exaone4")})
-OVERRIDES = {"granite": dict(attention_multiplier=0.1, embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=4.0),
+                                            "glm4_moe", "dots1", "exaone4", "granitemoe", "ministral3")})
+_SCALES = dict(attention_multiplier=0.1, embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=4.0)
+OVERRIDES = {"granite": _SCALES, "granitemoe": _SCALES,
              "olmoe": dict(num_key_value_heads=4),  # llama.cpp's olmoe: k_norm over n_embd (no GQA)
              "dots1": dict(num_key_value_heads=4),  # llama.cpp's dots1: k/v as wide as q (no GQA)
              "smollm3": dict(num_hidden_layers=4),  # layer 3 is smollm3's first without rope

@@ -36,10 +36,13 @@ class GgufArch:
     # HF tensor name suffix -> layout op (tensors.OPS): "transpose" (GPT-2's Conv1D), "qkv_by_kind" (GPT-NeoX's
     # per-head [q k v] rows -> all q rows, all k rows, all v rows)
     ops: dict[str, str] = field(default_factory=dict)
+    # HF tensor name suffix -> the two llama.cpp tensors its halves (rows, axis -2) become (GraniteMoe's input_linear)
+    halves: dict[str, tuple[gguf.MODEL_TENSOR, gguf.MODEL_TENSOR]] = field(default_factory=dict)
     consts: dict[str, object] = field(default_factory=dict)  # GGUFWriter method -> the value llama.cpp's converter writes
     kv_heads: str = "gqa"  # "gqa": num_key_value_heads; "mha": as many as the heads; "multi_query": 1 if multi_query
     swa_layer_counts: tuple[int, ...] = ()  # llama.cpp windows attention only at these layer counts (else none)
     no_rope_step: int = 0  # llama.cpp skips rope on every n-th layer (a fixed step): the config must agree
+    rope_types: tuple[str, ...] = ()  # rope_parameters.rope_type values written for this arch beyond default/linear/llama3
     no_gqa: bool = False  # llama.cpp sizes this arch's k_norm by n_embd: num_key_value_heads must equal the heads
 
 
@@ -50,6 +53,8 @@ _MOE = {"add_expert_feed_forward_length": "moe_intermediate_size"}
 _ROUTED = {**_MOE, "add_expert_shared_count": "n_shared_experts", "add_leading_dense_block_count": "first_k_dense_replace",
            "add_expert_weights_scale": "routed_scaling_factor", "add_expert_weights_norm": "norm_topk_prob"}
 _SIGMOID = {"add_expert_gating_func": gguf.ExpertGatingFuncType.SIGMOID}  # transformers routes by sigmoid
+_GRANITE = {"add_attention_scale": "attention_multiplier", "add_embedding_scale": "embedding_multiplier",
+            "add_residual_scale": "residual_multiplier", "add_logit_scale": "logits_scaling"}
 _GEMMA2 = {"add_attn_logit_softcapping": "attn_logit_softcapping",
            "add_final_logit_softcapping": "final_logit_softcapping"}
 
@@ -69,13 +74,16 @@ GGUF_ARCHS: dict[str, GgufArch] = {
                                    "add_rope_freq_base_swa": "rope_local_base_freq"}),
     "olmo2": GgufArch(gguf.MODEL_ARCH.OLMO2),
     "olmoe": GgufArch(gguf.MODEL_ARCH.OLMOE, requires={"norm_topk_prob": False}, no_gqa=True),
-    "granite": GgufArch(gguf.MODEL_ARCH.GRANITE, permute_qk=True, llama_extras=True,
-                        extra={"add_attention_scale": "attention_multiplier", "add_embedding_scale": "embedding_multiplier",
-                               "add_residual_scale": "residual_multiplier", "add_logit_scale": "logits_scaling"}),
+    "granite": GgufArch(gguf.MODEL_ARCH.GRANITE, permute_qk=True, llama_extras=True, extra=_GRANITE),
+    "granitemoe": GgufArch(gguf.MODEL_ARCH.GRANITE_MOE, permute_qk=True, llama_extras=True, extra=_GRANITE, halves={
+        "input_linear.weight": (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP)}),
     "cohere": GgufArch(gguf.MODEL_ARCH.COMMAND_R, extra={"add_logit_scale": "logit_scale"}),
     "starcoder2": GgufArch(gguf.MODEL_ARCH.STARCODER2),
     "qwen2_moe": GgufArch(gguf.MODEL_ARCH.QWEN2MOE, requires={"norm_topk_prob": False},
                           extra={**_MOE, "add_expert_shared_feed_forward_length": "shared_expert_intermediate_size"}),
+    "ministral3": GgufArch(gguf.MODEL_ARCH.MISTRAL3, permute_qk=True, llama_extras=True, rope_types=("yarn",), extra={
+        "add_rope_scaling_yarn_log_mul": "rope_parameters.mscale_all_dim",
+        "add_attn_temperature_scale": "rope_parameters.llama_4_scaling_beta"}),
     "smollm3": GgufArch(gguf.MODEL_ARCH.SMOLLM3, permute_qk=True, llama_extras=True, no_rope_step=4),
     "exaone": GgufArch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, llama_extras=True),
     "internlm3": GgufArch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, llama_extras=True),

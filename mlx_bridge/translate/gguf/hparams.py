@@ -72,7 +72,7 @@ def check_arch(model_type: str, cfg: dict, where: str) -> GgufArch:
                 for k, v in ga.requires.items() if cfg.get(k, v) != v]
     rp = cfg.get("rope_parameters") or {}
     rope_type = rp.get("rope_type") or "default"
-    if rope_type not in ROPE_TYPES or (rope_type == "llama3" and not ga.llama_extras):
+    if (rope_type not in ROPE_TYPES or (rope_type == "llama3" and not ga.llama_extras)) and rope_type not in ga.rope_types:
         problems.append(f"{where}: rope_type {rope_type!r} is not written to GGUF for {model_type}")
     if ga.query_scale_head_dim and cfg.get("query_pre_attn_scalar") not in (None, cfg.get("head_dim")):
         problems.append(f"{where}: query_pre_attn_scalar={cfg['query_pre_attn_scalar']} but llama.cpp's "
@@ -112,6 +112,15 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
     theta = rp.get("rope_theta", cfg.get("rope_theta"))
     if theta is not None:
         w.add_rope_freq_base(float(theta))
+    if rp.get("rope_type") == "yarn":  # TextModel.set_gguf_parameters' yarn branch
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(rp["factor"]))
+        w.add_rope_scaling_orig_ctx_len(rp["original_max_position_embeddings"])
+        for method, key in (("add_rope_scaling_yarn_ext_factor", "extrapolation_factor"),
+                            ("add_rope_scaling_yarn_attn_factor", "attention_factor"),
+                            ("add_rope_scaling_yarn_beta_fast", "beta_fast"), ("add_rope_scaling_yarn_beta_slow", "beta_slow")):
+            if rp.get(key) is not None:
+                getattr(w, method)(float(rp[key]))
     if rp.get("rope_type") == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(rp["factor"]))
@@ -142,9 +151,10 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
         w.add_expert_gating_func(getattr(gguf.ExpertGatingFuncType, score.upper()))
     for method, value in ga.consts.items():
         getattr(w, method)(value)
-    for method, key in ga.extra.items():
-        if cfg.get(key) is not None:
-            getattr(w, method)(cfg[key])
+    for method, key in ga.extra.items():  # "rope_parameters.x": x inside rope_parameters
+        value = rp.get(key.split(".", 1)[1]) if key.startswith("rope_parameters.") else cfg.get(key)
+        if value is not None:
+            getattr(w, method)(value)
     if ga.sliding_window_full:  # mlx-lm attends to the whole context in every layer
         w.add_sliding_window(ctx)
     if ga.sliding_layers:  # the window on exactly the layers mlx-lm windows (effective config's layer_types)

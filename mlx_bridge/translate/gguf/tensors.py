@@ -54,7 +54,14 @@ def qkv_by_kind(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 3, -1, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
 
 
-OPS = {"transpose": lambda w, n_head: np.ascontiguousarray(w.T), "qkv_by_kind": qkv_by_kind}
+def half(w: np.ndarray, k: int) -> np.ndarray:
+    """Half `k` (0 or 1) of the rows (axis -2): GraniteMoe's gate|up -> gate, up (GraniteMoeModel.modify_tensors)."""
+    n = w.shape[-2] // 2
+    return np.ascontiguousarray(w[..., k * n:(k + 1) * n, :])
+
+
+OPS = {"transpose": lambda w, n_head: np.ascontiguousarray(w.T), "qkv_by_kind": qkv_by_kind,
+       "half0": lambda w, n_head: half(w, 0), "half1": lambda w, n_head: half(w, 1)}
 
 
 def materialize(t: GTensor) -> np.ndarray:
@@ -96,6 +103,13 @@ def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
         groups.setdefault(hf, []).append(it)
     out = []
     for hf, items in groups.items():
+        pair = next((p for k, p in ga.halves.items() if hf.endswith(k)), None)
+        if pair is not None:  # one HF tensor -> two llama.cpp tensors, a half of its rows each
+            bid = int(re.search(r"\.(\d+)\.", hf).group(1))
+            shape = (*items[0].shape[:-2], items[0].shape[-2] // 2, items[0].shape[-1])
+            out += [GTensor(gguf.TENSOR_NAMES[t].format(bid=bid) + ".weight", shape, items, op=f"half{k}")
+                    for k, t in enumerate(pair)]
+            continue
         base, _, suffix = hf.replace("e_score_correction_bias", "e_score_correction.bias").rpartition(".")
         name = names.get_name(base)
         if name is None:
