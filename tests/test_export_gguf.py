@@ -87,13 +87,14 @@ CASES = {"llama": ("llama", "llama-bpe"), "llama+lora": ("llama", "llama-bpe"), 
 CASES.update({t: (t, "llama-spm") for t in ("olmo2", "olmo3", "granite", "cohere", "cohere2", "starcoder2", "smollm3",
                                             "exaone", "internlm3", "iquestcoder", "seed_oss", "ernie4_5", "hunyuan_v1_dense",
                                             "nemotron", "glm4", "phi", "stablelm", "gpt2", "gpt_bigcode", "gpt_neox",
-                                            "glm4_moe", "dots1", "exaone4", "granitemoe", "ministral3")})
+                                            "glm4_moe", "dots1", "exaone4", "granitemoe", "ministral3", "mamba", "falcon_mamba")})
 _SCALES = dict(attention_multiplier=0.1, embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=4.0)
 OVERRIDES = {"granite": _SCALES, "granitemoe": _SCALES,
              "olmoe": dict(num_key_value_heads=4),  # llama.cpp's olmoe: k_norm over n_embd (no GQA)
              "dots1": dict(num_key_value_heads=4),  # llama.cpp's dots1: k/v as wide as q (no GQA)
              "smollm3": dict(num_hidden_layers=4),  # layer 3 is smollm3's first without rope
-             "exaone4": dict(num_hidden_layers=64)}  # llama.cpp windows exaone4 only in its 64-layer shape
+             "exaone4": dict(num_hidden_layers=64),
+             "falcon_mamba": dict(mixer_rms_eps=1e-5)}  # llama.cpp's mamba: one epsilon for the norms and B/C/dt  # llama.cpp windows exaone4 only in its 64-layer shape
 PARAMS = [(c, t) for c in CASES for t in (("f32", "f16", "q8_0") if c in ("llama", "llama+lora", "qwen2") else
                                           ("f32", "f16") if c in ("gemma+lora", "qwen2_moe+lora") else ("f32",))]
 # llama.cpp's CPU GELU reads an f16 lookup table (ggml-cpu/vec.h GGML_GELU_FP16): f32 logits move by 1e-3 (measured

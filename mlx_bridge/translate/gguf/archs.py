@@ -34,7 +34,7 @@ class GgufArch:
     query_scale_head_dim: bool = False  # llama.cpp scales queries by 1/sqrt(head_dim), MLX by query_pre_attn_scalar
     partial_rope: bool = False  # rope over partial_rotary_factor (or rotary_pct) of each head: write the dimension count
     # HF tensor name suffix -> layout op (tensors.OPS): "transpose" (GPT-2's Conv1D), "qkv_by_kind" (GPT-NeoX's
-    # per-head [q k v] rows -> all q rows, all k rows, all v rows)
+    # per-head [q k v] rows -> all q rows, all k rows, all v rows), "neg_exp" and "squeeze" (Mamba)
     ops: dict[str, str] = field(default_factory=dict)
     # HF tensor name suffix -> the two llama.cpp tensors its halves (rows, axis -2) become (GraniteMoe's input_linear)
     halves: dict[str, tuple[gguf.MODEL_TENSOR, gguf.MODEL_TENSOR]] = field(default_factory=dict)
@@ -43,6 +43,8 @@ class GgufArch:
     swa_layer_counts: tuple[int, ...] = ()  # llama.cpp windows attention only at these layer counts (else none)
     no_rope_step: int = 0  # llama.cpp skips rope on every n-th layer (a fixed step): the config must agree
     rope_types: tuple[str, ...] = ()  # rope_parameters.rope_type values written for this arch beyond default/linear/llama3
+    ssm: bool = False  # a Mamba state space model: MambaModel's hparams, no attention
+    eps_also: str = ""  # a config key whose epsilon llama.cpp takes from the norms' (FalconMamba's mixer_rms_eps)
     no_gqa: bool = False  # llama.cpp sizes this arch's k_norm by n_embd: num_key_value_heads must equal the heads
 
 
@@ -55,6 +57,7 @@ _ROUTED = {**_MOE, "add_expert_shared_count": "n_shared_experts", "add_leading_d
 _SIGMOID = {"add_expert_gating_func": gguf.ExpertGatingFuncType.SIGMOID}  # transformers routes by sigmoid
 _GRANITE = {"add_attention_scale": "attention_multiplier", "add_embedding_scale": "embedding_multiplier",
             "add_residual_scale": "residual_multiplier", "add_logit_scale": "logits_scaling"}
+_MAMBA = {"A_log": "neg_exp", "conv1d.weight": "squeeze"}  # MambaModel.modify_tensors: A = -exp(A_log); (d, 1, k) -> (d, k)
 _GEMMA2 = {"add_attn_logit_softcapping": "attn_logit_softcapping",
            "add_final_logit_softcapping": "final_logit_softcapping"}
 
@@ -84,6 +87,9 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     "ministral3": GgufArch(gguf.MODEL_ARCH.MISTRAL3, permute_qk=True, llama_extras=True, rope_types=("yarn",), extra={
         "add_rope_scaling_yarn_log_mul": "rope_parameters.mscale_all_dim",
         "add_attn_temperature_scale": "rope_parameters.llama_4_scaling_beta"}),
+    "mamba": GgufArch(gguf.MODEL_ARCH.MAMBA, ssm=True, ops=_MAMBA, requires={"use_bias": False}),
+    "falcon_mamba": GgufArch(gguf.MODEL_ARCH.MAMBA, ssm=True, ops=_MAMBA, requires={"use_bias": False},
+                             eps_also="mixer_rms_eps"),
     "smollm3": GgufArch(gguf.MODEL_ARCH.SMOLLM3, permute_qk=True, llama_extras=True, no_rope_step=4),
     "exaone": GgufArch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, llama_extras=True),
     "internlm3": GgufArch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, llama_extras=True),

@@ -25,6 +25,9 @@ _EXPERT_ALIASES = {"num_experts": ("num_local_experts", "n_routed_experts", "moe
                    "num_experts_per_tok": ("num_experts_per_token", "top_k_experts", "moe_k")}
 
 
+_RESOLVED = ("layer_norm_epsilon", "mixer_rms_eps", "conv_kernel", "state_size", "time_step_rank", "use_bias")
+
+
 def gguf_config(cfg: dict) -> dict:
     """`cfg` with what llama.cpp's converter reads, resolved by transformers' own config class: the
     standard names (num_hidden_layers, ...) filled from its aliases (`attribute_map`, e.g. GPT-2's
@@ -46,6 +49,9 @@ def gguf_config(cfg: dict) -> dict:
     for std, aliases in _EXPERT_ALIASES.items():  # TextModel.set_gguf_parameters' find_hparam lists
         if out.get(std) is None:
             out[std] = next((out[a] for a in aliases if out.get(a) is not None), None)
+    for key in _RESOLVED:  # values the config class fills in when config.json leaves them out
+        if out.get(key) is None and getattr(conf, key, None) is not None:
+            out[key] = getattr(conf, key)
     rp = getattr(conf, "rope_parameters", None) or {}
     frac = rp.get("partial_rotary_factor") or getattr(conf, "partial_rotary_factor", None) or getattr(conf, "rotary_pct", None)
     if frac is not None:
@@ -82,6 +88,9 @@ def check_arch(model_type: str, cfg: dict, where: str) -> GgufArch:
         problems.append(f"{where}: sliding_window={cfg['sliding_window']} with {n_layer} layers, but llama.cpp's "
                         f"{ga.arch.name.lower()} windows attention (and skips rope on global layers) only with "
                         f"{' or '.join(map(str, ga.swa_layer_counts))} layers")
+    if ga.eps_also and cfg.get(ga.eps_also) != mamba_eps(cfg):
+        problems.append(f"{where}: {ga.eps_also}={cfg.get(ga.eps_also)} differs from the norms' epsilon "
+                        f"{mamba_eps(cfg)}, but llama.cpp's {ga.arch.name.lower()} uses one epsilon for both")
     if ga.no_rope_step:  # SmolLM3Config: no_rope_layers[i] = 1 where rope is used
         want = [int((i + 1) % ga.no_rope_step != 0) for i in range(n_layer)]
         step = cfg.get("no_rope_layer_interval") or ga.no_rope_step
@@ -99,6 +108,8 @@ def check_arch(model_type: str, cfg: dict, where: str) -> GgufArch:
 
 def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> None:
     """TextModel.set_gguf_parameters (+ LlamaModel's, + the arch's extras) from the effective config."""
+    if ga.ssm:
+        return add_mamba_hparams(w, cfg, ga)
     n_head = cfg["num_attention_heads"]
     w.add_block_count(cfg["num_hidden_layers"])
     ctx = cfg.get("max_position_embeddings")
@@ -162,6 +173,26 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
         if any(t == "sliding_attention" for t in types):
             w.add_sliding_window(cfg["sliding_window"])
             w.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+
+
+def mamba_eps(cfg: dict) -> float:
+    return cfg.get("layer_norm_epsilon") or cfg.get("rms_norm_eps") or 1e-5
+
+
+def add_mamba_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch) -> None:
+    """convert_hf_to_gguf's MambaModel.set_gguf_parameters (MambaConfig's names, resolved by gguf_config)."""
+    d_model = cfg["hidden_size"]
+    w.add_context_length(2**20)  # as llama.cpp's converter: a state space model has no trained context
+    w.add_embedding_length(d_model)
+    w.add_feed_forward_length(0)
+    w.add_head_count(0)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_ssm_conv_kernel(cfg.get("conv_kernel") or 4)
+    w.add_ssm_inner_size(cfg.get("intermediate_size") or 2 * d_model)
+    w.add_ssm_state_size(cfg.get("state_size") or 16)
+    w.add_ssm_time_step_rank(cfg.get("time_step_rank") or -(d_model // -16))
+    w.add_layer_norm_rms_eps(mamba_eps(cfg))
+    w.add_ssm_dt_b_c_rms(ga.arch == gguf.MODEL_ARCH.MAMBA and cfg["model_type"] == "falcon_mamba")
 
 
 def llama3_rope_freqs(cfg: dict) -> np.ndarray:

@@ -61,7 +61,8 @@ def half(w: np.ndarray, k: int) -> np.ndarray:
 
 
 OPS = {"transpose": lambda w, n_head: np.ascontiguousarray(w.T), "qkv_by_kind": qkv_by_kind,
-       "half0": lambda w, n_head: half(w, 0), "half1": lambda w, n_head: half(w, 1)}
+       "half0": lambda w, n_head: half(w, 0), "half1": lambda w, n_head: half(w, 1),
+       "neg_exp": lambda w, n_head: -np.exp(w), "squeeze": lambda w, n_head: np.ascontiguousarray(w.reshape(w.shape[0], -1))}
 
 
 def materialize(t: GTensor) -> np.ndarray:
@@ -90,7 +91,7 @@ def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
     arch = plan.arch
     n_layer = cfg["num_hidden_layers"]
     names = gguf.get_tensor_name_map(ga.arch, n_layer)
-    n_head = cfg["num_attention_heads"]
+    n_head = cfg.get("num_attention_heads")
     n_kv = cfg.get("num_key_value_heads") or n_head
     expert_tpl = {t: merged_expert_name(t) for t in arch.rules if "{e}" in t}  # per-expert HF templates
     groups: dict[str, list[Item]] = {}
@@ -112,6 +113,10 @@ def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
             continue
         base, _, suffix = hf.replace("e_score_correction_bias", "e_score_correction.bias").rpartition(".")
         name = names.get_name(base)
+        if name is not None:
+            name = f"{name}.{suffix}"
+        elif suffix not in ("weight", "bias"):  # a parameter mapped whole, no suffix (Mamba's A_log, D)
+            name = names.get_name(hf)
         if name is None:
             problems.append(f"{hf}: llama.cpp ({ga.arch.name.lower()}) has no tensor for it")
             continue
@@ -125,8 +130,10 @@ def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
         op = next((o for k, o in ga.ops.items() if hf.endswith(k)), None)
         if op == "transpose":
             shape = shape[::-1]
+        elif op == "squeeze":
+            shape = (shape[0], int(np.prod(shape[1:])))
         elif op:
             heads = n_head
-        out.append(GTensor(f"{name}.{suffix}", tuple(shape), items, heads, shift, op))
+        out.append(GTensor(name, tuple(shape), items, heads, shift, op))
     raise_all(problems, plan.source.path)
     return sorted(out, key=_sort_key)
