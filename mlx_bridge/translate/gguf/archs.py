@@ -90,6 +90,8 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     "mamba": GgufArch(gguf.MODEL_ARCH.MAMBA, ssm=True, ops=_MAMBA, requires={"use_bias": False}),
     "falcon_mamba": GgufArch(gguf.MODEL_ARCH.MAMBA, ssm=True, ops=_MAMBA, requires={"use_bias": False},
                              eps_also="mixer_rms_eps"),
+    "mamba2": GgufArch(gguf.MODEL_ARCH.MAMBA2, ssm=True, requires={"use_bias": False}, ops={
+        "A_log": "neg_exp_col", "D": "col", "conv1d.weight": "squeeze", "mixer.norm.weight": "groups"}),
     "smollm3": GgufArch(gguf.MODEL_ARCH.SMOLLM3, permute_qk=True, llama_extras=True, no_rope_step=4),
     "exaone": GgufArch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, llama_extras=True),
     "internlm3": GgufArch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, llama_extras=True),

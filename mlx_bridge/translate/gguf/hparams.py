@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 
 import gguf
@@ -25,7 +26,8 @@ _EXPERT_ALIASES = {"num_experts": ("num_local_experts", "n_routed_experts", "moe
                    "num_experts_per_tok": ("num_experts_per_token", "top_k_experts", "moe_k")}
 
 
-_RESOLVED = ("layer_norm_epsilon", "mixer_rms_eps", "conv_kernel", "state_size", "time_step_rank", "use_bias")
+_RESOLVED = ("layer_norm_epsilon", "mixer_rms_eps", "conv_kernel", "state_size", "time_step_rank", "use_bias",
+             "num_heads", "n_groups")
 
 
 def gguf_config(cfg: dict) -> dict:
@@ -39,7 +41,10 @@ def gguf_config(cfg: dict) -> dict:
     """
     from transformers import AutoConfig
 
-    conf = AutoConfig.for_model(**cfg)
+    try:
+        conf = AutoConfig.for_model(**cfg)
+    except Exception:  # noqa: BLE001 - e.g. Mamba2's time_step_limit holding transformers' JSON form of infinity
+        conf = AutoConfig.for_model(**{k: v for k, v in cfg.items() if "__float__" not in json.dumps(v)})
     out = dict(cfg)
     for std, alias in conf.attribute_map.items():
         if out.get(std) is None and out.get(alias) is not None:
@@ -188,9 +193,16 @@ def add_mamba_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch) -> None:
     w.add_head_count(0)
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_ssm_conv_kernel(cfg.get("conv_kernel") or 4)
-    w.add_ssm_inner_size(cfg.get("intermediate_size") or 2 * d_model)
-    w.add_ssm_state_size(cfg.get("state_size") or 16)
-    w.add_ssm_time_step_rank(cfg.get("time_step_rank") or -(d_model // -16))
+    if ga.arch == gguf.MODEL_ARCH.MAMBA2:  # Mamba2Model: d_inner = heads x head_dim, one time step per head
+        d_inner = cfg["num_heads"] * cfg["head_dim"]
+        w.add_ssm_inner_size(d_inner)
+        w.add_ssm_state_size(cfg.get("state_size") or 128)
+        w.add_ssm_time_step_rank(cfg["num_heads"])
+        w.add_ssm_group_count(cfg.get("n_groups") or 1)
+    else:
+        w.add_ssm_inner_size(cfg.get("intermediate_size") or 2 * d_model)
+        w.add_ssm_state_size(cfg.get("state_size") or 16)
+        w.add_ssm_time_step_rank(cfg.get("time_step_rank") or -(d_model // -16))
     w.add_layer_norm_rms_eps(mamba_eps(cfg))
     w.add_ssm_dt_b_c_rms(ga.arch == gguf.MODEL_ARCH.MAMBA and cfg["model_type"] == "falcon_mamba")
 

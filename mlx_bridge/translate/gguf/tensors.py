@@ -62,7 +62,9 @@ def half(w: np.ndarray, k: int) -> np.ndarray:
 
 OPS = {"transpose": lambda w, n_head: np.ascontiguousarray(w.T), "qkv_by_kind": qkv_by_kind,
        "half0": lambda w, n_head: half(w, 0), "half1": lambda w, n_head: half(w, 1),
-       "neg_exp": lambda w, n_head: -np.exp(w), "squeeze": lambda w, n_head: np.ascontiguousarray(w.reshape(w.shape[0], -1))}
+       "neg_exp": lambda w, n_head: -np.exp(w), "neg_exp_col": lambda w, n_head: -np.exp(w)[:, None],
+       "col": lambda w, n_head: w[:, None], "groups": lambda w, n_groups: w.reshape(n_groups, -1),
+       "squeeze": lambda w, n_head: np.ascontiguousarray(w.reshape(w.shape[0], -1))}
 
 
 def materialize(t: GTensor) -> np.ndarray:
@@ -79,6 +81,11 @@ def materialize(t: GTensor) -> np.ndarray:
     if t.shift:
         w = w + np.float32(t.shift)
     return w
+
+
+def _rename(hf: str) -> str:
+    """HF names convert_hf_to_gguf renames before mapping (a routing bias, Mamba2's dt_bias)."""
+    return hf.replace("e_score_correction_bias", "e_score_correction.bias").replace("mixer.dt_bias", "mixer.dt_proj.bias")
 
 
 def _sort_key(t: GTensor):
@@ -111,7 +118,7 @@ def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
             out += [GTensor(gguf.TENSOR_NAMES[t].format(bid=bid) + ".weight", shape, items, op=f"half{k}")
                     for k, t in enumerate(pair)]
             continue
-        base, _, suffix = hf.replace("e_score_correction_bias", "e_score_correction.bias").rpartition(".")
+        base, _, suffix = _rename(hf).rpartition(".")
         name = names.get_name(base)
         if name is not None:
             name = f"{name}.{suffix}"
@@ -132,6 +139,11 @@ def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
             shape = shape[::-1]
         elif op == "squeeze":
             shape = (shape[0], int(np.prod(shape[1:])))
+        elif op in ("neg_exp_col", "col"):  # Mamba2Model: A and D as (n_head, 1)
+            shape = (*shape, 1)
+        elif op == "groups":  # Mamba2Model: the gated norm per group, (n_groups, d_inner / n_groups)
+            heads = cfg["n_groups"]
+            shape = (heads, shape[0] // heads)
         elif op:
             heads = n_head
         out.append(GTensor(name, tuple(shape), items, heads, shift, op))
