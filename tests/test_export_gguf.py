@@ -331,5 +331,7 @@ def test_arch_table_is_llama_cpps():
              for t, ga in GGUF_ARCHS.items() if table.get(get_arch({"model_type": t}).architecture.lower()) != ga.arch.name}
     assert not wrong, f"written as another arch than llama.cpp converts them: {wrong}"
     assert set(GGUF_REFUSED) <= set(supported()) and not set(GGUF_REFUSED) & set(GGUF_ARCHS)
+    untested = set(GGUF_ARCHS) - {arch for arch, _ in CASES.values()}
+    assert not untested, f"GGUF-exported without a llama.cpp-vs-transformers case: {sorted(untested)}"
     for t in set(supported()) - set(GGUF_ARCHS):
         assert refusal(t), t

@@ -113,9 +113,6 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     "glm4_moe": GgufArch(gguf.MODEL_ARCH.GLM4_MOE, partial_rope=True, extra=_ROUTED,
                          consts=_SIGMOID),
     "dots1": GgufArch(gguf.MODEL_ARCH.DOTS1, extra=_ROUTED, no_gqa=True, consts=_SIGMOID),
-    "ernie4_5_moe": GgufArch(gguf.MODEL_ARCH.ERNIE4_5_MOE, extra={
-        **_MOE, "add_interleave_moe_layer_step": "moe_layer_interval", "add_leading_dense_block_count": "moe_layer_start_index",
-        "add_expert_shared_count": "moe_num_shared_experts"}),
     "stablelm": GgufArch(gguf.MODEL_ARCH.STABLELM, partial_rope=True, extra=_PARALLEL, requires={"qk_layernorm": False}),
 }
 
