@@ -201,16 +201,14 @@ def _cli(*args) -> subprocess.CompletedProcess:
 
 
 def test_bad_input_one_line_exit_2(gz, tmp_path):
-    """Unknown --gguf-type, archs without a GGUF export (no llama.cpp converter; llama.cpp computes otherwise),
-    a tokenizer llama.cpp can't represent."""
+    """Unknown --gguf-type, an arch llama.cpp has no converter for, a tokenizer llama.cpp can't represent."""
     from mlx_bridge.testing.adapters import Zoo
 
     src = gz.mlx("llama")
     wordlevel = Zoo(gz.root / "zoo").mlx("llama")  # the tiny word-level tokenizer
-    helium, phimoe = Zoo(gz.root / "zoo").mlx("helium"), Zoo(gz.root / "zoo").mlx("phimoe")
+    helium = Zoo(gz.root / "zoo").mlx("helium")
     cases = [((src, "--gguf-type", "q3_k_xl"), "--gguf-type 'q3_k_xl'"),
              ((helium,), "model_type 'helium' has no GGUF export: llama.cpp (llama-cpp-python 0.3.36) has no converter"),
-             ((phimoe,), "model_type 'phimoe' has no GGUF export: llama.cpp's phimoe routes experts by softmax"),
              ((wordlevel,), "WordLevel tokenizer has no llama.cpp representation")]
     for args, needle in cases:
         out = tmp_path / "out"
@@ -331,6 +329,11 @@ def test_arch_table_is_llama_cpps():
              for t, ga in GGUF_ARCHS.items() if table.get(get_arch({"model_type": t}).architecture.lower()) != ga.arch.name}
     assert not wrong, f"written as another arch than llama.cpp converts them: {wrong}"
     assert set(GGUF_REFUSED) <= set(supported()) and not set(GGUF_REFUSED) & set(GGUF_ARCHS)
+    from mlx_bridge.errors import BridgeError
+    from mlx_bridge.translate.gguf.hparams import check_arch
+
+    with pytest.raises(BridgeError, match="model_type 'phimoe' has no GGUF export: llama.cpp's phimoe routes experts"):
+        check_arch("phimoe", {}, "config.json")  # llama.cpp computes it otherwise
     untested = set(GGUF_ARCHS) - {arch for arch, _ in CASES.values()}
     assert not untested, f"GGUF-exported without a llama.cpp-vs-transformers case: {sorted(untested)}"
     for t in set(supported()) - set(GGUF_ARCHS):
