@@ -1,9 +1,12 @@
 """Per-architecture GGUF data, keyed by Hugging Face `model_type` (after convert_hf_to_gguf.py).
 
 What llama.cpp needs beyond the HF tensors: its architecture name, the row permutation of q/k for
-llama-style rope (`LlamaModel.permute`), norms stored as `1 + w` (Gemma), and the hyperparameters each
-arch reads. Tensor names are never typed here: `gguf.get_tensor_name_map` maps the HF names, and
-stacked experts use the merged HF name convert_hf_to_gguf builds before mapping.
+llama-style rope (`LlamaModel.permute`), norms stored as `1 + w` (Gemma), other layout ops (GPT-2's
+Conv1D, GPT-NeoX's fused qkv, Mamba's A), the hyperparameters each arch reads, and the config values
+without which llama.cpp's graph computes something else. Tensor names are never typed here:
+`gguf.get_tensor_name_map` maps the HF names, and stacked experts use the merged HF name
+convert_hf_to_gguf builds before mapping. Which HF class llama.cpp converts as which arch is read from
+llama.cpp itself (`llama_cpp_archs.json`, scripts/derive_gguf_archs.py); a test checks every entry here.
 
 Example:
     >>> GGUF_ARCHS["mixtral"].arch.name, GGUF_ARCHS["mixtral"].permute_qk
@@ -45,7 +48,7 @@ class GgufArch:
     rope_types: tuple[str, ...] = ()  # rope_parameters.rope_type values written for this arch beyond default/linear/llama3
     ssm: bool = False  # a Mamba state space model: MambaModel's hparams, no attention
     eps_also: str = ""  # a config key whose epsilon llama.cpp takes from the norms' (FalconMamba's mixer_rms_eps)
-    no_gqa: bool = False  # llama.cpp sizes this arch's k_norm by n_embd: num_key_value_heads must equal the heads
+    no_gqa: bool = False  # llama.cpp sizes k/v (or k_norm) by the query heads: num_key_value_heads must equal them
 
 
 _CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # GPT-2's Conv1D stores (in, out)
