@@ -23,21 +23,21 @@ CONVERT = ("conversion/base.py", "convert_hf_to_gguf.py")  # get_vocab_base_pre 
 VOCAB = "src/llama-vocab.cpp"
 
 
-def _read(src: Path) -> tuple[str, dict[str, str]]:
-    """(version, {relative path: text}) of the files we need, from a tarball or a directory."""
-    want = (*CONVERT, VOCAB)
+def _read(src: Path, want=lambda rel: rel in (*CONVERT, VOCAB)) -> tuple[str, dict[str, str]]:
+    """(version, {relative path: text}) of the llama.cpp files `want`ed, from a tarball or a directory."""
     files: dict[str, str] = {}
     if src.is_file():
         with tarfile.open(src) as tar:
             for m in tar.getmembers():
                 rel = m.name.split("vendor/llama.cpp/", 1)[-1]
-                if "vendor/llama.cpp/" in m.name and rel in want:
+                if "vendor/llama.cpp/" in m.name and m.isfile() and want(rel):
                     files[rel] = tar.extractfile(m).read().decode()
         version = re.search(r"llama_cpp_python-([\w.]+)\.tar", src.name)
         return (version.group(1) if version else src.name), files
-    for rel in want:
-        if (src / rel).is_file():
-            files[rel] = (src / rel).read_text()
+    for path in src.rglob("*.py" if not want(VOCAB) else "*"):
+        rel = path.relative_to(src).as_posix()
+        if path.is_file() and want(rel):
+            files[rel] = path.read_text()
     return src.name, files
 
 

@@ -81,10 +81,25 @@ def hf_logits(model, ids: list[int]) -> np.ndarray:
 CASES = {"llama": ("llama", "llama-bpe"), "llama+lora": ("llama", "llama-bpe"), "mistral": ("mistral", "llama-bpe"),
          "qwen2": ("qwen2", "qwen2"), "qwen3": ("qwen3", "qwen2"), "qwen3_moe+lora": ("qwen3_moe", "qwen2"),
          "mixtral+lora": ("mixtral", "llama-spm"), "phi3": ("phi3", "phi-3"), "gemma2": ("gemma2", "llama-spm"),
-         "gemma3_text": ("gemma3_text", "llama-spm")}
-PARAMS = [(c, t) for c in CASES for t in (("f32", "f16", "q8_0") if c in ("llama", "llama+lora", "qwen2") else ("f32",))]
-# llama.cpp's CPU GELU reads an f16 lookup table (ggml-cpu/vec.h GGML_GELU_FP16): gemma2 f32 logits move by 1e-3
-ARCH_TOL = {"gemma2": 5e-3, "gemma3_text": 5e-3}
+         "gemma3_text": ("gemma3_text", "llama-spm"), "qwen2_moe+lora": ("qwen2_moe", "qwen2"),
+         "olmoe+lora": ("olmoe", "llama-bpe"), "gemma+lora": ("gemma", "llama-spm-json")}
+# every other GGUF-exported type: tiny model, 32k SentencePiece vocab (the tokenizer is tested apart)
+CASES.update({t: (t, "llama-spm") for t in ("olmo2", "olmo3", "granite", "cohere", "cohere2", "starcoder2", "smollm3",
+                                            "exaone", "internlm3", "iquestcoder", "seed_oss", "ernie4_5", "hunyuan_v1_dense",
+                                            "nemotron", "glm4", "phi", "stablelm", "gpt2", "gpt_bigcode", "gpt_neox",
+                                            "glm4_moe", "dots1", "exaone4", "granitemoe", "ministral3", "mamba", "falcon_mamba", "mamba2")})
+_SCALES = dict(attention_multiplier=0.1, embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=4.0)
+OVERRIDES = {"granite": _SCALES, "granitemoe": _SCALES,
+             "olmoe": dict(num_key_value_heads=4),  # llama.cpp's olmoe: k_norm over n_embd (no GQA)
+             "dots1": dict(num_key_value_heads=4),  # llama.cpp's dots1: k/v as wide as q (no GQA)
+             "smollm3": dict(num_hidden_layers=4),  # layer 3 is smollm3's first without rope
+             "exaone4": dict(num_hidden_layers=64),
+             "falcon_mamba": dict(mixer_rms_eps=1e-5)}  # llama.cpp's mamba: one epsilon for the norms and B/C/dt  # llama.cpp windows exaone4 only in its 64-layer shape
+PARAMS = [(c, t) for c in CASES for t in (("f32", "f16", "q8_0") if c in ("llama", "llama+lora", "qwen2") else
+                                          ("f32", "f16") if c in ("gemma+lora", "qwen2_moe+lora") else ("f32",))]
+# llama.cpp's CPU GELU reads an f16 lookup table (ggml-cpu/vec.h GGML_GELU_FP16): f32 logits move by 1e-3 (measured
+# 0.9-1.4e-3: gemma, starcoder2, phi, gpt2, gpt_bigcode, gpt_neox)
+ARCH_TOL = {a: 5e-3 for a in ("gemma", "gemma2", "gemma3_text", "starcoder2", "phi", "gpt2", "gpt_bigcode", "gpt_neox")}
 
 
 @pytest.mark.slow
@@ -94,7 +109,7 @@ def test_llama_cpp_matches_transformers(gz, case, gguf_type):
     logits on 48 random tokens within TOL; f32/f16: the same 12 greedy tokens; q8_0: the same top-1
     next token at >= 85% of the 48 positions (measured 0.90-0.98)."""
     arch, vocab = CASES[case]
-    src = gz.mlx(arch, vocab)
+    src = gz.mlx(arch, vocab, **OVERRIDES.get(arch, {}))
     if "+lora" in case:
         src = gz.adapter(src)
     model = load_hf(gz.export(src, "hf"))
@@ -112,12 +127,14 @@ def test_llama_cpp_matches_transformers(gz, case, gguf_type):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("vocab", ["llama-bpe", "qwen2", "llama-spm"])
+@pytest.mark.parametrize("vocab", ["llama-bpe", "qwen2", "llama-spm", "llama-spm-json"])
 def test_vocab_is_llama_cpps_own(gz, vocab):
     """Tokens, types, merges/scores and pre-tokenizer equal llama.cpp's vocab file, and llama.cpp
-    tokenizes its own test strings with our GGUF as it does with its file."""
+    tokenizes its own test strings with our GGUF as it does with its file. llama-spm-json: the SentencePiece
+    vocab from tokenizer.json alone (scores are merge ranks there: the same order, not the same numbers)."""
     arch = "qwen2" if vocab == "qwen2" else "llama"
     path = gguf_path(gz.export(gz.mlx(arch, vocab), "gguf", "f16"))
+    json_only, vocab = vocab.endswith("-json"), vocab.removesuffix("-json")
     ours, ref = gguf.GGUFReader(path).fields, gguf.GGUFReader(vocab_file(vocab)).fields
     # llama.cpp's file types its [PAD<i>] padding USER_DEFINED (an older converter); today's writes UNUSED
     pad = {i for i, t in enumerate(ref["tokenizer.ggml.tokens"].contents()) if re.fullmatch(r"\[PAD\d+\]", t)}
@@ -131,6 +148,11 @@ def test_vocab_is_llama_cpps_own(gz, vocab):
             if key == "tokenizer.ggml.token_type":
                 assert all(ours_t == gguf.TokenType.UNUSED for i, ours_t in enumerate(a) if i in pad)
                 a, b = [t for i, t in enumerate(a) if i not in pad], [t for i, t in enumerate(b) if i not in pad]
+            if key == "tokenizer.ggml.scores" and json_only:  # SentencePiece merges the best-scored pair first
+                pieces = ref["tokenizer.ggml.tokens"].contents()  # pieces a merge makes (not single characters)
+                normal = [i for i, t in enumerate(ref["tokenizer.ggml.token_type"].contents())
+                          if t == 1 and len(pieces[i]) > 1 and b[i] > -1e8]
+                a, b = sorted(normal, key=lambda i: (-a[i], i)), sorted(normal, key=lambda i: (-b[i], i))
             assert a == b, f"{vocab}: {key} differs"
     llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
     for text, ids in vocab_tests(vocab_file(vocab)):
@@ -147,7 +169,7 @@ def _quantize_with_llama_cpp(src: Path, dst: Path, ftype: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,gguf_type", [("llama", t) for t in ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_0")]
-                         + [("mixtral", "q4_k_m")])
+                         + [("mixtral", "q4_k_m"), ("mamba", "q4_k_m")])
 def test_quantized_bytes_equal_llama_cpp(gz, tmp_path, arch, gguf_type):
     """Every tensor's type and bytes equal `llama_model_quantize` run on our f32 GGUF (hidden 256: K-quant rows;
     8 layers for the `_m` mixes' layer pattern; mixtral with 8 experts for llama.cpp's 8-expert rules)."""
@@ -156,6 +178,8 @@ def test_quantized_bytes_equal_llama_cpp(gz, tmp_path, arch, gguf_type):
     shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8)
     if arch == "mixtral":
         shape.update(num_hidden_layers=2, num_local_experts=8)
+    if arch == "mamba":  # d_inner = 2 x hidden; the conv kernel stays float32 as llama.cpp keeps it
+        shape.update(num_hidden_layers=2)
     src = gz.adapter(gz.mlx(arch, "llama-spm", **shape))
     f32 = gguf_path(gz.export(src, "gguf", "f32"))
     ref_path = tmp_path / "ref.gguf"
@@ -179,14 +203,14 @@ def _cli(*args) -> subprocess.CompletedProcess:
 
 
 def test_bad_input_one_line_exit_2(gz, tmp_path):
-    """Unknown --gguf-type, an arch without a GGUF export, a tokenizer llama.cpp can't represent."""
+    """Unknown --gguf-type, an arch llama.cpp has no converter for, a tokenizer llama.cpp can't represent."""
     from mlx_bridge.testing.adapters import Zoo
 
     src = gz.mlx("llama")
     wordlevel = Zoo(gz.root / "zoo").mlx("llama")  # the tiny word-level tokenizer
-    olmo = Zoo(gz.root / "zoo").mlx("olmo2")
+    helium = Zoo(gz.root / "zoo").mlx("helium")
     cases = [((src, "--gguf-type", "q3_k_xl"), "--gguf-type 'q3_k_xl'"),
-             ((olmo,), "model_type 'olmo2' has no GGUF export"),
+             ((helium,), "model_type 'helium' has no GGUF export: llama.cpp (llama-cpp-python 0.3.36) has no converter"),
              ((wordlevel,), "WordLevel tokenizer has no llama.cpp representation")]
     for args, needle in cases:
         out = tmp_path / "out"
@@ -241,3 +265,78 @@ def test_pre_tokenizer_table_is_llama_cpps():
     chktxt, chkhsh = derive.parse_chkhsh(convert)
     assert (version, chktxt, chkhsh) == (PRE["llama_cpp"], PRE["chktxt"], PRE["chkhsh"])
     assert derive.parse_regexes(files[derive.VOCAB]) == PRE["regex"]
+
+
+def test_spm_json_leading_space_warns(gz, tmp_path):
+    """A SentencePiece tokenizer.json whose Metaspace skips the dummy prefix on text starting with a space
+    (transformers 5's LlamaTokenizer conversion): one warning naming that, and llama.cpp tokenizes every
+    test string that does not start with a space as the tokenizer.json does."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from mlx_bridge.translate.gguf.vocab import read_vocab
+
+    tok = tmp_path / "tok"
+    AutoTokenizer.from_pretrained(str(gz.tok("llama-spm"))).save_pretrained(str(tok))
+    (tok / "tokenizer.model").unlink(missing_ok=True)
+    v = read_vocab(tok, 32000, "llama")
+    assert len(v.warnings) == 1 and "starts with a space" in v.warnings[0], v.warnings
+    path = tmp_path / "vocab.gguf"
+    w = gguf.GGUFWriter(path, "llama")
+    v.add_to(w, tok)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    llm, hf = llama_cpp.Llama(str(path), vocab_only=True, verbose=False), Tokenizer.from_file(str(tok / "tokenizer.json"))
+    cases = [t for t, _ in vocab_tests(vocab_file("llama-spm")) if not t.startswith(" ")]
+    assert len(cases) > 25
+    for text in cases:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == hf.encode(text, add_special_tokens=False).ids, text
+
+
+def test_spm_json_odd_normalizer_refused(gz, tmp_path):
+    """A tokenizer.json normalizer step llama.cpp's SentencePiece tokenizer doesn't take: one clear error."""
+    from mlx_bridge.errors import BridgeError
+    from mlx_bridge.translate.gguf.vocab import read_vocab
+
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    for f in gz.tok("llama-spm-json").iterdir():
+        (tok / f.name).write_bytes(f.read_bytes())
+    tj = json.loads((tok / "tokenizer.json").read_text())
+    tj["normalizer"]["normalizers"].insert(0, {"type": "NFKC"})
+    (tok / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(BridgeError, match=r'normalizer \{"type": "NFKC"\} has no llama.cpp representation'):
+        read_vocab(tok, 32000, "llama")
+
+
+def test_arch_table_is_llama_cpps():
+    """llama_cpp_archs.json is what scripts/derive_gguf_archs.py reads from the pinned llama.cpp (no drift), and
+    every GGUF-exported type is written as the llama.cpp arch llama.cpp's converter gives its HF class."""
+    import importlib.util
+
+    from mlx_bridge.archs import get_arch
+    from mlx_bridge.archs.registry import supported
+    from mlx_bridge.testing.gguf import llama_cpp_sdist
+    from mlx_bridge.translate.gguf.archs import GGUF_ARCHS, GGUF_REFUSED, LLAMA_CPP, refusal
+
+    root = Path(__file__).resolve().parents[1] / "scripts"
+    spec = importlib.util.spec_from_file_location("derive_gguf_archs", root / "derive_gguf_archs.py")
+    derive = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(derive)
+    version, files = derive._read(llama_cpp_sdist(), derive._converter_file)
+    assert (version, derive.parse_registrations(files)) == (LLAMA_CPP["llama_cpp"], LLAMA_CPP["hf_class"])
+    table = {k.lower(): v for k, v in LLAMA_CPP["hf_class"].items()}
+    wrong = {t: (ga.arch.name, table.get(get_arch({"model_type": t}).architecture.lower()))
+             for t, ga in GGUF_ARCHS.items() if table.get(get_arch({"model_type": t}).architecture.lower()) != ga.arch.name}
+    assert not wrong, f"written as another arch than llama.cpp converts them: {wrong}"
+    assert set(GGUF_REFUSED) <= set(supported()) and not set(GGUF_REFUSED) & set(GGUF_ARCHS)
+    from mlx_bridge.errors import BridgeError
+    from mlx_bridge.translate.gguf.hparams import check_arch
+
+    with pytest.raises(BridgeError, match="model_type 'phimoe' has no GGUF export: llama.cpp's phimoe routes experts"):
+        check_arch("phimoe", {}, "config.json")  # llama.cpp computes it otherwise
+    untested = set(GGUF_ARCHS) - {arch for arch, _ in CASES.values()}
+    assert not untested, f"GGUF-exported without a llama.cpp-vs-transformers case: {sorted(untested)}"
+    for t in set(supported()) - set(GGUF_ARCHS):
+        assert refusal(t), t

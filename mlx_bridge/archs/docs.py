@@ -30,8 +30,21 @@ def peft_column(model_type: str) -> str:
     return "yes" if not odd else f"yes, except on {', '.join(sorted(set(odd)))} (hf only)"
 
 
+def _gguf() -> tuple[dict[str, str], callable]:
+    from ..translate.gguf.archs import GGUF_ARCHS, refusal  # needs the gguf extra
+
+    return {t: gguf_arch(ga) for t, ga in GGUF_ARCHS.items()}, refusal
+
+
+def gguf_arch(ga) -> str:
+    import gguf
+
+    return gguf.MODEL_ARCH_NAMES[ga.arch]
+
+
 def render() -> str:
     native = _native()
+    gguf_types, gguf_refusal = _gguf()
     types, ref = supported(), refused()
     total = len(list(DERIVED_DIR.glob("*.json")))
     versions = {json.loads(p.read_text()).get("mlx_lm") for p in DERIVED_DIR.glob("*.json")} - {None}
@@ -52,17 +65,26 @@ def render() -> str:
         "(`test_export_peft.py`) and smollm3, glm4, cohere2 (`test_export_registry.py`), not yet for the others.", "",
         "Native deploy class: `mlx_bridge.load` builds the package's own module; otherwise it runs transformers' class. "
         "vLLM: the architecture name vLLM runs natively, or its Transformers backend.", "",
-        "| model_type | HF class | hf | peft | native deploy class | vLLM | TensorRT-LLM |",
-        "|---|---|---|---|---|---|---|",
+        f"GGUF (`--format gguf`): the llama.cpp architecture the file is written as ({len(gguf_types)} types), each "
+        "loaded by llama.cpp itself in `tests/test_export_gguf.py` and its logits compared with transformers'; the "
+        "others are refused by name (reasons below).", "",
+        "| model_type | HF class | hf | peft | native deploy class | vLLM | TensorRT-LLM | GGUF |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for t in types:
         a = get_arch({"model_type": t})
         vllm = a.architecture if a.architecture in VLLM_ARCHITECTURES else f"{a.architecture} (Transformers backend)"
         trt = a.architecture if a.architecture in TRTLLM_ARCHITECTURES else "-"
         lines.append(f"| {t} | {a.architecture} | yes | {peft_column(t)} | {'yes' if t in native else 'transformers'}"
-                     f" | {vllm} | {trt} |")
+                     f" | {vllm} | {trt} | {gguf_types.get(t, '-')} |")
     lines += ["", f"## Refused ({len(ref)})", "",
               "Each is refused by name by `mlx-bridge export` (one line, exit 2, nothing written).", "",
               "| model_type | reason |", "|---|---|"]
     lines += [f"| {t} | {r.replace('|', '/')} |" for t, r in ref.items()]
+    no_gguf = [t for t in types if t not in gguf_types]
+    lines += ["", f"## No GGUF export ({len(no_gguf)} of the exportable types)", "",
+              "`--format gguf` refuses these by name (one line, exit 2, nothing written); llama.cpp's converter "
+              "registrations are read from the llama.cpp the tests run (`scripts/derive_gguf_archs.py`).", "",
+              "| model_type | reason |", "|---|---|"]
+    lines += [f"| {t} | {gguf_refusal(t).replace('|', '/')} |" for t in no_gguf]
     return "\n".join(lines) + "\n"

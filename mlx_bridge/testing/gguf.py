@@ -73,9 +73,14 @@ class GgufZoo:
         root.mkdir(parents=True, exist_ok=True)
 
     def tok(self, vocab: str) -> Path:
+        """HF tokenizer files of llama.cpp's vocab `vocab`; "<name>-json": a SentencePiece vocab as
+        tokenizer.json alone (no tokenizer.model)."""
         d = self.root / f"tok-{vocab}"
         if not (d / "tokenizer_config.json").exists():
-            hf_tokenizer(vocab_file(vocab), d)
+            if vocab.endswith("-json"):
+                spm_json_tokenizer(self.tok(vocab.removesuffix("-json")), d)
+            else:
+                hf_tokenizer(vocab_file(vocab), d)
         return d
 
     def mlx(self, arch: str, vocab: str = "llama-bpe", **overrides) -> Path:
@@ -185,3 +190,23 @@ def _spm_model(f: dict, out: Path, tokens: list[str], types: list[int]) -> None:
         p = m.pieces.add()
         p.piece, p.score, p.type = t, s, kinds[ty]
     (out / "tokenizer.model").write_bytes(m.SerializeToString())
+
+
+def spm_json_tokenizer(spm_dir: Path, out: Path) -> Path:
+    """tokenizer.json (and tokenizer_config.json) for the tokenizer.model in `spm_dir`, as transformers'
+    own `SpmConverter.build_tokenizer_from_spm_proto` builds it (encodes like SentencePiece); no tokenizer.model."""
+    import shutil
+
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    from transformers.convert_slow_tokenizer import SpmConverter
+
+    m = pb.ModelProto()
+    m.ParseFromString((spm_dir / "tokenizer.model").read_bytes())
+    tk = SpmConverter.build_tokenizer_from_spm_proto(m, {p.piece: i for i, p in enumerate(m.pieces)})
+    tk.add_special_tokens([p.piece for p in m.pieces if p.type in (2, 3)])  # unknown, control: added tokens as on the hub
+    out.mkdir(parents=True, exist_ok=True)
+    tk.save(str(out / "tokenizer.json"))
+    cfg = json.loads((spm_dir / "tokenizer_config.json").read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1, ensure_ascii=False))
+    return out

@@ -114,11 +114,12 @@ def _bar(total: int, enabled: bool):
 def prepare_gguf(source, gguf_type: str, name: str) -> GgufJob:
     """Validate SRC for a GGUF export (arch, config, tokenizer) and plan it; nothing is written to `out`."""
     from .vocab import read_vocab
-    from .write import check_arch
+    from .hparams import check_arch, gguf_config
 
     gguf_type = check_gguf_type(gguf_type)
     plan = build_plan(source, "float32")  # fuse in float32; quantize from float32
     cfg, notes = hf_config.effective_config(source.base.config, plan.arch, "float32")
+    cfg = gguf_config(cfg)
     ga = check_arch(plan.arch.model_type, cfg, str(source.base.path / "config.json"))
     tok = tempfile.TemporaryDirectory(prefix="mlx-bridge-tok-")
     try:

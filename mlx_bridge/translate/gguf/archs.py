@@ -1,9 +1,12 @@
 """Per-architecture GGUF data, keyed by Hugging Face `model_type` (after convert_hf_to_gguf.py).
 
 What llama.cpp needs beyond the HF tensors: its architecture name, the row permutation of q/k for
-llama-style rope (`LlamaModel.permute`), norms stored as `1 + w` (Gemma), and the hyperparameters each
-arch reads. Tensor names are never typed here: `gguf.get_tensor_name_map` maps the HF names, and
-stacked experts use the merged HF name convert_hf_to_gguf builds before mapping.
+llama-style rope (`LlamaModel.permute`), norms stored as `1 + w` (Gemma), other layout ops (GPT-2's
+Conv1D, GPT-NeoX's fused qkv, Mamba's A), the hyperparameters each arch reads, and the config values
+without which llama.cpp's graph computes something else. Tensor names are never typed here:
+`gguf.get_tensor_name_map` maps the HF names, and stacked experts use the merged HF name
+convert_hf_to_gguf builds before mapping. Which HF class llama.cpp converts as which arch is read from
+llama.cpp itself (`llama_cpp_archs.json`, scripts/derive_gguf_archs.py); a test checks every entry here.
 
 Example:
     >>> GGUF_ARCHS["mixtral"].arch.name, GGUF_ARCHS["mixtral"].permute_qk
@@ -12,7 +15,9 @@ Example:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import gguf
 
@@ -30,9 +35,32 @@ class GgufArch:
     sliding_window_full: bool = False  # llama.cpp windows this arch's attention; MLX does not: window = context
     sliding_layers: bool = False  # MLX windows the `layer_types` "sliding_attention" layers: write window + pattern
     query_scale_head_dim: bool = False  # llama.cpp scales queries by 1/sqrt(head_dim), MLX by query_pre_attn_scalar
+    partial_rope: bool = False  # rope over partial_rotary_factor (or rotary_pct) of each head: write the dimension count
+    # HF tensor name suffix -> layout op (tensors.OPS): "transpose" (GPT-2's Conv1D), "qkv_by_kind" (GPT-NeoX's
+    # per-head [q k v] rows -> all q rows, all k rows, all v rows), "neg_exp" and "squeeze" (Mamba)
+    ops: dict[str, str] = field(default_factory=dict)
+    # HF tensor name suffix -> the two llama.cpp tensors its halves (rows, axis -2) become (GraniteMoe's input_linear)
+    halves: dict[str, tuple[gguf.MODEL_TENSOR, gguf.MODEL_TENSOR]] = field(default_factory=dict)
+    consts: dict[str, object] = field(default_factory=dict)  # GGUFWriter method -> the value llama.cpp's converter writes
+    kv_heads: str = "gqa"  # "gqa": num_key_value_heads; "mha": as many as the heads; "multi_query": 1 if multi_query
+    swa_layer_counts: tuple[int, ...] = ()  # llama.cpp windows attention only at these layer counts (else none)
+    no_rope_step: int = 0  # llama.cpp skips rope on every n-th layer (a fixed step): the config must agree
+    rope_types: tuple[str, ...] = ()  # rope_parameters.rope_type values written for this arch beyond default/linear/llama3
+    ssm: bool = False  # a Mamba state space model: MambaModel's hparams, no attention
+    eps_also: str = ""  # a config key whose epsilon llama.cpp takes from the norms' (FalconMamba's mixer_rms_eps)
+    no_gqa: bool = False  # llama.cpp sizes k/v (or k_norm) by the query heads: num_key_value_heads must equal them
 
 
+_CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # GPT-2's Conv1D stores (in, out)
+_PARALLEL = {"add_parallel_residual": "use_parallel_residual"}
 _MOE = {"add_expert_feed_forward_length": "moe_intermediate_size"}
+# DeepSeek-style routed experts (convert_hf_to_gguf's Glm4MoeModel, Dots1Model): config key per hparam
+_ROUTED = {**_MOE, "add_expert_shared_count": "n_shared_experts", "add_leading_dense_block_count": "first_k_dense_replace",
+           "add_expert_weights_scale": "routed_scaling_factor", "add_expert_weights_norm": "norm_topk_prob"}
+_SIGMOID = {"add_expert_gating_func": gguf.ExpertGatingFuncType.SIGMOID}  # transformers routes by sigmoid
+_GRANITE = {"add_attention_scale": "attention_multiplier", "add_embedding_scale": "embedding_multiplier",
+            "add_residual_scale": "residual_multiplier", "add_logit_scale": "logits_scaling"}
+_MAMBA = {"A_log": "neg_exp", "conv1d.weight": "squeeze"}  # MambaModel.modify_tensors: A = -exp(A_log); (d, 1, k) -> (d, k)
 _GEMMA2 = {"add_attn_logit_softcapping": "attn_logit_softcapping",
            "add_final_logit_softcapping": "final_logit_softcapping"}
 
@@ -44,12 +72,78 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     "qwen3": GgufArch(gguf.MODEL_ARCH.QWEN3),
     "qwen3_moe": GgufArch(gguf.MODEL_ARCH.QWEN3MOE, extra=_MOE, requires={"norm_topk_prob": True}),
     "phi3": GgufArch(gguf.MODEL_ARCH.PHI3),
+    "gemma": GgufArch(gguf.MODEL_ARCH.GEMMA, norm_shift=1.0),
     "gemma2": GgufArch(gguf.MODEL_ARCH.GEMMA2, norm_shift=1.0, extra=_GEMMA2, sliding_window_full=True,
                        query_scale_head_dim=True),
     "gemma3_text": GgufArch(gguf.MODEL_ARCH.GEMMA3, norm_shift=1.0, sliding_layers=True, query_scale_head_dim=True,
                             extra={"add_final_logit_softcapping": "final_logit_softcapping",
                                    "add_rope_freq_base_swa": "rope_local_base_freq"}),
+    "olmo2": GgufArch(gguf.MODEL_ARCH.OLMO2),
+    "olmoe": GgufArch(gguf.MODEL_ARCH.OLMOE, requires={"norm_topk_prob": False}, no_gqa=True),
+    "granite": GgufArch(gguf.MODEL_ARCH.GRANITE, permute_qk=True, llama_extras=True, extra=_GRANITE),
+    "granitemoe": GgufArch(gguf.MODEL_ARCH.GRANITE_MOE, permute_qk=True, llama_extras=True, extra=_GRANITE, halves={
+        "input_linear.weight": (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP)}),
+    "cohere": GgufArch(gguf.MODEL_ARCH.COMMAND_R, extra={"add_logit_scale": "logit_scale"}),
+    "starcoder2": GgufArch(gguf.MODEL_ARCH.STARCODER2),
+    "qwen2_moe": GgufArch(gguf.MODEL_ARCH.QWEN2MOE, requires={"norm_topk_prob": False},
+                          extra={**_MOE, "add_expert_shared_feed_forward_length": "shared_expert_intermediate_size"}),
+    "ministral3": GgufArch(gguf.MODEL_ARCH.MISTRAL3, permute_qk=True, llama_extras=True, rope_types=("yarn",), extra={
+        "add_rope_scaling_yarn_log_mul": "rope_parameters.mscale_all_dim",
+        "add_attn_temperature_scale": "rope_parameters.llama_4_scaling_beta"}),
+    "mamba": GgufArch(gguf.MODEL_ARCH.MAMBA, ssm=True, ops=_MAMBA, requires={"use_bias": False}),
+    "falcon_mamba": GgufArch(gguf.MODEL_ARCH.MAMBA, ssm=True, ops=_MAMBA, requires={"use_bias": False},
+                             eps_also="mixer_rms_eps"),
+    "mamba2": GgufArch(gguf.MODEL_ARCH.MAMBA2, ssm=True, requires={"use_bias": False}, ops={
+        "A_log": "neg_exp_col", "D": "col", "conv1d.weight": "squeeze", "mixer.norm.weight": "groups"}),
+    "smollm3": GgufArch(gguf.MODEL_ARCH.SMOLLM3, permute_qk=True, llama_extras=True, no_rope_step=4),
+    "exaone": GgufArch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, llama_extras=True),
+    "internlm3": GgufArch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, llama_extras=True),
+    "iquestcoder": GgufArch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, llama_extras=True),
+    "seed_oss": GgufArch(gguf.MODEL_ARCH.SEED_OSS),
+    "olmo3": GgufArch(gguf.MODEL_ARCH.OLMO2, sliding_layers=True),
+    "ernie4_5": GgufArch(gguf.MODEL_ARCH.ERNIE4_5),
+    # llama-model's exaone4: a sliding window (and rope only on windowed layers) only in the 64-layer 32B shape
+    "exaone4": GgufArch(gguf.MODEL_ARCH.EXAONE4, sliding_layers=True, swa_layer_counts=(64,)),
+    "hunyuan_v1_dense": GgufArch(gguf.MODEL_ARCH.HUNYUAN_DENSE),
+    "nemotron": GgufArch(gguf.MODEL_ARCH.NEMOTRON, norm_shift=1.0, partial_rope=True, extra={"add_layer_norm_eps": "norm_eps"}),
+    "cohere2": GgufArch(gguf.MODEL_ARCH.COHERE2, partial_rope=True, sliding_layers=True, extra={"add_logit_scale": "logit_scale"}),
+    "glm4": GgufArch(gguf.MODEL_ARCH.GLM4, partial_rope=True),
+    "phi": GgufArch(gguf.MODEL_ARCH.PHI2, partial_rope=True),
+    "gpt_bigcode": GgufArch(gguf.MODEL_ARCH.STARCODER, kv_heads="multi_query"),
+    "gpt2": GgufArch(gguf.MODEL_ARCH.GPT2, kv_heads="mha", ops={k: "transpose" for k in _CONV1D}),
+    "gpt_neox": GgufArch(gguf.MODEL_ARCH.GPTNEOX, partial_rope=True, kv_heads="mha", extra=_PARALLEL,
+                         ops={"query_key_value.weight": "qkv_by_kind", "query_key_value.bias": "qkv_by_kind"}),
+    "glm4_moe": GgufArch(gguf.MODEL_ARCH.GLM4_MOE, partial_rope=True, extra=_ROUTED,
+                         consts=_SIGMOID),
+    "dots1": GgufArch(gguf.MODEL_ARCH.DOTS1, extra=_ROUTED, no_gqa=True, consts=_SIGMOID),
+    "stablelm": GgufArch(gguf.MODEL_ARCH.STABLELM, partial_rope=True, extra=_PARALLEL, requires={"qk_layernorm": False}),
 }
+
+# llama.cpp converts these, but its graph computes something else than MLX (and transformers) do
+GGUF_REFUSED: dict[str, str] = {
+    "phimoe": "llama.cpp's phimoe routes experts by softmax top-k; PhiMoE routes by sparsemixer (logits differ)",
+}
+
+LLAMA_CPP = json.loads(Path(__file__).with_name("llama_cpp_archs.json").read_text())
+
+
+def refusal(model_type: str) -> str:
+    """Why `model_type` has no GGUF export, in one sentence.
+
+    Example:
+        >>> refusal("helium")  # doctest: +SKIP
+        "llama.cpp (llama-cpp-python 0.3.36) has no converter for HeliumForCausalLM"
+    """
+    if model_type in GGUF_REFUSED:
+        return GGUF_REFUSED[model_type]
+    from ...archs import get_arch
+
+    cls = get_arch({"model_type": model_type}).architecture
+    where = f"llama.cpp (llama-cpp-python {LLAMA_CPP['llama_cpp']})"
+    arch = {k.lower(): v for k, v in LLAMA_CPP["hf_class"].items()}.get(cls.lower())  # PhiMoE/Phimoe
+    if arch is None:
+        return f"{where} has no converter for {cls}"
+    return f"{where} converts {cls} as {arch.lower()}, which mlx-bridge does not write yet"
 
 
 def merged_expert_name(per_expert: str) -> str:

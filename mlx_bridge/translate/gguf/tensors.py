@@ -30,6 +30,7 @@ class GTensor:
     items: list[Item]  # one, or one per expert (stacked on axis 0)
     n_head: int | None = None  # permute rows for llama-style rope with this many heads
     shift: float = 0.0
+    op: str | None = None  # a layout op of OPS, before the permutation
 
     @property
     def layer(self) -> int:
@@ -38,13 +39,32 @@ class GTensor:
 
     def describe(self) -> str:
         src = self.items[0].describe() + (f" ... stack({len(self.items)} experts)" if len(self.items) > 1 else "")
-        ops = ([f"permute_qk(n_head={self.n_head})"] if self.n_head else []) + ([f"+{self.shift:g}"] if self.shift else [])
+        ops = ([self.op] if self.op else [f"permute_qk(n_head={self.n_head})"] if self.n_head else []) + \
+            ([f"+{self.shift:g}"] if self.shift else [])
         return " -> ".join([src, *ops])
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     """HF's rotate-half row order -> llama.cpp's interleaved pairs, per head (convert_hf_to_gguf's permute)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def qkv_by_kind(w: np.ndarray, n_head: int) -> np.ndarray:
+    """GPT-NeoX's fused rows per head [q k v] -> [all q | all k | all v] (GPTNeoXModel.modify_tensors)."""
+    return w.reshape(n_head, 3, -1, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
+
+
+def half(w: np.ndarray, k: int) -> np.ndarray:
+    """Half `k` (0 or 1) of the rows (axis -2): GraniteMoe's gate|up -> gate, up (GraniteMoeModel.modify_tensors)."""
+    n = w.shape[-2] // 2
+    return np.ascontiguousarray(w[..., k * n:(k + 1) * n, :])
+
+
+OPS = {"transpose": lambda w, n_head: np.ascontiguousarray(w.T), "qkv_by_kind": qkv_by_kind,
+       "half0": lambda w, n_head: half(w, 0), "half1": lambda w, n_head: half(w, 1),
+       "neg_exp": lambda w, n_head: -np.exp(w), "neg_exp_col": lambda w, n_head: -np.exp(w)[:, None],
+       "col": lambda w, n_head: w[:, None], "groups": lambda w, n_groups: w.reshape(n_groups, -1),
+       "squeeze": lambda w, n_head: np.ascontiguousarray(w.reshape(w.shape[0], -1))}
 
 
 def materialize(t: GTensor) -> np.ndarray:
@@ -54,11 +74,18 @@ def materialize(t: GTensor) -> np.ndarray:
     else:
         w = np.stack([materialize_item(i) for i in t.items])
     w = w.astype(np.float32, copy=False)
+    if t.op:
+        return OPS[t.op](w, t.n_head)
     if t.n_head:
         w = permute_qk(w, t.n_head)
     if t.shift:
         w = w + np.float32(t.shift)
     return w
+
+
+def _rename(hf: str) -> str:
+    """HF names convert_hf_to_gguf renames before mapping (a routing bias, Mamba2's dt_bias)."""
+    return hf.replace("e_score_correction_bias", "e_score_correction.bias").replace("mixer.dt_bias", "mixer.dt_proj.bias")
 
 
 def _sort_key(t: GTensor):
@@ -71,7 +98,7 @@ def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
     arch = plan.arch
     n_layer = cfg["num_hidden_layers"]
     names = gguf.get_tensor_name_map(ga.arch, n_layer)
-    n_head = cfg["num_attention_heads"]
+    n_head = cfg.get("num_attention_heads")
     n_kv = cfg.get("num_key_value_heads") or n_head
     expert_tpl = {t: merged_expert_name(t) for t in arch.rules if "{e}" in t}  # per-expert HF templates
     groups: dict[str, list[Item]] = {}
@@ -84,8 +111,19 @@ def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
         groups.setdefault(hf, []).append(it)
     out = []
     for hf, items in groups.items():
-        base, _, suffix = hf.rpartition(".")
+        pair = next((p for k, p in ga.halves.items() if hf.endswith(k)), None)
+        if pair is not None:  # one HF tensor -> two llama.cpp tensors, a half of its rows each
+            bid = int(re.search(r"\.(\d+)\.", hf).group(1))
+            shape = (*items[0].shape[:-2], items[0].shape[-2] // 2, items[0].shape[-1])
+            out += [GTensor(gguf.TENSOR_NAMES[t].format(bid=bid) + ".weight", shape, items, op=f"half{k}")
+                    for k, t in enumerate(pair)]
+            continue
+        base, _, suffix = _rename(hf).rpartition(".")
         name = names.get_name(base)
+        if name is not None:
+            name = f"{name}.{suffix}"
+        elif suffix not in ("weight", "bias"):  # a parameter mapped whole, no suffix (Mamba's A_log, D)
+            name = names.get_name(hf)
         if name is None:
             problems.append(f"{hf}: llama.cpp ({ga.arch.name.lower()}) has no tensor for it")
             continue
@@ -96,6 +134,18 @@ def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
         elif ga.permute_qk and hf.endswith(("k_proj.weight", "k_proj.bias")):
             heads = n_kv
         shift = ga.norm_shift if hf.endswith("norm.weight") else 0.0
-        out.append(GTensor(f"{name}.{suffix}", tuple(shape), items, heads, shift))
+        op = next((o for k, o in ga.ops.items() if hf.endswith(k)), None)
+        if op == "transpose":
+            shape = shape[::-1]
+        elif op == "squeeze":
+            shape = (shape[0], int(np.prod(shape[1:])))
+        elif op in ("neg_exp_col", "col"):  # Mamba2Model: A and D as (n_head, 1)
+            shape = (*shape, 1)
+        elif op == "groups":  # Mamba2Model: the gated norm per group, (n_groups, d_inner / n_groups)
+            heads = cfg["n_groups"]
+            shape = (heads, shape[0] // heads)
+        elif op:
+            heads = n_head
+        out.append(GTensor(name, tuple(shape), items, heads, shift, op))
     raise_all(problems, plan.source.path)
     return sorted(out, key=_sort_key)

@@ -171,25 +171,70 @@ def merge_scores(tj: dict) -> dict[str, float]:
     return out
 
 
+# tokenizer.json normalizer steps llama.cpp's SentencePiece tokenizer also takes (spaces -> "▁", the dummy prefix)
+_SPM_STEPS = ({"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+              {"type": "Prepend", "prepend": "\u2581"},
+              {"type": "Replace", "pattern": {"Regex": "\\A\u2581"}, "content": "\u2581\u2581"})
+
+
+def _steps(node: dict | None, key: str) -> list[dict]:
+    if node is None:
+        return []
+    return node[key] if node.get("type") == "Sequence" else [node]
+
+
+def spm_prefix(tj: dict, where: Path) -> tuple[bool, list[str]]:
+    """(add_space_prefix, warnings) for a SentencePiece-style tokenizer.json; BridgeError for a normalizer
+    step llama.cpp does not take (it prefixes "▁" to the text and escapes spaces, nothing else)."""
+    norms = _steps(tj.get("normalizer"), "normalizers")
+    odd = [n for n in norms if n not in _SPM_STEPS]
+    if odd:
+        raise BridgeError(f"{where}: normalizer {json.dumps(odd[0], ensure_ascii=False)} has no llama.cpp "
+                          f"representation (its SentencePiece tokenizer only escapes spaces and adds the dummy prefix)")
+    meta = [p for p in _steps(tj.get("pre_tokenizer"), "pretokenizers") if p.get("type") == "Metaspace"]
+    by_meta = any(p.get("prepend_scheme", "always" if p.get("add_prefix_space", True) else "never") != "never"
+                  for p in meta)
+    if any(n.get("type") == "Prepend" for n in norms) or not by_meta:
+        return any(n.get("type") == "Prepend" for n in norms), []
+    if _SPM_STEPS[2] in norms:  # transformers' SentencePiece-exact form: "▁" doubled where the text starts with one
+        return True, []
+    return True, [f"{where}: the Metaspace pre-tokenizer adds no dummy prefix to text that starts with a space, "
+                  f"llama.cpp (like SentencePiece) always adds one: such text tokenizes with one more \"▁\" in llama.cpp"]
+
+
 def _llama_hf(tok_dir: Path, n_vocab: int) -> Vocab:
+    """SentencePiece-style BPE from tokenizer.json alone (convert_hf_to_gguf's `_set_vocab_llama_hf`, with scores).
+
+    Scores: a token made by merge r scores -r (`merge_scores`); SentencePiece's own pieces that no merge
+    makes (unknown, control, byte) score 0 as in a tokenizer.model; added tokens -1000 as llama.cpp writes them.
+    """
+    tj_file = tok_dir / "tokenizer.json"
+    tj = json.loads(tj_file.read_text())
+    add_prefix, warnings = spm_prefix(tj, tj_file)
     v = gguf.LlamaHfVocab(tok_dir)
-    ranks = merge_scores(json.loads((tok_dir / "tokenizer.json").read_text()))
+    ranks = merge_scores(tj)
+    base = tj["model"]["vocab"]
     tokens, scores, types = [], [], []
     for text, score, typ in v.all_tokens():
         tokens.append(text)
         t = text.decode("utf-8", errors="replace")
-        scores.append(ranks.get(t, 0.0 if len(t) == 1 or typ != T.NORMAL else -1e9) if typ == T.NORMAL else score)
+        if typ == T.NORMAL:
+            score = ranks.get(t, 0.0 if len(t) == 1 else -1e9)
+        elif t in base and typ in (T.CONTROL, T.BYTE, T.UNKNOWN):
+            score = 0.0
+        scores.append(score)
         types.append(typ)
     if len(tokens) > n_vocab:
-        raise BridgeError(f"{tok_dir / 'tokenizer.json'}: {len(tokens)} tokens, more than vocab_size {n_vocab}")
-    unk = json.loads((tok_dir / "tokenizer.json").read_text())["model"].get("unk_token")
+        raise BridgeError(f"{tj_file}: {len(tokens)} tokens, more than vocab_size {n_vocab}")
+    unk = tj["model"].get("unk_token")
     if unk is not None and unk.encode() in tokens:  # as the SentencePiece path types it
-        types[tokens.index(unk.encode())] = T.UNKNOWN
+        i = tokens.index(unk.encode())
+        types[i], scores[i] = T.UNKNOWN, 0.0
     for i in range(len(tokens), n_vocab):
         tokens.append(f"[PAD{i}]".encode())
         scores.append(-1000.0)
         types.append(T.UNUSED)
-    return Vocab("llama", tokens, types, scores=scores, pre="default")
+    return Vocab("llama", tokens, types, scores=scores, pre="default", warnings=warnings, add_space_prefix=add_prefix)
 
 
 def read_vocab(tok_dir: Path, n_vocab: int, model_type: str) -> Vocab:

@@ -7,7 +7,6 @@ tensors stream into the file in llama.cpp's order; a thread pool computes them a
 
 from __future__ import annotations
 
-import math
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -17,100 +16,12 @@ import gguf
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from ...errors import BridgeError, raise_all
 from ..plan import Plan
-from .archs import GGUF_ARCHS, GgufArch
+from .archs import GgufArch
+from .hparams import add_hparams, llama3_rope_freqs
 from .tensors import GTensor, gguf_tensors, materialize
 from .types import GGUF_TYPES, TypePicker, nbytes, quantize
 from .vocab import Vocab
-
-ROPE_TYPES = ("default", "linear", "llama3")
-
-
-def check_arch(model_type: str, cfg: dict, where: str) -> GgufArch:
-    """The arch's GGUF data; BridgeError when llama.cpp can't compute what MLX computed."""
-    ga = GGUF_ARCHS.get(model_type)
-    if ga is None:
-        raise BridgeError(f"{where}: model_type {model_type!r} has no GGUF export (llama.cpp-runnable types we "
-                          f"write: {', '.join(sorted(GGUF_ARCHS))})")
-    problems = [f"{where}: {k}={cfg.get(k)!r}, but llama.cpp's {ga.arch.name.lower()} computes as if {k}={v!r}"
-                for k, v in ga.requires.items() if cfg.get(k, v) != v]
-    rp = cfg.get("rope_parameters") or {}
-    rope_type = rp.get("rope_type") or "default"
-    if rope_type not in ROPE_TYPES or (rope_type == "llama3" and not ga.llama_extras):
-        problems.append(f"{where}: rope_type {rope_type!r} is not written to GGUF for {model_type}")
-    if ga.query_scale_head_dim and cfg.get("query_pre_attn_scalar") not in (None, cfg.get("head_dim")):
-        problems.append(f"{where}: query_pre_attn_scalar={cfg['query_pre_attn_scalar']} but llama.cpp's "
-                        f"{ga.arch.name.lower()} scales queries by 1/sqrt(head_dim={cfg.get('head_dim')})")
-    raise_all(problems)
-    return ga
-
-
-def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> None:
-    """TextModel.set_gguf_parameters (+ LlamaModel's, + the arch's extras) from the effective config."""
-    n_head = cfg["num_attention_heads"]
-    w.add_block_count(cfg["num_hidden_layers"])
-    ctx = cfg.get("max_position_embeddings")
-    if ctx is not None:
-        w.add_context_length(ctx)
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(n_head)
-    w.add_head_count_kv(cfg.get("num_key_value_heads") or n_head)
-    rp = cfg.get("rope_parameters") or {}
-    theta = rp.get("rope_theta", cfg.get("rope_theta"))
-    if theta is not None:
-        w.add_rope_freq_base(float(theta))
-    if rp.get("rope_type") == "linear":
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(float(rp["factor"]))
-    w.add_layer_norm_rms_eps(cfg.get("rms_norm_eps", 1e-6))
-    n_exp = cfg.get("num_local_experts") or cfg.get("num_experts")
-    if n_exp:
-        w.add_expert_count(n_exp)
-        w.add_expert_used_count(cfg["num_experts_per_tok"])
-    head_dim = cfg.get("head_dim")
-    if head_dim is not None:
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
-    if ga.llama_extras:
-        w.add_vocab_size(n_vocab)
-        w.add_rope_dimension_count(head_dim or cfg["hidden_size"] // n_head)
-    if ga.arch == gguf.MODEL_ARCH.PHI3:  # Phi3MiniModel: rope over the whole head, no window unless set
-        w.add_rope_dimension_count(int(rp.get("partial_rotary_factor", 1.0) * cfg["hidden_size"]) // n_head)
-        w.add_rope_scaling_orig_ctx_len(cfg.get("original_max_position_embeddings") or ctx)
-        w.add_sliding_window(cfg.get("sliding_window") or 0)
-    for method, key in ga.extra.items():
-        if cfg.get(key) is not None:
-            getattr(w, method)(cfg[key])
-    if ga.sliding_window_full:  # mlx-lm attends to the whole context in every layer
-        w.add_sliding_window(ctx)
-    if ga.sliding_layers:  # the window on exactly the layers mlx-lm windows (effective config's layer_types)
-        types = cfg.get("layer_types") or []
-        if any(t == "sliding_attention" for t in types):
-            w.add_sliding_window(cfg["sliding_window"])
-            w.add_sliding_window_pattern([t == "sliding_attention" for t in types])
-
-
-def llama3_rope_freqs(cfg: dict) -> np.ndarray:
-    """rope_freqs.weight for rope_type llama3 (convert_hf_to_gguf LlamaModel.generate_extra_tensors)."""
-    rp = cfg["rope_parameters"]
-    dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    freqs = 1.0 / (float(rp.get("rope_theta", 10000.0)) ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
-    factor, lo, hi = rp.get("factor", 8.0), rp.get("low_freq_factor", 1.0), rp.get("high_freq_factor", 4.0)
-    old = rp.get("original_max_position_embeddings", 8192)
-    out = []
-    for f in freqs:
-        wavelen = 2 * math.pi / f
-        if wavelen < old / hi:
-            out.append(1.0)
-        elif wavelen > old / lo:
-            out.append(factor)
-        else:
-            smooth = (old / wavelen - lo) / (hi - lo)
-            out.append(1 / ((1 - smooth) / factor + smooth))
-    return np.array(out, dtype=np.float32)
-
 
 def write_gguf(plan: Plan, cfg: dict, ga: GgufArch, vocab: Vocab, tok_dir: Path, path: Path, gguf_type: str,
                name: str, split_bytes: int = 0, lookahead_bytes: int = 256 << 20, progress=None) -> list[Path]:

@@ -1,0 +1,227 @@
+"""GGUF metadata of an arch: which model types llama.cpp can run as MLX computed them, and their hparams.
+
+After convert_hf_to_gguf's `TextModel.set_gguf_parameters` and each arch class's additions, read from
+the effective config (the values MLX computed with) and the arch's data in archs.py.
+
+Example:
+    >>> check_arch("llama", {}, "config.json").arch.name
+    'LLAMA'
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import gguf
+import numpy as np
+
+from ...errors import BridgeError, raise_all
+from .archs import GGUF_ARCHS, GgufArch, refusal
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+_EXPERT_ALIASES = {"num_experts": ("num_local_experts", "n_routed_experts", "moe_num_experts"),
+                   "num_experts_per_tok": ("num_experts_per_token", "top_k_experts", "moe_k")}
+
+
+_RESOLVED = ("layer_norm_epsilon", "mixer_rms_eps", "conv_kernel", "state_size", "time_step_rank", "use_bias",
+             "num_heads", "n_groups")
+
+
+def gguf_config(cfg: dict) -> dict:
+    """`cfg` with what llama.cpp's converter reads, resolved by transformers' own config class: the
+    standard names (num_hidden_layers, ...) filled from its aliases (`attribute_map`, e.g. GPT-2's
+    n_layer), GPT-2-style n_inner (else 4 x hidden), and the rotary fraction the class computes with.
+
+    Example:
+        >>> gguf_config({"model_type": "gpt2", "n_layer": 2, "n_embd": 64})["num_hidden_layers"]
+        2
+    """
+    from transformers import AutoConfig
+
+    try:
+        conf = AutoConfig.for_model(**cfg)
+    except Exception:  # noqa: BLE001 - e.g. Mamba2's time_step_limit holding transformers' JSON form of infinity
+        conf = AutoConfig.for_model(**{k: v for k, v in cfg.items() if "__float__" not in json.dumps(v)})
+    out = dict(cfg)
+    for std, alias in conf.attribute_map.items():
+        if out.get(std) is None and out.get(alias) is not None:
+            out[std] = out[alias]
+    if hasattr(conf, "n_inner"):  # GPT-2 style: the MLP is n_inner wide, else 4 x hidden
+        out["intermediate_size"] = conf.n_inner or 4 * out["hidden_size"]
+    for std, aliases in _EXPERT_ALIASES.items():  # TextModel.set_gguf_parameters' find_hparam lists
+        if out.get(std) is None:
+            out[std] = next((out[a] for a in aliases if out.get(a) is not None), None)
+    for key in _RESOLVED:  # values the config class fills in when config.json leaves them out
+        if out.get(key) is None and getattr(conf, key, None) is not None:
+            out[key] = getattr(conf, key)
+    rp = getattr(conf, "rope_parameters", None) or {}
+    frac = rp.get("partial_rotary_factor") or getattr(conf, "partial_rotary_factor", None) or getattr(conf, "rotary_pct", None)
+    if frac is not None:
+        out["partial_rotary_factor"] = frac
+    return out
+
+
+def kv_heads(cfg: dict, ga: GgufArch) -> int:
+    """Key/value heads as llama.cpp must count them for this arch."""
+    n_head = cfg["num_attention_heads"]
+    if ga.kv_heads == "mha":
+        return n_head
+    if ga.kv_heads == "multi_query":
+        return 1 if cfg.get("multi_query", True) else n_head
+    return cfg.get("num_key_value_heads") or n_head
+
+
+def check_arch(model_type: str, cfg: dict, where: str) -> GgufArch:
+    """The arch's GGUF data; BridgeError when llama.cpp can't compute what MLX computed."""
+    ga = GGUF_ARCHS.get(model_type)
+    if ga is None:
+        raise BridgeError(f"{where}: model_type {model_type!r} has no GGUF export: {refusal(model_type)}")
+    problems = [f"{where}: {k}={cfg.get(k)!r}, but llama.cpp's {ga.arch.name.lower()} computes as if {k}={v!r}"
+                for k, v in ga.requires.items() if cfg.get(k, v) != v]
+    rp = cfg.get("rope_parameters") or {}
+    rope_type = rp.get("rope_type") or "default"
+    if (rope_type not in ROPE_TYPES or (rope_type == "llama3" and not ga.llama_extras)) and rope_type not in ga.rope_types:
+        problems.append(f"{where}: rope_type {rope_type!r} is not written to GGUF for {model_type}")
+    if ga.query_scale_head_dim and cfg.get("query_pre_attn_scalar") not in (None, cfg.get("head_dim")):
+        problems.append(f"{where}: query_pre_attn_scalar={cfg['query_pre_attn_scalar']} but llama.cpp's "
+                        f"{ga.arch.name.lower()} scales queries by 1/sqrt(head_dim={cfg.get('head_dim')})")
+    n_layer = cfg.get("num_hidden_layers")
+    if ga.swa_layer_counts and n_layer not in ga.swa_layer_counts and cfg.get("sliding_window") is not None:
+        problems.append(f"{where}: sliding_window={cfg['sliding_window']} with {n_layer} layers, but llama.cpp's "
+                        f"{ga.arch.name.lower()} windows attention (and skips rope on global layers) only with "
+                        f"{' or '.join(map(str, ga.swa_layer_counts))} layers")
+    if ga.eps_also and cfg.get(ga.eps_also) != mamba_eps(cfg):
+        problems.append(f"{where}: {ga.eps_also}={cfg.get(ga.eps_also)} differs from the norms' epsilon "
+                        f"{mamba_eps(cfg)}, but llama.cpp's {ga.arch.name.lower()} uses one epsilon for both")
+    if ga.no_rope_step:  # SmolLM3Config: no_rope_layers[i] = 1 where rope is used
+        want = [int((i + 1) % ga.no_rope_step != 0) for i in range(n_layer)]
+        step = cfg.get("no_rope_layer_interval") or ga.no_rope_step
+        got = cfg.get("no_rope_layers") or [int((i + 1) % step != 0) for i in range(n_layer)]
+        if list(got) != want:
+            problems.append(f"{where}: no_rope_layers={got}, but llama.cpp's {ga.arch.name.lower()} skips rope on "
+                            f"every {ga.no_rope_step}th layer ({want})")
+    n_kv = cfg.get("num_key_value_heads") or cfg.get("num_attention_heads")
+    if ga.no_gqa and n_kv != cfg.get("num_attention_heads"):
+        problems.append(f"{where}: num_key_value_heads={n_kv} but llama.cpp's {ga.arch.name.lower()} needs as many "
+                        f"key/value heads as query heads ({cfg.get('num_attention_heads')})")
+    raise_all(problems)
+    return ga
+
+
+def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> None:
+    """TextModel.set_gguf_parameters (+ LlamaModel's, + the arch's extras) from the effective config."""
+    if ga.ssm:
+        return add_mamba_hparams(w, cfg, ga)
+    n_head = cfg["num_attention_heads"]
+    w.add_block_count(cfg["num_hidden_layers"])
+    ctx = cfg.get("max_position_embeddings")
+    if ctx is not None:
+        w.add_context_length(ctx)
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(kv_heads(cfg, ga))
+    rp = cfg.get("rope_parameters") or {}
+    theta = rp.get("rope_theta", cfg.get("rope_theta"))
+    if theta is not None:
+        w.add_rope_freq_base(float(theta))
+    if rp.get("rope_type") == "yarn":  # TextModel.set_gguf_parameters' yarn branch
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(rp["factor"]))
+        w.add_rope_scaling_orig_ctx_len(rp["original_max_position_embeddings"])
+        for method, key in (("add_rope_scaling_yarn_ext_factor", "extrapolation_factor"),
+                            ("add_rope_scaling_yarn_attn_factor", "attention_factor"),
+                            ("add_rope_scaling_yarn_beta_fast", "beta_fast"), ("add_rope_scaling_yarn_beta_slow", "beta_slow")):
+            if rp.get(key) is not None:
+                getattr(w, method)(float(rp[key]))
+    if rp.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rp["factor"]))
+    w.add_layer_norm_rms_eps(cfg.get("rms_norm_eps", 1e-6))
+    ln_eps = next((cfg[k] for k in ("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon") if cfg.get(k) is not None), None)
+    if ln_eps is not None:
+        w.add_layer_norm_eps(ln_eps)
+    n_exp = cfg.get("num_local_experts") or cfg.get("num_experts")
+    if n_exp:
+        w.add_expert_count(n_exp)
+        w.add_expert_used_count(cfg["num_experts_per_tok"])
+    head_dim = cfg.get("head_dim")
+    if head_dim is not None:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if ga.llama_extras:
+        w.add_vocab_size(n_vocab)
+        w.add_rope_dimension_count(head_dim or cfg["hidden_size"] // n_head)
+    if ga.partial_rope:
+        f = cfg.get("partial_rotary_factor", 1.0)  # as gguf_config resolved it
+        w.add_rope_dimension_count(int(f * (head_dim or cfg["hidden_size"] // n_head)))
+    if ga.arch in (gguf.MODEL_ARCH.PHI3, gguf.MODEL_ARCH.PHIMOE):  # Phi3MiniModel: rope over the whole head, no window unless set
+        w.add_rope_dimension_count(int(rp.get("partial_rotary_factor", 1.0) * cfg["hidden_size"]) // n_head)
+        w.add_rope_scaling_orig_ctx_len(cfg.get("original_max_position_embeddings") or ctx)
+        w.add_sliding_window(cfg.get("sliding_window") or 0)
+    score = cfg.get("scoring_func")
+    if score in ("sigmoid", "softmax"):
+        w.add_expert_gating_func(getattr(gguf.ExpertGatingFuncType, score.upper()))
+    for method, value in ga.consts.items():
+        getattr(w, method)(value)
+    for method, key in ga.extra.items():  # "rope_parameters.x": x inside rope_parameters
+        value = rp.get(key.split(".", 1)[1]) if key.startswith("rope_parameters.") else cfg.get(key)
+        if value is not None:
+            getattr(w, method)(value)
+    if ga.sliding_window_full:  # mlx-lm attends to the whole context in every layer
+        w.add_sliding_window(ctx)
+    if ga.sliding_layers:  # the window on exactly the layers mlx-lm windows (effective config's layer_types)
+        types = cfg.get("layer_types") or []
+        if any(t == "sliding_attention" for t in types):
+            w.add_sliding_window(cfg["sliding_window"])
+            w.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+
+
+def mamba_eps(cfg: dict) -> float:
+    return cfg.get("layer_norm_epsilon") or cfg.get("rms_norm_eps") or 1e-5
+
+
+def add_mamba_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch) -> None:
+    """convert_hf_to_gguf's MambaModel.set_gguf_parameters (MambaConfig's names, resolved by gguf_config)."""
+    d_model = cfg["hidden_size"]
+    w.add_context_length(2**20)  # as llama.cpp's converter: a state space model has no trained context
+    w.add_embedding_length(d_model)
+    w.add_feed_forward_length(0)
+    w.add_head_count(0)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_ssm_conv_kernel(cfg.get("conv_kernel") or 4)
+    if ga.arch == gguf.MODEL_ARCH.MAMBA2:  # Mamba2Model: d_inner = heads x head_dim, one time step per head
+        d_inner = cfg["num_heads"] * cfg["head_dim"]
+        w.add_ssm_inner_size(d_inner)
+        w.add_ssm_state_size(cfg.get("state_size") or 128)
+        w.add_ssm_time_step_rank(cfg["num_heads"])
+        w.add_ssm_group_count(cfg.get("n_groups") or 1)
+    else:
+        w.add_ssm_inner_size(cfg.get("intermediate_size") or 2 * d_model)
+        w.add_ssm_state_size(cfg.get("state_size") or 16)
+        w.add_ssm_time_step_rank(cfg.get("time_step_rank") or -(d_model // -16))
+    w.add_layer_norm_rms_eps(mamba_eps(cfg))
+    w.add_ssm_dt_b_c_rms(ga.arch == gguf.MODEL_ARCH.MAMBA and cfg["model_type"] == "falcon_mamba")
+
+
+def llama3_rope_freqs(cfg: dict) -> np.ndarray:
+    """rope_freqs.weight for rope_type llama3 (convert_hf_to_gguf LlamaModel.generate_extra_tensors)."""
+    rp = cfg["rope_parameters"]
+    dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    freqs = 1.0 / (float(rp.get("rope_theta", 10000.0)) ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor, lo, hi = rp.get("factor", 8.0), rp.get("low_freq_factor", 1.0), rp.get("high_freq_factor", 4.0)
+    old = rp.get("original_max_position_embeddings", 8192)
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < old / hi:
+            out.append(1.0)
+        elif wavelen > old / lo:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - lo) / (hi - lo)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
