@@ -160,3 +160,55 @@ def test_dropped_tensors_need_the_hf_base(zoo, tmp_path):
     assert not (tmp_path / "o").exists()
     out = exported(zoo.mlx("ernie4_5_moe"), hf_base=str(zoo.hf("ernie4_5_moe")))
     assert "e_score_correction_bias: mlx-lm loads it but computes without it" in (out / "README.md").read_text()
+
+
+def test_mxfp4_hub_layout_is_what_transformers_and_mlx_lm_read(zoo):
+    """gpt_oss's tiny hub checkpoint (`archs.hub.to_mxfp4_hub`): transformers dequantizes its experts to the
+    values `mxfp4_unpack` gives, and mlx-lm's `mx.dequantize` of the sanitized experts gives them too."""
+    import mlx.core as mx
+    import torch
+    from mlx_lm.utils import load_model
+    from transformers import AutoModelForCausalLM
+
+    from mlx_bridge.archs.hub import mxfp4_pack, mxfp4_unpack
+
+    d = zoo.hub("gpt_oss")
+    ts = read_tensors(d)
+    hf = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).state_dict()
+    mlx_model, _ = load_model(d)
+    for layer in range(2):
+        pre = f"model.layers.{layer}.mlp.experts."
+        for p in ("gate_up_proj", "down_proj"):
+            want = mxfp4_unpack(as_array(ts[pre + p + "_blocks"]), as_array(ts[pre + p + "_scales"]))
+            assert np.array_equal(hf[pre + p].numpy(), want), f"{pre}{p}: transformers reads other values"
+            assert np.array_equal(mxfp4_unpack(*mxfp4_pack(want)), want)  # values on the grid are kept exactly
+        ex = mlx_model.layers[layer].mlp.experts
+        mods = {"gate": ex.gate_proj, "up": ex.up_proj, "down": ex.down_proj}
+        deq = {n: np.array(mx.dequantize(m.weight, m.scales, None, m.group_size, m.bits, mode=m.mode).astype(mx.float32))
+               for n, m in mods.items()}
+        gate_up = hf[pre + "gate_up_proj"].numpy()  # (E, D, 2I), gate and up interleaved
+        assert np.array_equal(deq["gate"], gate_up[..., ::2].swapaxes(1, 2))
+        assert np.array_equal(deq["up"], gate_up[..., 1::2].swapaxes(1, 2))
+        assert np.array_equal(deq["down"], hf[pre + "down_proj"].numpy().swapaxes(1, 2))
+
+
+def test_gpt_oss_peft_attention_and_refusals(zoo, tmp_path):
+    """gpt_oss: a PEFT adapter on attention computes what MLX computed; adapters on the MXFP4 experts (mlx-lm
+    splits the interleaved gate/up) or on the router (transformers' GptOssTopKRouter, not a Linear PEFT can
+    wrap) are refused in one line, nothing written."""
+    from mlx_bridge import export
+    from mlx_bridge.errors import BridgeError
+    from test_export_peft import peft_model
+
+    base = zoo.mlx("gpt_oss")
+    ids = probe_ids(hf_config(base)["vocab_size"], n=1, length=24, seed=3)
+    ad = zoo.adapter(base, "lora-attn", rank=4, num_layers=2, keys=["self_attn.q_proj", "self_attn.k_proj",
+                                                                     "self_attn.v_proj", "self_attn.o_proj"])
+    model = peft_model(exported(base), exported(ad, format="peft"))
+    close(torch_logits(model, ids), zoo.logits(base, ad, ids=ids), "gpt_oss peft")
+    for name, keys, why in (("lora-experts", ["mlp.experts.gate_proj"], "reshapes, splits or shifts"),
+                            ("lora-router", ["mlp.router"], r"cannot wrap .*mlp\.router \(GptOssTopKRouter\)")):
+        ad = zoo.adapter(base, name, rank=4, num_layers=1, keys=keys)
+        with pytest.raises(BridgeError, match=f"{why}.*use --format hf"):
+            export(str(ad), str(tmp_path / name), format="peft", progress=False)
+        assert not (tmp_path / name).exists()

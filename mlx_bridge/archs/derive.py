@@ -101,8 +101,9 @@ def hf_defaults(model_type: str, keys) -> dict:
     return out
 
 
-def save_tiny(model_type: str, out: Path) -> dict:
-    """Save a tiny random transformers model of `model_type` as the hub lays it out; return config.json."""
+def save_tiny(model_type: str, out: Path) -> tuple[dict, dict]:
+    """Save a tiny random transformers model of `model_type` as the hub lays it out; return config.json and
+    the modules PEFT cannot wrap (`peft_unwrappable`)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -118,12 +119,31 @@ def save_tiny(model_type: str, out: Path) -> dict:
     torch.manual_seed(0)
     model = auto.from_config(config, dtype=torch.float32)
     q = QUIRKS.get(model_type, Quirks())
-    (model.base_model if q.hub_saves_base_model else model).save_pretrained(
-        str(out), save_original_format=not q.hub_saves_fused)
+    saved = model.base_model if q.hub_saves_base_model else model
+    saved.save_pretrained(str(out), save_original_format=not q.hub_saves_fused)
     p = out / "config.json"
     c = hub_style(model_type, json.loads(p.read_text()), config)
     p.write_text(json.dumps(c, indent=2, sort_keys=True))
-    return c
+    return c, peft_unwrappable(saved)
+
+
+def peft_unwrappable(model) -> dict[str, str]:
+    """HF module templates holding a matrix that PEFT's LoRA cannot wrap (its `dispatch_default` gives
+    nothing: gpt_oss's router, stacked experts) -> the module's class."""
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import dispatch_default
+
+    out = {}
+    for name, m in model.named_modules():
+        if not name or not any(p.ndim >= 2 for p in m.parameters(recurse=False)):
+            continue
+        try:
+            ok = dispatch_default(m, "probe", LoraConfig(r=1), r=1, lora_alpha=1) is not None
+        except Exception:
+            ok = False
+        if not ok:
+            out[template(name)[0]] = type(m).__name__
+    return dict(sorted(out.items()))
 
 
 def fill_ramps(out: Path) -> dict[str, tuple[int, tuple]]:
@@ -147,7 +167,6 @@ def fill_ramps(out: Path) -> dict[str, tuple[int, tuple]]:
 def mlx_sanitized(out: Path) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
     """mlx-lm's own loading up to `sanitize`: the MLX layout (what `mlx_lm.convert` saves)."""
     import mlx.core as mx
-    import mlx.nn as nn
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes, load_config
 
@@ -164,10 +183,71 @@ def mlx_sanitized(out: Path) -> tuple[dict[str, np.ndarray], dict[str, list[str]
     if missing or extra:
         raise Refused(f"mlx-lm's sanitize does not give the model's parameters (missing {missing[:3]}, "
                       f"unexpected {extra[:3]})")
-    kinds = {"embeddings": sorted({template(n)[0] for n, m in model.named_modules() if isinstance(m, nn.Embedding)}),
-             "linears": sorted({template(n)[0] for n, m in model.named_modules()  # what mlx-lm's LoRA wraps
-                                if isinstance(m, nn.Linear) or type(m).__name__ == "SwitchLinear"})}
-    return {k: np.array(v.astype(mx.float32)) for k, v in weights.items()}, kinds
+    return {k: np.array(v.astype(mx.float32)) for k, v in weights.items()}, _kinds(model)
+
+
+def _kinds(model) -> dict:
+    """MLX module templates that are embeddings, and linears mlx-lm's LoRA wraps (quantized ones too)."""
+    import mlx.nn as nn
+
+    linear = (nn.Linear, nn.QuantizedLinear)
+    return {"embeddings": sorted({template(n)[0] for n, m in model.named_modules() if isinstance(m, nn.Embedding)}),
+            "linears": sorted({template(n)[0] for n, m in model.named_modules()
+                               if isinstance(m, linear) or type(m).__name__ in ("SwitchLinear", "QuantizedSwitchLinear")})}
+
+
+def mlx_loaded_mxfp4(out: Path, layout: dict) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
+    """`mlx_sanitized` for a type whose hub checkpoints hold MXFP4 experts (gpt_oss): mlx-lm reads only
+    that layout, and a ramp value does not survive MXFP4. So each expert element's checkpoint index is sent
+    through in base-8 digits, one pass a digit: element k holds E2M1[digit] (0, 0.5, ... 6: exact in MXFP4,
+    with each group's scale chosen from its values), the checkpoint is packed as the hub does
+    (`hub.to_mxfp4_hub`), mlx-lm's own `load_model` reads it (sanitize, then its MXFP4 layers), and
+    `mx.dequantize` of every quantized MLX weight gives the digit back at the element's new place.
+    The other tensors keep their ramps. Returns the MLX weights with each dequantized weight holding the
+    ramp value of the checkpoint element it came from (scales gone), as `trace` reads them."""
+    import shutil
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import load_model
+    from safetensors.numpy import load_file, save_file
+
+    from .hub import E2M1, MXFP4_PARAMS, to_mxfp4_hub
+
+    files = {f.name: load_file(str(f)) for f in sorted(out.glob("model*.safetensors"))}
+    total = max(o + int(np.prod(s)) for o, s in layout.values())
+    ids: dict[str, np.ndarray] = {}
+    floats, kinds = {}, None
+    for p in range(-(-int(total).bit_length() // 3)):
+        with tempfile.TemporaryDirectory() as d:
+            d = Path(d)
+            for f in out.iterdir():
+                if not f.name.startswith("model") and f.is_file():
+                    shutil.copyfile(f, d / f.name)
+            for name, ts in files.items():
+                new = {}
+                for k, v in ts.items():
+                    if k.rsplit(".", 1)[-1] in MXFP4_PARAMS:
+                        off, shape = layout[k]
+                        v = E2M1[((off + np.arange(v.size)) >> (3 * p)) & 7].reshape(shape)
+                    new[k] = v
+                save_file(new, str(d / name), metadata={"format": "pt"})
+            c = to_mxfp4_hub(d, json.loads((d / "config.json").read_text()))
+            (d / "config.json").write_text(json.dumps(c))
+            model, _ = load_model(d)  # strict: every parameter the model has, no other
+            quantized = {n: m for n, m in model.named_modules() if hasattr(m, "scales") and hasattr(m, "mode")}
+            if p == 0:
+                kinds = _kinds(model)
+                skip = {f"{n}.{leaf}" for n in quantized for leaf in ("weight", "scales", "biases")}
+                floats = {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters()) if k not in skip}
+            for n, m in quantized.items():
+                w = np.array(mx.dequantize(m.weight, m.scales, getattr(m, "biases", None), m.group_size, m.bits,
+                                           mode=m.mode).astype(mx.float32))
+                digit = np.searchsorted(E2M1, w)
+                if np.any(digit >= len(E2M1)) or np.any(E2M1[np.minimum(digit, len(E2M1) - 1)] != w):
+                    raise Refused(f"MLX tensor {n}.weight holds values computed from the checkpoint (not moved)")
+                ids[f"{n}.weight"] = ids.get(f"{n}.weight", 0) + (digit.astype(np.int64) << (3 * p))
+    return {**floats, **{k: STEP * (v + 1).astype(np.float64) for k, v in ids.items()}}, kinds
 
 
 def trace(layout: dict, mlx: dict[str, np.ndarray]) -> dict:
@@ -347,7 +427,7 @@ def _derive(model_type: str, version: str) -> dict:
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         try:
-            save_tiny(model_type, d)
+            _, data["peft_refuses"] = save_tiny(model_type, d)
         except Refused:
             raise
         except Exception as e:
@@ -355,7 +435,7 @@ def _derive(model_type: str, version: str) -> dict:
                           f"{_line(e)})") from None
         layout = fill_ramps(d)
         try:
-            mlx, kinds = mlx_sanitized(d)
+            mlx, kinds = mlx_loaded_mxfp4(d, layout) if QUIRKS.get(model_type, Quirks()).hub_mxfp4 else mlx_sanitized(d)
             data.update(kinds)
         except Refused:
             raise
