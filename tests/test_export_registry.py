@@ -132,7 +132,7 @@ def test_peft_refused_where_mlx_reshapes(zoo, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_next", "deepseek_v3", "phimoe", "gemma3", "mistral3"])
+@pytest.mark.parametrize("model_type", ["qwen3_next", "deepseek_v3", "phimoe", "gemma3", "mistral3", "gpt_oss"])
 def test_load_and_verify(zoo, model_type, tmp_path):
     """Deploy follows: a LoRA checkpoint of the type exports, loads with `mlx_bridge.load` (transformers'
     class the registry names, multimodal ones included) and `verify` passes on its MLX probes."""
@@ -207,8 +207,22 @@ def test_gpt_oss_peft_attention_and_refusals(zoo, tmp_path):
     model = peft_model(exported(base), exported(ad, format="peft"))
     close(torch_logits(model, ids), zoo.logits(base, ad, ids=ids), "gpt_oss peft")
     for name, keys, why in (("lora-experts", ["mlp.experts.gate_proj"], "reshapes, splits or shifts"),
-                            ("lora-router", ["mlp.router"], r"cannot wrap .*mlp\.router \(GptOssTopKRouter\)")):
+                            ("lora-router", ["mlp.router"], r"refuses to target .*mlp\.router \(GptOssTopKRouter\)")):
         ad = zoo.adapter(base, name, rank=4, num_layers=1, keys=keys)
         with pytest.raises(BridgeError, match=f"{why}.*use --format hf"):
             export(str(ad), str(tmp_path / name), format="peft", progress=False)
         assert not (tmp_path / name).exists()
+
+
+@pytest.mark.parametrize("model_type,key,module", [("mamba", "mixer.out_proj", "MambaMixer|Linear"),
+                                                   ("qwen2_moe", "mlp.gate", "Qwen2MoeTopKRouter")])
+def test_peft_refuses_what_peft_refuses(zoo, tmp_path, model_type, key, module):
+    """The modules PEFT itself refuses to target (derived by asking `get_peft_model`: Mamba's out_proj, qwen2_moe's
+    router) are refused at export in one line, instead of an adapter PEFT cannot load."""
+    from mlx_bridge import export
+    from mlx_bridge.errors import BridgeError
+
+    ad = zoo.adapter(zoo.mlx(model_type), f"lora-{key}", rank=4, num_layers=1, keys=[key])
+    with pytest.raises(BridgeError, match=rf"refuses to target .*{key.split('.')[-1]} \(({module})\).*--format hf"):
+        export(str(ad), str(tmp_path / "o"), format="peft", progress=False)
+    assert not (tmp_path / "o").exists()

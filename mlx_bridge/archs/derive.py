@@ -29,6 +29,7 @@ import numpy as np
 
 from .quirks import QUIRKS, Quirks
 from .registry import template
+from .hub import to_hub_transposed
 from .tiny import hub_style, tiny_config
 
 STEP = 8  # value spacing: residues 1..7 mod 8 show a constant shift
@@ -61,11 +62,16 @@ def hf_classes(model_type: str) -> dict:
             "config_class": ca.CONFIG_MAPPING_NAMES.get(model_type)}
 
 
-def mlx_defaults(model_type: str) -> dict:
-    """mlx-lm's `ModelArgs` fields that have a default (JSON-able ones), read off the dataclass."""
+def mlx_defaults(model_type: str, text: bool = False) -> dict:
+    """mlx-lm's `ModelArgs` fields that have a default (JSON-able ones), read off the dataclass; `text`: those
+    of the class it reads `text_config` with (multimodal wrappers; {} when there is none)."""
     from mlx_lm.utils import _get_classes
 
-    _, args_cls = _get_classes({"model_type": model_type})
+    from .tiny import mlx_text_args
+
+    args_cls = mlx_text_args(model_type) if text else _get_classes({"model_type": model_type})[1]
+    if args_cls is None:
+        return {}
     out = {}
     for f in dataclasses.fields(args_cls):
         v = f.default if f.default is not dataclasses.MISSING else (
@@ -78,6 +84,12 @@ def mlx_defaults(model_type: str) -> dict:
             continue
         out[f.name] = v
     return out
+
+
+def _has_text_config(model_type: str) -> bool:
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.for_model(model_type), "text_config", None) is not None
 
 
 def hf_defaults(model_type: str, keys) -> dict:
@@ -121,6 +133,7 @@ def save_tiny(model_type: str, out: Path) -> tuple[dict, dict]:
     q = QUIRKS.get(model_type, Quirks())
     saved = model.base_model if q.hub_saves_base_model else model
     saved.save_pretrained(str(out), save_original_format=not q.hub_saves_fused)
+    to_hub_transposed(out, model_type)
     p = out / "config.json"
     c = hub_style(model_type, json.loads(p.read_text()), config)
     p.write_text(json.dumps(c, indent=2, sort_keys=True))
@@ -128,21 +141,39 @@ def save_tiny(model_type: str, out: Path) -> tuple[dict, dict]:
 
 
 def peft_unwrappable(model) -> dict[str, str]:
-    """HF module templates holding a matrix that PEFT's LoRA cannot wrap (its `dispatch_default` gives
-    nothing: gpt_oss's router, stacked experts) -> the module's class."""
-    from peft import LoraConfig
-    from peft.tuners.lora.layer import dispatch_default
+    """HF module templates holding a matrix that PEFT's LoRA cannot target (`get_peft_model` with it as the
+    only target module fails: gpt_oss's router and stacked experts) -> the module's class. Asked of PEFT
+    itself, once per template, on a copy of the tiny model (PEFT wraps some non-Linear routers, e.g.
+    qwen3_moe's, through its parameter wrapper)."""
+    import copy
+    import warnings
 
-    out = {}
-    for name, m in model.named_modules():
-        if not name or not any(p.ndim >= 2 for p in m.parameters(recurse=False)):
-            continue
+    from peft import LoraConfig, get_peft_model
+
+    def wraps(names: list[str]) -> bool:
         try:
-            ok = dispatch_default(m, "probe", LoraConfig(r=1), r=1, lora_alpha=1) is not None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                get_peft_model(copy.deepcopy(model), LoraConfig(r=1, target_modules=names))
+            return True
         except Exception:
-            ok = False
-        if not ok:
-            out[template(name)[0]] = type(m).__name__
+            return False
+
+    mats = [n for n, m in model.named_modules() if n and any(p.ndim >= 2 for p in m.parameters(recurse=False))]
+    out, seen = {}, set()
+    for name in mats:
+        t = template(name)[0]
+        if t in seen:
+            continue
+        seen.add(t)
+        # alone, with its siblings, or with every module of its class (PEFT takes a gate_proj only with an up_proj,
+        # which transformers may fuse with it)
+        cls = type(model.get_submodule(name))
+        siblings = [n for n in mats if n.rpartition(".")[0] == name.rpartition(".")[0]
+                    and type(model.get_submodule(n)) is cls]
+        same = [n for n in mats if type(model.get_submodule(n)) is cls]  # as mlx-lm's default: every linear
+        if not wraps([name]) and not wraps(siblings) and not wraps(same):
+            out[t] = cls.__name__
     return dict(sorted(out.items()))
 
 
@@ -178,11 +209,14 @@ def mlx_sanitized(out: Path) -> tuple[dict[str, np.ndarray], dict[str, list[str]
         weights.update(mx.load(str(f)))
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
-    want = {k for k, _ in tree_flatten(model.parameters())}
-    missing, extra = sorted(want - set(weights)), sorted(set(weights) - want)
+    want = dict(tree_flatten(model.parameters()))
+    missing, extra = sorted(set(want) - set(weights)), sorted(set(weights) - set(want))
     if missing or extra:
         raise Refused(f"mlx-lm's sanitize does not give the model's parameters (missing {missing[:3]}, "
                       f"unexpected {extra[:3]})")
+    bad = [f"{k} {tuple(weights[k].shape)} for {tuple(v.shape)}" for k, v in want.items() if weights[k].shape != v.shape]
+    if bad:
+        raise Refused(f"mlx-lm's sanitize gives parameters of the wrong shape ({'; '.join(bad[:2])})")
     return {k: np.array(v.astype(mx.float32)) for k, v in weights.items()}, _kinds(model)
 
 
@@ -332,9 +366,17 @@ def _piece(hf, ids, ps, sh, names, mlx) -> dict:
     """One part: HF block = reshape(transpose(M[index][chunk], perm)) + shift."""
     name = names[int(ids.flat[0])]
     ms = mlx[name].shape
-    idx = np.unravel_index(ps, ms)
     hs = ps.shape
     part: dict = {"mlx": name}
+    if not ms or not hs:  # a scalar (apertus's xIELU parameters, (1,) in transformers, () in mlx-lm)
+        if int(np.prod(ms)) != 1 or int(np.prod(hs)) != 1:
+            raise Refused(f"HF tensor {hf}: {name} is a scalar on one side only")
+        if ms != hs:
+            part["reshape"] = list(hs)
+        if sh.item():
+            part["shift"] = float(sh.item())
+        return part
+    idx = np.unravel_index(ps, ms)
     perm, chunk = [], None
     for j, a in enumerate(idx):
         if np.all(a == a.flat[0]):
@@ -423,6 +465,8 @@ def _derive(model_type: str, version: str) -> dict:
     if data["hf_class"] is None:
         raise Refused(f"transformers has no causal-LM or image-text-to-text class for {model_type!r}")
     data["mlx_defaults"] = mlx_defaults(model_type)
+    if _has_text_config(model_type) and (text := mlx_defaults(model_type, text=True)):
+        data["mlx_text_defaults"] = text
     data["hf_defaults"] = hf_defaults(model_type, data["mlx_defaults"])
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)

@@ -28,7 +28,7 @@ def peft_column(model_type: str) -> str:
     odd = sorted(t.rsplit(".", 2)[-2] for t in arch.rules if not arch.plain(t) and any(
         p["mlx"].rsplit(".", 1)[0] in arch.linears for p in arch.rules[t]["parts"]))  # adapters PEFT can't state
     odd += [m.rsplit(".", 1)[-1] for m in arch.peft_refuses if any(  # modules PEFT's LoRA can't wrap
-        p["mlx"].rsplit(".", 1)[0] in arch.linears for t in arch.rules if t.startswith(m + ".")
+        p["mlx"].rsplit(".", 1)[0] in arch.linears for t in arch.rules if t.rsplit(".", 1)[0] == m
         for p in arch.rules[t]["parts"])]
     return "yes" if not odd else f"yes, except on {', '.join(sorted(set(odd)))} (hf only)"
 

@@ -1,4 +1,5 @@
-"""Hub checkpoint layouts that `save_pretrained` does not write: gpt_oss's MXFP4 experts.
+"""Hub checkpoint layouts that `save_pretrained` does not write: gpt_oss's MXFP4 experts, and the
+transposed experts transformers reads with a shape check (qwen3_vl_moe, `to_hub_transposed`).
 
 openai/gpt-oss-* ship their experts as MXFP4 (`quantization_config.quant_method == "mxfp4"`), and that
 is the only layout mlx-lm's gpt_oss `sanitize` reads. For each stacked expert parameter P of shape
@@ -80,3 +81,36 @@ def to_mxfp4_hub(out: Path, config: dict) -> dict:
     config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     return config
+
+
+def hub_transposes(model_type: str) -> list[tuple[str, int, int]]:
+    """(key pattern, dim0, dim1) of the tensors transformers transposes on load only when their shape differs
+    from its own (`Transpose(check_dims=True)` in its conversion mapping: qwen3_vl_moe's experts, stored
+    (E, in, out) on the hub); `save_pretrained` writes its own layout for them, not the hub's."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import Transpose, WeightConverter
+
+    out = []
+    for c in get_checkpoint_conversion_mapping(model_type) or []:
+        if isinstance(c, WeightConverter) and c.source_patterns == c.target_patterns and len(c.source_patterns) == 1:
+            out += [(c.source_patterns[0], o.dim0, o.dim1) for o in c.operations
+                    if isinstance(o, Transpose) and o.check_dims]
+    return out
+
+
+def to_hub_transposed(out: Path, model_type: str) -> None:
+    """Rewrite a saved checkpoint's tensors that `hub_transposes` names in the hub's layout."""
+    import re
+
+    from safetensors.numpy import load_file, save_file
+
+    rules = hub_transposes(model_type)
+    if not rules:
+        return
+    for f in sorted(Path(out).glob("model*.safetensors")):
+        ts = load_file(str(f))
+        for k, v in ts.items():
+            for pat, a, b in rules:
+                if re.search(pat, k):
+                    ts[k] = np.ascontiguousarray(np.swapaxes(v, a, b))
+        save_file(ts, str(f), metadata={"format": "pt"})

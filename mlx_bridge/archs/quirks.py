@@ -85,21 +85,23 @@ QUIRKS: dict[str, Quirks] = {
     "deepseek_v3": Quirks(standard_projections=False),
     "glm4_moe_lite": Quirks(standard_projections=False),
     "qwen3_next": Quirks(standard_projections=False),
+    "minicpm3": Quirks(standard_projections=False),
     # parity tests (tests/test_export_registry.py) fail for these; refused until the difference is found
     "deepseek_v32": Quirks(refused="transformers' tiny deepseek_v32 (its indexer) does not run with the test "
                                    "shapes, so parity is unproven"),
-    "qwen2_vl": Quirks(refused="the export's logits differ from MLX's (max |diff| 0.55 on the tiny model; "
-                               "multimodal rope) in a way not yet traced"),
-    "qwen2_5_vl": Quirks(refused="the export's logits differ from MLX's (max |diff| 0.32 on the tiny model; "
-                                 "multimodal rope) in a way not yet traced"),
     "mistral4": Quirks(refused="transformers' tiny mistral4 (partial-rotary MLA with llama-4 yarn scaling) does not run "
                                "with the test shapes, so parity is unproven"),
-    "minicpm3": Quirks(refused="the export's logits differ from MLX's (max |diff| 0.10 on the tiny model; longrope "
-                               "and MiniCPM's scale_* multipliers) in a way not yet traced"),
-    "jamba": Quirks(refused="the export's logits differ from MLX's (max |diff| 0.49 on the tiny model): mlx-lm "
-                            "computes jamba differently from its config in a way not yet traced"),
-    "recurrent_gemma": Quirks(refused="mlx-lm's recurrent_gemma does not run a 2-layer model (block pattern), so "
-                                      "parity is unproven"),
+    "jamba": Quirks(refused="mlx-lm's jamba weighs the chosen experts by a softmax over their k router logits; "
+                            "transformers' Jamba by their probabilities in the softmax over all experts (not "
+                            "renormalised), and no config field changes either, so no export computes what MLX did"),
+    "recurrent_gemma": Quirks(refused="mlx-lm cannot fine-tune recurrent_gemma: its Model skips nn.Module.__init__, "
+                                      "so mlx_lm.lora's model.freeze() fails (no '_no_grad'); with no adapter there is "
+                                      "nothing to export (a plain base's export of the 3-layer tiny model matches MLX)"),
+    # mlx-lm serves model_type minimax with MiniMax-M2's module (it remaps minimax_m2 to it): sigmoid routing, q/k
+    # norms, no lightning attention. transformers' minimax is MiniMax-Text-01, another architecture.
+    "minimax": Quirks(refused="mlx-lm's minimax module is MiniMax-M2's architecture (minimax_m2 exports); "
+                              "transformers' minimax is MiniMax-Text-01 (lightning attention), which mlx-lm does not "
+                              "implement, so no tiny model of it loads in mlx-lm"),
     # mlx-lm's granitemoehybrid applies rope unless position_embedding_type is "nope"; transformers' null means none
     "granitemoehybrid": Quirks(null_as={"position_embedding_type": "rope"}),
     # mlx-lm's cohere2 picks global layers by sliding_window_pattern (i % p == p - 1), not layer_types

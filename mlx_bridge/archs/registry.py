@@ -54,6 +54,7 @@ class Arch:
     quirks: Quirks = field(default_factory=Quirks)
     by_mlx: dict = field(default_factory=dict)  # MLX weight template -> [(HF template, part number)]
     peft_refuses: dict = field(default_factory=dict)  # HF module template PEFT's LoRA cannot wrap -> its class
+    mlx_text_defaults: dict = field(default_factory=dict)  # a multimodal wrapper's: its text model's ModelArgs defaults
 
     @property
     def config_defaults(self) -> dict:
@@ -93,7 +94,7 @@ def _build(data: dict) -> Arch:
                 tuple(data.get("dropped", ())), tuple(data.get("embeddings", ())), tuple(data.get("linears", ())),
                 data.get("mlx_defaults", {}),
                 data.get("hf_defaults", {}), QUIRKS.get(data["model_type"], Quirks()), by_mlx,
-                data.get("peft_refuses", {}))
+                data.get("peft_refuses", {}), data.get("mlx_text_defaults", {}))
 
 
 @lru_cache(maxsize=None)

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from ..archs.hub import to_mxfp4_hub
+from ..archs.hub import to_hub_transposed, to_mxfp4_hub
 from ..archs.registry import describe
 from ..archs.tiny import TINY, hub_style, tiny_config
 
@@ -95,6 +95,7 @@ def tiny_hf_model(out: str | os.PathLike, model_type: str = "llama", dtype: str 
     model = model.to(getattr(torch, dtype))
     (model.base_model if arch.quirks.hub_saves_base_model else model).save_pretrained(
         str(out), save_original_format=not arch.quirks.hub_saves_fused)
+    to_hub_transposed(out, model_type)
     p = out / "config.json"
     c = hub_style(model_type, json.loads(p.read_text()), config)
     if mxfp4:

@@ -57,10 +57,27 @@ def effective_config(cfg: dict, arch: Arch, dtype: str) -> tuple[dict, list[str]
         _rope_as_mlx(cfg, c, arch, notes)
     elif "rope_theta" not in c and isinstance(c.get("rope_parameters"), dict) and "rope_theta" in c["rope_parameters"]:
         c["rope_theta"] = c["rope_parameters"]["rope_theta"]  # for readers bundling transformers v4
+    _text_rope_as_mlx(c, arch, notes)
     _rope_forces(c, arch, notes)
     if arch.quirks.attention in LAYER_PATTERNS:
         LAYER_PATTERNS[arch.quirks.attention](cfg, c, arch, notes)
     return c, notes
+
+
+def _text_rope_as_mlx(c: dict, arch: Arch, notes: list[str]) -> None:
+    """A multimodal wrapper's text model: mlx-lm reads `text_config` with its text ModelArgs, which (for
+    qwen2_vl, qwen2_5_vl) has a top-level `rope_theta` with its own default and no `rope_parameters`."""
+    tc, d = c.get("text_config"), arch.mlx_text_defaults
+    if not isinstance(tc, dict) or "rope_parameters" in d or "rope_theta" not in d:
+        return
+    tc = c["text_config"] = dict(tc)
+    theta = tc.get("rope_theta", d["rope_theta"])
+    rp = tc.get("rope_parameters")
+    if isinstance(rp, dict) and rp.get("rope_theta") != theta:
+        notes.append(f"rope: text_config's rope_parameters {rp} is not read by mlx-lm for {arch.model_type}; MLX "
+                     f"computed with rope_theta={theta!r}, which the export states")
+        tc["rope_parameters"] = {**rp, "rope_theta": theta}
+    tc["rope_theta"] = theta
 
 
 def _rope_forces(c: dict, arch: Arch, notes: list[str]) -> None:

@@ -56,7 +56,7 @@ def peft_tensors(plan: Plan, dtype: str = "auto") -> tuple[list[PeftTensor], lis
     bad = sorted({f"{m} ({unwrappable[t]})" for it in plan.items if it.lora is not None
                   for m in [it.name.rsplit(".", 1)[0]] if (t := plan.arch.template(m)[0]) in unwrappable}, key=_natural)
     if bad:
-        raise BridgeError(f"{plan.source.path}: PEFT's LoRA cannot wrap the transformers module of an adapted weight "
+        raise BridgeError(f"{plan.source.path}: PEFT's LoRA refuses to target the transformers module of an adapted weight "
                           f"({'; '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}); use --format hf")
     for it in plan.items:
         lo = it.lora

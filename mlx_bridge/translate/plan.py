@@ -170,7 +170,8 @@ def build_plan(source: Source, dtype: str = "auto") -> Plan:
                     Ref(quant.scales.file, quant.scales.key, e),
                     quant.biases and Ref(quant.biases.file, quant.biases.key, e), quant.bits, quant.group_size, quant.mode))
                 part = Part(Ref(ref.file, key, e), src_dt, pq, chunk=tuple(rule["chunk"]) if "chunk" in rule else None,
-                            perm=tuple(rule["perm"]) if "perm" in rule else None, shift=rule.get("shift", 0.0))
+                            perm=tuple(rule["perm"]) if "perm" in rule else None, shift=rule.get("shift", 0.0),
+                            reshape=tuple(rule["reshape"]) if "reshape" in rule else None)
                 outputs.setdefault(name, (hf_t, {}))[1][i] = part
                 readers.setdefault(key, []).append(part)
     items: list[Item] = []
