@@ -86,11 +86,9 @@ QUIRKS: dict[str, Quirks] = {
     "glm4_moe_lite": Quirks(standard_projections=False),
     "qwen3_next": Quirks(standard_projections=False),
     "minicpm3": Quirks(standard_projections=False),
-    # parity tests (tests/test_export_registry.py) fail for these; refused until the difference is found
-    "deepseek_v32": Quirks(refused="transformers' tiny deepseek_v32 (its indexer) does not run with the test "
-                                   "shapes, so parity is unproven"),
-    "mistral4": Quirks(refused="transformers' tiny mistral4 (partial-rotary MLA with llama-4 yarn scaling) does not run "
-                               "with the test shapes, so parity is unproven"),
+    "deepseek_v32": Quirks(standard_projections=False),
+    "mistral4": Quirks(standard_projections=False),
+    # refused: what parity tests found mlx-lm computes has no HF form (or mlx-lm cannot fine-tune the type)
     "jamba": Quirks(refused="mlx-lm's jamba weighs the chosen experts by a softmax over their k router logits; "
                             "transformers' Jamba by their probabilities in the softmax over all experts (not "
                             "renormalised), and no config field changes either, so no export computes what MLX did"),

@@ -73,9 +73,9 @@ TINY: dict[str, dict] = {
     "gpt2": {"tie_word_embeddings": True},
     "deepseek_v3": {"head_dim": 8},  # transformers rotates head_dim = qk_rope_head_dim
     "glm4_moe_lite": {"head_dim": 8},
-    "deepseek_v32": {"head_dim": 8},
+    "deepseek_v32": {"head_dim": 8, "num_key_value_heads": 4},  # transformers' MLA + indexer: kv heads = heads
     "falcon_h1": {"head_dim": 64},
-    "mistral4": {"head_dim": 8},
+    "mistral4": {"head_dim": 16},  # rotates head_dim * partial_rotary_factor (0.5) = qk_rope_head_dim (8)
     "minicpm3": {"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
                                      "long_factor": [1.0] * 4, "original_max_position_embeddings": 128}},
     "gpt_bigcode": {"n_inner": 256},
