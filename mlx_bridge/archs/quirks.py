@@ -88,6 +88,7 @@ QUIRKS: dict[str, Quirks] = {
     "minicpm3": Quirks(standard_projections=False),
     "deepseek_v32": Quirks(standard_projections=False),
     "mistral4": Quirks(standard_projections=False),
+    "glm_moe_dsa": Quirks(standard_projections=False),
     # refused: what parity tests found mlx-lm computes has no HF form (or mlx-lm cannot fine-tune the type)
     "jamba": Quirks(refused="mlx-lm's jamba weighs the chosen experts by a softmax over their k router logits; "
                             "transformers' Jamba by their probabilities in the softmax over all experts (not "

@@ -74,6 +74,7 @@ TINY: dict[str, dict] = {
     "deepseek_v3": {"head_dim": 8},  # transformers rotates head_dim = qk_rope_head_dim
     "glm4_moe_lite": {"head_dim": 8},
     "deepseek_v32": {"head_dim": 8, "num_key_value_heads": 4},  # transformers' MLA + indexer: kv heads = heads
+    "glm_moe_dsa": {"head_dim": 8, "num_key_value_heads": 4},
     "falcon_h1": {"head_dim": 64},
     "mistral4": {"head_dim": 16},  # rotates head_dim * partial_rotary_factor (0.5) = qk_rope_head_dim (8)
     "minicpm3": {"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
@@ -194,6 +195,8 @@ V4_COMPUTED = {"is_moe_layer": lambda c: [t == "sparse" for t in c["mlp_layer_ty
 HUB_FIELDS = {
     "apertus": {"mlp_bias": False, "qk_norm": True, "post_norm": False},
     "qwen3_vl_moe": {"text_config": {"norm_topk_prob": True}},  # Qwen3VLMoeTextTopKRouter always renormalises
+    # GLM-5 (DSA): deepseek-v3 routing (sigmoid scores, correction bias), every layer past the dense ones MoE
+    "glm_moe_dsa": {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "moe_layer_freq": 1},
     # MiniMax-M2: partial rope stated as rotary_dim (transformers' config still reads it), no shared expert
     "minimax_m2": {"shared_intermediate_size": 0,
                    "rotary_dim": lambda c: int(c["head_dim"] * c["rope_parameters"].get("partial_rotary_factor", 1.0))},
