@@ -12,6 +12,12 @@ shifted by a constant (the +1 of zero-centred norms: the residue modulo 8), or d
 The rules are written as templates ("{}" a layer index, "{e}" an expert index) so they hold for any
 size; every concrete key of a template must give the same rule, else the type is refused.
 
+gpt_oss ships (and mlx-lm reads) its experts only as MXFP4 blocks, where a ramp value does not survive:
+`mlx_loaded_mxfp4` sends each element's index through in base-8 digits instead, one pass a digit, and
+reads them back after mlx-lm's own `load_model` and `mx.dequantize`. Beside the rules, the HF modules
+PEFT refuses to target are recorded by asking PEFT (`peft_unwrappable`), and a multimodal wrapper's text
+ModelArgs defaults (`mlx_text_defaults`).
+
 Example:
     >>> derive("llama")["hf"]["model.layers.{}.self_attn.q_proj.weight"]  # doctest: +SKIP
     {'parts': [{'mlx': 'model.layers.{}.self_attn.q_proj.weight'}]}
@@ -160,6 +166,8 @@ def peft_unwrappable(model) -> dict[str, str]:
             return False
 
     mats = [n for n, m in model.named_modules() if n and any(p.ndim >= 2 for p in m.parameters(recurse=False))]
+    if wraps(mats):  # every one at once (most dense types): nothing to ask one by one
+        return {}
     out, seen = {}, set()
     for name in mats:
         t = template(name)[0]
