@@ -164,7 +164,8 @@ def test_dropped_tensors_need_the_hf_base(zoo, tmp_path):
 
 def test_mxfp4_hub_layout_is_what_transformers_and_mlx_lm_read(zoo):
     """gpt_oss's tiny hub checkpoint (`archs.hub.to_mxfp4_hub`): transformers dequantizes its experts to the
-    values `mxfp4_unpack` gives, and mlx-lm's `mx.dequantize` of the sanitized experts gives them too."""
+    values `mxfp4_unpack` gives, mlx-lm's `mx.dequantize` of the sanitized experts gives them too, and the
+    export of mlx-lm's conversion writes exactly them (gate/up interleaved back, transposed)."""
     import mlx.core as mx
     import torch
     from mlx_lm.utils import load_model
@@ -190,6 +191,12 @@ def test_mxfp4_hub_layout_is_what_transformers_and_mlx_lm_read(zoo):
         assert np.array_equal(deq["gate"], gate_up[..., ::2].swapaxes(1, 2))
         assert np.array_equal(deq["up"], gate_up[..., 1::2].swapaxes(1, 2))
         assert np.array_equal(deq["down"], hf[pre + "down_proj"].numpy().swapaxes(1, 2))
+    for dtype in ("float32", "bfloat16"):  # the export of mlx-lm's conversion: the same values, exactly (bf16 holds them)
+        out = read_tensors(exported(zoo.mlx("gpt_oss", dtype=dtype)))
+        for k in [k for k in out if ".experts." in k and not k.endswith("_bias")]:
+            assert out[k][0] == {"float32": "F32", "bfloat16": "BF16"}[dtype], k
+            got = as_array(out[k]).astype(np.float32)
+            assert np.array_equal(got, hf[k].numpy()), f"{k} ({dtype}): not the dequantized hub values"
 
 
 def test_gpt_oss_peft_attention_and_refusals(zoo, tmp_path):

@@ -101,6 +101,9 @@ def build_plan(source: Source, dtype: str = "auto") -> Plan:
                 problems.append(f"{afile.path.name}: unexpected key {k!r} for fine_tune_type {ft!r}")
     qcfg = base.quantization or {}
     quantized = {k[: -len(".scales")] for k in refs if k.endswith(".scales")}
+    # mx-mode weights carry no dtype: they dequantize to the model's (its unquantized float weights')
+    dense_dt = next((dt for k in sorted(refs) if k.endswith(".weight") and k[:-7] not in quantized
+                     and DTYPES[dt := refs[k].file.info(k).dtype].floating), None)
     out_np = None if dtype == "auto" else BY_NAME[dtype]
     num_experts = next((cfg[k] for k in ("num_local_experts", "num_experts", "n_routed_experts") if cfg.get(k)), None)
     logical: dict[str, tuple[int, ...]] = {}  # module -> dense weight shape (for adapter checks)
@@ -144,7 +147,7 @@ def build_plan(source: Source, dtype: str = "auto") -> Plan:
                 continue
             quant = Quant(sref, bref, bits, gs, mode)
             sdt = sref.file.info(sref.key).dtype
-            src_dt = sdt if mode == "affine" else st_of(cfg)
+            src_dt = sdt if mode == "affine" else dense_dt or st_of(cfg)
         template, layers = key_template(key)
         dense_shape[key] = tuple(shape)
         if leaf == "weight" and len(shape) >= 2:
