@@ -119,9 +119,9 @@ def hf_defaults(model_type: str, keys) -> dict:
     return out
 
 
-def save_tiny(model_type: str, out: Path) -> tuple[dict, dict]:
+def save_tiny(model_type: str, out: Path) -> tuple[dict, object]:
     """Save a tiny random transformers model of `model_type` as the hub lays it out; return config.json and
-    the modules PEFT cannot wrap (`peft_unwrappable`)."""
+    the model as saved."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -143,9 +143,7 @@ def save_tiny(model_type: str, out: Path) -> tuple[dict, dict]:
     p = out / "config.json"
     c = hub_style(model_type, json.loads(p.read_text()), config)
     p.write_text(json.dumps(c, indent=2, sort_keys=True))
-    from .derive_more import peft_unwrappable
-
-    return c, peft_unwrappable(saved)
+    return c, saved
 
 
 def fill_ramps(out: Path) -> dict[str, tuple[int, tuple]]:
@@ -388,7 +386,7 @@ def _derive(model_type: str, version: str) -> dict:
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         try:
-            _, data["peft_refuses"] = save_tiny(model_type, d)
+            _, hf_model = save_tiny(model_type, d)
         except Refused:
             raise
         except Exception as e:
@@ -406,6 +404,11 @@ def _derive(model_type: str, version: str) -> dict:
             raise Refused(f"mlx-lm could not load a tiny {model_type} ({type(e).__name__}: "
                           f"{_line(e)})") from None
         data.update(templated(**trace(layout, mlx)))
+    from .derive_more import peft_unwrappable
+
+    adaptable = set(data["linears"]) | set(data["embeddings"])  # HF modules an mlx-lm adapter can reach
+    data["peft_refuses"] = peft_unwrappable(hf_model, {t.rsplit(".", 1)[0] for t, r in data["hf"].items()
+                                                       if any(p["mlx"].rsplit(".", 1)[0] in adaptable for p in r["parts"])})
     data["mlx_lm"] = version
     return data
 

@@ -72,11 +72,11 @@ def mlx_loaded_mxfp4(out: Path, layout: dict) -> tuple[dict[str, np.ndarray], di
     return {**floats, **{k: STEP * (v + 1).astype(np.float64) for k, v in ids.items()}}, kinds
 
 
-def peft_unwrappable(model) -> dict[str, str]:
-    """HF module templates holding a matrix that PEFT's LoRA cannot target (`get_peft_model` with it as the
-    only target module fails: gpt_oss's router and stacked experts) -> the module's class. Asked of PEFT
-    itself, once per template, on a copy of the tiny model (PEFT wraps some non-Linear routers, e.g.
-    qwen3_moe's, through its parameter wrapper)."""
+def peft_unwrappable(model, templates: set[str]) -> dict[str, str]:
+    """Those of the HF module `templates` (the ones holding a weight an mlx-lm adapter can change) that PEFT's
+    LoRA cannot target (`get_peft_model` with it fails: gpt_oss's router and stacked experts, Mamba's out_proj)
+    -> the module's class. Asked of PEFT itself, once per template, on a copy of the tiny model (PEFT wraps
+    some non-Linear routers, e.g. qwen3_moe's, through its parameter wrapper)."""
     import copy
     import warnings
 
@@ -92,10 +92,11 @@ def peft_unwrappable(model) -> dict[str, str]:
             return False
 
     mats = [n for n, m in model.named_modules() if n and any(p.ndim >= 2 for p in m.parameters(recurse=False))]
-    if wraps(mats):  # every one at once (most dense types): nothing to ask one by one
+    asked = [n for n in mats if template(n)[0] in templates]
+    if not asked or wraps(asked):  # every one at once (most types): nothing to ask one by one
         return {}
     out, seen = {}, set()
-    for name in mats:
+    for name in asked:
         t = template(name)[0]
         if t in seen:
             continue
