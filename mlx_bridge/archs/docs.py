@@ -52,8 +52,8 @@ def render() -> str:
         "converted from; those tensors are copied from it (or written as the zeros MLX computed with).", "",
         "PEFT: `--format peft` writes the adapter when every adapted weight is one MLX tensor renamed (or one expert "
         "of it) and PEFT's LoRA can wrap its transformers module; PEFT's own loading is run in the tests for llama, "
-        "qwen2, phi3, mixtral, qwen3_moe (`test_export_peft.py`) and smollm3, glm4, cohere2, gpt_oss (attention) "
-        "(`test_export_registry.py`), not yet for the others.", "",
+        "qwen2, phi3, mixtral, qwen3_moe (`test_export_peft.py`) and smollm3, glm4, cohere2, lfm2, apertus, "
+        "minimax_m2, gpt_oss (attention) (`test_export_registry.py`), not yet for the others.", "",
         "Native deploy class: `mlx_bridge.load` builds the package's own module; otherwise it runs transformers' class. "
         "vLLM: the architecture name vLLM runs natively, or its Transformers backend.", "",
         "| model_type | HF class | hf | peft | native deploy class | vLLM | TensorRT-LLM |",
