@@ -84,3 +84,28 @@ def test_one_hub_id_rule(tmp_path, monkeypatch):
 
     with pytest.raises(BridgeError, match="no such directory"):
         load_base("a/b/c")  # not a hub id by the same rule: no download is tried
+
+
+def test_effective_config_states_what_mlx_computed():
+    """Config facts the parity tests found, checked without a model: mlx-lm's YarnRoPE always rounds its
+    correction range (gpt-oss ships truncate false); a v5 scaling dict's own rope_theta is not what mlx-lm reads;
+    granitemoehybrid's null position_embedding_type is rope to mlx-lm; a wrapper's text_config without
+    rope_theta is computed with the text module's default (qwen2_vl: qwen2's 1e6)."""
+    from mlx_bridge.translate.hf_config import effective_config
+
+    yarn = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+            "original_max_position_embeddings": 4096, "rope_theta": 10000.0}
+    c, notes = effective_config({"model_type": "gpt_oss", "rope_scaling": yarn, "rope_parameters": yarn},
+                                get_arch({"model_type": "gpt_oss"}), "float32")
+    assert c["rope_theta"] == 150000 and c["rope_parameters"]["rope_theta"] == 150000  # mlx-lm's default
+    assert c["rope_parameters"]["truncate"] is True and c["rope_scaling"]["truncate"] is True
+    assert any("truncate=True" in n for n in notes) and any("rope_theta=150000" in n for n in notes)
+    c, notes = effective_config({"model_type": "granitemoehybrid", "position_embedding_type": None},
+                                get_arch({"model_type": "granitemoehybrid"}), "float32")
+    assert c["position_embedding_type"] == "rope" and any("position_embedding_type" in n for n in notes)
+    tc = {"model_type": "qwen2_vl_text", "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                            "mrope_section": [2, 3, 3]}}
+    c, notes = effective_config({"model_type": "qwen2_vl", "text_config": tc}, get_arch({"model_type": "qwen2_vl"}),
+                                "float32")
+    assert c["text_config"]["rope_parameters"] == {**tc["rope_parameters"], "rope_theta": 1000000}
+    assert tc["rope_parameters"]["rope_theta"] == 10000.0  # the source config is not changed

@@ -107,15 +107,17 @@ def test_bf16_shifted_norms_rounded_once(zoo):
     assert shifted >= 5
 
 
-@pytest.mark.parametrize("model_type", ["smollm3", "glm4", "cohere2"])
+@pytest.mark.parametrize("model_type", ["smollm3", "glm4", "cohere2", "lfm2", "apertus", "minimax_m2"])
 def test_peft(zoo, model_type):
-    """PEFT adapter of a new dense type on its HF export: PeftModel computes what MLX computed."""
+    """PEFT adapter of a new type on its HF export: PeftModel computes what MLX computed (per-expert adapters of
+    MoE types are converted by PEFT to transformers' fused experts)."""
     from test_export_peft import peft_model
 
     base = zoo.mlx(model_type)
     ids = probe_ids(hf_config(base)["vocab_size"], n=1, length=24, seed=3)
     ad = zoo.adapter(base, "lora", rank=4, num_layers=2)
-    model = peft_model(exported(base), exported(ad, format="peft"))
+    moe = any("{e}" in t for t in get_arch({"model_type": model_type}).rules)
+    model = peft_model(exported(base), exported(ad, format="peft"), same_keys=not moe)
     close(torch_logits(model, ids), zoo.logits(base, ad, ids=ids), f"{model_type} peft")
 
 
@@ -132,7 +134,7 @@ def test_peft_refused_where_mlx_reshapes(zoo, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_next", "deepseek_v3", "phimoe", "gemma3", "mistral3"])
+@pytest.mark.parametrize("model_type", ["qwen3_next", "deepseek_v3", "phimoe", "gemma3", "mistral3", "gpt_oss"])
 def test_load_and_verify(zoo, model_type, tmp_path):
     """Deploy follows: a LoRA checkpoint of the type exports, loads with `mlx_bridge.load` (transformers'
     class the registry names, multimodal ones included) and `verify` passes on its MLX probes."""
@@ -160,3 +162,76 @@ def test_dropped_tensors_need_the_hf_base(zoo, tmp_path):
     assert not (tmp_path / "o").exists()
     out = exported(zoo.mlx("ernie4_5_moe"), hf_base=str(zoo.hf("ernie4_5_moe")))
     assert "e_score_correction_bias: mlx-lm loads it but computes without it" in (out / "README.md").read_text()
+
+
+def test_mxfp4_hub_layout_is_what_transformers_and_mlx_lm_read(zoo):
+    """gpt_oss's tiny hub checkpoint (`archs.hub.to_mxfp4_hub`): transformers dequantizes its experts to the
+    values `mxfp4_unpack` gives, mlx-lm's `mx.dequantize` of the sanitized experts gives them too, and the
+    export of mlx-lm's conversion writes exactly them (gate/up interleaved back, transposed)."""
+    import mlx.core as mx
+    import torch
+    from mlx_lm.utils import load_model
+    from transformers import AutoModelForCausalLM
+
+    from mlx_bridge.archs.hub import mxfp4_pack, mxfp4_unpack
+
+    d = zoo.hub("gpt_oss")
+    ts = read_tensors(d)
+    hf = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).state_dict()
+    mlx_model, _ = load_model(d)
+    for layer in range(2):
+        pre = f"model.layers.{layer}.mlp.experts."
+        for p in ("gate_up_proj", "down_proj"):
+            want = mxfp4_unpack(as_array(ts[pre + p + "_blocks"]), as_array(ts[pre + p + "_scales"]))
+            assert np.array_equal(hf[pre + p].numpy(), want), f"{pre}{p}: transformers reads other values"
+            assert np.array_equal(mxfp4_unpack(*mxfp4_pack(want)), want)  # values on the grid are kept exactly
+        ex = mlx_model.layers[layer].mlp.experts
+        mods = {"gate": ex.gate_proj, "up": ex.up_proj, "down": ex.down_proj}
+        deq = {n: np.array(mx.dequantize(m.weight, m.scales, None, m.group_size, m.bits, mode=m.mode).astype(mx.float32))
+               for n, m in mods.items()}
+        gate_up = hf[pre + "gate_up_proj"].numpy()  # (E, D, 2I), gate and up interleaved
+        assert np.array_equal(deq["gate"], gate_up[..., ::2].swapaxes(1, 2))
+        assert np.array_equal(deq["up"], gate_up[..., 1::2].swapaxes(1, 2))
+        assert np.array_equal(deq["down"], hf[pre + "down_proj"].numpy().swapaxes(1, 2))
+    for dtype in ("float32", "bfloat16"):  # the export of mlx-lm's conversion: the same values, exactly (bf16 holds them)
+        out = read_tensors(exported(zoo.mlx("gpt_oss", dtype=dtype)))
+        for k in [k for k in out if ".experts." in k and not k.endswith("_bias")]:
+            assert out[k][0] == {"float32": "F32", "bfloat16": "BF16"}[dtype], k
+            got = as_array(out[k]).astype(np.float32)
+            assert np.array_equal(got, hf[k].numpy()), f"{k} ({dtype}): not the dequantized hub values"
+
+
+def test_gpt_oss_peft_attention_and_refusals(zoo, tmp_path):
+    """gpt_oss: a PEFT adapter on attention computes what MLX computed; adapters on the MXFP4 experts (mlx-lm
+    splits the interleaved gate/up) or on the router (transformers' GptOssTopKRouter, not a Linear PEFT can
+    wrap) are refused in one line, nothing written."""
+    from mlx_bridge import export
+    from mlx_bridge.errors import BridgeError
+    from test_export_peft import peft_model
+
+    base = zoo.mlx("gpt_oss")
+    ids = probe_ids(hf_config(base)["vocab_size"], n=1, length=24, seed=3)
+    ad = zoo.adapter(base, "lora-attn", rank=4, num_layers=2, keys=["self_attn.q_proj", "self_attn.k_proj",
+                                                                     "self_attn.v_proj", "self_attn.o_proj"])
+    model = peft_model(exported(base), exported(ad, format="peft"))
+    close(torch_logits(model, ids), zoo.logits(base, ad, ids=ids), "gpt_oss peft")
+    for name, keys, why in (("lora-experts", ["mlp.experts.gate_proj"], "reshapes, splits or shifts"),
+                            ("lora-router", ["mlp.router"], r"refuses to target .*mlp\.router \(GptOssTopKRouter\)")):
+        ad = zoo.adapter(base, name, rank=4, num_layers=1, keys=keys)
+        with pytest.raises(BridgeError, match=f"{why}.*use --format hf"):
+            export(str(ad), str(tmp_path / name), format="peft", progress=False)
+        assert not (tmp_path / name).exists()
+
+
+@pytest.mark.parametrize("model_type,key,module", [("mamba", "mixer.out_proj", "MambaMixer|Linear"),
+                                                   ("qwen2_moe", "mlp.gate", "Qwen2MoeTopKRouter")])
+def test_peft_refuses_what_peft_refuses(zoo, tmp_path, model_type, key, module):
+    """The modules PEFT itself refuses to target (derived by asking `get_peft_model`: Mamba's out_proj, qwen2_moe's
+    router) are refused at export in one line, instead of an adapter PEFT cannot load."""
+    from mlx_bridge import export
+    from mlx_bridge.errors import BridgeError
+
+    ad = zoo.adapter(zoo.mlx(model_type), f"lora-{key}", rank=4, num_layers=1, keys=[key])
+    with pytest.raises(BridgeError, match=rf"refuses to target .*{key.split('.')[-1]} \(({module})\).*--format hf"):
+        export(str(ad), str(tmp_path / "o"), format="peft", progress=False)
+    assert not (tmp_path / "o").exists()

@@ -12,6 +12,12 @@ shifted by a constant (the +1 of zero-centred norms: the residue modulo 8), or d
 The rules are written as templates ("{}" a layer index, "{e}" an expert index) so they hold for any
 size; every concrete key of a template must give the same rule, else the type is refused.
 
+gpt_oss ships (and mlx-lm reads) its experts only as MXFP4 blocks, where a ramp value does not survive:
+`mlx_loaded_mxfp4` sends each element's index through in base-8 digits instead, one pass a digit, and
+reads them back after mlx-lm's own `load_model` and `mx.dequantize`. Beside the rules, the HF modules
+PEFT refuses to target are recorded by asking PEFT (`peft_unwrappable`), and a multimodal wrapper's text
+ModelArgs defaults (`mlx_text_defaults`).
+
 Example:
     >>> derive("llama")["hf"]["model.layers.{}.self_attn.q_proj.weight"]  # doctest: +SKIP
     {'parts': [{'mlx': 'model.layers.{}.self_attn.q_proj.weight'}]}
@@ -29,6 +35,7 @@ import numpy as np
 
 from .quirks import QUIRKS, Quirks
 from .registry import template
+from .hub import to_hub_transposed
 from .tiny import hub_style, tiny_config
 
 STEP = 8  # value spacing: residues 1..7 mod 8 show a constant shift
@@ -61,11 +68,16 @@ def hf_classes(model_type: str) -> dict:
             "config_class": ca.CONFIG_MAPPING_NAMES.get(model_type)}
 
 
-def mlx_defaults(model_type: str) -> dict:
-    """mlx-lm's `ModelArgs` fields that have a default (JSON-able ones), read off the dataclass."""
+def mlx_defaults(model_type: str, text: bool = False) -> dict:
+    """mlx-lm's `ModelArgs` fields that have a default (JSON-able ones), read off the dataclass; `text`: those
+    of the class it reads `text_config` with (multimodal wrappers; {} when there is none)."""
     from mlx_lm.utils import _get_classes
 
-    _, args_cls = _get_classes({"model_type": model_type})
+    from .tiny import mlx_text_args
+
+    args_cls = mlx_text_args(model_type) if text else _get_classes({"model_type": model_type})[1]
+    if args_cls is None:
+        return {}
     out = {}
     for f in dataclasses.fields(args_cls):
         v = f.default if f.default is not dataclasses.MISSING else (
@@ -78,6 +90,12 @@ def mlx_defaults(model_type: str) -> dict:
             continue
         out[f.name] = v
     return out
+
+
+def _has_text_config(model_type: str) -> bool:
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.for_model(model_type), "text_config", None) is not None
 
 
 def hf_defaults(model_type: str, keys) -> dict:
@@ -101,8 +119,9 @@ def hf_defaults(model_type: str, keys) -> dict:
     return out
 
 
-def save_tiny(model_type: str, out: Path) -> dict:
-    """Save a tiny random transformers model of `model_type` as the hub lays it out; return config.json."""
+def save_tiny(model_type: str, out: Path) -> tuple[dict, object]:
+    """Save a tiny random transformers model of `model_type` as the hub lays it out; return config.json and
+    the model as saved."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -118,12 +137,13 @@ def save_tiny(model_type: str, out: Path) -> dict:
     torch.manual_seed(0)
     model = auto.from_config(config, dtype=torch.float32)
     q = QUIRKS.get(model_type, Quirks())
-    (model.base_model if q.hub_saves_base_model else model).save_pretrained(
-        str(out), save_original_format=not q.hub_saves_fused)
+    saved = model.base_model if q.hub_saves_base_model else model
+    saved.save_pretrained(str(out), save_original_format=not q.hub_saves_fused)
+    to_hub_transposed(out, model_type)
     p = out / "config.json"
     c = hub_style(model_type, json.loads(p.read_text()), config)
     p.write_text(json.dumps(c, indent=2, sort_keys=True))
-    return c
+    return c, saved
 
 
 def fill_ramps(out: Path) -> dict[str, tuple[int, tuple]]:
@@ -147,7 +167,6 @@ def fill_ramps(out: Path) -> dict[str, tuple[int, tuple]]:
 def mlx_sanitized(out: Path) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
     """mlx-lm's own loading up to `sanitize`: the MLX layout (what `mlx_lm.convert` saves)."""
     import mlx.core as mx
-    import mlx.nn as nn
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes, load_config
 
@@ -159,15 +178,25 @@ def mlx_sanitized(out: Path) -> tuple[dict[str, np.ndarray], dict[str, list[str]
         weights.update(mx.load(str(f)))
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
-    want = {k for k, _ in tree_flatten(model.parameters())}
-    missing, extra = sorted(want - set(weights)), sorted(set(weights) - want)
+    want = dict(tree_flatten(model.parameters()))
+    missing, extra = sorted(set(want) - set(weights)), sorted(set(weights) - set(want))
     if missing or extra:
         raise Refused(f"mlx-lm's sanitize does not give the model's parameters (missing {missing[:3]}, "
                       f"unexpected {extra[:3]})")
-    kinds = {"embeddings": sorted({template(n)[0] for n, m in model.named_modules() if isinstance(m, nn.Embedding)}),
-             "linears": sorted({template(n)[0] for n, m in model.named_modules()  # what mlx-lm's LoRA wraps
-                                if isinstance(m, nn.Linear) or type(m).__name__ == "SwitchLinear"})}
-    return {k: np.array(v.astype(mx.float32)) for k, v in weights.items()}, kinds
+    bad = [f"{k} {tuple(weights[k].shape)} for {tuple(v.shape)}" for k, v in want.items() if weights[k].shape != v.shape]
+    if bad:
+        raise Refused(f"mlx-lm's sanitize gives parameters of the wrong shape ({'; '.join(bad[:2])})")
+    return {k: np.array(v.astype(mx.float32)) for k, v in weights.items()}, _kinds(model)
+
+
+def _kinds(model) -> dict:
+    """MLX module templates that are embeddings, and linears mlx-lm's LoRA wraps (quantized ones too)."""
+    import mlx.nn as nn
+
+    linear = (nn.Linear, nn.QuantizedLinear)
+    return {"embeddings": sorted({template(n)[0] for n, m in model.named_modules() if isinstance(m, nn.Embedding)}),
+            "linears": sorted({template(n)[0] for n, m in model.named_modules()
+                               if isinstance(m, linear) or type(m).__name__ in ("SwitchLinear", "QuantizedSwitchLinear")})}
 
 
 def trace(layout: dict, mlx: dict[str, np.ndarray]) -> dict:
@@ -252,9 +281,17 @@ def _piece(hf, ids, ps, sh, names, mlx) -> dict:
     """One part: HF block = reshape(transpose(M[index][chunk], perm)) + shift."""
     name = names[int(ids.flat[0])]
     ms = mlx[name].shape
-    idx = np.unravel_index(ps, ms)
     hs = ps.shape
     part: dict = {"mlx": name}
+    if not ms or not hs:  # a scalar (apertus's xIELU parameters, (1,) in transformers, () in mlx-lm)
+        if int(np.prod(ms)) != 1 or int(np.prod(hs)) != 1:
+            raise Refused(f"HF tensor {hf}: {name} is a scalar on one side only")
+        if ms != hs:
+            part["reshape"] = list(hs)
+        if sh.item():
+            part["shift"] = float(sh.item())
+        return part
+    idx = np.unravel_index(ps, ms)
     perm, chunk = [], None
     for j, a in enumerate(idx):
         if np.all(a == a.flat[0]):
@@ -343,19 +380,23 @@ def _derive(model_type: str, version: str) -> dict:
     if data["hf_class"] is None:
         raise Refused(f"transformers has no causal-LM or image-text-to-text class for {model_type!r}")
     data["mlx_defaults"] = mlx_defaults(model_type)
+    if _has_text_config(model_type) and (text := mlx_defaults(model_type, text=True)):
+        data["mlx_text_defaults"] = text
     data["hf_defaults"] = hf_defaults(model_type, data["mlx_defaults"])
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         try:
-            save_tiny(model_type, d)
+            _, hf_model = save_tiny(model_type, d)
         except Refused:
             raise
         except Exception as e:
             raise Refused(f"transformers could not build a tiny {model_type} ({type(e).__name__}: "
                           f"{_line(e)})") from None
         layout = fill_ramps(d)
+        from .derive_more import mlx_loaded_mxfp4
+
         try:
-            mlx, kinds = mlx_sanitized(d)
+            mlx, kinds = mlx_loaded_mxfp4(d, layout) if QUIRKS.get(model_type, Quirks()).hub_mxfp4 else mlx_sanitized(d)
             data.update(kinds)
         except Refused:
             raise
@@ -363,5 +404,11 @@ def _derive(model_type: str, version: str) -> dict:
             raise Refused(f"mlx-lm could not load a tiny {model_type} ({type(e).__name__}: "
                           f"{_line(e)})") from None
         data.update(templated(**trace(layout, mlx)))
+    from .derive_more import peft_unwrappable
+
+    adaptable = set(data["linears"]) | set(data["embeddings"])  # HF modules an mlx-lm adapter can reach
+    data["peft_refuses"] = peft_unwrappable(hf_model, {t.rsplit(".", 1)[0] for t, r in data["hf"].items()
+                                                       if any(p["mlx"].rsplit(".", 1)[0] in adaptable for p in r["parts"])})
     data["mlx_lm"] = version
     return data
+

@@ -27,6 +27,9 @@ def peft_column(model_type: str) -> str:
     arch = get_arch({"model_type": model_type})
     odd = sorted(t.rsplit(".", 2)[-2] for t in arch.rules if not arch.plain(t) and any(
         p["mlx"].rsplit(".", 1)[0] in arch.linears for p in arch.rules[t]["parts"]))  # adapters PEFT can't state
+    odd += [m.rsplit(".", 1)[-1] for m in arch.peft_refuses if any(  # modules PEFT's LoRA can't wrap
+        p["mlx"].rsplit(".", 1)[0] in arch.linears for t in arch.rules if t.rsplit(".", 1)[0] == m
+        for p in arch.rules[t]["parts"])]
     return "yes" if not odd else f"yes, except on {', '.join(sorted(set(odd)))} (hf only)"
 
 
@@ -61,8 +64,9 @@ def render() -> str:
         "checkpoints, an unused routing bias) need `--hf-base DIR`, the Hugging Face checkpoint the MLX base was "
         "converted from; those tensors are copied from it (or written as the zeros MLX computed with).", "",
         "PEFT: `--format peft` writes the adapter when every adapted weight is one MLX tensor renamed (or one expert "
-        "of it); PEFT's own loading is run in the tests for llama, qwen2, phi3, mixtral, qwen3_moe "
-        "(`test_export_peft.py`) and smollm3, glm4, cohere2 (`test_export_registry.py`), not yet for the others.", "",
+        "of it) and PEFT's LoRA can wrap its transformers module; PEFT's own loading is run in the tests for llama, "
+        "qwen2, phi3, mixtral, qwen3_moe (`test_export_peft.py`) and smollm3, glm4, cohere2, lfm2, apertus, "
+        "minimax_m2, gpt_oss (attention) (`test_export_registry.py`), not yet for the others.", "",
         "Native deploy class: `mlx_bridge.load` builds the package's own module; otherwise it runs transformers' class. "
         "vLLM: the architecture name vLLM runs natively, or its Transformers backend.", "",
         f"GGUF (`--format gguf`): the llama.cpp architecture the file is written as ({len(gguf_types)} types), each "

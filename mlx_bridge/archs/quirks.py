@@ -20,6 +20,8 @@ class Quirks:
     mlx_forces: dict = field(default_factory=dict)
     # config fields mlx-lm does not implement: MLX computed as if they were null
     mlx_ignores: tuple[str, ...] = ()
+    # config fields mlx-lm computes with this value when config.json states null (or leaves them out)
+    null_as: dict = field(default_factory=dict)
     # how mlx-lm lays out attention over layers: None (as transformers), "full" (no sliding window at
     # all), "pattern" (global layers by sliding_window_pattern, not layer_types)
     attention: str | None = None
@@ -37,11 +39,18 @@ class Quirks:
     # hub checkpoints hold transformers' own fused layout (experts.gate_up_proj), which is what mlx-lm reads;
     # save_pretrained(save_original_format=False) writes it
     hub_saves_fused: bool = False
+    # hub checkpoints hold the experts as MXFP4 blocks (gpt_oss, `archs/hub.py`), the only layout mlx-lm's
+    # sanitize reads; the export writes transformers' dequantized parameters
+    hub_mxfp4: bool = False
     # q/k/v/o and MLP projections are heads x head_dim and intermediate_size as translate/validate.py
     # checks them; False for multi-head latent attention (o_proj is heads x v_head_dim) and gated queries
     standard_projections: bool = True
     refused: str | None = None  # the export is not right for this type (one line, listed in the docs)
 
+
+# rope settings mlx-lm's rope_utils computes with whatever config.json says, per rope type: its YarnRoPE always
+# rounds the correction range (floor / ceil), transformers' `truncate` (gpt-oss ships false) is not read
+ROPE_FORCES: dict[str, dict] = {"yarn": {"truncate": True}}
 
 _FULL = dict(attention="full")
 _QWEN = dict(attention="full", states_layer_types=True, has_use_sliding_window=True)
@@ -70,38 +79,30 @@ QUIRKS: dict[str, Quirks] = {
     "gemma3": Quirks(zero_centred_norms=True),
     "gpt2": Quirks(hub_saves_base_model=True),
     "qwen3_5_moe": Quirks(hub_saves_fused=True),
+    "gpt_oss": Quirks(hub_mxfp4=True),
     # multi-head latent attention (q/kv low-rank, v_head_dim) and gated queries (q_proj is 2 x heads x head_dim)
     "deepseek_v2": Quirks(standard_projections=False),
     "deepseek_v3": Quirks(standard_projections=False),
     "glm4_moe_lite": Quirks(standard_projections=False),
     "qwen3_next": Quirks(standard_projections=False),
-    # parity tests (tests/test_export_registry.py) fail for these; refused until the difference is found
-    "laguna": Quirks(refused="the export's logits differ from MLX's (max |diff| 2.1 on the tiny model): mlx-lm "
-                             "computes laguna differently from its config in a way not yet traced"),
-    "mellum": Quirks(refused="the export's logits differ from MLX's (max |diff| 0.8 on the tiny model): mlx-lm "
-                             "computes mellum differently from its config in a way not yet traced"),
-    "deepseek_v32": Quirks(refused="transformers' tiny deepseek_v32 (its indexer) does not run with the test "
-                                   "shapes, so parity is unproven"),
-    "qwen2_vl": Quirks(refused="the export's logits differ from MLX's (max |diff| 0.55 on the tiny model; "
-                               "multimodal rope) in a way not yet traced"),
-    "qwen2_5_vl": Quirks(refused="the export's logits differ from MLX's (max |diff| 0.32 on the tiny model; "
-                                 "multimodal rope) in a way not yet traced"),
-    "gpt_oss": Quirks(refused="mlx-lm's sanitize reads gpt_oss only in the MXFP4 hub layout (*_blocks / *_scales); "
-                              "a bf16 checkpoint does not load in mlx-lm, so no rules could be traced through it"),
-    "mistral4": Quirks(refused="transformers' tiny mistral4 (partial-rotary MLA with llama-4 yarn scaling) does not run "
-                               "with the test shapes, so parity is unproven"),
-    "minicpm3": Quirks(refused="the export's logits differ from MLX's (max |diff| 0.10 on the tiny model; longrope "
-                               "and MiniCPM's scale_* multipliers) in a way not yet traced"),
-    "exaone_moe": Quirks(refused="the export's logits differ from MLX's (max |diff| 1.2 on the tiny model) in a way "
-                                 "not yet traced"),
-    "granitemoehybrid": Quirks(refused="the export's logits differ from MLX's (max |diff| 0.51 on the tiny model; "
-                                       "granite multipliers, mamba layers) in a way not yet traced"),
-    "lfm2": Quirks(refused="the export's logits differ from MLX's (max |diff| 0.70 on the tiny model) in a way not "
-                           "yet traced"),
-    "jamba": Quirks(refused="the export's logits differ from MLX's (max |diff| 0.49 on the tiny model): mlx-lm "
-                            "computes jamba differently from its config in a way not yet traced"),
-    "recurrent_gemma": Quirks(refused="mlx-lm's recurrent_gemma does not run a 2-layer model (block pattern), so "
-                                      "parity is unproven"),
+    "minicpm3": Quirks(standard_projections=False),
+    "deepseek_v32": Quirks(standard_projections=False),
+    "mistral4": Quirks(standard_projections=False),
+    "glm_moe_dsa": Quirks(standard_projections=False),
+    # refused: what parity tests found mlx-lm computes has no HF form (or mlx-lm cannot fine-tune the type)
+    "jamba": Quirks(refused="mlx-lm's jamba weighs the chosen experts by a softmax over their k router logits; "
+                            "transformers' Jamba by their probabilities in the softmax over all experts (not "
+                            "renormalised), and no config field changes either, so no export computes what MLX did"),
+    "recurrent_gemma": Quirks(refused="mlx-lm cannot fine-tune recurrent_gemma: its Model skips nn.Module.__init__, "
+                                      "so mlx_lm.lora's model.freeze() fails (no '_no_grad'); with no adapter there is "
+                                      "nothing to export (a plain base's export of the 3-layer tiny model matches MLX)"),
+    # mlx-lm serves model_type minimax with MiniMax-M2's module (it remaps minimax_m2 to it): sigmoid routing, q/k
+    # norms, no lightning attention. transformers' minimax is MiniMax-Text-01, another architecture.
+    "minimax": Quirks(refused="mlx-lm's minimax module is MiniMax-M2's architecture (minimax_m2 exports); "
+                              "transformers' minimax is MiniMax-Text-01 (lightning attention), which mlx-lm does not "
+                              "implement, so no tiny model of it loads in mlx-lm"),
+    # mlx-lm's granitemoehybrid applies rope unless position_embedding_type is "nope"; transformers' null means none
+    "granitemoehybrid": Quirks(null_as={"position_embedding_type": "rope"}),
     # mlx-lm's cohere2 picks global layers by sliding_window_pattern (i % p == p - 1), not layer_types
     "cohere2": Quirks(attention="pattern"),
 }

@@ -53,6 +53,8 @@ class Arch:
     hf_defaults: dict  # transformers' defaults for the same fields
     quirks: Quirks = field(default_factory=Quirks)
     by_mlx: dict = field(default_factory=dict)  # MLX weight template -> [(HF template, part number)]
+    peft_refuses: dict = field(default_factory=dict)  # HF module template PEFT's LoRA cannot wrap -> its class
+    mlx_text_defaults: dict = field(default_factory=dict)  # a multimodal wrapper's: its text model's ModelArgs defaults
 
     @property
     def config_defaults(self) -> dict:
@@ -62,7 +64,9 @@ class Arch:
 
     @property
     def reads_rope_parameters(self) -> bool:
-        return self.quirks.reads_rope_parameters
+        """mlx-lm reads nested `rope_parameters` for this type: its ModelArgs has the field (lfm2, exaone_moe,
+        granitemoehybrid take rope_theta from it; laguna, mellum per layer type), or a quirk says so."""
+        return self.quirks.reads_rope_parameters or "rope_parameters" in self.mlx_defaults
 
     @property
     def mlx_forces(self) -> dict:
@@ -89,7 +93,8 @@ def _build(data: dict) -> Arch:
     return Arch(data["model_type"], data["hf_class"], data["config_class"], data["hf_auto"], data.get("hf", {}),
                 tuple(data.get("dropped", ())), tuple(data.get("embeddings", ())), tuple(data.get("linears", ())),
                 data.get("mlx_defaults", {}),
-                data.get("hf_defaults", {}), QUIRKS.get(data["model_type"], Quirks()), by_mlx)
+                data.get("hf_defaults", {}), QUIRKS.get(data["model_type"], Quirks()), by_mlx,
+                data.get("peft_refuses", {}), data.get("mlx_text_defaults", {}))
 
 
 @lru_cache(maxsize=None)

@@ -73,9 +73,10 @@ TINY: dict[str, dict] = {
     "gpt2": {"tie_word_embeddings": True},
     "deepseek_v3": {"head_dim": 8},  # transformers rotates head_dim = qk_rope_head_dim
     "glm4_moe_lite": {"head_dim": 8},
-    "deepseek_v32": {"head_dim": 8},
+    "deepseek_v32": {"head_dim": 8, "num_key_value_heads": 4},  # transformers' MLA + indexer: kv heads = heads
+    "glm_moe_dsa": {"head_dim": 8, "num_key_value_heads": 4},
     "falcon_h1": {"head_dim": 64},
-    "mistral4": {"head_dim": 8},
+    "mistral4": {"head_dim": 16},  # rotates head_dim * partial_rotary_factor (0.5) = qk_rope_head_dim (8)
     "minicpm3": {"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
                                      "long_factor": [1.0] * 4, "original_max_position_embeddings": 128}},
     "gpt_bigcode": {"n_inner": 256},
@@ -102,6 +103,13 @@ TINY: dict[str, dict] = {
                                "query_pre_attn_scalar": 16}},  # mlx-lm's gpt_neox MLP is 4 * hidden_size whatever the config says
     "qwen2_5_vl": {"tie_word_embeddings": True, "text_config": {"rope_parameters": _MROPE}},
     "qwen3_vl": {"text_config": {"tie_word_embeddings": False, "rope_parameters": _MROPE}},
+    # recurrent, recurrent, attention: mlx-lm's recurrent_gemma needs the whole block pattern; one kv head (MQA)
+    "recurrent_gemma": {"num_hidden_layers": 3, "num_key_value_heads": 1},
+    # mlx-lm's llama4_text is the dense text model (every layer an MLP of intermediate_size_mlp); it names an
+    # untied head `output` (no hub checkpoint does), so only tied ones load
+    "llama4_text": {"moe_layers": [], "intermediate_size_mlp": 128, "tie_word_embeddings": True},
+    # hidden != 2 x moe_intermediate_size: transformers tells the hub's transposed experts by their shape
+    "qwen3_vl_moe": {"text_config": {"moe_intermediate_size": 16}},
     "qwen2_vl": {"tie_word_embeddings": True, "text_config": {"rope_parameters": _MROPE}},
     # mlx-lm's llama4 routes to one expert and makes every 4th layer global (4 layers at least)
     "llama4": {"text_config": {"num_experts_per_tok": 1, "num_hidden_layers": 4}},
@@ -155,6 +163,10 @@ def hub_style(model_type: str, cfg: dict, hf_config=None) -> dict:
     rope_scaling) and v4's names (`V4_ALIASES`).
     """
     if model_type not in LEGACY:
+        for k, v in HUB_FIELDS.get(model_type, {}).items():  # before the fill: it may read them
+            target = cfg.setdefault("text_config", {}) if k == "text_config" else None
+            for kk, vv in (v.items() if target is not None else [(k, v)]):
+                (target if target is not None else cfg).setdefault(kk, vv(cfg) if callable(vv) else vv)
         _v4_fill(model_type, cfg, hf_config)
         for k, m in V4_VALUES.get(model_type, {}).items():
             cfg[k] = [m.get(v, v) for v in cfg[k]] if isinstance(cfg.get(k), list) else cfg.get(k)
@@ -182,30 +194,51 @@ V4_ALIASES = {"n_ctx": "n_positions", "rotary_emb_base": "rope_theta", "rotary_p
               "block_dim": "hidden_size"}
 # mlx-lm fields v4 configs stated that v5 keeps in another form: field -> value from the v5 config
 V4_COMPUTED = {"is_moe_layer": lambda c: [t == "sparse" for t in c["mlp_layer_types"]] if "mlp_layer_types" in c else None}
+# fields the type's hub configs carry (written by its original remote code) that transformers' own config class
+# does not, with the value transformers' model class always computes with; mlx-lm requires them
+HUB_FIELDS = {
+    "apertus": {"mlp_bias": False, "qk_norm": True, "post_norm": False},
+    "qwen3_vl_moe": {"text_config": {"norm_topk_prob": True}},  # Qwen3VLMoeTextTopKRouter always renormalises
+    # GLM-5 (DSA): deepseek-v3 routing (sigmoid scores, correction bias), every layer past the dense ones MoE
+    "glm_moe_dsa": {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "moe_layer_freq": 1},
+    # MiniMax-M2: partial rope stated as rotary_dim (transformers' config still reads it), no shared expert
+    "minimax_m2": {"shared_intermediate_size": 0,
+                   "rotary_dim": lambda c: int(c["head_dim"] * c["rope_parameters"].get("partial_rotary_factor", 1.0))},
+}
 # v5 values v4 configs spelled differently, per type: field -> {v5 value: v4 value}
 V4_VALUES = {"granitemoehybrid": {"layer_types": {"linear_attention": "mamba", "full_attention": "attention"}}}
 
 
-def _v4_fill(model_type: str, cfg: dict, hf_config) -> None:
-    import dataclasses
+def mlx_text_args(model_type: str):
+    """The ModelArgs class mlx-lm reads a multimodal config's `text_config` with (its TextArgs, or the
+    ModelArgs of the module it wraps: gemma3 -> gemma3_text), or None."""
     import sys
     import types
 
-    try:
-        from mlx_lm.utils import _get_classes
-    except ImportError:  # no mlx-lm here (a GPU box with the deploy extra): nothing reads the config with it
-        return
+    from mlx_lm.utils import _get_classes
 
-    model_cls, args_cls = _get_classes({"model_type": model_type})
-    jobs = [(args_cls, cfg, hf_config)]
-    text_cls = None
+    model_cls, _ = _get_classes({"model_type": model_type})
     for mod in [sys.modules[c.__module__] for c in model_cls.__mro__ if c.__module__.startswith("mlx_lm.models")]:
         names = [n for n in ("TextArgs", "TextConfig", "TextModelArgs") if hasattr(mod, n)]
         text_cls = getattr(mod, names[0]) if names else next(  # a wrapper around another module (gemma3)
             (m.ModelArgs for m in map(lambda n: getattr(mod, n), dir(mod)) if isinstance(m, types.ModuleType)
              and m.__name__.startswith("mlx_lm.models.") and hasattr(m, "ModelArgs")), None)
         if text_cls is not None:
-            break
+            return text_cls
+    return None
+
+
+def _v4_fill(model_type: str, cfg: dict, hf_config) -> None:
+    import dataclasses
+
+    try:
+        from mlx_lm.utils import _get_classes
+    except ImportError:  # no mlx-lm here (a GPU box with the deploy extra): nothing reads the config with it
+        return
+
+    _, args_cls = _get_classes({"model_type": model_type})
+    jobs = [(args_cls, cfg, hf_config)]
+    text_cls = mlx_text_args(model_type)
     if text_cls is not None and isinstance(cfg.get("text_config"), dict):
         jobs.append((text_cls, cfg["text_config"], getattr(hf_config, "text_config", None)))
     for cls, target, obj in jobs:

@@ -235,13 +235,19 @@ class Zoo:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def hf(self, arch: str, dtype: str = "float32", **overrides) -> Path:
+    def hf(self, arch: str, dtype: str = "float32", mxfp4: bool = False, **overrides) -> Path:
         """Random transformers model dir of `arch` (see `tiny_hf_model`)."""
-        tag = "-".join([arch, dtype] + [f"{k}{v}" for k, v in sorted(overrides.items())])
+        tag = "-".join([arch, dtype] + ["mxfp4"] * mxfp4 + [f"{k}{v}" for k, v in sorted(overrides.items())])
         d = self.root / f"hf-{tag}"
         if not (d / "config.json").exists():
-            tiny_hf_model(d, arch, dtype=dtype, **overrides)
+            tiny_hf_model(d, arch, dtype=dtype, mxfp4=mxfp4, **overrides)
         return d
+
+    def hub(self, arch: str, **overrides) -> Path:
+        """`hf(arch)` laid out as the type's hub checkpoints are, which is what mlx-lm converts (gpt_oss: MXFP4)."""
+        from ..archs.registry import describe
+
+        return self.hf(arch, mxfp4=describe(arch).quirks.hub_mxfp4, **overrides)
 
     def mlx(self, arch: str, dtype: str = "float32", quant: dict | None = None, name: str | None = None,
             quant_predicate=None, **overrides) -> Path:
@@ -256,7 +262,7 @@ class Zoo:
         otag = "-".join(f"{k}{v}" for k, v in sorted(overrides.items()))
         d = self.root / "-".join(x for x in ("mlx", arch, dtype, qtag, otag, name) if x)
         if not (d / "config.json").exists():
-            mlx_convert(self.hf(arch, **overrides), d, quantize=bool(q), bits=q.get("bits", 4),
+            mlx_convert(self.hub(arch, **overrides), d, quantize=bool(q), bits=q.get("bits", 4),
                         group_size=q.get("group_size", 64), mode=q.get("mode", "affine"), dtype=dtype,
                         quant_predicate=quant_predicate)
         return d

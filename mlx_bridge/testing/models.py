@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from ..archs.hub import to_hub_transposed, to_mxfp4_hub
 from ..archs.registry import describe
 from ..archs.tiny import TINY, hub_style, tiny_config
 
@@ -49,11 +50,13 @@ def tiny_tokenizer(out: str | os.PathLike) -> "object":
 
 
 def tiny_hf_model(out: str | os.PathLike, model_type: str = "llama", dtype: str = "float32", seed: int = 0,
-                  tokenizer_dir: str | os.PathLike | None = None, **overrides) -> Path:
+                  tokenizer_dir: str | os.PathLike | None = None, mxfp4: bool = False, **overrides) -> Path:
     """Save a random transformers model of `model_type` (2 layers, hidden 64) plus tokenizer to `out`.
 
     Norm weights are randomised too, so a mapping error in them shows up in the logits. The tokenizer is
     the tiny word-level one, or the one in `tokenizer_dir` (e.g. a real vocabulary for GGUF tests).
+    `mxfp4=True` stores gpt_oss's experts as gpt-oss checkpoints do (`archs.hub.to_mxfp4_hub`), the only
+    layout mlx-lm reads; transformers loads either.
 
     Example:
         >>> tiny_hf_model("/tmp/hf-llama", "llama")  # doctest: +SKIP
@@ -92,8 +95,12 @@ def tiny_hf_model(out: str | os.PathLike, model_type: str = "llama", dtype: str 
     model = model.to(getattr(torch, dtype))
     (model.base_model if arch.quirks.hub_saves_base_model else model).save_pretrained(
         str(out), save_original_format=not arch.quirks.hub_saves_fused)
+    to_hub_transposed(out, model_type)
     p = out / "config.json"
-    p.write_text(json.dumps(hub_style(model_type, json.loads(p.read_text()), config), indent=2, sort_keys=True))
+    c = hub_style(model_type, json.loads(p.read_text()), config)
+    if mxfp4:
+        c = to_mxfp4_hub(out, c)
+    p.write_text(json.dumps(c, indent=2, sort_keys=True))
     GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(str(out))
     return out
 

@@ -111,7 +111,9 @@ def write_weights(items: list[Item], out: Path, shard_size: int | str = "5GB", w
                     hasher.update(name, writer.header)
                 left_in_shard = len(shard)
             it, fut = pending.popleft()
-            w = np.ascontiguousarray(fut.result())
+            w = fut.result()
+            if not w.flags.c_contiguous:  # (np.ascontiguousarray would make a scalar (1,))
+                w = np.ascontiguousarray(w)
             writer.write(it.name, w)
             if hasher is not None:
                 hasher.update(name, w.reshape(-1).view(np.uint8).data)

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from ..archs import Arch
+from ..archs.quirks import ROPE_FORCES
 from .source import TOKENIZER_FILES
 
 DROP = ("quantization", "quantization_config", "_name_or_path")
@@ -42,6 +43,10 @@ def effective_config(cfg: dict, arch: Arch, dtype: str) -> tuple[dict, list[str]
             notes.append(f"{k}: mlx-lm computes {arch.model_type} with {v!r} whatever config.json says "
                          f"({cfg.get(k)!r}); the export states {v!r}")
         c[k] = v
+    for k, v in arch.quirks.null_as.items():
+        if cfg.get(k) is None:
+            c[k] = v
+            notes.append(f"{k}: null in config.json; mlx-lm computes {arch.model_type} with {v!r}, which the export states")
     for t in arch.quirks.unused:
         notes.append(f"{t}: mlx-lm loads it but computes without it; the export writes zeros (what MLX computed)")
     for k in arch.mlx_ignores:
@@ -52,9 +57,40 @@ def effective_config(cfg: dict, arch: Arch, dtype: str) -> tuple[dict, list[str]
         _rope_as_mlx(cfg, c, arch, notes)
     elif "rope_theta" not in c and isinstance(c.get("rope_parameters"), dict) and "rope_theta" in c["rope_parameters"]:
         c["rope_theta"] = c["rope_parameters"]["rope_theta"]  # for readers bundling transformers v4
+    _text_rope_as_mlx(c, arch, notes)
+    _rope_forces(c, arch, notes)
     if arch.quirks.attention in LAYER_PATTERNS:
         LAYER_PATTERNS[arch.quirks.attention](cfg, c, arch, notes)
     return c, notes
+
+
+def _text_rope_as_mlx(c: dict, arch: Arch, notes: list[str]) -> None:
+    """A multimodal wrapper's text model: mlx-lm reads `text_config` with its text ModelArgs, which (for
+    qwen2_vl, qwen2_5_vl) has a top-level `rope_theta` with its own default and no `rope_parameters`."""
+    tc, d = c.get("text_config"), arch.mlx_text_defaults
+    if not isinstance(tc, dict) or "rope_parameters" in d or "rope_theta" not in d:
+        return
+    tc = c["text_config"] = dict(tc)
+    theta = tc.get("rope_theta", d["rope_theta"])
+    rp = tc.get("rope_parameters")
+    if isinstance(rp, dict) and rp.get("rope_theta") != theta:
+        notes.append(f"rope: text_config's rope_parameters {rp} is not read by mlx-lm for {arch.model_type}; MLX "
+                     f"computed with rope_theta={theta!r}, which the export states")
+        tc["rope_parameters"] = {**rp, "rope_theta": theta}
+    tc["rope_theta"] = theta
+
+
+def _rope_forces(c: dict, arch: Arch, notes: list[str]) -> None:
+    """State the rope settings mlx-lm computes with whatever config.json says (`ROPE_FORCES`)."""
+    for key in ("rope_parameters", "rope_scaling"):
+        rp = c.get(key)
+        if not isinstance(rp, dict):
+            continue
+        for k, v in ROPE_FORCES.get(rp.get("rope_type") or rp.get("type"), {}).items():
+            if rp.get(k, v) != v and key == "rope_parameters":
+                notes.append(f"rope: mlx-lm computes {rp.get('rope_type')} rope with {k}={v!r} whatever config.json "
+                             f"says ({rp[k]!r}); the export states {v!r}")
+            c[key] = {**rp, k: v}
 
 
 def all_full_attention(cfg: dict, c: dict, arch: Arch, notes: list[str]) -> None:
@@ -104,7 +140,8 @@ def _rope_as_mlx(cfg: dict, c: dict, arch: Arch, notes: list[str]) -> None:
     scaling = cfg.get("rope_scaling") or None
     rope_type = (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
     params = {"rope_type": rope_type, "rope_theta": theta}
-    params.update({k: v for k, v in (scaling or {}).items() if k not in ("type", "rope_type")})
+    # a v5-style scaling dict may carry its own rope_theta: mlx-lm reads the top-level one (or its default)
+    params.update({k: v for k, v in (scaling or {}).items() if k not in ("type", "rope_type", "rope_theta")})
     old = cfg.get("rope_parameters")
     if old is not None and (old.get("rope_theta") != theta or (old.get("rope_type") or "default") != rope_type):
         notes.append(f"rope: config.json's rope_parameters {old} is not read by mlx-lm for {arch.model_type}; "
@@ -113,6 +150,8 @@ def _rope_as_mlx(cfg: dict, c: dict, arch: Arch, notes: list[str]) -> None:
     c["rope_parameters"] = params
     if scaling is None:
         c.pop("rope_scaling", None)
+    else:  # what MLX computed, for readers of the v4 field too
+        c["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
 
 
 def write_config(out: Path, cfg: dict) -> None:

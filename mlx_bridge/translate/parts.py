@@ -75,13 +75,16 @@ class Part:
     perm: tuple[int, ...] | None = None
     shift: float = 0.0
     zero: bool = False  # a tensor mlx-lm loads but does not compute with: written as the zeros MLX used
+    reshape: tuple[int, ...] | None = None  # a one-element tensor with other axes in HF ((1,) <-> ())
 
     @property
     def plain(self) -> bool:
-        return self.chunk is None and self.perm is None and not self.shift and not self.zero
+        return self.chunk is None and self.perm is None and not self.shift and not self.zero and self.reshape is None
 
     def shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The part's shape given its source tensor's (dequantized) shape."""
+        if self.reshape is not None:
+            return self.reshape
         s = list(shape[1:] if self.src.index is not None else shape)
         if self.chunk:
             s[self.chunk[0]] //= self.chunk[2]
@@ -114,6 +117,8 @@ class Part:
             w = np.transpose(w, self.perm)
         if self.shift:  # in float32, rounded once to the output dtype by the caller
             w = w.astype(np.float32) - np.float32(self.shift)
+        if self.reshape is not None:
+            w = np.reshape(w, self.reshape)
         return w
 
     def describe(self) -> str:
@@ -130,6 +135,8 @@ class Part:
             ops.append(f"transpose{tuple(self.perm)}")
         if self.shift:
             ops.append(f"unshift({self.shift:g})")
+        if self.reshape is not None:
+            ops.append(f"reshape{tuple(self.reshape)}")
         if self.zero:
             ops = [f"zeros (mlx-lm does not use {self.src})"]
         return " -> ".join(ops)

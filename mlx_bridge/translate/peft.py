@@ -52,6 +52,12 @@ def peft_tensors(plan: Plan, dtype: str = "auto") -> tuple[list[PeftTensor], lis
     if bad:
         raise BridgeError(f"{plan.source.path}: PEFT cannot express an adapter on a weight mlx-lm reshapes, splits "
                           f"or shifts ({'; '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}); use --format hf")
+    unwrappable = plan.arch.peft_refuses
+    bad = sorted({f"{m} ({unwrappable[t]})" for it in plan.items if it.lora is not None
+                  for m in [it.name.rsplit(".", 1)[0]] if (t := plan.arch.template(m)[0]) in unwrappable}, key=_natural)
+    if bad:
+        raise BridgeError(f"{plan.source.path}: PEFT's LoRA refuses to target the transformers module of an adapted weight "
+                          f"({'; '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}); use --format hf")
     for it in plan.items:
         lo = it.lora
         if lo is None:

@@ -101,6 +101,9 @@ def build_plan(source: Source, dtype: str = "auto") -> Plan:
                 problems.append(f"{afile.path.name}: unexpected key {k!r} for fine_tune_type {ft!r}")
     qcfg = base.quantization or {}
     quantized = {k[: -len(".scales")] for k in refs if k.endswith(".scales")}
+    # mx-mode weights carry no dtype: they dequantize to the model's (its unquantized float weights')
+    dense_dt = next((dt for k in sorted(refs) if k.endswith(".weight") and k[:-7] not in quantized
+                     and DTYPES[dt := refs[k].file.info(k).dtype].floating), None)
     out_np = None if dtype == "auto" else BY_NAME[dtype]
     num_experts = next((cfg[k] for k in ("num_local_experts", "num_experts", "n_routed_experts") if cfg.get(k)), None)
     logical: dict[str, tuple[int, ...]] = {}  # module -> dense weight shape (for adapter checks)
@@ -144,7 +147,7 @@ def build_plan(source: Source, dtype: str = "auto") -> Plan:
                 continue
             quant = Quant(sref, bref, bits, gs, mode)
             sdt = sref.file.info(sref.key).dtype
-            src_dt = sdt if mode == "affine" else st_of(cfg)
+            src_dt = sdt if mode == "affine" else dense_dt or st_of(cfg)
         template, layers = key_template(key)
         dense_shape[key] = tuple(shape)
         if leaf == "weight" and len(shape) >= 2:
@@ -170,7 +173,8 @@ def build_plan(source: Source, dtype: str = "auto") -> Plan:
                     Ref(quant.scales.file, quant.scales.key, e),
                     quant.biases and Ref(quant.biases.file, quant.biases.key, e), quant.bits, quant.group_size, quant.mode))
                 part = Part(Ref(ref.file, key, e), src_dt, pq, chunk=tuple(rule["chunk"]) if "chunk" in rule else None,
-                            perm=tuple(rule["perm"]) if "perm" in rule else None, shift=rule.get("shift", 0.0))
+                            perm=tuple(rule["perm"]) if "perm" in rule else None, shift=rule.get("shift", 0.0),
+                            reshape=tuple(rule["reshape"]) if "reshape" in rule else None)
                 outputs.setdefault(name, (hf_t, {}))[1][i] = part
                 readers.setdefault(key, []).append(part)
     items: list[Item] = []
