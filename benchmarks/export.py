@@ -214,13 +214,14 @@ def measure(cmd: list[str]) -> tuple[float, float, float]:
 NO_CHECKS = """
 import sys
 import mlx_bridge.translate.export as ex, mlx_bridge.translate.plan as plan
+import mlx_bridge.translate.chunks as chunks, mlx_bridge.translate.parts as parts
 class NoHash:
-    def update(self, *a, **k): pass
+    def update(self, *a, **k): return None
     def digests(self): return {}
     def close(self): pass
 ex.sha256_file = lambda p, **k: "0" * 64
 ex.StreamHasher = NoHash
-plan.count_nonfinite = lambda a: 0
+plan.count_nonfinite = chunks.count_nonfinite = parts.count_nonfinite = lambda a: 0
 from mlx_bridge.cli import main
 sys.exit(main(["export", sys.argv[1], "--out", sys.argv[2], "--no-verify"]))
 """

@@ -240,15 +240,25 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     return path
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24, stop=None) -> str | None:
-    """Hex sha256 of a file, read in 16 MB chunks; None if the event `stop` is set meanwhile (a
-    refused export does not wait for the hashing of a large base)."""
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20, stop=None) -> str | None:
+    """Hex sha256 of a file, read into one reused buffer of `chunk` bytes (cache-sized: no fresh
+    memory per read); None if the event `stop` is set meanwhile (a refused export does not wait for
+    the hashing of a large base).
+
+    Example:
+        >>> import tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "a.bin"); _ = open(p, "wb").write(b"abc")
+        >>> sha256_file(p, chunk=2) == hashlib.sha256(b"abc").hexdigest()
+        True
+    """
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
             if stop is not None and stop.is_set():
                 return None
-            h.update(b)
+            h.update(view[:n])
     return h.hexdigest()
 
 
@@ -272,7 +282,7 @@ class StreamHasher:
 
     Example:
         >>> h = StreamHasher()
-        >>> h.update("a", b"hello "); h.update("a", b"world")
+        >>> _ = h.update("a", b"hello "), h.update("a", b"world")
         >>> h.digests()["a"] == hashlib.sha256(b"hello world").hexdigest()
         True
     """
@@ -286,18 +296,21 @@ class StreamHasher:
         self._pending: deque = deque()
         self._queued, self.limit = 0, limit
 
-    def update(self, name: str, data: bytes | memoryview, owned: bool = True) -> None:
-        """Add `data` to the hash of `name`; `owned`: the buffer holds memory (counted against `limit`;
-        a view of a mapped file is not)."""
+    def update(self, name: str, data: bytes | memoryview, owned: bool = True):
+        """Add `data` to the hash of `name`; return the future that is done once it is hashed (the
+        buffer may be reused then). `owned`: the buffer is held for the hasher alone (counted against
+        `limit`); a reused buffer whose owner waits for the future is not."""
         mv = memoryview(data).cast("B")
         h = self._h.setdefault(name, hashlib.sha256())
         n = mv.nbytes if owned else 0
-        self._pending.append((self._pool.submit(h.update, mv), n))
+        fut = self._pool.submit(h.update, mv)
+        self._pending.append((fut, n))
         self._queued += n
         while self._queued > self.limit or (self._pending and self._pending[0][0].done()):
-            fut, k = self._pending.popleft()
-            fut.result()
+            done, k = self._pending.popleft()
+            done.result()
             self._queued -= k
+        return fut
 
     def digests(self) -> dict[str, str]:
         """{name: hex sha256} once every update is done."""
