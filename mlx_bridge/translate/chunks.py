@@ -69,8 +69,12 @@ def streamable(item: Item, chunk_bytes: int, rows: int = ROWS) -> bool:
         return True
     if p.lora is not None and len(item.shape) != 2:
         return False
-    widest = max(DTYPES[item.dtype].itemsize, DTYPES[p.src_dtype].itemsize, 4 if p.lora else 0)
-    return rows * _row_bytes(item, widest) <= chunk_bytes
+    return block_bytes(item, rows) <= chunk_bytes
+
+
+def block_bytes(item: Item, rows: int = ROWS) -> int:
+    """Output bytes of `rows` rows of `item` (the least a chunk of a computed tensor holds)."""
+    return rows * _row_bytes(item, DTYPES[item.dtype].itemsize)
 
 
 def split(item: Item, chunk_bytes: int, rows: int = ROWS) -> list[Chunk]:
@@ -83,8 +87,7 @@ def split(item: Item, chunk_bytes: int, rows: int = ROWS) -> list[Chunk]:
         step = max(8, chunk_bytes // 8 * 8)
     else:
         row = _row_bytes(item, DTYPES[item.dtype].itemsize)
-        fit = chunk_bytes // _row_bytes(item, max(DTYPES[item.dtype].itemsize, DTYPES[item.src_dtype].itemsize))
-        step = row * max(rows, fit // rows * rows)
+        step = row * max(rows, chunk_bytes // row // rows * rows)
     lo = item.parts[0].lora
     factors = lora_factors(lo.a.read(), lo.b.read(), lo.scale, lo.kind) if lo is not None else None
     if factors is not None:

@@ -24,10 +24,11 @@ from threadpoolctl import threadpool_limits
 from ..errors import BridgeError
 from ..formats import StreamWriter, TensorSpec
 from ..fsutil import StreamHasher
-from .chunks import ROWS, make, split
+from .chunks import ROWS, block_bytes, make, split
 from .parts import Item, materialize, nonfinite_error
 
 INDEX = "model.safetensors.index.json"
+MAX_CHUNK = 16 << 20  # bytes of one chunk at most (a block of rows wider than this: the tensor is made whole)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -85,8 +86,11 @@ def write_weights(items: list[Item], out: Path, shard_size: int | str = "5GB", w
     total = sum(it.nbytes for it in items)
     workers = workers or min(2, os.cpu_count() or 1)
     bar = _bar(total, progress)
+    # a chunk holds at least `rows` rows of a computed tensor (up to 16 MB; wider ones are made whole)
+    need = max((block_bytes(it, rows) for it in items if it.plain and it.shape), default=0)
+    chunk_bytes = max(chunk_bytes, min(need, MAX_CHUNK))
     todo = (c for it in items for c in split(it, chunk_bytes, rows))
-    nbufs = max(2, lookahead_bytes // chunk_bytes)
+    nbufs = max(4, lookahead_bytes // chunk_bytes)
     free: list[np.ndarray] = []  # buffers not in use
     made = 0  # buffers allocated so far (at most nbufs)
     hashing: deque = deque()  # (hash future or None, buffer) written, hash pending
