@@ -144,6 +144,18 @@ def build_adapter(d: Path, base: Path, shape: str, seed: int = 1) -> int:
     return sum(t.nbytes for t in tensors.values())
 
 
+def model_dirs(work: Path, shape: str) -> tuple[Path, Path]:
+    """(base, adapter) of `shape` under `work`, built unless a previous run left them complete."""
+    base, ad = work / f"base-{shape}", work / f"adapter-{shape}"
+    if not (base / "model.safetensors.index.json").exists():
+        shutil.rmtree(base, ignore_errors=True)
+        build_base(base, shape)
+    if not (ad / "adapter_config.json").exists():
+        shutil.rmtree(ad, ignore_errors=True)
+        build_adapter(ad, base, shape)
+    return base, ad
+
+
 def _tree(pid: int) -> list[int]:
     """pid and its descendants (from /proc)."""
     kids: dict[int, list[int]] = {}
@@ -255,14 +267,8 @@ def main(argv: list[str] | None = None) -> int:
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix=f"bench-export-{args.shape}-"))
     work.mkdir(parents=True, exist_ok=True)
-    base, ad = work / f"base-{args.shape}", work / f"adapter-{args.shape}"
     t = time.perf_counter()
-    if not (base / "model.safetensors.index.json").exists():
-        shutil.rmtree(base, ignore_errors=True)
-        build_base(base, args.shape)
-    if not (ad / "adapter_config.json").exists():
-        shutil.rmtree(ad, ignore_errors=True)
-        build_adapter(ad, base, args.shape)
+    base, ad = model_dirs(work, args.shape)
     model_bytes = dir_bytes(base, "model*.safetensors")
     print(f"{args.shape}: base {model_bytes / 1e9:.2f} GB bf16, adapter {dir_bytes(ad, 'adapters.safetensors') / 1e6:.1f} MB "
           f"(rank {RANK}, {len(LINEARS)} linears x {SHAPES[args.shape]['num_hidden_layers']} layers); "

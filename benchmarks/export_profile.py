@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from export import SHAPES, build_adapter, build_base, warm  # noqa: E402
+from export import SHAPES, model_dirs, warm  # noqa: E402
 
 CHILD = r"""
 import collections, hashlib, json, resource, sys, threading, time
@@ -67,7 +67,8 @@ t0 = time.perf_counter()
 rc = main(["export", sys.argv[1], "--out", sys.argv[2], "--no-progress"])
 wall = time.perf_counter() - t0
 r = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps({"rc": rc, "wall": wall, "user": r.ru_utime, "sys": r.ru_stime, "maxrss_mb": r.ru_maxrss / 1024,
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))  # exec resets it
+print(json.dumps({"rc": rc, "wall": wall, "user": r.ru_utime, "sys": r.ru_stime, "hwm_mb": hwm / 1024,
                   "parts": dict(T)}))
 """
 
@@ -81,13 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, required=True, help="benchmarks/export.py's --workdir (model reused)")
     ap.add_argument("--repeat", type=int, default=1, help="runs; the one with the least CPU time is shown")
     args = ap.parse_args(argv)
-    base, ad = args.workdir / f"base-{args.shape}", args.workdir / f"adapter-{args.shape}"
-    if not (base / "model.safetensors.index.json").exists():
-        shutil.rmtree(base, ignore_errors=True)
-        build_base(base, args.shape)
-    if not (ad / "adapter_config.json").exists():
-        shutil.rmtree(ad, ignore_errors=True)
-        build_adapter(ad, base, args.shape)
+    base, ad = model_dirs(args.workdir, args.shape)
     best = None
     for r in range(args.repeat):
         out = args.workdir / f"out-profile-{r}"
@@ -116,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {sub:34} | {parts.get(sub, 0.0):6.2f} | |")
     print(f"| {'process (user + sys)':34} | {cpu:6.2f} | {1:6.1%} |")
     print(f"\nshape {args.shape}: wall {best['wall']:.2f} s (after imports), user {best['user']:.2f} s + sys "
-          f"{best['sys']:.2f} s, ru_maxrss {best['maxrss_mb']:.0f} MB, load average {best['load']:.1f} at the start, "
+          f"{best['sys']:.2f} s, peak RSS (VmHWM) {best['hwm_mb']:.0f} MB, load average {best['load']:.1f} at the start, "
           f"{os.cpu_count()} CPUs; least CPU of {args.repeat}. Thread CPU of the wrapped parts (they overlap in "
           "time on the cores, not in CPU seconds).")
     return 0
