@@ -45,6 +45,7 @@ LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 RANK, SCALE = 16, 20.0
 MAX_SHARD = 5 << 30  # mlx-lm's MAX_FILE_SIZE_GB
+GOAL = 0.10  # issue 13: export (hf), every check on, in at most this fraction of mlx_lm.fuse's time
 
 
 def llama_tensors(c: dict) -> list[tuple[str, tuple[int, ...]]]:
@@ -143,6 +144,18 @@ def build_adapter(d: Path, base: Path, shape: str, seed: int = 1) -> int:
     return sum(t.nbytes for t in tensors.values())
 
 
+def model_dirs(work: Path, shape: str) -> tuple[Path, Path]:
+    """(base, adapter) of `shape` under `work`, built unless a previous run left them complete."""
+    base, ad = work / f"base-{shape}", work / f"adapter-{shape}"
+    if not (base / "model.safetensors.index.json").exists():
+        shutil.rmtree(base, ignore_errors=True)
+        build_base(base, shape)
+    if not (ad / "adapter_config.json").exists():
+        shutil.rmtree(ad, ignore_errors=True)
+        build_adapter(ad, base, shape)
+    return base, ad
+
+
 def _tree(pid: int) -> list[int]:
     """pid and its descendants (from /proc)."""
     kids: dict[int, list[int]] = {}
@@ -214,13 +227,14 @@ def measure(cmd: list[str]) -> tuple[float, float, float]:
 NO_CHECKS = """
 import sys
 import mlx_bridge.translate.export as ex, mlx_bridge.translate.plan as plan
+import mlx_bridge.translate.chunks as chunks, mlx_bridge.translate.parts as parts
 class NoHash:
-    def update(self, *a, **k): pass
+    def update(self, *a, **k): return None
     def digests(self): return {}
     def close(self): pass
 ex.sha256_file = lambda p, **k: "0" * 64
 ex.StreamHasher = NoHash
-plan.count_nonfinite = lambda a: 0
+plan.count_nonfinite = chunks.count_nonfinite = parts.count_nonfinite = lambda a: 0
 from mlx_bridge.cli import main
 sys.exit(main(["export", sys.argv[1], "--out", sys.argv[2], "--no-verify"]))
 """
@@ -253,14 +267,8 @@ def main(argv: list[str] | None = None) -> int:
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix=f"bench-export-{args.shape}-"))
     work.mkdir(parents=True, exist_ok=True)
-    base, ad = work / f"base-{args.shape}", work / f"adapter-{args.shape}"
     t = time.perf_counter()
-    if not (base / "model.safetensors.index.json").exists():
-        shutil.rmtree(base, ignore_errors=True)
-        build_base(base, args.shape)
-    if not (ad / "adapter_config.json").exists():
-        shutil.rmtree(ad, ignore_errors=True)
-        build_adapter(ad, base, args.shape)
+    base, ad = model_dirs(work, args.shape)
     model_bytes = dir_bytes(base, "model*.safetensors")
     print(f"{args.shape}: base {model_bytes / 1e9:.2f} GB bf16, adapter {dir_bytes(ad, 'adapters.safetensors') / 1e6:.1f} MB "
           f"(rank {RANK}, {len(LINEARS)} linears x {SHAPES[args.shape]['num_hidden_layers']} layers); "
@@ -277,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         "mlx-bridge export (peft)": (lambda x: [bridge, "export", str(ad), "--out", str(x), "--format", "peft"],
                                      "adapter_model.safetensors"),
     }
-    rows = {}
+    rows, load0 = {}, os.getloadavg()[0]
     for name, (cmd, pattern) in tools.items():
         best = None
         for r in range(args.repeat):
@@ -304,9 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, (secs, rss, written, cpu, load) in rows.items():
         print(f"| {name:26} | {secs:8.2f} | {cpu:6.1f} | {rss:11.0f} | {written / 1e9 / secs:6.2f} | {t_fuse / secs:10.1f}x | "
               f"{secs / t_cp:8.2f}x | {load:4.1f} |")
-    checks = rows["mlx-bridge export (hf)"][0] - rows["export (hf), checks off"][0]
+    on, off = rows["mlx-bridge export (hf)"], rows["export (hf), checks off"]
     print(f"\nchecks (sha256 of every source and output byte, NaN/Inf scan of every tensor): "
-          f"{checks:+.2f} s wall ({rows['mlx-bridge export (hf)'][3] - rows['export (hf), checks off'][3]:+.1f} CPU s)")
+          f"{on[0] - off[0]:+.2f} s wall ({on[3] - off[3]:+.1f} CPU s, {on[1] - off[1]:+.0f} MB peak RSS)")
+    print(f"export (hf) / mlx_lm.fuse: {on[0] / t_fuse:.3f}x with every check (goal <= {GOAL:.2f}x: "
+          f"{'met' if on[0] / t_fuse <= GOAL else 'NOT met'}), {off[0] / t_fuse:.3f}x with checks off; "
+          f"load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     print(f"\nshape {args.shape} ({model_bytes / 1e9:.2f} GB bf16 weights), {os.cpu_count()} CPUs, best of "
           f"{args.repeat}. Warm page cache for every tool (inputs read before each run; no root to drop it); "
           "outputs timed into the page cache (sync untimed between tools). GB/s = weight bytes written / "

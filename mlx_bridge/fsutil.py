@@ -3,9 +3,13 @@
 Everything the tool writes goes into a temporary directory beside the target and is renamed into
 place at the end, so an interrupted run never leaves a half-written result under the final name:
 
-    .NAME.tmp-PID-XXXX   being written (incomplete; removed by the next run once PID is gone)
-    .NAME.new-PID        complete, about to replace NAME (`force`)
-    .NAME.old-PID        the previous NAME, moved aside for that moment
+    .NAME.tmp-PID@HOST-XXXX   being written (incomplete; removed by the next run once PID is gone)
+    .NAME.new-PID@HOST        complete, about to replace NAME (`force`)
+    .NAME.old-PID@HOST        the previous NAME, moved aside for that moment
+
+A run is known to be gone only on its own host (HOST: this machine's name, `-` written `_`): on a
+filesystem shared by several machines, side files of another host's runs are left alone, whatever
+their PID means here.
 
 Replacing an existing NAME takes three renames (tmp -> new, NAME -> old, new -> NAME); a run stopped
 between them (kill -9, power loss) leaves a complete output under one of the side names, and the next
@@ -21,13 +25,15 @@ import hashlib
 import os
 import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import BridgeError
 
-_SIDE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|new|old)-(?P<pid>\d+)(-[^/]*)?$")
+# names without @HOST were written before the host was recorded; they count as this host's
+_SIDE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|new|old)-(?P<pid>\d+)(?:@(?P<host>[A-Za-z0-9._]+))?(-[^/]*)?$")
 
 
 def umask() -> int:
@@ -90,6 +96,46 @@ def check_apart(out: str | os.PathLike, source: str | os.PathLike, what: str = "
     raise BridgeError(f"--out {out} {rel} {what} {source}; choose a directory apart from it")
 
 
+def host() -> str:
+    """This machine's name as side-file names carry it: characters other than letters, digits and `.`
+    written `_` (a hostname has no `_`, so distinct hostnames stay distinct, and no `-`, so the name
+    parses back).
+
+    Example:
+        >>> "-" not in host() and "@" not in host()
+        True
+    """
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "localhost"
+
+
+def run_tag(pid: int | None = None, on: str | None = None) -> str:
+    """`PID@HOST` of this run (or of `pid` on host `on`), as side-file names carry it.
+
+    Example:
+        >>> run_tag(42, "node1")
+        '42@node1'
+    """
+    return f"{os.getpid() if pid is None else pid}@{host() if on is None else on}"
+
+
+def side_name(out: str | os.PathLike, kind: str, pid: int | None = None, on: str | None = None) -> Path:
+    """The side file of `out` of this run (or of run `pid` on host `on`): `.NAME.KIND-PID@HOST`, beside
+    `out` (a `tmp` one gets a random suffix from `mkdtemp`).
+
+    Example:
+        >>> str(side_name("/data/out", "new", 42, "node1"))
+        '/data/.out.new-42@node1'
+    """
+    out = Path(out)
+    return out.parent / f".{out.name}.{kind}-{run_tag(pid, on)}"
+
+
+def _gone(pid: str, on: str | None) -> bool:
+    """Whether the run `pid` on host `on` (None: a name without a host, taken as this one) is known to
+    have ended: only a run of this host can be; another host's is left to that host."""
+    return (on is None or on == host()) and not _alive(int(pid))
+
+
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -126,7 +172,7 @@ def recover(out: str | os.PathLike, log: Callable[[str], None] | None = None) ->
     side: dict[str, list[Path]] = {"tmp": [], "new": [], "old": []}
     for p in out.parent.iterdir():
         m = _SIDE.match(p.name)
-        if m is None or _alive(int(m["pid"])):
+        if m is None or not _gone(m["pid"], m["host"]):
             continue
         if m["kind"] == "tmp" or m["name"] != out.name:  # incomplete, or another output's (left as it is)
             if m["kind"] == "tmp":
@@ -149,8 +195,8 @@ def recover(out: str | os.PathLike, log: Callable[[str], None] | None = None) ->
 
 @contextlib.contextmanager
 def scratch_dir(prefix: str) -> Iterator[Path]:
-    """A temporary directory `PREFIX-PID-XXXX` in the system's temp dir, removed afterwards; those of
-    runs that died (kill -9) are removed first.
+    """A temporary directory `PREFIX-PID@HOST-XXXX` in the system's temp dir, removed afterwards; those of
+    this host's runs that died (kill -9) are removed first.
 
     Example:
         >>> with scratch_dir("mlx-bridge-doc") as d:
@@ -159,10 +205,10 @@ def scratch_dir(prefix: str) -> Iterator[Path]:
     """
     root = Path(tempfile.gettempdir())
     for p in root.glob(f"{prefix}-*"):
-        pid = p.name[len(prefix) + 1:].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        m = re.fullmatch(r"(?P<pid>\d+)(?:@(?P<host>[A-Za-z0-9._]+))?-[^/]*", p.name[len(prefix) + 1:])
+        if m and _gone(m["pid"], m["host"]):
             _rmtree(p)
-    d = Path(tempfile.mkdtemp(prefix=f"{prefix}-{os.getpid()}-", dir=root))
+    d = Path(tempfile.mkdtemp(prefix=f"{prefix}-{run_tag()}-", dir=root))
     try:
         yield d
     finally:
@@ -189,7 +235,7 @@ def atomic_dir(out: str | os.PathLike, force: bool = False,
     recover(out, log)
     check_output_dir(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{side_name(out, 'tmp').name}-", dir=out.parent))
     try:
         chmod_default(tmp, directory=True)
         yield tmp
@@ -209,7 +255,7 @@ def atomic_dir(out: str | os.PathLike, force: bool = False,
 
 
 def _swap(tmp: Path, out: Path) -> None:
-    new, old = out.parent / f".{out.name}.new-{os.getpid()}", out.parent / f".{out.name}.old-{os.getpid()}"
+    new, old = side_name(out, "new"), side_name(out, "old")
     os.rename(tmp, new)
     os.rename(out, old)
     os.rename(new, out)
@@ -227,7 +273,7 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
         '{}'
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{side_name(path, 'tmp').name}-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
@@ -240,15 +286,25 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     return path
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24, stop=None) -> str | None:
-    """Hex sha256 of a file, read in 16 MB chunks; None if the event `stop` is set meanwhile (a
-    refused export does not wait for the hashing of a large base)."""
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20, stop=None) -> str | None:
+    """Hex sha256 of a file, read into one reused buffer of `chunk` bytes (cache-sized: no fresh
+    memory per read); None if the event `stop` is set meanwhile (a refused export does not wait for
+    the hashing of a large base).
+
+    Example:
+        >>> import tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "a.bin"); _ = open(p, "wb").write(b"abc")
+        >>> sha256_file(p, chunk=2) == hashlib.sha256(b"abc").hexdigest()
+        True
+    """
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
             if stop is not None and stop.is_set():
                 return None
-            h.update(b)
+            h.update(view[:n])
     return h.hexdigest()
 
 
@@ -272,7 +328,7 @@ class StreamHasher:
 
     Example:
         >>> h = StreamHasher()
-        >>> h.update("a", b"hello "); h.update("a", b"world")
+        >>> _ = h.update("a", b"hello "), h.update("a", b"world")
         >>> h.digests()["a"] == hashlib.sha256(b"hello world").hexdigest()
         True
     """
@@ -286,18 +342,21 @@ class StreamHasher:
         self._pending: deque = deque()
         self._queued, self.limit = 0, limit
 
-    def update(self, name: str, data: bytes | memoryview, owned: bool = True) -> None:
-        """Add `data` to the hash of `name`; `owned`: the buffer holds memory (counted against `limit`;
-        a view of a mapped file is not)."""
+    def update(self, name: str, data: bytes | memoryview, owned: bool = True):
+        """Add `data` to the hash of `name`; return the future that is done once it is hashed (the
+        buffer may be reused then). `owned`: the buffer is held for the hasher alone (counted against
+        `limit`); a reused buffer whose owner waits for the future is not."""
         mv = memoryview(data).cast("B")
         h = self._h.setdefault(name, hashlib.sha256())
         n = mv.nbytes if owned else 0
-        self._pending.append((self._pool.submit(h.update, mv), n))
+        fut = self._pool.submit(h.update, mv)
+        self._pending.append((fut, n))
         self._queued += n
         while self._queued > self.limit or (self._pending and self._pending[0][0].done()):
-            fut, k = self._pending.popleft()
-            fut.result()
+            done, k = self._pending.popleft()
+            done.result()
             self._queued -= k
+        return fut
 
     def digests(self) -> dict[str, str]:
         """{name: hex sha256} once every update is done."""

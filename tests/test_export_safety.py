@@ -25,7 +25,7 @@ import pytest
 from mlx_bridge.cli import main as cli
 from mlx_bridge.errors import BridgeError
 from mlx_bridge.formats import load_file, save_file
-from mlx_bridge.fsutil import atomic_dir, recover, sha256_file
+from mlx_bridge.fsutil import atomic_dir, recover, run_tag, sha256_file, side_name
 from mlx_bridge.manifest import Manifest
 from mlx_bridge.testing.adapters import make_checkpoint
 from test_export_common import zoo  # noqa: F401
@@ -189,11 +189,11 @@ def dead_pid() -> int:
 def test_kill_between_the_renames_of_force_is_recovered(tmp_path):
     """Stopped after moving the old output aside: the next run puts the complete new one in place."""
     pid = dead_pid()
-    new, old = tmp_path / f".out.new-{pid}", tmp_path / f".out.old-{pid}"
+    new, old = side_name(tmp_path / "out", "new", pid), side_name(tmp_path / "out", "old", pid)
     new.mkdir(), old.mkdir()
     (new / "v").write_text("new")
     (old / "v").write_text("old")
-    (tmp_path / f".out.tmp-{pid}-abc").mkdir()  # an incomplete one
+    (tmp_path / f".out.tmp-{run_tag(pid)}-abc").mkdir()  # an incomplete one
     said = recover(tmp_path / "out")
     assert "recovered" in said and (tmp_path / "out" / "v").read_text() == "new"
     assert os.listdir(tmp_path) == ["out"]
@@ -201,14 +201,14 @@ def test_kill_between_the_renames_of_force_is_recovered(tmp_path):
 
 def test_only_the_old_output_left_is_put_back(tmp_path):
     pid = dead_pid()
-    (tmp_path / f".out.old-{pid}").mkdir()
-    (tmp_path / f".out.old-{pid}" / "v").write_text("old")
+    side_name(tmp_path / "out", "old", pid).mkdir()
+    (side_name(tmp_path / "out", "old", pid) / "v").write_text("old")
     recover(tmp_path / "out")
     assert (tmp_path / "out" / "v").read_text() == "old" and os.listdir(tmp_path) == ["out"]
 
 
 def test_side_dirs_of_a_live_run_are_left_alone(tmp_path):
-    live = tmp_path / f".out.tmp-{os.getppid()}-abc"
+    live = tmp_path / f".out.tmp-{run_tag(os.getppid())}-abc"
     live.mkdir()
     recover(tmp_path / "out")
     assert live.is_dir()
@@ -216,8 +216,8 @@ def test_side_dirs_of_a_live_run_are_left_alone(tmp_path):
 
 def test_leftover_temp_dir_of_a_killed_run_is_cleaned_by_the_next(zoo, tmp_path, capsys):
     pid = dead_pid()
-    (tmp_path / f".out.tmp-{pid}-xyz").mkdir()
-    (tmp_path / f".out.tmp-{pid}-xyz" / "model.safetensors").write_bytes(b"\0" * 1000)
+    (tmp_path / f".out.tmp-{run_tag(pid)}-xyz").mkdir()
+    (tmp_path / f".out.tmp-{run_tag(pid)}-xyz" / "model.safetensors").write_bytes(b"\0" * 1000)
     rc, err = run(capsys, "export", zoo.mlx("llama"), "--out", tmp_path / "out", "--no-verify")
     assert rc == 0, err
     assert os.listdir(tmp_path) == ["out"]
@@ -301,7 +301,7 @@ def test_scratch_dirs_of_dead_runs_are_removed(tmp_path, monkeypatch):
     from mlx_bridge.fsutil import scratch_dir
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    stale = tmp_path / f"mlx-bridge-peft-{dead_pid()}-abc"
+    stale = tmp_path / f"mlx-bridge-peft-{run_tag(dead_pid())}-abc"
     stale.mkdir()
     with scratch_dir("mlx-bridge-peft") as d:
         assert d.is_dir() and not stale.exists()

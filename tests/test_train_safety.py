@@ -16,7 +16,7 @@ import pytest
 
 from mlx_bridge.cli import main as cli
 from mlx_bridge.errors import BridgeError
-from mlx_bridge.fsutil import sha256_file
+from mlx_bridge.fsutil import sha256_file, side_name
 from mlx_bridge.manifest import Manifest
 from mlx_bridge.train.trainer import MLXTrainer
 from test_bad_input import child
@@ -123,7 +123,7 @@ def test_a_save_stopped_between_its_renames_is_recovered_on_resume(bases, data, 
     """kill -9 after the old checkpoint was moved aside: the next --resume puts it back and says so."""
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
-    os.rename(ckpt, ckpt.parent / f".ck.old-{p.pid}")
+    os.rename(ckpt, side_name(ckpt, "old", p.pid))
     rc, err = resume(capsys, bases, data, ckpt)
     assert rc == 0 and "recovered" in err, err
     assert Manifest.load(ckpt).training["steps"] == 3

@@ -73,9 +73,10 @@ _SPECIAL = {"F64": (np.uint64, 0x7FF0000000000000), "F32": (np.uint32, 0x7F80000
             "BF16": (np.uint16, 0x7F80), "F8_E5M2": (np.uint8, 0x7C)}
 
 
-def count_nonfinite(a: np.ndarray, chunk: int = 1 << 22) -> int:
-    """Number of NaN/Inf values of a floating array (0 for other dtypes), from the exponent bits
-    (no float conversion; a few bytes of scratch per element of one chunk at a time).
+def count_nonfinite(a: np.ndarray, chunk: int = 1 << 16) -> int:
+    """Number of NaN/Inf values of a floating array (0 for other dtypes), from the exponent bits: an
+    integer mask on an unsigned view (no float conversion), `chunk` elements at a time into one small
+    scratch (cache-sized; no temporaries the size of `a`); counted only in a chunk that has one.
 
     Example:
         >>> count_nonfinite(np.array([1.0, np.nan, np.inf, -np.inf], np.float32))
@@ -92,4 +93,12 @@ def count_nonfinite(a: np.ndarray, chunk: int = 1 << 22) -> int:
     ut, mask = _SPECIAL[d.st]
     u = np.ascontiguousarray(a).reshape(-1).view(ut)
     m = ut(mask)
-    return sum(int(np.count_nonzero((u[i:i + chunk] & m) == m)) for i in range(0, u.size, chunk))
+    scratch = np.empty(min(chunk, u.size), ut)
+    n = 0
+    for i in range(0, u.size, chunk):
+        x = u[i: i + chunk]
+        t = scratch[: x.size]
+        np.bitwise_and(x, m, out=t)
+        if t.max() == m:  # all exponent bits set somewhere in this chunk
+            n += int(np.count_nonzero(t == m))
+    return n

@@ -226,6 +226,7 @@ class StreamWriter:
         self.path = Path(path)
         self.specs = list(specs)
         self._next = 0
+        self._part = 0  # bytes of the next tensor written by write_part
         self._f: BinaryIO = open(self.path, "wb")
         self.header = build_header(self.specs, metadata)  # the first bytes of the file
         self._f.write(self.header)
@@ -242,6 +243,21 @@ class StreamWriter:
             raise RuntimeError(f"{self.path}: {name}: got {len(data)} bytes, planned {spec.nbytes}")
         self._f.write(data)
         self._next += 1
+
+    def write_part(self, name: str, data: np.ndarray | bytes | memoryview) -> None:
+        """Write the next bytes of tensor `name` (a tensor may come in several parts, in order; the next
+        tensor starts once its planned byte count is reached)."""
+        spec = self.specs[self._next] if self._next < len(self.specs) else None
+        if spec is None or name != spec.name:
+            raise RuntimeError(f"{self.path}: expected tensor {spec and spec.name!r} next, got {name!r}")
+        n = memoryview(data).nbytes
+        if self._part + n > spec.nbytes:
+            raise RuntimeError(f"{self.path}: {name}: {self._part + n} bytes, planned {spec.nbytes}")
+        self._f.write(data)
+        self._part += n
+        if self._part == spec.nbytes:
+            self._next += 1
+            self._part = 0
 
     def copy_from(self, name: str, fd: int, offset: int, nbytes: int) -> None:
         """Write the next tensor by copying `nbytes` at `offset` of file descriptor `fd` (kernel copy

@@ -1,11 +1,12 @@
 """Execute a plan: stream output tensors into safetensors shards.
 
 Shards are assigned up front (greedy, in order, at most `shard_size` bytes each; a larger tensor gets
-its own shard), so every header is known before the first byte. Every tensor is produced on a thread
-pool a few steps ahead of the writer (numpy releases the GIL in its kernels, so both cores work): read
-with pread (nothing stays mapped), computed where the plan says so, and checked for NaN/Inf. Each
-byte then passes through once: written, and handed to the shard's sha256 (`fsutil.StreamHasher`,
-its own thread). Memory stays bounded by the look-ahead.
+its own shard), so every header is known before the first byte. Tensors are made in bounded chunks
+(`chunks.py`) on a thread pool a few steps ahead of the writer (numpy releases the GIL in its
+kernels, so both cores work): read with pread (nothing stays mapped), computed where the plan says
+so, and scanned for NaN/Inf. Each byte then passes through once: written, and handed to the shard's
+sha256 (`fsutil.StreamHasher`, its own thread) from the same buffer. Memory stays bounded by the
+look-ahead, and the buffers are reused.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from threadpoolctl import threadpool_limits
 from ..errors import BridgeError
 from ..formats import StreamWriter, TensorSpec
 from ..fsutil import StreamHasher
-from .parts import Item, materialize
+from .chunks import ROWS, block_bytes, make, split
+from .parts import Item, materialize, nonfinite_error
 
 INDEX = "model.safetensors.index.json"
+MAX_CHUNK = 16 << 20  # bytes of one chunk at most (a block of rows wider than this: the tensor is made whole)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -66,12 +69,16 @@ def shard_names(n: int, stem: str = "model") -> list[str]:
 
 
 def write_weights(items: list[Item], out: Path, shard_size: int | str = "5GB", workers: int | None = None,
-                  lookahead_bytes: int = 128 << 20, progress: bool = True,
-                  hasher: StreamHasher | None = None) -> dict[str, str]:
+                  lookahead_bytes: int = 32 << 20, chunk_bytes: int = 2 << 20, progress: bool = True,
+                  hasher: StreamHasher | None = None, rows: int = ROWS) -> dict[str, str]:
     """Write all items as shards + index into `out`; return {tensor name: file name}.
 
-    With `hasher`, every shard's bytes are handed to it in file order as they are written (computed
-    tensors from memory, copied ones from the source's map), so its sha256 needs no second read.
+    Each tensor is made in chunks (`chunks.split`) on a thread pool, ahead of the writer by at most
+    `lookahead_bytes`, into a fixed set of `chunk_bytes` buffers. The writer (this thread) writes each
+    chunk and hands the same buffer to `hasher` (its own thread), so every output byte is scanned for
+    NaN/Inf, written and hashed while it is in memory once; a buffer is reused once both are done.
+    A tensor with NaN/Inf raises `BridgeError` (the caller's temporary directory is discarded).
+    `rows`: rows of a weight fused at a time (float32 temporaries of rows x columns).
     """
     shards = assign_shards(items, parse_size(shard_size))
     names = shard_names(len(shards))
@@ -79,50 +86,97 @@ def write_weights(items: list[Item], out: Path, shard_size: int | str = "5GB", w
     total = sum(it.nbytes for it in items)
     workers = workers or min(2, os.cpu_count() or 1)
     bar = _bar(total, progress)
+    # a chunk holds at least `rows` rows of a computed tensor (up to 16 MB; wider ones are made whole)
+    need = max((block_bytes(it, rows) for it in items if it.plain and it.shape), default=0)
+    chunk_bytes = max(chunk_bytes, min(need, MAX_CHUNK))
+    todo = (c for it in items for c in split(it, chunk_bytes, rows))
+    nbufs = max(4, lookahead_bytes // chunk_bytes)
+    free: list[np.ndarray] = []  # buffers not in use
+    made = 0  # buffers allocated so far (at most nbufs)
+    hashing: deque = deque()  # (hash future or None, buffer) written, hash pending
+    pending: deque = deque()  # (chunk, future, buffer or None) in file order
+    inflight = 0  # bytes of whole tensors made ahead
+
+    def reclaim(wait: bool) -> None:
+        while hashing and (wait or hashing[0][0] is None or hashing[0][0].done()):
+            fut, buf = hashing.popleft()
+            if fut is not None:
+                fut.result()
+            if buf is not None:
+                free.append(buf)
+            wait = False
+
     # each worker's small LoRA matmuls on one BLAS thread: BLAS threads of two workers spinning on
     # two cores doubled the CPU time and made the wall time erratic (TinyLlama: write 1.0 s vs 1.9-5.8 s)
     with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
-        pending: deque = deque()  # (item, future or None) in write order
-        queue = iter(items)
-        inflight = 0
+        nxt = next(todo, None)
 
-        def refill():
-            nonlocal inflight
-            while inflight < lookahead_bytes or not pending:
-                it = next(queue, None)
-                if it is None:
-                    return
-                fut = pool.submit(materialize, it)  # read (and computed), NaN/Inf checked
-                inflight += it.nbytes
-                pending.append((it, fut))
+        def refill() -> None:
+            nonlocal nxt, made, inflight
+            while nxt is not None:
+                c = nxt
+                if c.whole:
+                    if pending and inflight + c.nbytes > lookahead_bytes:
+                        return
+                    fut, buf = pool.submit(materialize, c.item), None  # NaN/Inf checked in it
+                    inflight += c.nbytes
+                else:
+                    reclaim(False)
+                    if not free and made < nbufs:
+                        free.append(np.empty(chunk_bytes, np.uint8))
+                        made += 1
+                    if not free:
+                        if pending:
+                            return  # write what is made first
+                        reclaim(True)
+                    buf = free.pop()
+                    fut = pool.submit(make, c, buf)
+                pending.append((c, fut, buf))
+                nxt = next(todo, None)
 
-        writer = None
-        shard_iter = iter(zip(shards, names))
-        left_in_shard = 0
-        refill()
-        while pending:
-            if left_in_shard == 0:
-                if writer is not None:
-                    writer.close()
-                shard, name = next(shard_iter)
-                writer = StreamWriter(out / name, [TensorSpec(i.name, i.dtype, i.shape) for i in shard],
-                                      {"format": "pt"})
-                if hasher is not None:
-                    hasher.update(name, writer.header)
-                left_in_shard = len(shard)
-            it, fut = pending.popleft()
-            w = fut.result()
-            if not w.flags.c_contiguous:  # (np.ascontiguousarray would make a scalar (1,))
-                w = np.ascontiguousarray(w)
-            writer.write(it.name, w)
-            if hasher is not None:
-                hasher.update(name, w.reshape(-1).view(np.uint8).data)
-            inflight -= it.nbytes
-            left_in_shard -= 1
-            bar.update(it.nbytes)
+        try:
+            writer, bad = None, 0
+            shard_iter = iter(zip(shards, names))
+            left_in_shard = 0
             refill()
-        if writer is not None:
-            writer.close()
+            while pending:
+                c, fut, buf = pending.popleft()
+                it = c.item
+                if left_in_shard == 0:
+                    if writer is not None:
+                        writer.close()
+                    shard, name = next(shard_iter)
+                    writer = StreamWriter(out / name, [TensorSpec(i.name, i.dtype, i.shape) for i in shard],
+                                          {"format": "pt"})
+                    if hasher is not None:
+                        hasher.update(name, writer.header)
+                    left_in_shard = len(shard)
+                if c.whole:
+                    w = np.ascontiguousarray(fut.result()).reshape(-1).view(np.uint8)
+                    inflight -= c.nbytes
+                    for b in range(0, w.nbytes, chunk_bytes) if w.nbytes else [0]:
+                        writer.write_part(it.name, w[b: b + chunk_bytes])
+                        if hasher is not None:  # the hasher holds `w` until it is hashed (its own limit)
+                            hasher.update(name, w[b: b + chunk_bytes])
+                else:
+                    data, n = fut.result()
+                    bad += n
+                    writer.write_part(it.name, data)
+                    hashing.append((hasher.update(name, data, owned=False) if hasher is not None else None, buf))
+                    if c.last and bad:
+                        raise nonfinite_error(it, bad)
+                if c.last:
+                    bad = 0
+                    left_in_shard -= 1
+                bar.update(c.nbytes)
+                refill()
+            if writer is not None:
+                writer.close()
+        finally:
+            for _, fut, _ in pending:
+                fut.cancel()
+            while hashing:  # no buffer is freed while a hash still reads it
+                reclaim(True)
     bar.close()
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")

@@ -34,20 +34,38 @@ def fuse_lora(w: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float, kind: s
               out_dtype=np.float32, rows: int = 128) -> np.ndarray:
     """W + delta computed in float32 and rounded once to `out_dtype`.
 
-    Done in blocks of `rows` rows, so the float32 temporaries stay in the CPU cache (about twice as
-    fast as whole-matrix passes, and no full-size float32 copy unless out_dtype is float32).
+    Done in blocks of `rows` rows (`fuse_rows`), so the float32 temporaries stay in the CPU cache
+    (about twice as fast as whole-matrix passes, and no full-size float32 copy unless out_dtype is
+    float32).
     """
     left, right = lora_factors(a, b, scale, kind)
     right = np.ascontiguousarray(right)
     out = np.empty(w.shape, out_dtype)
-    tmp = np.empty((min(rows, w.shape[0]), w.shape[1]), np.float32)
+    scratch = np.empty(2 * min(rows, w.shape[0]) * w.shape[1], np.float32)
     for i in range(0, w.shape[0], rows):
         j = min(i + rows, w.shape[0])
-        t = tmp[: j - i]
-        np.matmul(left[i:j], right, out=t)
-        t += w[i:j].astype(np.float32)  # exact upcast; a mixed-dtype add would be much slower
-        out[i:j] = t
+        fuse_rows(w[i:j], left[i:j], right, out[i:j], scratch)
     return out
+
+
+def fuse_rows(w: np.ndarray, left: np.ndarray, right: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> None:
+    """out = round(left @ right + w) for one block of rows of a weight, in float32 (exact upcast of w;
+    `scratch`: at least 2 * w.size float32, reused).
+
+    Example:
+        >>> out = np.empty((2, 2), np.float32)
+        >>> fuse_rows(np.ones((2, 2), np.float32), np.ones((2, 1), np.float32), np.ones((1, 2), np.float32), out,
+        ...           np.empty(8, np.float32))
+        >>> out.tolist()
+        [[2.0, 2.0], [2.0, 2.0]]
+    """
+    t = scratch[: w.size].reshape(w.shape)
+    up = scratch[w.size: 2 * w.size].reshape(w.shape)
+    np.matmul(left, right, out=t)
+    np.copyto(up, w, casting="unsafe")  # exact upcast; a mixed-dtype add would be much slower
+    t += up
+    with np.errstate(over="ignore"):  # an overflow to Inf is refused by the NaN/Inf scan, by name
+        out[...] = t
 
 
 def fuse_dora(w: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float, m: np.ndarray) -> np.ndarray:

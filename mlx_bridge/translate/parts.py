@@ -218,9 +218,15 @@ def materialize(item: Item) -> np.ndarray:
 
 
 def check_finite(item: Item, w: np.ndarray) -> None:
-    """Refuse an output tensor `w` with NaN/Inf values (a damaged source, or a fused adapter that
-    overflows the output dtype)."""
+    """Refuse an output tensor `w` with NaN/Inf values."""
     n = count_nonfinite(w)
     if n:
-        why = "" if item.is_copy else f" after {' -> '.join(item.describe().split(' -> ')[1:])}"
-        raise BridgeError(f"{item.src}: {n} of {w.size} values of {item.name} are NaN or Inf{why}")
+        raise nonfinite_error(item, n)
+
+
+def nonfinite_error(item: Item, n: int) -> BridgeError:
+    """The error for an output tensor with `n` NaN/Inf values (a damaged source, or a fused adapter that
+    overflows the output dtype)."""
+    why = "" if item.is_copy else f" after {' -> '.join(item.describe().split(' -> ')[1:])}"
+    size = item.nbytes // DTYPES[item.dtype].itemsize
+    return BridgeError(f"{item.src}: {n} of {size} values of {item.name} are NaN or Inf{why}")

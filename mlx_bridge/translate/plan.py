@@ -83,7 +83,7 @@ def build_plan(source: Source, dtype: str = "auto") -> Plan:
         afile = adapter.file
         ft = adapter.fine_tune_type
         for k in afile.keys():
-            bad = count_nonfinite(afile.get(k))
+            bad = count_nonfinite(afile.read(k))  # a private copy: nothing stays mapped (resident)
             if bad:
                 problems.append(f"{afile.path.name}: {k}: {bad} NaN/Inf values")
             module, _, leaf = k.rpartition(".")

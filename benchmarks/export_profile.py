@@ -1,0 +1,121 @@
+"""Where an export's time goes: CPU seconds of each part of `mlx-bridge export` (hf), from one run.
+
+Runs the export of `benchmarks/export.py`'s model (built there, reused with the same --workdir) in a
+child process whose parts are wrapped to add up their threads' CPU time (`time.thread_time`): the
+sha256 of the source (read + hash) and of the output, the making of each chunk (pread, LoRA fuse,
+NaN/Inf scan), whole tensors (`materialize`), and the writes. The rest is start-up (imports), the
+plan, the tokenizer and manifest, and the writer's own Python. With 2 cores the wall time is at least
+half the total CPU time.
+
+    python benchmarks/export_profile.py --shape tinyllama --workdir /tmp/bench13
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from export import SHAPES, model_dirs, warm  # noqa: E402
+
+CHILD = r"""
+import collections, hashlib, json, resource, sys, threading, time
+import mlx_bridge.fsutil as fs, mlx_bridge.translate.chunks as ch, mlx_bridge.translate.execute as ex
+import mlx_bridge.translate.export as export
+from mlx_bridge.formats import StreamWriter
+
+T, lock = collections.defaultdict(float), threading.Lock()
+
+def timed(key, f):
+    def g(*a, **k):
+        c = time.thread_time()
+        try:
+            return f(*a, **k)
+        finally:
+            with lock:
+                T[key] += time.thread_time() - c
+    return g
+
+class Sha256:  # the hash part, by the thread that runs it (StreamHasher's thread: the output)
+    def __init__(self):
+        self.h = hashlib.sha256()
+    def update(self, b):
+        c = time.thread_time()
+        self.h.update(b)
+        key = "sha256 output" if threading.current_thread().name.startswith("sha256") else "  of which hashing"
+        with lock:
+            T[key] += time.thread_time() - c
+    def hexdigest(self):
+        return self.h.hexdigest()
+
+fs.hashlib = type("hashlib", (), {"sha256": Sha256})
+export.sha256_file = timed("sha256 source (read + hash)", fs.sha256_file)
+ex.make = timed("make chunks (total)", ch.make)
+ch._pread = timed("  pread", ch._pread)
+ch.fuse_rows = timed("  LoRA fuse (float32, rounded)", ch.fuse_rows)
+ch.count_nonfinite = timed("  NaN/Inf scan", ch.count_nonfinite)
+ex.materialize = timed("whole tensors (materialize)", ex.materialize)
+StreamWriter.write_part = timed("write (syscalls)", StreamWriter.write_part)
+from mlx_bridge.cli import main
+t0 = time.perf_counter()
+rc = main(["export", sys.argv[1], "--out", sys.argv[2], "--no-progress"])
+wall = time.perf_counter() - t0
+r = resource.getrusage(resource.RUSAGE_SELF)
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))  # exec resets it
+print(json.dumps({"rc": rc, "wall": wall, "user": r.ru_utime, "sys": r.ru_stime, "hwm_mb": hwm / 1024,
+                  "parts": dict(T)}))
+"""
+
+TOP = ["sha256 source (read + hash)", "sha256 output", "make chunks (total)", "whole tensors (materialize)",
+       "write (syscalls)"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=list(SHAPES), default="tinyllama")
+    ap.add_argument("--workdir", type=Path, required=True, help="benchmarks/export.py's --workdir (model reused)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs; the one with the least CPU time is shown")
+    args = ap.parse_args(argv)
+    base, ad = model_dirs(args.workdir, args.shape)
+    best = None
+    for r in range(args.repeat):
+        out = args.workdir / f"out-profile-{r}"
+        shutil.rmtree(out, ignore_errors=True)
+        warm(base, ad)
+        load = os.getloadavg()[0]
+        p = subprocess.run([sys.executable, "-c", CHILD, str(ad), str(out)], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise SystemExit(f"export failed ({p.returncode}):\n{p.stderr[-3000:]}")
+        res = dict(json.loads(p.stdout.strip().splitlines()[-1]), load=load)
+        shutil.rmtree(out)
+        os.sync()
+        if best is None or res["user"] + res["sys"] < best["user"] + best["sys"]:
+            best = res
+    cpu = best["user"] + best["sys"]
+    parts = best["parts"]
+    print(f"| {'part':34} | {'CPU s':>6} | {'share':>6} |")
+    print(f"|{'-' * 36}|{'-' * 8}|{'-' * 8}|")
+    for name in TOP + ["rest: start-up, plan, tokenizer, manifest, Python"]:
+        v = parts.get(name, 0.0) if name in TOP else cpu - sum(parts.get(k, 0.0) for k in TOP)
+        print(f"| {name:34} | {v:6.2f} | {v / cpu:6.1%} |")
+        if name == "sha256 source (read + hash)":
+            print(f"| {'  of which hashing':34} | {parts.get('  of which hashing', 0.0):6.2f} | |")
+        if name == "make chunks (total)":
+            for sub in ("  pread", "  LoRA fuse (float32, rounded)", "  NaN/Inf scan"):
+                print(f"| {sub:34} | {parts.get(sub, 0.0):6.2f} | |")
+    print(f"| {'process (user + sys)':34} | {cpu:6.2f} | {1:6.1%} |")
+    print(f"\nshape {args.shape}: wall {best['wall']:.2f} s (after imports), user {best['user']:.2f} s + sys "
+          f"{best['sys']:.2f} s, peak RSS (VmHWM) {best['hwm_mb']:.0f} MB, load average {best['load']:.1f} at the start, "
+          f"{os.cpu_count()} CPUs; least CPU of {args.repeat}. Thread CPU of the wrapped parts (they overlap in "
+          "time on the cores, not in CPU seconds).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
