@@ -1,0 +1,112 @@
+"""Issue 15, speed and memory of `export --format gguf`: the numpy quantizers against llama.cpp's own C
+reference functions, and the row-block streaming against the whole-tensor export.
+
+- The quantizers (Q4_K, Q5_K, Q6_K in translate/gguf/kquants.py; Q8_0 in types.py) give the bytes of
+  ggml's `quantize_row_*_ref` (called through ctypes in the libggml-base that llama-cpp-python ships)
+  on random rows and on the edge cases of the C code (flat and all-zero sub-blocks, ties of nearest_int
+  and roundf, tiny and huge values, min > 0).
+- A tensor bigger than the row block (the 32000-token embedding, every weight at 128-row blocks)
+  exported in blocks gives the same file, byte for byte, as exported whole: LoRA on a float base,
+  DoRA on a 4-bit base, and stacked experts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+llama_cpp = pytest.importorskip("llama_cpp")
+pytest.importorskip("gguf")
+
+from mlx_bridge.testing.gguf import GgufZoo  # noqa: E402
+from mlx_bridge.translate.gguf import kquants, types, write  # noqa: E402
+
+REF = {"Q4_K": ("q4_K", 256, 144, kquants.quantize_q4_k), "Q5_K": ("q5_K", 256, 176, kquants.quantize_q5_k),
+       "Q6_K": ("q6_K", 256, 210, kquants.quantize_q6_k), "Q8_0": ("q8_0", 32, 34, types.quantize_q8_0)}
+
+
+def ggml_ref(x: np.ndarray, name: str) -> np.ndarray:
+    """llama.cpp's quantize_row_<name>_ref on x (rows, k), as bytes (rows, k / block * block bytes)."""
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    c_name, block, size, _ = REF[name]
+    x = np.ascontiguousarray(x, np.float32)
+    out = np.empty(x.size // block * size, np.uint8)
+    getattr(lib, f"quantize_row_{c_name}_ref")(x.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p),
+                                               ctypes.c_int64(x.size))
+    return out.reshape(x.shape[0], -1)
+
+
+def edge_rows() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    n = rng.standard_normal((16, 1024)).astype(np.float32)
+    spiky = n * np.where(rng.random(n.shape) < 0.05, 60, 1).astype(np.float32)
+    spiky[:, :32] = 0  # an all-zero sub-block
+    spiky[:, 256:288] = 5.0  # a flat one
+    spiky[:, 512:520] = -1e-30
+    return {"weights": rng.standard_normal((64, 2048)).astype(np.float32) * np.float32(0.02),
+            "normal": n, "positive": np.abs(n), "negative": -np.abs(n), "zeros": np.zeros((2, 512), np.float32),
+            "ones": np.ones((2, 512), np.float32), "small ints (ties)": rng.integers(-3, 4, (16, 1024)).astype(np.float32),
+            "halves (roundf ties)": (rng.integers(-254, 255, (16, 1024)) / 2).astype(np.float32),
+            "tiny": n * np.float32(1e-20), "large": n * np.float32(1e10), "spiky": spiky}
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # "large" overflows fp16 d to inf, as in C
+@pytest.mark.parametrize("name", list(REF))
+def test_quantizer_equals_ggml_reference(name):
+    """Every byte equals ggml's reference quantizer (what llama_model_quantize runs without an imatrix)."""
+    f = REF[name][3]
+    bad = [case for case, x in edge_rows().items() if not np.array_equal(f(x), ggml_ref(x, name))]
+    assert not bad, f"{name}: bytes differ from quantize_row_{REF[name][0]}_ref on {bad}"
+
+
+@pytest.fixture(scope="module")
+def gz(tmp_path_factory):
+    return GgufZoo(tmp_path_factory.mktemp("gguf-stream"))
+
+
+def _export(src: Path, out: Path, gguf_type: str) -> bytes:
+    from mlx_bridge import export
+
+    export(str(src), str(out), format="gguf", gguf_type=gguf_type, progress=False, log=lambda *a: None)
+    (f,) = out.glob("*.gguf")
+    return f.read_bytes()
+
+
+def _sources(gz: GgufZoo, case: str) -> Path:
+    from mlx_bridge.testing.adapters import make_adapter
+    from mlx_bridge.testing.models import mlx_convert
+
+    shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2)
+    if case == "llama+lora":
+        return gz.adapter(gz.mlx("llama", "llama-spm", **shape))
+    if case == "mixtral+lora":
+        return gz.adapter(gz.mlx("mixtral", "llama-spm", num_local_experts=4, **shape))
+    base = gz.mlx("llama", "llama-spm", **shape)  # its HF model, converted again to 4-bit, with a DoRA adapter
+    q4 = gz.root / "mlx-llama-q4"
+    if not (q4 / "config.json").exists():
+        hf = gz.root / "hf-llama-llama-spm-hidden_size256-intermediate_size512-num_hidden_layers2"
+        mlx_convert(hf, q4, quantize=True, bits=4, group_size=64)
+        (q4 / "tokenizer.model").write_bytes((base / "tokenizer.model").read_bytes())
+    return make_adapter(q4, gz.root / "mlx-llama-q4-dora", fine_tune_type="dora", rank=4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case,gguf_type", [("llama+lora", "q4_k_m"), ("llama-q4+dora", "q8_0"),
+                                            ("mixtral+lora", "q4_k_m")])
+def test_row_blocks_give_the_whole_tensor_bytes(gz, tmp_path, monkeypatch, case, gguf_type):
+    """Exported in 128-row blocks (the embedding in 250), the file equals the export of whole tensors."""
+    src = _sources(gz, case)
+    monkeypatch.setattr(write, "BLOCK_BYTES", 1 << 40)
+    whole = _export(src, tmp_path / "whole", gguf_type)
+    seen = []
+    row_blocks = write.row_blocks
+    monkeypatch.setattr(write, "row_blocks", lambda t, n: seen.append(bs := row_blocks(t, n)) or bs)
+    monkeypatch.setattr(write, "BLOCK_BYTES", 1 << 16)
+    blocked = _export(src, tmp_path / "blocked", gguf_type)
+    assert max(len(bs) for bs in seen) >= 250, "the embedding was not split into row blocks"
+    if case.startswith("mixtral"):
+        assert any(len({b.item for b in bs}) > 1 for bs in seen), "no expert stack was split"
+    assert len(blocked) == len(whole) and blocked == whole, f"{case} {gguf_type}: blocked export differs"
