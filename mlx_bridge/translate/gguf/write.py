@@ -8,6 +8,7 @@ quantize; numpy and pread release the GIL), memory bounded by the look-ahead wha
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections import deque
@@ -116,8 +117,9 @@ def llama3_rope_freqs(cfg: dict) -> np.ndarray:
 
 
 def write_gguf(plan: Plan, cfg: dict, ga: GgufArch, vocab: Vocab, tok_dir: Path, path: Path, gguf_type: str,
-               name: str, split_bytes: int = 0, lookahead_bytes: int = 64 << 20, progress=None) -> list[Path]:
-    """Write `path` (and its split shards when `split_bytes`); return the files written."""
+               name: str, split_bytes: int = 0, lookahead_bytes: int = 64 << 20,
+               progress=None) -> dict[Path, str]:
+    """Write `path` (and its split shards when `split_bytes`); return {file written: its sha256}."""
     tensors = gguf_tensors(plan, ga, cfg)
     extra: list[tuple[str, np.ndarray]] = []
     if (cfg.get("rope_parameters") or {}).get("rope_type") == "llama3":
@@ -143,9 +145,14 @@ def write_gguf(plan: Plan, cfg: dict, ga: GgufArch, vocab: Vocab, tok_dir: Path,
     w.write_ti_data_to_file()
     for _, arr in extra:
         w.write_tensor_data(arr)
-    _stream(w, tensors, types, lookahead_bytes, progress, BLOCK_BYTES)
-    w.close()
-    return files
+    sha = {f: _Sha256(p) for f, p in zip(w.fout, files)}  # gguf-py opens the shards in the order it names them
+    try:
+        _stream(w, tensors, types, lookahead_bytes, progress, BLOCK_BYTES, sha)
+        w.close()
+        return {p: h.finish() for p, h in zip(files, sha.values())}
+    finally:
+        for h in sha.values():
+            h.close()
 
 
 def _compute(b: Block, ty) -> np.ndarray:
@@ -153,20 +160,45 @@ def _compute(b: Block, ty) -> np.ndarray:
     return quantize(materialize_block(b), ty)
 
 
+class _Sha256:
+    """sha256 of a file as it is written: what is on disk so far is read back (page cache) and hashed
+    while the writer waits on the workers, so the manifest needs no pass over the file at the end."""
+
+    def __init__(self, path: Path):
+        self.h, self.done, self.fd = hashlib.sha256(), 0, os.open(path, os.O_RDONLY)
+
+    def follow(self, end: int) -> None:
+        while self.done < end:
+            b = os.pread(self.fd, min(end - self.done, 16 << 20), self.done)
+            if not b:
+                raise BridgeError(f"gguf: the file being written is shorter ({self.done} bytes) than written ({end})")
+            self.h.update(b)
+            self.done += len(b)
+
+    def finish(self) -> str:
+        self.follow(os.fstat(self.fd).st_size)
+        return self.h.hexdigest()
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class _Blocks:
     """What `GGUFWriter.write_tensor_data` needs of a tensor (`nbytes`, `tofile`), its bytes written
-    block by block as the workers finish them."""
+    block by block as the workers finish them (and hashed between blocks)."""
 
-    def __init__(self, nbytes: int, n_blocks: int, next_block):
-        self.nbytes, self.n_blocks, self.next_block = nbytes, n_blocks, next_block
+    def __init__(self, nbytes: int, n_blocks: int, next_block, sha: dict):
+        self.nbytes, self.n_blocks, self.next_block, self.sha = nbytes, n_blocks, next_block, sha
 
     def tofile(self, f) -> None:
         for _ in range(self.n_blocks):
             self.next_block().tofile(f)
+            f.flush()
+            self.sha[f].follow(f.tell())
 
 
 def _stream(w: gguf.GGUFWriter, tensors: list[GTensor], types: list, lookahead: int, progress,
-            block_bytes: int) -> None:
+            block_bytes: int, sha: dict) -> None:
     """Compute row blocks on both cores a few ahead of the writer (at most `lookahead` float32 bytes
     in flight); write them in order."""
     blocks = [row_blocks(t, block_bytes) for t in tensors]
@@ -193,7 +225,7 @@ def _stream(w: gguf.GGUFWriter, tensors: list[GTensor], types: list, lookahead: 
     with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
         try:
             for t, ty, bs in zip(tensors, types, blocks):
-                w.write_tensor_data(_Blocks(nbytes(t.shape, ty), len(bs), next_block))
+                w.write_tensor_data(_Blocks(nbytes(t.shape, ty), len(bs), next_block, sha))
         finally:
             for fut, _ in pending:
                 fut.cancel()
