@@ -353,6 +353,20 @@ def _vocab_size(shape: str) -> int:
     return len(gguf.GGUFReader(vocab_file(GGUF_VOCAB.get(shape, "llama-spm"))).fields["tokenizer.ggml.tokens"].data)
 
 
+# the GGUF export with its checks stubbed out (sha256 of source and output, NaN/Inf scan)
+GGUF_NO_CHECKS = """
+import sys
+import mlx_bridge.translate.export as ex, mlx_bridge.translate.parts as parts
+from mlx_bridge.translate.gguf import write
+ex.sha256_file = lambda p, **k: "0" * 64
+parts.count_nonfinite = lambda a: 0
+write._Sha256.follow = lambda self, end: None
+write._Sha256.finish = lambda self: "0" * 64
+from mlx_bridge.cli import main
+sys.exit(main(["export", *sys.argv[1:]]))
+"""
+
+
 def gguf_main(args) -> int:
     """Export q8_0 / q4_k_m (fused in float32, quantized in numpy) vs llama_model_quantize from an f16 GGUF."""
     from mlx_bridge.translate.gguf import GGUF_TYPES
@@ -383,14 +397,21 @@ def gguf_main(args) -> int:
         return lambda x: ["bash", "-c", f'mkdir -p "{x}" && "{sys.executable}" -c "$0" "{f16}/model-f16.gguf" '
                           f'"{x}/model-{t}.gguf" {int(GGUF_TYPES[t][0])}', QUANTIZE]
 
-    tools = {"mlx-bridge export gguf f16": ours("f16"),
-             "mlx-bridge export gguf q8_0": ours("q8_0"), "llama_model_quantize f16->q8_0": theirs("q8_0"),
-             "mlx-bridge export gguf q4_k_m": ours("q4_k_m"), "llama_model_quantize f16->q4_k_m": theirs("q4_k_m")}
+    def no_checks(t):
+        return lambda x: [sys.executable, "-c", GGUF_NO_CHECKS, str(ad), "--out", str(x), "--format", "gguf",
+                          "--gguf-type", t, "--no-progress"]
+
+    tools = {"mlx-bridge export gguf f16": (ours("f16"), None),
+             "mlx-bridge export gguf q8_0": (ours("q8_0"), "q8_0"),
+             "  same, checks off": (no_checks("q8_0"), "q8_0"),
+             "llama_model_quantize f16->q8_0": (theirs("q8_0"), None),
+             "mlx-bridge export gguf q4_k_m": (ours("q4_k_m"), "q4_k_m"),
+             "llama_model_quantize f16->q4_k_m": (theirs("q4_k_m"), None)}
     rows = {}
-    for name, cmd in tools.items():
+    for name, (cmd, _) in tools.items():
         x = f16 if name.endswith("f16") else work / ("out-" + "".join(c if c.isalnum() else "_" for c in name))
         shutil.rmtree(x, ignore_errors=True) if x != f16 else None
-        warm(base, ad) if name.startswith("mlx-bridge") else warm(f16)
+        warm(f16) if name.startswith("llama") else warm(base, ad)
         load0 = os.getloadavg()[0]
         secs, rss, cpu = measure(cmd(x))
         rows[name] = (secs, rss, dir_bytes(x, "*.gguf"), cpu, load0, os.getloadavg()[0])
@@ -405,14 +426,16 @@ def gguf_main(args) -> int:
     print(f"|{'-' * 36}|{'-' * 10}|{'-' * 8}|{'-' * 13}|{'-' * 10}|{'-' * 18}|{'-' * 11}|")
     for name, (secs, rss, written, cpu, load0, load1) in rows.items():
         ratio = ""
-        if name.startswith("mlx-bridge") and not name.endswith("f16"):
-            ref = rows["llama_model_quantize f16->" + name.rsplit(" ", 1)[1]]
+        if tools[name][1]:
+            ref = rows["llama_model_quantize f16->" + tools[name][1]]
             ratio = f"{secs / ref[0]:.2f}x ({cpu / ref[3]:.2f}x CPU)"
         print(f"| {name:34} | {secs:8.2f} | {cpu:6.1f} | {rss:11.0f} | {written / 1e6:8.1f} | {ratio:>16} "
               f"| {load0:4.1f}-{load1:<4.1f} |")
     print(f"\nshape {args.shape}, {os.cpu_count()} CPUs. mlx-bridge reads the bf16 MLX model + adapter, fuses in float32 "
           "and quantizes in numpy; llama_model_quantize (nthread 2) reads the f16 GGUF written by the first row. "
-          "ours / llama.cpp: wall (and CPU) time against llama.cpp's row of the same type. Peak RSS: process tree "
+          "ours / llama.cpp: wall (and CPU) time against llama.cpp's row of the same type. checks off: the same "
+          "export without the manifest's sha256 of the source and output files and the NaN/Inf scan (what they cost; "
+          "llama.cpp does neither). Peak RSS: process tree "
           "polled every 20 ms. load: 1-minute load average at the start and end of the row (the machine is shared).")
     if not args.keep and args.workdir is None:
         shutil.rmtree(work)
