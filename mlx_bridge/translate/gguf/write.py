@@ -4,6 +4,7 @@ Header and tensor infos are known up front (types picked by `TypePicker`, sizes 
 tensors stream into the file in llama.cpp's order, in row blocks of at most 16 MB of float32 (`rows.py`):
 a thread pool computes blocks a few ahead (read the source rows -> fuse in float32 -> layout ->
 quantize; numpy and pread release the GIL), memory bounded by the look-ahead whatever a tensor's size.
+The writer hashes each file (sha256, for the manifest) as it grows, while it waits on the workers.
 """
 
 from __future__ import annotations
