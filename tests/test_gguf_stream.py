@@ -115,3 +115,27 @@ def test_row_blocks_give_the_whole_tensor_bytes(gz, tmp_path, monkeypatch, case,
     if case.startswith("mixtral"):
         assert any(len({b.item for b in bs}) > 1 for bs in seen), "no expert stack was split"
     assert len(blocked) == len(whole) and blocked == whole, f"{case} {gguf_type}: blocked export differs"
+
+
+@pytest.mark.slow
+def test_rows_of_every_item_equal_the_whole(gz):
+    """`parts.materialize(item, rows)` is `materialize(item)[rows]` for every 2-D item of a plan with LoRA on
+    the embedding, the output and the attention (linear, embedding kinds), at 128-row-aligned ranges."""
+    from mlx_bridge.testing.adapters import make_adapter
+    from mlx_bridge.translate.parts import materialize
+    from mlx_bridge.translate.plan import build_plan
+    from mlx_bridge.translate.source import open_source
+
+    base = gz.mlx("llama", "llama-spm", hidden_size=256, intermediate_size=512, num_hidden_layers=2)
+    src = make_adapter(base, gz.root / "mlx-llama-lora-embed", rank=4,
+                       keys=["self_attn.q_proj", "self_attn.k_proj", "model.embed_tokens", "lm_head"])
+    plan = build_plan(open_source(src), "float32")
+    kinds = {i.parts[0].lora.kind for i in plan.items if i.parts[0].lora}
+    assert kinds == {"linear", "embedding"}, kinds
+    for item in plan.items:
+        if len(item.shape) != 2:
+            continue
+        assert item.row_sliceable, item.name
+        whole, n = materialize(item), item.shape[0]
+        for r0, r1 in [(0, min(128, n)), (128 * (n // 256), n), (0, n)]:
+            np.testing.assert_array_equal(materialize(item, (r0, r1)), whole[r0:r1], err_msg=f"{item.name}[{r0}:{r1}]")
