@@ -185,14 +185,21 @@ def _quantize_qkx(x: np.ndarray, nmax: int, rmin: float, nstep: int):
     av_x = np.sqrt(sum_x2 / F32(32))
     w = av_x + np.abs(sub)
     scales, mins, L = make_qkx2_quants(sub, w, nmax, rmin, 0.1, nstep)
-    L = L.T
     d, dmin, packed, ls, lm = _k_scales(scales.reshape(nb, 8), mins.reshape(nb, 8))
     dd = d.astype(F32)[:, None] * ls.astype(F32)  # (nb, 8)
     dm = dmin.astype(F32)[:, None] * lm.astype(F32)
     safe = np.where(dd == 0, F32(1), dd)
     q = np.clip(_nearest((x.reshape(nb, 8, 32) + dm[..., None]) / safe[..., None]), 0, F32(nmax))
-    L = np.where((dd == 0)[..., None], L.reshape(nb, 8, 32), q).reshape(nb, QK_K)
-    return d, dmin, packed, L.astype(np.uint8)
+    return d, dmin, packed, _keep_where_zero(q, L, dd).reshape(nb, QK_K).astype(np.uint8)
+
+
+def _keep_where_zero(q: np.ndarray, L: np.ndarray, dd: np.ndarray) -> np.ndarray:
+    """q (nb, sub-blocks, n) with the sub-blocks whose scale dd is 0 taken from the search's L (n, nb·sub-blocks):
+    C skips them (`if (!d) continue;`). They are rare, so only they are copied out of the transposed L."""
+    zero = (dd == 0).reshape(-1)
+    if zero.any():
+        q.reshape(zero.size, -1)[zero] = L.T[zero]
+    return q
 
 
 def _blocks(x: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -249,7 +256,6 @@ def _q6_k(xb: np.ndarray) -> np.ndarray:
     nb = xb.shape[0]
     scales, L = make_qx_quants(np.ascontiguousarray(xb.reshape(nb * 16, 16).T), 32)
     scales = scales.reshape(nb, 16)
-    L = L.T.reshape(nb, 16, 16)
     a = np.abs(scales)
     imax = a.argmax(axis=1)
     max_scale = np.take_along_axis(scales, imax[:, None], 1)[:, 0]
@@ -260,7 +266,7 @@ def _q6_k(xb: np.ndarray) -> np.ndarray:
     dd = d.astype(F32)[:, None] * sc.astype(F32)
     safe = np.where(dd == 0, F32(1), dd)
     q = np.clip(_nearest(xb.reshape(nb, 16, 16) / safe[..., None]), F32(-32), F32(31)) + F32(32)
-    L = np.where((dd == 0)[..., None], L, q).reshape(nb, 2, 4, 32).astype(np.uint8)  # [half][quarter][l]
+    L = _keep_where_zero(q, L, dd).reshape(nb, 2, 4, 32).astype(np.uint8)  # [half][quarter][l]
     lo, hi = L & 0xF, L >> 4
     ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], axis=2).reshape(nb, 128)
     qh = (hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)).reshape(nb, 64)
