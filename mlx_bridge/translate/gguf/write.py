@@ -118,7 +118,7 @@ def llama3_rope_freqs(cfg: dict) -> np.ndarray:
 
 
 def write_gguf(plan: Plan, cfg: dict, ga: GgufArch, vocab: Vocab, tok_dir: Path, path: Path, gguf_type: str,
-               name: str, split_bytes: int = 0, lookahead_bytes: int = 64 << 20,
+               name: str, split_bytes: int = 0, lookahead_bytes: int = 128 << 20,
                progress=None) -> dict[Path, str]:
     """Write `path` (and its split shards when `split_bytes`); return {file written: its sha256}."""
     tensors = gguf_tensors(plan, ga, cfg)
