@@ -9,6 +9,8 @@ VmRSS or the largest single VmHWM).
     python benchmarks/export.py --shape tiny                 # seconds, for development
     python benchmarks/export.py --shape tinyllama            # TinyLlama-1.1B shape, ~2.2 GB bf16
     python benchmarks/export.py --shape llama7b --workdir /big/disk   # ~13.5 GB
+    python benchmarks/export.py --format gguf --shape tinyllama                  # GGUF vs llama.cpp's quantizer
+    python benchmarks/export.py --format gguf --shape llama3-8b-1layer           # a 128256 x 4096 embedding
 
 Every tool runs on a warm page cache (the inputs are read once before each run; dropping the cache
 needs root), and the outputs are timed into the page cache (no fsync; `sync` runs untimed between tools).
@@ -40,6 +42,9 @@ SHAPES = {
                       num_key_value_heads=4, vocab_size=32000),
     "llama7b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=11008, num_attention_heads=32,
                     num_key_value_heads=32, vocab_size=32000),
+    # Llama-3-8B's widths and vocabulary, one block: its 128256 x 4096 embedding and output (2.1 GB each in float32)
+    "llama3-8b-1layer": dict(hidden_size=4096, num_hidden_layers=1, intermediate_size=14336, num_attention_heads=32,
+                             num_key_value_heads=8, vocab_size=128256),
 }
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
@@ -336,26 +341,50 @@ p = llama_cpp.llama_model_quantize_default_params(); p.ftype = int(sys.argv[3]);
 sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))"""
 
 
+GGUF_VOCAB = {"llama3-8b-1layer": "llama-bpe"}  # llama.cpp's vocab file per shape (default: llama-spm, 32000 tokens)
+
+
 def build_base_gguf(d: Path, shape: str) -> int:
-    """The bf16 base of `shape` with a real 32000-token SentencePiece vocabulary (llama.cpp's llama-spm,
-    TinyLlama's): the tiny word-level tokenizer has no GGUF form."""
+    """The bf16 base of `shape` with a real vocabulary (llama.cpp's models/ggml-vocab-*.gguf: TinyLlama's
+    32000-token SentencePiece, or Llama 3's byte-level BPE): the tiny word-level tokenizer has no GGUF form."""
     from mlx_bridge.testing.gguf import hf_tokenizer, vocab_file
 
     n = build_base(d, shape)
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (d / f).unlink(missing_ok=True)
-    hf_tokenizer(vocab_file("llama-spm"), d)
+    hf_tokenizer(vocab_file(GGUF_VOCAB.get(shape, "llama-spm")), d)
     return n
 
 
+def _vocab_size(shape: str) -> int:
+    import gguf
+
+    from mlx_bridge.testing.gguf import vocab_file
+
+    return len(gguf.GGUFReader(vocab_file(GGUF_VOCAB.get(shape, "llama-spm"))).fields["tokenizer.ggml.tokens"].data)
+
+
+# the GGUF export with its checks stubbed out (sha256 of source and output, NaN/Inf scan)
+GGUF_NO_CHECKS = """
+import sys
+import mlx_bridge.translate.export as ex, mlx_bridge.translate.parts as parts
+from mlx_bridge.translate.gguf import write
+ex.sha256_file = lambda p, **k: "0" * 64
+parts.count_nonfinite = lambda a: 0
+write._Sha256.follow = lambda self, end: None
+write._Sha256.finish = lambda self: "0" * 64
+from mlx_bridge.cli import main
+sys.exit(main(["export", *sys.argv[1:]]))
+"""
+
+
 def gguf_main(args) -> int:
-    """Export q4_k_m / q8_0 (fused in float32, quantized in numpy) vs llama_model_quantize from an f16 GGUF."""
+    """Export q8_0 / q4_k_m (fused in float32, quantized in numpy) vs llama_model_quantize from an f16 GGUF."""
     from mlx_bridge.translate.gguf import GGUF_TYPES
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix=f"bench-gguf-{args.shape}-"))
     work.mkdir(parents=True, exist_ok=True)
-    if SHAPES[args.shape]["vocab_size"] != 32000:
-        SHAPES[args.shape] = dict(SHAPES[args.shape], vocab_size=32000)  # the real vocabulary's size
+    SHAPES[args.shape] = dict(SHAPES[args.shape], vocab_size=_vocab_size(args.shape))  # the real vocabulary's size
     base, ad = work / f"base-gguf-{args.shape}", work / f"adapter-gguf-{args.shape}"
     if not (base / "model.safetensors.index.json").exists():
         shutil.rmtree(base, ignore_errors=True)
@@ -363,8 +392,11 @@ def gguf_main(args) -> int:
     if not (ad / "adapter_config.json").exists():
         shutil.rmtree(ad, ignore_errors=True)
         build_adapter(ad, base, args.shape)
+    c = SHAPES[args.shape]
     print(f"{args.shape}: base {dir_bytes(base, 'model*.safetensors') / 1e9:.2f} GB bf16 + rank-{RANK} LoRA on every "
-          f"linear, under {work}", flush=True)
+          f"linear; largest tensor {c['vocab_size']} x {c['hidden_size']} ({c['vocab_size'] * c['hidden_size'] * 4 / 1e9:.2f} "
+          f"GB in float32); under {work}", flush=True)
+    print(f"uptime at start: {_uptime()}", flush=True)
     bridge = str(Path(sys.executable).with_name("mlx-bridge"))
     f16 = work / "out-f16"
     shutil.rmtree(f16, ignore_errors=True)
@@ -376,32 +408,53 @@ def gguf_main(args) -> int:
         return lambda x: ["bash", "-c", f'mkdir -p "{x}" && "{sys.executable}" -c "$0" "{f16}/model-f16.gguf" '
                           f'"{x}/model-{t}.gguf" {int(GGUF_TYPES[t][0])}', QUANTIZE]
 
-    tools = {"mlx-bridge export gguf f16": ours("f16"),
-             "mlx-bridge export gguf q8_0": ours("q8_0"), "llama_model_quantize f16->q8_0": theirs("q8_0"),
-             "mlx-bridge export gguf q4_k_m": ours("q4_k_m"), "llama_model_quantize f16->q4_k_m": theirs("q4_k_m")}
+    def no_checks(t):
+        return lambda x: [sys.executable, "-c", GGUF_NO_CHECKS, str(ad), "--out", str(x), "--format", "gguf",
+                          "--gguf-type", t, "--no-progress"]
+
+    tools = {"mlx-bridge export gguf f16": (ours("f16"), None),
+             "mlx-bridge export gguf q8_0": (ours("q8_0"), "q8_0"),
+             "  same, checks off": (no_checks("q8_0"), "q8_0"),
+             "llama_model_quantize f16->q8_0": (theirs("q8_0"), None),
+             "mlx-bridge export gguf q4_k_m": (ours("q4_k_m"), "q4_k_m"),
+             "llama_model_quantize f16->q4_k_m": (theirs("q4_k_m"), None)}
     rows = {}
-    for name, cmd in tools.items():
+    for name, (cmd, _) in tools.items():
         x = f16 if name.endswith("f16") else work / ("out-" + "".join(c if c.isalnum() else "_" for c in name))
         shutil.rmtree(x, ignore_errors=True) if x != f16 else None
-        warm(base, ad) if name.startswith("mlx-bridge") else warm(f16)
-        load = os.getloadavg()[0]
+        warm(f16) if name.startswith("llama") else warm(base, ad)
+        load0 = os.getloadavg()[0]
         secs, rss, cpu = measure(cmd(x))
-        rows[name] = (secs, rss, dir_bytes(x, "*.gguf"), cpu, load)
+        rows[name] = (secs, rss, dir_bytes(x, "*.gguf"), cpu, load0, os.getloadavg()[0])
         print(f"  {name}: {secs:.2f} s", flush=True)
         if x != f16:
             shutil.rmtree(x)
         os.sync()
+    print(f"uptime at end: {_uptime()}")
     print()
-    print(f"| {'tool':34} | {'seconds':>8} | {'CPU s':>6} | {'peak RSS MB':>11} | {'GGUF MB':>8} | {'load':>4} |")
-    print(f"|{'-' * 36}|{'-' * 10}|{'-' * 8}|{'-' * 13}|{'-' * 10}|{'-' * 6}|")
-    for name, (secs, rss, written, cpu, load) in rows.items():
-        print(f"| {name:34} | {secs:8.2f} | {cpu:6.1f} | {rss:11.0f} | {written / 1e6:8.1f} | {load:4.1f} |")
+    print(f"| {'tool':34} | {'seconds':>8} | {'CPU s':>6} | {'peak RSS MB':>11} | {'GGUF MB':>8} | {'ours / llama.cpp':>16} "
+          f"| {'load':>9} |")
+    print(f"|{'-' * 36}|{'-' * 10}|{'-' * 8}|{'-' * 13}|{'-' * 10}|{'-' * 18}|{'-' * 11}|")
+    for name, (secs, rss, written, cpu, load0, load1) in rows.items():
+        ratio = ""
+        if tools[name][1]:
+            ref = rows["llama_model_quantize f16->" + tools[name][1]]
+            ratio = f"{secs / ref[0]:.2f}x ({cpu / ref[3]:.2f}x CPU)"
+        print(f"| {name:34} | {secs:8.2f} | {cpu:6.1f} | {rss:11.0f} | {written / 1e6:8.1f} | {ratio:>16} "
+              f"| {load0:4.1f}-{load1:<4.1f} |")
     print(f"\nshape {args.shape}, {os.cpu_count()} CPUs. mlx-bridge reads the bf16 MLX model + adapter, fuses in float32 "
           "and quantizes in numpy; llama_model_quantize (nthread 2) reads the f16 GGUF written by the first row. "
-          "Peak RSS: process tree polled every 20 ms.")
+          "ours / llama.cpp: wall (and CPU) time against llama.cpp's row of the same type. checks off: the same "
+          "export without the manifest's sha256 of the source and output files and the NaN/Inf scan (what they cost; "
+          "llama.cpp does neither). Peak RSS: process tree "
+          "polled every 20 ms. load: 1-minute load average at the start and end of the row (the machine is shared).")
     if not args.keep and args.workdir is None:
         shutil.rmtree(work)
     return 0
+
+
+def _uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
 if __name__ == "__main__":

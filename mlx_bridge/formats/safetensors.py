@@ -142,20 +142,29 @@ class SafetensorsFile:
         t = self.tensors[name]
         return np.frombuffer(self.raw(name), dtype=DTYPES[t.dtype].np).reshape(t.shape)
 
-    def span(self, name: str, index: int | None = None) -> tuple[int, int, tuple[int, ...]]:
-        """(file offset, byte count, shape) of a tensor, or of `tensor[index]` along its first axis."""
+    def span(self, name: str, index: int | None = None,
+             rows: tuple[int, int] | None = None) -> tuple[int, int, tuple[int, ...]]:
+        """(file offset, byte count, shape) of a tensor, or of `tensor[index]` along its first axis; with
+        `rows` (r0, r1), of rows r0:r1 along the first axis of that."""
         t = self.tensors[name]
-        if index is None:
-            return self._data_start + t.begin, t.nbytes, t.shape
-        if not 0 <= index < t.shape[0]:
-            raise IndexError(f"{self.path}: {name}[{index}] out of range {t.shape}")
-        per = t.nbytes // t.shape[0]
-        return self._data_start + t.begin + index * per, per, t.shape[1:]
+        off, n, shape = self._data_start + t.begin, t.nbytes, t.shape
+        if index is not None:
+            if not 0 <= index < t.shape[0]:
+                raise IndexError(f"{self.path}: {name}[{index}] out of range {t.shape}")
+            n //= t.shape[0]
+            off, shape = off + index * n, t.shape[1:]
+        if rows is not None:
+            r0, r1 = rows
+            if not shape or not 0 <= r0 <= r1 <= shape[0]:
+                raise IndexError(f"{self.path}: rows {r0}:{r1} of {name} out of range {shape}")
+            per = n // shape[0] if shape[0] else 0
+            off, n, shape = off + r0 * per, (r1 - r0) * per, (r1 - r0, *shape[1:])
+        return off, n, shape
 
-    def read(self, name: str, index: int | None = None) -> np.ndarray:
-        """A private copy of the tensor (or of `tensor[index]`), read with pread: nothing stays mapped,
-        so streaming a large model keeps the resident set small."""
-        off, n, shape = self.span(name, index)
+    def read(self, name: str, index: int | None = None, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """A private copy of the tensor (or of `tensor[index]`, and of its rows r0:r1), read with pread:
+        nothing stays mapped, so streaming a large model keeps the resident set small."""
+        off, n, shape = self.span(name, index, rows)
         buf = np.empty(n, np.uint8)  # not zero-filled: every byte is read into it
         view = memoryview(buf)
         got = 0

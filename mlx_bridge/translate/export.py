@@ -216,7 +216,7 @@ def _export_gguf(source, src, out: Path, gguf_type: str, split: int, dry_run: bo
             t2 = time.perf_counter()
             (tmp / "README.md").write_text(job.readme(files, base_ref, str(source.path) if source.adapter else None))
             _write_manifest(tmp, source, job.plan, "gguf", job.notes, {"plan": t1 - t0, "write": t2 - t1}, job.warnings,
-                            src_sha, {})
+                            src_sha, {p.name: h for p, h in job.sha256.items()})
             m = Manifest.load(tmp)
             m.export.update(dtype=gguf_type, fused_in="float32")  # the plan's float32 is the fuse, not the file
             m.save(tmp)

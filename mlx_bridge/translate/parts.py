@@ -30,8 +30,8 @@ class Ref:
     key: str
     index: int | None = None
 
-    def read(self) -> np.ndarray:
-        return self.file.read(self.key, self.index)
+    def read(self, rows: tuple[int, int] | None = None) -> np.ndarray:
+        return self.file.read(self.key, self.index, rows)
 
     def __str__(self) -> str:
         return f"{self.file.path.name}:{self.key}" + (f"[{self.index}]" if self.index is not None else "")
@@ -90,26 +90,42 @@ class Part:
             s[self.chunk[0]] //= self.chunk[2]
         return tuple(s[i] for i in self.perm) if self.perm else tuple(s)
 
-    def compute(self, out_dtype) -> np.ndarray:
+    @property
+    def row_sliceable(self) -> bool:
+        """Whether `compute(rows=...)` works: each output row comes from one source row (no transpose)."""
+        return self.perm is None and not self.zero and (self.lora is None or self.lora.kind != "stacked")
+
+    def compute(self, out_dtype, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The part; with `rows` (r0, r1), only its rows r0:r1 (equal to `compute()[r0:r1]`, read and
+        computed from those source rows only; needs `row_sliceable`)."""
         if self.zero:
             return np.zeros(self.src.file.info(self.src.key).shape, out_dtype)
-        w = self.src.read()
+        src_rows = rows
+        if rows is not None and self.chunk and self.chunk[0] == 0:  # the k-th of n row ranges of the source
+            _, k, n = self.chunk
+            off = k * (self.src.file.info(self.src.key).shape[1 if self.src.index is not None else 0] // n)
+            src_rows = (off + rows[0], off + rows[1])
+        w = self.src.read(src_rows)
         exact = self.lora is not None or not self.plain
         if self.quant:
             q = self.quant
-            w = dequantize(w, q.scales.read(), q.biases.read() if q.biases else None, bits=q.bits,
+            w = dequantize(w, q.scales.read(src_rows), q.biases.read(src_rows) if q.biases else None, bits=q.bits,
                            group_size=q.group_size, mode=q.mode, out_dtype=np.float32 if exact else out_dtype)
         if self.lora:
             lo = self.lora
+            a, b = lo.a.read(), lo.b.read()
+            if src_rows is not None:  # the factor that holds the weight's rows, cut to them
+                r0, r1 = src_rows
+                a, b = (a[r0:r1], b) if lo.kind == "embedding" else (a, b[r0:r1]) if lo.kind == "switch" \
+                    else (a, b[:, r0:r1])
             if lo.m is not None:
-                w = fuse_dora(w, lo.a.read(), lo.b.read(), lo.scale, lo.m.read())
+                m = lo.m.read()
+                w = fuse_dora(w, a, b, lo.scale, m if src_rows is None else m[src_rows[0]:src_rows[1]])
             elif lo.kind == "stacked":  # every expert of a stacked weight read whole
-                a, b = lo.a.read(), lo.b.read()
                 w = np.stack([fuse_lora(w[e], a[e], b[e], lo.scale, "switch") for e in range(w.shape[0])])
             else:
-                w = fuse_lora(w, lo.a.read(), lo.b.read(), lo.scale, lo.kind,
-                              out_dtype=np.float32 if not self.plain else out_dtype)
-        if self.chunk:
+                w = fuse_lora(w, a, b, lo.scale, lo.kind, out_dtype=np.float32 if not self.plain else out_dtype)
+        if self.chunk and not (rows is not None and self.chunk[0] == 0):
             ax, k, n = self.chunk
             size = w.shape[ax] // n
             w = np.take(w, np.arange(k * size, (k + 1) * size), axis=ax)
@@ -176,6 +192,11 @@ class Item:
         return len(self.parts) == 1 and self.parts[0].plain and self.merge is None
 
     @property
+    def row_sliceable(self) -> bool:
+        """Whether `materialize(item, rows)` works: row-sliceable parts, joined along another axis."""
+        return self.merge is None and (self.join is None or self.axis != 0) and all(p.row_sliceable for p in self.parts)
+
+    @property
     def is_copy(self) -> bool:
         p = self.parts[0]
         return self.plain and p.quant is None and p.lora is None and self.dtype == p.src_dtype
@@ -198,10 +219,11 @@ class Item:
         return ("copy " if self.is_copy else "") + ops
 
 
-def materialize(item: Item) -> np.ndarray:
-    """Compute one output tensor (dequantize -> fuse adapter in float32 -> inverse sanitize -> round once)."""
+def materialize(item: Item, rows: tuple[int, int] | None = None) -> np.ndarray:
+    """Compute one output tensor (dequantize -> fuse adapter in float32 -> inverse sanitize -> round once);
+    with `rows` (r0, r1), its rows r0:r1 only, from those source rows (needs `item.row_sliceable`)."""
     out = DTYPES[item.dtype].np
-    ws = [p.compute(out) for p in item.parts]
+    ws = [p.compute(out, rows) for p in item.parts]
     if item.join == "concat":
         w = np.concatenate(ws, axis=item.axis)
     elif item.join == "interleave":  # part j holds elements j, j+n, j+2n, ... along the axis

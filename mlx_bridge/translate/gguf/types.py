@@ -101,6 +101,35 @@ class TypePicker:
         return t
 
 
+ROUNDF = np.nextafter(np.float32(0.5), np.float32(0))  # floor(|v| + it) is C's roundf(|v|) for every float32 in [0, 128)
+
+
+def quantize_q8_0(x: np.ndarray, step: int = 4096) -> np.ndarray:
+    """float32 (..., k·32) -> Q8_0 bytes (..., k·34): fp16 d, 32 int8 per block, as `quantize_row_q8_0_ref`
+    (gguf-py's Q8_0 writes the same bytes, 1.8x slower). `step` blocks at a time, transposed so the
+    max |x| of each block is a row-by-row reduce.
+
+    Example:
+        >>> quantize_q8_0(np.full((1, 32), 0.5, np.float32))[0, 2:4].view(np.int8).tolist()
+        [127, 127]
+    """
+    b = x.reshape(-1, 32)
+    out = np.empty((len(b), 34), np.uint8)
+    for i in range(0, len(b), step):
+        blk = b[i:i + step]
+        a = np.abs(blk)
+        d = np.maximum.reduce(np.ascontiguousarray(a.T), axis=0) / np.float32(127)
+        with np.errstate(divide="ignore"):
+            inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+        v = np.multiply(blk, inv[:, None])
+        np.abs(v, out=a)
+        a += ROUNDF
+        np.copysign(np.floor(a, out=a), v, out=a)  # roundf: halves away from zero
+        out[i:i + step, :2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
+        out[i:i + step, 2:] = a.astype(np.int8).view(np.uint8)
+    return out.reshape(*x.shape[:-1], -1)
+
+
 def quantize(x: np.ndarray, t: T) -> np.ndarray:
     """float32 array -> the bytes of type `t` (float types as their numpy dtype).
 
@@ -113,6 +142,8 @@ def quantize(x: np.ndarray, t: T) -> np.ndarray:
         return x
     if t == T.F16:
         return x.astype(np.float16)
+    if t == T.Q8_0:
+        return quantize_q8_0(x)
     if t.name in QUANTIZERS:
         return QUANTIZERS[t.name](x)
     return gq.quantize(x, t)

@@ -1,12 +1,15 @@
 """Write a plan as one GGUF file (or gguf-split shards): metadata, vocabulary, tensors streamed.
 
 Header and tensor infos are known up front (types picked by `TypePicker`, sizes from the shapes), so
-tensors stream into the file in llama.cpp's order; a thread pool computes them a few steps ahead
-(materialize in float32 -> layout -> quantize; numpy releases the GIL), memory bounded by the look-ahead.
+tensors stream into the file in llama.cpp's order, in row blocks of at most 16 MB of float32 (`rows.py`):
+a thread pool computes blocks a few ahead (read the source rows -> fuse in float32 -> layout ->
+quantize; numpy and pread release the GIL), memory bounded by the look-ahead whatever a tensor's size.
+The writer hashes each file (sha256, for the manifest) as it grows, while it waits on the workers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -16,16 +19,21 @@ import gguf
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from ...errors import BridgeError
 from ..plan import Plan
 from .archs import GgufArch
 from .hparams import add_hparams, llama3_rope_freqs
-from .tensors import GTensor, gguf_tensors, materialize
+from .rows import Block, materialize_block, row_blocks
+from .tensors import GTensor, gguf_tensors
 from .types import GGUF_TYPES, TypePicker, nbytes, quantize
 from .vocab import Vocab
 
+BLOCK_BYTES = 16 << 20  # float32 bytes of a row block: the unit of work, whatever the tensor's size
+
 def write_gguf(plan: Plan, cfg: dict, ga: GgufArch, vocab: Vocab, tok_dir: Path, path: Path, gguf_type: str,
-               name: str, split_bytes: int = 0, lookahead_bytes: int = 256 << 20, progress=None) -> list[Path]:
-    """Write `path` (and its split shards when `split_bytes`); return the files written."""
+               name: str, split_bytes: int = 0, lookahead_bytes: int = 128 << 20,
+               progress=None) -> dict[Path, str]:
+    """Write `path` (and its split shards when `split_bytes`); return {file written: its sha256}."""
     tensors = gguf_tensors(plan, ga, cfg)
     extra: list[tuple[str, np.ndarray]] = []
     if (cfg.get("rope_parameters") or {}).get("rope_type") == "llama3":
@@ -51,47 +59,87 @@ def write_gguf(plan: Plan, cfg: dict, ga: GgufArch, vocab: Vocab, tok_dir: Path,
     w.write_ti_data_to_file()
     for _, arr in extra:
         w.write_tensor_data(arr)
-    _stream(w, tensors, types, lookahead_bytes, progress)
-    w.close()
-    return files
+    sha = {f: _Sha256(p) for f, p in zip(w.fout, files)}  # gguf-py opens the shards in the order it names them
+    try:
+        _stream(w, tensors, types, lookahead_bytes, progress, BLOCK_BYTES, sha)
+        w.close()
+        return {p: h.finish() for p, h in zip(files, sha.values())}
+    finally:
+        for h in sha.values():
+            h.close()
 
 
-SPLIT_BYTES = 16 << 20  # a tensor larger than this is quantized in row blocks on all workers
+def _compute(b: Block, ty) -> np.ndarray:
+    """One row block in float32 -> its bytes of type `ty`."""
+    return quantize(materialize_block(b), ty)
 
 
-def _compute(t: GTensor, ty, qpool: ThreadPoolExecutor, workers: int) -> np.ndarray:
-    """Materialize in float32, then quantize; a large tensor in row blocks in parallel (quantization
-    works row by row, so the blocks' bytes laid end to end are the tensor's)."""
-    x = materialize(t)
-    rows = x.reshape(-1, x.shape[-1])
-    if x.nbytes < SPLIT_BYTES or workers < 2:
-        return quantize(x, ty)
-    parts = np.array_split(rows, 2 * workers)
-    return np.concatenate([np.ascontiguousarray(q).reshape(len(p), -1)
-                           for p, q in zip(parts, qpool.map(lambda r: quantize(r, ty), parts))])
+class _Sha256:
+    """sha256 of a file as it is written: what is on disk so far is read back (page cache) and hashed
+    while the writer waits on the workers, so the manifest needs no pass over the file at the end."""
+
+    def __init__(self, path: Path):
+        self.h, self.done, self.fd = hashlib.sha256(), 0, os.open(path, os.O_RDONLY)
+
+    def follow(self, end: int) -> None:
+        while self.done < end:
+            b = os.pread(self.fd, min(end - self.done, 16 << 20), self.done)
+            if not b:
+                raise BridgeError(f"gguf: the file being written is shorter ({self.done} bytes) than written ({end})")
+            self.h.update(b)
+            self.done += len(b)
+
+    def finish(self) -> str:
+        self.follow(os.fstat(self.fd).st_size)
+        return self.h.hexdigest()
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
-def _stream(w: gguf.GGUFWriter, tensors: list[GTensor], types: list, lookahead: int, progress) -> None:
-    """Compute tensors on both cores a few ahead of the writer; write them in order."""
+class _Blocks:
+    """What `GGUFWriter.write_tensor_data` needs of a tensor (`nbytes`, `tofile`), its bytes written
+    block by block as the workers finish them (and hashed between blocks)."""
+
+    def __init__(self, nbytes: int, n_blocks: int, next_block, sha: dict):
+        self.nbytes, self.n_blocks, self.next_block, self.sha = nbytes, n_blocks, next_block, sha
+
+    def tofile(self, f) -> None:
+        for _ in range(self.n_blocks):
+            self.next_block().tofile(f)
+            f.flush()
+            self.sha[f].follow(f.tell())
+
+
+def _stream(w: gguf.GGUFWriter, tensors: list[GTensor], types: list, lookahead: int, progress,
+            block_bytes: int, sha: dict) -> None:
+    """Compute row blocks on both cores a few ahead of the writer (at most `lookahead` float32 bytes
+    in flight); write them in order."""
+    blocks = [row_blocks(t, block_bytes) for t in tensors]
+    todo = iter([(b, ty) for bs, ty in zip(blocks, types) for b in bs])
+    pending: deque = deque()
+    inflight = 0
+
+    def next_block() -> np.ndarray:
+        nonlocal inflight
+        while inflight < lookahead or not pending:
+            nxt = next(todo, None)
+            if nxt is None:
+                break
+            pending.append((pool.submit(_compute, *nxt), nxt[0].nbytes))
+            inflight += nxt[0].nbytes
+        fut, size = pending.popleft()
+        data = fut.result()
+        inflight -= size
+        if progress is not None:
+            progress(size)
+        return data
+
     workers = min(2, os.cpu_count() or 1)
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool, \
-            ThreadPoolExecutor(workers) as qpool:
-        pending: deque = deque()
-        todo = iter(zip(tensors, types))
-        inflight = 0
-        while True:
-            while inflight < lookahead or not pending:
-                nxt = next(todo, None)
-                if nxt is None:
-                    break
-                size = 4 * int(np.prod(nxt[0].shape))
-                pending.append((pool.submit(_compute, *nxt, qpool, workers), size))
-                inflight += size
-            if not pending:
-                return
-            fut, size = pending.popleft()
-            data = fut.result()
-            w.write_tensor_data(data)
-            inflight -= size
-            if progress is not None:
-                progress(size)
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+        try:
+            for t, ty, bs in zip(tensors, types, blocks):
+                w.write_tensor_data(_Blocks(nbytes(t.shape, ty), len(bs), next_block, sha))
+        finally:
+            for fut, _ in pending:
+                fut.cancel()

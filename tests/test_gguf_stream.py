@@ -1,0 +1,141 @@
+"""Issue 15, speed and memory of `export --format gguf`: the numpy quantizers against llama.cpp's own C
+reference functions, and the row-block streaming against the whole-tensor export.
+
+- The quantizers (Q4_K, Q5_K, Q6_K in translate/gguf/kquants.py; Q8_0 in types.py) give the bytes of
+  ggml's `quantize_row_*_ref` (called through ctypes in the libggml-base that llama-cpp-python ships)
+  on random rows and on the edge cases of the C code (flat and all-zero sub-blocks, ties of nearest_int
+  and roundf, tiny and huge values, min > 0).
+- A tensor bigger than the row block (the 32000-token embedding, every weight at 128-row blocks)
+  exported in blocks gives the same file, byte for byte, as exported whole: LoRA on a float base,
+  DoRA on a 4-bit base, and stacked experts; the manifest's sha256 (hashed while writing) is the file's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+llama_cpp = pytest.importorskip("llama_cpp")
+pytest.importorskip("gguf")
+
+from mlx_bridge.testing.gguf import GgufZoo  # noqa: E402
+from mlx_bridge.translate.gguf import kquants, types, write  # noqa: E402
+
+REF = {"Q4_K": ("q4_K", 256, 144, kquants.quantize_q4_k), "Q5_K": ("q5_K", 256, 176, kquants.quantize_q5_k),
+       "Q6_K": ("q6_K", 256, 210, kquants.quantize_q6_k), "Q8_0": ("q8_0", 32, 34, types.quantize_q8_0)}
+
+
+def ggml_ref(x: np.ndarray, name: str) -> np.ndarray:
+    """llama.cpp's quantize_row_<name>_ref on x (rows, k), as bytes (rows, k / block * block bytes)."""
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    c_name, block, size, _ = REF[name]
+    x = np.ascontiguousarray(x, np.float32)
+    out = np.empty(x.size // block * size, np.uint8)
+    getattr(lib, f"quantize_row_{c_name}_ref")(x.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p),
+                                               ctypes.c_int64(x.size))
+    return out.reshape(x.shape[0], -1)
+
+
+def edge_rows() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    n = rng.standard_normal((16, 1024)).astype(np.float32)
+    spiky = n * np.where(rng.random(n.shape) < 0.05, 60, 1).astype(np.float32)
+    spiky[:, :32] = 0  # an all-zero sub-block
+    spiky[:, 256:288] = 5.0  # a flat one
+    spiky[:, 512:520] = -1e-30
+    return {"weights": rng.standard_normal((64, 2048)).astype(np.float32) * np.float32(0.02),
+            "normal": n, "positive": np.abs(n), "negative": -np.abs(n), "zeros": np.zeros((2, 512), np.float32),
+            "ones": np.ones((2, 512), np.float32), "small ints (ties)": rng.integers(-3, 4, (16, 1024)).astype(np.float32),
+            "halves (roundf ties)": (rng.integers(-254, 255, (16, 1024)) / 2).astype(np.float32),
+            "tiny": n * np.float32(1e-20), "large": n * np.float32(1e10), "spiky": spiky}
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # "large" overflows fp16 d to inf, as in C
+@pytest.mark.parametrize("name", list(REF))
+def test_quantizer_equals_ggml_reference(name):
+    """Every byte equals ggml's reference quantizer (what llama_model_quantize runs without an imatrix)."""
+    f = REF[name][3]
+    bad = [case for case, x in edge_rows().items() if not np.array_equal(f(x), ggml_ref(x, name))]
+    assert not bad, f"{name}: bytes differ from quantize_row_{REF[name][0]}_ref on {bad}"
+
+
+@pytest.fixture(scope="module")
+def gz(tmp_path_factory):
+    return GgufZoo(tmp_path_factory.mktemp("gguf-stream"))
+
+
+def _export(src: Path, out: Path, gguf_type: str) -> bytes:
+    from mlx_bridge import export
+
+    export(str(src), str(out), format="gguf", gguf_type=gguf_type, progress=False, log=lambda *a: None)
+    (f,) = out.glob("*.gguf")
+    data = f.read_bytes()
+    files = json.loads((out / "manifest.json").read_text())["files"]  # hashed while writing: the file's hash
+    assert files[f.name] == hashlib.sha256(data).hexdigest(), f"manifest sha256 of {f.name} is not the file's"
+    return data
+
+
+def _sources(gz: GgufZoo, case: str) -> Path:
+    from mlx_bridge.testing.adapters import make_adapter
+    from mlx_bridge.testing.models import mlx_convert
+
+    shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2)
+    if case == "llama+lora":
+        return gz.adapter(gz.mlx("llama", "llama-spm", **shape))
+    if case == "mixtral+lora":
+        return gz.adapter(gz.mlx("mixtral", "llama-spm", num_local_experts=4, **shape))
+    base = gz.mlx("llama", "llama-spm", **shape)  # its HF model, converted again to 4-bit, with a DoRA adapter
+    q4 = gz.root / "mlx-llama-q4"
+    if not (q4 / "config.json").exists():
+        hf = gz.root / "hf-llama-llama-spm-hidden_size256-intermediate_size512-num_hidden_layers2"
+        mlx_convert(hf, q4, quantize=True, bits=4, group_size=64)
+        (q4 / "tokenizer.model").write_bytes((base / "tokenizer.model").read_bytes())
+    return make_adapter(q4, gz.root / "mlx-llama-q4-dora", fine_tune_type="dora", rank=4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case,gguf_type", [("llama+lora", "q4_k_m"), ("llama-q4+dora", "q8_0"),
+                                            ("mixtral+lora", "q4_k_m")])
+def test_row_blocks_give_the_whole_tensor_bytes(gz, tmp_path, monkeypatch, case, gguf_type):
+    """Exported in 128-row blocks (the embedding in 250), the file equals the export of whole tensors."""
+    src = _sources(gz, case)
+    monkeypatch.setattr(write, "BLOCK_BYTES", 1 << 40)
+    whole = _export(src, tmp_path / "whole", gguf_type)
+    seen = []
+    row_blocks = write.row_blocks
+    monkeypatch.setattr(write, "row_blocks", lambda t, n: seen.append(bs := row_blocks(t, n)) or bs)
+    monkeypatch.setattr(write, "BLOCK_BYTES", 1 << 16)
+    blocked = _export(src, tmp_path / "blocked", gguf_type)
+    assert max(len(bs) for bs in seen) >= 250, "the embedding was not split into row blocks"
+    if case.startswith("mixtral"):
+        assert any(len({b.item for b in bs}) > 1 for bs in seen), "no expert stack was split"
+    assert len(blocked) == len(whole) and blocked == whole, f"{case} {gguf_type}: blocked export differs"
+
+
+@pytest.mark.slow
+def test_rows_of_every_item_equal_the_whole(gz):
+    """`parts.materialize(item, rows)` is `materialize(item)[rows]` for every 2-D item of a plan with LoRA on
+    the embedding, the output and the attention (linear, embedding kinds), at 128-row-aligned ranges."""
+    from mlx_bridge.testing.adapters import make_adapter
+    from mlx_bridge.translate.parts import materialize
+    from mlx_bridge.translate.plan import build_plan
+    from mlx_bridge.translate.source import open_source
+
+    base = gz.mlx("llama", "llama-spm", hidden_size=256, intermediate_size=512, num_hidden_layers=2)
+    src = make_adapter(base, gz.root / "mlx-llama-lora-embed", rank=4,
+                       keys=["self_attn.q_proj", "self_attn.k_proj", "model.embed_tokens", "lm_head"])
+    plan = build_plan(open_source(src), "float32")
+    kinds = {i.parts[0].lora.kind for i in plan.items if i.parts[0].lora}
+    assert kinds == {"linear", "embedding"}, kinds
+    for item in plan.items:
+        if len(item.shape) != 2:
+            continue
+        assert item.row_sliceable, item.name
+        whole, n = materialize(item), item.shape[0]
+        for r0, r1 in [(0, min(128, n)), (128 * (n // 256), n), (0, n)]:
+            np.testing.assert_array_equal(materialize(item, (r0, r1)), whole[r0:r1], err_msg=f"{item.name}[{r0}:{r1}]")
