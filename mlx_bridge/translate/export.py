@@ -20,7 +20,7 @@ from ..probes import FILENAME as PROBES
 from . import card, hf_config, peft
 from .execute import parse_size, write_weights
 from .plan import Plan, build_plan
-from .source import ADAPTER_CONFIG, ADAPTER_WEIGHTS, open_source
+from .source import ADAPTER_CONFIG, open_source
 
 FORMATS = ("hf", "peft", "gguf")
 
