@@ -134,7 +134,11 @@ def test_peft_refused_where_mlx_reshapes(zoo, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_next", "deepseek_v3", "phimoe", "gemma3", "mistral3", "gpt_oss"])
+LOAD_QUICK = ["qwen3_next", "deepseek_v3", "phimoe", "gemma3", "mistral3", "gpt_oss"]
+
+
+@pytest.mark.parametrize("model_type", [t if t in LOAD_QUICK else pytest.param(t, marks=pytest.mark.slow)
+                                        for t in supported()])
 def test_load_and_verify(zoo, model_type, tmp_path):
     """Deploy follows: a LoRA checkpoint of the type exports, loads with `mlx_bridge.load` (transformers'
     class the registry names, multimodal ones included) and `verify` passes on its MLX probes."""

@@ -68,6 +68,8 @@ def render() -> str:
         "qwen2, phi3, mixtral, qwen3_moe (`test_export_peft.py`) and smollm3, glm4, cohere2, lfm2, apertus, "
         "minimax_m2, gpt_oss (attention) (`test_export_registry.py`), not yet for the others.", "",
         "Native deploy class: `mlx_bridge.load` builds the package's own module; otherwise it runs transformers' class. "
+        "For every exportable type, a LoRA checkpoint of its tiny model exports, loads with `mlx_bridge.load` and "
+        "passes `verify` against its MLX probes (`test_export_registry.py::test_load_and_verify`). "
         "vLLM: the architecture name vLLM runs natively, or its Transformers backend.", "",
         f"GGUF (`--format gguf`): the llama.cpp architecture the file is written as ({len(gguf_types)} types), each "
         "loaded by llama.cpp itself in `tests/test_export_gguf.py` and its logits compared with transformers'; the "

@@ -187,7 +187,7 @@ def make_checkpoint(adapter: str | os.PathLike, out: str | os.PathLike, base: st
     Manifest(
         kind="checkpoint",
         base_model={"path": str(base), "hub_id": None, "config": bcfg, "quantization": bcfg.get("quantization")},
-        architecture={"model_type": bcfg["model_type"], "layout": "mlx-lm", "num_layers": bcfg["num_hidden_layers"]},
+        architecture={"model_type": bcfg["model_type"], "layout": "mlx-lm", "num_layers": _num_layers(base, bcfg)},
         adapter={"type": acfg["fine_tune_type"], "rank": lp.get("rank"), "scale": lp.get("scale"),
                  "lora_alpha": lp["scale"] * lp["rank"] if lp else None, "alpha_given_as": "scale",
                  "dropout": lp.get("dropout"), "targets": lp.get("keys"), "num_layers": acfg["num_layers"]},
@@ -195,6 +195,16 @@ def make_checkpoint(adapter: str | os.PathLike, out: str | os.PathLike, base: st
         probes={"file": "probes.safetensors", "num": int(ids.shape[0]), "length": int(ids.shape[1]), "max_new_tokens": 0},
     ).save(out)
     return out
+
+
+def _num_layers(base: Path, cfg: dict) -> int:
+    """The block count under whatever name the type's config uses (gpt2's `n_layer`, nemotron_h's
+    `layers_block_type`), as transformers' config class resolves it."""
+    if "num_hidden_layers" in cfg:
+        return cfg["num_hidden_layers"]
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(base)).num_hidden_layers
 
 
 def mlx_logits(base: str | os.PathLike, ids: np.ndarray, adapter: str | os.PathLike | None = None) -> np.ndarray:

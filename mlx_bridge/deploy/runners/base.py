@@ -64,11 +64,15 @@ class HFRunner:
 
         self.module, self._cache_cls = module, DynamicCache
         self.vocab_size = module.get_input_embeddings().num_embeddings
-        params = inspect.signature(module.forward).parameters
+        # text alone goes straight to a multimodal wrapper's own causal LM where it has one (llama4: the same
+        # computation; transformers 5.24's wrapper forward fails on text alone, reading `image_outputs`)
+        lm = getattr(module, "language_model", None)
+        self.text = lm if lm is not None and lm.get_output_embeddings() is not None else module
+        params = inspect.signature(self.text.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     def _call(self, ids, pos):
-        out = self.module(input_ids=ids, attention_mask=self.mask, position_ids=pos, use_cache=True,
+        out = self.text(input_ids=ids, attention_mask=self.mask, position_ids=pos, use_cache=True,
                           **{self._cache_kw: self.cache})
         return out.logits[:, -1].float()
 
@@ -87,4 +91,4 @@ class HFRunner:
         return self._call(token[:, None], self.pos)
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.module(input_ids=input_ids, use_cache=False).logits.float()
+        return self.text(input_ids=input_ids, use_cache=False).logits.float()
