@@ -21,6 +21,9 @@ TYPES = {
                   dict(num_experts=8, num_experts_per_tok=3, norm_topk_prob=True)),
     "olmoe": ("olmoe", "OlmoeTopKRouter", "OlmoeExperts", dict(num_experts=8, num_experts_per_tok=2)),
     "gpt_oss": ("gpt_oss", "GptOssTopKRouter", "GptOssExperts", dict(num_local_experts=8, num_experts_per_tok=2)),
+    # a wide jitter band, so the second round's softmax often has several experts
+    "phimoe": ("phimoe", "PhimoeTopKRouter", "PhimoeExperts",
+               dict(num_local_experts=8, num_experts_per_tok=2, router_jitter_noise=0.3)),
 }
 
 
@@ -86,13 +89,33 @@ def test_routing_equals_transformers(mt, dtype):
     with torch.no_grad():
         ref = router(x)
         w, idx = route(torch.nn.functional.linear(x, router.weight, getattr(router, "bias", None)), a.moe, a.top_k,
-                       a.norm_topk_prob)
+                       a.norm_topk_prob, a.router_jitter)
     ref_w, ref_idx = ref[-2], ref[-1]  # (logits, weights, ids); gpt_oss returns the same three
     assert torch.equal(idx, ref_idx)
     assert w.dtype == ref_w.dtype and torch.equal(w, ref_w)
 
 
-@pytest.mark.parametrize("mt", ["mixtral", "qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("jitter", [0.0, 0.01, 0.1, 0.5])
+def test_sparsemixer_equals_transformers(jitter, dtype):
+    """phimoe's router at inference, bitwise, on logits with near ties, equal logits and signs mixed
+    (the relative band `(top - s) / max(|s|, top)` sees them all)."""
+    from transformers.models.phimoe.modeling_phimoe import sparsemixer
+
+    g = torch.Generator().manual_seed(int(jitter * 100))
+    base = torch.randn(64, 16, generator=g)
+    near = base.clone()
+    near[:, 1] = near[:, 0] * (1 - 0.5 * jitter) + 1e-3  # within (or at the edge of) the band of expert 0
+    tied = base.clone()
+    tied[:, 3] = tied[:, 5] = tied.max(-1).values  # two experts share the best logit
+    for scores in (base, near, tied, base - 3.0, base * 0.01):
+        scores = scores.to(dtype)
+        ref_w, ref_idx = sparsemixer(scores, jitter_eps=jitter, training=False)
+        w, idx = route(scores, "phimoe", 2, True, jitter)
+        assert torch.equal(idx, ref_idx) and w.dtype == ref_w.dtype and torch.equal(w, ref_w)
+
+
+@pytest.mark.parametrize("mt", ["mixtral", "qwen3_moe", "gpt_oss", "phimoe"])
 def test_experts_reference_equals_transformers(mt):
     cfg, router, experts = hf_modules(mt, seed=1)
     a = ModelArgs.from_hf(cfg)
