@@ -147,3 +147,22 @@ def test_phimoe_longrope_equals_transformers(tmp_path):
             past = out.past_key_values
             got.append(decode_step(module, cache, ids[:, s:s + 1], torch.tensor([s]), pad))
     assert_close(torch.stack(got, 1).float(), torch.stack(want, 1), 1e-5, "phimoe longrope decode")
+
+
+def test_phimoe_native_on_export_equals_mlx(zoo):
+    """The native phimoe class on an export of an mlx-lm phimoe gives MLX's logits (sparsemixer, LayerNorm
+    biases, attention and lm_head biases as mlx-lm computes them; default rope: mlx-lm's longrope differs)."""
+    import numpy as np
+
+    from mlx_bridge import export
+    from mlx_bridge.testing.adapters import probe_ids
+
+    base = zoo.mlx("phimoe")
+    out = base.parent / "mlx-phimoe-native-export"
+    if not out.exists():
+        export(str(base), str(out))
+    m = load(out, backend="native")
+    assert m.backend == "native"
+    ids = probe_ids(m.config["vocab_size"], n=2, length=40, seed=3)
+    got = m.logits(torch.tensor(ids, dtype=torch.long))
+    assert_close(got, torch.tensor(np.asarray(zoo.logits(base, ids=ids))), 1e-5, "phimoe native vs MLX")
