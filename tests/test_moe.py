@@ -182,3 +182,18 @@ def test_tiny_override_wins_over_an_aliased_default():
     for mt, name in (("gpt_oss", "num_local_experts"), ("mixtral", "num_local_experts"), ("qwen3_moe", "num_experts")):
         cfg = AutoConfig.for_model(mt, **tiny_config(mt, **{name: 32}))
         assert getattr(cfg, name) == 32, mt
+
+
+def test_phimoe_configs_the_native_class_does_not_compute():
+    """transformers' sparsemixer routes 2 experts whatever `num_experts_per_tok` says (mlx-lm's routes that
+    many): refused, as are rope types `PhimoeRotaryEmbedding` does not compute like the shared ones."""
+    from transformers import AutoConfig
+
+    from mlx_bridge.deploy.native.config import Unsupported
+
+    assert ModelArgs.from_hf(AutoConfig.for_model("phimoe", **SMALL)).top_k == 2
+    with pytest.raises(Unsupported, match="num_experts_per_tok 3 in phimoe"):
+        ModelArgs.from_hf(AutoConfig.for_model("phimoe", **SMALL, num_experts_per_tok=3))
+    with pytest.raises(Unsupported, match="rope_type 'linear' in phimoe"):
+        ModelArgs.from_hf(AutoConfig.for_model("phimoe", **SMALL, rope_parameters={
+            "rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0, "short_mscale": 1.0, "long_mscale": 1.0}))
