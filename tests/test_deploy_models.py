@@ -19,7 +19,7 @@ from mlx_bridge.deploy.native.model import Transformer, decode_step, prefill
 from mlx_bridge.testing.adapters import shared_zoo
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "mixtral", "qwen3_moe", "qwen2_moe",
-         "olmoe", "gpt_oss"]
+         "olmoe", "gpt_oss", "phimoe"]
 
 
 @pytest.fixture(scope="session")
@@ -112,3 +112,57 @@ def test_module_casts_keep_rope_in_float32(zoo):
     with torch.no_grad():
         cast = module(ids)
     assert torch.equal(cast.float(), load(zoo.hf("llama"), dtype="bfloat16").logits(ids))  # same as loading bf16
+
+
+PHIMOE_LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 16,
+                   "short_factor": [1.0 + 0.1 * i for i in range(8)], "long_factor": [2.0 + 0.5 * i for i in range(8)],
+                   "short_mscale": 1.1, "long_mscale": 1.3}
+
+
+def test_phimoe_longrope_equals_transformers(tmp_path):
+    """`PhimoeRotaryEmbedding`: short factors at every length, `short_mscale` up to the original context and
+    `long_mscale` past it (for the whole pass, and per step when decoding across it)."""
+    from transformers import AutoModelForCausalLM
+
+    from mlx_bridge.testing.adapters import tiny_hf_model
+
+    d = tmp_path / "phimoe-longrope"
+    tiny_hf_model(d, "phimoe", rope_parameters=PHIMOE_LONGROPE)
+    m = load(d, backend="native")
+    assert m.module.args.ropes[0].rope_type == "phimoe_longrope"
+    hf = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32, attn_implementation="eager").eval()
+    ids = ids_for(m.config["vocab_size"], B=1, L=24, seed=2)
+    for L in (12, 24):  # within the original 16 positions (short mscale), past them (long)
+        assert_close(m.logits(ids[:, :L]), hf_logits(d, ids[:, :L]), 1e-5, f"phimoe longrope L={L}")
+    module, P = m.module, 12
+    cache = KVCache.allocate(module.args, 1, 24, torch.device("cpu"), torch.float32)
+    pad = torch.zeros(1, dtype=torch.long)
+    with torch.no_grad():
+        out = hf(ids[:, :P], use_cache=True)
+        want, past = [out.logits[:, -1]], out.past_key_values
+        got = [prefill(module, cache, ids[:, :P], pad)]
+        for s in range(P, 24):  # positions 12 .. 23: the scale switches at position 16
+            out = hf(ids[:, s:s + 1], cache=past, use_cache=True)
+            want.append(out.logits[:, -1])
+            past = out.past_key_values
+            got.append(decode_step(module, cache, ids[:, s:s + 1], torch.tensor([s]), pad))
+    assert_close(torch.stack(got, 1).float(), torch.stack(want, 1), 1e-5, "phimoe longrope decode")
+
+
+def test_phimoe_native_on_export_equals_mlx(zoo):
+    """The native phimoe class on an export of an mlx-lm phimoe gives MLX's logits (sparsemixer, LayerNorm
+    biases, attention and lm_head biases as mlx-lm computes them; default rope: mlx-lm's longrope differs)."""
+    import numpy as np
+
+    from mlx_bridge import export
+    from mlx_bridge.testing.adapters import probe_ids
+
+    base = zoo.mlx("phimoe")
+    out = base.parent / "mlx-phimoe-native-export"
+    if not out.exists():
+        export(str(base), str(out))
+    m = load(out, backend="native")
+    assert m.backend == "native"
+    ids = probe_ids(m.config["vocab_size"], n=2, length=40, seed=3)
+    got = m.logits(torch.tensor(ids, dtype=torch.long))
+    assert_close(got, torch.tensor(np.asarray(zoo.logits(base, ids=ids))), 1e-5, "phimoe native vs MLX")

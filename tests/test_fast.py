@@ -15,7 +15,7 @@ from mlx_bridge.errors import BridgeError
 from mlx_bridge.testing.adapters import shared_zoo
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "mixtral", "qwen3_moe", "qwen2_moe",
-         "olmoe", "gpt_oss"]
+         "olmoe", "gpt_oss", "phimoe"]
 PROMPTS = [[1, 20, 21, 22, 23, 24], [1, 30, 31], [1, 40, 41, 42, 43, 44, 45, 46, 47]]  # ragged: bucket 4
 
 
@@ -229,3 +229,18 @@ def test_generate_cli_fast_flag(zoo, capsys):
     assert main(["generate", str(d), "--prompt", "hello", "-m", "8", "--device", "cpu", "--fast",
                  "--ignore-chat-template"]) == 0
     assert capsys.readouterr().out == eager
+
+
+def test_phimoe_longrope_greedy_equals_eager(tmp_path):
+    """phimoe's position-dependent rope scale (short/long mscale, `cos_sin` on the device) in the fused path:
+    generation runs past the original context of 16."""
+    from mlx_bridge.testing.adapters import tiny_hf_model
+    from test_deploy_models import PHIMOE_LONGROPE
+
+    d = tmp_path / "phimoe-longrope"
+    tiny_hf_model(d, "phimoe", rope_parameters=PHIMOE_LONGROPE)
+    ref, fast = load(d).runner, FastRunner(load(d).module)
+    assert fast.fused is not None and isinstance(fast.fused.ropes[0][1], tuple)
+    want = greedy_steps(ref, 20)
+    assert greedy_steps(fast, 20) == want
+    assert list(fast.steps(*padded(PROMPTS), 20)) == want

@@ -21,6 +21,9 @@ TYPES = {
                   dict(num_experts=8, num_experts_per_tok=3, norm_topk_prob=True)),
     "olmoe": ("olmoe", "OlmoeTopKRouter", "OlmoeExperts", dict(num_experts=8, num_experts_per_tok=2)),
     "gpt_oss": ("gpt_oss", "GptOssTopKRouter", "GptOssExperts", dict(num_local_experts=8, num_experts_per_tok=2)),
+    # a wide jitter band, so the second round's softmax often has several experts
+    "phimoe": ("phimoe", "PhimoeTopKRouter", "PhimoeExperts",
+               dict(num_local_experts=8, num_experts_per_tok=2, router_jitter_noise=0.3)),
 }
 
 
@@ -86,13 +89,33 @@ def test_routing_equals_transformers(mt, dtype):
     with torch.no_grad():
         ref = router(x)
         w, idx = route(torch.nn.functional.linear(x, router.weight, getattr(router, "bias", None)), a.moe, a.top_k,
-                       a.norm_topk_prob)
+                       a.norm_topk_prob, a.router_jitter)
     ref_w, ref_idx = ref[-2], ref[-1]  # (logits, weights, ids); gpt_oss returns the same three
     assert torch.equal(idx, ref_idx)
     assert w.dtype == ref_w.dtype and torch.equal(w, ref_w)
 
 
-@pytest.mark.parametrize("mt", ["mixtral", "qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("jitter", [0.0, 0.01, 0.1, 0.5])
+def test_sparsemixer_equals_transformers(jitter, dtype):
+    """phimoe's router at inference, bitwise, on logits with near ties, equal logits and signs mixed
+    (the relative band `(top - s) / max(|s|, top)` sees them all)."""
+    from transformers.models.phimoe.modeling_phimoe import sparsemixer
+
+    g = torch.Generator().manual_seed(int(jitter * 100))
+    base = torch.randn(64, 16, generator=g)
+    near = base.clone()
+    near[:, 1] = near[:, 0] * (1 - 0.5 * jitter) + 1e-3  # within (or at the edge of) the band of expert 0
+    tied = base.clone()
+    tied[:, 3] = tied[:, 5] = tied.max(-1).values  # two experts share the best logit
+    for scores in (base, near, tied, base - 3.0, base * 0.01):
+        scores = scores.to(dtype)
+        ref_w, ref_idx = sparsemixer(scores, jitter_eps=jitter, training=False)
+        w, idx = route(scores, "phimoe", 2, True, jitter)
+        assert torch.equal(idx, ref_idx) and w.dtype == ref_w.dtype and torch.equal(w, ref_w)
+
+
+@pytest.mark.parametrize("mt", ["mixtral", "qwen3_moe", "gpt_oss", "phimoe"])
 def test_experts_reference_equals_transformers(mt):
     cfg, router, experts = hf_modules(mt, seed=1)
     a = ModelArgs.from_hf(cfg)
@@ -159,3 +182,18 @@ def test_tiny_override_wins_over_an_aliased_default():
     for mt, name in (("gpt_oss", "num_local_experts"), ("mixtral", "num_local_experts"), ("qwen3_moe", "num_experts")):
         cfg = AutoConfig.for_model(mt, **tiny_config(mt, **{name: 32}))
         assert getattr(cfg, name) == 32, mt
+
+
+def test_phimoe_configs_the_native_class_does_not_compute():
+    """transformers' sparsemixer routes 2 experts whatever `num_experts_per_tok` says (mlx-lm's routes that
+    many): refused, as are rope types `PhimoeRotaryEmbedding` does not compute like the shared ones."""
+    from transformers import AutoConfig
+
+    from mlx_bridge.deploy.native.config import Unsupported
+
+    assert ModelArgs.from_hf(AutoConfig.for_model("phimoe", **SMALL)).top_k == 2
+    with pytest.raises(Unsupported, match="num_experts_per_tok 3 in phimoe"):
+        ModelArgs.from_hf(AutoConfig.for_model("phimoe", **SMALL, num_experts_per_tok=3))
+    with pytest.raises(Unsupported, match="rope_type 'linear' in phimoe"):
+        ModelArgs.from_hf(AutoConfig.for_model("phimoe", **SMALL, rope_parameters={
+            "rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0, "short_mscale": 1.0, "long_mscale": 1.0}))

@@ -46,7 +46,7 @@ class ModelArgs:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    rms_norm_eps: float = 1e-6
+    rms_norm_eps: float = 1e-6  # the eps of every norm (phimoe's LayerNorms too)
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
@@ -57,6 +57,8 @@ class ModelArgs:
     qk_norm_full: bool = False  # olmoe: RMSNorm over the whole q / k projection (all heads) instead
     clip_qkv: float | None = None  # olmoe: q, k, v clamped to [-clip, clip]
     fused_qkv: bool = False  # phi3 qkv_proj / gate_up_proj
+    layer_norm: bool = False  # phimoe: LayerNorm with weight and bias (eps rms_norm_eps) instead of RMSNorm
+    lm_head_bias: bool = False
     gemma: bool = False  # norms scale by (1 + w), sandwich norms, embeddings * sqrt(hidden)
     attn_scale: float = 0.0  # softmax scale; 0 -> head_dim ** -0.5
     attn_softcap: float | None = None
@@ -64,7 +66,7 @@ class ModelArgs:
     windows: list = field(default_factory=list)  # per layer: sliding window size or None
     ropes: list = field(default_factory=list)  # per layer: RopeArgs
     # MoE
-    moe: str | None = None  # "mixtral" | "qwen3_moe" | "qwen2_moe" | "olmoe" | "gpt_oss"
+    moe: str | None = None  # "mixtral" | "qwen3_moe" | "qwen2_moe" | "olmoe" | "gpt_oss" | "phimoe"
     moe_layers: list = field(default_factory=list)  # per layer: True when the MLP is sparse
     num_experts: int = 0
     top_k: int = 0
@@ -74,6 +76,7 @@ class ModelArgs:
     sinks: bool = False  # gpt_oss: a learned sink logit per head in every softmax
     swiglu_alpha: float = 1.702  # gpt_oss experts: (up + 1) * g * sigmoid(alpha g), g and up clamped
     swiglu_limit: float = 7.0
+    router_jitter: float = 0.0  # phimoe: sparsemixer's jitter_eps (`router_jitter_noise`), used at inference too
 
     @classmethod
     def from_hf(cls, config: Any) -> "ModelArgs":
@@ -107,7 +110,11 @@ def _rope(c, head_dim: int, layer_type: str | None) -> RopeArgs:
     if layer_type is not None and layer_type in rp and isinstance(rp[layer_type], dict):
         rp = rp[layer_type]
     rope_type = rp.get("rope_type", rp.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
+    if c.model_type == "phimoe" and rope_type != "default":  # `PhimoeRotaryEmbedding`: not the shared longrope
+        if rope_type != "longrope":
+            raise Unsupported(f"rope_parameters.rope_type {rope_type!r} in phimoe (native: default, longrope)")
+        rope_type = "phimoe_longrope"  # rope.py: short factors always, short/long mscale by position
+    elif rope_type not in ROPE_TYPES:
         raise Unsupported(f"rope_parameters.rope_type {rope_type!r} (native: {', '.join(ROPE_TYPES)})")
     dim = int(head_dim * rp.get("partial_rotary_factor", _get(c, "partial_rotary_factor", 1.0)))
     return RopeArgs(rope_type, float(rp["rope_theta"]), dim, dict(rp), int(_get(c, "max_position_embeddings", 2048)))
@@ -227,9 +234,24 @@ def _gpt_oss(c) -> ModelArgs:
                  swiglu_alpha=float(_get(c, "swiglu_alpha", 1.702)), swiglu_limit=float(_get(c, "swiglu_limit", 7.0)))
 
 
+def _phimoe(c) -> ModelArgs:
+    """`PhimoeForCausalLM`: LayerNorms with biases, sparsemixer routing (always 2 experts: transformers'
+    `sparsemixer` ignores `num_experts_per_tok`), and its own longrope (`PhimoeRotaryEmbedding`)."""
+    if c.num_experts_per_tok != 2:  # transformers routes 2, mlx-lm's sparsemixer loops num_experts_per_tok times
+        raise Unsupported(f"num_experts_per_tok {c.num_experts_per_tok} in phimoe (sparsemixer routes 2)")
+    if getattr(c, "tie_word_embeddings", False) and _get(c, "lm_head_bias", False):
+        raise Unsupported("tie_word_embeddings with lm_head_bias in phimoe")
+    bias = bool(_get(c, "attention_bias", False))
+    return _base(c, qkv_bias=bias, o_bias=bias, layer_norm=True, lm_head_bias=bool(_get(c, "lm_head_bias", False)),
+                 window_all_layers=True, moe="phimoe", moe_layers=[True] * c.num_hidden_layers,
+                 num_experts=c.num_local_experts, top_k=2, moe_intermediate_size=c.intermediate_size,
+                 router_jitter=float(_get(c, "router_jitter_noise", 0.0)))
+
+
 # model_type -> parser (the registry of native architectures)
 PARSERS: dict[str, Callable[[Any], ModelArgs]] = {
     "llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwen3, "phi3": _phi3,
     "gemma2": _gemma2, "gemma3_text": _gemma3_text, "mixtral": _mixtral, "qwen3_moe": _qwen3_moe,
     "qwen2_moe": _qwen2_moe, "olmoe": _olmoe, "gpt_oss": _gpt_oss,
+    "phimoe": _phimoe,
 }

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelArgs
-from .moe import SparseMoe
+from .moe import MIXTRAL_NAMED, SparseMoe
 from .rope import apply_rope
 
 ACT = {
@@ -33,6 +33,25 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, gemma: bool = False) 
     if gemma:  # (x * (1 + w)) in float32, then cast (transformers Gemma*RMSNorm)
         return (n * (1.0 + w.float())).type_as(x)
     return w * n.to(x.dtype)
+
+
+def norm(x: torch.Tensor, w, eps: float, gemma: bool = False) -> torch.Tensor:
+    """`rms_norm` with weight w, or LayerNorm (`nn.LayerNorm`'s own kernel) when w is (weight, bias)."""
+    if isinstance(w, tuple):
+        return F.layer_norm(x, x.shape[-1:], w[0], w[1], eps)
+    return rms_norm(x, w, eps, gemma)
+
+
+def make_norm(a: ModelArgs, gemma: bool | None = None) -> nn.Module:
+    """The model's norm over hidden_size: LayerNorm with bias (phimoe) or RMSNorm."""
+    if a.layer_norm:
+        return nn.LayerNorm(a.hidden_size, eps=a.rms_norm_eps)
+    return RMSNorm(a.hidden_size, a.rms_norm_eps, a.gemma if gemma is None else gemma)
+
+
+def norm_weights(m: nn.Module):
+    """What `norm` takes for module m: its weight, or (weight, bias) for a LayerNorm."""
+    return (m.weight, m.bias) if isinstance(m, nn.LayerNorm) else m.weight
 
 
 class RMSNorm(nn.Module):
@@ -158,13 +177,13 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(a, i)
         if a.moe and a.moe_layers[i]:
-            setattr(self, "block_sparse_moe" if a.moe == "mixtral" else "mlp", SparseMoe(a))
+            setattr(self, "block_sparse_moe" if a.moe in MIXTRAL_NAMED else "mlp", SparseMoe(a))
         else:
             self.mlp = MLP(a, fused=a.fused_qkv)
-        self.ffn_name = "block_sparse_moe" if a.moe == "mixtral" and a.moe_layers[i] else "mlp"
+        self.ffn_name = "block_sparse_moe" if a.moe in MIXTRAL_NAMED and a.moe_layers[i] else "mlp"
         self.gemma = a.gemma
-        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, a.gemma)
-        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, a.gemma)
+        self.input_layernorm = make_norm(a)
+        self.post_attention_layernorm = make_norm(a)
         if a.gemma:  # sandwich norms around attention and MLP
             self.pre_feedforward_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, True)
             self.post_feedforward_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, True)

@@ -1,6 +1,6 @@
 """The native PyTorch model class (gpt-fast style) for the llama family and the MoE archs.
 
-One `Transformer` covers llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text, mixtral and qwen3_moe;
+One `Transformer` covers llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text and the MoE types;
 what differs between them is data in `ModelArgs`. Parameter names are Hugging Face's (`model.layers.0.
 self_attn.q_proj.weight`, `...block_sparse_moe.experts.3.w1.weight`), so an export's safetensors load
 with `load_state_dict(strict=True)`. A tied model has no `lm_head` (the embedding is used), exactly
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .config import ModelArgs
-from .layers import DecoderLayer, KVCache, RMSNorm
+from .layers import DecoderLayer, KVCache, make_norm
 from .rope import cos_sin, inv_freq
 
 
@@ -37,7 +37,7 @@ class Backbone(nn.Module):  # "model." in Hugging Face names
         super().__init__()
         self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
         self.layers = nn.ModuleList([DecoderLayer(a, i) for i in range(a.num_layers)])
-        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, a.gemma)
+        self.norm = make_norm(a)
 
 
 def masks(q_slots: torch.Tensor, S: int, pad: torch.Tensor | None, windows) -> dict:
@@ -63,7 +63,7 @@ class Transformer(nn.Module):
         self.args = a
         self.model = Backbone(a)
         if not a.tie_word_embeddings:
-            self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
+            self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=a.lm_head_bias)
         # one inverse-frequency buffer per distinct rope setting (gemma3: local and global)
         self._ropes = []
         self.rope_of_layer = []

@@ -33,18 +33,39 @@ from torch import nn
 from .config import ModelArgs
 
 # MoE types and the names of their per-expert (gate, up, down) linears in Hugging Face checkpoints
-EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2")}
+EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2"), "phimoe": ("w1", "w3", "w2")}
+MIXTRAL_NAMED = ("mixtral", "phimoe")  # checkpoints name the sparse block `block_sparse_moe`
 QWEN_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
-def route(logits: torch.Tensor, kind: str, top_k: int, norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def sparsemixer(scores: torch.Tensor, jitter: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """phimoe's router at inference (transformers' `sparsemixer` with training=False), 2 experts a token.
+
+    Twice: the best remaining expert; its weight is its softmax probability (in the logits' dtype) over the
+    experts whose logit is within 2 * jitter of it, relative to max(|logit|, best); the second round
+    masks the first expert out of the candidates (the relative distance still uses every logit).
+    """
+    top, first = scores.max(dim=-1, keepdim=True)
+    far = (top - scores) / scores.abs().clamp(min=top) > 2 * jitter
+    w1 = torch.softmax(scores.masked_fill(far, float("-inf")), dim=-1).gather(-1, first)
+    masked = torch.scatter(scores, -1, first, float("-inf"))
+    top, second = masked.max(dim=-1, keepdim=True)
+    far = (top - scores) / scores.abs().clamp(min=top) > 2 * jitter
+    w2 = torch.softmax(masked.masked_fill(far, float("-inf")), dim=-1).gather(-1, second)
+    return torch.cat((w1, w2), dim=-1), torch.cat((first, second), dim=-1)
+
+
+def route(logits: torch.Tensor, kind: str, top_k: int, norm: bool, jitter: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights (T, k), expert ids (T, k)) from router logits (T, E), as transformers' routers compute them.
 
     mixtral: softmax in float32, top-k, renormalised, kept in float32 (`MixtralTopKRouter`).
     qwen2_moe / qwen3_moe / olmoe: softmax in float32, top-k, renormalised when `norm`
     (`norm_topk_prob`), cast back to the logits' dtype.
     gpt_oss: top-k of the logits, softmax over those k in the logits' dtype (`GptOssTopKRouter`).
+    phimoe: `sparsemixer` with `jitter` (`router_jitter_noise`), top_k 2.
     """
+    if kind == "phimoe":
+        return sparsemixer(logits, jitter)
     if kind == "gpt_oss":
         v, idx = torch.topk(logits, top_k, dim=-1)
         return F.softmax(v, dim=1, dtype=v.dtype), idx
@@ -96,19 +117,20 @@ def experts(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, ex: tuple, glu:
     return experts_ref(x, w, idx, ex, glu)
 
 
-def routing(logits: torch.Tensor, kind: str, top_k: int, norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """`route` on CPU; on CUDA the same routing as one Triton kernel (`moe_kernels.route_fused`)."""
-    if logits.is_cuda:
+def routing(logits: torch.Tensor, kind: str, top_k: int, norm: bool, jitter: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route` on CPU; on CUDA the same routing as one Triton kernel (`moe_kernels.route_fused`), but for
+    phimoe's sparsemixer, which stays PyTorch ops (on the device, no host sync: compiled and captured)."""
+    if logits.is_cuda and kind != "phimoe":
         return torch.ops.mlx_bridge.route_topk(logits, kind, top_k, norm)
-    return route(logits, kind, top_k, norm)
+    return route(logits, kind, top_k, norm, jitter)
 
 
 def sparse_ffn(x: torch.Tensor, router: tuple, ex: tuple, kind: str, top_k: int, norm: bool,
-               shared: tuple | None = None, glu: tuple | None = None) -> torch.Tensor:
+               shared: tuple | None = None, glu: tuple | None = None, jitter: float = 0.0) -> torch.Tensor:
     """The whole sparse MLP of tokens x (T, D): route (router = (weight, bias)), routed experts, and for
     qwen2_moe the shared expert `shared` = ([gate; up] (2S, D), down (D, S), gate (1, D)) scaled by
     sigmoid(gate x)."""
-    w, idx = routing(F.linear(x, *router), kind, top_k, norm)
+    w, idx = routing(F.linear(x, *router), kind, top_k, norm, jitter)
     out = experts(x, w, idx, ex, glu)
     if shared is not None:
         sgu, sd, sg = shared
@@ -178,7 +200,7 @@ class SparseMoe(nn.Module):
         super().__init__()
         from .layers import MLP
 
-        self.kind, self.top_k, self.norm_topk = a.moe, a.top_k, a.norm_topk_prob
+        self.kind, self.top_k, self.norm_topk, self.jitter = a.moe, a.top_k, a.norm_topk_prob, a.router_jitter
         oss = a.moe == "gpt_oss"
         self.gate_name = "router" if oss else "gate"
         setattr(self, self.gate_name, nn.Linear(a.hidden_size, a.num_experts, bias=oss))
@@ -235,7 +257,7 @@ class SparseMoe(nn.Module):
 
     def route(self, x):
         """(weights (T, k), expert ids (T, k)) for tokens x (T, D), as transformers computes them."""
-        return routing(self.gate_linear(x), self.kind, self.top_k, self.norm_topk)
+        return routing(self.gate_linear(x), self.kind, self.top_k, self.norm_topk, self.jitter)
 
     def forward(self, x):
         B, L, D = x.shape

@@ -71,18 +71,36 @@ def _yarn(r: RopeArgs) -> tuple[torch.Tensor, float]:
     return inv, attn
 
 
-INV_FREQ = {"default": _default, "linear": _linear, "llama3": _llama3, "yarn": _yarn}
+def _phimoe_longrope(r: RopeArgs) -> tuple[torch.Tensor, tuple]:
+    """`PhimoeRotaryEmbedding.forward`: the frequencies of `_compute_longrope_parameters` called without a
+    length (short factors, always), cos/sin scaled by `long_mscale` when the step's last position + 1
+    passes `original_max_position_embeddings`, else `short_mscale` (a scale tuple, chosen in `cos_sin`
+    per row: transformers takes the max over the batch, the same for unpadded or single rows).
+    mlx-lm's phimoe (`SuScaledRoPE`) uses the long factors and `long_mscale` at every length instead."""
+    p = r.params
+    shape = torch.arange(0, r.dim, 2, dtype=torch.int64).float() / r.dim
+    inv = 1.0 / (torch.tensor(p["short_factor"], dtype=torch.float32) * r.theta ** shape)
+    return inv, (float(p["short_mscale"]), float(p["long_mscale"]), int(p["original_max_position_embeddings"]))
 
 
-def inv_freq(r: RopeArgs) -> tuple[torch.Tensor, float]:
-    """(inverse frequencies (dim/2,) float32, cos/sin scaling) for one layer's rope settings."""
+INV_FREQ = {"default": _default, "linear": _linear, "llama3": _llama3, "yarn": _yarn,
+            "phimoe_longrope": _phimoe_longrope}
+
+
+def inv_freq(r: RopeArgs) -> tuple[torch.Tensor, float | tuple]:
+    """(inverse frequencies (dim/2,) float32, cos/sin scaling) for one layer's rope settings; the scaling
+    is (short, long, threshold) where it depends on the step's positions (phimoe)."""
     return INV_FREQ[r.rope_type](r)
 
 
-def cos_sin(inv: torch.Tensor, scale: float, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def cos_sin(inv: torch.Tensor, scale: float | tuple, pos: torch.Tensor,
+            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin (B, 1, L, dim) for positions `pos` (B, L), in `dtype` (as transformers casts them)."""
     freqs = pos[..., None].float() * inv.float()  # [B, L, dim/2]
     emb = torch.cat((freqs, freqs), dim=-1)
+    if isinstance(scale, tuple):  # phimoe: long_mscale once a row's last position + 1 passes the threshold (on
+        short, long, threshold = scale  # the device, no sync; per row, where transformers takes the batch's max)
+        scale = torch.where(pos.amax(-1, keepdim=True)[..., None] + 1 > threshold, long, short)  # [B, 1, 1]
     return (emb.cos() * scale).to(dtype)[:, None], (emb.sin() * scale).to(dtype)[:, None]
 
 

@@ -285,7 +285,7 @@ class FastRunner:
                 st.xout[i].copy_(x)
                 slot.add_(1)
                 return
-            logits = self._decode_head(x[:, -1], f.norm, f.head)
+            logits = self._decode_head(x[:, -1], f.norm, f.head, f.head_bias)
         slot.add_(1)
         st.logits.copy_(logits)
         nxt = greedy(logits) if mode == "greedy" else self._pick(logits, st.temp, st.top_p, st.top_k, st.seed, st.counter)
@@ -338,8 +338,8 @@ class FastRunner:
             s, rot, ms = per_dev[d]
             kc, vc = caches[li] if caches is not None else (None, None)
             x = self._prefill_layer(x.to(d), L.w, kc, vc, *rot[L.rope], ms[L.window], s)
-        x = x.to(f.norm.device)
-        return self._head(x[:, -1] if last_only else x, f.norm, f.head)
+        x = x.to(f.head.device)
+        return self._head(x[:, -1] if last_only else x, f.norm, f.head, f.head_bias)
 
     # -- the runner interface -------------------------------------------------------------------------
 

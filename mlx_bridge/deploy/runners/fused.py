@@ -41,8 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..native.layers import ACT, attend
-from ..native.layers import rms_norm as rms  # one definition for the module and the fused functions
+from ..native.layers import ACT, attend, norm_weights
+from ..native.layers import norm as rms  # one definition for the module and the fused functions (RMSNorm, or
+# LayerNorm where the weight is a (weight, bias) pair: phimoe)
 from ..native.moe import sparse_ffn
 from ..native.model import Transformer, masks
 from ..native.rope import apply_rope, cos_sin
@@ -76,6 +77,7 @@ class Spec:
     top_k: int = 0
     norm_topk: bool = True
     glu: tuple | None = None  # gpt_oss experts: (alpha, limit) of the clamped SwiGLU
+    jitter: float = 0.0  # phimoe: sparsemixer's jitter_eps
 
 
 @dataclass
@@ -93,10 +95,11 @@ class Fused:
     spec: Spec
     layers: list[Layer]
     embed: torch.Tensor
-    norm: torch.Tensor
+    norm: torch.Tensor | tuple  # the final norm's weight, or (weight, bias) for a LayerNorm (phimoe)
     head: torch.Tensor
     ropes: list[tuple[torch.Tensor, float]]  # per distinct rope setting: (inv_freq float32, cos/sin scale)
     windows: list[int]  # distinct sliding windows
+    head_bias: torch.Tensor | None = None  # phimoe's lm_head bias
 
     @property
     def devices(self) -> list[torch.device]:
@@ -133,7 +136,7 @@ def fuse(module: Transformer) -> Fused:
                 a.attn_scale or a.head_dim ** -0.5, a.attn_softcap, a.qk_norm, a.final_softcap,
                 float(torch.tensor(a.hidden_size ** 0.5).to(dtype)) if a.gemma else None,
                 a.qk_norm_full, a.clip_qkv, a.moe, a.top_k, a.norm_topk_prob,
-                (a.swiglu_alpha, a.swiglu_limit) if a.moe == "gpt_oss" else None)
+                (a.swiglu_alpha, a.swiglu_limit) if a.moe == "gpt_oss" else None, a.router_jitter)
     layers = []
     with torch.no_grad():
         for i, dl in enumerate(module.model.layers):
@@ -143,7 +146,7 @@ def fuse(module: Transformer) -> Fused:
             else:
                 wqkv, bqkv = _fuse_rows([at.q_proj, at.k_proj, at.v_proj])
             g, qk = a.gemma, a.qk_norm or a.qk_norm_full
-            w = (dl.input_layernorm.weight, dl.post_attention_layernorm.weight,
+            w = (norm_weights(dl.input_layernorm), norm_weights(dl.post_attention_layernorm),
                  dl.pre_feedforward_layernorm.weight if g else None, dl.post_feedforward_layernorm.weight if g else None,
                  wqkv, bqkv, at.o_proj.weight, _bias(at.o_proj),
                  at.q_norm.weight if qk else None, at.k_norm.weight if qk else None,
@@ -153,11 +156,12 @@ def fuse(module: Transformer) -> Fused:
         from . import attn_kernels  # noqa: F401 (registers torch.ops.mlx_bridge.decode_attention)
     embed = module.model.embed_tokens.weight
     head = embed if a.tie_word_embeddings else module.lm_head.weight
-    norm = module.model.norm.weight
-    if head.device != norm.device:  # tied embedding, layers spread over devices: the head needs a copy
-        head = head.to(norm.device)
+    head_bias = None if a.tie_word_embeddings else module.lm_head.bias
+    norm = norm_weights(module.model.norm)
+    if head.device != module.model.norm.weight.device:  # tied embedding, layers spread over devices: the head needs a copy
+        head = head.to(module.model.norm.weight.device)
     ropes = [(getattr(module, f"rope_inv_freq_{j}"), module.rope_scale[j]) for j in range(len(module._ropes))]
-    return Fused(spec, layers, embed, norm, head, ropes, list(module.windows))
+    return Fused(spec, layers, embed, norm, head, ropes, list(module.windows), head_bias)
 
 
 def _ffn_weights(mlp: nn.Module) -> tuple:
@@ -246,7 +250,7 @@ def make_out(spec: Spec) -> Callable:
         if len(ffn) == 7:  # sparse
             B, L, D = h.shape
             return sparse_ffn(h.view(-1, D), ffn[:2], ffn[2:6], spec.moe, spec.top_k, spec.norm_topk, ffn[6],
-                              spec.glu).view(B, L, D)
+                              spec.glu, spec.jitter).view(B, L, D)
         wgu, bgu, wd, bd = ffn
         gate, up = F.linear(h, wgu, bgu).chunk(2, dim=-1)
         return F.linear(act(gate) * up, wd, bd)
@@ -289,11 +293,11 @@ def make_layer(spec: Spec, decode: bool) -> Callable:
 
 
 def make_head(spec: Spec) -> Callable:
-    """head(x (..., D), norm, lm_head) -> logits (..., V) in the model dtype."""
+    """head(x (..., D), norm, lm_head, lm_head bias or None) -> logits (..., V) in the model dtype."""
     eps, gemma, cap = spec.eps, spec.gemma, spec.final_softcap
 
-    def head(x, norm, w):
-        logits = F.linear(rms(x, norm, eps, gemma), w)
+    def head(x, norm, w, b=None):
+        logits = F.linear(rms(x, norm, eps, gemma), w, b)
         return torch.tanh(logits / cap) * cap if cap else logits
 
     return head

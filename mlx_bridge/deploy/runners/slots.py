@@ -226,7 +226,7 @@ class SlotRunner:
             q, _, _ = self._qkv(x, L.w, kc, vc, *rot[L.rope], pos)
             o = fm._decode_attend(q, kc[:, :, :S], vc[:, :, :S], ms[L.window], spec.scale, spec.softcap, L.w[10])
             x = self._out(x, o, L.w)
-        logits = self._head(x[:, -1], f.norm, f.head)  # [B, V]
+        logits = self._head(x[:, -1], f.norm, f.head, f.head_bias)  # [B, V]
         if mode == "greedy":
             nxt = logits.argmax(dim=-1)
         else:
@@ -414,7 +414,7 @@ class SlotRunner:
             o = attend(q, kc[:, :, :S].index_select(0, slot), vc[:, :, :S].index_select(0, slot), ms[L.window],
                        spec.scale, spec.softcap, L.w[10])
             x = self._pout(x, o, L.w)
-        logits = self._phead(x[self._ar[:N], last], f.norm, f.head)  # [N, V]
+        logits = self._phead(x[self._ar[:N], last], f.norm, f.head, f.head_bias)  # [N, V]
         zero = torch.zeros_like(slot)
         first = pick(logits, self.temp[slot], self.top_p[slot], self.top_k[slot], self.seed[slot], zero,
                      self.stream[slot])
