@@ -239,3 +239,26 @@ def test_peft_refuses_what_peft_refuses(zoo, tmp_path, model_type, key, module):
     with pytest.raises(BridgeError, match=rf"refuses to target .*{key.split('.')[-1]} \(({module})\).*--format hf"):
         export(str(ad), str(tmp_path / "o"), format="peft", progress=False)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("model_type", ["phi3", "phimoe"])
+@pytest.mark.parametrize("length", [8, 24])
+def test_longrope_as_mlx_computes(zoo, model_type, length):
+    """mlx-lm's SuScaledRoPE rotates with the long factors at every length and scales by `long_mscale` (or
+    the default from max / original positions); transformers picks the short factors (and phimoe its
+    `short_mscale`) up to `original_max_position_embeddings`. The export states what MLX computed, so
+    transformers matches MLX below and above the threshold (16 positions here)."""
+    half = 8  # head_dim 16 of the tiny configs
+    rng = np.random.default_rng(5)
+    rope = {"rope_type": "longrope", "short_factor": [float(x) for x in 1 + rng.random(half)],
+            "long_factor": [float(x) for x in 2 + 3 * rng.random(half)]}
+    if model_type == "phimoe":
+        rope.update(short_mscale=1.1, long_mscale=1.3)
+    kw = dict(rope_scaling=rope, original_max_position_embeddings=16, max_position_embeddings=64)
+    arch = get_arch({"model_type": model_type})
+    base = zoo.mlx(model_type, **kw)
+    cfg = hf_config(base)
+    assert cfg["hidden_size"] // cfg["num_attention_heads"] == 2 * half
+    ids = probe_ids(cfg["vocab_size"], n=1, length=length, seed=4)
+    ad = zoo.adapter(base, "lora", rank=4, num_layers=2)
+    close(torch_logits(load(exported(ad), arch), ids), zoo.logits(base, ad, ids=ids), f"{model_type} longrope")

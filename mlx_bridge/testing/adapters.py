@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -197,6 +198,12 @@ def make_checkpoint(adapter: str | os.PathLike, out: str | os.PathLike, base: st
     return out
 
 
+def _tag(key: str, value) -> str:
+    """A config override in a cache directory's name; a long value (a rope dict) by its hash."""
+    v = str(value)
+    return f"{key}{v}" if len(v) <= 40 else f"{key}-{hashlib.sha256(v.encode()).hexdigest()[:12]}"
+
+
 def _num_layers(base: Path, cfg: dict) -> int:
     """The block count under whatever name the type's config uses (gpt2's `n_layer`, nemotron_h's
     `layers_block_type`), as transformers' config class resolves it."""
@@ -247,7 +254,7 @@ class Zoo:
 
     def hf(self, arch: str, dtype: str = "float32", mxfp4: bool = False, **overrides) -> Path:
         """Random transformers model dir of `arch` (see `tiny_hf_model`)."""
-        tag = "-".join([arch, dtype] + ["mxfp4"] * mxfp4 + [f"{k}{v}" for k, v in sorted(overrides.items())])
+        tag = "-".join([arch, dtype] + ["mxfp4"] * mxfp4 + [_tag(k, v) for k, v in sorted(overrides.items())])
         d = self.root / f"hf-{tag}"
         if not (d / "config.json").exists():
             tiny_hf_model(d, arch, dtype=dtype, mxfp4=mxfp4, **overrides)
@@ -269,7 +276,7 @@ class Zoo:
             raise ValueError("give a name for a model converted with a quant_predicate")
         q = quant or {}
         qtag = "-".join(f"{k}{v}" for k, v in sorted(q.items()))
-        otag = "-".join(f"{k}{v}" for k, v in sorted(overrides.items()))
+        otag = "-".join(_tag(k, v) for k, v in sorted(overrides.items()))
         d = self.root / "-".join(x for x in ("mlx", arch, dtype, qtag, otag, name) if x)
         if not (d / "config.json").exists():
             mlx_convert(self.hub(arch, **overrides), d, quantize=bool(q), bits=q.get("bits", 4),

@@ -10,6 +10,7 @@ both the v4 way (top-level `rope_theta`/`rope_scaling`) and the v5 way (`rope_pa
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -86,11 +87,35 @@ def _rope_forces(c: dict, arch: Arch, notes: list[str]) -> None:
         rp = c.get(key)
         if not isinstance(rp, dict):
             continue
+        if (rp.get("rope_type") or rp.get("type")) in ("longrope", "su") and "long_factor" in rp:
+            rp = c[key] = _longrope_as_mlx(c, rp, notes if key == "rope_parameters" else [])
         for k, v in ROPE_FORCES.get(rp.get("rope_type") or rp.get("type"), {}).items():
             if rp.get(k, v) != v and key == "rope_parameters":
                 notes.append(f"rope: mlx-lm computes {rp.get('rope_type')} rope with {k}={v!r} whatever config.json "
                              f"says ({rp[k]!r}); the export states {v!r}")
             c[key] = {**rp, k: v}
+
+
+def _longrope_as_mlx(c: dict, rp: dict, notes: list[str]) -> dict:
+    """mlx-lm's SuScaledRoPE rotates with the long factors at every length and scales by `long_mscale`
+    (or sqrt(1 + ln(f) / ln(original)), f = max / original positions); transformers takes the short factors
+    (phimoe: and `short_mscale`) up to `original_max_position_embeddings`. State MLX's choice for both.
+
+    Example:
+        >>> _longrope_as_mlx({}, {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [4.0],
+        ...                       "short_mscale": 1.1, "long_mscale": 1.3}, [])["short_factor"]
+        [4.0]
+    """
+    out = {**rp, "short_factor": rp["long_factor"]}
+    if "short_mscale" in rp or "long_mscale" in rp:
+        orig = rp.get("original_max_position_embeddings") or c.get("original_max_position_embeddings")
+        f = (c.get("max_position_embeddings") or orig) / orig
+        scale = rp.get("long_mscale") or (1.0 if f <= 1.0 else math.sqrt(1 + math.log(f) / math.log(orig)))
+        out.update(short_mscale=scale, long_mscale=scale)
+    if out != rp:
+        notes.append("rope: mlx-lm's longrope uses the long factors (and one scale) at every length; the export "
+                     "states them as the short ones too")
+    return out
 
 
 def all_full_attention(cfg: dict, c: dict, arch: Arch, notes: list[str]) -> None:
