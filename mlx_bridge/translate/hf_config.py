@@ -102,9 +102,11 @@ def _longrope_as_mlx(c: dict, rp: dict, notes: list[str]) -> dict:
     (phimoe: and `short_mscale`) up to `original_max_position_embeddings`. State MLX's choice for both.
 
     Example:
-        >>> _longrope_as_mlx({}, {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [4.0],
-        ...                       "short_mscale": 1.1, "long_mscale": 1.3}, [])["short_factor"]
-        [4.0]
+        >>> c = {"max_position_embeddings": 64, "original_max_position_embeddings": 16}
+        >>> rp = _longrope_as_mlx(c, {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [4.0],
+        ...                           "short_mscale": 1.1, "long_mscale": 1.3}, [])
+        >>> rp["short_factor"], rp["short_mscale"], rp["long_mscale"]
+        ([4.0], 1.3, 1.3)
     """
     out = {**rp, "short_factor": rp["long_factor"]}
     if "short_mscale" in rp or "long_mscale" in rp:
