@@ -99,8 +99,10 @@ TINY: dict[str, dict] = {
     "afmoe": {"layer_types": ["sliding_attention", "full_attention"]},
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1},
     "mamba2": {"num_heads": 8, "head_dim": 16, "expand": 2, "n_groups": 1},
+    # 16 patches a side: mlx-vlm's projector pools them to the default 256 image tokens (kernel 1)
     "gemma3": {"text_config": {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 16,
-                               "query_pre_attn_scalar": 16}},  # mlx-lm's gpt_neox MLP is 4 * hidden_size whatever the config says
+                               "query_pre_attn_scalar": 16},
+               "vision_config": {"image_size": 128, "vision_use_head": False}},  # mlx-lm's gpt_neox MLP is 4 * hidden_size whatever the config says
     "qwen2_5_vl": {"tie_word_embeddings": True, "text_config": {"rope_parameters": _MROPE}},
     "qwen3_vl": {"text_config": {"tie_word_embeddings": False, "rope_parameters": _MROPE}},
     # recurrent, recurrent, attention: mlx-lm's recurrent_gemma needs the whole block pattern; one kv head (MQA)
