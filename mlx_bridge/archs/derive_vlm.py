@@ -64,6 +64,7 @@ def _hub_layout(hf: Path, model_type: str) -> None:
 
     from ..formats.safetensors import save_file
 
+    _v4_vision_type(hf, model_type)
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(hf))
     _image_processor(hf, model_type, model.config)
@@ -83,6 +84,24 @@ def _hub_layout(hf: Path, model_type: str) -> None:
         pre = next((p for p in add if k.startswith(p)), None)
         renamed[k if pre is None else pre + add[pre] + k[len(pre):]] = v
     save_file(renamed, hf / "model.safetensors")
+
+
+def _v4_vision_type(hf: Path, model_type: str) -> None:
+    """transformers 5 names qwen2_vl's vision config `qwen2_vl_vision`; hub configs (and mlx-vlm) say `qwen2_vl`,
+    which transformers still reads as its legacy spelling. Write the legacy one where transformers reads it back
+    to the same config."""
+    import json
+
+    from transformers import AutoConfig
+
+    path = hf / "config.json"
+    cfg = json.loads(path.read_text())
+    vc = cfg.get("vision_config")
+    if not isinstance(vc, dict) or vc.get("model_type") != f"{model_type}_vision":
+        return
+    path.write_text(json.dumps({**cfg, "vision_config": {**vc, "model_type": model_type}}, indent=2))
+    if AutoConfig.from_pretrained(hf).vision_config.model_type != f"{model_type}_vision":
+        path.write_text(json.dumps(cfg, indent=2))  # not a spelling transformers reads back: leave it
 
 
 def _image_processor(hf: Path, model_type: str, config) -> None:
