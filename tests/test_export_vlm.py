@@ -35,7 +35,7 @@ def vlm_base(zoo, model_type: str) -> Path:
     return d
 
 
-@pytest.mark.parametrize("model_type", ["gemma3", "mistral3", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("model_type", ["gemma3", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_5"])
 def test_mlx_vlm_base_lora(zoo, model_type):
     arch = get_arch({"model_type": model_type})
     base = vlm_base(zoo, model_type)

@@ -94,7 +94,10 @@ TINY: dict[str, dict] = {
     "cohere2": {"tie_word_embeddings": True, "sliding_window": 16, "sliding_window_pattern": 2},
     "gpt_neox": {"intermediate_size": 256},
     "qwen3_next": {"layer_types": ["linear_attention", "full_attention"]},
-    "qwen3_5": {"text_config": {"layer_types": ["linear_attention", "full_attention"]}},
+    # hub Qwen3.5 configs carry an mrope section (mlx-vlm requires one): 2 rotary pairs of head_dim 16 x 0.25
+    "qwen3_5": {"text_config": {"layer_types": ["linear_attention", "full_attention"], "rope_parameters": {
+        "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25, "mrope_section": [1, 1, 0],
+        "mrope_interleaved": True}}},
     "qwen3_5_moe": {"text_config": {"layer_types": ["linear_attention", "full_attention"], "num_experts": 4}},
     "afmoe": {"layer_types": ["sliding_attention", "full_attention"]},
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1},
