@@ -1,6 +1,6 @@
 """Regenerate mlx_bridge/archs/mlx_vlm.json from the installed mlx-vlm and transformers.
 
-    python scripts/derive_vlm.py            # every multimodal wrapper in archs.derive_vlm.TYPES
+    python scripts/derive_vlm.py            # every multimodal wrapper the registry exports
     python scripts/derive_vlm.py --check    # exit 1 when the checked-in data differs
 
 Each type's rules come from mlx-vlm's own loading of a tiny transformers checkpoint (see
@@ -21,14 +21,14 @@ sys.path.insert(0, str(ROOT))
 
 from mlx_bridge.archs.registry import VLM_RULES  # noqa: E402
 from mlx_bridge.archs.derive import Refused  # noqa: E402
-from mlx_bridge.archs.derive_vlm import TYPES, derive_vlm  # noqa: E402
+from mlx_bridge.archs.derive_vlm import derive_vlm, types as vlm_types  # noqa: E402
 
 PATH = VLM_RULES
 
 
 def build() -> str:
     types = {}
-    for t in TYPES:
+    for t in vlm_types():
         try:
             types[t] = {"rules": derive_vlm(t)}
         except Refused as e:

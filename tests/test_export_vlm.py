@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from mlx_bridge.archs import get_arch, template
+from mlx_bridge.archs.derive_vlm import types
 from mlx_bridge.archs.registry import vlm_rules
 from mlx_bridge.errors import BridgeError
 from mlx_bridge.testing.adapters import probe_ids
@@ -23,6 +24,7 @@ from test_export_registry import close, load, torch_logits
 
 pytest.importorskip("mlx_vlm")
 ROOT = Path(__file__).resolve().parent.parent
+DERIVED = [t for t in types() if "rules" in vlm_rules(t)]  # the list comes from the derived data
 
 
 def vlm_base(zoo, model_type: str) -> Path:
@@ -35,7 +37,7 @@ def vlm_base(zoo, model_type: str) -> Path:
     return d
 
 
-@pytest.mark.parametrize("model_type", ["gemma3", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_5"])
+@pytest.mark.parametrize("model_type", DERIVED)
 def test_mlx_vlm_base_lora(zoo, model_type):
     arch = get_arch({"model_type": model_type})
     base = vlm_base(zoo, model_type)

@@ -25,8 +25,11 @@ import numpy as np
 from .derive import Refused
 from .registry import describe, template
 
-# the multimodal wrappers the registry exports whose vision towers mlx-vlm keeps (tried by the script)
-TYPES = ("gemma3", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "llama4")
+def types() -> list[str]:
+    """The multimodal wrappers the registry exports whose tensors mlx-lm drops (their vision towers)."""
+    from .registry import supported
+
+    return [t for t in supported() if describe(t).dropped and describe(t).hf_auto != "causal_lm"]
 
 
 def _tensors(d: Path) -> dict[str, np.ndarray]:
@@ -64,7 +67,7 @@ def _hub_layout(hf: Path, model_type: str) -> None:
 
     from ..formats.safetensors import save_file
 
-    _v4_vision_type(hf, model_type)
+    _v4_config(hf, model_type)
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(hf))
     _image_processor(hf, model_type, model.config)
@@ -86,22 +89,28 @@ def _hub_layout(hf: Path, model_type: str) -> None:
     save_file(renamed, hf / "model.safetensors")
 
 
-def _v4_vision_type(hf: Path, model_type: str) -> None:
-    """transformers 5 names qwen2_vl's vision config `qwen2_vl_vision`; hub configs (and mlx-vlm) say `qwen2_vl`,
-    which transformers still reads as its legacy spelling. Write the legacy one where transformers reads it back
-    to the same config."""
+def _v4_config(hf: Path, model_type: str) -> None:
+    """Write config.json in the spellings hub configs (transformers 4) use and mlx-vlm reads: a vision config
+    named after its wrapper (`qwen2_vl`, not transformers 5's `qwen2_vl_vision`) and `rope_theta` beside each
+    `rope_parameters`. Kept only where transformers 5 reads the file back to the same config."""
     import json
 
     from transformers import AutoConfig
 
     path = hf / "config.json"
-    cfg = json.loads(path.read_text())
+    text = path.read_text()
+    cfg = json.loads(text)
+    want = AutoConfig.from_pretrained(hf).to_dict()
     vc = cfg.get("vision_config")
-    if not isinstance(vc, dict) or vc.get("model_type") != f"{model_type}_vision":
-        return
-    path.write_text(json.dumps({**cfg, "vision_config": {**vc, "model_type": model_type}}, indent=2))
-    if AutoConfig.from_pretrained(hf).vision_config.model_type != f"{model_type}_vision":
-        path.write_text(json.dumps(cfg, indent=2))  # not a spelling transformers reads back: leave it
+    if isinstance(vc, dict) and vc.get("model_type") == f"{model_type}_vision":
+        vc["model_type"] = model_type
+    for sub in (cfg, cfg.get("text_config"), vc):
+        rp = sub.get("rope_parameters") if isinstance(sub, dict) else None
+        if isinstance(rp, dict) and "rope_theta" in rp:
+            sub.setdefault("rope_theta", rp["rope_theta"])
+    path.write_text(json.dumps(cfg, indent=2))
+    if AutoConfig.from_pretrained(hf).to_dict() != want:
+        path.write_text(text)  # not spellings transformers reads back: leave the file as it was
 
 
 def _image_processor(hf: Path, model_type: str, config) -> None:
