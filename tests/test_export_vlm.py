@@ -82,3 +82,28 @@ def test_mlx_vlm_rules_match_mlx_vlm():
     r = subprocess.run([sys.executable, "scripts/derive_vlm.py", "--check"], cwd=ROOT, capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_underived_mlx_vlm_layout_is_one_line(zoo, tmp_path):
+    """A base with tensors in names nobody derived, for a type whose mlx-vlm layout is refused (llama4: mlx-vlm
+    cannot build its tiny vision tower): one line naming the first key, the count and mlx-vlm's reason."""
+    from mlx_bridge import export
+    from mlx_bridge.formats.safetensors import save_file
+    from test_export_common import as_array
+
+    assert "refused" in vlm_rules("llama4")
+    base = zoo.mlx("llama4")
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    for f in base.glob("*.json"):
+        (odd / f.name).write_bytes(f.read_bytes())
+    t = {k: as_array(v) for k, v in read_tensors(base).items()}
+    t.update({f"vision_model.layers.{i}.w.weight": np.ones((2, 2), np.float32) for i in range(3)})
+    save_file(t, odd / "model.safetensors")
+    (odd / "model.safetensors.index.json").unlink(missing_ok=True)
+    with pytest.raises(BridgeError) as e:
+        export(str(odd), str(tmp_path / "o"), progress=False, hf_base=str(zoo.hf("llama4")))
+    msg = str(e.value)
+    assert "'vision_model.layers.0.w.weight' for model_type 'llama4' and 2 more: a base mlx-vlm converted?" in msg
+    assert "vision_feature_layer" in msg and msg.count("unknown key") == 1
+    assert not (tmp_path / "o").exists()
