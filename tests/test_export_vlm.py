@@ -55,6 +55,8 @@ def test_mlx_vlm_base_lora(zoo, model_type):
     assert vision and all(dst[k][:2] == src[k][:2] and dst[k][2] == src[k][2] for k in vision), \
         [k for k in vision if dst[k] != src[k]]
     assert set(dst) >= set(src) - {"lm_head.weight"}
+    for f in ("preprocessor_config.json", "processor_config.json"):  # the processor travels with the export
+        assert not (base / f).exists() or (out / f).read_bytes() == (base / f).read_bytes(), f
 
 
 def test_mlx_vlm_base_missing_tower_is_named(zoo, tmp_path):
