@@ -27,13 +27,13 @@ ROOT = Path(__file__).resolve().parent.parent
 DERIVED = [t for t in types() if "rules" in vlm_rules(t)]  # the list comes from the derived data
 
 
-def vlm_base(zoo, model_type: str) -> Path:
+def vlm_base(zoo, model_type: str, dtype: str = "float32") -> Path:
     """`zoo.hf(model_type)` converted by mlx-vlm's own loading and saving (built once a session)."""
     from mlx_bridge.archs.derive_vlm import mlx_vlm_convert
 
-    d = zoo.root / f"mlxvlm-{model_type}"
+    d = zoo.root / f"mlxvlm-{model_type}-{dtype}"
     if not (d / "config.json").exists():
-        mlx_vlm_convert(zoo.hf(model_type), d, model_type)
+        mlx_vlm_convert(zoo.hf(model_type, dtype=dtype), d, model_type)
     return d
 
 
@@ -57,6 +57,18 @@ def test_mlx_vlm_base_lora(zoo, model_type):
     assert set(dst) >= set(src) - {"lm_head.weight"}
     for f in ("preprocessor_config.json", "processor_config.json"):  # the processor travels with the export
         assert not (base / f).exists() or (out / f).read_bytes() == (base / f).read_bytes(), f
+
+
+@pytest.mark.parametrize("model_type", ["gemma3", "qwen2_vl"])
+def test_mlx_vlm_bf16_base_vision_bytes(zoo, model_type):
+    """bf16 (as hub checkpoints are): mlx-vlm keeps the dtype; each vision tensor, its conv transposed back,
+    is the HF original's bytes; the export passes its own check."""
+    arch = get_arch({"model_type": model_type})
+    out = exported(vlm_base(zoo, model_type, "bfloat16"))
+    src, dst = read_tensors(zoo.hf(model_type, dtype="bfloat16")), read_tensors(out)
+    vision = [k for k in src if template(k)[0] in arch.dropped]
+    assert vision and {src[k][0] for k in vision} == {"BF16"}
+    assert [k for k in vision if dst[k] != src[k]] == []
 
 
 def test_mlx_vlm_base_missing_tower_is_named(zoo, tmp_path):
