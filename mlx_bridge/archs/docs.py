@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 
 from .engines import TRTLLM_ARCHITECTURES, VLLM_ARCHITECTURES
-from .registry import DERIVED_DIR, get_arch, refused, supported
+from .registry import DERIVED_DIR, VLM_RULES, get_arch, refused, supported
 
 
 def _native() -> set[str]:
@@ -87,6 +87,7 @@ def render() -> str:
               "Each is refused by name by `mlx-bridge export` (one line, exit 2, nothing written).", "",
               "| model_type | reason |", "|---|---|"]
     lines += [f"| {t} | {r.replace('|', '/')} |" for t, r in ref.items()]
+    lines += _mlx_vlm_section()
     no_gguf = [t for t in types if t not in gguf_types]
     lines += ["", f"## No GGUF export ({len(no_gguf)} of the exportable types)", "",
               "`--format gguf` refuses these by name (one line, exit 2, nothing written); llama.cpp's converter "
@@ -94,3 +95,18 @@ def render() -> str:
               "| model_type | reason |", "|---|---|"]
     lines += [f"| {t} | {gguf_refusal(t).replace('|', '/')} |" for t in no_gguf]
     return "\n".join(lines) + "\n"
+
+
+def _mlx_vlm_section() -> list[str]:
+    """Which multimodal bases converted by mlx-vlm export without `--hf-base` (from archs/mlx_vlm.json)."""
+    data = json.loads(VLM_RULES.read_text())
+    ok = [t for t, d in data["types"].items() if "rules" in d]
+    out = ["", f"## Bases converted by mlx-vlm ({len(ok)} of {len(data['types'])} multimodal types)", "",
+           f"A base written by `mlx_vlm.convert` keeps its vision tower and projector under mlx-vlm's names and "
+           f"layouts. For these types the export maps them back to transformers' names (and undoes mlx-vlm's conv "
+           f"transposes) with rules derived from mlx-vlm {data['mlx_vlm']} itself (`scripts/derive_vlm.py`), so no "
+           f"`--hf-base` is needed and the export stays multimodal: {', '.join(ok)}. Tested in "
+           f"`tests/test_export_vlm.py` (mlx-vlm base, LoRA, transformers' logits within 1e-3 of MLX's, vision "
+           f"tensors byte-equal to the HF original). The others: convert with `mlx_lm.convert` and pass `--hf-base`.",
+           "", "| model_type | why mlx-vlm's layout is not derived |", "|---|---|"]
+    return out + [f"| {t} | {d['refused'].replace('|', '/')} |" for t, d in data["types"].items() if "refused" in d]

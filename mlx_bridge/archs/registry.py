@@ -22,6 +22,7 @@ from .quirks import QUIRKS, Quirks
 
 DERIVED_DIR = Path(__file__).parent / "derived"
 DOCS = "docs/architectures.md"
+VLM_RULES = Path(__file__).parent / "mlx_vlm.json"  # written by scripts/derive_vlm.py from mlx-vlm itself
 # model_type -> the type whose entry it uses (mlx-lm MODEL_REMAPPING keeps these in one module too)
 ALIASES: dict[str, str] = {}
 
@@ -108,6 +109,19 @@ def _load() -> tuple[dict[str, Arch], dict[str, dict]]:
         else:
             archs[data["model_type"]] = _build(data)
     return archs, refused
+
+
+@lru_cache(maxsize=None)
+def vlm_rules(model_type: str) -> dict:
+    """How mlx-vlm names and lays out the tensors mlx-lm drops, for a base `mlx_vlm.convert` wrote:
+    {"rules": {mlx-vlm template: {"hf": HF template, "perm": transpose}}}, or {"refused": reason}.
+
+    Example:
+        >>> vlm_rules("mistral3")["rules"]["vision_tower.vision_model.patch_conv.weight"]
+        {'hf': 'vision_tower.patch_conv.weight', 'perm': [0, 3, 1, 2]}
+    """
+    types = json.loads(VLM_RULES.read_text())["types"]
+    return types.get(model_type) or {"refused": f"mlx-vlm's layout of {model_type} was not derived"}
 
 
 def supported() -> list[str]:

@@ -33,6 +33,9 @@ VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_att
               num_position_embeddings=16, deepstack_visual_indexes=[0], vision_output_dim=64,
               projector_input_dim=64, projector_output_dim=64)
 
+# hub Qwen3.5 configs carry an mrope section (mlx-vlm requires one): 2 rotary pairs of head_dim 16 x 0.25
+_QWEN3_5_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25, "mrope_section": [1, 1, 0],
+                 "mrope_interleaved": True}
 _MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}  # sums to head_dim / 2
 
 # per-type overrides (after GENERIC); these are the configs the parity tests run. The LEGACY types'
@@ -94,13 +97,16 @@ TINY: dict[str, dict] = {
     "cohere2": {"tie_word_embeddings": True, "sliding_window": 16, "sliding_window_pattern": 2},
     "gpt_neox": {"intermediate_size": 256},
     "qwen3_next": {"layer_types": ["linear_attention", "full_attention"]},
-    "qwen3_5": {"text_config": {"layer_types": ["linear_attention", "full_attention"]}},
-    "qwen3_5_moe": {"text_config": {"layer_types": ["linear_attention", "full_attention"], "num_experts": 4}},
+    "qwen3_5": {"text_config": {"layer_types": ["linear_attention", "full_attention"], "rope_parameters": _QWEN3_5_ROPE}},
+    "qwen3_5_moe": {"text_config": {"layer_types": ["linear_attention", "full_attention"], "num_experts": 4,
+                                    "rope_parameters": _QWEN3_5_ROPE}},
     "afmoe": {"layer_types": ["sliding_attention", "full_attention"]},
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1},
     "mamba2": {"num_heads": 8, "head_dim": 16, "expand": 2, "n_groups": 1},
+    # 16 patches a side: mlx-vlm's projector pools them to the default 256 image tokens (kernel 1)
     "gemma3": {"text_config": {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 16,
-                               "query_pre_attn_scalar": 16}},  # mlx-lm's gpt_neox MLP is 4 * hidden_size whatever the config says
+                               "query_pre_attn_scalar": 16},
+               "vision_config": {"image_size": 128, "vision_use_head": False}},  # mlx-lm's gpt_neox MLP is 4 * hidden_size whatever the config says
     "qwen2_5_vl": {"tie_word_embeddings": True, "text_config": {"rope_parameters": _MROPE}},
     "qwen3_vl": {"text_config": {"tie_word_embeddings": False, "rope_parameters": _MROPE}},
     # recurrent, recurrent, attention: mlx-lm's recurrent_gemma needs the whole block pattern; one kv head (MQA)

@@ -18,7 +18,8 @@ def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", *OUTPUT_DTYPES], help="auto keeps the base's dtypes")
     p.add_argument("--base", default=None, help="base model dir (overrides the adapter config / manifest)")
     p.add_argument("--hf-base", default=None, help="the Hugging Face checkpoint the MLX base was converted from: "
-                   "tensors mlx-lm drops (vision towers) are copied from it")
+                   "tensors mlx-lm drops (vision towers) are copied from it (not needed for a base mlx_vlm.convert "
+                   "wrote: its own vision tower is used)")
     p.add_argument("--shard-size", default="5GB", help="largest shard (default 5GB)")
     p.add_argument("--dry-run", action="store_true", help="print every output tensor and what it is made of; write nothing")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")

@@ -6,7 +6,8 @@ The plan is built and validated completely before anything is written; `--dry-ru
 Key pass: each MLX tensor is found in the registry's derived rules (`Arch.by_mlx`), which name the HF
 tensors it is part of; each HF tensor becomes an `Item` of `Part`s (parts.py) that undo mlx-lm's
 sanitize: unstack an expert, chunk, transpose, unshift, concatenate / interleave, merge axes. Tensors
-mlx-lm drops are copied from `--hf-base`.
+mlx-lm drops are copied from `--hf-base`, or, in a base mlx-vlm converted, from the base itself under the
+names and layouts derived from mlx-vlm (archs/mlx_vlm.json).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 
 from ..errors import raise_all
 from ..archs import Arch, get_arch, template as key_template
+from ..archs.registry import vlm_rules
 from ..formats import BY_NAME, DTYPES
 from ..formats.dtypes import count_nonfinite
 from .parts import Item, Lora, Part, Quant, Ref
@@ -111,6 +113,9 @@ def build_plan(source: Source, dtype: str = "auto") -> Plan:
     outputs: dict[str, tuple[str, dict[int, Part]]] = {}  # HF name -> (HF template, part number -> Part)
     readers: dict[str, list[Part]] = {}  # MLX weight key -> the parts that read it
     dense_shape: dict[str, tuple[int, ...]] = {}  # MLX key -> its (dequantized) shape
+    vlm = (vlm_rules(arch.model_type).get("rules") or {}) if arch.dropped else {}
+    vlm_keys: list[str] = []  # the base's tensors in mlx-vlm's names (a base mlx_vlm.convert wrote)
+    unknown: list[str] = []
     for key in sorted(refs, key=_natural):
         module, _, leaf = key.rpartition(".")
         if module in quantized and leaf in ("scales", "biases"):
@@ -155,8 +160,11 @@ def build_plan(source: Source, dtype: str = "auto") -> Plan:
             if DTYPES[src_dt].floating and model_float is None:
                 model_float = src_dt
         uses = arch.by_mlx.get(template)
+        if not uses and template in vlm:  # a tensor mlx-lm drops, kept by mlx-vlm under its own name
+            vlm_keys.append(key)
+            continue
         if not uses:
-            problems.append(f"{ref.file.path.name}: unknown key {key!r} for model_type {arch.model_type!r}")
+            unknown.append(f"{ref.file.path.name}: unknown key {key!r} for model_type {arch.model_type!r}")
             continue
         for hf_t, i in uses:
             rule = arch.rules[hf_t]["parts"][i]
@@ -177,6 +185,12 @@ def build_plan(source: Source, dtype: str = "auto") -> Plan:
                             reshape=tuple(rule["reshape"]) if "reshape" in rule else None)
                 outputs.setdefault(name, (hf_t, {}))[1][i] = part
                 readers.setdefault(key, []).append(part)
+    why = vlm_rules(arch.model_type).get("refused") if unknown and arch.dropped else None
+    if why:  # most likely a vision tower under mlx-vlm's names: one line, not one per tensor
+        problems.append(f"{unknown[0]} and {len(unknown) - 1} more: a base mlx-vlm converted? Its layout of "
+                        f"{arch.model_type} is not derived ({why}); convert with mlx_lm.convert and pass --hf-base")
+    else:
+        problems += unknown
     items: list[Item] = []
     for name in sorted(outputs, key=_natural):
         hf_t, parts = outputs[name]
@@ -198,7 +212,8 @@ def build_plan(source: Source, dtype: str = "auto") -> Plan:
         if out_np is not None and DTYPES[dt].floating:
             dt = out_np.st
         items.append(Item(name, dt, tuple(shape), ps, rule.get("join"), rule.get("axis", 0), rule.get("merge")))
-    items += _dropped(source, arch, out_np, problems)
+    items += (_from_vlm(source, arch, vlm, vlm_keys, out_np, problems) if vlm_keys
+              else _dropped(source, arch, out_np, problems))
     problems += [f"{where}: {p}" for p in check_against_weights(cfg, {m + ".weight": s for m, s in logical.items()})]
     # attach adapters to every part that reads the adapted MLX weight
     for module, parts in sorted(lora_keys.items(), key=lambda kv: _natural(kv[0])):
@@ -242,6 +257,25 @@ def _dropped(source: Source, arch: Arch, out_np, problems: list[str]) -> list[It
             items.append(Item(key, dt, tuple(info.shape), [Part(Ref(hf.where[key], key), info.dtype, zero=zero)]))
     if not items:
         problems.append(f"{hf.path}: none of the tensors mlx-lm drops ({arch.dropped[0]} ...) is there")
+    return items
+
+
+def _from_vlm(source: Source, arch: Arch, vlm: dict, keys: list[str], out_np, problems: list[str]) -> list[Item]:
+    """The tensors mlx-lm drops, from a base mlx-vlm converted: renamed and transposed back as the derived
+    mlx-vlm rules say (archs/mlx_vlm.json), bytes otherwise untouched."""
+    items, base = [], source.base
+    for key in keys:
+        t, layers = key_template(key)
+        rule = vlm[t]
+        info = base.where[key].info(key)
+        dt = out_np.st if out_np is not None and DTYPES[info.dtype].floating else info.dtype
+        part = Part(Ref(base.where[key], key), info.dtype, perm=tuple(rule["perm"]) if "perm" in rule else None,
+                    zero=rule["hf"] in arch.quirks.unused)
+        items.append(Item(_fill(rule["hf"], layers), dt, part.shape(tuple(info.shape)), [part]))
+    missing = sorted(set(arch.dropped) - {vlm[key_template(k)[0]]["hf"] for k in keys})
+    if missing:
+        problems.append(f"{base.path}: an mlx-vlm conversion of {arch.model_type} without {missing[0]} "
+                        f"({len(missing)} tensor kinds missing)")
     return items
 
 

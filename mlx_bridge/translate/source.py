@@ -26,7 +26,9 @@ ADAPTER_WEIGHTS = "adapters.safetensors"
 HUB_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt",
-                   "vocab.txt", "tiktoken.model", "tokenizer.tiktoken")
+                   "vocab.txt", "tiktoken.model", "tokenizer.tiktoken",
+                   # a multimodal checkpoint's processor (mlx-vlm conversions keep them): the export stays usable
+                   "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 
 
 def _int(v) -> bool:
