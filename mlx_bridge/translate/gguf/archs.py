@@ -49,6 +49,7 @@ class GgufArch:
     ssm: bool = False  # a Mamba state space model: MambaModel's hparams, no attention
     eps_also: str = ""  # a config key whose epsilon llama.cpp takes from the norms' (FalconMamba's mixer_rms_eps)
     no_gqa: bool = False  # llama.cpp sizes k/v (or k_norm) by the query heads: num_key_value_heads must equal them
+    mla: bool = False  # DeepSeek's multi-head latent attention: DeepseekV2Model's hparams, kv_b_proj -> k_b, v_b
 
 
 _CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # GPT-2's Conv1D stores (in, out)
@@ -61,6 +62,10 @@ _SIGMOID = {"add_expert_gating_func": gguf.ExpertGatingFuncType.SIGMOID}  # tran
 _GRANITE = {"add_attention_scale": "attention_multiplier", "add_embedding_scale": "embedding_multiplier",
             "add_residual_scale": "residual_multiplier", "add_logit_scale": "logits_scaling"}
 _MAMBA = {"A_log": "neg_exp", "conv1d.weight": "squeeze"}  # MambaModel.modify_tensors: A = -exp(A_log); (d, 1, k) -> (d, k)
+# DeepseekV2Model.set_gguf_parameters (+ TextModel's expert groups); the MLA lengths are written by hparams.add_mla
+_MLA = {**_ROUTED, "add_q_lora_rank": "q_lora_rank", "add_kv_lora_rank": "kv_lora_rank",
+        "add_expert_group_count": "n_group", "add_expert_group_used_count": "topk_group"}
+_MLA_NO_GROUPS = {k: v for k, v in _MLA.items() if "group" not in k}
 _GEMMA2 = {"add_attn_logit_softcapping": "attn_logit_softcapping",
            "add_final_logit_softcapping": "final_logit_softcapping"}
 
@@ -116,6 +121,12 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     "glm4_moe": GgufArch(gguf.MODEL_ARCH.GLM4_MOE, partial_rope=True, extra=_ROUTED,
                          consts=_SIGMOID),
     "dots1": GgufArch(gguf.MODEL_ARCH.DOTS1, extra=_ROUTED, no_gqa=True, consts=_SIGMOID),
+    # transformers' DeepseekV2 routes by softmax, V3 and GLM-4.7-Flash by sigmoid + e_score_correction_bias (exp_probs_b)
+    # (DeepSeek-V2's group_limited_greedy picks groups by their max, llama.cpp by their top-2 sum: groups not written)
+    "deepseek_v2": GgufArch(gguf.MODEL_ARCH.DEEPSEEK2, mla=True, extra=_MLA_NO_GROUPS, rope_types=("yarn",),
+                            consts={"add_expert_gating_func": gguf.ExpertGatingFuncType.SOFTMAX}),
+    "deepseek_v3": GgufArch(gguf.MODEL_ARCH.DEEPSEEK2, mla=True, extra=_MLA, rope_types=("yarn",), consts=_SIGMOID),
+    "glm4_moe_lite": GgufArch(gguf.MODEL_ARCH.DEEPSEEK2, mla=True, extra=_MLA, rope_types=("yarn",), consts=_SIGMOID),
     "stablelm": GgufArch(gguf.MODEL_ARCH.STABLELM, partial_rope=True, extra=_PARALLEL, requires={"qk_layernorm": False}),
 }
 

@@ -57,6 +57,10 @@ def gguf_config(cfg: dict) -> dict:
     for key in _RESOLVED:  # values the config class fills in when config.json leaves them out
         if out.get(key) is None and getattr(conf, key, None) is not None:
             out[key] = getattr(conf, key)
+    mlp_types = getattr(conf, "mlp_layer_types", None)  # Glm4MoeLiteConfig: ["dense", "sparse", ...]
+    if out.get("first_k_dense_replace") is None and mlp_types:
+        out["first_k_dense_replace"] = next((i for i, t in enumerate(mlp_types) if t != "dense"), len(mlp_types))
+        out["mlp_layer_types"] = list(mlp_types)
     rp = getattr(conf, "rope_parameters", None) or {}
     frac = rp.get("partial_rotary_factor") or getattr(conf, "partial_rotary_factor", None) or getattr(conf, "rotary_pct", None)
     if frac is not None:
@@ -67,6 +71,8 @@ def gguf_config(cfg: dict) -> dict:
 def kv_heads(cfg: dict, ga: GgufArch) -> int:
     """Key/value heads as llama.cpp must count them for this arch."""
     n_head = cfg["num_attention_heads"]
+    if ga.mla:  # DeepseekV2Model: MLA runs as MQA over the latent
+        return 1
     if ga.kv_heads == "mha":
         return n_head
     if ga.kv_heads == "multi_query":
@@ -93,6 +99,14 @@ def check_arch(model_type: str, cfg: dict, where: str) -> GgufArch:
         problems.append(f"{where}: sliding_window={cfg['sliding_window']} with {n_layer} layers, but llama.cpp's "
                         f"{ga.arch.name.lower()} windows attention (and skips rope on global layers) only with "
                         f"{' or '.join(map(str, ga.swa_layer_counts))} layers")
+    if ga.mla and "add_expert_group_count" not in ga.extra and (cfg.get("n_group") or 1) > 1 \
+            and cfg.get("topk_method") == "group_limited_greedy":
+        problems.append(f"{where}: topk_method='group_limited_greedy' with n_group={cfg['n_group']}, but llama.cpp's "
+                        f"{ga.arch.name.lower()} picks expert groups by their top-2 score sum, {model_type} by their max")
+    k, mlp_types = cfg.get("first_k_dense_replace") or 0, cfg.get("mlp_layer_types")
+    if ga.mla and mlp_types and list(mlp_types) != ["dense"] * k + ["sparse"] * (len(mlp_types) - k):
+        problems.append(f"{where}: mlp_layer_types={mlp_types}, but llama.cpp's {ga.arch.name.lower()} runs "
+                        f"dense layers only before the first sparse one")
     if ga.eps_also and cfg.get(ga.eps_also) != mamba_eps(cfg):
         problems.append(f"{where}: {ga.eps_also}={cfg.get(ga.eps_also)} differs from the norms' epsilon "
                         f"{mamba_eps(cfg)}, but llama.cpp's {ga.arch.name.lower()} uses one epsilon for both")
@@ -149,7 +163,9 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
         w.add_expert_count(n_exp)
         w.add_expert_used_count(cfg["num_experts_per_tok"])
     head_dim = cfg.get("head_dim")
-    if head_dim is not None:
+    if ga.mla:
+        add_mla(w, cfg, n_vocab)
+    elif head_dim is not None:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     if ga.llama_extras:
@@ -163,7 +179,7 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
         w.add_rope_scaling_orig_ctx_len(cfg.get("original_max_position_embeddings") or ctx)
         w.add_sliding_window(cfg.get("sliding_window") or 0)
     score = cfg.get("scoring_func")
-    if score in ("sigmoid", "softmax"):
+    if score in ("sigmoid", "softmax") and "add_expert_gating_func" not in ga.consts:
         w.add_expert_gating_func(getattr(gguf.ExpertGatingFuncType, score.upper()))
     for method, value in ga.consts.items():
         getattr(w, method)(value)
@@ -178,6 +194,24 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
         if any(t == "sliding_attention" for t in types):
             w.add_sliding_window(cfg["sliding_window"])
             w.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+
+
+def add_mla(w: gguf.GGUFWriter, cfg: dict, n_vocab: int) -> None:
+    """DeepseekV2Model.set_gguf_parameters' MLA lengths: llama.cpp runs MLA as MQA over the latent (k = latent + rope
+    part, v = latent), then decompresses to the heads' own lengths (the *_mla keys)."""
+    rank, rope = cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]
+    w.add_key_length(rank + rope)
+    w.add_value_length(rank)
+    w.add_key_length_mla(cfg["qk_nope_head_dim"] + rope)
+    w.add_value_length_mla(cfg["v_head_dim"])
+    w.add_vocab_size(n_vocab)
+    w.add_rope_dimension_count(rope)
+    for method, key in (("add_leading_dense_block_count", "first_k_dense_replace"), ("add_expert_shared_count", "n_shared_experts")):
+        if cfg.get(key) is None:  # required by llama.cpp; the arch's `extra` writes it when set
+            getattr(w, method)(0)
+    mscale_all = (cfg.get("rope_parameters") or {}).get("mscale_all_dim")
+    if mscale_all is not None:  # llama.cpp divides this by 0.1 again ([TAG_DEEPSEEK2_YARN_LOG_MUL_FIX])
+        w.add_rope_scaling_yarn_log_mul(0.1 * mscale_all)
 
 
 def mamba_eps(cfg: dict) -> float:

@@ -60,6 +60,15 @@ def half(w: np.ndarray, k: int) -> np.ndarray:
     return np.ascontiguousarray(w[..., k * n:(k + 1) * n, :])
 
 
+def kv_b(w: np.ndarray, shape: tuple[int, ...], k: int) -> np.ndarray:
+    """MLA's kv_b_proj (n_head x (nope + v), rank) -> k_b (n_head, rank, nope) for k=0 or v_b (n_head, v, rank) for
+    k=1, the split llama.cpp's deepseek2 reads for absorbed attention (DeepseekV2Model.modify_tensors)."""
+    w = w.reshape(shape[0], -1, w.shape[-1])
+    if k == 0:
+        return np.ascontiguousarray(w[:, : shape[2]].swapaxes(1, 2))
+    return np.ascontiguousarray(w[:, w.shape[1] - shape[1]:])
+
+
 OPS = {"transpose": lambda w, n_head: np.ascontiguousarray(w.T), "qkv_by_kind": qkv_by_kind,
        "half0": lambda w, n_head: half(w, 0), "half1": lambda w, n_head: half(w, 1),
        "neg_exp": lambda w, n_head: -np.exp(w), "neg_exp_col": lambda w, n_head: -np.exp(w)[:, None],
@@ -74,6 +83,8 @@ def materialize(t: GTensor) -> np.ndarray:
     else:
         w = np.stack([materialize_item(i) for i in t.items])
     w = w.astype(np.float32, copy=False)
+    if t.op in ("k_b", "v_b"):
+        return kv_b(w, t.shape, t.op == "v_b")
     if t.op:
         return OPS[t.op](w, t.n_head)
     if t.n_head:
@@ -117,6 +128,14 @@ def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
             shape = (*items[0].shape[:-2], items[0].shape[-2] // 2, items[0].shape[-1])
             out += [GTensor(gguf.TENSOR_NAMES[t].format(bid=bid) + ".weight", shape, items, op=f"half{k}")
                     for k, t in enumerate(pair)]
+            continue
+        if ga.mla and hf.endswith("kv_b_proj.weight"):  # -> attn_k_b, attn_v_b per head
+            bid, (_, rank) = int(re.search(r"\.(\d+)\.", hf).group(1)), items[0].shape
+            nope, v = cfg["qk_nope_head_dim"], cfg["v_head_dim"]
+            out += [GTensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ATTN_K_B].format(bid=bid) + ".weight", (n_head, rank, nope),
+                            items, op="k_b"),
+                    GTensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ATTN_V_B].format(bid=bid) + ".weight", (n_head, v, rank),
+                            items, op="v_b")]
             continue
         base, _, suffix = _rename(hf).rpartition(".")
         name = names.get_name(base)
