@@ -49,6 +49,9 @@ class GgufArch:
     ssm: bool = False  # a Mamba state space model: MambaModel's hparams, no attention
     eps_also: str = ""  # a config key whose epsilon llama.cpp takes from the norms' (FalconMamba's mixer_rms_eps)
     no_gqa: bool = False  # llama.cpp sizes k/v (or k_norm) by the query heads: num_key_value_heads must equal them
+    # a multimodal wrapper: text_config.model_type -> the GgufArch its language model is written as (the vision
+    # tower goes to llama.cpp's separate mmproj file, which mlx-bridge does not write)
+    text: dict[str, "GgufArch"] = field(default_factory=dict)
     mla: bool = False  # DeepSeek's multi-head latent attention: DeepseekV2Model's hparams, kv_b_proj -> k_b, v_b
 
 
@@ -69,6 +72,13 @@ _MLA_NO_GROUPS = {k: v for k, v in _MLA.items() if "group" not in k}
 _GEMMA2 = {"add_attn_logit_softcapping": "attn_logit_softcapping",
            "add_final_logit_softcapping": "final_logit_softcapping"}
 
+_GEMMA3 = GgufArch(gguf.MODEL_ARCH.GEMMA3, norm_shift=1.0, sliding_layers=True, query_scale_head_dim=True,
+                   extra={"add_final_logit_softcapping": "final_logit_softcapping",
+                          "add_rope_freq_base_swa": "rope_local_base_freq"})
+_MINISTRAL3 = GgufArch(gguf.MODEL_ARCH.MISTRAL3, permute_qk=True, llama_extras=True, rope_types=("yarn",), extra={
+    "add_rope_scaling_yarn_log_mul": "rope_parameters.mscale_all_dim",
+    "add_attn_temperature_scale": "rope_parameters.llama_4_scaling_beta"})
+
 GGUF_ARCHS: dict[str, GgufArch] = {
     "llama": GgufArch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, llama_extras=True),
     "mistral": GgufArch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, llama_extras=True),
@@ -80,9 +90,11 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     "gemma": GgufArch(gguf.MODEL_ARCH.GEMMA, norm_shift=1.0),
     "gemma2": GgufArch(gguf.MODEL_ARCH.GEMMA2, norm_shift=1.0, extra=_GEMMA2, sliding_window_full=True,
                        query_scale_head_dim=True),
-    "gemma3_text": GgufArch(gguf.MODEL_ARCH.GEMMA3, norm_shift=1.0, sliding_layers=True, query_scale_head_dim=True,
-                            extra={"add_final_logit_softcapping": "final_logit_softcapping",
-                                   "add_rope_freq_base_swa": "rope_local_base_freq"}),
+    "gemma3_text": _GEMMA3,
+    # Gemma3Model / Mistral3Model (convert_hf_to_gguf) write the language model of these as the text GGUF
+    "gemma3": GgufArch(gguf.MODEL_ARCH.GEMMA3, text={"gemma3_text": _GEMMA3}),
+    "mistral3": GgufArch(gguf.MODEL_ARCH.MISTRAL3, text={
+        "ministral3": _MINISTRAL3, "mistral": GgufArch(gguf.MODEL_ARCH.MISTRAL3, permute_qk=True, llama_extras=True)}),
     "olmo2": GgufArch(gguf.MODEL_ARCH.OLMO2),
     "olmoe": GgufArch(gguf.MODEL_ARCH.OLMOE, requires={"norm_topk_prob": False}, no_gqa=True),
     "granite": GgufArch(gguf.MODEL_ARCH.GRANITE, permute_qk=True, llama_extras=True, extra=_GRANITE),
@@ -92,9 +104,7 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     "starcoder2": GgufArch(gguf.MODEL_ARCH.STARCODER2),
     "qwen2_moe": GgufArch(gguf.MODEL_ARCH.QWEN2MOE, requires={"norm_topk_prob": False},
                           extra={**_MOE, "add_expert_shared_feed_forward_length": "shared_expert_intermediate_size"}),
-    "ministral3": GgufArch(gguf.MODEL_ARCH.MISTRAL3, permute_qk=True, llama_extras=True, rope_types=("yarn",), extra={
-        "add_rope_scaling_yarn_log_mul": "rope_parameters.mscale_all_dim",
-        "add_attn_temperature_scale": "rope_parameters.llama_4_scaling_beta"}),
+    "ministral3": _MINISTRAL3,
     "mamba": GgufArch(gguf.MODEL_ARCH.MAMBA, ssm=True, ops=_MAMBA, requires={"use_bias": False}),
     "falcon_mamba": GgufArch(gguf.MODEL_ARCH.MAMBA, ssm=True, ops=_MAMBA, requires={"use_bias": False},
                              eps_also="mixer_rms_eps"),
@@ -155,6 +165,12 @@ def refusal(model_type: str) -> str:
     if arch is None:
         return f"{where} has no converter for {cls}"
     return f"{where} converts {cls} as {arch.lower()}, which mlx-bridge does not write yet"
+
+
+def text_name(hf: str) -> str:
+    """A wrapper's language-model tensor name as the text model's: "model.language_model.x" and
+    "language_model.model.x" -> "model.x", "language_model.lm_head.weight" -> "lm_head.weight"."""
+    return hf.replace("model.language_model.", "model.").removeprefix("language_model.")
 
 
 def merged_expert_name(per_expert: str) -> str:

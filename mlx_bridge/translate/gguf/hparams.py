@@ -80,9 +80,27 @@ def kv_heads(cfg: dict, ga: GgufArch) -> int:
     return cfg.get("num_key_value_heads") or n_head
 
 
-def check_arch(model_type: str, cfg: dict, where: str) -> GgufArch:
-    """The arch's GGUF data; BridgeError when llama.cpp can't compute what MLX computed."""
+def text_arch(model_type: str, cfg: dict, where: str) -> tuple[str, dict, GgufArch | None]:
+    """A multimodal wrapper's language model: (its model_type, its config, its GGUF data); others as given.
+
+    Example:
+        >>> text_arch("mistral3", {"text_config": {"model_type": "mistral"}}, "config.json")[0]
+        'mistral'
+    """
     ga = GGUF_ARCHS.get(model_type)
+    if ga is None or not ga.text:
+        return model_type, cfg, ga
+    tc = cfg.get("text_config") or {}
+    inner = ga.text.get(tc.get("model_type"))
+    if inner is None:
+        raise BridgeError(f"{where}: text_config.model_type {tc.get('model_type')!r}: llama.cpp's {ga.arch.name.lower()} "
+                          f"text model is written only for {', '.join(ga.text)}")
+    return tc["model_type"], tc, inner
+
+
+def check_arch(model_type: str, cfg: dict, where: str, ga: GgufArch | None = None) -> GgufArch:
+    """The arch's GGUF data; BridgeError when llama.cpp can't compute what MLX computed."""
+    ga = ga or GGUF_ARCHS.get(model_type)
     if ga is None:
         raise BridgeError(f"{where}: model_type {model_type!r} has no GGUF export: {refusal(model_type)}")
     problems = [f"{where}: {k}={cfg.get(k)!r}, but llama.cpp's {ga.arch.name.lower()} computes as if {k}={v!r}"

@@ -20,7 +20,7 @@ import numpy as np
 from ...errors import raise_all
 from ..parts import Item, materialize as materialize_item
 from ..plan import Plan
-from .archs import GgufArch, merged_expert_name
+from .archs import GgufArch, merged_expert_name, text_name
 
 
 @dataclass
@@ -116,9 +116,9 @@ def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
     problems = []
     for it in plan.items:
         template, idx = arch.template(it.name)
-        hf = it.name
+        hf = text_name(it.name)
         if template in expert_tpl:  # one expert of a stacked tensor: layer index first, expert second
-            hf = expert_tpl[template].replace("{}", str(idx[0]), 1)
+            hf = text_name(expert_tpl[template].replace("{}", str(idx[0]), 1))
         groups.setdefault(hf, []).append(it)
     out = []
     for hf, items in groups.items():
