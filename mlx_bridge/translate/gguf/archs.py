@@ -52,6 +52,8 @@ class GgufArch:
     # a multimodal wrapper: text_config.model_type -> the GgufArch its language model is written as (the vision
     # tower goes to llama.cpp's separate mmproj file, which mlx-bridge does not write)
     text: dict[str, "GgufArch"] = field(default_factory=dict)
+    gdn: bool = False  # Qwen3.5's gated delta net layers: Qwen3NextModel's ssm hparams, V heads reordered (tensors.GDN)
+    no_shift: tuple[str, ...] = ()  # "*norm.weight" suffixes norm_shift leaves alone
     mla: bool = False  # DeepSeek's multi-head latent attention: DeepseekV2Model's hparams, kv_b_proj -> k_b, v_b
 
 
@@ -79,6 +81,13 @@ _MINISTRAL3 = GgufArch(gguf.MODEL_ARCH.MISTRAL3, permute_qk=True, llama_extras=T
     "add_rope_scaling_yarn_log_mul": "rope_parameters.mscale_all_dim",
     "add_attn_temperature_scale": "rope_parameters.llama_4_scaling_beta"})
 
+# _LinearAttentionVReorderBase / Qwen3NextModel.modify_tensors: HF suffix -> tensors.GDN op
+_GDN_OPS = {"in_proj_qkv.weight": "gdn_qkv", "in_proj_z.weight": "gdn_z", "in_proj_a.weight": "gdn_ab",
+            "in_proj_b.weight": "gdn_ab", "A_log": "gdn_a", "dt_bias": "gdn_dt", "conv1d.weight": "gdn_conv",
+            "out_proj.weight": "gdn_out"}
+_QWEN35 = GgufArch(gguf.MODEL_ARCH.QWEN35, gdn=True, partial_rope=True, norm_shift=1.0,
+                   no_shift=("linear_attn.norm.weight",), ops=_GDN_OPS)
+
 GGUF_ARCHS: dict[str, GgufArch] = {
     "llama": GgufArch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, llama_extras=True),
     "mistral": GgufArch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, llama_extras=True),
@@ -93,6 +102,7 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     "gemma3_text": _GEMMA3,
     # Gemma3Model / Mistral3Model (convert_hf_to_gguf) write the language model of these as the text GGUF
     "gemma3": GgufArch(gguf.MODEL_ARCH.GEMMA3, text={"gemma3_text": _GEMMA3}),
+    "qwen3_5": GgufArch(gguf.MODEL_ARCH.QWEN35, text={"qwen3_5_text": _QWEN35}),
     "mistral3": GgufArch(gguf.MODEL_ARCH.MISTRAL3, text={
         "ministral3": _MINISTRAL3, "mistral": GgufArch(gguf.MODEL_ARCH.MISTRAL3, permute_qk=True, llama_extras=True)}),
     "olmo2": GgufArch(gguf.MODEL_ARCH.OLMO2),

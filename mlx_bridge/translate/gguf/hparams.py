@@ -121,6 +121,22 @@ def check_arch(model_type: str, cfg: dict, where: str, ga: GgufArch | None = Non
             and cfg.get("topk_method") == "group_limited_greedy":
         problems.append(f"{where}: topk_method='group_limited_greedy' with n_group={cfg['n_group']}, but llama.cpp's "
                         f"{ga.arch.name.lower()} picks expert groups by their top-2 score sum, {model_type} by their max")
+    if ga.gdn:
+        step = cfg.get("full_attention_interval") or 4
+        want = ["linear_attention" if (i + 1) % step else "full_attention" for i in range(n_layer)]
+        if cfg.get("layer_types") is not None and list(cfg["layer_types"]) != want:
+            problems.append(f"{where}: layer_types={cfg['layer_types']}, but llama.cpp's {ga.arch.name.lower()} attends "
+                            f"fully on every {step}th layer ({want})")
+        rot = int((cfg.get("partial_rotary_factor") or 1.0) * (cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]))
+        if sum(mrope_sections(cfg)) > rot // 2:
+            problems.append(f"{where}: M-RoPE sections {mrope_sections(cfg)} cover more than the {rot // 2} rotary "
+                            f"frequencies, which llama.cpp's {ga.arch.name.lower()} refuses")
+        if cfg.get("rms_norm_eps", 1e-6) != 1e-6:  # transformers' and mlx-lm's gated delta net: l2 norm eps 1e-6
+            problems.append(f"{where}: rms_norm_eps={cfg['rms_norm_eps']}, but llama.cpp's {ga.arch.name.lower()} also "
+                            f"l2-normalises the gated delta net's q/k with it (the model with 1e-6)")
+        if cfg.get("linear_key_head_dim") != cfg.get("linear_value_head_dim"):
+            problems.append(f"{where}: linear_key_head_dim={cfg.get('linear_key_head_dim')} != linear_value_head_dim="
+                            f"{cfg.get('linear_value_head_dim')}, but llama.cpp's {ga.arch.name.lower()} sizes both by one")
     k, mlp_types = cfg.get("first_k_dense_replace") or 0, cfg.get("mlp_layer_types")
     if ga.mla and mlp_types and list(mlp_types) != ["dense"] * k + ["sparse"] * (len(mlp_types) - k):
         problems.append(f"{where}: mlp_layer_types={mlp_types}, but llama.cpp's {ga.arch.name.lower()} runs "
@@ -205,6 +221,8 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
         value = rp.get(key.split(".", 1)[1]) if key.startswith("rope_parameters.") else cfg.get(key)
         if value is not None:
             getattr(w, method)(value)
+    if ga.gdn:
+        add_gdn(w, cfg)
     if ga.sliding_window_full:  # mlx-lm attends to the whole context in every layer
         w.add_sliding_window(ctx)
     if ga.sliding_layers:  # the window on exactly the layers mlx-lm windows (effective config's layer_types)
@@ -212,6 +230,24 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
         if any(t == "sliding_attention" for t in types):
             w.add_sliding_window(cfg["sliding_window"])
             w.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+
+
+def add_gdn(w: gguf.GGUFWriter, cfg: dict) -> None:
+    """Qwen3NextModel.set_gguf_parameters (+ _Qwen35MRopeMixin): the gated delta net's sizes, the full-attention
+    interval (check_arch: layer_types follow it), and the M-RoPE sections (text: every section sees one position)."""
+    w.add_ssm_conv_kernel(cfg["linear_conv_kernel_dim"])
+    w.add_ssm_state_size(cfg["linear_key_head_dim"])
+    w.add_ssm_group_count(cfg["linear_num_key_heads"])
+    w.add_ssm_time_step_rank(cfg["linear_num_value_heads"])
+    w.add_ssm_inner_size(cfg["linear_value_head_dim"] * cfg["linear_num_value_heads"])
+    w.add_full_attention_interval(cfg.get("full_attention_interval") or 4)
+    w.add_rope_dimension_sections(mrope_sections(cfg))
+
+
+def mrope_sections(cfg: dict) -> list[int]:
+    """The M-RoPE sections as _Qwen35MRopeMixin writes them (its default when the config has none), 4 long."""
+    sections = list((cfg.get("rope_parameters") or {}).get("mrope_section") or [11, 11, 10, 0])
+    return sections + [0] * (4 - len(sections))
 
 
 def add_mla(w: gguf.GGUFWriter, cfg: dict, n_vocab: int) -> None:

@@ -31,6 +31,7 @@ class GTensor:
     n_head: int | None = None  # permute rows for llama-style rope with this many heads
     shift: float = 0.0
     op: str | None = None  # a layout op of OPS, before the permutation
+    arg: tuple[int, ...] = ()  # the gdn ops' head counts and sizes
 
     @property
     def layer(self) -> int:
@@ -69,6 +70,27 @@ def kv_b(w: np.ndarray, shape: tuple[int, ...], k: int) -> np.ndarray:
     return np.ascontiguousarray(w[:, w.shape[1] - shape[1]:])
 
 
+def v_tiled(w: np.ndarray, axis: int, n_k: int, per_k: int, head_dim: int) -> np.ndarray:
+    """V heads grouped by K head -> tiled order along `axis` (_LinearAttentionVReorderBase._reorder_v_heads)."""
+    shape = w.shape
+    w = w.reshape(*shape[:axis], n_k, per_k, head_dim, *shape[axis + 1:])
+    return np.ascontiguousarray(w.swapaxes(axis, axis + 1).reshape(shape))
+
+
+def gdn(op: str, w: np.ndarray, n_k: int, per_k: int, dk: int, dv: int) -> np.ndarray:
+    """A gated-delta-net tensor as llama.cpp's qwen35 reads it (n_k key heads, per_k value heads each)."""
+    if op == "gdn_qkv":  # only the V rows move
+        return np.concatenate([w[: 2 * n_k * dk], v_tiled(w[2 * n_k * dk:], 0, n_k, per_k, dv)])
+    if op == "gdn_conv":  # (channels, 1, kernel) -> (channels, kernel), V channels tiled
+        w = w.reshape(w.shape[0], -1)
+        return np.concatenate([w[: 2 * n_k * dk], v_tiled(w[2 * n_k * dk:], 0, n_k, per_k, dv)])
+    if op == "gdn_a":
+        w = -np.exp(w)
+    if op == "gdn_out":
+        return v_tiled(w, 1, n_k, per_k, dv)
+    return v_tiled(w, 0, n_k, per_k, dv if op == "gdn_z" else 1)
+
+
 OPS = {"transpose": lambda w, n_head: np.ascontiguousarray(w.T), "qkv_by_kind": qkv_by_kind,
        "half0": lambda w, n_head: half(w, 0), "half1": lambda w, n_head: half(w, 1),
        "neg_exp": lambda w, n_head: -np.exp(w), "neg_exp_col": lambda w, n_head: -np.exp(w)[:, None],
@@ -83,6 +105,8 @@ def materialize(t: GTensor) -> np.ndarray:
     else:
         w = np.stack([materialize_item(i) for i in t.items])
     w = w.astype(np.float32, copy=False)
+    if t.op and t.op.startswith("gdn_"):
+        return gdn(t.op, w, *t.arg)
     if t.op in ("k_b", "v_b"):
         return kv_b(w, t.shape, t.op == "v_b")
     if t.op:
@@ -96,7 +120,8 @@ def materialize(t: GTensor) -> np.ndarray:
 
 def _rename(hf: str) -> str:
     """HF names convert_hf_to_gguf renames before mapping (a routing bias, Mamba2's dt_bias)."""
-    return hf.replace("e_score_correction_bias", "e_score_correction.bias").replace("mixer.dt_bias", "mixer.dt_proj.bias")
+    return hf.replace("e_score_correction_bias", "e_score_correction.bias").replace("mixer.dt_bias", "mixer.dt_proj.bias") \
+        .replace("linear_attn.dt_bias", "linear_attn.dt_proj.bias")
 
 
 def _sort_key(t: GTensor):
@@ -152,9 +177,15 @@ def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
             heads = n_head
         elif ga.permute_qk and hf.endswith(("k_proj.weight", "k_proj.bias")):
             heads = n_kv
-        shift = ga.norm_shift if hf.endswith("norm.weight") else 0.0
+        shift = ga.norm_shift if hf.endswith("norm.weight") and not hf.endswith(ga.no_shift or ("\0",)) else 0.0
         op = next((o for k, o in ga.ops.items() if hf.endswith(k)), None)
-        if op == "transpose":
+        arg = ()
+        if op and op.startswith("gdn_"):
+            n_k, n_v = cfg["linear_num_key_heads"], cfg["linear_num_value_heads"]
+            arg = (n_k, n_v // n_k, cfg["linear_key_head_dim"], cfg["linear_value_head_dim"])
+            if op == "gdn_conv":
+                shape = (shape[0], int(np.prod(shape[1:])))
+        elif op == "transpose":
             shape = shape[::-1]
         elif op == "squeeze":
             shape = (shape[0], int(np.prod(shape[1:])))
@@ -165,6 +196,6 @@ def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
             shape = (heads, shape[0] // heads)
         elif op:
             heads = n_head
-        out.append(GTensor(name, tuple(shape), items, heads, shift, op))
+        out.append(GTensor(name, tuple(shape), items, heads, shift, op, arg))
     raise_all(problems, plan.source.path)
     return sorted(out, key=_sort_key)
