@@ -98,7 +98,9 @@ TINY: dict[str, dict] = {
     # (and rms_norm_eps 1e-6: llama.cpp's qwen35 takes its gated-delta-net l2 norm's epsilon from it, transformers 1e-6)
     "qwen3_5": {"text_config": {"layer_types": ["linear_attention", "full_attention"], "rms_norm_eps": 1e-6, "rope_parameters": {
         "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25, "mrope_section": [1, 1, 0]}}},
-    "qwen3_5_moe": {"text_config": {"layer_types": ["linear_attention", "full_attention"], "num_experts": 4}},
+    "qwen3_5_moe": {"text_config": {"layer_types": ["linear_attention", "full_attention"], "num_experts": 4,
+                                    "rms_norm_eps": 1e-6, "rope_parameters": {
+        "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25, "mrope_section": [1, 1, 0]}}},
     "afmoe": {"layer_types": ["sliding_attention", "full_attention"]},
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1},
     "mamba2": {"num_heads": 8, "head_dim": 16, "expand": 2, "n_groups": 1},

@@ -103,6 +103,10 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     # Gemma3Model / Mistral3Model (convert_hf_to_gguf) write the language model of these as the text GGUF
     "gemma3": GgufArch(gguf.MODEL_ARCH.GEMMA3, text={"gemma3_text": _GEMMA3}),
     "qwen3_5": GgufArch(gguf.MODEL_ARCH.QWEN35, text={"qwen3_5_text": _QWEN35}),
+    "qwen3_5_moe": GgufArch(gguf.MODEL_ARCH.QWEN35MOE, text={"qwen3_5_moe_text": GgufArch(
+        gguf.MODEL_ARCH.QWEN35MOE, gdn=True, partial_rope=True, norm_shift=1.0, no_shift=("linear_attn.norm.weight",),
+        ops=_GDN_OPS, extra={**_MOE, "add_expert_shared_feed_forward_length": "shared_expert_intermediate_size"},
+        halves={"experts.gate_up_proj": (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP)})}),
     "mistral3": GgufArch(gguf.MODEL_ARCH.MISTRAL3, text={
         "ministral3": _MINISTRAL3, "mistral": GgufArch(gguf.MODEL_ARCH.MISTRAL3, permute_qk=True, llama_extras=True)}),
     "olmo2": GgufArch(gguf.MODEL_ARCH.OLMO2),
