@@ -99,7 +99,7 @@ CASES.update({t: (t, "llama-spm") for t in ("olmo2", "olmo3", "granite", "cohere
                                             "exaone", "internlm3", "iquestcoder", "seed_oss", "ernie4_5", "hunyuan_v1_dense",
                                             "nemotron", "glm4", "phi", "stablelm", "gpt2", "gpt_bigcode", "gpt_neox",
                                             "glm4_moe", "dots1", "exaone4", "granitemoe", "ministral3", "mamba", "falcon_mamba", "mamba2",
-                                            "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "gemma3", "mistral3", "qwen3_5", "qwen3_5_moe")})
+                                            "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "gemma3", "mistral3", "qwen3_5", "qwen3_5_moe", "qwen3_next")})
 # multimodal wrappers: the GGUF holds the language model; transformers runs the whole model (vision tower from the
 # HF checkpoint, as mlx-lm drops it) on text only
 WRAPPERS = ("gemma3", "mistral3", "qwen3_5", "qwen3_5_moe")
@@ -109,6 +109,7 @@ OVERRIDES = {"granite": _SCALES, "granitemoe": _SCALES,
              "dots1": dict(num_key_value_heads=4),  # llama.cpp's dots1: k/v as wide as q (no GQA)
              "smollm3": dict(num_hidden_layers=4),  # layer 3 is smollm3's first without rope
              "exaone4": dict(num_hidden_layers=64),
+             "qwen3_next": dict(rms_norm_eps=1e-6),  # llama.cpp's qwen3next: the gated delta net's l2 norm eps is the norms'
              "falcon_mamba": dict(mixer_rms_eps=1e-5)}  # llama.cpp's mamba: one epsilon for the norms and B/C/dt  # llama.cpp windows exaone4 only in its 64-layer shape
 PARAMS = [(c, t) for c in CASES for t in (("f32", "f16", "q8_0") if c in ("llama", "llama+lora", "qwen2") else
                                           ("f32", "f16") if c in ("gemma+lora", "qwen2_moe+lora") else ("f32",))]

@@ -52,7 +52,8 @@ class GgufArch:
     # a multimodal wrapper: text_config.model_type -> the GgufArch its language model is written as (the vision
     # tower goes to llama.cpp's separate mmproj file, which mlx-bridge does not write)
     text: dict[str, "GgufArch"] = field(default_factory=dict)
-    gdn: bool = False  # Qwen3.5's gated delta net layers: Qwen3NextModel's ssm hparams, V heads reordered (tensors.GDN)
+    gdn: bool = False  # gated delta net layers (Qwen3-Next, Qwen3.5): Qwen3NextModel's ssm hparams and tensors
+    mrope: bool = False  # _Qwen35MRopeMixin: M-RoPE sections (Qwen3.5)
     no_shift: tuple[str, ...] = ()  # "*norm.weight" suffixes norm_shift leaves alone
     mla: bool = False  # DeepSeek's multi-head latent attention: DeepseekV2Model's hparams, kv_b_proj -> k_b, v_b
 
@@ -85,7 +86,7 @@ _MINISTRAL3 = GgufArch(gguf.MODEL_ARCH.MISTRAL3, permute_qk=True, llama_extras=T
 _GDN_OPS = {"in_proj_qkv.weight": "gdn_qkv", "in_proj_z.weight": "gdn_z", "in_proj_a.weight": "gdn_ab",
             "in_proj_b.weight": "gdn_ab", "A_log": "gdn_a", "dt_bias": "gdn_dt", "conv1d.weight": "gdn_conv",
             "out_proj.weight": "gdn_out"}
-_QWEN35 = GgufArch(gguf.MODEL_ARCH.QWEN35, gdn=True, partial_rope=True, norm_shift=1.0,
+_QWEN35 = GgufArch(gguf.MODEL_ARCH.QWEN35, gdn=True, mrope=True, partial_rope=True, norm_shift=1.0,
                    no_shift=("linear_attn.norm.weight",), ops=_GDN_OPS)
 
 GGUF_ARCHS: dict[str, GgufArch] = {
@@ -104,9 +105,13 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     "gemma3": GgufArch(gguf.MODEL_ARCH.GEMMA3, text={"gemma3_text": _GEMMA3}),
     "qwen3_5": GgufArch(gguf.MODEL_ARCH.QWEN35, text={"qwen3_5_text": _QWEN35}),
     "qwen3_5_moe": GgufArch(gguf.MODEL_ARCH.QWEN35MOE, text={"qwen3_5_moe_text": GgufArch(
-        gguf.MODEL_ARCH.QWEN35MOE, gdn=True, partial_rope=True, norm_shift=1.0, no_shift=("linear_attn.norm.weight",),
+        gguf.MODEL_ARCH.QWEN35MOE, gdn=True, mrope=True, partial_rope=True, norm_shift=1.0, no_shift=("linear_attn.norm.weight",),
         ops=_GDN_OPS, extra={**_MOE, "add_expert_shared_feed_forward_length": "shared_expert_intermediate_size"},
         halves={"experts.gate_up_proj": (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP)})}),
+    # Qwen3NextModel: V heads stay grouped; in_proj_qkvz -> attn_qkv (all q, all k, all v) + attn_gate (tensors.gdn)
+    "qwen3_next": GgufArch(gguf.MODEL_ARCH.QWEN3NEXT, gdn=True, partial_rope=True, norm_shift=1.0,
+                           no_shift=("linear_attn.norm.weight",), ops={**_MAMBA, "in_proj_qkvz.weight": "gdn_qkvz"},
+                           extra={**_MOE, "add_expert_shared_feed_forward_length": "shared_expert_intermediate_size"}),
     "mistral3": GgufArch(gguf.MODEL_ARCH.MISTRAL3, text={
         "ministral3": _MINISTRAL3, "mistral": GgufArch(gguf.MODEL_ARCH.MISTRAL3, permute_qk=True, llama_extras=True)}),
     "olmo2": GgufArch(gguf.MODEL_ARCH.OLMO2),

@@ -128,7 +128,7 @@ def check_arch(model_type: str, cfg: dict, where: str, ga: GgufArch | None = Non
             problems.append(f"{where}: layer_types={cfg['layer_types']}, but llama.cpp's {ga.arch.name.lower()} attends "
                             f"fully on every {step}th layer ({want})")
         rot = int((cfg.get("partial_rotary_factor") or 1.0) * (cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]))
-        if sum(mrope_sections(cfg)) > rot // 2:
+        if ga.mrope and sum(mrope_sections(cfg)) > rot // 2:
             problems.append(f"{where}: M-RoPE sections {mrope_sections(cfg)} cover more than the {rot // 2} rotary "
                             f"frequencies, which llama.cpp's {ga.arch.name.lower()} refuses")
         if cfg.get("rms_norm_eps", 1e-6) != 1e-6:  # transformers' and mlx-lm's gated delta net: l2 norm eps 1e-6
@@ -223,7 +223,7 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
         if value is not None:
             getattr(w, method)(value)
     if ga.gdn:
-        add_gdn(w, cfg)
+        add_gdn(w, cfg, ga)
     if ga.sliding_window_full:  # mlx-lm attends to the whole context in every layer
         w.add_sliding_window(ctx)
     if ga.sliding_layers:  # the window on exactly the layers mlx-lm windows (effective config's layer_types)
@@ -233,7 +233,7 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
             w.add_sliding_window_pattern([t == "sliding_attention" for t in types])
 
 
-def add_gdn(w: gguf.GGUFWriter, cfg: dict) -> None:
+def add_gdn(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch) -> None:
     """Qwen3NextModel.set_gguf_parameters (+ _Qwen35MRopeMixin): the gated delta net's sizes, the full-attention
     interval (check_arch: layer_types follow it), and the M-RoPE sections (text: every section sees one position)."""
     w.add_ssm_conv_kernel(cfg["linear_conv_kernel_dim"])
@@ -242,7 +242,8 @@ def add_gdn(w: gguf.GGUFWriter, cfg: dict) -> None:
     w.add_ssm_time_step_rank(cfg["linear_num_value_heads"])
     w.add_ssm_inner_size(cfg["linear_value_head_dim"] * cfg["linear_num_value_heads"])
     w.add_full_attention_interval(cfg.get("full_attention_interval") or 4)
-    w.add_rope_dimension_sections(mrope_sections(cfg))
+    if ga.mrope:
+        w.add_rope_dimension_sections(mrope_sections(cfg))
 
 
 def mrope_sections(cfg: dict) -> list[int]:

@@ -79,6 +79,12 @@ def v_tiled(w: np.ndarray, axis: int, n_k: int, per_k: int, head_dim: int) -> np
 
 def gdn(op: str, w: np.ndarray, n_k: int, per_k: int, dk: int, dv: int) -> np.ndarray:
     """A gated-delta-net tensor as llama.cpp's qwen35 reads it (n_k key heads, per_k value heads each)."""
+    if op in ("gdn_qkvz0", "gdn_qkvz1"):  # Qwen3-Next: per key head [q k v z] -> [all q | all k | all v], all z
+        w = w.reshape(n_k, 2 * dk + 2 * per_k * dv, -1)
+        if op == "gdn_qkvz1":
+            return np.ascontiguousarray(w[:, 2 * dk + per_k * dv:].reshape(-1, w.shape[-1]))
+        return np.concatenate([w[:, a:b].reshape(-1, w.shape[-1]) for a, b in
+                               ((0, dk), (dk, 2 * dk), (2 * dk, 2 * dk + per_k * dv))])
     if op == "gdn_qkv":  # only the V rows move
         return np.concatenate([w[: 2 * n_k * dk], v_tiled(w[2 * n_k * dk:], 0, n_k, per_k, dv)])
     if op == "gdn_conv":  # (channels, 1, kernel) -> (channels, kernel), V channels tiled
@@ -162,6 +168,13 @@ def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
                             items, op="k_b"),
                     GTensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ATTN_V_B].format(bid=bid) + ".weight", (n_head, v, rank),
                             items, op="v_b")]
+            continue
+        if ga.gdn and hf.endswith("in_proj_qkvz.weight"):  # Qwen3-Next: -> attn_qkv and attn_gate
+            n_k, n_v = cfg["linear_num_key_heads"], cfg["linear_num_value_heads"]
+            arg = (n_k, n_v // n_k, cfg["linear_key_head_dim"], cfg["linear_value_head_dim"])
+            bid, (rows, cols), z = int(re.search(r"\.(\d+)\.", hf).group(1)), items[0].shape, n_v * arg[3]
+            out += [GTensor(gguf.TENSOR_NAMES[t].format(bid=bid) + ".weight", (n, cols), items, op=f"gdn_qkvz{k}", arg=arg)
+                    for k, (t, n) in enumerate(((gguf.MODEL_TENSOR.ATTN_QKV, rows - z), (gguf.MODEL_TENSOR.ATTN_GATE, z)))]
             continue
         base, _, suffix = _rename(hf).rpartition(".")
         name = names.get_name(base)
