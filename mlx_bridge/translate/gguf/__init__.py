@@ -16,7 +16,7 @@ import json
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ...errors import BridgeError
@@ -125,7 +125,8 @@ def prepare_gguf(source, gguf_type: str, name: str) -> GgufJob:
     cfg = gguf_config(cfg)
     ga = check_arch(model_type, cfg, where, ga)
     warnings = []
-    if model_type != plan.arch.model_type:
+    if model_type != plan.arch.model_type:  # the language model's tensors only (an mlx-vlm base keeps the vision tower)
+        plan = replace(plan, items=[i for i in plan.items if "language_model." in i.name or i.name == "lm_head.weight"])
         warnings.append(f"{plan.arch.model_type}: only the language model is written; llama.cpp reads the vision "
                         f"tower from a separate mmproj GGUF, which mlx-bridge does not write")
     tok = tempfile.TemporaryDirectory(prefix="mlx-bridge-tok-")
