@@ -5,7 +5,8 @@ tokenizer files): HF model -> mlx-lm convert (float32) [-> LoRA adapter] -> expo
 The reference is transformers on the `--format hf` export of the same source (the same fused weights).
 
 llama.cpp runs with a float32 KV cache (its default f16 cache alone moves f32 logits by 1e-3). Figures:
-f32 logits within 1e-4 of transformers (measured 1.4e-6 on llama), f16 within 1e-2 (2.2e-3), q8_0
+f32 logits within 1e-4 of transformers (measured 1.4e-6 on llama; 5.9-6.5e-5 on the MLA types deepseek_v2/v3 and
+glm4_moe_lite, whose absorbed attention llama.cpp computes in another order), f16 within 1e-2 (2.2e-3), q8_0
 within 0.25 (0.10-0.12), greedy continuations equal for f32/f16, and for q8_0 the same top-1 next
 token at >= 85% of 48 teacher-forced positions (measured 0.90-0.98: random tiny models have near-flat logits).
 K-quant files are byte-compared with `llama_model_quantize` run on our f32 file.
@@ -63,6 +64,16 @@ def llama_greedy(path: Path, ids: list[int], n: int) -> list[int]:
     return out
 
 
+def load_hf_any(d: Path):
+    """A multimodal wrapper in transformers (image-text-to-text), failing on any missing/unexpected key."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    model, info = AutoModelForImageTextToText.from_pretrained(str(d), dtype=torch.float32, output_loading_info=True)
+    assert not any(info.values()), f"{d}: loading info not clean: {info}"
+    return model.eval()
+
+
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
     import torch
 
@@ -87,19 +98,24 @@ CASES = {"llama": ("llama", "llama-bpe"), "llama+lora": ("llama", "llama-bpe"), 
 CASES.update({t: (t, "llama-spm") for t in ("olmo2", "olmo3", "granite", "cohere", "cohere2", "starcoder2", "smollm3",
                                             "exaone", "internlm3", "iquestcoder", "seed_oss", "ernie4_5", "hunyuan_v1_dense",
                                             "nemotron", "glm4", "phi", "stablelm", "gpt2", "gpt_bigcode", "gpt_neox",
-                                            "glm4_moe", "dots1", "exaone4", "granitemoe", "ministral3", "mamba", "falcon_mamba", "mamba2")})
+                                            "glm4_moe", "dots1", "exaone4", "granitemoe", "ministral3", "mamba", "falcon_mamba", "mamba2",
+                                            "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "gemma3", "mistral3", "qwen3_5", "qwen3_5_moe", "qwen3_next")})
+# multimodal wrappers: the GGUF holds the language model; transformers runs the whole model (vision tower from the
+# HF checkpoint, as mlx-lm drops it) on text only
+WRAPPERS = ("gemma3", "mistral3", "qwen3_5", "qwen3_5_moe")
 _SCALES = dict(attention_multiplier=0.1, embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=4.0)
 OVERRIDES = {"granite": _SCALES, "granitemoe": _SCALES,
              "olmoe": dict(num_key_value_heads=4),  # llama.cpp's olmoe: k_norm over n_embd (no GQA)
              "dots1": dict(num_key_value_heads=4),  # llama.cpp's dots1: k/v as wide as q (no GQA)
              "smollm3": dict(num_hidden_layers=4),  # layer 3 is smollm3's first without rope
              "exaone4": dict(num_hidden_layers=64),
+             "qwen3_next": dict(rms_norm_eps=1e-6),  # llama.cpp's qwen3next: the gated delta net's l2 norm eps is the norms'
              "falcon_mamba": dict(mixer_rms_eps=1e-5)}  # llama.cpp's mamba: one epsilon for the norms and B/C/dt  # llama.cpp windows exaone4 only in its 64-layer shape
 PARAMS = [(c, t) for c in CASES for t in (("f32", "f16", "q8_0") if c in ("llama", "llama+lora", "qwen2") else
                                           ("f32", "f16") if c in ("gemma+lora", "qwen2_moe+lora") else ("f32",))]
 # llama.cpp's CPU GELU reads an f16 lookup table (ggml-cpu/vec.h GGML_GELU_FP16): f32 logits move by 1e-3 (measured
 # 0.9-1.4e-3: gemma, starcoder2, phi, gpt2, gpt_bigcode, gpt_neox)
-ARCH_TOL = {a: 5e-3 for a in ("gemma", "gemma2", "gemma3_text", "starcoder2", "phi", "gpt2", "gpt_bigcode", "gpt_neox")}
+ARCH_TOL = {a: 5e-3 for a in ("gemma", "gemma2", "gemma3_text", "gemma3", "starcoder2", "phi", "gpt2", "gpt_bigcode", "gpt_neox")}
 
 
 @pytest.mark.slow
@@ -112,7 +128,7 @@ def test_llama_cpp_matches_transformers(gz, case, gguf_type):
     src = gz.mlx(arch, vocab, **OVERRIDES.get(arch, {}))
     if "+lora" in case:
         src = gz.adapter(src)
-    model = load_hf(gz.export(src, "hf"))
+    model = load_hf_any(gz.export(src, "hf", hf_base=True)) if arch in WRAPPERS else load_hf(gz.export(src, "hf"))
     path = gguf_path(gz.export(src, "gguf", gguf_type))
     ids = np.random.default_rng(0).integers(3, 32000, 48).tolist()  # valid ids in every vocab used here
     got, want = llama_logits(path, ids), hf_logits(model, ids)
@@ -169,10 +185,11 @@ def _quantize_with_llama_cpp(src: Path, dst: Path, ftype: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,gguf_type", [("llama", t) for t in ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_0")]
-                         + [("mixtral", "q4_k_m"), ("mamba", "q4_k_m")])
+                         + [("mixtral", "q4_k_m"), ("mamba", "q4_k_m"), ("deepseek_v3", "q4_k_m")])
 def test_quantized_bytes_equal_llama_cpp(gz, tmp_path, arch, gguf_type):
     """Every tensor's type and bytes equal `llama_model_quantize` run on our f32 GGUF (hidden 256: K-quant rows;
-    8 layers for the `_m` mixes' layer pattern; mixtral with 8 experts for llama.cpp's 8-expert rules)."""
+    8 layers for the `_m` mixes' layer pattern; mixtral with 8 experts for llama.cpp's 8-expert rules; deepseek_v3
+    for MLA's attn_k_b/attn_v_b)."""
     from mlx_bridge.translate.gguf.types import GGUF_TYPES
 
     shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8)

@@ -97,9 +97,11 @@ TINY: dict[str, dict] = {
     "cohere2": {"tie_word_embeddings": True, "sliding_window": 16, "sliding_window_pattern": 2},
     "gpt_neox": {"intermediate_size": 256},
     "qwen3_next": {"layer_types": ["linear_attention", "full_attention"]},
-    "qwen3_5": {"text_config": {"layer_types": ["linear_attention", "full_attention"], "rope_parameters": _QWEN3_5_ROPE}},
+    # rms_norm_eps 1e-6: llama.cpp's qwen35 takes its gated-delta-net l2 norm's epsilon from it (transformers: 1e-6)
+    "qwen3_5": {"text_config": {"layer_types": ["linear_attention", "full_attention"], "rms_norm_eps": 1e-6,
+                                "rope_parameters": _QWEN3_5_ROPE}},
     "qwen3_5_moe": {"text_config": {"layer_types": ["linear_attention", "full_attention"], "num_experts": 4,
-                                    "rope_parameters": _QWEN3_5_ROPE}},
+                                    "rms_norm_eps": 1e-6, "rope_parameters": _QWEN3_5_ROPE}},
     "afmoe": {"layer_types": ["sliding_attention", "full_attention"]},
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1},
     "mamba2": {"num_heads": 8, "head_dim": 16, "expand": 2, "n_groups": 1},

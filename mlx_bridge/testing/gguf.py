@@ -100,12 +100,15 @@ class GgufZoo:
             make_adapter(base, d, rank=4, num_layers=2)
         return d
 
-    def export(self, src: Path, fmt: str, gguf_type: str | None = None) -> Path:
+    def export(self, src: Path, fmt: str, gguf_type: str | None = None, hf_base: bool = False) -> Path:
+        """`hf_base`: pass the HF checkpoint `mlx` converted (what mlx-lm drops, e.g. a vision tower, comes from it)."""
         out = Path(f"{src}-{fmt}{'-' + gguf_type if gguf_type else ''}")
         if not out.exists():
             from mlx_bridge import export
 
             kw = {"gguf_type": gguf_type} if fmt == "gguf" else {"dtype": "float32", "verify": False}
+            if hf_base:
+                kw["hf_base"] = str(src.with_name(src.name.replace("mlx-", "hf-", 1)))
             export(str(src), str(out), format=fmt, progress=False, log=lambda *a: None, **kw)
         return out
 

@@ -92,6 +92,9 @@ def tiny_hf_model(out: str | os.PathLike, model_type: str = "llama", dtype: str 
                 p.normal_(0, 0.08)
             elif "bias" in name:
                 p.normal_(0, 0.02)
+        for name, b in model.named_buffers():  # DeepSeek-V3-style routing bias (a buffer): a dropped one must show
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.05)
     model = model.to(getattr(torch, dtype))
     (model.base_model if arch.quirks.hub_saves_base_model else model).save_pretrained(
         str(out), save_original_format=not arch.quirks.hub_saves_fused)

@@ -66,8 +66,9 @@ def _natural(key: str):
     return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in key.replace(".", " . ").split()]
 
 
-def build_plan(source: Source, dtype: str = "auto") -> Plan:
-    """Validate SRC against its arch and adapter and list every output tensor.
+def build_plan(source: Source, dtype: str = "auto", text_only: bool = False) -> Plan:
+    """Validate SRC against its arch and adapter and list every output tensor (`text_only`: without the
+    tensors mlx-lm drops, e.g. a vision tower, which the MLX model never computes with).
 
     Raises one `BridgeError` listing every problem found (unknown keys, shapes that don't fit, config
     contradicting the weights, unsupported quantization, ...).
@@ -212,8 +213,8 @@ def build_plan(source: Source, dtype: str = "auto") -> Plan:
         if out_np is not None and DTYPES[dt].floating:
             dt = out_np.st
         items.append(Item(name, dt, tuple(shape), ps, rule.get("join"), rule.get("axis", 0), rule.get("merge")))
-    items += (_from_vlm(source, arch, vlm, vlm_keys, out_np, problems) if vlm_keys
-              else _dropped(source, arch, out_np, problems))
+    items += [] if text_only else (_from_vlm(source, arch, vlm, vlm_keys, out_np, problems) if vlm_keys
+                                   else _dropped(source, arch, out_np, problems))
     problems += [f"{where}: {p}" for p in check_against_weights(cfg, {m + ".weight": s for m, s in logical.items()})]
     # attach adapters to every part that reads the adapted MLX weight
     for module, parts in sorted(lora_keys.items(), key=lambda kv: _natural(kv[0])):

@@ -16,7 +16,7 @@ import json
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ...errors import BridgeError
@@ -115,14 +115,22 @@ def _bar(total: int, enabled: bool):
 
 def prepare_gguf(source, gguf_type: str, name: str) -> GgufJob:
     """Validate SRC for a GGUF export (arch, config, tokenizer) and plan it; nothing is written to `out`."""
+    from .archs import text_name
     from .vocab import read_vocab
-    from .hparams import check_arch, gguf_config
+    from .hparams import check_arch, gguf_config, text_arch
 
     gguf_type = check_gguf_type(gguf_type)
-    plan = build_plan(source, "float32")  # fuse in float32; quantize from float32
+    plan = build_plan(source, "float32", text_only=True)  # fuse in float32; quantize from float32
     cfg, notes = hf_config.effective_config(source.base.config, plan.arch, "float32")
+    where = str(source.base.path / "config.json")
+    model_type, cfg, ga = text_arch(plan.arch.model_type, cfg, where)
     cfg = gguf_config(cfg)
-    ga = check_arch(plan.arch.model_type, cfg, str(source.base.path / "config.json"))
+    ga = check_arch(model_type, cfg, where, ga)
+    warnings = []
+    if model_type != plan.arch.model_type:  # the language model's tensors only (an mlx-vlm base keeps the vision tower)
+        plan = replace(plan, items=[i for i in plan.items if "language_model." in i.name or i.name == "lm_head.weight"])
+        warnings.append(f"{plan.arch.model_type}: only the language model is written; llama.cpp reads the vision "
+                        f"tower from a separate mmproj GGUF, which mlx-bridge does not write")
     tok = tempfile.TemporaryDirectory(prefix="mlx-bridge-tok-")
     try:
         tdir = Path(tok.name)
@@ -132,12 +140,13 @@ def prepare_gguf(source, gguf_type: str, name: str) -> GgufJob:
         if (source.base.path / "generation_config.json").is_file():
             shutil.copyfile(source.base.path / "generation_config.json", tdir / "generation_config.json")
         (tdir / "config.json").write_text(json.dumps(cfg))
-        emb = next((i for i in plan.items if i.name == "model.embed_tokens.weight"), None)
+        emb = next((i for i in plan.items if text_name(i.name) == "model.embed_tokens.weight"), None)
         n_vocab = emb.shape[0] if emb is not None else cfg["vocab_size"]
-        vocab = read_vocab(tdir, n_vocab, plan.arch.model_type)
+        vocab = read_vocab(tdir, n_vocab, model_type)
     except BaseException:
         tok.cleanup()
         raise
-    for w in vocab.warnings:
+    warnings += vocab.warnings
+    for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
-    return GgufJob(plan, cfg, gguf_type, name, notes + vocab.notes, list(vocab.warnings), ga, vocab, tok)
+    return GgufJob(plan, cfg, gguf_type, name, notes + vocab.notes, warnings, ga, vocab, tok)

@@ -49,6 +49,13 @@ class GgufArch:
     ssm: bool = False  # a Mamba state space model: MambaModel's hparams, no attention
     eps_also: str = ""  # a config key whose epsilon llama.cpp takes from the norms' (FalconMamba's mixer_rms_eps)
     no_gqa: bool = False  # llama.cpp sizes k/v (or k_norm) by the query heads: num_key_value_heads must equal them
+    # a multimodal wrapper: text_config.model_type -> the GgufArch its language model is written as (the vision
+    # tower goes to llama.cpp's separate mmproj file, which mlx-bridge does not write)
+    text: dict[str, "GgufArch"] = field(default_factory=dict)
+    gdn: bool = False  # gated delta net layers (Qwen3-Next, Qwen3.5): Qwen3NextModel's ssm hparams and tensors
+    mrope: bool = False  # _Qwen35MRopeMixin: M-RoPE sections (Qwen3.5)
+    no_shift: tuple[str, ...] = ()  # "*norm.weight" suffixes norm_shift leaves alone
+    mla: bool = False  # DeepSeek's multi-head latent attention: DeepseekV2Model's hparams, kv_b_proj -> k_b, v_b
 
 
 _CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # GPT-2's Conv1D stores (in, out)
@@ -61,8 +68,26 @@ _SIGMOID = {"add_expert_gating_func": gguf.ExpertGatingFuncType.SIGMOID}  # tran
 _GRANITE = {"add_attention_scale": "attention_multiplier", "add_embedding_scale": "embedding_multiplier",
             "add_residual_scale": "residual_multiplier", "add_logit_scale": "logits_scaling"}
 _MAMBA = {"A_log": "neg_exp", "conv1d.weight": "squeeze"}  # MambaModel.modify_tensors: A = -exp(A_log); (d, 1, k) -> (d, k)
+# DeepseekV2Model.set_gguf_parameters (+ TextModel's expert groups); the MLA lengths are written by hparams.add_mla
+_MLA = {**_ROUTED, "add_q_lora_rank": "q_lora_rank", "add_kv_lora_rank": "kv_lora_rank",
+        "add_expert_group_count": "n_group", "add_expert_group_used_count": "topk_group"}
+_MLA_NO_GROUPS = {k: v for k, v in _MLA.items() if "group" not in k}
 _GEMMA2 = {"add_attn_logit_softcapping": "attn_logit_softcapping",
            "add_final_logit_softcapping": "final_logit_softcapping"}
+
+_GEMMA3 = GgufArch(gguf.MODEL_ARCH.GEMMA3, norm_shift=1.0, sliding_layers=True, query_scale_head_dim=True,
+                   extra={"add_final_logit_softcapping": "final_logit_softcapping",
+                          "add_rope_freq_base_swa": "rope_local_base_freq"})
+_MINISTRAL3 = GgufArch(gguf.MODEL_ARCH.MISTRAL3, permute_qk=True, llama_extras=True, rope_types=("yarn",), extra={
+    "add_rope_scaling_yarn_log_mul": "rope_parameters.mscale_all_dim",
+    "add_attn_temperature_scale": "rope_parameters.llama_4_scaling_beta"})
+
+# _LinearAttentionVReorderBase / Qwen3NextModel.modify_tensors: HF suffix -> tensors.GDN op
+_GDN_OPS = {"in_proj_qkv.weight": "gdn_qkv", "in_proj_z.weight": "gdn_z", "in_proj_a.weight": "gdn_ab",
+            "in_proj_b.weight": "gdn_ab", "A_log": "gdn_a", "dt_bias": "gdn_dt", "conv1d.weight": "gdn_conv",
+            "out_proj.weight": "gdn_out"}
+_QWEN35 = GgufArch(gguf.MODEL_ARCH.QWEN35, gdn=True, mrope=True, partial_rope=True, norm_shift=1.0,
+                   no_shift=("linear_attn.norm.weight",), ops=_GDN_OPS)
 
 GGUF_ARCHS: dict[str, GgufArch] = {
     "llama": GgufArch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, llama_extras=True),
@@ -75,9 +100,20 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     "gemma": GgufArch(gguf.MODEL_ARCH.GEMMA, norm_shift=1.0),
     "gemma2": GgufArch(gguf.MODEL_ARCH.GEMMA2, norm_shift=1.0, extra=_GEMMA2, sliding_window_full=True,
                        query_scale_head_dim=True),
-    "gemma3_text": GgufArch(gguf.MODEL_ARCH.GEMMA3, norm_shift=1.0, sliding_layers=True, query_scale_head_dim=True,
-                            extra={"add_final_logit_softcapping": "final_logit_softcapping",
-                                   "add_rope_freq_base_swa": "rope_local_base_freq"}),
+    "gemma3_text": _GEMMA3,
+    # Gemma3Model / Mistral3Model (convert_hf_to_gguf) write the language model of these as the text GGUF
+    "gemma3": GgufArch(gguf.MODEL_ARCH.GEMMA3, text={"gemma3_text": _GEMMA3}),
+    "qwen3_5": GgufArch(gguf.MODEL_ARCH.QWEN35, text={"qwen3_5_text": _QWEN35}),
+    "qwen3_5_moe": GgufArch(gguf.MODEL_ARCH.QWEN35MOE, text={"qwen3_5_moe_text": GgufArch(
+        gguf.MODEL_ARCH.QWEN35MOE, gdn=True, mrope=True, partial_rope=True, norm_shift=1.0, no_shift=("linear_attn.norm.weight",),
+        ops=_GDN_OPS, extra={**_MOE, "add_expert_shared_feed_forward_length": "shared_expert_intermediate_size"},
+        halves={"experts.gate_up_proj": (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP)})}),
+    # Qwen3NextModel: V heads stay grouped; in_proj_qkvz -> attn_qkv (all q, all k, all v) + attn_gate (tensors.gdn)
+    "qwen3_next": GgufArch(gguf.MODEL_ARCH.QWEN3NEXT, gdn=True, partial_rope=True, norm_shift=1.0,
+                           no_shift=("linear_attn.norm.weight",), ops={**_MAMBA, "in_proj_qkvz.weight": "gdn_qkvz"},
+                           extra={**_MOE, "add_expert_shared_feed_forward_length": "shared_expert_intermediate_size"}),
+    "mistral3": GgufArch(gguf.MODEL_ARCH.MISTRAL3, text={
+        "ministral3": _MINISTRAL3, "mistral": GgufArch(gguf.MODEL_ARCH.MISTRAL3, permute_qk=True, llama_extras=True)}),
     "olmo2": GgufArch(gguf.MODEL_ARCH.OLMO2),
     "olmoe": GgufArch(gguf.MODEL_ARCH.OLMOE, requires={"norm_topk_prob": False}, no_gqa=True),
     "granite": GgufArch(gguf.MODEL_ARCH.GRANITE, permute_qk=True, llama_extras=True, extra=_GRANITE),
@@ -87,9 +123,7 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     "starcoder2": GgufArch(gguf.MODEL_ARCH.STARCODER2),
     "qwen2_moe": GgufArch(gguf.MODEL_ARCH.QWEN2MOE, requires={"norm_topk_prob": False},
                           extra={**_MOE, "add_expert_shared_feed_forward_length": "shared_expert_intermediate_size"}),
-    "ministral3": GgufArch(gguf.MODEL_ARCH.MISTRAL3, permute_qk=True, llama_extras=True, rope_types=("yarn",), extra={
-        "add_rope_scaling_yarn_log_mul": "rope_parameters.mscale_all_dim",
-        "add_attn_temperature_scale": "rope_parameters.llama_4_scaling_beta"}),
+    "ministral3": _MINISTRAL3,
     "mamba": GgufArch(gguf.MODEL_ARCH.MAMBA, ssm=True, ops=_MAMBA, requires={"use_bias": False}),
     "falcon_mamba": GgufArch(gguf.MODEL_ARCH.MAMBA, ssm=True, ops=_MAMBA, requires={"use_bias": False},
                              eps_also="mixer_rms_eps"),
@@ -116,6 +150,12 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     "glm4_moe": GgufArch(gguf.MODEL_ARCH.GLM4_MOE, partial_rope=True, extra=_ROUTED,
                          consts=_SIGMOID),
     "dots1": GgufArch(gguf.MODEL_ARCH.DOTS1, extra=_ROUTED, no_gqa=True, consts=_SIGMOID),
+    # transformers' DeepseekV2 routes by softmax, V3 and GLM-4.7-Flash by sigmoid + e_score_correction_bias (exp_probs_b)
+    # (DeepSeek-V2's group_limited_greedy picks groups by their max, llama.cpp by their top-2 sum: groups not written)
+    "deepseek_v2": GgufArch(gguf.MODEL_ARCH.DEEPSEEK2, mla=True, extra=_MLA_NO_GROUPS, rope_types=("yarn",),
+                            consts={"add_expert_gating_func": gguf.ExpertGatingFuncType.SOFTMAX}),
+    "deepseek_v3": GgufArch(gguf.MODEL_ARCH.DEEPSEEK2, mla=True, extra=_MLA, rope_types=("yarn",), consts=_SIGMOID),
+    "glm4_moe_lite": GgufArch(gguf.MODEL_ARCH.DEEPSEEK2, mla=True, extra=_MLA, rope_types=("yarn",), consts=_SIGMOID),
     "stablelm": GgufArch(gguf.MODEL_ARCH.STABLELM, partial_rope=True, extra=_PARALLEL, requires={"qk_layernorm": False}),
 }
 
@@ -144,6 +184,12 @@ def refusal(model_type: str) -> str:
     if arch is None:
         return f"{where} has no converter for {cls}"
     return f"{where} converts {cls} as {arch.lower()}, which mlx-bridge does not write yet"
+
+
+def text_name(hf: str) -> str:
+    """A wrapper's language-model tensor name as the text model's: "model.language_model.x" and
+    "language_model.model.x" -> "model.x", "language_model.lm_head.weight" -> "lm_head.weight"."""
+    return hf.replace("model.language_model.", "model.").removeprefix("language_model.")
 
 
 def merged_expert_name(per_expert: str) -> str:

@@ -57,6 +57,10 @@ def gguf_config(cfg: dict) -> dict:
     for key in _RESOLVED:  # values the config class fills in when config.json leaves them out
         if out.get(key) is None and getattr(conf, key, None) is not None:
             out[key] = getattr(conf, key)
+    mlp_types = getattr(conf, "mlp_layer_types", None)  # Glm4MoeLiteConfig: ["dense", "sparse", ...]
+    if out.get("first_k_dense_replace") is None and mlp_types:
+        out["first_k_dense_replace"] = next((i for i, t in enumerate(mlp_types) if t != "dense"), len(mlp_types))
+        out["mlp_layer_types"] = list(mlp_types)
     rp = getattr(conf, "rope_parameters", None) or {}
     frac = rp.get("partial_rotary_factor") or getattr(conf, "partial_rotary_factor", None) or getattr(conf, "rotary_pct", None)
     if frac is not None:
@@ -67,6 +71,8 @@ def gguf_config(cfg: dict) -> dict:
 def kv_heads(cfg: dict, ga: GgufArch) -> int:
     """Key/value heads as llama.cpp must count them for this arch."""
     n_head = cfg["num_attention_heads"]
+    if ga.mla:  # DeepseekV2Model: MLA runs as MQA over the latent
+        return 1
     if ga.kv_heads == "mha":
         return n_head
     if ga.kv_heads == "multi_query":
@@ -74,9 +80,27 @@ def kv_heads(cfg: dict, ga: GgufArch) -> int:
     return cfg.get("num_key_value_heads") or n_head
 
 
-def check_arch(model_type: str, cfg: dict, where: str) -> GgufArch:
-    """The arch's GGUF data; BridgeError when llama.cpp can't compute what MLX computed."""
+def text_arch(model_type: str, cfg: dict, where: str) -> tuple[str, dict, GgufArch | None]:
+    """A multimodal wrapper's language model: (its model_type, its config, its GGUF data); others as given.
+
+    Example:
+        >>> text_arch("mistral3", {"text_config": {"model_type": "mistral"}}, "config.json")[0]
+        'mistral'
+    """
     ga = GGUF_ARCHS.get(model_type)
+    if ga is None or not ga.text:
+        return model_type, cfg, ga
+    tc = cfg.get("text_config") or {}
+    inner = ga.text.get(tc.get("model_type"))
+    if inner is None:
+        raise BridgeError(f"{where}: text_config.model_type {tc.get('model_type')!r}: llama.cpp's {ga.arch.name.lower()} "
+                          f"text model is written only for {', '.join(ga.text)}")
+    return tc["model_type"], tc, inner
+
+
+def check_arch(model_type: str, cfg: dict, where: str, ga: GgufArch | None = None) -> GgufArch:
+    """The arch's GGUF data; BridgeError when llama.cpp can't compute what MLX computed."""
+    ga = ga or GGUF_ARCHS.get(model_type)
     if ga is None:
         raise BridgeError(f"{where}: model_type {model_type!r} has no GGUF export: {refusal(model_type)}")
     problems = [f"{where}: {k}={cfg.get(k)!r}, but llama.cpp's {ga.arch.name.lower()} computes as if {k}={v!r}"
@@ -93,6 +117,30 @@ def check_arch(model_type: str, cfg: dict, where: str) -> GgufArch:
         problems.append(f"{where}: sliding_window={cfg['sliding_window']} with {n_layer} layers, but llama.cpp's "
                         f"{ga.arch.name.lower()} windows attention (and skips rope on global layers) only with "
                         f"{' or '.join(map(str, ga.swa_layer_counts))} layers")
+    if ga.mla and "add_expert_group_count" not in ga.extra and (cfg.get("n_group") or 1) > 1 \
+            and cfg.get("topk_method") == "group_limited_greedy":
+        problems.append(f"{where}: topk_method='group_limited_greedy' with n_group={cfg['n_group']}, but llama.cpp's "
+                        f"{ga.arch.name.lower()} picks expert groups by their top-2 score sum, {model_type} by their max")
+    if ga.gdn:
+        step = cfg.get("full_attention_interval") or 4
+        want = ["linear_attention" if (i + 1) % step else "full_attention" for i in range(n_layer)]
+        if cfg.get("layer_types") is not None and list(cfg["layer_types"]) != want:
+            problems.append(f"{where}: layer_types={cfg['layer_types']}, but llama.cpp's {ga.arch.name.lower()} attends "
+                            f"fully on every {step}th layer ({want})")
+        rot = int((cfg.get("partial_rotary_factor") or 1.0) * (cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]))
+        if ga.mrope and sum(mrope_sections(cfg)) > rot // 2:
+            problems.append(f"{where}: M-RoPE sections {mrope_sections(cfg)} cover more than the {rot // 2} rotary "
+                            f"frequencies, which llama.cpp's {ga.arch.name.lower()} refuses")
+        if cfg.get("rms_norm_eps", 1e-6) != 1e-6:  # transformers' and mlx-lm's gated delta net: l2 norm eps 1e-6
+            problems.append(f"{where}: rms_norm_eps={cfg['rms_norm_eps']}, but llama.cpp's {ga.arch.name.lower()} also "
+                            f"l2-normalises the gated delta net's q/k with it (the model with 1e-6)")
+        if cfg.get("linear_key_head_dim") != cfg.get("linear_value_head_dim"):
+            problems.append(f"{where}: linear_key_head_dim={cfg.get('linear_key_head_dim')} != linear_value_head_dim="
+                            f"{cfg.get('linear_value_head_dim')}, but llama.cpp's {ga.arch.name.lower()} sizes both by one")
+    k, mlp_types = cfg.get("first_k_dense_replace") or 0, cfg.get("mlp_layer_types")
+    if ga.mla and mlp_types and list(mlp_types) != ["dense"] * k + ["sparse"] * (len(mlp_types) - k):
+        problems.append(f"{where}: mlp_layer_types={mlp_types}, but llama.cpp's {ga.arch.name.lower()} runs "
+                        f"dense layers only before the first sparse one")
     if ga.eps_also and cfg.get(ga.eps_also) != mamba_eps(cfg):
         problems.append(f"{where}: {ga.eps_also}={cfg.get(ga.eps_also)} differs from the norms' epsilon "
                         f"{mamba_eps(cfg)}, but llama.cpp's {ga.arch.name.lower()} uses one epsilon for both")
@@ -121,7 +169,8 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
     if ctx is not None:
         w.add_context_length(ctx)
     w.add_embedding_length(cfg["hidden_size"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
+    if cfg.get("intermediate_size") is not None:  # TextModel: optional (Qwen3.5-MoE has experts only)
+        w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(n_head)
     w.add_head_count_kv(kv_heads(cfg, ga))
     rp = cfg.get("rope_parameters") or {}
@@ -149,7 +198,9 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
         w.add_expert_count(n_exp)
         w.add_expert_used_count(cfg["num_experts_per_tok"])
     head_dim = cfg.get("head_dim")
-    if head_dim is not None:
+    if ga.mla:
+        add_mla(w, cfg, n_vocab)
+    elif head_dim is not None:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     if ga.llama_extras:
@@ -163,7 +214,7 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
         w.add_rope_scaling_orig_ctx_len(cfg.get("original_max_position_embeddings") or ctx)
         w.add_sliding_window(cfg.get("sliding_window") or 0)
     score = cfg.get("scoring_func")
-    if score in ("sigmoid", "softmax"):
+    if score in ("sigmoid", "softmax") and "add_expert_gating_func" not in ga.consts:
         w.add_expert_gating_func(getattr(gguf.ExpertGatingFuncType, score.upper()))
     for method, value in ga.consts.items():
         getattr(w, method)(value)
@@ -171,6 +222,8 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
         value = rp.get(key.split(".", 1)[1]) if key.startswith("rope_parameters.") else cfg.get(key)
         if value is not None:
             getattr(w, method)(value)
+    if ga.gdn:
+        add_gdn(w, cfg, ga)
     if ga.sliding_window_full:  # mlx-lm attends to the whole context in every layer
         w.add_sliding_window(ctx)
     if ga.sliding_layers:  # the window on exactly the layers mlx-lm windows (effective config's layer_types)
@@ -178,6 +231,43 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
         if any(t == "sliding_attention" for t in types):
             w.add_sliding_window(cfg["sliding_window"])
             w.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+
+
+def add_gdn(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch) -> None:
+    """Qwen3NextModel.set_gguf_parameters (+ _Qwen35MRopeMixin): the gated delta net's sizes, the full-attention
+    interval (check_arch: layer_types follow it), and the M-RoPE sections (text: every section sees one position)."""
+    w.add_ssm_conv_kernel(cfg["linear_conv_kernel_dim"])
+    w.add_ssm_state_size(cfg["linear_key_head_dim"])
+    w.add_ssm_group_count(cfg["linear_num_key_heads"])
+    w.add_ssm_time_step_rank(cfg["linear_num_value_heads"])
+    w.add_ssm_inner_size(cfg["linear_value_head_dim"] * cfg["linear_num_value_heads"])
+    w.add_full_attention_interval(cfg.get("full_attention_interval") or 4)
+    if ga.mrope:
+        w.add_rope_dimension_sections(mrope_sections(cfg))
+
+
+def mrope_sections(cfg: dict) -> list[int]:
+    """The M-RoPE sections as _Qwen35MRopeMixin writes them (its default when the config has none), 4 long."""
+    sections = list((cfg.get("rope_parameters") or {}).get("mrope_section") or [11, 11, 10, 0])
+    return sections + [0] * (4 - len(sections))
+
+
+def add_mla(w: gguf.GGUFWriter, cfg: dict, n_vocab: int) -> None:
+    """DeepseekV2Model.set_gguf_parameters' MLA lengths: llama.cpp runs MLA as MQA over the latent (k = latent + rope
+    part, v = latent), then decompresses to the heads' own lengths (the *_mla keys)."""
+    rank, rope = cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]
+    w.add_key_length(rank + rope)
+    w.add_value_length(rank)
+    w.add_key_length_mla(cfg["qk_nope_head_dim"] + rope)
+    w.add_value_length_mla(cfg["v_head_dim"])
+    w.add_vocab_size(n_vocab)
+    w.add_rope_dimension_count(rope)
+    for method, key in (("add_leading_dense_block_count", "first_k_dense_replace"), ("add_expert_shared_count", "n_shared_experts")):
+        if cfg.get(key) is None:  # required by llama.cpp; the arch's `extra` writes it when set
+            getattr(w, method)(0)
+    mscale_all = (cfg.get("rope_parameters") or {}).get("mscale_all_dim")
+    if mscale_all is not None:  # llama.cpp divides this by 0.1 again ([TAG_DEEPSEEK2_YARN_LOG_MUL_FIX])
+        w.add_rope_scaling_yarn_log_mul(0.1 * mscale_all)
 
 
 def mamba_eps(cfg: dict) -> float:

@@ -20,7 +20,7 @@ import numpy as np
 from ...errors import raise_all
 from ..parts import Item, materialize as materialize_item
 from ..plan import Plan
-from .archs import GgufArch, merged_expert_name
+from .archs import GgufArch, merged_expert_name, text_name
 
 
 @dataclass
@@ -31,6 +31,7 @@ class GTensor:
     n_head: int | None = None  # permute rows for llama-style rope with this many heads
     shift: float = 0.0
     op: str | None = None  # a layout op of OPS, before the permutation
+    arg: tuple[int, ...] = ()  # the gdn ops' head counts and sizes
 
     @property
     def layer(self) -> int:
@@ -60,6 +61,42 @@ def half(w: np.ndarray, k: int) -> np.ndarray:
     return np.ascontiguousarray(w[..., k * n:(k + 1) * n, :])
 
 
+def kv_b(w: np.ndarray, shape: tuple[int, ...], k: int) -> np.ndarray:
+    """MLA's kv_b_proj (n_head x (nope + v), rank) -> k_b (n_head, rank, nope) for k=0 or v_b (n_head, v, rank) for
+    k=1, the split llama.cpp's deepseek2 reads for absorbed attention (DeepseekV2Model.modify_tensors)."""
+    w = w.reshape(shape[0], -1, w.shape[-1])
+    if k == 0:
+        return np.ascontiguousarray(w[:, : shape[2]].swapaxes(1, 2))
+    return np.ascontiguousarray(w[:, w.shape[1] - shape[1]:])
+
+
+def v_tiled(w: np.ndarray, axis: int, n_k: int, per_k: int, head_dim: int) -> np.ndarray:
+    """V heads grouped by K head -> tiled order along `axis` (_LinearAttentionVReorderBase._reorder_v_heads)."""
+    shape = w.shape
+    w = w.reshape(*shape[:axis], n_k, per_k, head_dim, *shape[axis + 1:])
+    return np.ascontiguousarray(w.swapaxes(axis, axis + 1).reshape(shape))
+
+
+def gdn(op: str, w: np.ndarray, n_k: int, per_k: int, dk: int, dv: int) -> np.ndarray:
+    """A gated-delta-net tensor as llama.cpp's qwen35 reads it (n_k key heads, per_k value heads each)."""
+    if op in ("gdn_qkvz0", "gdn_qkvz1"):  # Qwen3-Next: per key head [q k v z] -> [all q | all k | all v], all z
+        w = w.reshape(n_k, 2 * dk + 2 * per_k * dv, -1)
+        if op == "gdn_qkvz1":
+            return np.ascontiguousarray(w[:, 2 * dk + per_k * dv:].reshape(-1, w.shape[-1]))
+        return np.concatenate([w[:, a:b].reshape(-1, w.shape[-1]) for a, b in
+                               ((0, dk), (dk, 2 * dk), (2 * dk, 2 * dk + per_k * dv))])
+    if op == "gdn_qkv":  # only the V rows move
+        return np.concatenate([w[: 2 * n_k * dk], v_tiled(w[2 * n_k * dk:], 0, n_k, per_k, dv)])
+    if op == "gdn_conv":  # (channels, 1, kernel) -> (channels, kernel), V channels tiled
+        w = w.reshape(w.shape[0], -1)
+        return np.concatenate([w[: 2 * n_k * dk], v_tiled(w[2 * n_k * dk:], 0, n_k, per_k, dv)])
+    if op == "gdn_a":
+        w = -np.exp(w)
+    if op == "gdn_out":
+        return v_tiled(w, 1, n_k, per_k, dv)
+    return v_tiled(w, 0, n_k, per_k, dv if op == "gdn_z" else 1)
+
+
 OPS = {"transpose": lambda w, n_head: np.ascontiguousarray(w.T), "qkv_by_kind": qkv_by_kind,
        "half0": lambda w, n_head: half(w, 0), "half1": lambda w, n_head: half(w, 1),
        "neg_exp": lambda w, n_head: -np.exp(w), "neg_exp_col": lambda w, n_head: -np.exp(w)[:, None],
@@ -74,6 +111,10 @@ def materialize(t: GTensor) -> np.ndarray:
     else:
         w = np.stack([materialize_item(i) for i in t.items])
     w = w.astype(np.float32, copy=False)
+    if t.op and t.op.startswith("gdn_"):
+        return gdn(t.op, w, *t.arg)
+    if t.op in ("k_b", "v_b"):
+        return kv_b(w, t.shape, t.op == "v_b")
     if t.op:
         return OPS[t.op](w, t.n_head)
     if t.n_head:
@@ -85,7 +126,9 @@ def materialize(t: GTensor) -> np.ndarray:
 
 def _rename(hf: str) -> str:
     """HF names convert_hf_to_gguf renames before mapping (a routing bias, Mamba2's dt_bias)."""
-    return hf.replace("e_score_correction_bias", "e_score_correction.bias").replace("mixer.dt_bias", "mixer.dt_proj.bias")
+    return hf.replace("e_score_correction_bias", "e_score_correction.bias").replace("mixer.dt_bias", "mixer.dt_proj.bias") \
+        .replace("linear_attn.dt_bias", "linear_attn.dt_proj.bias").replace("experts.down_proj", "experts.down_proj.weight") \
+        .replace(".weight.weight", ".weight")
 
 
 def _sort_key(t: GTensor):
@@ -105,9 +148,9 @@ def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
     problems = []
     for it in plan.items:
         template, idx = arch.template(it.name)
-        hf = it.name
+        hf = text_name(it.name)
         if template in expert_tpl:  # one expert of a stacked tensor: layer index first, expert second
-            hf = expert_tpl[template].replace("{}", str(idx[0]), 1)
+            hf = text_name(expert_tpl[template].replace("{}", str(idx[0]), 1))
         groups.setdefault(hf, []).append(it)
     out = []
     for hf, items in groups.items():
@@ -117,6 +160,21 @@ def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
             shape = (*items[0].shape[:-2], items[0].shape[-2] // 2, items[0].shape[-1])
             out += [GTensor(gguf.TENSOR_NAMES[t].format(bid=bid) + ".weight", shape, items, op=f"half{k}")
                     for k, t in enumerate(pair)]
+            continue
+        if ga.mla and hf.endswith("kv_b_proj.weight"):  # -> attn_k_b, attn_v_b per head
+            bid, (_, rank) = int(re.search(r"\.(\d+)\.", hf).group(1)), items[0].shape
+            nope, v = cfg["qk_nope_head_dim"], cfg["v_head_dim"]
+            out += [GTensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ATTN_K_B].format(bid=bid) + ".weight", (n_head, rank, nope),
+                            items, op="k_b"),
+                    GTensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ATTN_V_B].format(bid=bid) + ".weight", (n_head, v, rank),
+                            items, op="v_b")]
+            continue
+        if ga.gdn and hf.endswith("in_proj_qkvz.weight"):  # Qwen3-Next: -> attn_qkv and attn_gate
+            n_k, n_v = cfg["linear_num_key_heads"], cfg["linear_num_value_heads"]
+            arg = (n_k, n_v // n_k, cfg["linear_key_head_dim"], cfg["linear_value_head_dim"])
+            bid, (rows, cols), z = int(re.search(r"\.(\d+)\.", hf).group(1)), items[0].shape, n_v * arg[3]
+            out += [GTensor(gguf.TENSOR_NAMES[t].format(bid=bid) + ".weight", (n, cols), items, op=f"gdn_qkvz{k}", arg=arg)
+                    for k, (t, n) in enumerate(((gguf.MODEL_TENSOR.ATTN_QKV, rows - z), (gguf.MODEL_TENSOR.ATTN_GATE, z)))]
             continue
         base, _, suffix = _rename(hf).rpartition(".")
         name = names.get_name(base)
@@ -133,9 +191,15 @@ def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
             heads = n_head
         elif ga.permute_qk and hf.endswith(("k_proj.weight", "k_proj.bias")):
             heads = n_kv
-        shift = ga.norm_shift if hf.endswith("norm.weight") else 0.0
+        shift = ga.norm_shift if hf.endswith("norm.weight") and not hf.endswith(ga.no_shift or ("\0",)) else 0.0
         op = next((o for k, o in ga.ops.items() if hf.endswith(k)), None)
-        if op == "transpose":
+        arg = ()
+        if op and op.startswith("gdn_"):
+            n_k, n_v = cfg["linear_num_key_heads"], cfg["linear_num_value_heads"]
+            arg = (n_k, n_v // n_k, cfg["linear_key_head_dim"], cfg["linear_value_head_dim"])
+            if op == "gdn_conv":
+                shape = (shape[0], int(np.prod(shape[1:])))
+        elif op == "transpose":
             shape = shape[::-1]
         elif op == "squeeze":
             shape = (shape[0], int(np.prod(shape[1:])))
@@ -146,6 +210,6 @@ def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
             shape = (heads, shape[0] // heads)
         elif op:
             heads = n_head
-        out.append(GTensor(name, tuple(shape), items, heads, shift, op))
+        out.append(GTensor(name, tuple(shape), items, heads, shift, op, arg))
     raise_all(problems, plan.source.path)
     return sorted(out, key=_sort_key)
