@@ -139,3 +139,15 @@ def test_rows_of_every_item_equal_the_whole(gz):
         whole, n = materialize(item), item.shape[0]
         for r0, r1 in [(0, min(128, n)), (128 * (n // 256), n), (0, n)]:
             np.testing.assert_array_equal(materialize(item, (r0, r1)), whole[r0:r1], err_msg=f"{item.name}[{r0}:{r1}]")
+
+
+def test_ggml_one_dimensional_tensors_stay_f32():
+    """llama_model_quantize quantizes only tensors ggml counts as 2-D or more: a (1, hidden) weight (qwen2_moe's
+    shared-expert gate) stays F32 at q4_k_m, where a (hidden, hidden) one is quantized."""
+    from gguf import GGMLQuantizationType as T
+
+    from mlx_bridge.translate.gguf.types import TypePicker
+
+    p = TypePicker("q4_k_m", n_layer=2, n_attn_v=2, n_expert=4, tied=False)
+    assert p.pick("blk.0.ffn_gate_inp_shexp.weight", (1, 256)) == T.F32
+    assert p.pick("blk.0.ffn_up_shexp.weight", (256, 256)) != T.F32

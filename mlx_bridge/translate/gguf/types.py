@@ -53,6 +53,17 @@ def _category(name: str) -> str:
     return "other"
 
 
+def ggml_n_dims(shape: tuple[int, ...]) -> int:
+    """ggml_n_dims of a tensor with numpy `shape`: ggml's trailing dims of size 1 (numpy's leading) don't count.
+
+    Example:
+        >>> ggml_n_dims((1, 64)), ggml_n_dims((4, 1, 64)), ggml_n_dims((64,))
+        (1, 3, 1)
+    """
+    lead = next((i for i, n in enumerate(shape) if n > 1), len(shape))
+    return max(1, len(shape) - lead)
+
+
 class TypePicker:
     """Tensor types for one file, picked in file order (the attn_v / ffn_down counters depend on it)."""
 
@@ -68,6 +79,8 @@ class TypePicker:
         t = self.default
         if t in FLOAT:
             return t
+        if ggml_n_dims(shape) < 2:  # llama_model_quantize keeps what ggml counts as 1-D, e.g. (1, n): F32 here
+            return T.F32
         t = self._mix(name, shape, t)
         ncols = shape[-1]
         if ncols % GGML_QUANT_SIZES[t][0]:
