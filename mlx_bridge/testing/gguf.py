@@ -198,7 +198,6 @@ def _spm_model(f: dict, out: Path, tokens: list[str], types: list[int]) -> None:
 def spm_json_tokenizer(spm_dir: Path, out: Path) -> Path:
     """tokenizer.json (and tokenizer_config.json) for the tokenizer.model in `spm_dir`, as transformers'
     own `SpmConverter.build_tokenizer_from_spm_proto` builds it (encodes like SentencePiece); no tokenizer.model."""
-    import shutil
 
     from sentencepiece import sentencepiece_model_pb2 as pb
     from transformers.convert_slow_tokenizer import SpmConverter
