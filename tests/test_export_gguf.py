@@ -185,7 +185,7 @@ def _quantize_with_llama_cpp(src: Path, dst: Path, ftype: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,gguf_type", [("llama", t) for t in ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_0")]
-                         + [("mixtral", "q4_k_m"), ("mamba", "q4_k_m"), ("deepseek_v3", "q4_k_m")])
+                         + [("mixtral", "q4_k_m"), ("mamba", "q4_k_m"), ("deepseek_v3", "q4_k_m"), ("qwen2_moe", "q4_k_m")])
 def test_quantized_bytes_equal_llama_cpp(gz, tmp_path, arch, gguf_type):
     """Every tensor's type and bytes equal `llama_model_quantize` run on our f32 GGUF (hidden 256: K-quant rows;
     8 layers for the `_m` mixes' layer pattern; mixtral with 8 experts for llama.cpp's 8-expert rules; deepseek_v3

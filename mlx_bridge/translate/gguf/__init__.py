@@ -57,8 +57,7 @@ class GgufJob:
 
         ts = gguf_tensors(self.plan, self._ga, self.cfg)
         names = {t.name for t in ts}
-        p = TypePicker(self.gguf_type, self.cfg["num_hidden_layers"], sum("attn_v." in n or "attn_qkv." in n for n in names),
-                       self.cfg.get("num_local_experts") or self.cfg.get("num_experts") or 0, "output.weight" not in names)
+        p = TypePicker.for_file(self.gguf_type, self.cfg, names)
         rows = [f"{t.name}  {list(t.shape)}  {p.pick(t.name, t.shape).name}  <- {t.describe()}" for t in ts]
         rows.append(f"# {len(ts)} GGUF tensors, {self._ga.arch.name.lower()}, tokenizer {self._vocab.model}"
                     f" (pre {self._vocab.pre}), --gguf-type {self.gguf_type}")

@@ -72,6 +72,14 @@ class TypePicker:
         self.n_layer, self.n_attn_v, self.n_expert, self.tied = n_layer, n_attn_v, n_expert, tied
         self.i_attn_v = self.i_ffn_down = 0
 
+    @classmethod
+    def for_file(cls, gguf_type: str, cfg: dict, names: set[str]) -> "TypePicker":
+        """The picker for a file of tensors `names`: attn_v-like weights counted as llama.cpp counts them
+        (`category_is_attn_v`: attn_v, attn_qkv, attn_kv_b weights, never their biases)."""
+        n_attn_v = sum(_category(n) == "attn_v" for n in names)
+        return cls(gguf_type, cfg["num_hidden_layers"], n_attn_v,
+                   cfg.get("num_local_experts") or cfg.get("num_experts") or 0, "output.weight" not in names)
+
     def pick(self, name: str, shape: tuple[int, ...]) -> T:
         """Type of tensor `name` with numpy `shape` (rows last), given it is float32 at the source."""
         if len(shape) < 2 or not name.endswith("weight") or any(k in name for k in KEEP):

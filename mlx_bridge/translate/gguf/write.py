@@ -39,8 +39,7 @@ def write_gguf(plan: Plan, cfg: dict, ga: GgufArch, vocab: Vocab, tok_dir: Path,
     if (cfg.get("rope_parameters") or {}).get("rope_type") == "llama3":
         extra.append((gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_freqs(cfg)))
     names = {t.name for t in tensors}
-    picker = TypePicker(gguf_type, cfg["num_hidden_layers"], sum("attn_v." in n or "attn_qkv." in n for n in names),
-                        cfg.get("num_local_experts") or cfg.get("num_experts") or 0, "output.weight" not in names)
+    picker = TypePicker.for_file(gguf_type, cfg, names)
     types = [picker.pick(t.name, t.shape) for t in tensors]
     w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[ga.arch], split_max_size=split_bytes)
     w.add_type(gguf.GGUFType.MODEL)
