@@ -57,13 +57,19 @@ def test_probes_of_float32_on_cuda_are_tf32(monkeypatch):
     assert coarser("tfloat32", "bfloat16") == "bfloat16"
 
 
-def test_cli_run_reports_startup_steady_and_backend(tmp_path, capsys):
+def cli_train(tmp_path, *flags: str):
+    """`mlx-bridge train` 3 steps of a tiny llama LoRA; the checkpoint dir."""
     hf = tiny_hf_model(tmp_path / "hf", "llama", seed=1)
     base = mlx_convert(hf, tmp_path / "mlx")
     data = write_split_dir(tmp_path / "data", "completions", n_train=12, n_valid=4)
     out = tmp_path / "ckpt"
     assert cli_main(["train", "--model", str(base), "--data", str(data), "--out", str(out), "--iters", "3",
-                     "--lora-rank", "2", "--batch-size", "4", "--no-compile", "--quiet"]) == 0
+                     "--lora-rank", "2", "--batch-size", "4", "--quiet", *flags]) == 0
+    return out
+
+
+def test_cli_run_reports_startup_steady_and_backend(tmp_path, capsys):
+    out = cli_train(tmp_path, "--no-compile")
     end = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     info = backend.backend_info()
     assert end["trained_on"] == [f"{info['backend']} ({info['device']})"]
@@ -106,13 +112,8 @@ def test_stepper_counts_the_traces_that_compile_the_step():
     assert eager.traces == 0
 
 
-def test_compiled_run_counts_the_retrace_as_startup(tmp_path, capsys):
-    hf = tiny_hf_model(tmp_path / "hf", "llama", seed=1)
-    base = mlx_convert(hf, tmp_path / "mlx")
-    data = write_split_dir(tmp_path / "data", "completions", n_train=12, n_valid=4)
-    out = tmp_path / "ckpt"
-    assert cli_main(["train", "--model", str(base), "--data", str(data), "--out", str(out), "--iters", "3",
-                     "--lora-rank", "2", "--batch-size", "4", "--quiet"]) == 0
+def test_compiled_run_counts_the_retrace_as_startup(tmp_path):
+    out = cli_train(tmp_path)
     steps = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
     flags = [bool(r.get("startup")) for r in steps if "loss" in r]
     assert flags[:2] == [True, True]  # step 1 compiles, step 2 compiles again with the optimizer's state

@@ -81,14 +81,9 @@ QUIRKS: dict[str, Quirks] = {
     "qwen3_5_moe": Quirks(hub_saves_fused=True),
     "gpt_oss": Quirks(hub_mxfp4=True),
     # multi-head latent attention (q/kv low-rank, v_head_dim) and gated queries (q_proj is 2 x heads x head_dim)
-    "deepseek_v2": Quirks(standard_projections=False),
-    "deepseek_v3": Quirks(standard_projections=False),
-    "glm4_moe_lite": Quirks(standard_projections=False),
-    "qwen3_next": Quirks(standard_projections=False),
-    "minicpm3": Quirks(standard_projections=False),
-    "deepseek_v32": Quirks(standard_projections=False),
-    "mistral4": Quirks(standard_projections=False),
-    "glm_moe_dsa": Quirks(standard_projections=False),
+    **{t: Quirks(standard_projections=False) for t in (
+        "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "qwen3_next", "minicpm3", "deepseek_v32", "mistral4",
+        "glm_moe_dsa")},
     # refused: what parity tests found mlx-lm computes has no HF form (or mlx-lm cannot fine-tune the type)
     "jamba": Quirks(refused="mlx-lm's jamba weighs the chosen experts by a softmax over their k router logits; "
                             "transformers' Jamba by their probabilities in the softmax over all experts (not "
