@@ -5,18 +5,12 @@ sliding windows, bool and additive masks, softcap, gpt-oss sinks, one split and 
 past the cache's end and splits whose keys are all masked). Skipped without triton, and where CUDA is
 present (the GPU tests run them)."""
 
-import os
-import sys
-
 import pytest
 import torch
 
-if torch.cuda.is_available():
-    pytest.skip("CUDA present: tests/test_attn_gpu.py runs the kernel", allow_module_level=True)
-if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("triton imported before TRITON_INTERPRET was set", allow_module_level=True)
-os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
+from triton_interpreter import use_interpreter_or_skip
+
+use_interpreter_or_skip("tests/test_attn_gpu.py")
 
 from mlx_bridge.deploy.loader import load  # noqa: E402
 from mlx_bridge.deploy.runners import attn_kernels as ak  # noqa: E402

@@ -4,21 +4,14 @@ native MoE type, and the routed-experts kernels, a block per routed row (decode)
 expert, against `experts_ref`, in float32 (the interpreter's bfloat16 `tl.dot` is wrong; bfloat16 runs in
 tests/test_moe_gpu.py). Skipped without triton, and where CUDA is present (the GPU tests run them)."""
 
-import os
-import sys
-
 import pytest
 import torch
 
 from mlx_bridge.deploy.native.moe import route
 
-if torch.cuda.is_available():
-    pytest.skip("CUDA present: tests/test_moe_gpu.py runs the kernels", allow_module_level=True)
-if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("triton imported before TRITON_INTERPRET was set", allow_module_level=True)
-# read when triton defines its own functions and when a kernel runs; this process has no GPU to use it for
-os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
+from triton_interpreter import use_interpreter_or_skip
+
+use_interpreter_or_skip("tests/test_moe_gpu.py")
 
 from mlx_bridge.deploy.runners import moe_kernels as mk  # noqa: E402
 from test_moe import routed_case, routed_error  # noqa: E402
