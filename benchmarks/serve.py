@@ -63,7 +63,7 @@ class StandIn:
     GPU stream; the tokens are all 5."""
 
     def __init__(self, rows: int, vocab: int, step: float, prefill: float, per: int):
-        self.rows, self.vocab_size, self.stats = rows, vocab, {"captures": 0, "steps": 0}
+        self.rows, self.vocab_size, self.stats = rows, vocab, {"captures": 0, "steps": 0, "prefills": 0}
         self.step, self.prefill_s, self.per, self.busy = step, prefill, per, 0.0
 
     def _queue(self, seconds: float) -> float:
@@ -77,6 +77,7 @@ class StandIn:
         return len(lengths) <= 4 and sum(lengths) <= max(lengths[0], self.per * 4)
 
     def prefill(self, chunks):
+        self.stats["prefills"] += 1
         end = self._queue(self.prefill_s * max(len(c.tokens) for c in chunks) / self.per)
         return self._done({c.slot: 5 for c in chunks if c.sampling is not None}, end)
 
@@ -167,35 +168,35 @@ def _openai(url, prompt, n, stream):
     return time.perf_counter() - t0, first, n
 
 
-def scenarios(url: str, prompts: list, n: int, conc: int, arrivals: int, over: float, one: bool) -> dict:
-    """Run the scenarios against the server at `url` (`one`: one request at a time, else the loads);
-    returns the numbers."""
-    out = {}
+LOADS = ("one", "concurrent httpx", "arrivals httpx", "concurrent openai", "arrivals openai")
+
+
+def scenarios(url: str, prompts: list, n: int, conc: int, arrivals: int, over: float, load: str) -> dict:
+    """Run one of `LOADS` against the server at `url`; returns its numbers."""
     clients(url, max(conc, arrivals))
-    if one:
+    if load == "one":
         _http(url, prompts[0], 8, False)  # a first request
         with ThreadPoolExecutor(conc) as pool:  # open the connections
             list(pool.map(lambda p: _http(url, p, 2, False), prompts[:conc]))
         got = [_http(url, prompts[i], n, False) for i in range(5)]
-        out["one"] = {"s": statistics.median(t for t, _, _ in got), "tok/s": n / statistics.median(t for t, _, _ in got)}
-        return out
-    for name, ask in (("httpx", _http), ("openai", _openai)):
+        return {"s": statistics.median(t for t, _, _ in got), "tok/s": n / statistics.median(t for t, _, _ in got)}
+    kind, name = load.split()
+    ask = _http if name == "httpx" else _openai
+    if kind == "concurrent":
         t0 = time.perf_counter()
         with ThreadPoolExecutor(conc) as pool:
             got = list(pool.map(lambda p: ask(url, p, n, name == "openai"), prompts[:conc]))
         wall = time.perf_counter() - t0
-        out[f"concurrent {name}"] = {"tok/s": sum(k for _, _, k in got) / wall, "s": wall}
-        futs = []
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(arrivals) as pool:
-            for i in range(arrivals):
-                time.sleep(max(0.0, t0 + i * over / arrivals - time.perf_counter()))
-                futs.append(pool.submit(ask, url, prompts[i % len(prompts)], n, True))
-            got = [f.result() for f in futs]
-        lat, ttft = [t for t, _, _ in got], [f for _, f, _ in got]
-        out[f"arrivals {name}"] = {"ttft p50": pct(ttft, 50), "ttft p95": pct(ttft, 95), "lat p50": pct(lat, 50),
-                                   "lat p95": pct(lat, 95)}
-    return out
+        return {"tok/s": sum(k for _, _, k in got) / wall, "s": wall}
+    futs = []
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(arrivals) as pool:
+        for i in range(arrivals):
+            time.sleep(max(0.0, t0 + i * over / arrivals - time.perf_counter()))
+            futs.append(pool.submit(ask, url, prompts[i % len(prompts)], n, True))
+        got = [f.result() for f in futs]
+    lat, ttft = [t for t, _, _ in got], [f for _, f, _ in got]
+    return {"ttft p50": pct(ttft, 50), "ttft p95": pct(ttft, 95), "lat p50": pct(lat, 50), "lat p95": pct(lat, 95)}
 
 
 def main(argv=None) -> int:
@@ -269,12 +270,13 @@ def main(argv=None) -> int:
                 res[f"step ms batch {B}"] = step_ms(engine.runner, B, a.prompt + a.tokens)
         captures, graphs = engine.runner.stats["captures"], compiled()
         with mp.get_context("spawn").Pool(1) as pool:
-            for one in (True, False):  # where the worker's time goes, one request at a time and under the loads
-                before, steps = dict(engine.timing), engine.metrics.steps
+            for load in LOADS:  # and where the worker's time goes under each
+                before, steps, calls = dict(engine.timing), engine.metrics.steps, engine.runner.stats["prefills"]
                 t1 = time.perf_counter()
-                res.update(pool.apply(scenarios, (srv.url, prompts, a.tokens, a.max_batch, a.arrivals, a.over, one)))
-                res["worker " + ("one" if one else "loads")] = {
+                res[load] = pool.apply(scenarios, (srv.url, prompts, a.tokens, a.max_batch, a.arrivals, a.over, load))
+                res["worker " + load] = {
                     "wall s": time.perf_counter() - t1, "steps": engine.metrics.steps - steps,
+                    "prefill calls": engine.runner.stats["prefills"] - calls,
                     **{k: v - before[k] for k, v in engine.timing.items()}}
         res["captures after ready"] = engine.runner.stats["captures"] - captures
         res["compiles after ready"] = compiled() - graphs
@@ -302,14 +304,14 @@ def main(argv=None) -> int:
               f"{v['ttft p95'] * 1e3:.0f} ms | | | | |")
         print(f"| {a.arrivals} streamed over {a.over:g} s ({c}): whole request p50 / p95 | {v['lat p50']:.2f} / "
               f"{v['lat p95']:.2f} s | {one:.2f} s alone | p95 {v['lat p95'] / one:.2f}x | | |")
-    print("\n| worker thread, seconds | wall | decode steps | idle | launching prefills | launching steps "
+    print("\n| worker thread, seconds | wall | decode steps | prefill calls | idle | launching prefills | launching steps "
           "| waiting for tokens | text + events | other (admit, bookkeeping) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for k in ("one", "loads"):
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for k in LOADS:
         w = res["worker " + k]
         rest = w["wall s"] - w["idle"] - w["prefill"] - w["launch"] - w["wait"] - w["text"]
-        print(f"| {k} | {w['wall s']:.2f} | {w['steps']} | {w['idle']:.2f} | {w['prefill']:.3f} | {w['launch']:.3f} | {w['wait']:.3f} "
-              f"| {w['text']:.3f} | {rest:.3f} |")
+        print(f"| {k} | {w['wall s']:.2f} | {w['steps']} | {w['prefill calls']} | {w['idle']:.2f} | {w['prefill']:.3f} "
+              f"| {w['launch']:.3f} | {w['wait']:.3f} | {w['text']:.3f} | {rest:.3f} |")
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
     return 0

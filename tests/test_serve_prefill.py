@@ -44,20 +44,43 @@ def test_padded_prefill_of_rows_together_gives_the_tokens_each_gets_alone(model)
     assert r.stats["prefills"] == 2 and [got[s] for s in range(3)] == want
 
 
+def burst(eng, ids: list[list[int]]) -> list[list[int]]:
+    """Greedy 4-token requests, all waiting when `eng`'s worker starts; their tokens."""
+    from mlx_bridge.serve.protocol import Sampling
+
+    jobs = [eng.submit(lambda m, x=x: ([x], Sampling(max_tokens=4, temperature=0.0))) for x in ids]
+    eng.start()
+    try:
+        return [j.future.result(timeout=120)[0].token_ids for j in jobs]
+    finally:
+        eng.stop()
+
+
 def test_newcomers_admitted_together_are_prefilled_in_one_call(model):
     from mlx_bridge.serve.engine import Engine
-    from mlx_bridge.serve.protocol import Sampling
 
     ids = [model.encode_prompt(p) for p in PROMPTS]
     want = [model.complete([x], max_tokens=4)[0].token_ids for x in ids]
     eng = Engine(model, max_batch=4)
-    jobs = [eng.submit(lambda m, x=x: ([x], Sampling(max_tokens=4, temperature=0.0))) for x in ids]
-    eng.start()  # all four wait when the worker starts
-    try:
-        got = [j.future.result(timeout=120)[0].token_ids for j in jobs]
-    finally:
-        eng.stop()
-    assert got == want and eng.runner.stats["prefills"] == 1
+    assert burst(eng, ids) == want and eng.runner.stats["prefills"] == 1
+
+
+@pytest.mark.parametrize("calls", [1, 4])
+def test_a_burst_of_newcomers_is_prefilled_before_the_next_decode_step(model, calls):
+    """Eight newcomers take two prefill calls (four rows a call): with `prefill_calls` 4 both come
+    before the first decode step (the burst's last rows do not wait for steps of its first ones),
+    with 1 a step comes between them; the tokens are each row's alone either way."""
+    from mlx_bridge.serve.engine import Engine
+
+    ids = [model.encode_prompt(p) for p in PROMPTS * 2]
+    want = [model.complete([x], max_tokens=4)[0].token_ids for x in ids]
+    eng = Engine(model, max_batch=8, prefill_calls=calls)
+    log: list[str] = []
+    for kind in ("prefill", "launch"):
+        fn = getattr(eng.runner, kind)
+        setattr(eng.runner, kind, lambda *a, fn=fn, kind=kind, **k: log.append(kind) or fn(*a, **k))
+    assert burst(eng, ids) == want and log.count("prefill") == 2
+    assert log[:3] == (["prefill", "prefill", "launch"] if calls > 1 else ["prefill", "launch", "prefill"])
 
 
 def test_the_worker_launches_the_next_step_before_reading_a_prefill(model):
