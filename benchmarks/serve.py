@@ -12,7 +12,10 @@ prepared before ready) and drives it from a separate client process:
 - the last two again with the official `openai` client (streamed).
 
 Prompts are `--prompt` random token ids, each request asks for `--tokens` new tokens (EOS off).
-Prints a table; `--json` writes the numbers.
+Prints a table; `--json` writes the numbers. The raw anchors: decode.py's figure (tokens/s of the
+decode steps after the first token) and the raw path's whole generation (its one prefill call for
+all rows included), since a served request's time includes its prefill; and the served step alone
+(graph replays back to back, no request) against the raw step.
 
 `--stand-in STEP_MS,PREFILL_MS` measures the server's own host-side cost on any machine: the model's
 batch runner is replaced by one that only waits (GIL released, as a CUDA sync does) STEP_MS per
@@ -60,7 +63,7 @@ class StandIn:
     GPU stream; the tokens are all 5."""
 
     def __init__(self, rows: int, vocab: int, step: float, prefill: float, per: int):
-        self.rows, self.vocab_size, self.stats = rows, vocab, {"captures": 0, "steps": 0}
+        self.rows, self.vocab_size, self.stats = rows, vocab, {"captures": 0, "steps": 0, "prefills": 0}
         self.step, self.prefill_s, self.per, self.busy = step, prefill, per, 0.0
 
     def _queue(self, seconds: float) -> float:
@@ -74,6 +77,7 @@ class StandIn:
         return len(lengths) <= 4 and sum(lengths) <= max(lengths[0], self.per * 4)
 
     def prefill(self, chunks):
+        self.stats["prefills"] += 1
         end = self._queue(self.prefill_s * max(len(c.tokens) for c in chunks) / self.per)
         return self._done({c.slot: 5 for c in chunks if c.sampling is not None}, end)
 
@@ -92,6 +96,22 @@ class StandIn:
 
     def free(self, slot):
         pass
+
+
+def compiled() -> int:
+    """Graphs torch.compile has made in this process so far."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def step_ms(runner, B: int, need: int, n: int = 50) -> float:
+    """Milliseconds of one served decode step at batch B (launched back to back, the last one waited
+    for), attending over the length bucket of `need` positions."""
+    runner.launch(list(range(B)), need, greedy=True).tokens()
+    t = time.perf_counter()
+    for _ in range(n):
+        p = runner.launch(list(range(B)), need, greedy=True)
+    p.tokens()
+    return (time.perf_counter() - t) / n * 1e3
 
 
 def pct(xs, q):
@@ -148,35 +168,35 @@ def _openai(url, prompt, n, stream):
     return time.perf_counter() - t0, first, n
 
 
-def scenarios(url: str, prompts: list, n: int, conc: int, arrivals: int, over: float, one: bool) -> dict:
-    """Run the scenarios against the server at `url` (`one`: one request at a time, else the loads);
-    returns the numbers."""
-    out = {}
+LOADS = ("one", "concurrent httpx", "arrivals httpx", "concurrent openai", "arrivals openai")
+
+
+def scenarios(url: str, prompts: list, n: int, conc: int, arrivals: int, over: float, load: str) -> dict:
+    """Run one of `LOADS` against the server at `url`; returns its numbers."""
     clients(url, max(conc, arrivals))
-    if one:
+    if load == "one":
         _http(url, prompts[0], 8, False)  # a first request
         with ThreadPoolExecutor(conc) as pool:  # open the connections
             list(pool.map(lambda p: _http(url, p, 2, False), prompts[:conc]))
         got = [_http(url, prompts[i], n, False) for i in range(5)]
-        out["one"] = {"s": statistics.median(t for t, _, _ in got), "tok/s": n / statistics.median(t for t, _, _ in got)}
-        return out
-    for name, ask in (("httpx", _http), ("openai", _openai)):
+        return {"s": statistics.median(t for t, _, _ in got), "tok/s": n / statistics.median(t for t, _, _ in got)}
+    kind, name = load.split()
+    ask = _http if name == "httpx" else _openai
+    if kind == "concurrent":
         t0 = time.perf_counter()
         with ThreadPoolExecutor(conc) as pool:
             got = list(pool.map(lambda p: ask(url, p, n, name == "openai"), prompts[:conc]))
         wall = time.perf_counter() - t0
-        out[f"concurrent {name}"] = {"tok/s": sum(k for _, _, k in got) / wall, "s": wall}
-        futs = []
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(arrivals) as pool:
-            for i in range(arrivals):
-                time.sleep(max(0.0, t0 + i * over / arrivals - time.perf_counter()))
-                futs.append(pool.submit(ask, url, prompts[i % len(prompts)], n, True))
-            got = [f.result() for f in futs]
-        lat, ttft = [t for t, _, _ in got], [f for _, f, _ in got]
-        out[f"arrivals {name}"] = {"ttft p50": pct(ttft, 50), "ttft p95": pct(ttft, 95), "lat p50": pct(lat, 50),
-                                   "lat p95": pct(lat, 95)}
-    return out
+        return {"tok/s": sum(k for _, _, k in got) / wall, "s": wall}
+    futs = []
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(arrivals) as pool:
+        for i in range(arrivals):
+            time.sleep(max(0.0, t0 + i * over / arrivals - time.perf_counter()))
+            futs.append(pool.submit(ask, url, prompts[i % len(prompts)], n, True))
+        got = [f.result() for f in futs]
+    lat, ttft = [t for t, _, _ in got], [f for _, f, _ in got]
+    return {"ttft p50": pct(ttft, 50), "ttft p95": pct(ttft, 95), "lat p50": pct(lat, 50), "lat p95": pct(lat, 95)}
 
 
 def main(argv=None) -> int:
@@ -215,15 +235,18 @@ def main(argv=None) -> int:
     if a.stand_in:
         step, pre = (float(x) / 1e3 for x in a.stand_in.split(","))
         card = res["card"] = f"stand-in runner ({a.stand_in} ms) on {card}"
-        res["raw batch 1"] = a.tokens / ((a.tokens - 1) * step + pre)  # what the waits alone allow
-        res[f"raw batch {a.max_batch}"] = a.max_batch * a.tokens / ((a.tokens - 1) * step + a.max_batch * pre)
+        for B in (1, a.max_batch):  # the raw path prefills its B rows in one call (one wait)
+            res[f"raw batch {B}"], res[f"raw whole batch {B}"] = B / step, B * a.tokens / ((a.tokens - 1) * step + pre)
     for B in (1, a.max_batch) if not a.stand_in else ():  # decode.py's raw figures, same weights, same run
         t = time.perf_counter()
         runner.prepare(batch_sizes=(B,), max_lens=(a.prompt + a.tokens,))
-        rate, _ = raw.bench_runner(runner, B, a.prompt, a.tokens, cfg.vocab_size, dev, raw.fast_steps)
-        res[f"raw batch {B}"] = rate
-        print(f"# raw fast path batch {B}: {rate:.1f} tok/s (prepared + measured in {time.perf_counter() - t:.0f} s)",
-              flush=True)
+        tokens, pad = raw.prompts(B, a.prompt, cfg.vocab_size, dev)
+        raw.run_steps(raw.fast_steps(runner, tokens, pad, a.tokens), dev)  # warm-up (as decode.bench_runner)
+        first, rest, _ = raw.run_steps(raw.fast_steps(runner, tokens, pad, a.tokens), dev)
+        res[f"raw batch {B}"] = rate = B * (a.tokens - 1) / rest  # decode.py's figure: the steps after the first token
+        res[f"raw whole batch {B}"] = B * a.tokens / (first + rest)  # its prefill (one call for all B rows) too
+        print(f"# raw fast path batch {B}: {rate:.1f} tok/s, {res[f'raw whole batch {B}']:.1f} with the prefill "
+              f"(prepared + measured in {time.perf_counter() - t:.0f} s)", flush=True)
     runner._states.clear()  # the raw buckets' caches: the server has its own pool
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -242,42 +265,53 @@ def main(argv=None) -> int:
         res["ready s"] = time.perf_counter() - t
         engine = app.state.engine
         print(f"# server ready in {res['ready s']:.1f} s: {engine.prepared}", flush=True)
-        captures = engine.runner.stats["captures"]
+        if not a.stand_in:  # the served step alone (no row is busy: the steps change nothing a row reads)
+            for B in (1, a.max_batch):
+                res[f"step ms batch {B}"] = step_ms(engine.runner, B, a.prompt + a.tokens)
+        captures, graphs = engine.runner.stats["captures"], compiled()
         with mp.get_context("spawn").Pool(1) as pool:
-            for one in (True, False):  # where the worker's time goes, one request at a time and under the loads
-                before, steps = dict(engine.timing), engine.metrics.steps
+            for load in LOADS:  # and where the worker's time goes under each
+                before, steps, calls = dict(engine.timing), engine.metrics.steps, engine.runner.stats["prefills"]
                 t1 = time.perf_counter()
-                res.update(pool.apply(scenarios, (srv.url, prompts, a.tokens, a.max_batch, a.arrivals, a.over, one)))
-                res["worker " + ("one" if one else "loads")] = {
+                res[load] = pool.apply(scenarios, (srv.url, prompts, a.tokens, a.max_batch, a.arrivals, a.over, load))
+                res["worker " + load] = {
                     "wall s": time.perf_counter() - t1, "steps": engine.metrics.steps - steps,
+                    "prefill calls": engine.runner.stats["prefills"] - calls,
                     **{k: v - before[k] for k, v in engine.timing.items()}}
         res["captures after ready"] = engine.runner.stats["captures"] - captures
+        res["compiles after ready"] = compiled() - graphs
         res["max running"] = engine.metrics.max_running
     one = res["one"]["s"]
     print(f"\n# {a.shape} {dtype} on {card}; prompts {a.prompt} tokens, {a.tokens} new tokens each, greedy, "
           f"--max-batch {a.max_batch}; ready (every shape prepared) in {res['ready s']:.1f} s; "
-          f"captures after ready: {res['captures after ready']}\n")
-    print("| load | served | raw (same run) | served / raw |")
-    print("|---|---:|---:|---:|")
+          f"captures after ready: {res['captures after ready']}, compiles after ready: {res['compiles after ready']}\n")
+    print("| load | served | raw decode (decode.py) | served / raw | raw with its prefill | served / that |")
+    print("|---|---:|---:|---:|---:|---:|")
     r1, rb = res["raw batch 1"], res[f"raw batch {a.max_batch}"]
-    print(f"| one request at a time, tok/s | {res['one']['tok/s']:.1f} | {r1:.1f} (batch 1) | {res['one']['tok/s'] / r1:.0%} |")
+    w1, wb = res["raw whole batch 1"], res[f"raw whole batch {a.max_batch}"]
+    for B, r in ((1, r1), (a.max_batch, rb)) if not a.stand_in else ():
+        v = res[f"step ms batch {B}"]
+        print(f"| decode step on the device, batch {B}, ms | {v:.2f} | {B / r * 1e3:.2f} | {B / r * 1e3 / v:.0%} | | |")
+    v = res["one"]["tok/s"]
+    print(f"| one request at a time, tok/s | {v:.1f} | {r1:.1f} (batch 1) | {v / r1:.0%} | {w1:.1f} | {v / w1:.0%} |")
     for c in ("httpx", "openai"):
         v = res[f"concurrent {c}"]["tok/s"]
-        print(f"| {a.max_batch} concurrent ({c}), tok/s in all | {v:.0f} | {rb:.0f} (batch {a.max_batch}) | {v / rb:.0%} |")
+        print(f"| {a.max_batch} concurrent ({c}), tok/s in all | {v:.0f} | {rb:.0f} (batch {a.max_batch}) | {v / rb:.0%} "
+              f"| {wb:.0f} | {v / wb:.0%} |")
     for c in ("httpx", "openai"):
         v = res[f"arrivals {c}"]
         print(f"| {a.arrivals} streamed over {a.over:g} s ({c}): first token p50 / p95 | {v['ttft p50'] * 1e3:.0f} / "
-              f"{v['ttft p95'] * 1e3:.0f} ms | | |")
+              f"{v['ttft p95'] * 1e3:.0f} ms | | | | |")
         print(f"| {a.arrivals} streamed over {a.over:g} s ({c}): whole request p50 / p95 | {v['lat p50']:.2f} / "
-              f"{v['lat p95']:.2f} s | {one:.2f} s alone | p95 {v['lat p95'] / one:.2f}x |")
-    print("\n| worker thread, seconds | wall | decode steps | idle | launching prefills | launching steps "
+              f"{v['lat p95']:.2f} s | {one:.2f} s alone | p95 {v['lat p95'] / one:.2f}x | | |")
+    print("\n| worker thread, seconds | wall | decode steps | prefill calls | idle | launching prefills | launching steps "
           "| waiting for tokens | text + events | other (admit, bookkeeping) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for k in ("one", "loads"):
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for k in LOADS:
         w = res["worker " + k]
         rest = w["wall s"] - w["idle"] - w["prefill"] - w["launch"] - w["wait"] - w["text"]
-        print(f"| {k} | {w['wall s']:.2f} | {w['steps']} | {w['idle']:.2f} | {w['prefill']:.3f} | {w['launch']:.3f} | {w['wait']:.3f} "
-              f"| {w['text']:.3f} | {rest:.3f} |")
+        print(f"| {k} | {w['wall s']:.2f} | {w['steps']} | {w['prefill calls']} | {w['idle']:.2f} | {w['prefill']:.3f} "
+              f"| {w['launch']:.3f} | {w['wait']:.3f} | {w['text']:.3f} | {rest:.3f} |")
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
     return 0

@@ -44,20 +44,43 @@ def test_padded_prefill_of_rows_together_gives_the_tokens_each_gets_alone(model)
     assert r.stats["prefills"] == 2 and [got[s] for s in range(3)] == want
 
 
+def burst(eng, ids: list[list[int]]) -> list[list[int]]:
+    """Greedy 4-token requests, all waiting when `eng`'s worker starts; their tokens."""
+    from mlx_bridge.serve.protocol import Sampling
+
+    jobs = [eng.submit(lambda m, x=x: ([x], Sampling(max_tokens=4, temperature=0.0))) for x in ids]
+    eng.start()
+    try:
+        return [j.future.result(timeout=120)[0].token_ids for j in jobs]
+    finally:
+        eng.stop()
+
+
 def test_newcomers_admitted_together_are_prefilled_in_one_call(model):
     from mlx_bridge.serve.engine import Engine
-    from mlx_bridge.serve.protocol import Sampling
 
     ids = [model.encode_prompt(p) for p in PROMPTS]
     want = [model.complete([x], max_tokens=4)[0].token_ids for x in ids]
     eng = Engine(model, max_batch=4)
-    jobs = [eng.submit(lambda m, x=x: ([x], Sampling(max_tokens=4, temperature=0.0))) for x in ids]
-    eng.start()  # all four wait when the worker starts
-    try:
-        got = [j.future.result(timeout=120)[0].token_ids for j in jobs]
-    finally:
-        eng.stop()
-    assert got == want and eng.runner.stats["prefills"] == 1
+    assert burst(eng, ids) == want and eng.runner.stats["prefills"] == 1
+
+
+@pytest.mark.parametrize("calls", [1, 4])
+def test_a_burst_of_newcomers_is_prefilled_before_the_next_decode_step(model, calls):
+    """Eight newcomers take two prefill calls (four rows a call): with `prefill_calls` 4 both come
+    before the first decode step (the burst's last rows do not wait for steps of its first ones),
+    with 1 a step comes between them; the tokens are each row's alone either way."""
+    from mlx_bridge.serve.engine import Engine
+
+    ids = [model.encode_prompt(p) for p in PROMPTS * 2]
+    want = [model.complete([x], max_tokens=4)[0].token_ids for x in ids]
+    eng = Engine(model, max_batch=8, prefill_calls=calls)
+    log: list[str] = []
+    for kind in ("prefill", "launch"):
+        fn = getattr(eng.runner, kind)
+        setattr(eng.runner, kind, lambda *a, fn=fn, kind=kind, **k: log.append(kind) or fn(*a, **k))
+    assert burst(eng, ids) == want and log.count("prefill") == 2
+    assert log[:3] == (["prefill", "prefill", "launch"] if calls > 1 else ["prefill", "launch", "prefill"])
 
 
 def test_the_worker_launches_the_next_step_before_reading_a_prefill(model):
@@ -106,27 +129,41 @@ def test_the_worker_launches_the_next_step_before_reading_a_prefill(model):
 
 
 def test_the_compiled_step_writes_each_rows_key_in_place(model):
-    """The decode step's cache write, compiled as the server compiles it, touches only the rows' new
-    positions: a `scatter_` there was compiled as a copy of the whole cache and back, per layer and
-    step (on an H200 the 32-row step took 24.5 ms where the raw batch-32 step takes 5.5 ms)."""
+    """The decode step's cache write, compiled as the server compiles it (`compile_rows`), touches only
+    the rows' new positions: a `scatter_` there was compiled as a copy of the whole cache and back, per
+    layer and step (on an H200 the 32-row step took 24.5 ms where the raw batch-1 step takes 5.5 ms).
+    Batch 1 and the first larger batch compile a graph each; a third batch size reuses the second
+    (its batch dimension is symbolic), so start-up does not compile once per batch size."""
+    import re
+    from unittest import mock
+
     import torch
-    from torch._inductor.utils import run_and_get_code
+    from torch._inductor.graph import GraphLowering
 
     from mlx_bridge.deploy.runners import fused as fm
-    from mlx_bridge.deploy.runners.fast import INDUCTOR_OPTIONS
+    from mlx_bridge.deploy.runners.slots import compile_rows
 
     f = fm.fuse(model.module)
     spec, L, (inv, scale) = f.spec, f.layers[0], f.ropes[f.layers[0].rope]
-    B, S = 3, 1000  # a cache size that appears nowhere else in the generated code
-    kc = torch.zeros(4, spec.nkv, S, spec.hd)
+    S = 1000  # a cache length that appears nowhere else in the generated code
+    kc = torch.zeros(5, spec.nkv, S, spec.hd)
     vc = torch.zeros_like(kc)
-    x, pos = torch.randn(B, 1, f.embed.shape[1]), torch.tensor([5, 999, 0])
-    cos, sin = fm.cos_sin(inv, scale, pos[:, None], torch.float32)
-    qkv = torch.compile(fm.make_qkv(spec, rows=True), dynamic=False, fullgraph=True, options=INDUCTOR_OPTIONS)
-    with torch.inference_mode():
-        (q, k, v), code = run_and_get_code(qkv, x, L.w, kc[:B], vc[:B], cos, sin, pos)
-    assert not any(str(kc[:B].numel()) in c for c in code), "the compiled step copies the whole cache"
-    for b, p in enumerate(pos.tolist()):
-        torch.testing.assert_close(kc[b, :, p], k[b, :, 0])
-        torch.testing.assert_close(vc[b, :, p], v[b, :, 0])
-    assert kc[3].abs().sum() == 0 and kc[:B].abs().sum(dim=(1, 3)).count_nonzero() == B  # nothing else written
+    big = (str(spec.nkv * S * spec.hd), str(S * spec.hd))  # a cache row, a head's keys of a row
+    torch._dynamo.reset()
+    qkv = compile_rows(fm.make_qkv(spec, rows=True))
+    codes: list[str] = []
+    for B, pos in ((1, [7]), (3, [5, 999, 0]), (2, [3, 4])):
+        kc.zero_()
+        vc.zero_()
+        x, pos = torch.randn(B, 1, f.embed.shape[1]), torch.tensor(pos)
+        cos, sin = fm.cos_sin(inv, scale, pos[:, None], torch.float32)
+        with torch.inference_mode(), mock.patch.object(GraphLowering, "save_output_code", codes.append):
+            q, k, v = qkv(x, L.w, kc[:B], vc[:B], cos, sin, pos)
+        for b, p in enumerate(pos.tolist()):
+            torch.testing.assert_close(kc[b, :, p], k[b, :, 0])
+            torch.testing.assert_close(vc[b, :, p], v[b, :, 0])
+        assert kc[B:].abs().sum() == 0 and kc[:B].abs().sum(dim=(1, 3)).count_nonzero() == B  # nothing else written
+    assert len(codes) == 2, f"{len(codes)} graphs compiled for batch sizes 1, 3, 2"
+    for code in codes:  # the C++ kernels' loop bounds: B, heads, head dim; never a cache row's length
+        bounds = re.findall(r"<\s*static_cast<int64_t>\(([^;]*)\);", code)
+        assert bounds and not [b for b in bounds if any(n in b for n in big)], "the compiled step copies the cache"

@@ -60,7 +60,7 @@ def create_app(model, *, model_name: str | None = None, api_key: str | None = No
         defaults: default `temperature`/`top_p`/`top_k` (`generation_defaults` of the export).
         max_request_tokens: most prompts x n x max_tokens one request may ask for (400 above).
         max_len: positions per KV slot (prompt + max_tokens; default: the context, at most 4096).
-        prefill_chunk: most prompt tokens prefilled between two decode steps.
+        prefill_chunk: most prompt tokens of one prefill call (a row gets one chunk between two decode steps).
         batch_sizes: decode batch sizes to prepare (default 1, 2, 4, ... max_batch).
         body_timeout: seconds a client has to send its request body (408 after).
         prepare: compile and capture every decode shape before the server says it is ready.

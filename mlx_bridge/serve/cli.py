@@ -36,7 +36,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
                         help="decode batch sizes prepared at start-up (default: powers of two up to --max-batch); "
                              "fewer start faster, a step then runs at the next size up")
     parser.add_argument("--prefill-chunk", type=int, default=512,
-                        help="most prompt tokens prefilled between two decode steps (default 512)")
+                        help="most prompt tokens of one prefill call; a row gets one chunk between two decode steps (default 512)")
     parser.add_argument("--max-request-tokens", type=int, default=MAX_REQUEST_TOKENS,
                         help=f"most prompts x n x max_tokens in one request (default {MAX_REQUEST_TOKENS})")
     parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,

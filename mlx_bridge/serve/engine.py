@@ -3,9 +3,10 @@
 The loop follows vLLM's scheduler, one iteration at a time:
 
     admit    new requests: tokenize and check them (`prepare`), queue their rows (FIFO)
-    prefill  one call a round (`runner.prefill`) for the rows still prefilling and the waiting rows
-             that take free KV slots, together (up to 4 rows, `prefill_chunk` tokens); a long prompt
-             is written a chunk a round while the running rows keep decoding
+    prefill  calls (`runner.prefill`) for the rows still prefilling and the waiting rows that take
+             free KV slots, up to 4 rows and `prefill_chunk` tokens a call, at most `prefill_calls`
+             calls and one chunk of each row a round: a burst of newcomers is written in few rounds,
+             a long prompt a chunk a round while the running rows keep decoding
     decode   one step for every running row (`runner.launch`), each with its own sampling settings
     collect  the previous round's tokens (first tokens of the rows whose prefill ended, then the
              step's): text, stop strings, EOS, max_tokens; ended rows free their slot
@@ -112,15 +113,18 @@ class Engine:
         max_batch: most rows decoding at once (KV slots).
         max_queue: requests allowed to wait; past it `submit` raises a 429 `APIError` (Retry-After).
         max_len: positions per KV slot (prompt + new tokens; default: the model's context, at most 4096).
-        prefill_chunk: most prompt tokens prefilled between two decode steps.
+        prefill_chunk: most prompt tokens of one prefill call (one chunk of a row between two decode steps).
+        prefill_calls: most prefill calls between two decode steps (each row at most one chunk). Each
+            step in the middle of a burst of newcomers delays the burst's last rows by a step, and the
+            batch then ends on steps for those rows alone; each call delays the running rows' next token.
         batch_sizes: batch sizes the decode step is prepared for (default 1, 2, 4, ... `max_batch`).
     """
 
     def __init__(self, model, *, max_batch: int = 8, max_queue: int = 256, max_len: int | None = None,
-                 prefill_chunk: int = 512, batch_sizes: tuple[int, ...] | None = None):
+                 prefill_chunk: int = 512, batch_sizes: tuple[int, ...] | None = None, prefill_calls: int = 4):
         self.model, self.max_batch, self.max_queue = model, max(1, max_batch), max_queue
         self.max_len = min(max_len or min(model.max_context, 4096), model.max_context)
-        self.prefill_chunk = max(1, prefill_chunk)
+        self.prefill_chunk, self.prefill_calls = max(1, prefill_chunk), max(1, prefill_calls)
         self.runner = batch_runner(model, rows=self.max_batch, max_len=self.max_len, batch_sizes=batch_sizes,
                                    chunk=self.prefill_chunk)
         self.max_batch = self.runner.rows
@@ -196,7 +200,7 @@ class Engine:
                     clock["idle"] += t() - t0
                 self._drop_cancelled()
                 t0 = t()
-                launched = [self._prefill()]
+                launched = self._prefills()
                 t1 = t()
                 rows = [r for r in self._running.values() if r.filled == len(r.prompt) and not r.ended
                         and r.launched < r.max_tokens - 1]
@@ -269,14 +273,28 @@ class Engine:
             if r.job.cancelled.is_set() and not r.job.over:
                 self._end_job(r.job, "cancelled")
 
-    def _prefill(self) -> tuple | None:
+    def _prefills(self) -> list:
+        """This round's prefill calls (at most `prefill_calls`, each row at most one chunk), as
+        `_prefill` returns them."""
+        out: list = []
+        seen: set[int] = set()
+        for _ in range(self.prefill_calls):
+            n = len(seen)
+            out.append(self._prefill(seen))
+            if len(seen) == n:
+                break
+        return out
+
+    def _prefill(self, seen: set[int]) -> tuple | None:
         """Launch one prefill call: the next chunk (at most `prefill_chunk` tokens) of the rows already
-        prefilling, then of waiting rows placed in free slots, as many as `runner.fits` takes together.
+        prefilling, then of waiting rows placed in free slots, as many as `runner.fits` takes together;
+        rows whose slot is in `seen` (a chunk this round already) wait, and the call's slots join it.
         Returns (Pending of the first tokens, rows whose prompt is now written) or None."""
         take = lambda r: min(len(r.prompt) - r.filled, self.prefill_chunk)  # noqa: E731
         picked: list[Row] = []
         for r in self._running.values():
-            if r.filled < len(r.prompt) and not r.job.over and self.runner.fits([*map(take, picked), take(r)]):
+            if (r.filled < len(r.prompt) and r.slot not in seen and not r.job.over
+                    and self.runner.fits([*map(take, picked), take(r)])):
                 picked.append(r)
         while self._waiting and self._free and self.runner.fits([*map(take, picked), take(self._waiting[0])]):
             r = self._waiting.popleft()
@@ -286,6 +304,7 @@ class Engine:
             picked.append(r)
         if not picked:
             return None
+        seen.update(r.slot for r in picked)
         chunks = [Chunk(r.slot, r.prompt[r.filled:r.filled + take(r)], r.filled,
                         r.sampling if r.filled + take(r) == len(r.prompt) else None) for r in picked]
         try:

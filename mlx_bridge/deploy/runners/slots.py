@@ -12,8 +12,10 @@ attends over the first S positions, S the smallest length bucket (256, 512, ...)
 busy row; free slots inside [0, B) are computed and ignored. On CUDA the step is the fast path's
 (fused projections, `torch.compile` of the layer halves `fused.make_qkv`/`make_out`, one CUDA graph
 per (B, S, greedy|sampled)); `prepare` compiles and captures every one of them up front, so nothing
-compiles or captures while serving. Attention sits between the compiled halves, eager but inside the
-graph, so compile work grows with the batch sizes only, not with the length buckets.
+compiles or captures while serving. Each compiled function has two graphs, batch 1 and one for every
+other batch size (`compile_rows`: the batch dimension symbolic), not one per batch size. Attention
+sits between the compiled halves, eager but inside the graph, so compile work does not grow with the
+length buckets either.
 
 Prefill takes the prompt chunks of up to 4 rows in one call (newcomers admitted together are
 prefilled together; a long prompt a chunk at a time, between decode steps): the same fused functions,
@@ -125,6 +127,19 @@ def up(n: int, sizes) -> int | None:
     return next((s for s in sizes if s >= n), None)
 
 
+def compile_rows(fn):
+    """`fn` compiled for the decode step over a batch of rows: batch 1 gets its own static graph, and
+    every other batch size one shared graph whose batch dimension is symbolic (dynamo's automatic
+    dynamic shapes: a second size marks it dynamic; 0 and 1 stay specialised). Start-up thus compiles
+    each function twice, not once per batch size (six times at `--max-batch 32`); each size is still
+    captured in its own CUDA graph. Every other dimension stays static.
+
+    Example:
+        >>> qkv = compile_rows(fused.make_qkv(spec, rows=True))   # doctest: +SKIP
+    """
+    return torch.compile(fn, dynamic=None, fullgraph=True, options=INDUCTOR_OPTIONS)
+
+
 def row_masks(pos: torch.Tensor, S: int, windows: list[int], additive: bool, dtype) -> dict:
     """window (None = full) -> mask (B, 1, 1, S) for one query per row at its position `pos` (B,):
     keys up to it (within the window); bool, or 0/-inf in `dtype` when `additive`."""
@@ -207,10 +222,7 @@ class SlotRunner:
         self._pqkv, self._pout, self._phead = fm.make_qkv(spec), fm.make_out(spec), fm.make_head(spec)
         fns = (fm.make_qkv(spec, rows=True), fm.make_out(spec), fm.make_head(spec), rope, pick)
         if self.use_compile:
-            lim = torch._dynamo.config
-            lim.recompile_limit = max(lim.recompile_limit, 64)
-            lim.accumulated_recompile_limit = max(getattr(lim, "accumulated_recompile_limit", 256), 1024)
-            fns = tuple(torch.compile(fn, dynamic=False, fullgraph=True, options=INDUCTOR_OPTIONS) for fn in fns)
+            fns = tuple(compile_rows(fn) for fn in fns)
         self._qkv, self._out, self._head, self._rope, self._pick = fns
 
     # -- one decode step over slots [0, B), attending over S positions ----------------------------------
