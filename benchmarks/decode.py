@@ -274,6 +274,11 @@ def main(argv=None) -> int:
             f"{k} {v:.1f}" for k, v in res[name].items() if k != "tokens"), flush=True)
         if a.profile and name == "fast":
             profile(runner, a, cfg.vocab_size, dev)
+        if moe and kind == "fast" and dev.type == "cuda":
+            from mlx_bridge.deploy.runners.moe_kernels import _TUNED
+
+            print("# decode blocks timed: " + "; ".join(f"{key[0]} rows: [gate; up] BN {c['BN']} stages {c['num_stages']}, "
+                  f"down BN {c['down']['BN']} stages {c['down']['num_stages']}" for key, c in _TUNED.items()), flush=True)
         del runner, first
         if dev.type == "cuda":
             torch.cuda.empty_cache()

@@ -114,16 +114,16 @@ def _down(h_ptr, w_ptr, b_ptr, rw_ptr, y_ptr, ids_ptr, bexp_ptr, R, E, N, K, sh,
 
 
 @triton.jit
-def _route(l_ptr, w_ptr, idx_ptr, E, sl, K: tl.constexpr, BE: tl.constexpr, OSS: tl.constexpr, NORM: tl.constexpr):
-    """One token's routing from its logits (E,): top-K ids by rank (ties: lower id first, as
-    torch.topk), weights softmax-then-top-K (renormalised when NORM) or, gpt_oss, softmax of the top K."""
-    t = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BE)
-    m = offs < E
-    l = tl.load(l_ptr + t * sl + offs, mask=m, other=float("-inf")).to(tl.float32)
-    li, lj = l[:, None], l[None, :]
-    better = ((lj > li) | ((lj == li) & (offs[None, :] < offs[:, None]))) & m[None, :]
-    rank = tl.sum(better.to(tl.int32), axis=1)  # (BE,) 0 for the largest logit
+def _topk(l, offs, m, K: tl.constexpr, OSS: tl.constexpr, NORM: tl.constexpr):
+    """(rank (BE,), selected, weights) of one token's logits l (BE,) float32 (-inf past E): top-K by
+    rank (ties: lower id first, as torch.topk), found by K rounds of argmax; weights softmax-then-top-K
+    (renormalised when NORM) or, gpt_oss, softmax of the top K."""
+    rank = tl.full(l.shape, K, tl.int32)  # K: not selected
+    rest = l
+    for i in tl.static_range(K):
+        hit = offs == tl.argmax(rest, 0, tie_break_left=True)  # the largest remaining, lowest id on a tie
+        rank = tl.where(hit, i, rank)
+        rest = tl.where(hit, float("-inf"), rest)
     sel = m & (rank < K)
     if OSS:  # softmax over the K selected logits
         p = tl.where(sel, tl.exp(l - tl.max(l, 0)), 0.0)
@@ -133,8 +133,56 @@ def _route(l_ptr, w_ptr, idx_ptr, E, sl, K: tl.constexpr, BE: tl.constexpr, OSS:
         p = p / tl.sum(p, 0)
         if NORM:
             p = p / tl.sum(tl.where(sel, p, 0.0), 0)
+    return rank, sel, p
+
+
+@triton.jit
+def _route(l_ptr, w_ptr, idx_ptr, E, sl, K: tl.constexpr, BE: tl.constexpr, OSS: tl.constexpr, NORM: tl.constexpr):
+    """One token's routing from its logits (E,) (`_topk`; one warp: shuffles, no shared-memory barrier)."""
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BE)
+    m = offs < E
+    l = tl.load(l_ptr + t * sl + offs, mask=m, other=float("-inf")).to(tl.float32)
+    rank, sel, p = _topk(l, offs, m, K, OSS, NORM)
     tl.store(idx_ptr + t * K + rank, offs.to(tl.int64), mask=sel)
     tl.store(w_ptr + t * K + rank, p.to(w_ptr.dtype.element_ty), mask=sel)
+
+
+@triton.jit
+def _router(x_ptr, r_ptr, rb_ptr, l_ptr, w_ptr, idx_ptr, cnt_ptr, E, sx, sr, D: tl.constexpr, K: tl.constexpr,
+            BP: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, OSS: tl.constexpr, NORM: tl.constexpr,
+            BIAS: tl.constexpr):
+    """Router logits and routing of token t in one launch: program (p, t) computes the logits of experts
+    [p BP, p BP + BP) (x[t] . r[e] in float32, + bias, rounded to the logits' dtype as F.linear's), and
+    the last of token t's programs to finish (an atomic count) routes the whole row (`_topk`)."""
+    pe, t = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    offs_e = pe * BP + tl.arange(0, BP)
+    emask = offs_e < E
+    acc = tl.zeros((BP,), tl.float32)
+    for d0 in tl.static_range(0, D, BD):  # unrolled: every load issued up front
+        dd = d0 + tl.arange(0, BD)
+        dmask = dd < D
+        xv = tl.load(x_ptr + t * sx + dd, mask=dmask, other=0.0).to(tl.float32)
+        wv = tl.load(r_ptr + offs_e[:, None].to(tl.int64) * sr + dd[None, :], mask=emask[:, None] & dmask[None, :],
+                     other=0.0).to(tl.float32)
+        acc += tl.sum(wv * xv[None, :], 1)
+    if BIAS:
+        acc += tl.load(rb_ptr + offs_e, mask=emask, other=0.0).to(tl.float32)
+    tl.store(l_ptr + t * E + offs_e, acc.to(l_ptr.dtype.element_ty), mask=emask)
+    tl.debug_barrier()  # every thread's logits stored before the count is released
+    done = tl.atomic_add(cnt_ptr + t, 1, sem="acq_rel")
+    if done == tl.num_programs(0) - 1:
+        tl.store(cnt_ptr + t, 0)  # zero again for the next call (and graph replay)
+        offs = tl.arange(0, BE)
+        m = offs < E
+        l = tl.load(l_ptr + t * E + offs, mask=m, other=float("-inf"), cache_modifier=".cg").to(tl.float32)
+        rank, sel, p = _topk(l, offs, m, K, OSS, NORM)
+        tl.store(idx_ptr + t * K + rank, offs.to(tl.int64), mask=sel)
+        tl.store(w_ptr + t * K + rank, p.to(w_ptr.dtype.element_ty), mask=sel)
+
+
+def _weights(logits_dtype: torch.dtype, kind: str) -> torch.dtype:
+    return torch.float32 if kind == "mixtral" else logits_dtype
 
 
 def route_fused(logits: torch.Tensor, kind: str, top_k: int, norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,10 +195,40 @@ def route_fused(logits: torch.Tensor, kind: str, top_k: int, norm: bool) -> tupl
     T, E = logits.shape
     logits = logits.contiguous()
     oss = kind == "gpt_oss"
-    w = torch.empty(T, top_k, dtype=torch.float32 if kind == "mixtral" else logits.dtype, device=logits.device)
+    w = torch.empty(T, top_k, dtype=_weights(logits.dtype, kind), device=logits.device)
     idx = torch.empty(T, top_k, dtype=torch.long, device=logits.device)
     _route[(T,)](logits, w, idx, E, logits.stride(0), K=top_k, BE=triton.next_power_of_2(E), OSS=oss,
-                 NORM=norm and not oss, num_warps=4 if E <= 128 else 8)
+                 NORM=norm and not oss, num_warps=1 if E <= 256 else 4)
+    return w, idx
+
+
+ROUTER_ROWS = 64  # tokens up to which `router_topk` routes with `router_fused` (decode); more: F.linear + `_route`
+
+
+def router_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kind: str, top_k: int,
+                 norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route(F.linear(x, weight, bias), ...)` for tokens x (T, D), T <= ROUTER_ROWS: the router's
+    matrix-vector products and the routing in one launch (`_router`); the logits are rounded to x's
+    dtype first, as F.linear's are.
+
+    Example:
+        >>> w, idx = router_fused(x, gate.weight, None, "qwen3_moe", 8, True)   # x (T, D) cuda  # doctest: +SKIP
+    """
+    from .attn_kernels import counters
+
+    T, D = x.shape
+    E = weight.shape[0]
+    assert T <= ROUTER_ROWS and weight.stride(1) == 1, (T, weight.stride())
+    x = x.contiguous()
+    oss = kind == "gpt_oss"
+    logits = torch.empty(T, E, dtype=x.dtype, device=x.device)
+    w = torch.empty(T, top_k, dtype=_weights(x.dtype, kind), device=x.device)
+    idx = torch.empty(T, top_k, dtype=torch.long, device=x.device)
+    BP = 4  # experts a program: E / 4 programs a token (32 for 128 experts), 4 rows of the matrix each
+    BD = min(1024, triton.next_power_of_2(D))
+    _router[(_cdiv(E, BP), T)](x, weight, bias if bias is not None else weight, logits, w, idx, counters(x.device), E,
+                               x.stride(0), weight.stride(0), D=D, K=top_k, BP=BP, BD=BD, BE=triton.next_power_of_2(E),
+                               OSS=oss, NORM=norm and not oss, BIAS=bias is not None, num_warps=2)
     return w, idx
 
 
@@ -162,11 +240,14 @@ def _config(R: int, dtype: torch.dtype) -> dict:
     return dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=3)
 
 
-# decode (a block per routed row), bf16/fp16: the block sizes measured on an H200 with three stages or
-# two (two programs an SM: batch 1's 192 [gate; up] programs in one wave). Same blocks, so the same sums
-# in the same order: the choice changes the time, never the result. Chosen per shape by timing both
-# (`tuned`) the first time a shape runs outside a graph capture: in the warm-up steps before capture.
-DECODE_CONFIGS = [dict(BM=16, BN=32, BK=256, num_warps=4, num_stages=3), dict(BM=16, BN=32, BK=256, num_warps=4, num_stages=2)]
+# decode (a block per routed row), bf16/fp16: block widths and pipeline depths for each kernel (the
+# `down` entry overrides the `[gate; up]` kernel's for `_down`). Same BM and BK, so the same sums in the
+# same order: the choice changes the time (programs an SM, waves over the SMs), never the result. Chosen
+# per shape by timing all of them (`tuned`) the first time a shape runs outside a graph capture: in the
+# warm-up steps before capture. Three stages of [gate; up] tiles: one program an SM; two: two.
+_GATE_UP = [dict(BN=32, num_stages=3), dict(BN=32, num_stages=2), dict(BN=16, num_stages=3)]
+_DOWN = [dict(BN=32, num_stages=3), dict(BN=32, num_stages=2), dict(BN=16, num_stages=4), dict(BN=64, num_stages=2)]
+DECODE_CONFIGS = [dict(BM=16, BK=256, num_warps=4, **g, down=d) for g in _GATE_UP for d in _DOWN]
 _TUNED: dict = {}  # (R, E, I, D, dtype, oss, bias) -> the config `tuned` picked
 
 
@@ -241,6 +322,7 @@ def routed(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, gate_up: torch.T
         key = (R, E, I, D, x.dtype, oss, gate_up_b is not None)
         cfg = tuned(key, lambda c: routed(x, w, idx, gate_up, gate_up_b, down, down_b, oss, alpha, limit, c, gather))
     cfg = cfg or _config(R, x.dtype)
+    dcfg = {**cfg, **cfg.get("down", {})}  # `_down`'s blocks: the same but for any it names
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if gather:  # block m = routed row m of expert idx[m]: no grouping
@@ -259,9 +341,10 @@ def routed(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, gate_up: torch.T
         BM=BM, BN=BN, BK=BK, IEEE=ieee, OSS=oss, BIAS=bias, GATHER=gather, **launch)
     y = torch.empty(R, D, dtype=torch.float32, device=x.device)
     rw = w.reshape(-1).contiguous()  # read as float32 in the kernel
-    _down[(nb, _cdiv(D, BN))](h, down, db, rw, y, ids, bexp, R, E, D, I, h.stride(0), down.stride(0), dwn, dwk,
-                              db.stride(0), y.stride(0), BM=BM, BN=BN, BK=BK, IEEE=ieee, BIAS=bias,
-                              GATHER=gather, **launch)
+    _down[(nb, _cdiv(D, dcfg["BN"]))](
+        h, down, db, rw, y, ids, bexp, R, E, D, I, h.stride(0), down.stride(0), dwn, dwk, db.stride(0), y.stride(0),
+        BM=BM, BN=dcfg["BN"], BK=BK, IEEE=ieee, BIAS=bias, GATHER=gather, num_warps=dcfg["num_warps"],
+        num_stages=dcfg["num_stages"])
     return y
 
 
@@ -289,3 +372,19 @@ def _(logits, kind, top_k, norm):
     T = logits.shape[0]
     w = logits.new_empty(T, top_k, dtype=torch.float32 if kind == "mixtral" else logits.dtype)
     return w, logits.new_empty(T, top_k, dtype=torch.long)
+
+
+@torch.library.custom_op("mlx_bridge::router_topk", mutates_args=())
+def router_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kind: str, top_k: int,
+                norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route(F.linear(x, weight, bias), ...)` as one op: `router_fused` for up to ROUTER_ROWS tokens,
+    else the router as a matrix product and `route_fused`."""
+    if x.shape[0] <= ROUTER_ROWS and weight.stride(1) == 1:
+        return router_fused(x, weight, bias, kind, top_k, norm)
+    return route_fused(torch.nn.functional.linear(x, weight, bias), kind, top_k, norm)
+
+
+@router_topk.register_fake
+def _(x, weight, bias, kind, top_k, norm):
+    T = x.shape[0]
+    return x.new_empty(T, top_k, dtype=_weights(x.dtype, kind)), x.new_empty(T, top_k, dtype=torch.long)
