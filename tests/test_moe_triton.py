@@ -36,22 +36,6 @@ def test_route_kernel_equals_route(kind, norm, dtype):
     assert ((w.float() - ref_w.float()).abs() <= ulp).all()
 
 
-@pytest.mark.parametrize("kind,norm", KINDS)
-def test_router_kernel_equals_linear_then_route(kind, norm):
-    """The router's products and the routing in one launch (`router_fused`, programs of 4 experts, the
-    last of a token's to finish routes it) against F.linear + `route`; D 1100: two blocks of D, a masked tail."""
-    g = torch.Generator().manual_seed(5)
-    T, E, D = 3, 60, 1100
-    x = torch.randn(T, D, generator=g)
-    r = torch.randn(E, D, generator=g) / D ** 0.5
-    b = torch.randn(E, generator=g) if kind == "gpt_oss" else None
-    w, idx = mk.router_fused(x, r, b, kind, 4, norm)
-    ref_w, ref_idx = route(torch.nn.functional.linear(x, r, b), kind, 4, norm)
-    assert torch.equal(idx, ref_idx) and w.dtype == ref_w.dtype
-    assert torch.allclose(w, ref_w, rtol=1e-5, atol=1e-6)
-    assert torch.equal(mk.router_topk(x, r, b, kind, 4, norm)[1], ref_idx)  # the op: the same ids
-
-
 def test_route_kernel_top8_of_128_with_ties():
     g = torch.Generator().manual_seed(3)
     logits = torch.randint(-6, 6, (5, 128), generator=g).float() / 4  # many equal logits: ties at the cut

@@ -15,8 +15,7 @@ Two implementations of the same routed product, `experts(x, w, idx, ex, glu)`:
     `moe_kernels.routed_experts`  Triton on CUDA, reading only the selected experts' weights
                    (graph-capturable, compiles as an op): at decode a block per routed row, else rows
                    grouped by expert with static shapes and grouped GEMMs
-On CUDA the routing (softmax, top-k, normalisation, cast) is one kernel too (`routing`), at decode
-with the router's products (`router_routing`).
+On CUDA the routing (softmax, top-k, normalisation, cast) is one kernel too (`routing`).
 
 Example:
     >>> import torch
@@ -126,22 +125,12 @@ def routing(logits: torch.Tensor, kind: str, top_k: int, norm: bool, jitter: flo
     return route(logits, kind, top_k, norm, jitter)
 
 
-def router_routing(x: torch.Tensor, router: tuple, kind: str, top_k: int, norm: bool,
-                   jitter: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """`routing` of the router's logits for tokens x (T, D), router = (weight, bias); on CUDA (but
-    phimoe) the router's products and the routing as one op (`moe_kernels.router_topk`: one kernel at
-    decode)."""
-    if x.is_cuda and kind != "phimoe":
-        return torch.ops.mlx_bridge.router_topk(x, router[0], router[1], kind, top_k, norm)
-    return routing(F.linear(x, *router), kind, top_k, norm, jitter)
-
-
 def sparse_ffn(x: torch.Tensor, router: tuple, ex: tuple, kind: str, top_k: int, norm: bool,
                shared: tuple | None = None, glu: tuple | None = None, jitter: float = 0.0) -> torch.Tensor:
     """The whole sparse MLP of tokens x (T, D): route (router = (weight, bias)), routed experts, and for
     qwen2_moe the shared expert `shared` = ([gate; up] (2S, D), down (D, S), gate (1, D)) scaled by
     sigmoid(gate x)."""
-    w, idx = router_routing(x, router, kind, top_k, norm, jitter)
+    w, idx = routing(F.linear(x, *router), kind, top_k, norm, jitter)
     out = experts(x, w, idx, ex, glu)
     if shared is not None:
         sgu, sd, sg = shared
@@ -259,7 +248,7 @@ class SparseMoe(nn.Module):
                     getattr(e, d).weight = nn.Parameter(down[i], requires_grad=False)
             self.stacked = (gate_up, None, down, None)
         if self.stacked[0].is_cuda:
-            from ..runners import moe_kernels  # noqa: F401 (registers the torch.ops.mlx_bridge MoE ops)
+            from ..runners import moe_kernels  # noqa: F401 (registers torch.ops.mlx_bridge.routed_experts, route_topk)
         return self.stacked
 
     def _apply(self, fn, recurse=True):

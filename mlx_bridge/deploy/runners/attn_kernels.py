@@ -4,10 +4,9 @@
 
 `_partial`: a program per (row, kv head, split of the cache): the G query heads of a kv head read
 its keys and values once (GQA without repeated keys), an online softmax in float32 over the split's
-keys in blocks of BN; it writes the split's max, sum and unnormalised output, and the last split of a
-(row, kv head) to finish (an atomic count, `counters`) merges them (and adds gpt-oss's sink to the
-denominator): one launch a decode step (`_combine`, a program per (row, head), is the same merge as
-a second kernel, `fold=False`). With one split the kernel normalises and writes the output itself. A batch-1 decode step of a small model has 4 kv
+keys in blocks of BN; it writes the split's max, sum and unnormalised output. `_combine`: a program
+per (row, head) merges the splits (and adds gpt-oss's sink to the denominator). With one split the
+first kernel normalises and writes the output itself. A batch-1 decode step of a small model has 4 kv
 heads: the cache is cut into enough splits to keep ~2 programs an SM busy, each at least BN keys.
 
 The mask is the fast path's own (`fused.rope_masks`: (B|1, 1, 1, S), additive 0/-inf, or bool), so
@@ -32,10 +31,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _partial(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, pm_ptr, pl_ptr, po_ptr, sink_ptr, cnt_ptr, H, G, S, D, chunk, scale,
-             cap, sqb, sqh, skb, skh, sks, svb, svh, svs, smb, sob, soh, SPLITS: tl.constexpr, BG: tl.constexpr,
+def _partial(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, pm_ptr, pl_ptr, po_ptr, sink_ptr, H, G, S, D, chunk, scale, cap,
+             sqb, sqh, skb, skh, sks, svb, svh, svs, smb, sob, soh, SPLITS: tl.constexpr, BG: tl.constexpr,
              BN: tl.constexpr, BD: tl.constexpr, CAP: tl.constexpr, BOOL: tl.constexpr, SINK: tl.constexpr,
-             FINAL: tl.constexpr, FOLD: tl.constexpr, IEEE: tl.constexpr):
+             FINAL: tl.constexpr, IEEE: tl.constexpr):
     Hkv = H // G
     pid, sp = tl.program_id(0), tl.program_id(1)
     b, hk = pid // Hkv, pid % Hkv
@@ -93,34 +92,6 @@ def _partial(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, pm_ptr, pl_ptr, po_ptr, sink_ptr
         tl.store(pm_ptr + row, m_i, mask=gmask)
         tl.store(pl_ptr + row, l_i, mask=gmask)
         tl.store(po_ptr + row[:, None] * BD + offs_d[None, :], acc, mask=gmask[:, None])
-        if FOLD:  # the last split of (b, hk) to finish merges them all: no second kernel
-            tl.debug_barrier()  # every thread's partials stored before the count is released
-            done = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
-            if done == SPLITS - 1:
-                tl.store(cnt_ptr + pid, 0)  # zero again for the next call (and graph replay)
-                base = row - sp  # (BG,) split 0 of each head
-                offs_s = tl.arange(0, SPLITS)
-                ms = tl.load(pm_ptr + base[:, None] + offs_s[None, :], mask=gmask[:, None], other=0.0,
-                             cache_modifier=".cg")  # (BG, SPLITS); .cg: from L2, where the others wrote
-                ls = tl.load(pl_ptr + base[:, None] + offs_s[None, :], mask=gmask[:, None], other=0.0,
-                             cache_modifier=".cg")
-                m_all = tl.max(ms, 1)
-                if SINK:
-                    sk = tl.load(sink_ptr + heads, mask=gmask, other=0.0).to(tl.float32)
-                    m_all = tl.maximum(m_all, sk)
-                w = tl.exp(ms - m_all[:, None])  # 0 for a split with every key masked
-                den = tl.sum(ls * w, 1)
-                if SINK:
-                    den += tl.exp(sk - m_all)
-                out = tl.zeros((BG, BD), tl.float32)
-                for j in range(SPLITS):
-                    wj = tl.sum(tl.where(offs_s[None, :] == j, w, 0.0), 1)  # (BG,)
-                    oj = tl.load(po_ptr + (base + j)[:, None] * BD + offs_d[None, :], mask=gmask[:, None], other=0.0,
-                                 cache_modifier=".cg")
-                    out += oj * wj[:, None]
-                out = out / den[:, None]
-                tl.store(o_ptr + b.to(tl.int64) * sob + heads[:, None] * soh + offs_d[None, :],
-                         out.to(o_ptr.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
 
 
 @triton.jit
@@ -160,29 +131,12 @@ def splits(B: int, Hkv: int, S: int, BN: int, programs: int = 256) -> int:
     return n
 
 
-_COUNTERS: dict = {}  # device -> int32 zeros: per (row, kv head), the splits done (back to 0 by the last)
-MAX_COUNTERS = 1 << 16  # rows x kv heads one call can fold
-
-
-def counters(device: torch.device) -> torch.Tensor:
-    """The device's split counters, made once (`fused.fuse` makes them at load time: never under a
-    graph capture, whose memory would be the graph's). One decode call at a time a device uses them:
-    calls on one stream, as the runners make them."""
-    device = torch.device(device)
-    if device not in _COUNTERS:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("decode attention: run it once outside a CUDA graph capture first (its split counters)")
-        _COUNTERS[device] = torch.zeros(MAX_COUNTERS, dtype=torch.int32, device=device)
-    return _COUNTERS[device]
-
-
 def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
            softcap: float | None = None, sinks: torch.Tensor | None = None, BN: int | None = None,
-           n_splits: int | None = None, fold: bool = True) -> torch.Tensor:
+           n_splits: int | None = None) -> torch.Tensor:
     """Attention of q (B, H, 1, hd) over the cache k, v (B, H_kv, S, hd) with `mask` (B|1, 1, 1, S)
     (bool, or additive): (B, H, 1, hd) in q's dtype, what `layers.attend` computes. `BN` and
-    `n_splits` override the key block and the splits (the tests use small ones). With several splits,
-    `fold` merges them in the kernel's last program of a kv head (one launch), else in `_combine`."""
+    `n_splits` override the key block and the splits (the tests use small ones)."""
     B, H, L, D = q.shape
     _, Hkv, S, _ = k.shape
     assert L == 1 and H % Hkv == 0 and k.stride(3) == 1 and v.stride(3) == 1, (q.shape, k.shape, k.stride())
@@ -203,16 +157,14 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         pl = torch.empty_like(pm)
         po = torch.empty(B, H, n, BD, dtype=torch.float32, device=q.device)
     sink = sinks if sinks is not None else out  # unused pointer without sinks
-    fold = fold and n > 1 and B * Hkv <= MAX_COUNTERS
-    cnt = counters(q.device) if fold else out  # unused pointer without the fold
     with torch.cuda.device(q.device) if q.is_cuda else nullcontext():  # Triton launches on the current device
         _partial[(B * Hkv, n)](
-            q, k, v, mask, out, pm, pl, po, sink, cnt, H, G, S, D, chunk, float(scale), float(softcap or 1.0),
+            q, k, v, mask, out, pm, pl, po, sink, H, G, S, D, chunk, float(scale), float(softcap or 1.0),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             smb, out.stride(0), out.stride(1), SPLITS=n, BG=max(16, triton.next_power_of_2(G)), BN=BN, BD=BD,
             CAP=softcap is not None, BOOL=mask.dtype == torch.bool, SINK=sinks is not None, FINAL=n == 1,
-            FOLD=fold, IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
-        if n > 1 and not fold:
+            IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
+        if n > 1:
             _combine[(B * H,)](pm, pl, po, out, sink, H, D, out.stride(0), out.stride(1), SPLITS=n, BD=BD,
                                SINK=sinks is not None, num_warps=1 if BD <= 128 else 2)
     return out

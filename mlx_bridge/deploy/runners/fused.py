@@ -153,10 +153,7 @@ def fuse(module: Transformer) -> Fused:
                  getattr(at, "sinks", None)) + _ffn_weights(mlp)
             layers.append(Layer(w, a.windows[i], module.rope_of_layer[i], wqkv.device))
     if any(l.device.type == "cuda" for l in layers):
-        from . import attn_kernels  # registers torch.ops.mlx_bridge.decode_attention
-
-        for d in {l.device for l in layers if l.device.type == "cuda"}:
-            attn_kernels.counters(d)  # its split counters, made now: never under a graph capture
+        from . import attn_kernels  # noqa: F401 (registers torch.ops.mlx_bridge.decode_attention)
     embed = module.model.embed_tokens.weight
     head = embed if a.tie_word_embeddings else module.lm_head.weight
     head_bias = None if a.tie_word_embeddings else module.lm_head.bias

@@ -114,11 +114,15 @@ def _down(h_ptr, w_ptr, b_ptr, rw_ptr, y_ptr, ids_ptr, bexp_ptr, R, E, N, K, sh,
 
 
 @triton.jit
-def _topk(l, offs, m, K: tl.constexpr, OSS: tl.constexpr, NORM: tl.constexpr):
-    """(rank (BE,), selected, weights) of one token's logits l (BE,) float32 (-inf past E): top-K by
-    rank (ties: lower id first, as torch.topk), found by K rounds of argmax; weights softmax-then-top-K
-    (renormalised when NORM) or, gpt_oss, softmax of the top K."""
-    rank = tl.full(l.shape, K, tl.int32)  # K: not selected
+def _route(l_ptr, w_ptr, idx_ptr, E, sl, K: tl.constexpr, BE: tl.constexpr, OSS: tl.constexpr, NORM: tl.constexpr):
+    """One token's routing from its logits (E,): top-K ids by rank (ties: lower id first, as
+    torch.topk), found by K rounds of argmax (one warp: shuffles, no shared-memory barrier); weights
+    softmax-then-top-K (renormalised when NORM) or, gpt_oss, softmax of the top K."""
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BE)
+    m = offs < E
+    l = tl.load(l_ptr + t * sl + offs, mask=m, other=float("-inf")).to(tl.float32)
+    rank = tl.full((BE,), K, tl.int32)  # K: not selected
     rest = l
     for i in tl.static_range(K):
         hit = offs == tl.argmax(rest, 0, tie_break_left=True)  # the largest remaining, lowest id on a tie
@@ -133,56 +137,8 @@ def _topk(l, offs, m, K: tl.constexpr, OSS: tl.constexpr, NORM: tl.constexpr):
         p = p / tl.sum(p, 0)
         if NORM:
             p = p / tl.sum(tl.where(sel, p, 0.0), 0)
-    return rank, sel, p
-
-
-@triton.jit
-def _route(l_ptr, w_ptr, idx_ptr, E, sl, K: tl.constexpr, BE: tl.constexpr, OSS: tl.constexpr, NORM: tl.constexpr):
-    """One token's routing from its logits (E,) (`_topk`; one warp: shuffles, no shared-memory barrier)."""
-    t = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BE)
-    m = offs < E
-    l = tl.load(l_ptr + t * sl + offs, mask=m, other=float("-inf")).to(tl.float32)
-    rank, sel, p = _topk(l, offs, m, K, OSS, NORM)
     tl.store(idx_ptr + t * K + rank, offs.to(tl.int64), mask=sel)
     tl.store(w_ptr + t * K + rank, p.to(w_ptr.dtype.element_ty), mask=sel)
-
-
-@triton.jit
-def _router(x_ptr, r_ptr, rb_ptr, l_ptr, w_ptr, idx_ptr, cnt_ptr, E, sx, sr, D: tl.constexpr, K: tl.constexpr,
-            BP: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, OSS: tl.constexpr, NORM: tl.constexpr,
-            BIAS: tl.constexpr):
-    """Router logits and routing of token t in one launch: program (p, t) computes the logits of experts
-    [p BP, p BP + BP) (x[t] . r[e] in float32, + bias, rounded to the logits' dtype as F.linear's), and
-    the last of token t's programs to finish (an atomic count) routes the whole row (`_topk`)."""
-    pe, t = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    offs_e = pe * BP + tl.arange(0, BP)
-    emask = offs_e < E
-    acc = tl.zeros((BP,), tl.float32)
-    for d0 in tl.static_range(0, D, BD):  # unrolled: every load issued up front
-        dd = d0 + tl.arange(0, BD)
-        dmask = dd < D
-        xv = tl.load(x_ptr + t * sx + dd, mask=dmask, other=0.0).to(tl.float32)
-        wv = tl.load(r_ptr + offs_e[:, None].to(tl.int64) * sr + dd[None, :], mask=emask[:, None] & dmask[None, :],
-                     other=0.0).to(tl.float32)
-        acc += tl.sum(wv * xv[None, :], 1)
-    if BIAS:
-        acc += tl.load(rb_ptr + offs_e, mask=emask, other=0.0).to(tl.float32)
-    tl.store(l_ptr + t * E + offs_e, acc.to(l_ptr.dtype.element_ty), mask=emask)
-    tl.debug_barrier()  # every thread's logits stored before the count is released
-    done = tl.atomic_add(cnt_ptr + t, 1, sem="acq_rel")
-    if done == tl.num_programs(0) - 1:
-        tl.store(cnt_ptr + t, 0)  # zero again for the next call (and graph replay)
-        offs = tl.arange(0, BE)
-        m = offs < E
-        l = tl.load(l_ptr + t * E + offs, mask=m, other=float("-inf"), cache_modifier=".cg").to(tl.float32)
-        rank, sel, p = _topk(l, offs, m, K, OSS, NORM)
-        tl.store(idx_ptr + t * K + rank, offs.to(tl.int64), mask=sel)
-        tl.store(w_ptr + t * K + rank, p.to(w_ptr.dtype.element_ty), mask=sel)
-
-
-def _weights(logits_dtype: torch.dtype, kind: str) -> torch.dtype:
-    return torch.float32 if kind == "mixtral" else logits_dtype
 
 
 def route_fused(logits: torch.Tensor, kind: str, top_k: int, norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,40 +151,10 @@ def route_fused(logits: torch.Tensor, kind: str, top_k: int, norm: bool) -> tupl
     T, E = logits.shape
     logits = logits.contiguous()
     oss = kind == "gpt_oss"
-    w = torch.empty(T, top_k, dtype=_weights(logits.dtype, kind), device=logits.device)
+    w = torch.empty(T, top_k, dtype=torch.float32 if kind == "mixtral" else logits.dtype, device=logits.device)
     idx = torch.empty(T, top_k, dtype=torch.long, device=logits.device)
     _route[(T,)](logits, w, idx, E, logits.stride(0), K=top_k, BE=triton.next_power_of_2(E), OSS=oss,
                  NORM=norm and not oss, num_warps=1 if E <= 256 else 4)
-    return w, idx
-
-
-ROUTER_ROWS = 64  # tokens up to which `router_topk` routes with `router_fused` (decode); more: F.linear + `_route`
-
-
-def router_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kind: str, top_k: int,
-                 norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """`route(F.linear(x, weight, bias), ...)` for tokens x (T, D), T <= ROUTER_ROWS: the router's
-    matrix-vector products and the routing in one launch (`_router`); the logits are rounded to x's
-    dtype first, as F.linear's are.
-
-    Example:
-        >>> w, idx = router_fused(x, gate.weight, None, "qwen3_moe", 8, True)   # x (T, D) cuda  # doctest: +SKIP
-    """
-    from .attn_kernels import counters
-
-    T, D = x.shape
-    E = weight.shape[0]
-    assert T <= ROUTER_ROWS and weight.stride(1) == 1, (T, weight.stride())
-    x = x.contiguous()
-    oss = kind == "gpt_oss"
-    logits = torch.empty(T, E, dtype=x.dtype, device=x.device)
-    w = torch.empty(T, top_k, dtype=_weights(x.dtype, kind), device=x.device)
-    idx = torch.empty(T, top_k, dtype=torch.long, device=x.device)
-    BP = 4  # experts a program: E / 4 programs a token (32 for 128 experts), 4 rows of the matrix each
-    BD = min(1024, triton.next_power_of_2(D))
-    _router[(_cdiv(E, BP), T)](x, weight, bias if bias is not None else weight, logits, w, idx, counters(x.device), E,
-                               x.stride(0), weight.stride(0), D=D, K=top_k, BP=BP, BD=BD, BE=triton.next_power_of_2(E),
-                               OSS=oss, NORM=norm and not oss, BIAS=bias is not None, num_warps=2)
     return w, idx
 
 
@@ -372,19 +298,3 @@ def _(logits, kind, top_k, norm):
     T = logits.shape[0]
     w = logits.new_empty(T, top_k, dtype=torch.float32 if kind == "mixtral" else logits.dtype)
     return w, logits.new_empty(T, top_k, dtype=torch.long)
-
-
-@torch.library.custom_op("mlx_bridge::router_topk", mutates_args=())
-def router_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kind: str, top_k: int,
-                norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """`route(F.linear(x, weight, bias), ...)` as one op: `router_fused` for up to ROUTER_ROWS tokens,
-    else the router as a matrix product and `route_fused`."""
-    if x.shape[0] <= ROUTER_ROWS and weight.stride(1) == 1:
-        return router_fused(x, weight, bias, kind, top_k, norm)
-    return route_fused(torch.nn.functional.linear(x, weight, bias), kind, top_k, norm)
-
-
-@router_topk.register_fake
-def _(x, weight, bias, kind, top_k, norm):
-    T = x.shape[0]
-    return x.new_empty(T, top_k, dtype=_weights(x.dtype, kind)), x.new_empty(T, top_k, dtype=torch.long)
