@@ -172,7 +172,8 @@ def bench_hf(hf, B, P, N, vocab, dev):  # noqa: D103 (returns tok/s and row 0's 
 
 
 def profile(runner, a, vocab, dev) -> None:
-    """GPU time per kernel over 16 decode steps at batch 1 (graph replays of the measured bucket)."""
+    """GPU time per kernel over the decode steps that run while 16 batch-1 tokens are read (graph replays
+    of the measured bucket; `steps` queues the next 8 before reading 8: 24 steps run)."""
     tokens, pad = prompts(1, a.prompt, vocab, dev)
     it = runner.steps(tokens, pad, a.new)  # the bucket measured above: nothing allocated or captured
     next(it)  # prefill outside the profile
