@@ -426,10 +426,9 @@ class FastRunner:
 
         The drop-in for `generation.token_chunks`' loop: tokens reach the host every `sync_every`
         steps, read while the next `sync_every` run (a consumer that stops early wastes at most twice
-        that many steps); `chunked` yields each
-        host sync's steps as one list. Greedy (temperature 0) gives the eager path's tokens;
-        sampling draws from the same distribution as `sampling.sample` with its own random stream
-        (reproducible for a seed).
+        that many steps); `chunked` yields each host sync's steps as one list. Greedy (temperature 0)
+        gives the eager path's tokens; sampling draws from the same distribution as `sampling.sample`
+        with its own random stream (reproducible for a seed).
 
         Example:
             >>> toks = list(runner.steps(tokens, pad, 16))        # doctest: +SKIP

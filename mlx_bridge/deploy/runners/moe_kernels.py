@@ -16,7 +16,7 @@ at once. The caller sums the k rows of a token (in a compiled layer: fused into 
 `_route` is the routing (softmax, top-k, renormalisation, cast) of `native.moe.route` as one kernel.
 No host sync, no data-dependent shapes: the decode step captures in a CUDA graph, and
 `routed_experts` / `route_topk` are `torch.library.custom_op`s, opaque to a compiled layer. The decode
-blocks' pipeline depth is timed on the card per shape before capture (`tuned`).
+blocks' widths and pipeline depths are timed on the card per shape before capture (`tuned`).
 
 Example:
     >>> y = routed(x, w, idx, gate_up, None, down, None)   # x (T, D) cuda; gate_up (E, 2I, D)  # doctest: +SKIP
