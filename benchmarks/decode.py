@@ -172,7 +172,8 @@ def bench_hf(hf, B, P, N, vocab, dev):  # noqa: D103 (returns tok/s and row 0's 
 
 
 def profile(runner, a, vocab, dev) -> None:
-    """GPU time per kernel over 16 decode steps at batch 1 (graph replays of the measured bucket)."""
+    """GPU time per kernel over the decode steps that run while 16 batch-1 tokens are read (graph replays
+    of the measured bucket; `steps` queues the next 8 before reading 8: 24 steps run)."""
     tokens, pad = prompts(1, a.prompt, vocab, dev)
     it = runner.steps(tokens, pad, a.new)  # the bucket measured above: nothing allocated or captured
     next(it)  # prefill outside the profile
@@ -274,6 +275,11 @@ def main(argv=None) -> int:
             f"{k} {v:.1f}" for k, v in res[name].items() if k != "tokens"), flush=True)
         if a.profile and name == "fast":
             profile(runner, a, cfg.vocab_size, dev)
+        if moe and kind == "fast" and dev.type == "cuda":
+            from mlx_bridge.deploy.runners.moe_kernels import _TUNED
+
+            print("# decode blocks timed: " + "; ".join(f"{key[0]} rows: [gate; up] BN {c['BN']} stages {c['num_stages']}, "
+                  f"down BN {c['down']['BN']} stages {c['down']['num_stages']}" for key, c in _TUNED.items()), flush=True)
         del runner, first
         if dev.type == "cuda":
             torch.cuda.empty_cache()

@@ -36,6 +36,15 @@ def test_route_kernel_equals_route(kind, norm, dtype):
     assert ((w.float() - ref_w.float()).abs() <= ulp).all()
 
 
+def test_route_kernel_top8_of_128_with_ties():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randint(-6, 6, (5, 128), generator=g).float() / 4  # many equal logits: ties at the cut
+    w, idx = mk.route_fused(logits, "qwen3_moe", 8, True)
+    ref_w, ref_idx = route(logits, "qwen3_moe", 8, True)  # torch.topk on CPU orders ties its own way
+    want = [sorted(range(128), key=lambda e: (-row[e], e))[:8] for row in logits.tolist()]
+    assert idx.tolist() == want and torch.allclose(w, ref_w, rtol=4e-7, atol=0)
+
+
 def test_route_kernel_ties_lower_id_first():
     logits = torch.tensor([[0.5, 2.0, 1.0, 2.0, 1.0, 1.0]])
     w, idx = mk.route_fused(logits, "qwen3_moe", 4, True)
@@ -49,7 +58,8 @@ def test_route_kernel_ties_lower_id_first():
 def test_routed_kernels_equal_reference(layout, T, gather):
     case = routed_case(layout, T, (16, 4, 64, 40), torch.float32, seed=T)  # I = 40: masked tails
     x, w, idx, ex, glu = case
-    cfg = dict(BM=16, BN=16, BK=32, num_warps=4, num_stages=1)  # small blocks: several tiles and K steps
+    # small blocks: several tiles and K steps; `down` with its own width, as the decode configurations
+    cfg = dict(BM=16, BN=16, BK=32, num_warps=4, num_stages=1, down=dict(BN=32))
     y = mk.routed(x, w, idx, *ex, glu is not None, *(glu or (0.0, 0.0)), cfg=cfg, gather=gather)
     assert y.shape == (idx.numel(), x.shape[1])
     assert routed_error(y, case) < 1e-6

@@ -1,7 +1,8 @@
 """`FastRunner`: the native model's decode step on CUDA as one graph replay per token, no host sync.
 
 The `base.Runner` interface (`start`, `next`, `logits`), plus `steps`, a whole decode loop
-that keeps sampling on the device and copies tokens to the host once every `sync_every` steps.
+that keeps sampling on the device and copies tokens to the host once every `sync_every` steps, the
+next `sync_every` steps already queued behind the copy.
 
 How it is fast (gpt-fast's recipe on the package's own model class):
 - fused projections: `fast_model.fuse` builds `[q; k; v]` and `[gate; up]` once at load time;
@@ -114,6 +115,19 @@ class State:
     seed: torch.Tensor
     counter: torch.Tensor  # (1,) noise counter
     graphs: dict = field(default_factory=dict)  # mode -> [CUDAGraph per segment]
+
+
+def fetch(t: torch.Tensor):
+    """Start copying t (a small device tensor) to the host; a function that waits for the copy
+    (and only it) and returns it as lists. CUDA: pinned memory, an event after the copy."""
+    if t.device.type != "cuda":
+        rows = t.tolist()
+        return lambda: rows
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(t.device))
+    return lambda: (done.synchronize(), host.tolist())[1]
 
 
 class FastRunner:
@@ -411,10 +425,10 @@ class FastRunner:
         """Yield the next token of every row, `budget` times at most, deciding tokens on the device.
 
         The drop-in for `generation.token_chunks`' loop: tokens reach the host every `sync_every`
-        steps (a consumer that stops early wastes at most that many steps); `chunked` yields each
-        host sync's steps as one list. Greedy (temperature 0) gives the eager path's tokens;
-        sampling draws from the same distribution as `sampling.sample` with its own random stream
-        (reproducible for a seed).
+        steps, read while the next `sync_every` run (a consumer that stops early wastes at most twice
+        that many steps); `chunked` yields each host sync's steps as one list. Greedy (temperature 0)
+        gives the eager path's tokens; sampling draws from the same distribution as `sampling.sample`
+        with its own random stream (reproducible for a seed).
 
         Example:
             >>> toks = list(runner.steps(tokens, pad, 16))        # doctest: +SKIP
@@ -433,21 +447,27 @@ class FastRunner:
             st.tok[:B, 0].copy_(nxt.to(st.tok.device))
             first = nxt.tolist()
         yield [first] if chunked else first
-        n = 1
-        while n < budget:
-            k = min(self.sync_every, budget - n)
-            with torch.inference_mode():
-                st = self._room(st, P + n + k - 1)  # these k steps write slots P+n-1 .. P+n+k-2
-                st.step.zero_()
-                for _ in range(k):
-                    self._step(st, mode)
-                rows = st.hist[:k, :B].tolist()  # the one host sync of these k steps
-            self._slot = P + n + k - 1
-            if chunked:
-                yield rows
-            else:
-                yield from rows
-            n += k
+        n, pending = 1, None
+        while n < budget or pending is not None:
+            ahead = None
+            if n < budget:  # the next k steps go in before the last k are read: the device does not wait
+                k = min(self.sync_every, budget - n)  # for the host's read and the graph launch after it
+                with torch.inference_mode():
+                    st = self._room(st, P + n + k - 1)  # these k steps write slots P+n-1 .. P+n+k-2
+                    st.step.zero_()
+                    for _ in range(k):
+                        self._step(st, mode)
+                    ahead = (fetch(st.hist[:k, :B]), P + n + k - 1)
+                n += k
+            if pending is not None:
+                read, slot = pending
+                rows = read()  # the one host sync of those k steps
+                self._slot = slot
+                if chunked:
+                    yield rows
+                else:
+                    yield from rows
+            pending = ahead
 
     def prepare(self, batch_sizes=(1,), max_lens=(MIN_LEN,), modes=("greedy",)) -> None:
         """Compile and capture buckets ahead of the first call (the server prepares its own

@@ -16,7 +16,7 @@ at once. The caller sums the k rows of a token (in a compiled layer: fused into 
 `_route` is the routing (softmax, top-k, renormalisation, cast) of `native.moe.route` as one kernel.
 No host sync, no data-dependent shapes: the decode step captures in a CUDA graph, and
 `routed_experts` / `route_topk` are `torch.library.custom_op`s, opaque to a compiled layer. The decode
-blocks' pipeline depth is timed on the card per shape before capture (`tuned`).
+blocks' widths and pipeline depths are timed on the card per shape before capture (`tuned`).
 
 Example:
     >>> y = routed(x, w, idx, gate_up, None, down, None)   # x (T, D) cuda; gate_up (E, 2I, D)  # doctest: +SKIP
@@ -116,14 +116,18 @@ def _down(h_ptr, w_ptr, b_ptr, rw_ptr, y_ptr, ids_ptr, bexp_ptr, R, E, N, K, sh,
 @triton.jit
 def _route(l_ptr, w_ptr, idx_ptr, E, sl, K: tl.constexpr, BE: tl.constexpr, OSS: tl.constexpr, NORM: tl.constexpr):
     """One token's routing from its logits (E,): top-K ids by rank (ties: lower id first, as
-    torch.topk), weights softmax-then-top-K (renormalised when NORM) or, gpt_oss, softmax of the top K."""
+    torch.topk), found by K rounds of argmax (one warp: shuffles, no shared-memory barrier); weights
+    softmax-then-top-K (renormalised when NORM) or, gpt_oss, softmax of the top K."""
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BE)
     m = offs < E
     l = tl.load(l_ptr + t * sl + offs, mask=m, other=float("-inf")).to(tl.float32)
-    li, lj = l[:, None], l[None, :]
-    better = ((lj > li) | ((lj == li) & (offs[None, :] < offs[:, None]))) & m[None, :]
-    rank = tl.sum(better.to(tl.int32), axis=1)  # (BE,) 0 for the largest logit
+    rank = tl.full((BE,), K, tl.int32)  # K: not selected
+    rest = l
+    for i in tl.static_range(K):
+        hit = offs == tl.argmax(rest, 0, tie_break_left=True)  # the largest remaining, lowest id on a tie
+        rank = tl.where(hit, i, rank)
+        rest = tl.where(hit, float("-inf"), rest)
     sel = m & (rank < K)
     if OSS:  # softmax over the K selected logits
         p = tl.where(sel, tl.exp(l - tl.max(l, 0)), 0.0)
@@ -150,7 +154,7 @@ def route_fused(logits: torch.Tensor, kind: str, top_k: int, norm: bool) -> tupl
     w = torch.empty(T, top_k, dtype=torch.float32 if kind == "mixtral" else logits.dtype, device=logits.device)
     idx = torch.empty(T, top_k, dtype=torch.long, device=logits.device)
     _route[(T,)](logits, w, idx, E, logits.stride(0), K=top_k, BE=triton.next_power_of_2(E), OSS=oss,
-                 NORM=norm and not oss, num_warps=4 if E <= 128 else 8)
+                 NORM=norm and not oss, num_warps=1 if E <= 256 else 4)
     return w, idx
 
 
@@ -162,11 +166,14 @@ def _config(R: int, dtype: torch.dtype) -> dict:
     return dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=3)
 
 
-# decode (a block per routed row), bf16/fp16: the block sizes measured on an H200 with three stages or
-# two (two programs an SM: batch 1's 192 [gate; up] programs in one wave). Same blocks, so the same sums
-# in the same order: the choice changes the time, never the result. Chosen per shape by timing both
-# (`tuned`) the first time a shape runs outside a graph capture: in the warm-up steps before capture.
-DECODE_CONFIGS = [dict(BM=16, BN=32, BK=256, num_warps=4, num_stages=3), dict(BM=16, BN=32, BK=256, num_warps=4, num_stages=2)]
+# decode (a block per routed row), bf16/fp16: block widths and pipeline depths for each kernel (the
+# `down` entry overrides the `[gate; up]` kernel's for `_down`). Same BM and BK, so the same sums in the
+# same order: the choice changes the time (programs an SM, waves over the SMs), never the result. Chosen
+# per shape by timing all of them (`tuned`) the first time a shape runs outside a graph capture: in the
+# warm-up steps before capture. Three stages of [gate; up] tiles: one program an SM; two: two.
+_GATE_UP = [dict(BN=32, num_stages=3), dict(BN=32, num_stages=2), dict(BN=16, num_stages=3)]
+_DOWN = [dict(BN=32, num_stages=3), dict(BN=32, num_stages=2), dict(BN=16, num_stages=4), dict(BN=64, num_stages=2)]
+DECODE_CONFIGS = [dict(BM=16, BK=256, num_warps=4, **g, down=d) for g in _GATE_UP for d in _DOWN]
 _TUNED: dict = {}  # (R, E, I, D, dtype, oss, bias) -> the config `tuned` picked
 
 
@@ -241,6 +248,7 @@ def routed(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, gate_up: torch.T
         key = (R, E, I, D, x.dtype, oss, gate_up_b is not None)
         cfg = tuned(key, lambda c: routed(x, w, idx, gate_up, gate_up_b, down, down_b, oss, alpha, limit, c, gather))
     cfg = cfg or _config(R, x.dtype)
+    dcfg = {**cfg, **cfg.get("down", {})}  # `_down`'s blocks: the same but for any it names
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if gather:  # block m = routed row m of expert idx[m]: no grouping
@@ -259,9 +267,10 @@ def routed(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, gate_up: torch.T
         BM=BM, BN=BN, BK=BK, IEEE=ieee, OSS=oss, BIAS=bias, GATHER=gather, **launch)
     y = torch.empty(R, D, dtype=torch.float32, device=x.device)
     rw = w.reshape(-1).contiguous()  # read as float32 in the kernel
-    _down[(nb, _cdiv(D, BN))](h, down, db, rw, y, ids, bexp, R, E, D, I, h.stride(0), down.stride(0), dwn, dwk,
-                              db.stride(0), y.stride(0), BM=BM, BN=BN, BK=BK, IEEE=ieee, BIAS=bias,
-                              GATHER=gather, **launch)
+    _down[(nb, _cdiv(D, dcfg["BN"]))](
+        h, down, db, rw, y, ids, bexp, R, E, D, I, h.stride(0), down.stride(0), dwn, dwk, db.stride(0), y.stride(0),
+        BM=BM, BN=dcfg["BN"], BK=BK, IEEE=ieee, BIAS=bias, GATHER=gather, num_warps=dcfg["num_warps"],
+        num_stages=dcfg["num_stages"])
     return y
 
 
