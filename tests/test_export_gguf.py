@@ -111,6 +111,9 @@ OVERRIDES = {"granite": _SCALES, "granitemoe": _SCALES,
              "exaone4": dict(num_hidden_layers=64),
              "qwen3_next": dict(rms_norm_eps=1e-6),  # llama.cpp's qwen3next: the gated delta net's l2 norm eps is the norms'
              "falcon_mamba": dict(mixer_rms_eps=1e-5)}  # llama.cpp's mamba: one epsilon for the norms and B/C/dt  # llama.cpp windows exaone4 only in its 64-layer shape
+# third session (#15b): a block of its own
+CASES.update({t: (t, "llama-spm") for t in ("apertus", "minicpm3")})
+OVERRIDES.update({"minicpm3": dict(max_position_embeddings=128)})  # longrope without attention scaling (llama.cpp has none)
 PARAMS = [(c, t) for c in CASES for t in (("f32", "f16", "q8_0") if c in ("llama", "llama+lora", "qwen2") else
                                           ("f32", "f16") if c in ("gemma+lora", "qwen2_moe+lora") else ("f32",))]
 # llama.cpp's CPU GELU reads an f16 lookup table (ggml-cpu/vec.h GGML_GELU_FP16): f32 logits move by 1e-3 (measured
@@ -133,6 +136,7 @@ def test_llama_cpp_matches_transformers(gz, case, gguf_type):
     ids = np.random.default_rng(0).integers(3, 32000, 48).tolist()  # valid ids in every vocab used here
     got, want = llama_logits(path, ids), hf_logits(model, ids)
     diff, tol = np.abs(got - want).max(), max(TOL[gguf_type], ARCH_TOL.get(arch, 0))
+    print(f"{case} {gguf_type}: max |logit diff| {diff:.2e}")  # the figure, with -s
     assert diff <= tol, f"{case} {gguf_type}: max |logit diff| {diff:.3e} > {tol}"
     if gguf_type == "q8_0":
         agree = np.mean(got.argmax(-1) == want.argmax(-1))
@@ -357,3 +361,19 @@ def test_arch_table_is_llama_cpps():
     assert not untested, f"GGUF-exported without a llama.cpp-vs-transformers case: {sorted(untested)}"
     for t in set(supported()) - set(GGUF_ARCHS):
         assert refusal(t), t
+
+
+def test_refused_where_llama_cpp_computes_otherwise():
+    """One line each: an arch the gguf package does not know yet (llama.cpp's converter vendors a newer gguf-py),
+    and configs llama.cpp's graph computes otherwise than MLX."""
+    from mlx_bridge.errors import BridgeError
+    from mlx_bridge.translate.gguf.hparams import check_arch, gguf_config
+    from mlx_bridge.archs.tiny import tiny_config
+
+    for t in ("mellum", "laguna", "deepseek_v32"):
+        if not hasattr(gguf.MODEL_ARCH, {"deepseek_v32": "DEEPSEEK32"}.get(t, t.upper())):
+            with pytest.raises(BridgeError, match=f"model_type '{t}' has no GGUF export: .* an arch the gguf package"):
+                check_arch(t, {}, "config.json")
+    cfg = gguf_config({"model_type": "minicpm3", **tiny_config("minicpm3")})  # 256 positions over 128: scaled
+    with pytest.raises(BridgeError, match="longrope scales q/k by 1.069 in MLX .* llama.cpp's minicpm3 does not"):
+        check_arch("minicpm3", cfg, "config.json")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 import gguf
@@ -56,6 +57,10 @@ class GgufArch:
     mrope: bool = False  # _Qwen35MRopeMixin: M-RoPE sections (Qwen3.5)
     no_shift: tuple[str, ...] = ()  # "*norm.weight" suffixes norm_shift leaves alone
     mla: bool = False  # DeepSeek's multi-head latent attention: DeepseekV2Model's hparams, kv_b_proj -> k_b, v_b
+    # HF tensor name suffix of a per-layer scalar -> the GGUFWriter method its values (one per layer) go to as
+    # metadata, not as a tensor (Apertus's xIELU parameters, ApertusModel.modify_tensors)
+    scalars: dict[str, str] = field(default_factory=dict)
+    lora_attn: bool = False  # MiniCPM3Model: q/kv low-rank attention, key length nope + rope, kv_b_proj kept whole
 
 
 _CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # GPT-2's Conv1D stores (in, out)
@@ -159,6 +164,19 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     "stablelm": GgufArch(gguf.MODEL_ARCH.STABLELM, partial_rope=True, extra=_PARALLEL, requires={"qk_layernorm": False}),
 }
 
+# written since the third session (a block of its own)
+GGUF_ARCHS.update({
+    # ApertusModel: a LlamaModel without the q/k permutation (neox rope); xIELU's per-layer scalars as metadata
+    "apertus": GgufArch(gguf.MODEL_ARCH.APERTUS, llama_extras=True, scalars={
+        "act_fn.alpha_n": "add_xielu_alpha_n", "act_fn.alpha_p": "add_xielu_alpha_p", "act_fn.beta": "add_xielu_beta",
+        "act_fn.eps": "add_xielu_eps"}),
+    # MiniCPM3Model: no permutation (neox rope); longrope's factors as rope_factors_long/short tensors
+    # (its graph hard-codes MiniCPM3-4B's scales; its k/v have as many heads as q, whatever num_key_value_heads says)
+    "minicpm3": GgufArch(gguf.MODEL_ARCH.MINICPM3, lora_attn=True, kv_heads="mha", rope_types=("longrope",), extra={
+        "add_q_lora_rank": "q_lora_rank", "add_kv_lora_rank": "kv_lora_rank"},
+        requires={"scale_emb": 12, "scale_depth": 1.4, "dim_model_base": 256}),
+})
+
 # llama.cpp converts these, but its graph computes something else than MLX (and transformers) do
 GGUF_REFUSED: dict[str, str] = {
     "phimoe": "llama.cpp's phimoe routes experts by softmax top-k; PhiMoE routes by sparsemixer (logits differ)",
@@ -183,6 +201,9 @@ def refusal(model_type: str) -> str:
     arch = {k.lower(): v for k, v in LLAMA_CPP["hf_class"].items()}.get(cls.lower())  # PhiMoE/Phimoe
     if arch is None:
         return f"{where} has no converter for {cls}"
+    if not hasattr(gguf.MODEL_ARCH, arch):  # PyPI's gguf-py lags the converter vendored in llama-cpp-python
+        return (f"{where} converts {cls} as {arch.lower()}, an arch the gguf package (gguf-py "
+                f"{metadata.version('gguf')}) does not know yet")
     return f"{where} converts {cls} as {arch.lower()}, which mlx-bridge does not write yet"
 
 

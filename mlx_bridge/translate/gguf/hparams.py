@@ -109,6 +109,10 @@ def check_arch(model_type: str, cfg: dict, where: str, ga: GgufArch | None = Non
     rope_type = rp.get("rope_type") or "default"
     if (rope_type not in ROPE_TYPES or (rope_type == "llama3" and not ga.llama_extras)) and rope_type not in ga.rope_types:
         problems.append(f"{where}: rope_type {rope_type!r} is not written to GGUF for {model_type}")
+    if rope_type == "longrope" and longrope_scale(cfg) != 1.0:
+        problems.append(f"{where}: longrope scales q/k by {longrope_scale(cfg):.4g} in MLX (max_position_embeddings "
+                        f"{cfg.get('max_position_embeddings')} over the original), but llama.cpp's "
+                        f"{ga.arch.name.lower()} does not scale them")
     if ga.query_scale_head_dim and cfg.get("query_pre_attn_scalar") not in (None, cfg.get("head_dim")):
         problems.append(f"{where}: query_pre_attn_scalar={cfg['query_pre_attn_scalar']} but llama.cpp's "
                         f"{ga.arch.name.lower()} scales queries by 1/sqrt(head_dim={cfg.get('head_dim')})")
@@ -159,6 +163,15 @@ def check_arch(model_type: str, cfg: dict, where: str, ga: GgufArch | None = Non
     return ga
 
 
+def longrope_scale(cfg: dict) -> float:
+    """The factor mlx-lm's SuScaledRoPE multiplies q/k by: long_mscale, else sqrt(1 + ln f / ln original) when the
+    context f = max / original positions is longer than the original (1 otherwise)."""
+    rp = cfg.get("rope_parameters") or {}
+    orig = rp.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
+    f = (cfg.get("max_position_embeddings") or orig) / orig
+    return rp.get("long_mscale") or (1.0 if f <= 1.0 else math.sqrt(1 + math.log(f) / math.log(orig)))
+
+
 def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> None:
     """TextModel.set_gguf_parameters (+ LlamaModel's, + the arch's extras) from the effective config."""
     if ga.ssm:
@@ -200,6 +213,10 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
     head_dim = cfg.get("head_dim")
     if ga.mla:
         add_mla(w, cfg, n_vocab)
+    elif ga.lora_attn:  # MiniCPM3Model.set_gguf_parameters
+        w.add_key_length(cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"])
+        w.add_rope_dimension_count(cfg["qk_rope_head_dim"])
+        w.add_vocab_size(n_vocab)
     elif head_dim is not None:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)

@@ -124,6 +124,17 @@ def materialize(t: GTensor) -> np.ndarray:
     return w
 
 
+def scalar_hparams(plan: Plan, ga: GgufArch) -> dict[str, list[float]]:
+    """The per-layer scalars llama.cpp reads as metadata: {GGUFWriter method: one value per layer, in layer order}."""
+    out: dict[str, dict[int, float]] = {}
+    for it in plan.items:
+        method = next((m for k, m in ga.scalars.items() if text_name(it.name).endswith(k)), None)
+        if method is not None:
+            bid = int(re.search(r"\.(\d+)\.", it.name).group(1))
+            out.setdefault(method, {})[bid] = float(materialize_item(it).reshape(()))
+    return {m: [v[i] for i in sorted(v)] for m, v in out.items()}
+
+
 def _rename(hf: str) -> str:
     """HF names convert_hf_to_gguf renames before mapping (a routing bias, Mamba2's dt_bias)."""
     return hf.replace("e_score_correction_bias", "e_score_correction.bias").replace("mixer.dt_bias", "mixer.dt_proj.bias") \
@@ -154,6 +165,8 @@ def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
         groups.setdefault(hf, []).append(it)
     out = []
     for hf, items in groups.items():
+        if hf.endswith(tuple(ga.scalars) or ("\0",)):  # metadata (scalar_hparams), not a tensor
+            continue
         pair = next((p for k, p in ga.halves.items() if hf.endswith(k)), None)
         if pair is not None:  # one HF tensor -> two llama.cpp tensors, a half of its rows each
             bid = int(re.search(r"\.(\d+)\.", hf).group(1))
