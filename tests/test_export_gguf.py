@@ -112,7 +112,8 @@ OVERRIDES = {"granite": _SCALES, "granitemoe": _SCALES,
              "qwen3_next": dict(rms_norm_eps=1e-6),  # llama.cpp's qwen3next: the gated delta net's l2 norm eps is the norms'
              "falcon_mamba": dict(mixer_rms_eps=1e-5)}  # llama.cpp's mamba: one epsilon for the norms and B/C/dt  # llama.cpp windows exaone4 only in its 64-layer shape
 # third session (#15b): a block of its own
-CASES.update({t: (t, "llama-spm") for t in ("apertus", "minicpm3")})
+CASES.update({t: (t, "llama-spm") for t in ("apertus", "minicpm3", "ernie4_5_moe", "exaone_moe")})
+HF_BASE = ("ernie4_5_moe",)  # mlx-lm drops a tensor the export needs (its routing bias): --hf-base for both exports
 OVERRIDES.update({"minicpm3": dict(max_position_embeddings=128)})  # longrope without attention scaling (llama.cpp has none)
 PARAMS = [(c, t) for c in CASES for t in (("f32", "f16", "q8_0") if c in ("llama", "llama+lora", "qwen2") else
                                           ("f32", "f16") if c in ("gemma+lora", "qwen2_moe+lora") else ("f32",))]
@@ -131,8 +132,8 @@ def test_llama_cpp_matches_transformers(gz, case, gguf_type):
     src = gz.mlx(arch, vocab, **OVERRIDES.get(arch, {}))
     if "+lora" in case:
         src = gz.adapter(src)
-    model = load_hf_any(gz.export(src, "hf", hf_base=True)) if arch in WRAPPERS else load_hf(gz.export(src, "hf"))
-    path = gguf_path(gz.export(src, "gguf", gguf_type))
+    model = load_hf_any(gz.export(src, "hf", hf_base=True)) if arch in WRAPPERS else load_hf(gz.export(src, "hf", hf_base=arch in HF_BASE))
+    path = gguf_path(gz.export(src, "gguf", gguf_type, hf_base=arch in HF_BASE))
     ids = np.random.default_rng(0).integers(3, 32000, 48).tolist()  # valid ids in every vocab used here
     got, want = llama_logits(path, ids), hf_logits(model, ids)
     diff, tol = np.abs(got - want).max(), max(TOL[gguf_type], ARCH_TOL.get(arch, 0))
@@ -374,6 +375,10 @@ def test_refused_where_llama_cpp_computes_otherwise():
         if not hasattr(gguf.MODEL_ARCH, {"deepseek_v32": "DEEPSEEK32"}.get(t, t.upper())):
             with pytest.raises(BridgeError, match=f"model_type '{t}' has no GGUF export: .* an arch the gguf package"):
                 check_arch(t, {}, "config.json")
+    for t, over, needle in (("exaone_moe", dict(sliding_window_pattern=1), "no layer is windowed"),
+                            ("ernie4_5_moe", dict(num_hidden_layers=3, moe_layer_end_index=1), "runs experts up to the last")):
+        with pytest.raises(BridgeError, match=needle):
+            check_arch(t, gguf_config({"model_type": t, **tiny_config(t), **over}), "config.json")
     cfg = gguf_config({"model_type": "minicpm3", **tiny_config("minicpm3")})  # 256 positions over 128: scaled
     with pytest.raises(BridgeError, match="longrope scales q/k by 1.069 in MLX .* llama.cpp's minicpm3 does not"):
         check_arch("minicpm3", cfg, "config.json")

@@ -61,6 +61,9 @@ class GgufArch:
     # metadata, not as a tensor (Apertus's xIELU parameters, ApertusModel.modify_tensors)
     scalars: dict[str, str] = field(default_factory=dict)
     lora_attn: bool = False  # MiniCPM3Model: q/kv low-rank attention, key length nope + rope, kv_b_proj kept whole
+    shared_ffn: str = ""  # config key of the shared-expert count: their one MLP is that many expert widths wide
+    rope_on_swa: bool = False  # llama.cpp ropes only the windowed layers (mlx-lm every layer when none is windowed)
+    last_moe: str = ""  # config key of the last MoE layer, which llama.cpp has not (MoE to the end): the last layer
 
 
 _CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # GPT-2's Conv1D stores (in, out)
@@ -170,6 +173,17 @@ GGUF_ARCHS.update({
     "apertus": GgufArch(gguf.MODEL_ARCH.APERTUS, llama_extras=True, scalars={
         "act_fn.alpha_n": "add_xielu_alpha_n", "act_fn.alpha_p": "add_xielu_alpha_p", "act_fn.beta": "add_xielu_beta",
         "act_fn.eps": "add_xielu_eps"}),
+    # Ernie4_5MoeModel; llama.cpp loads experts in every layer from the first MoE one (so one MoE layer step)
+    "ernie4_5_moe": GgufArch(gguf.MODEL_ARCH.ERNIE4_5_MOE, shared_ffn="moe_num_shared_experts", last_moe="moe_layer_end_index",
+                             requires={"moe_layer_interval": 1}, extra={
+        **_MOE, "add_interleave_moe_layer_step": "moe_layer_interval", "add_leading_dense_block_count": "moe_layer_start_index",
+        "add_expert_shared_count": "moe_num_shared_experts"}),
+    # ExaoneMoEModel: rope only on the windowed layers (as mlx-lm when some layer is windowed); sigmoid routing
+    "exaone_moe": GgufArch(gguf.MODEL_ARCH.EXAONE_MOE, sliding_layers=True, rope_on_swa=True, shared_ffn="num_shared_experts", consts=_SIGMOID,
+                           extra={**_MOE, "add_expert_shared_count": "num_shared_experts", "add_leading_dense_block_count":
+                                  "first_k_dense_replace", "add_expert_weights_scale": "routed_scaling_factor",
+                                  "add_expert_weights_norm": "norm_topk_prob", "add_expert_group_count": "n_group",
+                                  "add_expert_group_used_count": "topk_group", "add_vocab_size": "vocab_size"}),
     # MiniCPM3Model: no permutation (neox rope); longrope's factors as rope_factors_long/short tensors
     # (its graph hard-codes MiniCPM3-4B's scales; its k/v have as many heads as q, whatever num_key_value_heads says)
     "minicpm3": GgufArch(gguf.MODEL_ARCH.MINICPM3, lora_attn=True, kv_heads="mha", rope_types=("longrope",), extra={

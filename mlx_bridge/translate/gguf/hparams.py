@@ -155,6 +155,13 @@ def check_arch(model_type: str, cfg: dict, where: str, ga: GgufArch | None = Non
         if list(got) != want:
             problems.append(f"{where}: no_rope_layers={got}, but llama.cpp's {ga.arch.name.lower()} skips rope on "
                             f"every {ga.no_rope_step}th layer ({want})")
+    if ga.rope_on_swa and "sliding_attention" not in (cfg.get("layer_types") or []):
+        problems.append(f"{where}: no layer is windowed (layer_types), so MLX ropes every layer, but llama.cpp's "
+                        f"{ga.arch.name.lower()} ropes only windowed layers")
+    last = cfg.get(ga.last_moe) if ga.last_moe else None
+    if last is not None and max(last if isinstance(last, list) else [last]) != n_layer - 1:
+        problems.append(f"{where}: {ga.last_moe}={last}, but llama.cpp's {ga.arch.name.lower()} runs experts up to the "
+                        f"last layer ({n_layer - 1})")
     n_kv = cfg.get("num_key_value_heads") or cfg.get("num_attention_heads")
     if ga.no_gqa and n_kv != cfg.get("num_attention_heads"):
         problems.append(f"{where}: num_key_value_heads={n_kv} but llama.cpp's {ga.arch.name.lower()} needs as many "
@@ -239,6 +246,8 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
         value = rp.get(key.split(".", 1)[1]) if key.startswith("rope_parameters.") else cfg.get(key)
         if value is not None:
             getattr(w, method)(value)
+    if ga.shared_ffn and cfg.get(ga.shared_ffn):  # (Ernie4_5MoeModel writes intermediate_size // kv heads: the same
+        w.add_expert_shared_feed_forward_length(cfg["moe_intermediate_size"] * cfg[ga.shared_ffn])  # for ERNIE-4.5)
     if ga.gdn:
         add_gdn(w, cfg, ga)
     if ga.sliding_window_full:  # mlx-lm attends to the whole context in every layer
