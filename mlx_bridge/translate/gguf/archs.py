@@ -62,6 +62,7 @@ class GgufArch:
     scalars: dict[str, str] = field(default_factory=dict)
     lora_attn: bool = False  # MiniCPM3Model: q/kv low-rank attention, key length nope + rope, kv_b_proj kept whole
     shared_ffn: str = ""  # config key of the shared-expert count: their one MLP is that many expert widths wide
+    swa_step: int = 0  # llama.cpp ropes (and windows) every layer but each n-th (a fixed step): layer_types must agree
     rope_on_swa: bool = False  # llama.cpp ropes only the windowed layers (mlx-lm every layer when none is windowed)
     last_moe: str = ""  # config key of the last MoE layer, which llama.cpp has not (MoE to the end): the last layer
 
@@ -184,6 +185,15 @@ GGUF_ARCHS.update({
                                   "first_k_dense_replace", "add_expert_weights_scale": "routed_scaling_factor",
                                   "add_expert_weights_norm": "norm_topk_prob", "add_expert_group_count": "n_group",
                                   "add_expert_group_used_count": "topk_group", "add_vocab_size": "vocab_size"}),
+    # AfmoeModel: no permutation, attention gate, sigmoid routing with expert_bias; llama.cpp always scales embeddings (muP)
+    # (transformers always renormalises the top-k weights, mlx-lm unless route_norm is false)
+    "afmoe": GgufArch(gguf.MODEL_ARCH.AFMOE, llama_extras=True, sliding_layers=True, swa_step=4,
+                      consts={**_SIGMOID, "add_expert_weights_norm": True},
+                      requires={"mup_enabled": True, "score_func": "sigmoid", "route_norm": True}, extra={
+        **_MOE, "add_expert_shared_count": "num_shared_experts", "add_leading_dense_block_count": "num_dense_layers",
+        "add_expert_weights_scale": "route_scale"}),
+    # ChatGLMModel (GLM-4-9B-chat-hf): interleaved rope over half of each head, gate_up_proj as one ffn_up
+    "glm": GgufArch(gguf.MODEL_ARCH.CHATGLM, partial_rope=True),
     # MiniCPM3Model: no permutation (neox rope); longrope's factors as rope_factors_long/short tensors
     # (its graph hard-codes MiniCPM3-4B's scales; its k/v have as many heads as q, whatever num_key_value_heads says)
     "minicpm3": GgufArch(gguf.MODEL_ARCH.MINICPM3, lora_attn=True, kv_heads="mha", rope_types=("longrope",), extra={

@@ -155,6 +155,10 @@ def check_arch(model_type: str, cfg: dict, where: str, ga: GgufArch | None = Non
         if list(got) != want:
             problems.append(f"{where}: no_rope_layers={got}, but llama.cpp's {ga.arch.name.lower()} skips rope on "
                             f"every {ga.no_rope_step}th layer ({want})")
+    want = ["full_attention" if (i + 1) % ga.swa_step == 0 else "sliding_attention" for i in range(n_layer)] if ga.swa_step else []
+    if want and list(cfg.get("layer_types") or []) != want:
+        problems.append(f"{where}: layer_types={cfg.get('layer_types')}, but llama.cpp's {ga.arch.name.lower()} windows and "
+                        f"ropes every layer but each {ga.swa_step}th ({want})")
     if ga.rope_on_swa and "sliding_attention" not in (cfg.get("layer_types") or []):
         problems.append(f"{where}: no layer is windowed (layer_types), so MLX ropes every layer, but llama.cpp's "
                         f"{ga.arch.name.lower()} ropes only windowed layers")

@@ -139,7 +139,7 @@ def _rename(hf: str) -> str:
     """HF names convert_hf_to_gguf renames before mapping (a routing bias, Mamba2's dt_bias)."""
     return hf.replace("e_score_correction_bias", "e_score_correction.bias").replace("mixer.dt_bias", "mixer.dt_proj.bias") \
         .replace("linear_attn.dt_bias", "linear_attn.dt_proj.bias").replace("experts.down_proj", "experts.down_proj.weight") \
-        .replace(".weight.weight", ".weight")
+        .replace(".weight.weight", ".weight").replace("mlp.expert_bias", "mlp.expert_bias.bias")
 
 
 def _sort_key(t: GTensor):
