@@ -379,7 +379,7 @@ def test_refused_where_llama_cpp_computes_otherwise():
     for t, over, needle in (("exaone_moe", dict(sliding_window_pattern=1), "no layer is windowed"),
                             ("ernie4_5_moe", dict(num_hidden_layers=3, moe_layer_end_index=1), "runs experts up to the last"),
                             ("afmoe", dict(mup_enabled=True), "ropes every layer but each 4th"),
-                            ("afmoe", dict(num_hidden_layers=4, layer_types=["sliding_attention"] * 3 + ["full_attention"]),
+                            ("afmoe", dict(num_hidden_layers=4, mup_enabled=False, layer_types=["sliding_attention"] * 3 + ["full_attention"]),
                              "mup_enabled=False")):
         with pytest.raises(BridgeError, match=needle):
             check_arch(t, gguf_config({"model_type": t, **tiny_config(t), **over}), "config.json")
