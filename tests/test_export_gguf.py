@@ -112,9 +112,10 @@ OVERRIDES = {"granite": _SCALES, "granitemoe": _SCALES,
              "qwen3_next": dict(rms_norm_eps=1e-6),  # llama.cpp's qwen3next: the gated delta net's l2 norm eps is the norms'
              "falcon_mamba": dict(mixer_rms_eps=1e-5)}  # llama.cpp's mamba: one epsilon for the norms and B/C/dt  # llama.cpp windows exaone4 only in its 64-layer shape
 # third session (#15b): a block of its own
-CASES.update({t: (t, "llama-spm") for t in ("apertus", "minicpm3", "ernie4_5_moe", "exaone_moe", "glm", "afmoe")})
+CASES.update({t: (t, "llama-spm") for t in ("apertus", "minicpm3", "ernie4_5_moe", "exaone_moe", "glm", "afmoe", "glm_moe_dsa")})
 HF_BASE = ("ernie4_5_moe",)  # mlx-lm drops a tensor the export needs (its routing bias): --hf-base for both exports
 OVERRIDES.update({"minicpm3": dict(max_position_embeddings=128),  # longrope unscaled (llama.cpp's has no scale)
+                  "glm_moe_dsa": dict(index_topk=8),  # the indexer picks 8 of the 48 keys (topk 2048: every key)
                   "afmoe": dict(num_hidden_layers=4, layer_types=None, mup_enabled=True)})  # llama.cpp: full every 4th, muP
 PARAMS = [(c, t) for c in CASES for t in (("f32", "f16", "q8_0") if c in ("llama", "llama+lora", "qwen2") else
                                           ("f32", "f16") if c in ("gemma+lora", "qwen2_moe+lora") else ("f32",))]
@@ -379,6 +380,7 @@ def test_refused_where_llama_cpp_computes_otherwise():
     for t, over, needle in (("exaone_moe", dict(sliding_window_pattern=1), "no layer is windowed"),
                             ("ernie4_5_moe", dict(num_hidden_layers=3, moe_layer_end_index=1), "runs experts up to the last"),
                             ("afmoe", dict(mup_enabled=True), "ropes every layer but each 4th"),
+                            ("glm_moe_dsa", dict(indexer_types=["full", "shared"]), "cannot write llama.cpp's indexer types"),
                             ("afmoe", dict(num_hidden_layers=4, mup_enabled=False, layer_types=["sliding_attention"] * 3 + ["full_attention"]),
                              "mup_enabled=False")):
         with pytest.raises(BridgeError, match=needle):

@@ -62,6 +62,7 @@ class GgufArch:
     scalars: dict[str, str] = field(default_factory=dict)
     lora_attn: bool = False  # MiniCPM3Model: q/kv low-rank attention, key length nope + rope, kv_b_proj kept whole
     shared_ffn: str = ""  # config key of the shared-expert count: their one MLP is that many expert widths wide
+    indexer: bool = False  # DSA indexer types: llama.cpp assumes every indexer its own (below 2^20 positions)
     swa_step: int = 0  # llama.cpp ropes (and windows) every layer but each n-th (a fixed step): layer_types must agree
     rope_on_swa: bool = False  # llama.cpp ropes only the windowed layers (mlx-lm every layer when none is windowed)
     last_moe: str = ""  # config key of the last MoE layer, which llama.cpp has not (MoE to the end): the last layer
@@ -192,6 +193,10 @@ GGUF_ARCHS.update({
                       requires={"mup_enabled": True, "score_func": "sigmoid", "route_norm": True}, extra={
         **_MOE, "add_expert_shared_count": "num_shared_experts", "add_leading_dense_block_count": "num_dense_layers",
         "add_expert_weights_scale": "route_scale"}),
+    # GlmMoeDsaModel: DeepSeek's MLA + the DSA indexer (top-k keys per query); every indexer its own ("full")
+    "glm_moe_dsa": GgufArch(gguf.MODEL_ARCH.GLM_DSA, mla=True, indexer=True, rope_types=("yarn",), consts=_SIGMOID, extra={
+        **_MLA, "add_indexer_head_count": "index_n_heads", "add_indexer_key_length": "index_head_dim",
+        "add_indexer_top_k": "index_topk"}),
     # ChatGLMModel (GLM-4-9B-chat-hf): interleaved rope over half of each head, gate_up_proj as one ffn_up
     "glm": GgufArch(gguf.MODEL_ARCH.CHATGLM, partial_rope=True),
     # MiniCPM3Model: no permutation (neox rope); longrope's factors as rope_factors_long/short tensors

@@ -155,6 +155,11 @@ def check_arch(model_type: str, cfg: dict, where: str, ga: GgufArch | None = Non
         if list(got) != want:
             problems.append(f"{where}: no_rope_layers={got}, but llama.cpp's {ga.arch.name.lower()} skips rope on "
                             f"every {ga.no_rope_step}th layer ({want})")
+    kinds = cfg.get("indexer_types") or []
+    if ga.indexer and (set(kinds) - {"full"} or (cfg.get("max_position_embeddings") or 0) >= 2**20):
+        problems.append(f"{where}: indexer_types={kinds} with {cfg.get('max_position_embeddings')} positions, but the gguf "
+                        f"package cannot write llama.cpp's indexer types, and llama.cpp's {ga.arch.name.lower()} assumes "
+                        f"every indexer full only below 2^20 positions")
     want = ["full_attention" if (i + 1) % ga.swa_step == 0 else "sliding_attention" for i in range(n_layer)] if ga.swa_step else []
     if want and list(cfg.get("layer_types") or []) != want:
         problems.append(f"{where}: layer_types={cfg.get('layer_types')}, but llama.cpp's {ga.arch.name.lower()} windows and "
