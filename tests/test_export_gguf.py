@@ -112,10 +112,15 @@ OVERRIDES = {"granite": _SCALES, "granitemoe": _SCALES,
              "qwen3_next": dict(rms_norm_eps=1e-6),  # llama.cpp's qwen3next: the gated delta net's l2 norm eps is the norms'
              "falcon_mamba": dict(mixer_rms_eps=1e-5)}  # llama.cpp's mamba: one epsilon for the norms and B/C/dt  # llama.cpp windows exaone4 only in its 64-layer shape
 # third session (#15b): a block of its own
-CASES.update({t: (t, "llama-spm") for t in ("apertus", "minicpm3", "ernie4_5_moe", "exaone_moe", "glm", "afmoe", "glm_moe_dsa")})
+CASES.update({t: (t, "llama-spm") for t in ("apertus", "minicpm3", "ernie4_5_moe", "exaone_moe", "glm", "afmoe", "glm_moe_dsa", "llava", "qwen3_vl",
+                                            "qwen3_vl_moe")})
+WRAPPERS += ("llava", "qwen3_vl", "qwen3_vl_moe")
+# M-RoPE sections covering every rotary pair: llama.cpp's interleaved M-RoPE rotates the others by position 0 on text
+_IMROPE = dict(text_config=dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[3, 3, 2])))
 HF_BASE = ("ernie4_5_moe",)  # mlx-lm drops a tensor the export needs (its routing bias): --hf-base for both exports
 OVERRIDES.update({"minicpm3": dict(max_position_embeddings=128),  # longrope unscaled (llama.cpp's has no scale)
-                  "glm_moe_dsa": dict(index_topk=8),  # the indexer picks 8 of the 48 keys (topk 2048: every key)
+                  "glm_moe_dsa": dict(index_topk=8),
+                  "qwen3_vl": _IMROPE, "qwen3_vl_moe": _IMROPE,  # the indexer picks 8 of the 48 keys (topk 2048: every key)
                   "afmoe": dict(num_hidden_layers=4, layer_types=None, mup_enabled=True)})  # llama.cpp: full every 4th, muP
 PARAMS = [(c, t) for c in CASES for t in (("f32", "f16", "q8_0") if c in ("llama", "llama+lora", "qwen2") else
                                           ("f32", "f16") if c in ("gemma+lora", "qwen2_moe+lora") else ("f32",))]
@@ -370,8 +375,10 @@ def test_refused_where_llama_cpp_computes_otherwise():
     """One line each: an arch the gguf package does not know yet (llama.cpp's converter vendors a newer gguf-py),
     and configs llama.cpp's graph computes otherwise than MLX."""
     from mlx_bridge.errors import BridgeError
-    from mlx_bridge.translate.gguf.hparams import check_arch, gguf_config
+    from transformers import AutoConfig
+
     from mlx_bridge.archs.tiny import tiny_config
+    from mlx_bridge.translate.gguf.hparams import check_arch, gguf_config, text_arch
 
     for t in ("mellum", "laguna", "deepseek_v32"):
         if not hasattr(gguf.MODEL_ARCH, {"deepseek_v32": "DEEPSEEK32"}.get(t, t.upper())):
@@ -381,10 +388,15 @@ def test_refused_where_llama_cpp_computes_otherwise():
                             ("ernie4_5_moe", dict(num_hidden_layers=3, moe_layer_end_index=1), "runs experts up to the last"),
                             ("afmoe", dict(mup_enabled=True), "ropes every layer but each 4th"),
                             ("glm_moe_dsa", dict(indexer_types=["full", "shared"]), "cannot write llama.cpp's indexer types"),
+                            ("qwen3_vl", {}, r"M-RoPE sections \[2, 3, 3\] leave rotary pairs \[6\] \(of 8\)"),
                             ("afmoe", dict(num_hidden_layers=4, mup_enabled=False, layer_types=["sliding_attention"] * 3 + ["full_attention"]),
                              "mup_enabled=False")):
+        full = AutoConfig.for_model(t, **{**tiny_config(t), **over}).to_dict()  # as config.json states it
+        model_type, cfg, ga = text_arch(t, full, "config.json")
         with pytest.raises(BridgeError, match=needle):
-            check_arch(t, gguf_config({"model_type": t, **tiny_config(t), **over}), "config.json")
+            check_arch(model_type, gguf_config(cfg), "config.json", ga)
+    with pytest.raises(BridgeError, match="llama.cpp's qwen2vl never reads the rms_norm_eps key"):
+        check_arch("qwen2_5_vl", {}, "config.json")
     cfg = gguf_config({"model_type": "minicpm3", **tiny_config("minicpm3")})  # 256 positions over 128: scaled
     with pytest.raises(BridgeError, match="longrope scales q/k by 1.069 in MLX .* llama.cpp's minicpm3 does not"):
         check_arch("minicpm3", cfg, "config.json")

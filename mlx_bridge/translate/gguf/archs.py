@@ -62,6 +62,8 @@ class GgufArch:
     scalars: dict[str, str] = field(default_factory=dict)
     lora_attn: bool = False  # MiniCPM3Model: q/kv low-rank attention, key length nope + rope, kv_b_proj kept whole
     shared_ffn: str = ""  # config key of the shared-expert count: their one MLP is that many expert widths wide
+    halves_cols: bool = False  # `halves` splits the columns (axis -1) and transposes each (Qwen3-VL-MoE's experts)
+    imrope: bool = False  # interleaved M-RoPE: text rotates every rotary pair the sections do not cover by position 0
     indexer: bool = False  # DSA indexer types: llama.cpp assumes every indexer its own (below 2^20 positions)
     swa_step: int = 0  # llama.cpp ropes (and windows) every layer but each n-th (a fixed step): layer_types must agree
     rope_on_swa: bool = False  # llama.cpp ropes only the windowed layers (mlx-lm every layer when none is windowed)
@@ -197,6 +199,15 @@ GGUF_ARCHS.update({
     "glm_moe_dsa": GgufArch(gguf.MODEL_ARCH.GLM_DSA, mla=True, indexer=True, rope_types=("yarn",), consts=_SIGMOID, extra={
         **_MLA, "add_indexer_head_count": "index_n_heads", "add_indexer_key_length": "index_head_dim",
         "add_indexer_top_k": "index_topk"}),
+    # the language model of these wrappers (LlamaModel, Qwen2VLModel, Qwen3VLTextModel, Qwen3VLMoeTextModel; one warning:
+    # the vision tower's mmproj file is not written); M-RoPE sections as TextModel writes them (text: one position each)
+    "llava": GgufArch(gguf.MODEL_ARCH.LLAMA, text={t: GGUF_ARCHS[t] for t in ("llama", "mistral")}),
+    "qwen3_vl": GgufArch(gguf.MODEL_ARCH.QWEN3VL, text={"qwen3_vl_text": GgufArch(gguf.MODEL_ARCH.QWEN3VL, mrope=True, imrope=True)}),
+    # Qwen3VLMoeTextModel: the stacked experts (E, hidden, 2 x ff) / (E, ff, hidden) transposed to llama.cpp's rows
+    "qwen3_vl_moe": GgufArch(gguf.MODEL_ARCH.QWEN3VLMOE, text={"qwen3_vl_moe_text": GgufArch(
+        gguf.MODEL_ARCH.QWEN3VLMOE, mrope=True, imrope=True, extra=_MOE, requires={"norm_topk_prob": True},
+        ops={"experts.down_proj": "transpose_last"},
+        halves={"experts.gate_up_proj": (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP)}, halves_cols=True)}),
     # ChatGLMModel (GLM-4-9B-chat-hf): interleaved rope over half of each head, gate_up_proj as one ffn_up
     "glm": GgufArch(gguf.MODEL_ARCH.CHATGLM, partial_rope=True),
     # MiniCPM3Model: no permutation (neox rope); longrope's factors as rope_factors_long/short tensors
@@ -212,6 +223,11 @@ GGUF_REFUSED: dict[str, str] = {
 }
 
 LLAMA_CPP = json.loads(Path(__file__).with_name("llama_cpp_archs.json").read_text())
+
+# (third session) llama.cpp's graph computes otherwise, measured on tiny models against transformers
+_QWEN2VL_EPS = ("llama.cpp's qwen2vl never reads the rms_norm_eps key and normalises with epsilon 0 (logits off by 4e-4 "
+                "with 1e-6 on a tiny model)")
+GGUF_REFUSED.update({"qwen2_vl": _QWEN2VL_EPS, "qwen2_5_vl": _QWEN2VL_EPS})
 
 
 def refusal(model_type: str) -> str:

@@ -155,6 +155,13 @@ def check_arch(model_type: str, cfg: dict, where: str, ga: GgufArch | None = Non
         if list(got) != want:
             problems.append(f"{where}: no_rope_layers={got}, but llama.cpp's {ga.arch.name.lower()} skips rope on "
                             f"every {ga.no_rope_step}th layer ({want})")
+    if ga.imrope:
+        rot = int((cfg.get("partial_rotary_factor") or 1.0) * (cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]))
+        if "mrope_section" not in rp:
+            problems.append(f"{where}: rope_parameters has no mrope_section, which llama.cpp's {ga.arch.name.lower()} needs")
+        elif uncovered := imrope_uncovered(mrope_sections(cfg), rot // 2):
+            problems.append(f"{where}: M-RoPE sections {rp['mrope_section']} leave rotary pairs {uncovered} (of {rot // 2}) "
+                            f"to llama.cpp's 4th section, which it rotates by position 0 on text (MLX: by the position)")
     kinds = cfg.get("indexer_types") or []
     if ga.indexer and (set(kinds) - {"full"} or (cfg.get("max_position_embeddings") or 0) >= 2**20):
         problems.append(f"{where}: indexer_types={kinds} with {cfg.get('max_position_embeddings')} positions, but the gguf "
@@ -259,6 +266,8 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
         w.add_expert_shared_feed_forward_length(cfg["moe_intermediate_size"] * cfg[ga.shared_ffn])  # for ERNIE-4.5)
     if ga.gdn:
         add_gdn(w, cfg, ga)
+    elif ga.mrope and "mrope_section" in rp:  # TextModel: the sections when the config has them
+        w.add_rope_dimension_sections(mrope_sections(cfg))
     if ga.sliding_window_full:  # mlx-lm attends to the whole context in every layer
         w.add_sliding_window(ctx)
     if ga.sliding_layers:  # the window on exactly the layers mlx-lm windows (effective config's layer_types)
@@ -279,6 +288,17 @@ def add_gdn(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch) -> None:
     w.add_full_attention_interval(cfg.get("full_attention_interval") or 4)
     if ga.mrope:
         w.add_rope_dimension_sections(mrope_sections(cfg))
+
+
+def imrope_uncovered(sections: list[int], half: int) -> list[int]:
+    """The rotary pairs interleaved M-RoPE (ggml's IMROPE: pair s -> section s % 3 while s < 3 x that section's
+    size) gives to the 4th section, which llama.cpp sets to 0 for text tokens.
+
+    Example:
+        >>> imrope_uncovered([24, 20, 20], 64), imrope_uncovered([3, 3, 2], 8)
+        ([61, 62], [])
+    """
+    return [s for s in range(half) if s >= 3 * sections[s % 3]]
 
 
 def mrope_sections(cfg: dict) -> list[int]:
