@@ -202,20 +202,24 @@ def test_quantized_bytes_equal_llama_cpp(gz, tmp_path, arch, gguf_type):
     """Every tensor's type and bytes equal `llama_model_quantize` run on our f32 GGUF (hidden 256: K-quant rows;
     8 layers for the `_m` mixes' layer pattern; mixtral with 8 experts for llama.cpp's 8-expert rules; deepseek_v3
     for MLA's attn_k_b/attn_v_b)."""
-    from mlx_bridge.translate.gguf.types import GGUF_TYPES
-
     shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8)
     if arch == "mixtral":
         shape.update(num_hidden_layers=2, num_local_experts=8)
     if arch == "mamba":  # d_inner = 2 x hidden; the conv kernel stays float32 as llama.cpp keeps it
         shape.update(num_hidden_layers=2)
-    src = gz.adapter(gz.mlx(arch, "llama-spm", **shape))
-    f32 = gguf_path(gz.export(src, "gguf", "f32"))
+    assert_bytes_equal(gz, gz.adapter(gz.mlx(arch, "llama-spm", **shape)), tmp_path, gguf_type)
+
+
+def assert_bytes_equal(gz, src: Path, tmp_path: Path, gguf_type: str, hf_base: bool = False) -> None:
+    """Our `gguf_type` export of `src`: every tensor's type and bytes those of `llama_model_quantize` on our f32 export."""
+    from mlx_bridge.translate.gguf.types import GGUF_TYPES
+
+    f32 = gguf_path(gz.export(src, "gguf", "f32", hf_base=hf_base))
     ref_path = tmp_path / "ref.gguf"
     _quantize_with_llama_cpp(f32, ref_path, int(GGUF_TYPES[gguf_type][0]))
-    ours = {t.name: t for t in gguf.GGUFReader(gguf_path(gz.export(src, "gguf", gguf_type))).tensors}
+    ours = {t.name: t for t in gguf.GGUFReader(gguf_path(gz.export(src, "gguf", gguf_type, hf_base=hf_base))).tensors}
     ref = {t.name: t for t in gguf.GGUFReader(ref_path).tensors}
-    assert list(ours) == list(ref)
+    assert sorted(ours) == sorted(ref)  # (llama_model_quantize sorts rope_freqs among the others; we write it first)
     bad = [f"{n}: {ours[n].tensor_type.name} vs {ref[n].tensor_type.name}" for n in ref
            if ours[n].tensor_type != ref[n].tensor_type]
     assert not bad, f"{gguf_type}: tensor types differ: {bad}"
@@ -400,3 +404,23 @@ def test_refused_where_llama_cpp_computes_otherwise():
     cfg = gguf_config({"model_type": "minicpm3", **tiny_config("minicpm3")})  # 256 positions over 128: scaled
     with pytest.raises(BridgeError, match="longrope scales q/k by 1.069 in MLX .* llama.cpp's minicpm3 does not"):
         check_arch("minicpm3", cfg, "config.json")
+
+
+_SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8)
+_TEXT = dict(text_config=_SHAPE)  # a wrapper's language model
+_TEXT_IMROPE = dict(text_config={**_SHAPE, **_IMROPE["text_config"]})
+MORE_BYTES = {"apertus": {}, "glm": {}, "exaone_moe": dict(mlp_layer_types=["dense"] + ["sparse"] * 7),
+              "ernie4_5_moe": dict(moe_layer_end_index=7), "afmoe": dict(layer_types=None, mup_enabled=True),
+              "glm_moe_dsa": dict(mlp_layer_types=["dense"] + ["sparse"] * 7), "llava": _TEXT,
+              "qwen3_vl": _TEXT_IMROPE, "qwen3_vl_moe": _TEXT_IMROPE}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", MORE_BYTES)
+def test_quantized_bytes_more_types(gz, tmp_path, arch):
+    """q4_k_m bytes equal `llama_model_quantize`'s for more types (hidden 256, 8 layers: the mix's layer pattern,
+    llama.cpp's per-arch rules on attn_v / ffn_down / expert tensors)."""
+    src = gz.mlx(arch, "llama-spm", **{**_SHAPE, **MORE_BYTES[arch]})
+    if arch not in HF_BASE:  # (GgufZoo finds the HF checkpoint of a base only)
+        src = gz.adapter(src)
+    assert_bytes_equal(gz, src, tmp_path, "q4_k_m", hf_base=arch in HF_BASE)
