@@ -413,13 +413,17 @@ MORE_BYTES = {"apertus": {}, "glm": {}, "exaone_moe": dict(mlp_layer_types=["den
               "ernie4_5_moe": dict(moe_layer_end_index=7), "afmoe": dict(layer_types=None, mup_enabled=True),
               "glm_moe_dsa": dict(mlp_layer_types=["dense"] + ["sparse"] * 7), "llava": _TEXT,
               "qwen3_vl": _TEXT_IMROPE, "qwen3_vl_moe": _TEXT_IMROPE}
+MORE_BYTES.update({t: {k: v for k, v in OVERRIDES.get(t, {}).items() if k != "num_hidden_layers"} for t in (
+    "qwen2", "qwen3", "qwen3_moe", "phi3", "gemma", "gemma2", "gemma3_text", "olmo2", "olmoe", "granite", "granitemoe",
+    "cohere", "starcoder2", "smollm3", "seed_oss", "ernie4_5", "hunyuan_v1_dense", "nemotron", "glm4", "phi",
+    "stablelm", "gpt2", "gpt_bigcode", "glm4_moe", "dots1", "deepseek_v2", "glm4_moe_lite", "falcon_mamba", "ministral3")})
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", MORE_BYTES)
 def test_quantized_bytes_more_types(gz, tmp_path, arch):
-    """q4_k_m bytes equal `llama_model_quantize`'s for more types (hidden 256, 8 layers: the mix's layer pattern,
-    llama.cpp's per-arch rules on attn_v / ffn_down / expert tensors)."""
+    """q4_k_m bytes equal `llama_model_quantize`'s for 38 more types (hidden 256, 8 layers: the mix's layer pattern,
+    llama.cpp's per-arch rules on attn_v / ffn_down / expert tensors; GPT-2's learned positions kept F32)."""
     src = gz.mlx(arch, "llama-spm", **{**_SHAPE, **MORE_BYTES[arch]})
     if arch not in HF_BASE:  # (GgufZoo finds the HF checkpoint of a base only)
         src = gz.adapter(src)
