@@ -111,6 +111,17 @@ OVERRIDES = {"granite": _SCALES, "granitemoe": _SCALES,
              "exaone4": dict(num_hidden_layers=64),
              "qwen3_next": dict(rms_norm_eps=1e-6),  # llama.cpp's qwen3next: the gated delta net's l2 norm eps is the norms'
              "falcon_mamba": dict(mixer_rms_eps=1e-5)}  # llama.cpp's mamba: one epsilon for the norms and B/C/dt  # llama.cpp windows exaone4 only in its 64-layer shape
+# third session (#15b): a block of its own
+CASES.update({t: (t, "llama-spm") for t in ("apertus", "minicpm3", "ernie4_5_moe", "exaone_moe", "glm", "afmoe", "glm_moe_dsa", "llava", "qwen3_vl",
+                                            "qwen3_vl_moe")})
+WRAPPERS += ("llava", "qwen3_vl", "qwen3_vl_moe")
+# M-RoPE sections covering every rotary pair: llama.cpp's interleaved M-RoPE rotates the others by position 0 on text
+_IMROPE = dict(text_config=dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[3, 3, 2])))
+HF_BASE = ("ernie4_5_moe",)  # mlx-lm drops a tensor the export needs (its routing bias): --hf-base for both exports
+OVERRIDES.update({"minicpm3": dict(max_position_embeddings=128),  # longrope unscaled (llama.cpp's has no scale)
+                  "glm_moe_dsa": dict(index_topk=8),
+                  "qwen3_vl": _IMROPE, "qwen3_vl_moe": _IMROPE,  # the indexer picks 8 of the 48 keys (topk 2048: every key)
+                  "afmoe": dict(num_hidden_layers=4, layer_types=None, mup_enabled=True)})  # llama.cpp: full every 4th, muP
 PARAMS = [(c, t) for c in CASES for t in (("f32", "f16", "q8_0") if c in ("llama", "llama+lora", "qwen2") else
                                           ("f32", "f16") if c in ("gemma+lora", "qwen2_moe+lora") else ("f32",))]
 # llama.cpp's CPU GELU reads an f16 lookup table (ggml-cpu/vec.h GGML_GELU_FP16): f32 logits move by 1e-3 (measured
@@ -128,11 +139,12 @@ def test_llama_cpp_matches_transformers(gz, case, gguf_type):
     src = gz.mlx(arch, vocab, **OVERRIDES.get(arch, {}))
     if "+lora" in case:
         src = gz.adapter(src)
-    model = load_hf_any(gz.export(src, "hf", hf_base=True)) if arch in WRAPPERS else load_hf(gz.export(src, "hf"))
-    path = gguf_path(gz.export(src, "gguf", gguf_type))
+    model = load_hf_any(gz.export(src, "hf", hf_base=True)) if arch in WRAPPERS else load_hf(gz.export(src, "hf", hf_base=arch in HF_BASE))
+    path = gguf_path(gz.export(src, "gguf", gguf_type, hf_base=arch in HF_BASE))
     ids = np.random.default_rng(0).integers(3, 32000, 48).tolist()  # valid ids in every vocab used here
     got, want = llama_logits(path, ids), hf_logits(model, ids)
     diff, tol = np.abs(got - want).max(), max(TOL[gguf_type], ARCH_TOL.get(arch, 0))
+    print(f"{case} {gguf_type}: max |logit diff| {diff:.2e}")  # the figure, with -s
     assert diff <= tol, f"{case} {gguf_type}: max |logit diff| {diff:.3e} > {tol}"
     if gguf_type == "q8_0":
         agree = np.mean(got.argmax(-1) == want.argmax(-1))
@@ -190,20 +202,24 @@ def test_quantized_bytes_equal_llama_cpp(gz, tmp_path, arch, gguf_type):
     """Every tensor's type and bytes equal `llama_model_quantize` run on our f32 GGUF (hidden 256: K-quant rows;
     8 layers for the `_m` mixes' layer pattern; mixtral with 8 experts for llama.cpp's 8-expert rules; deepseek_v3
     for MLA's attn_k_b/attn_v_b)."""
-    from mlx_bridge.translate.gguf.types import GGUF_TYPES
-
     shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8)
     if arch == "mixtral":
         shape.update(num_hidden_layers=2, num_local_experts=8)
     if arch == "mamba":  # d_inner = 2 x hidden; the conv kernel stays float32 as llama.cpp keeps it
         shape.update(num_hidden_layers=2)
-    src = gz.adapter(gz.mlx(arch, "llama-spm", **shape))
-    f32 = gguf_path(gz.export(src, "gguf", "f32"))
+    assert_bytes_equal(gz, gz.adapter(gz.mlx(arch, "llama-spm", **shape)), tmp_path, gguf_type)
+
+
+def assert_bytes_equal(gz, src: Path, tmp_path: Path, gguf_type: str, hf_base: bool = False) -> None:
+    """Our `gguf_type` export of `src`: every tensor's type and bytes those of `llama_model_quantize` on our f32 export."""
+    from mlx_bridge.translate.gguf.types import GGUF_TYPES
+
+    f32 = gguf_path(gz.export(src, "gguf", "f32", hf_base=hf_base))
     ref_path = tmp_path / "ref.gguf"
     _quantize_with_llama_cpp(f32, ref_path, int(GGUF_TYPES[gguf_type][0]))
-    ours = {t.name: t for t in gguf.GGUFReader(gguf_path(gz.export(src, "gguf", gguf_type))).tensors}
+    ours = {t.name: t for t in gguf.GGUFReader(gguf_path(gz.export(src, "gguf", gguf_type, hf_base=hf_base))).tensors}
     ref = {t.name: t for t in gguf.GGUFReader(ref_path).tensors}
-    assert list(ours) == list(ref)
+    assert sorted(ours) == sorted(ref)  # (llama_model_quantize sorts rope_freqs among the others; we write it first)
     bad = [f"{n}: {ours[n].tensor_type.name} vs {ref[n].tensor_type.name}" for n in ref
            if ours[n].tensor_type != ref[n].tensor_type]
     assert not bad, f"{gguf_type}: tensor types differ: {bad}"
@@ -357,3 +373,58 @@ def test_arch_table_is_llama_cpps():
     assert not untested, f"GGUF-exported without a llama.cpp-vs-transformers case: {sorted(untested)}"
     for t in set(supported()) - set(GGUF_ARCHS):
         assert refusal(t), t
+
+
+def test_refused_where_llama_cpp_computes_otherwise():
+    """One line each: an arch the gguf package does not know yet (llama.cpp's converter vendors a newer gguf-py),
+    and configs llama.cpp's graph computes otherwise than MLX."""
+    from mlx_bridge.errors import BridgeError
+    from transformers import AutoConfig
+
+    from mlx_bridge.archs.tiny import tiny_config
+    from mlx_bridge.translate.gguf.hparams import check_arch, gguf_config, text_arch
+
+    for t in ("mellum", "laguna", "deepseek_v32"):
+        if not hasattr(gguf.MODEL_ARCH, {"deepseek_v32": "DEEPSEEK32"}.get(t, t.upper())):
+            with pytest.raises(BridgeError, match=f"model_type '{t}' has no GGUF export: .* an arch the gguf package"):
+                check_arch(t, {}, "config.json")
+    for t, over, needle in (("exaone_moe", dict(sliding_window_pattern=1), "no layer is windowed"),
+                            ("ernie4_5_moe", dict(num_hidden_layers=3, moe_layer_end_index=1), "runs experts up to the last"),
+                            ("afmoe", dict(mup_enabled=True), "ropes every layer but each 4th"),
+                            ("glm_moe_dsa", dict(indexer_types=["full", "shared"]), "cannot write llama.cpp's indexer types"),
+                            ("qwen3_vl", {}, r"M-RoPE sections \[2, 3, 3\] leave rotary pairs \[6\] \(of 8\)"),
+                            ("afmoe", dict(num_hidden_layers=4, mup_enabled=False, layer_types=["sliding_attention"] * 3 + ["full_attention"]),
+                             "mup_enabled=False")):
+        full = AutoConfig.for_model(t, **{**tiny_config(t), **over}).to_dict()  # as config.json states it
+        model_type, cfg, ga = text_arch(t, full, "config.json")
+        with pytest.raises(BridgeError, match=needle):
+            check_arch(model_type, gguf_config(cfg), "config.json", ga)
+    with pytest.raises(BridgeError, match="llama.cpp's qwen2vl never reads the rms_norm_eps key"):
+        check_arch("qwen2_5_vl", {}, "config.json")
+    cfg = gguf_config({"model_type": "minicpm3", **tiny_config("minicpm3")})  # 256 positions over 128: scaled
+    with pytest.raises(BridgeError, match="longrope scales q/k by 1.069 in MLX .* llama.cpp's minicpm3 does not"):
+        check_arch("minicpm3", cfg, "config.json")
+
+
+_SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8)
+_TEXT = dict(text_config=_SHAPE)  # a wrapper's language model
+_TEXT_IMROPE = dict(text_config={**_SHAPE, **_IMROPE["text_config"]})
+MORE_BYTES = {"apertus": {}, "glm": {}, "exaone_moe": dict(mlp_layer_types=["dense"] + ["sparse"] * 7),
+              "ernie4_5_moe": dict(moe_layer_end_index=7), "afmoe": dict(layer_types=None, mup_enabled=True),
+              "glm_moe_dsa": dict(mlp_layer_types=["dense"] + ["sparse"] * 7), "llava": _TEXT,
+              "qwen3_vl": _TEXT_IMROPE, "qwen3_vl_moe": _TEXT_IMROPE}
+MORE_BYTES.update({t: {k: v for k, v in OVERRIDES.get(t, {}).items() if k != "num_hidden_layers"} for t in (
+    "qwen2", "qwen3", "qwen3_moe", "phi3", "gemma", "gemma2", "gemma3_text", "olmo2", "olmoe", "granite", "granitemoe",
+    "cohere", "starcoder2", "smollm3", "seed_oss", "ernie4_5", "hunyuan_v1_dense", "nemotron", "glm4", "phi",
+    "stablelm", "gpt2", "gpt_bigcode", "glm4_moe", "dots1", "deepseek_v2", "glm4_moe_lite", "falcon_mamba", "ministral3")})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", MORE_BYTES)
+def test_quantized_bytes_more_types(gz, tmp_path, arch):
+    """q4_k_m bytes equal `llama_model_quantize`'s for 38 more types (hidden 256, 8 layers: the mix's layer pattern,
+    llama.cpp's per-arch rules on attn_v / ffn_down / expert tensors; GPT-2's learned positions kept F32)."""
+    src = gz.mlx(arch, "llama-spm", **{**_SHAPE, **MORE_BYTES[arch]})
+    if arch not in HF_BASE:  # (GgufZoo finds the HF checkpoint of a base only)
+        src = gz.adapter(src)
+    assert_bytes_equal(gz, src, tmp_path, "q4_k_m", hf_base=arch in HF_BASE)

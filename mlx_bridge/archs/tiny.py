@@ -158,6 +158,7 @@ def tiny_config(model_type: str, **overrides) -> dict:
             vals = {**BASE, **GENERIC, "vocab_size": 96} if sub == "text_config" else extra
             cfg[sub] = {k: v for k, v in vals.items() if hasattr(sc, k)}
             cfg[sub].update(TINY.get(model_type, {}).get(sub, {}))
+            cfg[sub].update(overrides.get(sub) or {})  # an override of a sub-config's fields wins too
     return cfg
 
 

@@ -127,7 +127,9 @@ def prepare_gguf(source, gguf_type: str, name: str) -> GgufJob:
     ga = check_arch(model_type, cfg, where, ga)
     warnings = []
     if model_type != plan.arch.model_type:  # the language model's tensors only (an mlx-vlm base keeps the vision tower)
-        plan = replace(plan, items=[i for i in plan.items if "language_model." in i.name or i.name == "lm_head.weight"])
+        text = set(plan.arch.rules)  # mlx-lm's tensors: the language model (Qwen2-VL's names have no language_model.)
+        plan = replace(plan, items=[i for i in plan.items if "language_model." in i.name or i.name == "lm_head.weight"
+                                    or plan.arch.template(i.name)[0] in text])
         warnings.append(f"{plan.arch.model_type}: only the language model is written; llama.cpp reads the vision "
                         f"tower from a separate mmproj GGUF, which mlx-bridge does not write")
     tok = tempfile.TemporaryDirectory(prefix="mlx-bridge-tok-")

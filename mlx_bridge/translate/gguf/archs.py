@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 import gguf
@@ -56,6 +57,17 @@ class GgufArch:
     mrope: bool = False  # _Qwen35MRopeMixin: M-RoPE sections (Qwen3.5)
     no_shift: tuple[str, ...] = ()  # "*norm.weight" suffixes norm_shift leaves alone
     mla: bool = False  # DeepSeek's multi-head latent attention: DeepseekV2Model's hparams, kv_b_proj -> k_b, v_b
+    # HF tensor name suffix of a per-layer scalar -> the GGUFWriter method its values (one per layer) go to as
+    # metadata, not as a tensor (Apertus's xIELU parameters, ApertusModel.modify_tensors)
+    scalars: dict[str, str] = field(default_factory=dict)
+    lora_attn: bool = False  # MiniCPM3Model: q/kv low-rank attention, key length nope + rope, kv_b_proj kept whole
+    shared_ffn: str = ""  # config key of the shared-expert count: their one MLP is that many expert widths wide
+    halves_cols: bool = False  # `halves` splits the columns (axis -1) and transposes each (Qwen3-VL-MoE's experts)
+    imrope: bool = False  # interleaved M-RoPE: text rotates every rotary pair the sections do not cover by position 0
+    indexer: bool = False  # DSA indexer types: llama.cpp assumes every indexer its own (below 2^20 positions)
+    swa_step: int = 0  # llama.cpp ropes (and windows) every layer but each n-th (a fixed step): layer_types must agree
+    rope_on_swa: bool = False  # llama.cpp ropes only the windowed layers (mlx-lm every layer when none is windowed)
+    last_moe: str = ""  # config key of the last MoE layer, which llama.cpp has not (MoE to the end): the last layer
 
 
 _CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # GPT-2's Conv1D stores (in, out)
@@ -159,12 +171,63 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     "stablelm": GgufArch(gguf.MODEL_ARCH.STABLELM, partial_rope=True, extra=_PARALLEL, requires={"qk_layernorm": False}),
 }
 
+# written since the third session (a block of its own)
+GGUF_ARCHS.update({
+    # ApertusModel: a LlamaModel without the q/k permutation (neox rope); xIELU's per-layer scalars as metadata
+    "apertus": GgufArch(gguf.MODEL_ARCH.APERTUS, llama_extras=True, scalars={
+        "act_fn.alpha_n": "add_xielu_alpha_n", "act_fn.alpha_p": "add_xielu_alpha_p", "act_fn.beta": "add_xielu_beta",
+        "act_fn.eps": "add_xielu_eps"}),
+    # Ernie4_5MoeModel; llama.cpp loads experts in every layer from the first MoE one (so one MoE layer step)
+    "ernie4_5_moe": GgufArch(gguf.MODEL_ARCH.ERNIE4_5_MOE, shared_ffn="moe_num_shared_experts", last_moe="moe_layer_end_index",
+                             requires={"moe_layer_interval": 1}, extra={
+        **_MOE, "add_interleave_moe_layer_step": "moe_layer_interval", "add_leading_dense_block_count": "moe_layer_start_index",
+        "add_expert_shared_count": "moe_num_shared_experts"}),
+    # ExaoneMoEModel: rope only on the windowed layers (as mlx-lm when some layer is windowed); sigmoid routing
+    "exaone_moe": GgufArch(gguf.MODEL_ARCH.EXAONE_MOE, sliding_layers=True, rope_on_swa=True, shared_ffn="num_shared_experts", consts=_SIGMOID,
+                           extra={**_MOE, "add_expert_shared_count": "num_shared_experts", "add_leading_dense_block_count":
+                                  "first_k_dense_replace", "add_expert_weights_scale": "routed_scaling_factor",
+                                  "add_expert_weights_norm": "norm_topk_prob", "add_expert_group_count": "n_group",
+                                  "add_expert_group_used_count": "topk_group", "add_vocab_size": "vocab_size"}),
+    # AfmoeModel: no permutation, attention gate, sigmoid routing with expert_bias; llama.cpp always scales embeddings (muP)
+    # (transformers always renormalises the top-k weights, mlx-lm unless route_norm is false)
+    "afmoe": GgufArch(gguf.MODEL_ARCH.AFMOE, llama_extras=True, sliding_layers=True, swa_step=4,
+                      consts={**_SIGMOID, "add_expert_weights_norm": True},
+                      requires={"mup_enabled": True, "score_func": "sigmoid", "route_norm": True}, extra={
+        **_MOE, "add_expert_shared_count": "num_shared_experts", "add_leading_dense_block_count": "num_dense_layers",
+        "add_expert_weights_scale": "route_scale"}),
+    # GlmMoeDsaModel: DeepSeek's MLA + the DSA indexer (top-k keys per query); every indexer its own ("full")
+    "glm_moe_dsa": GgufArch(gguf.MODEL_ARCH.GLM_DSA, mla=True, indexer=True, rope_types=("yarn",), consts=_SIGMOID, extra={
+        **_MLA, "add_indexer_head_count": "index_n_heads", "add_indexer_key_length": "index_head_dim",
+        "add_indexer_top_k": "index_topk"}),
+    # the language model of these wrappers (LlamaModel, Qwen2VLModel, Qwen3VLTextModel, Qwen3VLMoeTextModel; one warning:
+    # the vision tower's mmproj file is not written); M-RoPE sections as TextModel writes them (text: one position each)
+    "llava": GgufArch(gguf.MODEL_ARCH.LLAMA, text={t: GGUF_ARCHS[t] for t in ("llama", "mistral")}),
+    "qwen3_vl": GgufArch(gguf.MODEL_ARCH.QWEN3VL, text={"qwen3_vl_text": GgufArch(gguf.MODEL_ARCH.QWEN3VL, mrope=True, imrope=True)}),
+    # Qwen3VLMoeTextModel: the stacked experts (E, hidden, 2 x ff) / (E, ff, hidden) transposed to llama.cpp's rows
+    "qwen3_vl_moe": GgufArch(gguf.MODEL_ARCH.QWEN3VLMOE, text={"qwen3_vl_moe_text": GgufArch(
+        gguf.MODEL_ARCH.QWEN3VLMOE, mrope=True, imrope=True, extra=_MOE, requires={"norm_topk_prob": True},
+        ops={"experts.down_proj": "transpose_last"},
+        halves={"experts.gate_up_proj": (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP)}, halves_cols=True)}),
+    # ChatGLMModel (GLM-4-9B-chat-hf): interleaved rope over half of each head, gate_up_proj as one ffn_up
+    "glm": GgufArch(gguf.MODEL_ARCH.CHATGLM, partial_rope=True),
+    # MiniCPM3Model: no permutation (neox rope); longrope's factors as rope_factors_long/short tensors
+    # (its graph hard-codes MiniCPM3-4B's scales; its k/v have as many heads as q, whatever num_key_value_heads says)
+    "minicpm3": GgufArch(gguf.MODEL_ARCH.MINICPM3, lora_attn=True, kv_heads="mha", rope_types=("longrope",), extra={
+        "add_q_lora_rank": "q_lora_rank", "add_kv_lora_rank": "kv_lora_rank"},
+        requires={"scale_emb": 12, "scale_depth": 1.4, "dim_model_base": 256}),
+})
+
 # llama.cpp converts these, but its graph computes something else than MLX (and transformers) do
 GGUF_REFUSED: dict[str, str] = {
     "phimoe": "llama.cpp's phimoe routes experts by softmax top-k; PhiMoE routes by sparsemixer (logits differ)",
 }
 
 LLAMA_CPP = json.loads(Path(__file__).with_name("llama_cpp_archs.json").read_text())
+
+# (third session) llama.cpp's graph computes otherwise, measured on tiny models against transformers
+_QWEN2VL_EPS = ("llama.cpp's qwen2vl never reads the rms_norm_eps key and normalises with epsilon 0 (logits off by 4e-4 "
+                "with 1e-6 on a tiny model)")
+GGUF_REFUSED.update({"qwen2_vl": _QWEN2VL_EPS, "qwen2_5_vl": _QWEN2VL_EPS})
 
 
 def refusal(model_type: str) -> str:
@@ -183,6 +246,9 @@ def refusal(model_type: str) -> str:
     arch = {k.lower(): v for k, v in LLAMA_CPP["hf_class"].items()}.get(cls.lower())  # PhiMoE/Phimoe
     if arch is None:
         return f"{where} has no converter for {cls}"
+    if not hasattr(gguf.MODEL_ARCH, arch):  # PyPI's gguf-py lags the converter vendored in llama-cpp-python
+        return (f"{where} converts {cls} as {arch.lower()}, an arch the gguf package (gguf-py "
+                f"{metadata.version('gguf')}) does not know yet")
     return f"{where} converts {cls} as {arch.lower()}, which mlx-bridge does not write yet"
 
 

@@ -109,6 +109,10 @@ def check_arch(model_type: str, cfg: dict, where: str, ga: GgufArch | None = Non
     rope_type = rp.get("rope_type") or "default"
     if (rope_type not in ROPE_TYPES or (rope_type == "llama3" and not ga.llama_extras)) and rope_type not in ga.rope_types:
         problems.append(f"{where}: rope_type {rope_type!r} is not written to GGUF for {model_type}")
+    if rope_type == "longrope" and longrope_scale(cfg) != 1.0:
+        problems.append(f"{where}: longrope scales q/k by {longrope_scale(cfg):.4g} in MLX (max_position_embeddings "
+                        f"{cfg.get('max_position_embeddings')} over the original), but llama.cpp's "
+                        f"{ga.arch.name.lower()} does not scale them")
     if ga.query_scale_head_dim and cfg.get("query_pre_attn_scalar") not in (None, cfg.get("head_dim")):
         problems.append(f"{where}: query_pre_attn_scalar={cfg['query_pre_attn_scalar']} but llama.cpp's "
                         f"{ga.arch.name.lower()} scales queries by 1/sqrt(head_dim={cfg.get('head_dim')})")
@@ -151,12 +155,44 @@ def check_arch(model_type: str, cfg: dict, where: str, ga: GgufArch | None = Non
         if list(got) != want:
             problems.append(f"{where}: no_rope_layers={got}, but llama.cpp's {ga.arch.name.lower()} skips rope on "
                             f"every {ga.no_rope_step}th layer ({want})")
+    if ga.imrope:
+        rot = int((cfg.get("partial_rotary_factor") or 1.0) * (cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]))
+        if "mrope_section" not in rp:
+            problems.append(f"{where}: rope_parameters has no mrope_section, which llama.cpp's {ga.arch.name.lower()} needs")
+        elif uncovered := imrope_uncovered(mrope_sections(cfg), rot // 2):
+            problems.append(f"{where}: M-RoPE sections {rp['mrope_section']} leave rotary pairs {uncovered} (of {rot // 2}) "
+                            f"to llama.cpp's 4th section, which it rotates by position 0 on text (MLX: by the position)")
+    kinds = cfg.get("indexer_types") or []
+    if ga.indexer and (set(kinds) - {"full"} or (cfg.get("max_position_embeddings") or 0) >= 2**20):
+        problems.append(f"{where}: indexer_types={kinds} with {cfg.get('max_position_embeddings')} positions, but the gguf "
+                        f"package cannot write llama.cpp's indexer types, and llama.cpp's {ga.arch.name.lower()} assumes "
+                        f"every indexer full only below 2^20 positions")
+    want = ["full_attention" if (i + 1) % ga.swa_step == 0 else "sliding_attention" for i in range(n_layer)] if ga.swa_step else []
+    if want and list(cfg.get("layer_types") or []) != want:
+        problems.append(f"{where}: layer_types={cfg.get('layer_types')}, but llama.cpp's {ga.arch.name.lower()} windows and "
+                        f"ropes every layer but each {ga.swa_step}th ({want})")
+    if ga.rope_on_swa and "sliding_attention" not in (cfg.get("layer_types") or []):
+        problems.append(f"{where}: no layer is windowed (layer_types), so MLX ropes every layer, but llama.cpp's "
+                        f"{ga.arch.name.lower()} ropes only windowed layers")
+    last = cfg.get(ga.last_moe) if ga.last_moe else None
+    if last is not None and max(last if isinstance(last, list) else [last]) != n_layer - 1:
+        problems.append(f"{where}: {ga.last_moe}={last}, but llama.cpp's {ga.arch.name.lower()} runs experts up to the "
+                        f"last layer ({n_layer - 1})")
     n_kv = cfg.get("num_key_value_heads") or cfg.get("num_attention_heads")
     if ga.no_gqa and n_kv != cfg.get("num_attention_heads"):
         problems.append(f"{where}: num_key_value_heads={n_kv} but llama.cpp's {ga.arch.name.lower()} needs as many "
                         f"key/value heads as query heads ({cfg.get('num_attention_heads')})")
     raise_all(problems)
     return ga
+
+
+def longrope_scale(cfg: dict) -> float:
+    """The factor mlx-lm's SuScaledRoPE multiplies q/k by: long_mscale, else sqrt(1 + ln f / ln original) when the
+    context f = max / original positions is longer than the original (1 otherwise)."""
+    rp = cfg.get("rope_parameters") or {}
+    orig = rp.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
+    f = (cfg.get("max_position_embeddings") or orig) / orig
+    return rp.get("long_mscale") or (1.0 if f <= 1.0 else math.sqrt(1 + math.log(f) / math.log(orig)))
 
 
 def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> None:
@@ -200,6 +236,10 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
     head_dim = cfg.get("head_dim")
     if ga.mla:
         add_mla(w, cfg, n_vocab)
+    elif ga.lora_attn:  # MiniCPM3Model.set_gguf_parameters
+        w.add_key_length(cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"])
+        w.add_rope_dimension_count(cfg["qk_rope_head_dim"])
+        w.add_vocab_size(n_vocab)
     elif head_dim is not None:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
@@ -222,8 +262,12 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
         value = rp.get(key.split(".", 1)[1]) if key.startswith("rope_parameters.") else cfg.get(key)
         if value is not None:
             getattr(w, method)(value)
+    if ga.shared_ffn and cfg.get(ga.shared_ffn):  # (Ernie4_5MoeModel writes intermediate_size // kv heads: the same
+        w.add_expert_shared_feed_forward_length(cfg["moe_intermediate_size"] * cfg[ga.shared_ffn])  # for ERNIE-4.5)
     if ga.gdn:
         add_gdn(w, cfg, ga)
+    elif ga.mrope and "mrope_section" in rp:  # TextModel: the sections when the config has them
+        w.add_rope_dimension_sections(mrope_sections(cfg))
     if ga.sliding_window_full:  # mlx-lm attends to the whole context in every layer
         w.add_sliding_window(ctx)
     if ga.sliding_layers:  # the window on exactly the layers mlx-lm windows (effective config's layer_types)
@@ -244,6 +288,17 @@ def add_gdn(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch) -> None:
     w.add_full_attention_interval(cfg.get("full_attention_interval") or 4)
     if ga.mrope:
         w.add_rope_dimension_sections(mrope_sections(cfg))
+
+
+def imrope_uncovered(sections: list[int], half: int) -> list[int]:
+    """The rotary pairs interleaved M-RoPE (ggml's IMROPE: pair s -> section s % 3 while s < 3 x that section's
+    size) gives to the 4th section, which llama.cpp sets to 0 for text tokens.
+
+    Example:
+        >>> imrope_uncovered([24, 20, 20], 64), imrope_uncovered([3, 3, 2], 8)
+        ([61, 62], [])
+    """
+    return [s for s in range(half) if s >= 3 * sections[s % 3]]
 
 
 def mrope_sections(cfg: dict) -> list[int]:

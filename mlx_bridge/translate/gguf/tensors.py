@@ -97,7 +97,16 @@ def gdn(op: str, w: np.ndarray, n_k: int, per_k: int, dk: int, dv: int) -> np.nd
     return v_tiled(w, 0, n_k, per_k, dv if op == "gdn_z" else 1)
 
 
+def half_t(w: np.ndarray, k: int) -> np.ndarray:
+    """Half `k` of the columns, transposed: Qwen3-VL-MoE's (E, hidden, 2 x ff) gate|up -> (E, ff, hidden) each
+    (Qwen3VLMoeTextModel.modify_tensors)."""
+    n = w.shape[-1] // 2
+    return np.ascontiguousarray(w[..., k * n:(k + 1) * n].swapaxes(-1, -2))
+
+
 OPS = {"transpose": lambda w, n_head: np.ascontiguousarray(w.T), "qkv_by_kind": qkv_by_kind,
+       "half_t0": lambda w, n_head: half_t(w, 0), "half_t1": lambda w, n_head: half_t(w, 1),
+       "transpose_last": lambda w, n_head: np.ascontiguousarray(w.swapaxes(-1, -2)),
        "half0": lambda w, n_head: half(w, 0), "half1": lambda w, n_head: half(w, 1),
        "neg_exp": lambda w, n_head: -np.exp(w), "neg_exp_col": lambda w, n_head: -np.exp(w)[:, None],
        "col": lambda w, n_head: w[:, None], "groups": lambda w, n_groups: w.reshape(n_groups, -1),
@@ -124,11 +133,22 @@ def materialize(t: GTensor) -> np.ndarray:
     return w
 
 
+def scalar_hparams(plan: Plan, ga: GgufArch) -> dict[str, list[float]]:
+    """The per-layer scalars llama.cpp reads as metadata: {GGUFWriter method: one value per layer, in layer order}."""
+    out: dict[str, dict[int, float]] = {}
+    for it in plan.items:
+        method = next((m for k, m in ga.scalars.items() if text_name(it.name).endswith(k)), None)
+        if method is not None:
+            bid = int(re.search(r"\.(\d+)\.", it.name).group(1))
+            out.setdefault(method, {})[bid] = float(materialize_item(it).reshape(()))
+    return {m: [v[i] for i in sorted(v)] for m, v in out.items()}
+
+
 def _rename(hf: str) -> str:
     """HF names convert_hf_to_gguf renames before mapping (a routing bias, Mamba2's dt_bias)."""
     return hf.replace("e_score_correction_bias", "e_score_correction.bias").replace("mixer.dt_bias", "mixer.dt_proj.bias") \
         .replace("linear_attn.dt_bias", "linear_attn.dt_proj.bias").replace("experts.down_proj", "experts.down_proj.weight") \
-        .replace(".weight.weight", ".weight")
+        .replace(".weight.weight", ".weight").replace("mlp.expert_bias", "mlp.expert_bias.bias")
 
 
 def _sort_key(t: GTensor):
@@ -154,11 +174,14 @@ def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
         groups.setdefault(hf, []).append(it)
     out = []
     for hf, items in groups.items():
+        if hf.endswith(tuple(ga.scalars) or ("\0",)):  # metadata (scalar_hparams), not a tensor
+            continue
         pair = next((p for k, p in ga.halves.items() if hf.endswith(k)), None)
         if pair is not None:  # one HF tensor -> two llama.cpp tensors, a half of its rows each
             bid = int(re.search(r"\.(\d+)\.", hf).group(1))
-            shape = (*items[0].shape[:-2], items[0].shape[-2] // 2, items[0].shape[-1])
-            out += [GTensor(gguf.TENSOR_NAMES[t].format(bid=bid) + ".weight", shape, items, op=f"half{k}")
+            s, kind = items[0].shape, "half_t" if ga.halves_cols else "half"
+            shape = (*s[:-2], s[-1] // 2, s[-2]) if ga.halves_cols else (*s[:-2], s[-2] // 2, s[-1])
+            out += [GTensor(gguf.TENSOR_NAMES[t].format(bid=bid) + ".weight", shape, items, op=f"{kind}{k}")
                     for k, t in enumerate(pair)]
             continue
         if ga.mla and hf.endswith("kv_b_proj.weight"):  # -> attn_k_b, attn_v_b per head
@@ -201,6 +224,8 @@ def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
                 shape = (shape[0], int(np.prod(shape[1:])))
         elif op == "transpose":
             shape = shape[::-1]
+        elif op == "transpose_last":
+            shape = (*shape[:-2], shape[-1], shape[-2])
         elif op == "squeeze":
             shape = (shape[0], int(np.prod(shape[1:])))
         elif op in ("neg_exp_col", "col"):  # Mamba2Model: A and D as (n_head, 1)

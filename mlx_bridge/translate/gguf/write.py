@@ -24,7 +24,7 @@ from ..plan import Plan
 from .archs import GgufArch
 from .hparams import add_hparams, llama3_rope_freqs
 from .rows import Block, materialize_block, row_blocks
-from .tensors import GTensor, gguf_tensors
+from .tensors import GTensor, gguf_tensors, scalar_hparams
 from .types import GGUF_TYPES, TypePicker, nbytes, quantize
 from .vocab import Vocab
 
@@ -36,8 +36,12 @@ def write_gguf(plan: Plan, cfg: dict, ga: GgufArch, vocab: Vocab, tok_dir: Path,
     """Write `path` (and its split shards when `split_bytes`); return {file written: its sha256}."""
     tensors = gguf_tensors(plan, ga, cfg)
     extra: list[tuple[str, np.ndarray]] = []
-    if (cfg.get("rope_parameters") or {}).get("rope_type") == "llama3":
+    rp = cfg.get("rope_parameters") or {}
+    if rp.get("rope_type") == "llama3":
         extra.append((gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_freqs(cfg)))
+    if rp.get("rope_type") == "longrope":  # MiniCPM3Model.generate_extra_tensors
+        extra += [(gguf.TENSOR_NAMES[t] + ".weight", np.array(rp[k], dtype=np.float32)) for t, k in
+                  ((gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, "long_factor"), (gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT, "short_factor"))]
     names = {t.name for t in tensors}
     picker = TypePicker.for_file(gguf_type, cfg, names)
     types = [picker.pick(t.name, t.shape) for t in tensors]
@@ -45,6 +49,8 @@ def write_gguf(plan: Plan, cfg: dict, ga: GgufArch, vocab: Vocab, tok_dir: Path,
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name)
     add_hparams(w, cfg, ga, len(vocab.tokens))
+    for method, values in scalar_hparams(plan, ga).items():
+        getattr(w, method)(values)
     w.add_file_type(GGUF_TYPES[gguf_type][0])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     vocab.add_to(w, tok_dir)
