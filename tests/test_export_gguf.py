@@ -382,7 +382,7 @@ def test_refused_where_llama_cpp_computes_otherwise():
     from transformers import AutoConfig
 
     from mlx_bridge.archs.tiny import tiny_config
-    from mlx_bridge.translate.gguf.hparams import check_arch, gguf_config, text_arch
+    from mlx_bridge.translate.gguf.hparams import arch_warnings, check_arch, gguf_config, text_arch
 
     for t in ("mellum", "laguna", "deepseek_v32"):
         if not hasattr(gguf.MODEL_ARCH, {"deepseek_v32": "DEEPSEEK32"}.get(t, t.upper())):
@@ -399,6 +399,13 @@ def test_refused_where_llama_cpp_computes_otherwise():
         model_type, cfg, ga = text_arch(t, full, "config.json")
         with pytest.raises(BridgeError, match=needle):
             check_arch(model_type, gguf_config(cfg), "config.json", ga)
+    # real Qwen3-VL's sections leave two slow pairs to llama.cpp's 4th section: written, with one warning
+    real = dict(text_config=dict(head_dim=128, rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=[24, 20, 20])))
+    model_type, cfg, ga = text_arch("qwen3_vl", AutoConfig.for_model("qwen3_vl", **{**tiny_config("qwen3_vl"), **real}).to_dict(), "c")
+    ga = check_arch(model_type, gguf_config(cfg), "config.json", ga)
+    assert arch_warnings(gguf_config(cfg), ga) == [
+        "M-RoPE sections [24, 20, 20] leave rotary pairs [61, 62] (of 64) unrotated on text in llama.cpp (as its own "
+        "converter writes this model); MLX turns them by at most 4.1e-07 rad a token (0.014 rad at position 32768)"]
     with pytest.raises(BridgeError, match="llama.cpp's qwen2vl never reads the rms_norm_eps key"):
         check_arch("qwen2_5_vl", {}, "config.json")
     cfg = gguf_config({"model_type": "minicpm3", **tiny_config("minicpm3")})  # 256 positions over 128: scaled

@@ -116,7 +116,7 @@ def prepare_gguf(source, gguf_type: str, name: str) -> GgufJob:
     """Validate SRC for a GGUF export (arch, config, tokenizer) and plan it; nothing is written to `out`."""
     from .archs import text_name
     from .vocab import read_vocab
-    from .hparams import check_arch, gguf_config, text_arch
+    from .hparams import arch_warnings, check_arch, gguf_config, text_arch
 
     gguf_type = check_gguf_type(gguf_type)
     plan = build_plan(source, "float32", text_only=True)  # fuse in float32; quantize from float32
@@ -125,7 +125,7 @@ def prepare_gguf(source, gguf_type: str, name: str) -> GgufJob:
     model_type, cfg, ga = text_arch(plan.arch.model_type, cfg, where)
     cfg = gguf_config(cfg)
     ga = check_arch(model_type, cfg, where, ga)
-    warnings = []
+    warnings = arch_warnings(cfg, ga)
     if model_type != plan.arch.model_type:  # the language model's tensors only (an mlx-vlm base keeps the vision tower)
         text = set(plan.arch.rules)  # mlx-lm's tensors: the language model (Qwen2-VL's names have no language_model.)
         plan = replace(plan, items=[i for i in plan.items if "language_model." in i.name or i.name == "lm_head.weight"

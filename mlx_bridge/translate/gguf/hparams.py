@@ -155,13 +155,12 @@ def check_arch(model_type: str, cfg: dict, where: str, ga: GgufArch | None = Non
         if list(got) != want:
             problems.append(f"{where}: no_rope_layers={got}, but llama.cpp's {ga.arch.name.lower()} skips rope on "
                             f"every {ga.no_rope_step}th layer ({want})")
-    if ga.imrope:
-        rot = int((cfg.get("partial_rotary_factor") or 1.0) * (cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]))
-        if "mrope_section" not in rp:
-            problems.append(f"{where}: rope_parameters has no mrope_section, which llama.cpp's {ga.arch.name.lower()} needs")
-        elif uncovered := imrope_uncovered(mrope_sections(cfg), rot // 2):
-            problems.append(f"{where}: M-RoPE sections {rp['mrope_section']} leave rotary pairs {uncovered} (of {rot // 2}) "
-                            f"to llama.cpp's 4th section, which it rotates by position 0 on text (MLX: by the position)")
+    if ga.imrope and "mrope_section" not in rp:
+        problems.append(f"{where}: rope_parameters has no mrope_section, which llama.cpp's {ga.arch.name.lower()} needs")
+    elif ga.imrope and (drift := imrope_drift(cfg)) and drift[1] * IMROPE_CONTEXT > IMROPE_MAX_ANGLE:
+        problems.append(f"{where}: M-RoPE sections {rp['mrope_section']} leave rotary pairs {drift[0]} (of "
+                        f"{rotary_dim(cfg) // 2}) to llama.cpp's 4th section, which it rotates by position 0 on text "
+                        f"(MLX: by the position, up to {drift[1]:.3g} rad a token)")
     kinds = cfg.get("indexer_types") or []
     if ga.indexer and (set(kinds) - {"full"} or (cfg.get("max_position_embeddings") or 0) >= 2**20):
         problems.append(f"{where}: indexer_types={kinds} with {cfg.get('max_position_embeddings')} positions, but the gguf "
@@ -288,6 +287,45 @@ def add_gdn(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch) -> None:
     w.add_full_attention_interval(cfg.get("full_attention_interval") or 4)
     if ga.mrope:
         w.add_rope_dimension_sections(mrope_sections(cfg))
+
+
+# An interleaved M-RoPE model whose uncovered pairs turn by at most this angle over this many positions is written
+# (with a warning) as llama.cpp's own converter writes it: real Qwen3-VL ([24, 20, 20] of 64 pairs, theta 5e6) turns
+# its pairs 61 and 62 by 4.1e-7 rad a token, 0.0135 rad at position 32768.
+IMROPE_CONTEXT, IMROPE_MAX_ANGLE = 32768, 0.02
+
+
+def rotary_dim(cfg: dict) -> int:
+    """The rotated part of a head: partial_rotary_factor x head_dim."""
+    head = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return int((cfg.get("partial_rotary_factor") or 1.0) * head)
+
+
+def imrope_drift(cfg: dict) -> tuple[list[int], float] | None:
+    """(the rotary pairs llama.cpp's interleaved M-RoPE leaves unrotated on text, the fastest one's angle a token in
+    MLX), or None when the sections cover every pair.
+
+    Example:
+        >>> pairs, rate = imrope_drift({"head_dim": 128, "rope_parameters": {"rope_theta": 5e6, "mrope_section": [24, 20, 20]}})
+        >>> pairs, round(rate * 1e7, 2)
+        ([61, 62], 4.12)
+    """
+    rot = rotary_dim(cfg)
+    uncovered = imrope_uncovered(mrope_sections(cfg), rot // 2)
+    if not uncovered:
+        return None
+    theta = float((cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    return uncovered, max(theta ** (-2 * s / rot) for s in uncovered)
+
+
+def arch_warnings(cfg: dict, ga: GgufArch) -> list[str]:
+    """What llama.cpp computes slightly otherwise than MLX on configs `check_arch` lets through."""
+    drift = imrope_drift(cfg) if ga.imrope else None
+    if not drift:
+        return []
+    return [f"M-RoPE sections {mrope_sections(cfg)[:3]} leave rotary pairs {drift[0]} (of {rotary_dim(cfg) // 2}) "
+            f"unrotated on text in llama.cpp (as its own converter writes this model); MLX turns them by at most "
+            f"{drift[1]:.2g} rad a token ({drift[1] * IMROPE_CONTEXT:.2g} rad at position {IMROPE_CONTEXT})"]
 
 
 def imrope_uncovered(sections: list[int], half: int) -> list[int]:
