@@ -66,7 +66,7 @@ class ModelArgs:
     windows: list = field(default_factory=list)  # per layer: sliding window size or None
     ropes: list = field(default_factory=list)  # per layer: RopeArgs
     # MoE
-    moe: str | None = None  # "mixtral" | "qwen3_moe" | "qwen2_moe" | "olmoe" | "gpt_oss" | "phimoe"
+    moe: str | None = None  # "mixtral" | "qwen3_moe" | "qwen2_moe" | "olmoe" | "gpt_oss" | "phimoe" | "glm4_moe"
     moe_layers: list = field(default_factory=list)  # per layer: True when the MLP is sparse
     num_experts: int = 0
     top_k: int = 0
@@ -77,6 +77,11 @@ class ModelArgs:
     swiglu_alpha: float = 1.702  # gpt_oss experts: (up + 1) * g * sigmoid(alpha g), g and up clamped
     swiglu_limit: float = 7.0
     router_jitter: float = 0.0  # phimoe: sparsemixer's jitter_eps (`router_jitter_noise`), used at inference too
+    # glm4_moe: sigmoid scores, group-limited top-k (n_group, topk_group), scaled; an ungated shared MLP
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    shared_experts_intermediate_size: int = 0  # `shared_experts` (moe_intermediate_size * n_shared_experts)
 
     @classmethod
     def from_hf(cls, config: Any) -> "ModelArgs":
@@ -248,10 +253,26 @@ def _phimoe(c) -> ModelArgs:
                  router_jitter=float(_get(c, "router_jitter_noise", 0.0)))
 
 
+def _glm4_moe(c) -> ModelArgs:
+    """`Glm4MoeForCausalLM`: GQA with partial rotary and optional q/k norms (no o_proj bias); dense MLPs in the
+    first `first_k_dense_replace` layers; sigmoid routing with `e_score_correction_bias`, group-limited top-k,
+    `routed_scaling_factor`; `shared_experts` added ungated."""
+    E, groups = c.n_routed_experts, _get(c, "n_group", 1)
+    if E % groups or E // groups < 2:  # each group's score is the sum of its 2 best experts
+        raise Unsupported(f"n_routed_experts {E} in {groups} groups of at least 2 (n_group)")
+    n = c.num_hidden_layers
+    return _base(c, qkv_bias=bool(_get(c, "attention_bias", False)), qk_norm=bool(_get(c, "use_qk_norm", False)),
+                 moe="glm4_moe", moe_layers=[i >= c.first_k_dense_replace for i in range(n)], num_experts=E,
+                 top_k=c.num_experts_per_tok, moe_intermediate_size=c.moe_intermediate_size,
+                 norm_topk_prob=bool(c.norm_topk_prob), n_group=groups, topk_group=_get(c, "topk_group", 1),
+                 routed_scaling_factor=float(_get(c, "routed_scaling_factor", 1.0)),
+                 shared_experts_intermediate_size=c.moe_intermediate_size * _get(c, "n_shared_experts", 0))
+
+
 # model_type -> parser (the registry of native architectures)
 PARSERS: dict[str, Callable[[Any], ModelArgs]] = {
     "llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwen3, "phi3": _phi3,
     "gemma2": _gemma2, "gemma3_text": _gemma3_text, "mixtral": _mixtral, "qwen3_moe": _qwen3_moe,
     "qwen2_moe": _qwen2_moe, "olmoe": _olmoe, "gpt_oss": _gpt_oss,
-    "phimoe": _phimoe,
+    "phimoe": _phimoe, "glm4_moe": _glm4_moe,
 }

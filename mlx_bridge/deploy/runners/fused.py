@@ -44,7 +44,7 @@ from torch import nn
 from ..native.layers import ACT, attend, norm_weights
 from ..native.layers import norm as rms  # one definition for the module and the fused functions (RMSNorm, or
 # LayerNorm where the weight is a (weight, bias) pair: phimoe)
-from ..native.moe import sparse_ffn
+from ..native.moe import GROUP_ROUTED, sparse_ffn
 from ..native.model import Transformer, masks
 from ..native.rope import apply_rope, cos_sin
 
@@ -78,6 +78,7 @@ class Spec:
     norm_topk: bool = True
     glu: tuple | None = None  # gpt_oss experts: (alpha, limit) of the clamped SwiGLU
     jitter: float = 0.0  # phimoe: sparsemixer's jitter_eps
+    group: tuple | None = None  # glm4_moe: (n_group, topk_group, routed_scaling_factor) of `group_route`
 
 
 @dataclass
@@ -136,7 +137,8 @@ def fuse(module: Transformer) -> Fused:
                 a.attn_scale or a.head_dim ** -0.5, a.attn_softcap, a.qk_norm, a.final_softcap,
                 float(torch.tensor(a.hidden_size ** 0.5).to(dtype)) if a.gemma else None,
                 a.qk_norm_full, a.clip_qkv, a.moe, a.top_k, a.norm_topk_prob,
-                (a.swiglu_alpha, a.swiglu_limit) if a.moe == "gpt_oss" else None, a.router_jitter)
+                (a.swiglu_alpha, a.swiglu_limit) if a.moe == "gpt_oss" else None, a.router_jitter,
+                (a.n_group, a.topk_group, a.routed_scaling_factor) if a.moe in GROUP_ROUTED else None)
     layers = []
     with torch.no_grad():
         for i, dl in enumerate(module.model.layers):
@@ -172,7 +174,10 @@ def _ffn_weights(mlp: nn.Module) -> tuple:
         if mlp.shared:
             se = mlp.shared_expert
             shared = (_fuse_rows([se.gate_proj, se.up_proj])[0], se.down_proj.weight, mlp.shared_expert_gate.weight)
-        return (mlp.gate_linear.weight, mlp.gate_linear.bias, *mlp.stack(), shared)
+        elif hasattr(mlp, "shared_experts"):  # glm4_moe: ungated
+            se = mlp.shared_experts
+            shared = (_fuse_rows([se.gate_proj, se.up_proj])[0], se.down_proj.weight, None)
+        return (*mlp.router_weights(), *mlp.stack(), shared)
     if mlp.fused:
         wgu, bgu = mlp.gate_up_proj.weight, mlp.gate_up_proj.bias
     else:
@@ -250,7 +255,7 @@ def make_out(spec: Spec) -> Callable:
         if len(ffn) == 7:  # sparse
             B, L, D = h.shape
             return sparse_ffn(h.view(-1, D), ffn[:2], ffn[2:6], spec.moe, spec.top_k, spec.norm_topk, ffn[6],
-                              spec.glu, spec.jitter).view(B, L, D)
+                              spec.glu, spec.jitter, spec.group).view(B, L, D)
         wgu, bgu, wd, bd = ffn
         gate, up = F.linear(h, wgu, bgu).chunk(2, dim=-1)
         return F.linear(act(gate) * up, wd, bd)
