@@ -15,7 +15,7 @@ from mlx_bridge.errors import BridgeError
 from mlx_bridge.testing.adapters import shared_zoo
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "mixtral", "qwen3_moe", "qwen2_moe",
-         "olmoe", "gpt_oss", "phimoe"]
+         "olmoe", "gpt_oss", "phimoe", "glm4_moe"]
 PROMPTS = [[1, 20, 21, 22, 23, 24], [1, 30, 31], [1, 40, 41, 42, 43, 44, 45, 46, 47]]  # ragged: bucket 4
 
 
@@ -42,7 +42,9 @@ def greedy_steps(runner, n, prompts=PROMPTS):
 
 
 @pytest.mark.parametrize("arch,overrides", [(a, {}) for a in ARCHS] + [("mistral", {"sliding_window": 8}),
-                                                                        ("gemma2", {"sliding_window": 8})])
+                                                                        ("gemma2", {"sliding_window": 8}),
+                                                                        ("glm4_moe", {"num_local_experts": 8, "n_group": 2,
+                                                                                      "topk_group": 1, "use_qk_norm": True})])
 def test_greedy_and_logits_equal_eager(zoo, arch, overrides):
     d = zoo.hf(arch, **overrides)
     ref, fast = load(d).runner, FastRunner(load(d).module)
