@@ -36,7 +36,7 @@ from .config import ModelArgs
 # MoE types and the names of their per-expert (gate, up, down) linears in Hugging Face checkpoints
 EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2"), "phimoe": ("w1", "w3", "w2")}
 MIXTRAL_NAMED = ("mixtral", "phimoe")  # checkpoints name the sparse block `block_sparse_moe`
-GROUP_ROUTED = ("glm4_moe",)  # `group_route`: float32 router (`GroupRouter`), routed in PyTorch ops on CUDA too
+GROUP_ROUTED = ("glm4_moe", "deepseek_v3")  # `group_route`: float32 router (`GroupRouter`), routed in PyTorch ops on CUDA too
 QWEN_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -216,7 +216,7 @@ class OssExperts(nn.Module):
 
 
 class GroupRouter(nn.Module):
-    """glm4_moe's router: `weight` (E, D) and `e_score_correction_bias` (E,), both kept in float32 (as
+    """glm4_moe's and deepseek_v3's router: `weight` (E, D) and `e_score_correction_bias` (E,), both kept in float32 (as
     transformers keeps them); forward gives float32 logits (T, E)."""
 
     def __init__(self, a: ModelArgs):

@@ -132,6 +132,8 @@ def fuse(module: Transformer) -> Fused:
         NotFusable: the module has layers the functions do not cover.
     """
     a = module.args
+    if a.kv_lora_rank:
+        raise NotFusable("multi-head latent attention (deepseek_v3): the module's own step is captured")
     dtype = module.model.embed_tokens.weight.dtype
     spec = Spec(a.num_heads, a.num_kv_heads, a.head_dim, a.rms_norm_eps, a.gemma, a.hidden_act,
                 a.attn_scale or a.head_dim ** -0.5, a.attn_softcap, a.qk_norm, a.final_softcap,
