@@ -19,7 +19,12 @@ from mlx_bridge.deploy.native.model import Transformer, decode_step, prefill
 from mlx_bridge.testing.adapters import shared_zoo
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "mixtral", "qwen3_moe", "qwen2_moe",
-         "olmoe", "gpt_oss", "phimoe", "glm4_moe"]
+         "olmoe", "gpt_oss", "phimoe", "glm4_moe", "deepseek_v3"]
+# transformers' eager attention repeats deepseek_v3's expanded keys num_attention_heads / num_key_value_heads
+# times (a shape error unless they are equal); its SDPA path and the latent attention ignore the field
+HF_EAGER = {"deepseek_v3": {"num_key_value_heads": 4}}
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+        "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}
 # glm4_moe with its routing in full: 8 experts in 2 groups (one kept), scaled; q/k norms, attention biases
 GLM4_GROUPED = dict(num_local_experts=8, n_group=2, topk_group=1, routed_scaling_factor=2.5)
 
@@ -46,8 +51,11 @@ def assert_close(a, b, atol, what=""):
     assert d.max().item() <= atol, f"{what}: max |diff| {d.max().item():.3g}, mean {d.mean().item():.3g} > {atol}"
 
 
-@pytest.mark.parametrize("arch,over", [(a, {}) for a in ARCHS] + [
-    ("glm4_moe", {**GLM4_GROUPED, "use_qk_norm": True, "attention_bias": True})])
+@pytest.mark.parametrize("arch,over", [(a, HF_EAGER.get(a, {})) for a in ARCHS] + [
+    ("glm4_moe", {**GLM4_GROUPED, "use_qk_norm": True, "attention_bias": True}),
+    ("deepseek_v3", {**HF_EAGER["deepseek_v3"], **GLM4_GROUPED, "attention_bias": True}),
+    ("deepseek_v3", {**HF_EAGER["deepseek_v3"], "q_lora_rank": None}),  # one q_proj
+    ("deepseek_v3", {**HF_EAGER["deepseek_v3"], "rope_interleave": False, "rope_parameters": YARN})])  # mscale
 def test_native_equals_transformers(zoo, arch, over):
     d = zoo.hf(arch, **over)
     m = load(d, backend="native")
@@ -152,12 +160,14 @@ def test_phimoe_longrope_equals_transformers(tmp_path):
     assert_close(torch.stack(got, 1).float(), torch.stack(want, 1), 1e-5, "phimoe longrope decode")
 
 
-@pytest.mark.parametrize("arch,over", [("phimoe", {}), ("glm4_moe", {}), ("glm4_moe", GLM4_GROUPED)])
+@pytest.mark.parametrize("arch,over", [("phimoe", {}), ("glm4_moe", {}), ("glm4_moe", GLM4_GROUPED), ("deepseek_v3", {}),
+                                       ("deepseek_v3", GLM4_GROUPED)])
 def test_native_on_export_equals_mlx(zoo, arch, over):
     """The native class on an export of an mlx-lm model gives MLX's logits. phimoe: sparsemixer, LayerNorm
     biases, attention and lm_head biases as mlx-lm computes them (default rope: mlx-lm's longrope differs).
     glm4_moe: sigmoid group-limited routing with the correction bias and scale, shared experts, partial
-    rotary, a dense first layer."""
+    rotary, a dense first layer. deepseek_v3: the same MoE; latent attention (mlx-lm keeps `kv_b_proj` split
+    as `embed_q` / `unembed_out`, the export joins them), interleaved rope."""
     import numpy as np
 
     from mlx_bridge import export
