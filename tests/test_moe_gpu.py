@@ -13,7 +13,7 @@ from test_moe import routed_case, routed_error
 from test_fast_gpu import PROMPTS, greedy, zoo  # noqa: F401  (the dense GPU tests' prompts, helper, fixture)
 
 pytestmark = pytest.mark.gpu
-MOE = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss", "phimoe", "glm4_moe"]
+MOE = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss", "phimoe", "glm4_moe", "deepseek_v3"]
 
 
 @pytest.mark.parametrize("gather", [False, True])  # rows grouped by expert; a block per row (decode)
@@ -95,7 +95,7 @@ def _experts_used(module, tokens) -> dict:
     return used
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "gpt_oss", "phimoe", "glm4_moe"])  # phimoe, glm4_moe: routed in PyTorch
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "gpt_oss", "phimoe", "glm4_moe", "deepseek_v3"])  # phimoe, glm4_moe, deepseek_v3: routed in PyTorch
 def test_captured_step_reads_only_routed_experts(zoo, arch):
     """Unselected experts' weights set to NaN: the captured decode gives the same tokens, all finite.
     (The dense fallback computed every expert and weighted it by zero: NaN * 0 = NaN.)"""
