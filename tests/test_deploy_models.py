@@ -160,8 +160,8 @@ def test_phimoe_longrope_equals_transformers(tmp_path):
     assert_close(torch.stack(got, 1).float(), torch.stack(want, 1), 1e-5, "phimoe longrope decode")
 
 
-@pytest.mark.parametrize("arch,over", [("phimoe", {}), ("glm4_moe", {}), ("glm4_moe", GLM4_GROUPED), ("deepseek_v3", {}),
-                                       ("deepseek_v3", GLM4_GROUPED)])
+@pytest.mark.parametrize("arch,over", [("phimoe", {}), ("glm4_moe", {}), ("glm4_moe", GLM4_GROUPED),
+                                       ("deepseek_v3", {}), ("deepseek_v3", GLM4_GROUPED)])
 def test_native_on_export_equals_mlx(zoo, arch, over):
     """The native class on an export of an mlx-lm model gives MLX's logits. phimoe: sparsemixer, LayerNorm
     biases, attention and lm_head biases as mlx-lm computes them (default rope: mlx-lm's longrope differs).

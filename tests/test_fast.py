@@ -37,17 +37,19 @@ class StartNext:
         self.start, self.next = runner.start, runner.next
 
 
+# group routing in full (8 experts, 2 groups, one kept), and deepseek_v3's latent attention variants
+GROUPED = [("glm4_moe", {"num_local_experts": 8, "n_group": 2, "topk_group": 1, "use_qk_norm": True}),
+           ("deepseek_v3", {"num_local_experts": 8, "n_group": 2, "topk_group": 1, "attention_bias": True}),
+           ("deepseek_v3", {"q_lora_rank": None, "rope_interleave": False})]
+
+
 def greedy_steps(runner, n, prompts=PROMPTS):
     return list(token_steps(runner, prompts, n, "cpu", temperature=0.0, top_p=1.0, top_k=0, seed=None))
 
 
 @pytest.mark.parametrize("arch,overrides", [(a, {}) for a in ARCHS] + [("mistral", {"sliding_window": 8}),
                                                                         ("gemma2", {"sliding_window": 8}),
-                                                                        ("glm4_moe", {"num_local_experts": 8, "n_group": 2,
-                                                                                      "topk_group": 1, "use_qk_norm": True}),
-                                                                        ("deepseek_v3", {"num_local_experts": 8, "n_group": 2,
-                                                                                         "topk_group": 1, "attention_bias": True}),
-                                                                        ("deepseek_v3", {"q_lora_rank": None, "rope_interleave": False})])
+                                                                        *GROUPED])
 def test_greedy_and_logits_equal_eager(zoo, arch, overrides):
     d = zoo.hf(arch, **overrides)
     ref, fast = load(d).runner, FastRunner(load(d).module)

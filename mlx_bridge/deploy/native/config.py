@@ -67,7 +67,7 @@ class ModelArgs:
     windows: list = field(default_factory=list)  # per layer: sliding window size or None
     ropes: list = field(default_factory=list)  # per layer: RopeArgs
     # MoE
-    moe: str | None = None  # "mixtral" | "qwen3_moe" | "qwen2_moe" | "olmoe" | "gpt_oss" | "phimoe" | "glm4_moe" | "deepseek_v3"
+    moe: str | None = None  # the model_type of a MoE type ("mixtral", "qwen3_moe", ..., "glm4_moe", "deepseek_v3")
     moe_layers: list = field(default_factory=list)  # per layer: True when the MLP is sparse
     num_experts: int = 0
     top_k: int = 0

@@ -50,7 +50,8 @@ class MLAttention(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
         H, D = a.num_heads, a.hidden_size
-        self.nh, self.nope, self.rope, self.vd, self.r = H, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim, a.kv_lora_rank
+        self.nh, self.r, self.vd = H, a.kv_lora_rank, a.v_head_dim
+        self.nope, self.rope = a.qk_nope_head_dim, a.qk_rope_head_dim
         qk = self.nope + self.rope
         self.lora = bool(a.q_lora_rank)
         if self.lora:

@@ -16,7 +16,7 @@ Two implementations of the same routed product, `experts(x, w, idx, ex, glu)`:
                    (graph-capturable, compiles as an op): at decode a block per routed row, else rows
                    grouped by expert with static shapes and grouped GEMMs
 On CUDA the routing (softmax, top-k, normalisation, cast) is one kernel too (`routing`); phimoe's
-sparsemixer and glm4_moe's sigmoid group-limited routing (`group_route`) stay PyTorch ops.
+sparsemixer and glm4_moe's / deepseek_v3's sigmoid group-limited routing (`group_route`) stay PyTorch ops.
 
 Example:
     >>> import torch
@@ -36,7 +36,7 @@ from .config import ModelArgs
 # MoE types and the names of their per-expert (gate, up, down) linears in Hugging Face checkpoints
 EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2"), "phimoe": ("w1", "w3", "w2")}
 MIXTRAL_NAMED = ("mixtral", "phimoe")  # checkpoints name the sparse block `block_sparse_moe`
-GROUP_ROUTED = ("glm4_moe", "deepseek_v3")  # `group_route`: float32 router (`GroupRouter`), routed in PyTorch ops on CUDA too
+GROUP_ROUTED = ("glm4_moe", "deepseek_v3")  # `group_route` (PyTorch ops on CUDA too), a float32 `GroupRouter`
 QWEN_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -216,8 +216,8 @@ class OssExperts(nn.Module):
 
 
 class GroupRouter(nn.Module):
-    """glm4_moe's and deepseek_v3's router: `weight` (E, D) and `e_score_correction_bias` (E,), both kept in float32 (as
-    transformers keeps them); forward gives float32 logits (T, E)."""
+    """glm4_moe's and deepseek_v3's router: `weight` (E, D) and `e_score_correction_bias` (E,), both kept in
+    float32 (as transformers keeps them); forward gives float32 logits (T, E)."""
 
     def __init__(self, a: ModelArgs):
         super().__init__()
@@ -240,10 +240,10 @@ class _Expert(nn.Module):
 
 
 class SparseMoe(nn.Module):
-    """Top-k routed experts: the router (`gate` (E, D); gpt_oss `router` with a bias; glm4_moe a float32
-    `GroupRouter`), the experts (`experts.{e}`; gpt_oss stacked `OssExperts`), and for qwen2_moe a shared
-    expert (`shared_expert`, an MLP) scaled by sigmoid(`shared_expert_gate`), for glm4_moe `shared_experts`
-    added ungated."""
+    """Top-k routed experts: the router (`gate` (E, D); gpt_oss `router` with a bias; glm4_moe and deepseek_v3
+    a float32 `GroupRouter`), the experts (`experts.{e}`; gpt_oss stacked `OssExperts`), and for qwen2_moe a
+    shared expert (`shared_expert`, an MLP) scaled by sigmoid(`shared_expert_gate`), for glm4_moe and
+    deepseek_v3 `shared_experts` added ungated."""
 
     def __init__(self, a: ModelArgs):
         super().__init__()
@@ -282,7 +282,8 @@ class SparseMoe(nn.Module):
     def pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights (T, k), expert ids (T, k)) from the router's logits (T, E), as transformers computes them."""
         if self.group:
-            return group_route(logits, self.gate_linear.e_score_correction_bias, self.top_k, self.norm_topk, *self.group)
+            bias = self.gate_linear.e_score_correction_bias
+            return group_route(logits, bias, self.top_k, self.norm_topk, *self.group)
         return routing(logits, self.kind, self.top_k, self.norm_topk, self.jitter)
 
     def stack(self, gate_up: torch.Tensor | None = None, down: torch.Tensor | None = None) -> tuple:
