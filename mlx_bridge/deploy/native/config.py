@@ -262,14 +262,18 @@ def _phimoe(c) -> ModelArgs:
 
 
 def _group_moe(c) -> dict:
-    """The MoE fields of glm4_moe and deepseek_v3 (the same `TopkRouter`, experts and shared experts): dense
-    MLPs in the first `first_k_dense_replace` layers; sigmoid routing with `e_score_correction_bias`,
-    group-limited top-k, `routed_scaling_factor`; `shared_experts` added ungated."""
+    """The MoE fields of glm4_moe, glm4_moe_lite and deepseek_v3 (the same `TopkRouter`, experts and shared
+    experts): dense MLPs in the first `first_k_dense_replace` layers (glm4_moe_lite: where `mlp_layer_types`
+    says "dense"); sigmoid routing with `e_score_correction_bias`, group-limited top-k,
+    `routed_scaling_factor`; `shared_experts` added ungated."""
     E, groups = c.n_routed_experts, _get(c, "n_group", 1)
     if E % groups or E // groups < 2:  # each group's score is the sum of its 2 best experts
         raise Unsupported(f"n_routed_experts {E} in {groups} groups of at least 2 (n_group)")
-    n = c.num_hidden_layers
-    return dict(moe=c.model_type, moe_layers=[i >= c.first_k_dense_replace for i in range(n)], num_experts=E,
+    n, kinds = c.num_hidden_layers, getattr(c, "mlp_layer_types", None)
+    if kinds is not None and set(kinds) - {"dense", "sparse"}:
+        raise Unsupported(f"mlp_layer_types {sorted(set(kinds))}")
+    sparse = [t == "sparse" for t in kinds] if kinds is not None else [i >= c.first_k_dense_replace for i in range(n)]
+    return dict(moe=c.model_type, moe_layers=sparse, num_experts=E,
                 top_k=c.num_experts_per_tok, moe_intermediate_size=c.moe_intermediate_size,
                 norm_topk_prob=bool(c.norm_topk_prob), n_group=groups, topk_group=_get(c, "topk_group", 1),
                 routed_scaling_factor=float(_get(c, "routed_scaling_factor", 1.0)),
@@ -283,9 +287,10 @@ def _glm4_moe(c) -> ModelArgs:
 
 
 def _deepseek_v3(c) -> ModelArgs:
-    """`DeepseekV3ForCausalLM`: multi-head latent attention (mla.py; rope on the qk_rope_head_dim part, the
-    softmax scale times yarn's mscale(factor, mscale_all_dim) squared as `yarn_apply_mscale`), `_group_moe`.
-    `num_key_value_heads` plays no part: every head has its own expanded key."""
+    """`DeepseekV3ForCausalLM` and `Glm4MoeLiteForCausalLM` (the same attention and MoE): multi-head latent
+    attention (mla.py; rope on the qk_rope_head_dim part, the softmax scale times yarn's mscale(factor,
+    mscale_all_dim) squared as `yarn_apply_mscale`), `_group_moe`. `num_key_value_heads` plays no part:
+    every head has its own expanded key."""
     qk = c.qk_nope_head_dim + c.qk_rope_head_dim
     scale, rp = qk ** -0.5, getattr(c, "rope_parameters", None) or {}
     if rp.get("rope_type", "default") != "default" and rp.get("mscale_all_dim", 0):
@@ -303,5 +308,5 @@ PARSERS: dict[str, Callable[[Any], ModelArgs]] = {
     "llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwen3, "phi3": _phi3,
     "gemma2": _gemma2, "gemma3_text": _gemma3_text, "mixtral": _mixtral, "qwen3_moe": _qwen3_moe,
     "qwen2_moe": _qwen2_moe, "olmoe": _olmoe, "gpt_oss": _gpt_oss,
-    "phimoe": _phimoe, "glm4_moe": _glm4_moe, "deepseek_v3": _deepseek_v3,
+    "phimoe": _phimoe, "glm4_moe": _glm4_moe, "deepseek_v3": _deepseek_v3, "glm4_moe_lite": _deepseek_v3,
 }
