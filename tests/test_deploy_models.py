@@ -19,10 +19,10 @@ from mlx_bridge.deploy.native.model import Transformer, decode_step, prefill
 from mlx_bridge.testing.adapters import shared_zoo
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "mixtral", "qwen3_moe", "qwen2_moe",
-         "olmoe", "gpt_oss", "phimoe", "glm4_moe", "deepseek_v3"]
+         "olmoe", "gpt_oss", "phimoe", "glm4_moe", "deepseek_v3", "glm4_moe_lite"]
 # transformers' eager attention repeats deepseek_v3's expanded keys num_attention_heads / num_key_value_heads
 # times (a shape error unless they are equal); its SDPA path and the latent attention ignore the field
-HF_EAGER = {"deepseek_v3": {"num_key_value_heads": 4}}
+HF_EAGER = {"deepseek_v3": {"num_key_value_heads": 4}, "glm4_moe_lite": {"num_key_value_heads": 4}}
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
         "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}
 # glm4_moe with its routing in full: 8 experts in 2 groups (one kept), scaled; q/k norms, attention biases
@@ -55,7 +55,8 @@ def assert_close(a, b, atol, what=""):
     ("glm4_moe", {**GLM4_GROUPED, "use_qk_norm": True, "attention_bias": True}),
     ("deepseek_v3", {**HF_EAGER["deepseek_v3"], **GLM4_GROUPED, "attention_bias": True}),
     ("deepseek_v3", {**HF_EAGER["deepseek_v3"], "q_lora_rank": None}),  # one q_proj
-    ("deepseek_v3", {**HF_EAGER["deepseek_v3"], "rope_interleave": False, "rope_parameters": YARN})])  # mscale
+    ("deepseek_v3", {**HF_EAGER["deepseek_v3"], "rope_interleave": False, "rope_parameters": YARN}),  # mscale
+    ("glm4_moe_lite", {**HF_EAGER["glm4_moe_lite"], **GLM4_GROUPED, "attention_bias": True})])
 def test_native_equals_transformers(zoo, arch, over):
     d = zoo.hf(arch, **over)
     m = load(d, backend="native")
@@ -182,3 +183,26 @@ def test_native_on_export_equals_mlx(zoo, arch, over):
     ids = probe_ids(m.config["vocab_size"], n=2, length=40, seed=3)
     got = m.logits(torch.tensor(ids, dtype=torch.long))
     assert_close(got, torch.tensor(np.asarray(zoo.logits(base, ids=ids))), 1e-5, f"{arch} native vs MLX")
+
+
+def test_glm4_moe_lite_native_on_export_is_mlx_but_for_the_latent_norms_eps(zoo, monkeypatch):
+    """glm4_moe_lite: transformers' attention (`DeepseekV3Attention`) norms the q and kv latents with eps 1e-6,
+    mlx-lm's with `rms_norm_eps`; the native class computes transformers'. With that eps swapped for the
+    config's, the native class on an export of an mlx-lm glm4_moe_lite gives MLX's logits."""
+    import numpy as np
+
+    from mlx_bridge import export
+    from mlx_bridge.deploy.native import mla
+    from mlx_bridge.testing.adapters import probe_ids
+
+    base = zoo.mlx("glm4_moe_lite")
+    out = base.parent / f"{base.name}-native-export"
+    if not out.exists():
+        export(str(base), str(out))
+    ids = probe_ids(json.loads((out / "config.json").read_text())["vocab_size"], n=2, length=40, seed=3)
+    ref = torch.tensor(np.asarray(zoo.logits(base, ids=ids)))
+    got = load(out, backend="native").logits(torch.tensor(ids, dtype=torch.long))
+    assert 1e-5 < (got - ref).abs().max().item() < 1e-3  # the eps: a small, real difference
+    monkeypatch.setattr(mla, "LATENT_EPS", json.loads((out / "config.json").read_text())["rms_norm_eps"])
+    got = load(out, backend="native").logits(torch.tensor(ids, dtype=torch.long))
+    assert_close(got, ref, 1e-5, "glm4_moe_lite native (mlx-lm's latent eps) vs MLX")

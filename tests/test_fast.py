@@ -15,7 +15,7 @@ from mlx_bridge.errors import BridgeError
 from mlx_bridge.testing.adapters import shared_zoo
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "mixtral", "qwen3_moe", "qwen2_moe",
-         "olmoe", "gpt_oss", "phimoe", "glm4_moe", "deepseek_v3"]
+         "olmoe", "gpt_oss", "phimoe", "glm4_moe", "deepseek_v3", "glm4_moe_lite"]
 PROMPTS = [[1, 20, 21, 22, 23, 24], [1, 30, 31], [1, 40, 41, 42, 43, 44, 45, 46, 47]]  # ragged: bucket 4
 
 

@@ -13,7 +13,7 @@ from test_moe import routed_case, routed_error
 from test_fast_gpu import PROMPTS, greedy, zoo  # noqa: F401  (the dense GPU tests' prompts, helper, fixture)
 
 pytestmark = pytest.mark.gpu
-MOE = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss", "phimoe", "glm4_moe", "deepseek_v3"]
+MOE = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss", "phimoe", "glm4_moe", "deepseek_v3", "glm4_moe_lite"]
 
 
 @pytest.mark.parametrize("gather", [False, True])  # rows grouped by expert; a block per row (decode)
