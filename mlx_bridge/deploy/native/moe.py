@@ -36,7 +36,7 @@ from .config import ModelArgs
 # MoE types and the names of their per-expert (gate, up, down) linears in Hugging Face checkpoints
 EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2"), "phimoe": ("w1", "w3", "w2")}
 MIXTRAL_NAMED = ("mixtral", "phimoe")  # checkpoints name the sparse block `block_sparse_moe`
-GROUP_ROUTED = ("glm4_moe", "glm4_moe_lite", "deepseek_v3")  # `group_route` (PyTorch ops on CUDA too), a float32 `GroupRouter`
+GROUP_ROUTED = ("glm4_moe", "glm4_moe_lite", "deepseek_v3")  # `group_route` (PyTorch ops), a float32 `GroupRouter`
 QWEN_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
