@@ -67,7 +67,8 @@ def test_decode_attention_op_traces_in_a_compiled_function():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch,overrides", [("qwen3_moe", {}), ("gpt_oss", {}), ("gemma2", {"sliding_window": 4})])
+@pytest.mark.parametrize("arch,overrides", [("qwen3_moe", {}), ("gpt_oss", {}), ("gemma2", {"sliding_window": 4}),
+                                            ("deepseek_v3", {})])  # one key head: the latent rows
 def test_fast_path_decoding_through_the_kernel_equals_eager(zoo, arch, overrides, monkeypatch):
     """The fast path's decode steps (uncompiled on CPU) with the kernel in place of `_decode_attend`,
     as on CUDA: its real cache, masks (padding, windows), sinks and softcap; logits equal eager's."""

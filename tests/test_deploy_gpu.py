@@ -15,7 +15,8 @@ from mlx_bridge.testing.adapters import shared_zoo
 
 pytestmark = pytest.mark.gpu
 PROMPTS = [[5, 31, 33, 32, 60, 61], [52], [30, 31, 8, 9, 10, 11, 12, 13, 14]]  # token ids, ragged
-ARCHS = ["llama", "qwen2", "phi3", "gemma2", "gemma3_text", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "phimoe"]
+ARCHS = ["llama", "qwen2", "phi3", "gemma2", "gemma3_text", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "phimoe",
+         "glm4_moe", "deepseek_v3"]
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +57,8 @@ def test_cuda_half_precision_close_to_float32(zoo, arch, dtype):
     assert all(len(c.token_ids) == 16 for c in out)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "phimoe"])
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "phimoe", "glm4_moe",
+                                  "deepseek_v3"])
 def test_decode_step_replays_as_a_cuda_graph(zoo, arch):
     """The decode step has static shapes and no host sync: captured once, replayed per token, it gives
     the eager step's logits (MoE: the routed-experts kernels, static shapes)."""

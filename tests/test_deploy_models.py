@@ -19,7 +19,14 @@ from mlx_bridge.deploy.native.model import Transformer, decode_step, prefill
 from mlx_bridge.testing.adapters import shared_zoo
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "mixtral", "qwen3_moe", "qwen2_moe",
-         "olmoe", "gpt_oss", "phimoe"]
+         "olmoe", "gpt_oss", "phimoe", "glm4_moe", "deepseek_v3", "glm4_moe_lite"]
+# transformers' eager attention repeats deepseek_v3's expanded keys num_attention_heads / num_key_value_heads
+# times (a shape error unless they are equal); its SDPA path and the latent attention ignore the field
+HF_EAGER = {"deepseek_v3": {"num_key_value_heads": 4}, "glm4_moe_lite": {"num_key_value_heads": 4}}
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+        "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}
+# glm4_moe with its routing in full: 8 experts in 2 groups (one kept), scaled; q/k norms, attention biases
+GLM4_GROUPED = dict(num_local_experts=8, n_group=2, topk_group=1, routed_scaling_factor=2.5)
 
 
 @pytest.fixture(scope="session")
@@ -44,9 +51,14 @@ def assert_close(a, b, atol, what=""):
     assert d.max().item() <= atol, f"{what}: max |diff| {d.max().item():.3g}, mean {d.mean().item():.3g} > {atol}"
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_native_equals_transformers(zoo, arch):
-    d = zoo.hf(arch)
+@pytest.mark.parametrize("arch,over", [(a, HF_EAGER.get(a, {})) for a in ARCHS] + [
+    ("glm4_moe", {**GLM4_GROUPED, "use_qk_norm": True, "attention_bias": True}),
+    ("deepseek_v3", {**HF_EAGER["deepseek_v3"], **GLM4_GROUPED, "attention_bias": True}),
+    ("deepseek_v3", {**HF_EAGER["deepseek_v3"], "q_lora_rank": None}),  # one q_proj
+    ("deepseek_v3", {**HF_EAGER["deepseek_v3"], "rope_interleave": False, "rope_parameters": YARN}),  # mscale
+    ("glm4_moe_lite", {**HF_EAGER["glm4_moe_lite"], **GLM4_GROUPED, "attention_bias": True})])
+def test_native_equals_transformers(zoo, arch, over):
+    d = zoo.hf(arch, **over)
     m = load(d, backend="native")
     assert m.backend == "native" and isinstance(m.module, Transformer)
     ids = ids_for(m.config["vocab_size"])
@@ -64,14 +76,14 @@ def test_state_dict_is_hf_layout(zoo, arch):
     module.load_state_dict(saved, strict=True)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen3_moe", "glm4_moe"])
 def test_bfloat16_close_to_transformers(zoo, arch):
     d = zoo.hf(arch)
     m = load(d, dtype="bfloat16")
     assert m.dtype == torch.bfloat16 and m.module.model.embed_tokens.weight.dtype == torch.bfloat16
     ids = ids_for(m.config["vocab_size"], L=24)
     ref, got = hf_logits(d, ids, torch.bfloat16), m.logits(ids)
-    if arch == "qwen3_moe":  # rounding may flip a near-tie in the router: a few positions move a lot
+    if arch in ("qwen3_moe", "glm4_moe"):  # rounding may flip a near-tie in the router: a few positions move a lot
         assert (got - ref).abs().mean().item() < 0.01 * ref.abs().max().item()
         assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() > 0.9
     else:
@@ -149,20 +161,48 @@ def test_phimoe_longrope_equals_transformers(tmp_path):
     assert_close(torch.stack(got, 1).float(), torch.stack(want, 1), 1e-5, "phimoe longrope decode")
 
 
-def test_phimoe_native_on_export_equals_mlx(zoo):
-    """The native phimoe class on an export of an mlx-lm phimoe gives MLX's logits (sparsemixer, LayerNorm
-    biases, attention and lm_head biases as mlx-lm computes them; default rope: mlx-lm's longrope differs)."""
+@pytest.mark.parametrize("arch,over", [("phimoe", {}), ("glm4_moe", {}), ("glm4_moe", GLM4_GROUPED),
+                                       ("deepseek_v3", {}), ("deepseek_v3", GLM4_GROUPED)])
+def test_native_on_export_equals_mlx(zoo, arch, over):
+    """The native class on an export of an mlx-lm model gives MLX's logits. phimoe: sparsemixer, LayerNorm
+    biases, attention and lm_head biases as mlx-lm computes them (default rope: mlx-lm's longrope differs).
+    glm4_moe: sigmoid group-limited routing with the correction bias and scale, shared experts, partial
+    rotary, a dense first layer. deepseek_v3: the same MoE; latent attention (mlx-lm keeps `kv_b_proj` split
+    as `embed_q` / `unembed_out`, the export joins them), interleaved rope."""
     import numpy as np
 
     from mlx_bridge import export
     from mlx_bridge.testing.adapters import probe_ids
 
-    base = zoo.mlx("phimoe")
-    out = base.parent / "mlx-phimoe-native-export"
+    base = zoo.mlx(arch, **over)
+    out = base.parent / f"{base.name}-native-export"
     if not out.exists():
         export(str(base), str(out))
     m = load(out, backend="native")
     assert m.backend == "native"
     ids = probe_ids(m.config["vocab_size"], n=2, length=40, seed=3)
     got = m.logits(torch.tensor(ids, dtype=torch.long))
-    assert_close(got, torch.tensor(np.asarray(zoo.logits(base, ids=ids))), 1e-5, "phimoe native vs MLX")
+    assert_close(got, torch.tensor(np.asarray(zoo.logits(base, ids=ids))), 1e-5, f"{arch} native vs MLX")
+
+
+def test_glm4_moe_lite_native_on_export_is_mlx_but_for_the_latent_norms_eps(zoo, monkeypatch):
+    """glm4_moe_lite: transformers' attention (`DeepseekV3Attention`) norms the q and kv latents with eps 1e-6,
+    mlx-lm's with `rms_norm_eps`; the native class computes transformers'. With that eps swapped for the
+    config's, the native class on an export of an mlx-lm glm4_moe_lite gives MLX's logits."""
+    import numpy as np
+
+    from mlx_bridge import export
+    from mlx_bridge.deploy.native import mla
+    from mlx_bridge.testing.adapters import probe_ids
+
+    base = zoo.mlx("glm4_moe_lite")
+    out = base.parent / f"{base.name}-native-export"
+    if not out.exists():
+        export(str(base), str(out))
+    ids = probe_ids(json.loads((out / "config.json").read_text())["vocab_size"], n=2, length=40, seed=3)
+    ref = torch.tensor(np.asarray(zoo.logits(base, ids=ids)))
+    got = load(out, backend="native").logits(torch.tensor(ids, dtype=torch.long))
+    assert 1e-5 < (got - ref).abs().max().item() < 1e-3  # the eps: a small, real difference
+    monkeypatch.setattr(mla, "LATENT_EPS", json.loads((out / "config.json").read_text())["rms_norm_eps"])
+    got = load(out, backend="native").logits(torch.tensor(ids, dtype=torch.long))
+    assert_close(got, ref, 1e-5, "glm4_moe_lite native (mlx-lm's latent eps) vs MLX")

@@ -15,7 +15,7 @@ from mlx_bridge.errors import BridgeError
 from mlx_bridge.testing.adapters import shared_zoo
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "mixtral", "qwen3_moe", "qwen2_moe",
-         "olmoe", "gpt_oss", "phimoe"]
+         "olmoe", "gpt_oss", "phimoe", "glm4_moe", "deepseek_v3", "glm4_moe_lite"]
 PROMPTS = [[1, 20, 21, 22, 23, 24], [1, 30, 31], [1, 40, 41, 42, 43, 44, 45, 46, 47]]  # ragged: bucket 4
 
 
@@ -37,17 +37,24 @@ class StartNext:
         self.start, self.next = runner.start, runner.next
 
 
+# group routing in full (8 experts, 2 groups, one kept), and deepseek_v3's latent attention variants
+GROUPED = [("glm4_moe", {"num_local_experts": 8, "n_group": 2, "topk_group": 1, "use_qk_norm": True}),
+           ("deepseek_v3", {"num_local_experts": 8, "n_group": 2, "topk_group": 1, "attention_bias": True}),
+           ("deepseek_v3", {"q_lora_rank": None, "rope_interleave": False})]
+
+
 def greedy_steps(runner, n, prompts=PROMPTS):
     return list(token_steps(runner, prompts, n, "cpu", temperature=0.0, top_p=1.0, top_k=0, seed=None))
 
 
 @pytest.mark.parametrize("arch,overrides", [(a, {}) for a in ARCHS] + [("mistral", {"sliding_window": 8}),
-                                                                        ("gemma2", {"sliding_window": 8})])
+                                                                        ("gemma2", {"sliding_window": 8}),
+                                                                        *GROUPED])
 def test_greedy_and_logits_equal_eager(zoo, arch, overrides):
     d = zoo.hf(arch, **overrides)
     ref, fast = load(d).runner, FastRunner(load(d).module)
     assert fast.use_graphs is False and fast.use_compile is False  # CPU: the same code, not captured
-    assert fast.fused is not None  # MoE layers too
+    assert fast.fused is not None  # MoE layers too, latent attention too
     n = 40 if overrides else 16  # past the window of 8
     want = greedy_steps(ref, n)
     assert greedy_steps(StartNext(fast), n) == want  # start/next interface

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mlx_bridge.deploy.native.config import ModelArgs
-from mlx_bridge.deploy.native.moe import SparseMoe, align, experts_ref, route
+from mlx_bridge.deploy.native.moe import SparseMoe, align, experts_ref, group_route, route
 
 SMALL = dict(hidden_size=32, intermediate_size=24, moe_intermediate_size=24, num_hidden_layers=1,
              num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=64)
@@ -115,6 +115,78 @@ def test_sparsemixer_equals_transformers(jitter, dtype):
         assert torch.equal(idx, ref_idx) and w.dtype == ref_w.dtype and torch.equal(w, ref_w)
 
 
+# glm4_moe: 16 experts in 4 groups, the best 2 groups kept, top-4 of them, scaled
+GROUPED = dict(num_local_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+               first_k_dense_replace=0)
+
+
+def group_router(norm: bool, seed: int = 0):
+    """(config, transformers' `Glm4MoeTopkRouter`) with random weights and correction bias (float32)."""
+    from transformers import AutoConfig
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeTopkRouter
+
+    cfg = AutoConfig.for_model("glm4_moe", **SMALL, **GROUPED, norm_topk_prob=norm)
+    torch.manual_seed(seed)
+    router = Glm4MoeTopkRouter(cfg).eval()
+    with torch.no_grad():
+        router.weight.normal_(0, 0.3)
+        router.e_score_correction_bias.normal_(0, 0.3)
+    return cfg, router
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm", [True, False])
+def test_group_routing_equals_transformers(norm, dtype):
+    """glm4_moe's sigmoid group-limited routing, bitwise: the router stays float32 (transformers keeps it so),
+    tokens in the model dtype; also with a group tie (two groups' best two sum alike)."""
+    cfg, router = group_router(norm)
+    a = ModelArgs.from_hf(cfg)
+    assert (a.moe, a.n_group, a.topk_group, a.routed_scaling_factor, a.top_k) == ("glm4_moe", 4, 2, 2.5, 4)
+    x = torch.randn(40, SMALL["hidden_size"]).to(dtype)
+    with torch.no_grad():
+        for bias in (router.e_score_correction_bias.clone(), torch.zeros(16)):
+            router.e_score_correction_bias.copy_(bias)
+            _, ref_w, ref_idx = router(x)
+            w, idx = group_route(torch.nn.functional.linear(x.float(), router.weight), bias, a.top_k, a.norm_topk_prob,
+                                 a.n_group, a.topk_group, a.routed_scaling_factor)
+            assert torch.equal(idx, ref_idx) and w.dtype == ref_w.dtype == torch.float32 and torch.equal(w, ref_w)
+
+
+def test_group_routing_equals_mlx_lm():
+    """The same choice and weights as mlx-lm's `group_expert_select` (float32). mlx-lm zeroes the dropped groups'
+    scores where transformers sets -inf: the two agree while every kept score + bias is positive (bias >= 0 here)."""
+    mx = pytest.importorskip("mlx.core")
+    import numpy as np
+    from mlx_lm.models.glm4_moe import group_expert_select
+
+    cfg, router = group_router(True, seed=2)
+    bias = router.e_score_correction_bias.abs()
+    logits = torch.randn(64, 16) * 2
+    w, idx = group_route(logits, bias, 4, True, 4, 2, 2.5)
+    m_idx, m_w = group_expert_select(mx.array(logits.numpy()), mx.array(bias.numpy()), 4, 4, 2, 2.5, True)
+    m_idx, m_w = torch.tensor(np.array(m_idx)).long(), torch.tensor(np.array(m_w))
+    order, m_order = idx.argsort(-1), m_idx.argsort(-1)
+    assert torch.equal(idx.gather(1, order), m_idx.gather(1, m_order))
+    torch.testing.assert_close(w.gather(1, order), m_w.gather(1, m_order), rtol=1e-6, atol=1e-7)
+
+
+def test_group_router_kept_in_float32_when_loaded_in_bfloat16(tmp_path):
+    """`gate.weight` and `e_score_correction_bias` load as float32 in a bfloat16 model (transformers'
+    `_keep_in_fp32_modules_strict`), a float32 checkpoint's values unrounded; the experts are bfloat16."""
+    from safetensors import safe_open
+
+    from mlx_bridge.deploy.loader import load
+    from mlx_bridge.testing import tiny_hf_model
+
+    tiny_hf_model(tmp_path / "m", "glm4_moe")
+    m = load(tmp_path / "m", dtype="bfloat16", backend="native")
+    moe = m.module.model.layers[1].mlp
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
+        saved = f.get_tensor("model.layers.1.mlp.gate.weight")
+    assert moe.gate.weight.dtype == moe.gate.e_score_correction_bias.dtype == torch.float32
+    assert torch.equal(moe.gate.weight, saved) and moe.stacked[0].dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("mt", ["mixtral", "qwen3_moe", "gpt_oss", "phimoe"])
 def test_experts_reference_equals_transformers(mt):
     cfg, router, experts = hf_modules(mt, seed=1)
@@ -197,3 +269,15 @@ def test_phimoe_configs_the_native_class_does_not_compute():
     with pytest.raises(Unsupported, match="rope_type 'linear' in phimoe"):
         ModelArgs.from_hf(AutoConfig.for_model("phimoe", **SMALL, rope_parameters={
             "rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0, "short_mscale": 1.0, "long_mscale": 1.0}))
+
+
+def test_glm4_moe_configs_the_native_class_does_not_compute():
+    from transformers import AutoConfig
+
+    from mlx_bridge.deploy.native.config import Unsupported
+
+    with pytest.raises(Unsupported, match="n_routed_experts 16 in 16 groups of at least 2"):
+        ModelArgs.from_hf(AutoConfig.for_model("glm4_moe", **SMALL, **{**GROUPED, "n_group": 16}))
+    a = ModelArgs.from_hf(AutoConfig.for_model("glm4_moe", **{**SMALL, **GROUPED, "first_k_dense_replace": 1,
+                                                                "num_hidden_layers": 3}))
+    assert a.moe_layers == [False, True, True] and a.shared_experts_intermediate_size == 24

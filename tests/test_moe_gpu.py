@@ -13,7 +13,7 @@ from test_moe import routed_case, routed_error
 from test_fast_gpu import PROMPTS, greedy, zoo  # noqa: F401  (the dense GPU tests' prompts, helper, fixture)
 
 pytestmark = pytest.mark.gpu
-MOE = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss", "phimoe"]
+MOE = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss", "phimoe", "glm4_moe", "deepseek_v3", "glm4_moe_lite"]
 
 
 @pytest.mark.parametrize("gather", [False, True])  # rows grouped by expert; a block per row (decode)
@@ -86,7 +86,7 @@ def _experts_used(module, tokens) -> dict:
         moe = getattr(layer, layer.ffn_name)
         if hasattr(moe, "experts"):
             def hook(gate, inp, logits, i=i, moe=moe):
-                used.setdefault(i, set()).update(route(logits, moe.kind, moe.top_k, moe.norm_topk, moe.jitter)[1].flatten().tolist())
+                used.setdefault(i, set()).update(moe.pick(logits)[1].flatten().tolist())
             hooks.append(moe.gate_linear.register_forward_hook(hook))
     with torch.inference_mode():
         module(tokens)
@@ -95,7 +95,8 @@ def _experts_used(module, tokens) -> dict:
     return used
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "gpt_oss", "phimoe"])  # phimoe: routed in PyTorch
+# phimoe, glm4_moe, deepseek_v3: routed in PyTorch ops
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "gpt_oss", "phimoe", "glm4_moe", "deepseek_v3"])
 def test_captured_step_reads_only_routed_experts(zoo, arch):
     """Unselected experts' weights set to NaN: the captured decode gives the same tokens, all finite.
     (The dense fallback computed every expert and weighted it by zero: NaN * 0 = NaN.)"""

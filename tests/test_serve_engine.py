@@ -297,10 +297,11 @@ def model_dir(model) -> Path:
 
 
 @pytest.mark.parametrize("arch, backend, runner", [("mixtral", "native", "SlotRunner"),
-                                                    ("llama", "transformers", "RowRunner")])
+                                                    ("llama", "transformers", "RowRunner"),
+                                                    ("deepseek_v3", "native", "RowRunner")])
 def test_moe_and_transformers_models_run_the_same_scheduler(tmp_path, arch, backend, runner):
-    """Native MoE layers share the slot pool (routed experts on the fused path); transformers models get
-    one cache per row (`RowRunner`); both give the answers they give alone."""
+    """Native MoE layers share the slot pool (routed experts on the fused path); transformers models and
+    deepseek_v3's latent attention get one cache per row (`RowRunner`); all give the answers they give alone."""
     from mlx_bridge import load
 
     m = load(tiny_hf_model(tmp_path / arch, arch), backend=backend)

@@ -128,7 +128,8 @@ def _native(d, hf_config, files, device, dtype, fast: bool):
     args = ModelArgs.from_hf(hf_config)
     with torch.device("meta"):
         module = Transformer(args)
-    load_weights(module, files, device, dtype, drop=("lm_head.weight",) if args.tie_word_embeddings else ())
+    load_weights(module, files, device, dtype, drop=("lm_head.weight",) if args.tie_word_embeddings else (),
+                 fp32=module.fp32_keys)
     module.reset_rope(device)
     module.stack_experts()
     module = module.eval().requires_grad_(False)

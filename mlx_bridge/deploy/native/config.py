@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -66,7 +67,7 @@ class ModelArgs:
     windows: list = field(default_factory=list)  # per layer: sliding window size or None
     ropes: list = field(default_factory=list)  # per layer: RopeArgs
     # MoE
-    moe: str | None = None  # "mixtral" | "qwen3_moe" | "qwen2_moe" | "olmoe" | "gpt_oss" | "phimoe"
+    moe: str | None = None  # the model_type of a MoE type ("mixtral", "qwen3_moe", ..., "glm4_moe", "deepseek_v3")
     moe_layers: list = field(default_factory=list)  # per layer: True when the MLP is sparse
     num_experts: int = 0
     top_k: int = 0
@@ -77,6 +78,18 @@ class ModelArgs:
     swiglu_alpha: float = 1.702  # gpt_oss experts: (up + 1) * g * sigmoid(alpha g), g and up clamped
     swiglu_limit: float = 7.0
     router_jitter: float = 0.0  # phimoe: sparsemixer's jitter_eps (`router_jitter_noise`), used at inference too
+    # glm4_moe: sigmoid scores, group-limited top-k (n_group, topk_group), scaled; an ungated shared MLP
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    shared_experts_intermediate_size: int = 0  # `shared_experts` (moe_intermediate_size * n_shared_experts)
+    # deepseek_v3: multi-head latent attention (mla.py); kv_lora_rank 0 = the usual attention
+    q_lora_rank: int = 0  # 0: one q_proj
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False  # rotary dims as pairs (x0, x1), ... (`apply_rotary_pos_emb_interleave`)
 
     @classmethod
     def from_hf(cls, config: Any) -> "ModelArgs":
@@ -248,10 +261,52 @@ def _phimoe(c) -> ModelArgs:
                  router_jitter=float(_get(c, "router_jitter_noise", 0.0)))
 
 
+def _group_moe(c) -> dict:
+    """The MoE fields of glm4_moe, glm4_moe_lite and deepseek_v3 (the same `TopkRouter`, experts and shared
+    experts): dense MLPs in the first `first_k_dense_replace` layers (glm4_moe_lite: where `mlp_layer_types`
+    says "dense"); sigmoid routing with `e_score_correction_bias`, group-limited top-k,
+    `routed_scaling_factor`; `shared_experts` added ungated."""
+    E, groups = c.n_routed_experts, _get(c, "n_group", 1)
+    if E % groups or E // groups < 2:  # each group's score is the sum of its 2 best experts
+        raise Unsupported(f"n_routed_experts {E} in {groups} groups of at least 2 (n_group)")
+    n, kinds = c.num_hidden_layers, getattr(c, "mlp_layer_types", None)
+    if kinds is not None and set(kinds) - {"dense", "sparse"}:
+        raise Unsupported(f"mlp_layer_types {sorted(set(kinds))}")
+    sparse = [t == "sparse" for t in kinds] if kinds is not None else [i >= c.first_k_dense_replace for i in range(n)]
+    return dict(moe=c.model_type, moe_layers=sparse, num_experts=E,
+                top_k=c.num_experts_per_tok, moe_intermediate_size=c.moe_intermediate_size,
+                norm_topk_prob=bool(c.norm_topk_prob), n_group=groups, topk_group=_get(c, "topk_group", 1),
+                routed_scaling_factor=float(_get(c, "routed_scaling_factor", 1.0)),
+                shared_experts_intermediate_size=c.moe_intermediate_size * _get(c, "n_shared_experts", 0))
+
+
+def _glm4_moe(c) -> ModelArgs:
+    """`Glm4MoeForCausalLM`: GQA with partial rotary and optional q/k norms (no o_proj bias), `_group_moe`."""
+    return _base(c, qkv_bias=bool(_get(c, "attention_bias", False)), qk_norm=bool(_get(c, "use_qk_norm", False)),
+                 **_group_moe(c))
+
+
+def _deepseek_v3(c) -> ModelArgs:
+    """`DeepseekV3ForCausalLM` and `Glm4MoeLiteForCausalLM` (the same attention and MoE): multi-head latent
+    attention (mla.py; rope on the qk_rope_head_dim part, the softmax scale times yarn's mscale(factor,
+    mscale_all_dim) squared as `yarn_apply_mscale`), `_group_moe`. `num_key_value_heads` plays no part:
+    every head has its own expanded key."""
+    qk = c.qk_nope_head_dim + c.qk_rope_head_dim
+    scale, rp = qk ** -0.5, getattr(c, "rope_parameters", None) or {}
+    if rp.get("rope_type", "default") != "default" and rp.get("mscale_all_dim", 0):
+        f = rp["factor"]
+        m = 1.0 if f <= 1 else 0.1 * rp["mscale_all_dim"] * math.log(f) + 1.0
+        scale = scale * m * m
+    bias = bool(_get(c, "attention_bias", False))
+    return _base(c, qkv_bias=bias, o_bias=bias, attn_scale=scale, q_lora_rank=_get(c, "q_lora_rank", 0),
+                 kv_lora_rank=c.kv_lora_rank, qk_nope_head_dim=c.qk_nope_head_dim, qk_rope_head_dim=c.qk_rope_head_dim,
+                 v_head_dim=c.v_head_dim, rope_interleave=bool(_get(c, "rope_interleave", True)), **_group_moe(c))
+
+
 # model_type -> parser (the registry of native architectures)
 PARSERS: dict[str, Callable[[Any], ModelArgs]] = {
     "llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwen3, "phi3": _phi3,
     "gemma2": _gemma2, "gemma3_text": _gemma3_text, "mixtral": _mixtral, "qwen3_moe": _qwen3_moe,
     "qwen2_moe": _qwen2_moe, "olmoe": _olmoe, "gpt_oss": _gpt_oss,
-    "phimoe": _phimoe,
+    "phimoe": _phimoe, "glm4_moe": _glm4_moe, "deepseek_v3": _deepseek_v3, "glm4_moe_lite": _deepseek_v3,
 }

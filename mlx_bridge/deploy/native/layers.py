@@ -64,6 +64,15 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps, self.gemma)
 
 
+def cache_shapes(a: ModelArgs, batch: int, max_len: int) -> tuple[tuple, tuple]:
+    """(key, value) cache shapes of one layer: (B, H_kv, S, head_dim) each; deepseek_v3's latent rows
+    (B, 1, S, kv_lora_rank + qk_rope_head_dim) and an empty value cache (mla.py)."""
+    if a.kv_lora_rank:
+        return (batch, 1, max_len, a.kv_lora_rank + a.qk_rope_head_dim), (batch, 1, max_len, 0)
+    shape = (batch, a.num_kv_heads, max_len, a.head_dim)
+    return shape, shape
+
+
 @dataclass
 class KVCache:
     """Pre-allocated keys and values, one (B, H_kv, max_len, D) pair per layer; written at slots."""
@@ -73,9 +82,9 @@ class KVCache:
 
     @classmethod
     def allocate(cls, a: ModelArgs, batch: int, max_len: int, device, dtype) -> "KVCache":
-        shape = (batch, a.num_kv_heads, max_len, a.head_dim)
-        return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(a.num_layers)],
-                   [torch.zeros(shape, device=device, dtype=dtype) for _ in range(a.num_layers)])
+        ks, vs = cache_shapes(a, batch, max_len)
+        return cls([torch.zeros(ks, device=device, dtype=dtype) for _ in range(a.num_layers)],
+                   [torch.zeros(vs, device=device, dtype=dtype) for _ in range(a.num_layers)])
 
     @property
     def max_len(self) -> int:
@@ -175,7 +184,12 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, a: ModelArgs, i: int):
         super().__init__()
-        self.self_attn = Attention(a, i)
+        if a.kv_lora_rank:
+            from .mla import MLAttention
+
+            self.self_attn = MLAttention(a)
+        else:
+            self.self_attn = Attention(a, i)
         if a.moe and a.moe_layers[i]:
             setattr(self, "block_sparse_moe" if a.moe in MIXTRAL_NAMED else "mlp", SparseMoe(a))
         else:

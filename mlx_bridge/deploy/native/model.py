@@ -29,6 +29,7 @@ from torch import nn
 
 from .config import ModelArgs
 from .layers import DecoderLayer, KVCache, make_norm
+from .moe import GROUP_ROUTED
 from .rope import cos_sin, inv_freq
 
 
@@ -73,6 +74,8 @@ class Transformer(nn.Module):
             self.rope_of_layer.append(self._ropes.index(r))
         self.windows = sorted({w for w in a.windows if w is not None})
         self.reset_rope()
+        # tensors transformers keeps in float32 in every dtype (`_keep_in_fp32_modules_strict`)
+        self.fp32_keys = (".mlp.gate.weight", ".mlp.gate.e_score_correction_bias") if a.moe in GROUP_ROUTED else ()
 
     def reset_rope(self, device=None) -> None:
         """(Re)compute the rope buffers in float32 (after building on the meta device, or a dtype cast)."""

@@ -15,7 +15,8 @@ Two implementations of the same routed product, `experts(x, w, idx, ex, glu)`:
     `moe_kernels.routed_experts`  Triton on CUDA, reading only the selected experts' weights
                    (graph-capturable, compiles as an op): at decode a block per routed row, else rows
                    grouped by expert with static shapes and grouped GEMMs
-On CUDA the routing (softmax, top-k, normalisation, cast) is one kernel too (`routing`).
+On CUDA the routing (softmax, top-k, normalisation, cast) is one kernel too (`routing`); phimoe's
+sparsemixer and glm4_moe's / deepseek_v3's sigmoid group-limited routing (`group_route`) stay PyTorch ops.
 
 Example:
     >>> import torch
@@ -35,6 +36,7 @@ from .config import ModelArgs
 # MoE types and the names of their per-expert (gate, up, down) linears in Hugging Face checkpoints
 EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2"), "phimoe": ("w1", "w3", "w2")}
 MIXTRAL_NAMED = ("mixtral", "phimoe")  # checkpoints name the sparse block `block_sparse_moe`
+GROUP_ROUTED = ("glm4_moe", "glm4_moe_lite", "deepseek_v3")  # `group_route` (PyTorch ops), a float32 `GroupRouter`
 QWEN_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -76,6 +78,33 @@ def route(logits: torch.Tensor, kind: str, top_k: int, norm: bool, jitter: float
     if kind != "mixtral":
         w = w.to(logits.dtype)
     return w, idx
+
+
+def group_route(logits: torch.Tensor, bias: torch.Tensor, top_k: int, norm: bool, n_group: int, topk_group: int,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights (T, k) float32, expert ids (T, k)) from float32 router logits (T, E), as glm4_moe's and
+    deepseek_v3's `TopkRouter` compute them: sigmoid scores; the choice on scores + `bias`
+    (`e_score_correction_bias`) within the `topk_group` groups whose two best experts score highest
+    (of `n_group`); the weights are the chosen experts' plain scores, over their sum (+ 1e-20) when
+    `norm`, times `scale` (`routed_scaling_factor`).
+
+    Example:
+        >>> w, idx = group_route(torch.tensor([[0.0, 3.0, -1.0, 1.0]]), torch.zeros(4), 2, True, 2, 1, 1.0)
+        >>> sorted(idx[0].tolist())
+        [0, 1]
+    """
+    scores = logits.sigmoid()
+    choice = scores + bias
+    T, E = choice.shape
+    group_scores = choice.view(T, n_group, E // n_group).topk(2, dim=-1)[0].sum(dim=-1)  # [T, n_group]
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    keep = torch.zeros_like(group_scores).scatter_(1, group_idx, 1).bool()
+    keep = keep[:, :, None].expand(T, n_group, E // n_group).reshape(T, E)
+    idx = torch.topk(choice.masked_fill(~keep, float("-inf")), k=top_k, dim=-1, sorted=False)[1]
+    w = scores.gather(1, idx)
+    if norm:
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+    return w * scale, idx
 
 
 def _oss_glu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
@@ -126,16 +155,22 @@ def routing(logits: torch.Tensor, kind: str, top_k: int, norm: bool, jitter: flo
 
 
 def sparse_ffn(x: torch.Tensor, router: tuple, ex: tuple, kind: str, top_k: int, norm: bool,
-               shared: tuple | None = None, glu: tuple | None = None, jitter: float = 0.0) -> torch.Tensor:
-    """The whole sparse MLP of tokens x (T, D): route (router = (weight, bias)), routed experts, and for
-    qwen2_moe the shared expert `shared` = ([gate; up] (2S, D), down (D, S), gate (1, D)) scaled by
-    sigmoid(gate x)."""
-    w, idx = routing(F.linear(x, *router), kind, top_k, norm, jitter)
+               shared: tuple | None = None, glu: tuple | None = None, jitter: float = 0.0,
+               group: tuple | None = None) -> torch.Tensor:
+    """The whole sparse MLP of tokens x (T, D): route (router = (weight, bias); for `group` = (n_group,
+    topk_group, scale) the float32 router (weight, e_score_correction_bias) of `group_route`), routed
+    experts, and the shared expert `shared` = ([gate; up] (2S, D), down (D, S), gate (1, D) or None):
+    qwen2_moe's scaled by sigmoid(gate x), glm4_moe's ungated."""
+    if group is not None:
+        w, idx = group_route(F.linear(x.float(), router[0].float()), router[1], top_k, norm, *group)
+    else:
+        w, idx = routing(F.linear(x, *router), kind, top_k, norm, jitter)
     out = experts(x, w, idx, ex, glu)
     if shared is not None:
         sgu, sd, sg = shared
         g, u = F.linear(x, sgu).chunk(2, dim=-1)
-        out = out + torch.sigmoid(F.linear(x, sg)) * F.linear(F.silu(g) * u, sd)
+        s = F.linear(F.silu(g) * u, sd)
+        out = out + (s if sg is None else torch.sigmoid(F.linear(x, sg)) * s)
     return out
 
 
@@ -180,6 +215,19 @@ class OssExperts(nn.Module):
         self.down_proj_bias = nn.Parameter(torch.empty(E, D))
 
 
+class GroupRouter(nn.Module):
+    """glm4_moe's and deepseek_v3's router: `weight` (E, D) and `e_score_correction_bias` (E,), both kept in
+    float32 (as transformers keeps them); forward gives float32 logits (T, E)."""
+
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(a.num_experts, a.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(a.num_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float())
+
+
 class _Expert(nn.Module):
     """One expert's three linears under its checkpoint names (mixtral w1/w3/w2, else gate/up/down_proj)."""
 
@@ -192,9 +240,10 @@ class _Expert(nn.Module):
 
 
 class SparseMoe(nn.Module):
-    """Top-k routed experts: the router (`gate` (E, D); gpt_oss `router` with a bias), the experts
-    (`experts.{e}`; gpt_oss stacked `OssExperts`), and for qwen2_moe a shared expert (`shared_expert`,
-    an MLP) scaled by sigmoid(`shared_expert_gate`)."""
+    """Top-k routed experts: the router (`gate` (E, D); gpt_oss `router` with a bias; glm4_moe and deepseek_v3
+    a float32 `GroupRouter`), the experts (`experts.{e}`; gpt_oss stacked `OssExperts`), and for qwen2_moe a
+    shared expert (`shared_expert`, an MLP) scaled by sigmoid(`shared_expert_gate`), for glm4_moe and
+    deepseek_v3 `shared_experts` added ungated."""
 
     def __init__(self, a: ModelArgs):
         super().__init__()
@@ -202,8 +251,10 @@ class SparseMoe(nn.Module):
 
         self.kind, self.top_k, self.norm_topk, self.jitter = a.moe, a.top_k, a.norm_topk_prob, a.router_jitter
         oss = a.moe == "gpt_oss"
+        self.group = (a.n_group, a.topk_group, a.routed_scaling_factor) if a.moe in GROUP_ROUTED else None
         self.gate_name = "router" if oss else "gate"
-        setattr(self, self.gate_name, nn.Linear(a.hidden_size, a.num_experts, bias=oss))
+        router = GroupRouter(a) if self.group else nn.Linear(a.hidden_size, a.num_experts, bias=oss)
+        setattr(self, self.gate_name, router)
         self.glu = (a.swiglu_alpha, a.swiglu_limit) if oss else None
         self.names = EXPERT_NAMES.get(a.moe, QWEN_NAMES)
         if oss:
@@ -213,12 +264,27 @@ class SparseMoe(nn.Module):
         if a.shared_expert_intermediate_size:
             self.shared_expert = MLP(a, a.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(a.hidden_size, 1, bias=False)
+        if a.shared_experts_intermediate_size:  # glm4_moe: added ungated
+            self.shared_experts = MLP(a, a.shared_experts_intermediate_size)
         self.shared = bool(a.shared_expert_intermediate_size)
         self.stacked: tuple | None = None
 
     @property
-    def gate_linear(self) -> nn.Linear:
+    def gate_linear(self) -> nn.Module:
+        """The router module: logits (T, E) of tokens (T, D)."""
         return getattr(self, self.gate_name)
+
+    def router_weights(self) -> tuple:
+        """(weight, bias or None), glm4_moe's (weight, e_score_correction_bias), as `sparse_ffn` takes them."""
+        g = self.gate_linear
+        return (g.weight, g.e_score_correction_bias) if self.group else (g.weight, g.bias)
+
+    def pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights (T, k), expert ids (T, k)) from the router's logits (T, E), as transformers computes them."""
+        if self.group:
+            bias = self.gate_linear.e_score_correction_bias
+            return group_route(logits, bias, self.top_k, self.norm_topk, *self.group)
+        return routing(logits, self.kind, self.top_k, self.norm_topk, self.jitter)
 
     def stack(self, gate_up: torch.Tensor | None = None, down: torch.Tensor | None = None) -> tuple:
         """The experts as (gate_up, gate_up_bias, down, down_bias), stacked once: the per-expert weights
@@ -257,7 +323,7 @@ class SparseMoe(nn.Module):
 
     def route(self, x):
         """(weights (T, k), expert ids (T, k)) for tokens x (T, D), as transformers computes them."""
-        return routing(self.gate_linear(x), self.kind, self.top_k, self.norm_topk, self.jitter)
+        return self.pick(self.gate_linear(x))
 
     def forward(self, x):
         B, L, D = x.shape
@@ -267,4 +333,6 @@ class SparseMoe(nn.Module):
         out = experts(x, w, idx, ex, self.glu)
         if self.shared:  # qwen2_moe: + sigmoid(gate(x)) * shared_expert(x)
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if hasattr(self, "shared_experts"):  # glm4_moe: + shared_experts(x)
+            out = out + self.shared_experts(x)
         return out.view(B, L, D)

@@ -63,10 +63,12 @@ def header_dtype(files: list[Path]) -> str | None:
 
 
 def load_weights(module: torch.nn.Module, files: list[Path], device: torch.device, dtype: torch.dtype,
-                 drop: tuple[str, ...] = ()) -> None:
+                 drop: tuple[str, ...] = (), fp32: tuple[str, ...] = ()) -> None:
     """Assign every tensor of `files` to `module` (built on meta), cast to `dtype`, on `device`.
 
-    `drop` names keys the file may hold that the module deliberately lacks (a tied `lm_head.weight`).
+    `drop` names keys the file may hold that the module deliberately lacks (a tied `lm_head.weight`);
+    keys ending in one of `fp32` are kept in float32 whatever `dtype` is (as transformers'
+    `_keep_in_fp32_modules_strict`: glm4_moe's router).
     """
     from safetensors import safe_open
 
@@ -90,7 +92,7 @@ def load_weights(module: torch.nn.Module, files: list[Path], device: torch.devic
                     problems.append(f"{f.name}: {k} has shape {list(shape)}, the config implies {list(expected[k])}")
                     continue
                 t = fh.get_tensor(k)
-                state[k] = t.to(dtype) if t.is_floating_point() else t
+                state[k] = t.to(torch.float32 if k.endswith(fp32) else dtype) if t.is_floating_point() else t
     missing = sorted(set(expected) - seen)
     problems += [f"missing tensor {k}" for k in missing[:20]] + ([f"... {len(missing) - 20} more missing"]
                                                                   if len(missing) > 20 else [])

@@ -41,7 +41,7 @@ import torch
 from ...errors import BridgeError
 from . import fused as fm
 from .sampling import greedy, pick
-from ..native.layers import KVCache
+from ..native.layers import KVCache, cache_shapes
 from ..native.model import Transformer, decode_step, prefill
 
 MIN_LEN = 256
@@ -215,9 +215,9 @@ class FastRunner:
         def ldev(i):
             return lay[i].device if lay else dev
 
-        zeros = [torch.zeros(B, a.num_kv_heads, S, a.head_dim, device=ldev(i), dtype=self.dtype) for i in range(a.num_layers)]
-        k = zeros
-        v = [torch.zeros_like(t) for t in zeros]
+        ks, vs = cache_shapes(a, B, S)
+        k = [torch.zeros(ks, device=ldev(i), dtype=self.dtype) for i in range(a.num_layers)]
+        v = [torch.zeros(vs, device=ldev(i), dtype=self.dtype) for i in range(a.num_layers)]
         segs = self.segments
         long = dict(dtype=torch.long)
         st = State(
@@ -285,7 +285,7 @@ class FastRunner:
         """Segment i of one decode step on the static buffers (what a graph captures)."""
         seg, last = self.segments[i], i == len(self.segments) - 1
         slot, pad = st.slot[i], st.pad[i]
-        if self.fused is None:  # MoE: the module's own step over the bucket's cache
+        if self.fused is None:  # not fusable (deepseek_v3: latent attention): the module's own step over the cache
             logits = decode_step(self.module, KVCache(st.k, st.v), st.tok, slot, pad)
         else:
             f = self.fused

@@ -44,7 +44,7 @@ from torch import nn
 from ..native.layers import ACT, attend, norm_weights
 from ..native.layers import norm as rms  # one definition for the module and the fused functions (RMSNorm, or
 # LayerNorm where the weight is a (weight, bias) pair: phimoe)
-from ..native.moe import sparse_ffn
+from ..native.moe import GROUP_ROUTED, sparse_ffn
 from ..native.model import Transformer, masks
 from ..native.rope import apply_rope, cos_sin
 
@@ -78,6 +78,10 @@ class Spec:
     norm_topk: bool = True
     glu: tuple | None = None  # gpt_oss experts: (alpha, limit) of the clamped SwiGLU
     jitter: float = 0.0  # phimoe: sparsemixer's jitter_eps
+    group: tuple | None = None  # glm4_moe: (n_group, topk_group, routed_scaling_factor) of `group_route`
+    # deepseek_v3 (`mla_fused`): (kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim, q_lora_rank,
+    # rope_interleave); hd is then v_head_dim (what `make_out` projects)
+    mla: tuple | None = None
 
 
 @dataclass
@@ -132,15 +136,25 @@ def fuse(module: Transformer) -> Fused:
     """
     a = module.args
     dtype = module.model.embed_tokens.weight.dtype
-    spec = Spec(a.num_heads, a.num_kv_heads, a.head_dim, a.rms_norm_eps, a.gemma, a.hidden_act,
+    mla = (a.kv_lora_rank, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim, a.q_lora_rank,
+           a.rope_interleave) if a.kv_lora_rank else None
+    spec = Spec(a.num_heads, a.num_kv_heads, a.v_head_dim if mla else a.head_dim, a.rms_norm_eps, a.gemma, a.hidden_act,
                 a.attn_scale or a.head_dim ** -0.5, a.attn_softcap, a.qk_norm, a.final_softcap,
                 float(torch.tensor(a.hidden_size ** 0.5).to(dtype)) if a.gemma else None,
                 a.qk_norm_full, a.clip_qkv, a.moe, a.top_k, a.norm_topk_prob,
-                (a.swiglu_alpha, a.swiglu_limit) if a.moe == "gpt_oss" else None, a.router_jitter)
+                (a.swiglu_alpha, a.swiglu_limit) if a.moe == "gpt_oss" else None, a.router_jitter,
+                (a.n_group, a.topk_group, a.routed_scaling_factor) if a.moe in GROUP_ROUTED else None, mla)
     layers = []
     with torch.no_grad():
         for i, dl in enumerate(module.model.layers):
             at, mlp = dl.self_attn, getattr(dl, dl.ffn_name)
+            if mla:  # latent attention: its own weights in the attention slots
+                from .mla_fused import mla_weights
+
+                w = (norm_weights(dl.input_layernorm), norm_weights(dl.post_attention_layernorm), None, None,
+                     *mla_weights(at)) + _ffn_weights(mlp)
+                layers.append(Layer(w, a.windows[i], module.rope_of_layer[i], w[4].device))
+                continue
             if at.fused:
                 wqkv, bqkv = at.qkv_proj.weight, at.qkv_proj.bias
             else:
@@ -172,7 +186,10 @@ def _ffn_weights(mlp: nn.Module) -> tuple:
         if mlp.shared:
             se = mlp.shared_expert
             shared = (_fuse_rows([se.gate_proj, se.up_proj])[0], se.down_proj.weight, mlp.shared_expert_gate.weight)
-        return (mlp.gate_linear.weight, mlp.gate_linear.bias, *mlp.stack(), shared)
+        elif hasattr(mlp, "shared_experts"):  # glm4_moe: ungated
+            se = mlp.shared_experts
+            shared = (_fuse_rows([se.gate_proj, se.up_proj])[0], se.down_proj.weight, None)
+        return (*mlp.router_weights(), *mlp.stack(), shared)
     if mlp.fused:
         wgu, bgu = mlp.gate_up_proj.weight, mlp.gate_up_proj.bias
     else:
@@ -250,7 +267,7 @@ def make_out(spec: Spec) -> Callable:
         if len(ffn) == 7:  # sparse
             B, L, D = h.shape
             return sparse_ffn(h.view(-1, D), ffn[:2], ffn[2:6], spec.moe, spec.top_k, spec.norm_topk, ffn[6],
-                              spec.glu, spec.jitter).view(B, L, D)
+                              spec.glu, spec.jitter, spec.group).view(B, L, D)
         wgu, bgu, wd, bd = ffn
         gate, up = F.linear(h, wgu, bgu).chunk(2, dim=-1)
         return F.linear(act(gate) * up, wd, bd)
@@ -277,6 +294,10 @@ def make_layer(spec: Spec, decode: bool) -> Callable:
     decode: x is (B, 1, D), attends over all of kc/vc with `mask`; else x is (B, L, D) written at
     `slots` and attends over its own keys (`mask` None: causal). kc None: no cache (scoring).
     """
+    if spec.mla:
+        from .mla_fused import make_mla_layer
+
+        return make_mla_layer(spec, decode)
     scale, softcap = spec.scale, spec.softcap
     qkv, out = make_qkv(spec), make_out(spec)
 

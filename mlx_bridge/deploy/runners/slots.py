@@ -174,6 +174,8 @@ class SlotRunner:
         self.fused = f = fused or fm.fuse(module)
         if len(f.devices) > 1:
             raise fm.NotFusable("layers on several devices: continuous batching runs on one device")
+        if f.spec.mla:
+            raise fm.NotFusable("latent attention (deepseek_v3): its cache rows are not the layer halves' keys/values")
         self.module, self.args, self.vocab_size = module, module.args, module.args.vocab_size
         self.device, self.dtype = f.embed.device, f.embed.dtype
         cuda = self.device.type == "cuda"
