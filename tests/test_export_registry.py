@@ -262,3 +262,15 @@ def test_longrope_as_mlx_computes(zoo, model_type, length):
     ids = probe_ids(cfg["vocab_size"], n=1, length=length, seed=4)
     ad = zoo.adapter(base, "lora", rank=4, num_layers=2)
     close(torch_logits(load(exported(ad), arch), ids), zoo.logits(base, ad, ids=ids), f"{model_type} longrope")
+
+
+@pytest.mark.parametrize("model_type, optional", [("glm4_moe", dict(use_qk_norm=False))])
+def test_optional_tensors_absent(zoo, model_type, optional):
+    """The tiny config traced for the rules turns optional tensors on (glm4_moe's q/k norms, as GLM-4.5 has
+    them); a checkpoint without them (GLM-4.5-Air) exports the same way."""
+    arch = get_arch({"model_type": model_type})
+    base = zoo.mlx(model_type, **optional)
+    assert not any("q_norm" in k for k in read_tensors(base)), "the override did not drop the optional tensors"
+    ids = probe_ids(hf_config(base)["vocab_size"], n=1, length=24, seed=3)
+    ad = zoo.adapter(base, "lora", rank=4, num_layers=2)
+    close(torch_logits(load(exported(ad), arch), ids), zoo.logits(base, ad, ids=ids), f"{model_type} {optional}")

@@ -76,6 +76,7 @@ TINY: dict[str, dict] = {
     "gpt2": {"tie_word_embeddings": True},
     "deepseek_v3": {"head_dim": 8},  # transformers rotates head_dim = qk_rope_head_dim
     "glm4_moe_lite": {"head_dim": 8},
+    "glm4_moe": {"use_qk_norm": True},  # GLM-4.5 (355B) normalises q/k; traced so its q_norm/k_norm have rules
     "deepseek_v32": {"head_dim": 8, "num_key_value_heads": 4},  # transformers' MLA + indexer: kv heads = heads
     "glm_moe_dsa": {"head_dim": 8, "num_key_value_heads": 4},
     "falcon_h1": {"head_dim": 64},
