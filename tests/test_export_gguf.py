@@ -100,6 +100,8 @@ CASES.update({t: (t, "llama-spm") for t in ("olmo2", "olmo3", "granite", "cohere
                                             "nemotron", "glm4", "phi", "stablelm", "gpt2", "gpt_bigcode", "gpt_neox",
                                             "glm4_moe", "dots1", "exaone4", "granitemoe", "ministral3", "mamba", "falcon_mamba", "mamba2",
                                             "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "gemma3", "mistral3", "qwen3_5", "qwen3_5_moe", "qwen3_next")})
+# issue 15, second round (s3-15a)
+CASES.update({t: (t, "llama-spm") for t in ("gpt_oss",)})
 # multimodal wrappers: the GGUF holds the language model; transformers runs the whole model (vision tower from the
 # HF checkpoint, as mlx-lm drops it) on text only
 WRAPPERS = ("gemma3", "mistral3", "qwen3_5", "qwen3_5_moe")
@@ -116,6 +118,9 @@ PARAMS = [(c, t) for c in CASES for t in (("f32", "f16", "q8_0") if c in ("llama
 # llama.cpp's CPU GELU reads an f16 lookup table (ggml-cpu/vec.h GGML_GELU_FP16): f32 logits move by 1e-3 (measured
 # 0.9-1.4e-3: gemma, starcoder2, phi, gpt2, gpt_bigcode, gpt_neox)
 ARCH_TOL = {a: 5e-3 for a in ("gemma", "gemma2", "gemma3_text", "gemma3", "starcoder2", "phi", "gpt2", "gpt_bigcode", "gpt_neox")}
+# gpt_oss: its MXFP4 experts stay MXFP4 (exact: test_gpt_oss_mxfp4_experts_exact), and ggml's CPU MXFP4 matmul rounds
+# the activations to Q8_0 (vec_dot_type): f32 logits move by 2.8e-2 (1.5e-6 with the experts written as f32)
+ARCH_TOL["gpt_oss"] = 0.05
 
 
 @pytest.mark.slow
@@ -252,6 +257,58 @@ def test_unknown_pre_tokenizer_warns_once(gz, tmp_path):
 
     v = read_vocab(tok, 128256, "llama")
     assert PRE["regex"][v.pre] == PRE["regex"]["llama-bpe"] and len(v.warnings) == 1 and "closest" in v.warnings[0]
+
+
+@pytest.mark.slow
+def test_gpt_oss_mxfp4_experts_exact(gz):
+    """gpt_oss's MXFP4 experts are written as MXFP4 (as llama.cpp's converter keeps them) holding exactly the values
+    transformers computes with: gate/up de-interleaved, each (E, out, in), whatever the --gguf-type."""
+    from safetensors.numpy import load_file
+
+    src = gz.mlx("gpt_oss", "llama-spm")
+    hf = {}
+    for f in gz.export(src, "hf").glob("*.safetensors"):
+        hf.update(load_file(str(f)))
+    ts = {t.name: t for t in gguf.GGUFReader(gguf_path(gz.export(src, "gguf", "f32"))).tensors}
+    for i in range(2):
+        gate_up, down = hf[f"model.layers.{i}.mlp.experts.gate_up_proj"], hf[f"model.layers.{i}.mlp.experts.down_proj"]
+        want = {"ffn_gate_exps": gate_up[..., ::2], "ffn_up_exps": gate_up[..., 1::2], "ffn_down_exps": down}
+        for name, w in want.items():
+            t = ts[f"blk.{i}.{name}.weight"]
+            assert t.tensor_type == gguf.GGMLQuantizationType.MXFP4, (name, t.tensor_type.name)
+            got = gguf.dequantize(t.data, t.tensor_type).reshape(w.shape[0], w.shape[2], w.shape[1])
+            np.testing.assert_array_equal(got, w.swapaxes(1, 2))
+
+
+def test_o200k_pre_tokenizer(gz, tmp_path):
+    """gpt_oss's o200k split regex is llama.cpp's gpt-4o pre-tokenizer, and llama.cpp splits as the tokenizer.json
+    does (qwen2's BPE vocabulary and merges under the o200k regex, on qwen2's test strings). The real o200k vocabulary
+    is known by its chkhsh; this one tokenizes chktxt as qwen2 does (so its hash says qwen2): gpt-4o is set here."""
+    from dataclasses import replace
+
+    from tokenizers import Tokenizer
+
+    from mlx_bridge.translate.gguf.vocab import PRE, _pre_regexes, closest_pre, read_vocab
+
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    for f in gz.tok("qwen2").iterdir():
+        (tok / f.name).write_bytes(f.read_bytes())
+    tj = json.loads((tok / "tokenizer.json").read_text())
+    tj["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = PRE["regex"]["gpt-4o"][-1]
+    (tok / "tokenizer.json").write_text(json.dumps(tj))
+    assert closest_pre(_pre_regexes(tj["pre_tokenizer"])) == ("gpt-4o", 1.0)
+    assert "gpt-4o" in PRE["chkhsh"].values()
+    v = replace(read_vocab(tok, 151936, "gpt_oss"), pre="gpt-4o")
+    path = tmp_path / "vocab.gguf"
+    w = gguf.GGUFWriter(path, "gpt-oss")
+    v.add_to(w, tok)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    llm, hf = llama_cpp.Llama(str(path), vocab_only=True, verbose=False), Tokenizer.from_file(str(tok / "tokenizer.json"))
+    for text, _ in vocab_tests(vocab_file("qwen2")):
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == hf.encode(text, add_special_tokens=False).ids, text
 
 
 @pytest.mark.slow

@@ -56,6 +56,10 @@ class GgufArch:
     mrope: bool = False  # _Qwen35MRopeMixin: M-RoPE sections (Qwen3.5)
     no_shift: tuple[str, ...] = ()  # "*norm.weight" suffixes norm_shift leaves alone
     mla: bool = False  # DeepSeek's multi-head latent attention: DeepseekV2Model's hparams, kv_b_proj -> k_b, v_b
+    # HF tensor name suffix -> the two llama.cpp tensors its even and odd output columns become, a weight laid out
+    # (E, out, in) (GptOssModel.modify_tensors: gate_up_proj [..., ::2] -> gate, [..., 1::2] -> up, and its bias)
+    evens_odds: dict[str, tuple[gguf.MODEL_TENSOR, gguf.MODEL_TENSOR]] = field(default_factory=dict)
+    mxfp4_experts: bool = False  # expert weights MXFP4 in MLX stay MXFP4 (GptOssModel.repack_mxfp4), whatever the type
 
 
 _CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # GPT-2's Conv1D stores (in, out)
@@ -157,6 +161,14 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     "deepseek_v3": GgufArch(gguf.MODEL_ARCH.DEEPSEEK2, mla=True, extra=_MLA, rope_types=("yarn",), consts=_SIGMOID),
     "glm4_moe_lite": GgufArch(gguf.MODEL_ARCH.DEEPSEEK2, mla=True, extra=_MLA, rope_types=("yarn",), consts=_SIGMOID),
     "stablelm": GgufArch(gguf.MODEL_ARCH.STABLELM, partial_rope=True, extra=_PARALLEL, requires={"qk_layernorm": False}),
+    # --- issue 15, second round (s3-15a): gpt_oss, llama4, lfm2, granitemoehybrid, falcon_h1, nemotron_h, minimax_m2
+    # GptOssModel: attention sinks, biased experts with gate/up interleaved, windowed attention on the layer_types
+    # "sliding_attention" layers, llama.cpp's swiglu_oai with its limit fixed at 7
+    "gpt_oss": GgufArch(gguf.MODEL_ARCH.GPT_OSS, sliding_layers=True, rope_types=("yarn",), mxfp4_experts=True,
+                        extra={"add_expert_feed_forward_length": "intermediate_size"}, requires={"swiglu_limit": 7.0},
+                        ops={"experts.down_proj": "swap_last"}, evens_odds={
+                            "experts.gate_up_proj": (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP),
+                            "experts.gate_up_proj_bias": (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP)}),
 }
 
 # llama.cpp converts these, but its graph computes something else than MLX (and transformers) do

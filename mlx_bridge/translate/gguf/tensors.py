@@ -61,6 +61,20 @@ def half(w: np.ndarray, k: int) -> np.ndarray:
     return np.ascontiguousarray(w[..., k * n:(k + 1) * n, :])
 
 
+def evens_odds(w: np.ndarray, k: int) -> np.ndarray:
+    """The even (k=0) or odd (k=1) output columns of a stacked (E, in, 2 out) weight as (E, out, in), or of its
+    (E, 2 out) bias: GptOss's interleaved gate_up_proj -> gate, up (GptOssModel.modify_tensors)."""
+    if w.ndim == 3:
+        w = w.swapaxes(-1, -2)
+        return np.ascontiguousarray(w[..., k::2, :])
+    return np.ascontiguousarray(w[..., k::2])
+
+
+def mxfp4_source(t: GTensor) -> bool:
+    """Whether every value of `t` is an MXFP4 value of the source, no adapter fused into it (so MXFP4 holds it exactly)."""
+    return all(p.quant is not None and p.quant.mode == "mxfp4" and p.lora is None for i in t.items for p in i.parts)
+
+
 def kv_b(w: np.ndarray, shape: tuple[int, ...], k: int) -> np.ndarray:
     """MLA's kv_b_proj (n_head x (nope + v), rank) -> k_b (n_head, rank, nope) for k=0 or v_b (n_head, v, rank) for
     k=1, the split llama.cpp's deepseek2 reads for absorbed attention (DeepseekV2Model.modify_tensors)."""
@@ -101,7 +115,9 @@ OPS = {"transpose": lambda w, n_head: np.ascontiguousarray(w.T), "qkv_by_kind": 
        "half0": lambda w, n_head: half(w, 0), "half1": lambda w, n_head: half(w, 1),
        "neg_exp": lambda w, n_head: -np.exp(w), "neg_exp_col": lambda w, n_head: -np.exp(w)[:, None],
        "col": lambda w, n_head: w[:, None], "groups": lambda w, n_groups: w.reshape(n_groups, -1),
-       "squeeze": lambda w, n_head: np.ascontiguousarray(w.reshape(w.shape[0], -1))}
+       "squeeze": lambda w, n_head: np.ascontiguousarray(w.reshape(w.shape[0], -1)),
+       "swap_last": lambda w, n_head: np.ascontiguousarray(w.swapaxes(-1, -2)),
+       "evens0": lambda w, n_head: evens_odds(w, 0), "evens1": lambda w, n_head: evens_odds(w, 1)}
 
 
 def materialize(t: GTensor) -> np.ndarray:
@@ -125,10 +141,11 @@ def materialize(t: GTensor) -> np.ndarray:
 
 
 def _rename(hf: str) -> str:
-    """HF names convert_hf_to_gguf renames before mapping (a routing bias, Mamba2's dt_bias)."""
+    """HF names convert_hf_to_gguf renames before mapping (a routing bias, Mamba2's dt_bias, GptOss's sinks and
+    expert biases)."""
+    hf = re.sub(r"(experts\.\w+_proj)_bias$", r"\1.bias", re.sub(r"(\.sinks|experts\.down_proj)$", r"\1.weight", hf))
     return hf.replace("e_score_correction_bias", "e_score_correction.bias").replace("mixer.dt_bias", "mixer.dt_proj.bias") \
-        .replace("linear_attn.dt_bias", "linear_attn.dt_proj.bias").replace("experts.down_proj", "experts.down_proj.weight") \
-        .replace(".weight.weight", ".weight")
+        .replace("linear_attn.dt_bias", "linear_attn.dt_proj.bias")
 
 
 def _sort_key(t: GTensor):
@@ -159,6 +176,13 @@ def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
             bid = int(re.search(r"\.(\d+)\.", hf).group(1))
             shape = (*items[0].shape[:-2], items[0].shape[-2] // 2, items[0].shape[-1])
             out += [GTensor(gguf.TENSOR_NAMES[t].format(bid=bid) + ".weight", shape, items, op=f"half{k}")
+                    for k, t in enumerate(pair)]
+            continue
+        pair = next((p for k, p in ga.evens_odds.items() if hf.endswith(k)), None)
+        if pair is not None:  # gate/up interleaved along the last axis -> two llama.cpp tensors
+            bid, shape, kind = int(re.search(r"\.(\d+)\.", hf).group(1)), items[0].shape, "bias" if hf.endswith("bias") else "weight"
+            shape = (shape[0], shape[2] // 2, shape[1]) if len(shape) == 3 else (shape[0], shape[1] // 2)
+            out += [GTensor(gguf.TENSOR_NAMES[t].format(bid=bid) + "." + kind, shape, items, op=f"evens{k}")
                     for k, t in enumerate(pair)]
             continue
         if ga.mla and hf.endswith("kv_b_proj.weight"):  # -> attn_k_b, attn_v_b per head
@@ -201,6 +225,8 @@ def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
                 shape = (shape[0], int(np.prod(shape[1:])))
         elif op == "transpose":
             shape = shape[::-1]
+        elif op == "swap_last":
+            shape = (*shape[:-2], shape[-1], shape[-2])
         elif op == "squeeze":
             shape = (shape[0], int(np.prod(shape[1:])))
         elif op in ("neg_exp_col", "col"):  # Mamba2Model: A and D as (n_head, 1)
