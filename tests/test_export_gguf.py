@@ -71,7 +71,8 @@ def load_hf_any(d: Path):
 
     model, info = AutoModelForImageTextToText.from_pretrained(str(d), dtype=torch.float32, output_loading_info=True)
     assert not any(info.values()), f"{d}: loading info not clean: {info}"
-    return model.eval()
+    lm = getattr(model, "language_model", None)  # llama4: text goes to its own causal LM (as deploy's HFRunner does)
+    return (lm if lm is not None and lm.get_output_embeddings() is not None else model).eval()
 
 
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
@@ -101,10 +102,10 @@ CASES.update({t: (t, "llama-spm") for t in ("olmo2", "olmo3", "granite", "cohere
                                             "glm4_moe", "dots1", "exaone4", "granitemoe", "ministral3", "mamba", "falcon_mamba", "mamba2",
                                             "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "gemma3", "mistral3", "qwen3_5", "qwen3_5_moe", "qwen3_next")})
 # issue 15, second round (s3-15a)
-CASES.update({t: (t, "llama-spm") for t in ("gpt_oss",)})
+CASES.update({t: (t, "llama-spm") for t in ("gpt_oss", "llama4")})
 # multimodal wrappers: the GGUF holds the language model; transformers runs the whole model (vision tower from the
 # HF checkpoint, as mlx-lm drops it) on text only
-WRAPPERS = ("gemma3", "mistral3", "qwen3_5", "qwen3_5_moe")
+WRAPPERS = ("gemma3", "mistral3", "qwen3_5", "qwen3_5_moe", "llama4")
 _SCALES = dict(attention_multiplier=0.1, embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=4.0)
 OVERRIDES = {"granite": _SCALES, "granitemoe": _SCALES,
              "olmoe": dict(num_key_value_heads=4),  # llama.cpp's olmoe: k_norm over n_embd (no GQA)

@@ -56,9 +56,13 @@ class GgufArch:
     mrope: bool = False  # _Qwen35MRopeMixin: M-RoPE sections (Qwen3.5)
     no_shift: tuple[str, ...] = ()  # "*norm.weight" suffixes norm_shift leaves alone
     mla: bool = False  # DeepSeek's multi-head latent attention: DeepseekV2Model's hparams, kv_b_proj -> k_b, v_b
-    # HF tensor name suffix -> the two llama.cpp tensors its even and odd output columns become, a weight laid out
-    # (E, out, in) (GptOssModel.modify_tensors: gate_up_proj [..., ::2] -> gate, [..., 1::2] -> up, and its bias)
-    evens_odds: dict[str, tuple[gguf.MODEL_TENSOR, gguf.MODEL_TENSOR]] = field(default_factory=dict)
+    # HF tensor name suffix -> the two llama.cpp tensors a stacked (E, in, 2 out) gate_up weight (or its (E, 2 out) bias)
+    # becomes, each weight laid out (E, out, in): its output columns "interleaved" (GptOssModel.modify_tensors:
+    # [..., ::2] -> gate, [..., 1::2] -> up) or in "halves" (Llama4Model.modify_tensors: first half gate, then up)
+    gate_up: dict[str, tuple[gguf.MODEL_TENSOR, gguf.MODEL_TENSOR]] = field(default_factory=dict)
+    gate_up_layout: str = "interleaved"
+    ffn_key: str = "intermediate_size"  # the config key of the dense feed-forward length (Llama4: intermediate_size_mlp)
+    kq_norm_unless_experts: int = 0  # llama.cpp q/k-normalises unless the model has this many experts (Llama4's 128E)
     mxfp4_experts: bool = False  # expert weights MXFP4 in MLX stay MXFP4 (GptOssModel.repack_mxfp4), whatever the type
 
 
@@ -85,6 +89,19 @@ _GEMMA3 = GgufArch(gguf.MODEL_ARCH.GEMMA3, norm_shift=1.0, sliding_layers=True, 
 _MINISTRAL3 = GgufArch(gguf.MODEL_ARCH.MISTRAL3, permute_qk=True, llama_extras=True, rope_types=("yarn",), extra={
     "add_rope_scaling_yarn_log_mul": "rope_parameters.mscale_all_dim",
     "add_attn_temperature_scale": "rope_parameters.llama_4_scaling_beta"})
+
+# Llama4Model (mlx-lm's llama4): llama.cpp chunks attention every 8192 tokens on 3 of 4 layers, skips rope on every
+# 4th and scales its queries by the attention temperature (floor 8192, scale 0.1), as mlx-lm does (which also skips
+# rope on every 4th layer, whatever the config says); MoE every interleave_moe_layer_step-th layer. mlx-lm normalises
+# q/k with eps 1e-6, transformers and llama.cpp with rms_norm_eps.
+_LLAMA4 = GgufArch(gguf.MODEL_ARCH.LLAMA4, llama_extras=True, no_rope_step=4, ffn_key="intermediate_size_mlp",
+                   kq_norm_unless_experts=128, gate_up={"experts.gate_up_proj": (gguf.MODEL_TENSOR.FFN_GATE_EXP,
+                                                                                 gguf.MODEL_TENSOR.FFN_UP_EXP)},
+                   gate_up_layout="halves", ops={"experts.down_proj": "swap_last"},
+                   extra={"add_expert_feed_forward_length": "intermediate_size",
+                          "add_interleave_moe_layer_step": "interleave_moe_layer_step"},
+                   requires={"attention_chunk_size": 8192, "floor_scale": 8192, "attn_scale": 0.1,
+                             "attn_temperature_tuning": True})
 
 # _LinearAttentionVReorderBase / Qwen3NextModel.modify_tensors: HF suffix -> tensors.GDN op
 _GDN_OPS = {"in_proj_qkv.weight": "gdn_qkv", "in_proj_z.weight": "gdn_z", "in_proj_a.weight": "gdn_ab",
@@ -166,14 +183,20 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     # "sliding_attention" layers, llama.cpp's swiglu_oai with its limit fixed at 7
     "gpt_oss": GgufArch(gguf.MODEL_ARCH.GPT_OSS, sliding_layers=True, rope_types=("yarn",), mxfp4_experts=True,
                         extra={"add_expert_feed_forward_length": "intermediate_size"}, requires={"swiglu_limit": 7.0},
-                        ops={"experts.down_proj": "swap_last"}, evens_odds={
+                        ops={"experts.down_proj": "swap_last"}, gate_up={
                             "experts.gate_up_proj": (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP),
                             "experts.gate_up_proj_bias": (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP)}),
+    # Llama4Model: the language model of Llama 4 (mlx-lm's llama4); the mmproj file is not written
+    "llama4": GgufArch(gguf.MODEL_ARCH.LLAMA4, text={"llama4_text": _LLAMA4}),
 }
 
 # llama.cpp converts these, but its graph computes something else than MLX (and transformers) do
 GGUF_REFUSED: dict[str, str] = {
     "phimoe": "llama.cpp's phimoe routes experts by softmax top-k; PhiMoE routes by sparsemixer (logits differ)",
+    # issue 15, second round (s3-15a)
+    "llama4_text": "mlx-lm's llama4_text (MobileLLM) attends to the whole context; llama.cpp's llama4 chunks attention "
+                   "every 8192 tokens and scales the queries of every 4th layer from position 8191 on (and aborts on a "
+                   "model without such a layer, as the 2-layer test model)",
 }
 
 LLAMA_CPP = json.loads(Path(__file__).with_name("llama_cpp_archs.json").read_text())

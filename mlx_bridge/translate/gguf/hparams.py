@@ -155,6 +155,10 @@ def check_arch(model_type: str, cfg: dict, where: str, ga: GgufArch | None = Non
     if ga.no_gqa and n_kv != cfg.get("num_attention_heads"):
         problems.append(f"{where}: num_key_value_heads={n_kv} but llama.cpp's {ga.arch.name.lower()} needs as many "
                         f"key/value heads as query heads ({cfg.get('num_attention_heads')})")
+    n_exp = cfg.get("num_local_experts") or cfg.get("num_experts") or 0
+    if ga.kq_norm_unless_experts and bool(cfg.get("use_qk_norm")) != (n_exp != ga.kq_norm_unless_experts):
+        problems.append(f"{where}: use_qk_norm={cfg.get('use_qk_norm')} with {n_exp} experts, but llama.cpp's "
+                        f"{ga.arch.name.lower()} normalises q/k exactly when there are not {ga.kq_norm_unless_experts}")
     raise_all(problems)
     return ga
 
@@ -169,8 +173,8 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
     if ctx is not None:
         w.add_context_length(ctx)
     w.add_embedding_length(cfg["hidden_size"])
-    if cfg.get("intermediate_size") is not None:  # TextModel: optional (Qwen3.5-MoE has experts only)
-        w.add_feed_forward_length(cfg["intermediate_size"])
+    if cfg.get(ga.ffn_key) is not None:  # TextModel: optional (Qwen3.5-MoE has experts only)
+        w.add_feed_forward_length(cfg[ga.ffn_key])
     w.add_head_count(n_head)
     w.add_head_count_kv(kv_heads(cfg, ga))
     rp = cfg.get("rope_parameters") or {}

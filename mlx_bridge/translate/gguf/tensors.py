@@ -61,13 +61,12 @@ def half(w: np.ndarray, k: int) -> np.ndarray:
     return np.ascontiguousarray(w[..., k * n:(k + 1) * n, :])
 
 
-def evens_odds(w: np.ndarray, k: int) -> np.ndarray:
-    """The even (k=0) or odd (k=1) output columns of a stacked (E, in, 2 out) weight as (E, out, in), or of its
-    (E, 2 out) bias: GptOss's interleaved gate_up_proj -> gate, up (GptOssModel.modify_tensors)."""
-    if w.ndim == 3:
-        w = w.swapaxes(-1, -2)
-        return np.ascontiguousarray(w[..., k::2, :])
-    return np.ascontiguousarray(w[..., k::2])
+def gate_up(w: np.ndarray, k: int, interleaved: bool) -> np.ndarray:
+    """Gate (k=0) or up (k=1) of a stacked (E, in, 2 out) gate_up weight as (E, out, in), or of its (E, 2 out) bias:
+    the even/odd output columns (GptOss) or the first/second half (Llama4)."""
+    n = w.shape[-1] // 2
+    w = w[..., k::2] if interleaved else w[..., k * n:(k + 1) * n]
+    return np.ascontiguousarray(w.swapaxes(-1, -2) if w.ndim == 3 else w)
 
 
 def mxfp4_source(t: GTensor) -> bool:
@@ -117,7 +116,8 @@ OPS = {"transpose": lambda w, n_head: np.ascontiguousarray(w.T), "qkv_by_kind": 
        "col": lambda w, n_head: w[:, None], "groups": lambda w, n_groups: w.reshape(n_groups, -1),
        "squeeze": lambda w, n_head: np.ascontiguousarray(w.reshape(w.shape[0], -1)),
        "swap_last": lambda w, n_head: np.ascontiguousarray(w.swapaxes(-1, -2)),
-       "evens0": lambda w, n_head: evens_odds(w, 0), "evens1": lambda w, n_head: evens_odds(w, 1)}
+       **{f"gate_up_{lay}{k}": (lambda k, i: lambda w, n_head: gate_up(w, k, i))(k, lay == "interleaved")
+          for lay in ("interleaved", "halves") for k in (0, 1)}}
 
 
 def materialize(t: GTensor) -> np.ndarray:
@@ -178,11 +178,11 @@ def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
             out += [GTensor(gguf.TENSOR_NAMES[t].format(bid=bid) + ".weight", shape, items, op=f"half{k}")
                     for k, t in enumerate(pair)]
             continue
-        pair = next((p for k, p in ga.evens_odds.items() if hf.endswith(k)), None)
-        if pair is not None:  # gate/up interleaved along the last axis -> two llama.cpp tensors
+        pair = next((p for k, p in ga.gate_up.items() if hf.endswith(k)), None)
+        if pair is not None:  # gate/up along the last axis -> two llama.cpp tensors
             bid, shape, kind = int(re.search(r"\.(\d+)\.", hf).group(1)), items[0].shape, "bias" if hf.endswith("bias") else "weight"
             shape = (shape[0], shape[2] // 2, shape[1]) if len(shape) == 3 else (shape[0], shape[1] // 2)
-            out += [GTensor(gguf.TENSOR_NAMES[t].format(bid=bid) + "." + kind, shape, items, op=f"evens{k}")
+            out += [GTensor(gguf.TENSOR_NAMES[t].format(bid=bid) + "." + kind, shape, items, op=f"gate_up_{ga.gate_up_layout}{k}")
                     for k, t in enumerate(pair)]
             continue
         if ga.mla and hf.endswith("kv_b_proj.weight"):  # -> attn_k_b, attn_v_b per head
