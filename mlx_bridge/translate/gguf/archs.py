@@ -63,6 +63,8 @@ class GgufArch:
     gate_up_layout: str = "interleaved"
     ffn_key: str = "intermediate_size"  # the config key of the dense feed-forward length (Llama4: intermediate_size_mlp)
     kq_norm_unless_experts: int = 0  # llama.cpp q/k-normalises unless the model has this many experts (Llama4's 128E)
+    shortconv: bool = False  # LFM2's short-convolution layers: LFM2Model's hparams (kv heads per layer, 0 on conv layers)
+    eps_key: str = "rms_norm_eps"  # the config key of the RMS norms' epsilon
     mxfp4_experts: bool = False  # expert weights MXFP4 in MLX stay MXFP4 (GptOssModel.repack_mxfp4), whatever the type
 
 
@@ -186,6 +188,7 @@ GGUF_ARCHS: dict[str, GgufArch] = {
                         ops={"experts.down_proj": "swap_last"}, gate_up={
                             "experts.gate_up_proj": (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP),
                             "experts.gate_up_proj_bias": (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP)}),
+    "lfm2": GgufArch(gguf.MODEL_ARCH.LFM2, shortconv=True, eps_key="norm_eps", ops={"conv.conv.weight": "squeeze"}),
     # Llama4Model: the language model of Llama 4 (mlx-lm's llama4); the mmproj file is not written
     "llama4": GgufArch(gguf.MODEL_ARCH.LLAMA4, text={"llama4_text": _LLAMA4}),
 }

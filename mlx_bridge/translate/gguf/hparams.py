@@ -68,11 +68,14 @@ def gguf_config(cfg: dict) -> dict:
     return out
 
 
-def kv_heads(cfg: dict, ga: GgufArch) -> int:
+def kv_heads(cfg: dict, ga: GgufArch) -> int | list[int]:
     """Key/value heads as llama.cpp must count them for this arch."""
     n_head = cfg["num_attention_heads"]
     if ga.mla:  # DeepseekV2Model: MLA runs as MQA over the latent
         return 1
+    if ga.shortconv:  # LFM2Model: key/value heads per layer, none on the convolution layers
+        n_kv = cfg.get("num_key_value_heads") or n_head
+        return [0 if t == "conv" else n_kv for t in cfg["layer_types"]]
     if ga.kv_heads == "mha":
         return n_head
     if ga.kv_heads == "multi_query":
@@ -173,8 +176,9 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
     if ctx is not None:
         w.add_context_length(ctx)
     w.add_embedding_length(cfg["hidden_size"])
-    if cfg.get(ga.ffn_key) is not None:  # TextModel: optional (Qwen3.5-MoE has experts only)
-        w.add_feed_forward_length(cfg[ga.ffn_key])
+    ff = lfm2_ff(cfg) if ga.shortconv else cfg.get(ga.ffn_key)
+    if ff is not None:  # TextModel: optional (Qwen3.5-MoE has experts only)
+        w.add_feed_forward_length(ff)
     w.add_head_count(n_head)
     w.add_head_count_kv(kv_heads(cfg, ga))
     rp = cfg.get("rope_parameters") or {}
@@ -193,7 +197,7 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
     if rp.get("rope_type") == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(rp["factor"]))
-    w.add_layer_norm_rms_eps(cfg.get("rms_norm_eps", 1e-6))
+    w.add_layer_norm_rms_eps(cfg.get(ga.eps_key, 1e-6))
     ln_eps = next((cfg[k] for k in ("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon") if cfg.get(k) is not None), None)
     if ln_eps is not None:
         w.add_layer_norm_eps(ln_eps)
@@ -228,6 +232,9 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
             getattr(w, method)(value)
     if ga.gdn:
         add_gdn(w, cfg, ga)
+    if ga.shortconv:  # LFM2Model.set_gguf_parameters
+        w.add_vocab_size(n_vocab)
+        w.add_shortconv_l_cache(cfg["conv_L_cache"])
     if ga.sliding_window_full:  # mlx-lm attends to the whole context in every layer
         w.add_sliding_window(ctx)
     if ga.sliding_layers:  # the window on exactly the layers mlx-lm windows (effective config's layer_types)
@@ -235,6 +242,19 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
         if any(t == "sliding_attention" for t in types):
             w.add_sliding_window(cfg["sliding_window"])
             w.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+
+
+def lfm2_ff(cfg: dict) -> int:
+    """LFM2Model._add_feed_forward_length: the MLP width LFM2 computes from block_ff_dim (auto-adjusted: 2/3 of it,
+    times the multiplier, rounded up to block_multiple_of)."""
+    ff = cfg.get("block_ff_dim") or cfg["intermediate_size"]
+    if cfg.get("block_auto_adjust_ff_dim"):
+        ff = int(2 * ff / 3)
+        if cfg.get("block_ffn_dim_multiplier") is not None:
+            ff = int(cfg["block_ffn_dim_multiplier"] * ff)
+        m = cfg["block_multiple_of"]
+        ff = m * ((ff + m - 1) // m)
+    return ff
 
 
 def add_gdn(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch) -> None:
