@@ -102,7 +102,8 @@ CASES.update({t: (t, "llama-spm") for t in ("olmo2", "olmo3", "granite", "cohere
                                             "glm4_moe", "dots1", "exaone4", "granitemoe", "ministral3", "mamba", "falcon_mamba", "mamba2",
                                             "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "gemma3", "mistral3", "qwen3_5", "qwen3_5_moe", "qwen3_next")})
 # issue 15, second round (s3-15a)
-CASES.update({t: (t, "llama-spm") for t in ("gpt_oss", "llama4", "lfm2")})
+CASES.update({t: (t, "llama-spm") for t in ("gpt_oss", "llama4", "lfm2", "granitemoehybrid")})
+CASES["granitemoehybrid+nope"] = ("granitemoehybrid", "llama-spm")  # attention without rope (the tiny's null is rope in mlx-lm)
 # multimodal wrappers: the GGUF holds the language model; transformers runs the whole model (vision tower from the
 # HF checkpoint, as mlx-lm drops it) on text only
 WRAPPERS = ("gemma3", "mistral3", "qwen3_5", "qwen3_5_moe", "llama4")
@@ -111,9 +112,10 @@ OVERRIDES = {"granite": _SCALES, "granitemoe": _SCALES,
              "olmoe": dict(num_key_value_heads=4),  # llama.cpp's olmoe: k_norm over n_embd (no GQA)
              "dots1": dict(num_key_value_heads=4),  # llama.cpp's dots1: k/v as wide as q (no GQA)
              "smollm3": dict(num_hidden_layers=4),  # layer 3 is smollm3's first without rope
-             "exaone4": dict(num_hidden_layers=64),
+             "exaone4": dict(num_hidden_layers=64),  # llama.cpp windows exaone4 only in its 64-layer shape
              "qwen3_next": dict(rms_norm_eps=1e-6),  # llama.cpp's qwen3next: the gated delta net's l2 norm eps is the norms'
-             "falcon_mamba": dict(mixer_rms_eps=1e-5)}  # llama.cpp's mamba: one epsilon for the norms and B/C/dt  # llama.cpp windows exaone4 only in its 64-layer shape
+             "falcon_mamba": dict(mixer_rms_eps=1e-5),  # llama.cpp's mamba: one epsilon for the norms and B/C/dt
+             "granitemoehybrid+nope": dict(position_embedding_type="nope")}
 PARAMS = [(c, t) for c in CASES for t in (("f32", "f16", "q8_0") if c in ("llama", "llama+lora", "qwen2") else
                                           ("f32", "f16") if c in ("gemma+lora", "qwen2_moe+lora") else ("f32",))]
 # llama.cpp's CPU GELU reads an f16 lookup table (ggml-cpu/vec.h GGML_GELU_FP16): f32 logits move by 1e-3 (measured
@@ -131,7 +133,7 @@ def test_llama_cpp_matches_transformers(gz, case, gguf_type):
     logits on 48 random tokens within TOL; f32/f16: the same 12 greedy tokens; q8_0: the same top-1
     next token at >= 85% of the 48 positions (measured 0.90-0.98)."""
     arch, vocab = CASES[case]
-    src = gz.mlx(arch, vocab, **OVERRIDES.get(arch, {}))
+    src = gz.mlx(arch, vocab, **OVERRIDES.get(case, OVERRIDES.get(arch, {})))
     if "+lora" in case:
         src = gz.adapter(src)
     model = load_hf_any(gz.export(src, "hf", hf_base=True)) if arch in WRAPPERS else load_hf(gz.export(src, "hf"))

@@ -63,7 +63,9 @@ class GgufArch:
     gate_up_layout: str = "interleaved"
     ffn_key: str = "intermediate_size"  # the config key of the dense feed-forward length (Llama4: intermediate_size_mlp)
     kq_norm_unless_experts: int = 0  # llama.cpp q/k-normalises unless the model has this many experts (Llama4's 128E)
-    shortconv: bool = False  # LFM2's short-convolution layers: LFM2Model's hparams (kv heads per layer, 0 on conv layers)
+    shortconv: bool = False  # LFM2's short-convolution layers: LFM2Model's hparams
+    attn_layer_type: str = ""  # a hybrid's attention layers' layer_types value: kv heads per layer, 0 on the others
+    ssm2_hybrid: bool = False  # Mamba2 layers among the attention layers (GraniteHybridModel's ssm hparams)
     eps_key: str = "rms_norm_eps"  # the config key of the RMS norms' epsilon
     mxfp4_experts: bool = False  # expert weights MXFP4 in MLX stay MXFP4 (GptOssModel.repack_mxfp4), whatever the type
 
@@ -81,6 +83,9 @@ _MAMBA = {"A_log": "neg_exp", "conv1d.weight": "squeeze"}  # MambaModel.modify_t
 # DeepseekV2Model.set_gguf_parameters (+ TextModel's expert groups); the MLA lengths are written by hparams.add_mla
 _MLA = {**_ROUTED, "add_q_lora_rank": "q_lora_rank", "add_kv_lora_rank": "kv_lora_rank",
         "add_expert_group_count": "n_group", "add_expert_group_used_count": "topk_group"}
+# Mamba2Model.modify_tensors: A = -exp(A_log) and D as (n_head, 1), the conv kernel squeezed, the gated norm per group
+_MAMBA2_OPS = {"A_log": "neg_exp_col", "D": "col", "conv1d.weight": "squeeze", "mixer.norm.weight": "groups",
+               "mamba.norm.weight": "groups"}
 _MLA_NO_GROUPS = {k: v for k, v in _MLA.items() if "group" not in k}
 _GEMMA2 = {"add_attn_logit_softcapping": "attn_logit_softcapping",
            "add_final_logit_softcapping": "final_logit_softcapping"}
@@ -150,8 +155,7 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     "mamba": GgufArch(gguf.MODEL_ARCH.MAMBA, ssm=True, ops=_MAMBA, requires={"use_bias": False}),
     "falcon_mamba": GgufArch(gguf.MODEL_ARCH.MAMBA, ssm=True, ops=_MAMBA, requires={"use_bias": False},
                              eps_also="mixer_rms_eps"),
-    "mamba2": GgufArch(gguf.MODEL_ARCH.MAMBA2, ssm=True, requires={"use_bias": False}, ops={
-        "A_log": "neg_exp_col", "D": "col", "conv1d.weight": "squeeze", "mixer.norm.weight": "groups"}),
+    "mamba2": GgufArch(gguf.MODEL_ARCH.MAMBA2, ssm=True, requires={"use_bias": False}, ops=_MAMBA2_OPS),
     "smollm3": GgufArch(gguf.MODEL_ARCH.SMOLLM3, permute_qk=True, llama_extras=True, no_rope_step=4),
     "exaone": GgufArch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, llama_extras=True),
     "internlm3": GgufArch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, llama_extras=True),
@@ -188,7 +192,16 @@ GGUF_ARCHS: dict[str, GgufArch] = {
                         ops={"experts.down_proj": "swap_last"}, gate_up={
                             "experts.gate_up_proj": (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP),
                             "experts.gate_up_proj_bias": (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP)}),
-    "lfm2": GgufArch(gguf.MODEL_ARCH.LFM2, shortconv=True, eps_key="norm_eps", ops={"conv.conv.weight": "squeeze"}),
+    "lfm2": GgufArch(gguf.MODEL_ARCH.LFM2, shortconv=True, attn_layer_type="full_attention", eps_key="norm_eps",
+                     ops={"conv.conv.weight": "squeeze"}),
+    # GraniteHybridModel: Mamba2 layers (Mamba2Model's layout) and GraniteMoe attention layers; rope on them as the
+    # config says (llama.cpp reads rope_scaling.finetuned as the switch; the converter writes it off for hybrids)
+    "granitemoehybrid": GgufArch(gguf.MODEL_ARCH.GRANITE_HYBRID, permute_qk=True, llama_extras=True, ssm2_hybrid=True,
+                                 attn_layer_type="attention", ops=_MAMBA2_OPS,
+                                 extra={**_GRANITE, "add_expert_shared_feed_forward_length": "shared_intermediate_size"},
+                                 halves={"shared_mlp.input_linear.weight": (gguf.MODEL_TENSOR.FFN_GATE_SHEXP,
+                                                                            gguf.MODEL_TENSOR.FFN_UP_SHEXP),
+                                         "input_linear.weight": (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP)}),
     # Llama4Model: the language model of Llama 4 (mlx-lm's llama4); the mmproj file is not written
     "llama4": GgufArch(gguf.MODEL_ARCH.LLAMA4, text={"llama4_text": _LLAMA4}),
 }

@@ -73,9 +73,9 @@ def kv_heads(cfg: dict, ga: GgufArch) -> int | list[int]:
     n_head = cfg["num_attention_heads"]
     if ga.mla:  # DeepseekV2Model: MLA runs as MQA over the latent
         return 1
-    if ga.shortconv:  # LFM2Model: key/value heads per layer, none on the convolution layers
+    if ga.attn_layer_type:  # a hybrid (LFM2Model, GraniteHybridModel): key/value heads per layer, none on the others
         n_kv = cfg.get("num_key_value_heads") or n_head
-        return [0 if t == "conv" else n_kv for t in cfg["layer_types"]]
+        return [n_kv if t == ga.attn_layer_type else 0 for t in cfg["layer_types"]]
     if ga.kv_heads == "mha":
         return n_head
     if ga.kv_heads == "multi_query":
@@ -173,6 +173,8 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
     n_head = cfg["num_attention_heads"]
     w.add_block_count(cfg["num_hidden_layers"])
     ctx = cfg.get("max_position_embeddings")
+    if ga.ssm2_hybrid and cfg.get("position_embedding_type") != "rope":  # add_granite_ssm
+        ctx = 2**20
     if ctx is not None:
         w.add_context_length(ctx)
     w.add_embedding_length(cfg["hidden_size"])
@@ -232,6 +234,8 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
             getattr(w, method)(value)
     if ga.gdn:
         add_gdn(w, cfg, ga)
+    if ga.ssm2_hybrid:
+        add_granite_ssm(w, cfg)
     if ga.shortconv:  # LFM2Model.set_gguf_parameters
         w.add_vocab_size(n_vocab)
         w.add_shortconv_l_cache(cfg["conv_L_cache"])
@@ -242,6 +246,17 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
         if any(t == "sliding_attention" for t in types):
             w.add_sliding_window(cfg["sliding_window"])
             w.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+
+
+def add_granite_ssm(w: gguf.GGUFWriter, cfg: dict) -> None:
+    """GraniteHybridModel.set_gguf_parameters' Mamba2 hparams (its mamba_-prefixed config keys), and rope on or off
+    as the (effective) config's position_embedding_type says; without rope, a context as a state space model's."""
+    w.add_ssm_conv_kernel(cfg["mamba_d_conv"])
+    w.add_ssm_state_size(cfg["mamba_d_state"])
+    w.add_ssm_group_count(cfg["mamba_n_groups"])
+    w.add_ssm_inner_size(cfg["mamba_expand"] * cfg["hidden_size"])
+    w.add_ssm_time_step_rank(cfg["mamba_n_heads"])
+    w.add_rope_scaling_finetuned(cfg.get("position_embedding_type") == "rope")
 
 
 def lfm2_ff(cfg: dict) -> int:

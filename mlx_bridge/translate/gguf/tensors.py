@@ -144,8 +144,7 @@ def _rename(hf: str) -> str:
     """HF names convert_hf_to_gguf renames before mapping (a routing bias, Mamba2's dt_bias, GptOss's sinks and
     expert biases)."""
     hf = re.sub(r"(experts\.\w+_proj)_bias$", r"\1.bias", re.sub(r"(\.sinks|experts\.down_proj)$", r"\1.weight", hf))
-    return hf.replace("e_score_correction_bias", "e_score_correction.bias").replace("mixer.dt_bias", "mixer.dt_proj.bias") \
-        .replace("linear_attn.dt_bias", "linear_attn.dt_proj.bias")
+    return re.sub(r"\.dt_bias$", ".dt_proj.bias", hf.replace("e_score_correction_bias", "e_score_correction.bias"))
 
 
 def _sort_key(t: GTensor):
@@ -232,7 +231,7 @@ def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
         elif op in ("neg_exp_col", "col"):  # Mamba2Model: A and D as (n_head, 1)
             shape = (*shape, 1)
         elif op == "groups":  # Mamba2Model: the gated norm per group, (n_groups, d_inner / n_groups)
-            heads = cfg["n_groups"]
+            heads = cfg.get("n_groups") or cfg["mamba_n_groups"]
             shape = (heads, shape[0] // heads)
         elif op:
             heads = n_head
