@@ -102,7 +102,7 @@ CASES.update({t: (t, "llama-spm") for t in ("olmo2", "olmo3", "granite", "cohere
                                             "glm4_moe", "dots1", "exaone4", "granitemoe", "ministral3", "mamba", "falcon_mamba", "mamba2",
                                             "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "gemma3", "mistral3", "qwen3_5", "qwen3_5_moe", "qwen3_next")})
 # issue 15, second round (s3-15a)
-CASES.update({t: (t, "llama-spm") for t in ("gpt_oss", "llama4", "lfm2", "granitemoehybrid")})
+CASES.update({t: (t, "llama-spm") for t in ("gpt_oss", "llama4", "lfm2", "granitemoehybrid", "falcon_h1")})
 CASES["granitemoehybrid+nope"] = ("granitemoehybrid", "llama-spm")  # attention without rope (the tiny's null is rope in mlx-lm)
 # multimodal wrappers: the GGUF holds the language model; transformers runs the whole model (vision tower from the
 # HF checkpoint, as mlx-lm drops it) on text only
@@ -281,6 +281,22 @@ def test_gpt_oss_mxfp4_experts_exact(gz):
             assert t.tensor_type == gguf.GGMLQuantizationType.MXFP4, (name, t.tensor_type.name)
             got = gguf.dequantize(t.data, t.tensor_type).reshape(w.shape[0], w.shape[2], w.shape[1])
             np.testing.assert_array_equal(got, w.swapaxes(1, 2))
+
+
+@pytest.mark.slow
+def test_falcon_h1_multipliers_as_mlx(gz):
+    """Falcon-H1's muP multipliers: mlx-lm folds them into the weights when it converts, as llama.cpp's converter does, so
+    the GGUF holds MLX's weights and llama.cpp computes MLX's logits (measured 7e-7; this tiny's multipliers are not 1)."""
+    import mlx.core as mx
+    from mlx_lm import load
+
+    src = gz.mlx("falcon_h1", "llama-spm", attention_in_multiplier=0.9, attention_out_multiplier=0.5, key_multiplier=0.4,
+                 embedding_multiplier=2.0, lm_head_multiplier=0.25, ssm_in_multiplier=1.25, ssm_out_multiplier=0.8)
+    ids = np.random.default_rng(0).integers(3, 32000, 48).tolist()
+    model, _ = load(str(src))
+    want = np.array(model(mx.array([ids]))[0].astype(mx.float32))
+    got = llama_logits(gguf_path(gz.export(src, "gguf", "f32")), ids)
+    assert np.abs(got - want).max() <= TOL["f32"], np.abs(got - want).max()
 
 
 def test_o200k_pre_tokenizer(gz, tmp_path):

@@ -66,6 +66,7 @@ class GgufArch:
     shortconv: bool = False  # LFM2's short-convolution layers: LFM2Model's hparams
     attn_layer_type: str = ""  # a hybrid's attention layers' layer_types value: kv heads per layer, 0 on the others
     ssm2_hybrid: bool = False  # Mamba2 layers among the attention layers (GraniteHybridModel's ssm hparams)
+    h1: bool = False  # Falcon-H1: attention and Mamba2 side by side in every layer (FalconH1Model's hparams)
     eps_key: str = "rms_norm_eps"  # the config key of the RMS norms' epsilon
     mxfp4_experts: bool = False  # expert weights MXFP4 in MLX stay MXFP4 (GptOssModel.repack_mxfp4), whatever the type
 
@@ -202,6 +203,9 @@ GGUF_ARCHS: dict[str, GgufArch] = {
                                  halves={"shared_mlp.input_linear.weight": (gguf.MODEL_TENSOR.FFN_GATE_SHEXP,
                                                                             gguf.MODEL_TENSOR.FFN_UP_SHEXP),
                                          "input_linear.weight": (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP)}),
+    # FalconH1Model: mlx-lm folds the muP multipliers into the weights as llama.cpp's converter does, so they are
+    # written as MLX holds them; llama.cpp gates the Mamba2 output before its grouped norm
+    "falcon_h1": GgufArch(gguf.MODEL_ARCH.FALCON_H1, h1=True, ops=_MAMBA2_OPS),
     # Llama4Model: the language model of Llama 4 (mlx-lm's llama4); the mmproj file is not written
     "llama4": GgufArch(gguf.MODEL_ARCH.LLAMA4, text={"llama4_text": _LLAMA4}),
 }

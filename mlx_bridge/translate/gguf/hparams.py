@@ -158,6 +158,13 @@ def check_arch(model_type: str, cfg: dict, where: str, ga: GgufArch | None = Non
     if ga.no_gqa and n_kv != cfg.get("num_attention_heads"):
         problems.append(f"{where}: num_key_value_heads={n_kv} but llama.cpp's {ga.arch.name.lower()} needs as many "
                         f"key/value heads as query heads ({cfg.get('num_attention_heads')})")
+    if ga.h1 and cfg.get("mamba_rms_norm") and cfg.get("mamba_norm_before_gate"):
+        problems.append(f"{where}: mamba_norm_before_gate=True, but llama.cpp's {ga.arch.name.lower()} gates the Mamba2 "
+                        f"output before its grouped norm")
+    if ga.h1 and cfg.get("tie_word_embeddings") and cfg.get("lm_head_multiplier") != cfg.get("embedding_multiplier"):
+        problems.append(f"{where}: tied embeddings with lm_head_multiplier={cfg.get('lm_head_multiplier')} != "
+                        f"embedding_multiplier={cfg.get('embedding_multiplier')}, but llama.cpp's "
+                        f"{ga.arch.name.lower()} reads the output as the (scaled) embedding")
     n_exp = cfg.get("num_local_experts") or cfg.get("num_experts") or 0
     if ga.kq_norm_unless_experts and bool(cfg.get("use_qk_norm")) != (n_exp != ga.kq_norm_unless_experts):
         problems.append(f"{where}: use_qk_norm={cfg.get('use_qk_norm')} with {n_exp} experts, but llama.cpp's "
@@ -170,6 +177,8 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
     """TextModel.set_gguf_parameters (+ LlamaModel's, + the arch's extras) from the effective config."""
     if ga.ssm:
         return add_mamba_hparams(w, cfg, ga)
+    if ga.h1:
+        return add_falcon_h1_hparams(w, cfg, n_vocab)
     n_head = cfg["num_attention_heads"]
     w.add_block_count(cfg["num_hidden_layers"])
     ctx = cfg.get("max_position_embeddings")
@@ -257,6 +266,27 @@ def add_granite_ssm(w: gguf.GGUFWriter, cfg: dict) -> None:
     w.add_ssm_inner_size(cfg["mamba_expand"] * cfg["hidden_size"])
     w.add_ssm_time_step_rank(cfg["mamba_n_heads"])
     w.add_rope_scaling_finetuned(cfg.get("position_embedding_type") == "rope")
+
+
+def add_falcon_h1_hparams(w: gguf.GGUFWriter, cfg: dict, n_vocab: int) -> None:
+    """FalconH1Model.set_gguf_parameters: Mamba2Model's (mamba_-prefixed keys), then the attention's."""
+    head_dim = cfg.get("mamba_d_head") or 64
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_ssm_conv_kernel(cfg.get("mamba_d_conv") or 4)
+    w.add_ssm_inner_size(cfg["mamba_d_ssm"])
+    w.add_ssm_state_size(cfg.get("mamba_d_state") or 128)
+    w.add_ssm_time_step_rank(cfg["mamba_d_ssm"] // head_dim)
+    w.add_ssm_group_count(cfg.get("mamba_n_groups") or 1)
+    w.add_layer_norm_rms_eps(cfg.get("rms_norm_eps") or 1e-5)
+    w.add_vocab_size(n_vocab)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg.get("max_position_embeddings", 0))
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_key_length(cfg["head_dim"])
+    w.add_value_length(cfg["head_dim"])
+    w.add_rope_freq_base(float((cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))))
 
 
 def lfm2_ff(cfg: dict) -> int:

@@ -203,8 +203,8 @@ def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
         name = names.get_name(base)
         if name is not None:
             name = f"{name}.{suffix}"
-        elif suffix not in ("weight", "bias"):  # a parameter mapped whole, no suffix (Mamba's A_log, D)
-            name = names.get_name(hf)
+        else:  # a name mapped whole: a parameter with no suffix (Mamba's A_log, D), Falcon-H1's pre_ff_layernorm.weight
+            name = names.get_name(_rename(hf))
         if name is None:
             problems.append(f"{hf}: llama.cpp ({ga.arch.name.lower()}) has no tensor for it")
             continue
