@@ -102,7 +102,7 @@ CASES.update({t: (t, "llama-spm") for t in ("olmo2", "olmo3", "granite", "cohere
                                             "glm4_moe", "dots1", "exaone4", "granitemoe", "ministral3", "mamba", "falcon_mamba", "mamba2",
                                             "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "gemma3", "mistral3", "qwen3_5", "qwen3_5_moe", "qwen3_next")})
 # issue 15, second round (s3-15a)
-CASES.update({t: (t, "llama-spm") for t in ("gpt_oss", "llama4", "lfm2", "granitemoehybrid", "falcon_h1")})
+CASES.update({t: (t, "llama-spm") for t in ("gpt_oss", "llama4", "lfm2", "granitemoehybrid", "falcon_h1", "nemotron_h")})
 CASES["granitemoehybrid+nope"] = ("granitemoehybrid", "llama-spm")  # attention without rope (the tiny's null is rope in mlx-lm)
 # multimodal wrappers: the GGUF holds the language model; transformers runs the whole model (vision tower from the
 # HF checkpoint, as mlx-lm drops it) on text only

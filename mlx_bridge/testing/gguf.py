@@ -84,7 +84,7 @@ class GgufZoo:
         return d
 
     def mlx(self, arch: str, vocab: str = "llama-bpe", **overrides) -> Path:
-        tag = "-".join([arch, vocab] + [f"{k}{v}" for k, v in sorted(overrides.items())])
+        tag = "-".join([arch, vocab] + [re.sub(r"[^\w.+-]", "", f"{k}{v}") for k, v in sorted(overrides.items())])
         d = self.root / f"mlx-{tag}"
         if not (d / "config.json").exists():
             hf = self.root / f"hf-{tag}"

@@ -64,8 +64,14 @@ class GgufArch:
     ffn_key: str = "intermediate_size"  # the config key of the dense feed-forward length (Llama4: intermediate_size_mlp)
     kq_norm_unless_experts: int = 0  # llama.cpp q/k-normalises unless the model has this many experts (Llama4's 128E)
     shortconv: bool = False  # LFM2's short-convolution layers: LFM2Model's hparams
-    attn_layer_type: str = ""  # a hybrid's attention layers' layer_types value: kv heads per layer, 0 on the others
-    ssm2_hybrid: bool = False  # Mamba2 layers among the attention layers (GraniteHybridModel's ssm hparams)
+    # a hybrid's layer types (config layer_types / layers_block_type values, or hybrid_override_pattern characters) ->
+    # "attention", "ssm", "conv", "mlp" or "moe": kv heads per layer (0 but on attention layers), and with
+    # `ff_per_layer` the MLP width per layer (0 but on mlp layers: NemotronH)
+    layer_kinds: dict[str, str] = field(default_factory=dict)
+    ff_per_layer: bool = False
+    # Mamba2 layers among the attention layers (GraniteHybridModel's ssm hparams): "conv", "state", "groups", "heads"
+    # -> config key, "inner" -> the two config keys whose product is the inner size
+    ssm2_keys: dict[str, object] = field(default_factory=dict)
     h1: bool = False  # Falcon-H1: attention and Mamba2 side by side in every layer (FalconH1Model's hparams)
     eps_key: str = "rms_norm_eps"  # the config key of the RMS norms' epsilon
     mxfp4_experts: bool = False  # expert weights MXFP4 in MLX stay MXFP4 (GptOssModel.repack_mxfp4), whatever the type
@@ -87,6 +93,9 @@ _MLA = {**_ROUTED, "add_q_lora_rank": "q_lora_rank", "add_kv_lora_rank": "kv_lor
 # Mamba2Model.modify_tensors: A = -exp(A_log) and D as (n_head, 1), the conv kernel squeezed, the gated norm per group
 _MAMBA2_OPS = {"A_log": "neg_exp_col", "D": "col", "conv1d.weight": "squeeze", "mixer.norm.weight": "groups",
                "mamba.norm.weight": "groups"}
+# NemotronH's layer types, old and new spellings, and its hybrid_override_pattern characters (as mlx-lm reads them)
+_NEMOTRON_H_KINDS = {"full_attention": "attention", "attention": "attention", "*": "attention", "linear_attention": "ssm",
+                     "mamba": "ssm", "M": "ssm", "mlp": "mlp", "-": "mlp", "moe": "moe", "E": "moe"}
 _MLA_NO_GROUPS = {k: v for k, v in _MLA.items() if "group" not in k}
 _GEMMA2 = {"add_attn_logit_softcapping": "attn_logit_softcapping",
            "add_final_logit_softcapping": "final_logit_softcapping"}
@@ -193,16 +202,25 @@ GGUF_ARCHS: dict[str, GgufArch] = {
                         ops={"experts.down_proj": "swap_last"}, gate_up={
                             "experts.gate_up_proj": (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP),
                             "experts.gate_up_proj_bias": (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP)}),
-    "lfm2": GgufArch(gguf.MODEL_ARCH.LFM2, shortconv=True, attn_layer_type="full_attention", eps_key="norm_eps",
+    "lfm2": GgufArch(gguf.MODEL_ARCH.LFM2, shortconv=True, layer_kinds={"full_attention": "attention", "conv": "conv"},
+                     eps_key="norm_eps",
                      ops={"conv.conv.weight": "squeeze"}),
     # GraniteHybridModel: Mamba2 layers (Mamba2Model's layout) and GraniteMoe attention layers; rope on them as the
     # config says (llama.cpp reads rope_scaling.finetuned as the switch; the converter writes it off for hybrids)
-    "granitemoehybrid": GgufArch(gguf.MODEL_ARCH.GRANITE_HYBRID, permute_qk=True, llama_extras=True, ssm2_hybrid=True,
-                                 attn_layer_type="attention", ops=_MAMBA2_OPS,
+    "granitemoehybrid": GgufArch(gguf.MODEL_ARCH.GRANITE_HYBRID, permute_qk=True, llama_extras=True, ops=_MAMBA2_OPS,
+                                 layer_kinds={"attention": "attention", "mamba": "ssm"}, ssm2_keys={
+                                     "conv": "mamba_d_conv", "state": "mamba_d_state", "groups": "mamba_n_groups",
+                                     "heads": "mamba_n_heads", "inner": ("mamba_expand", "hidden_size")},
                                  extra={**_GRANITE, "add_expert_shared_feed_forward_length": "shared_intermediate_size"},
                                  halves={"shared_mlp.input_linear.weight": (gguf.MODEL_TENSOR.FFN_GATE_SHEXP,
                                                                             gguf.MODEL_TENSOR.FFN_UP_SHEXP),
                                          "input_linear.weight": (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP)}),
+    # NemotronHModel (dense: no "moe" layers, which llama.cpp's converter writes as nemotron_h_moe): Mamba2, attention
+    # without rope, and squared-ReLU MLP layers, one kind a layer
+    "nemotron_h": GgufArch(gguf.MODEL_ARCH.NEMOTRON_H, ops=_MAMBA2_OPS, eps_key="layer_norm_epsilon", ff_per_layer=True,
+                           layer_kinds=_NEMOTRON_H_KINDS, requires={"mlp_hidden_act": "relu2"}, ssm2_keys={
+                               "conv": "conv_kernel", "state": "ssm_state_size", "groups": "n_groups",
+                               "heads": "mamba_num_heads", "inner": ("mamba_num_heads", "mamba_head_dim")}),
     # FalconH1Model: mlx-lm folds the muP multipliers into the weights as llama.cpp's converter does, so they are
     # written as MLX holds them; llama.cpp gates the Mamba2 output before its grouped norm
     "falcon_h1": GgufArch(gguf.MODEL_ARCH.FALCON_H1, h1=True, ops=_MAMBA2_OPS),

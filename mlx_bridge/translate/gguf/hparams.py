@@ -27,7 +27,7 @@ _EXPERT_ALIASES = {"num_experts": ("num_local_experts", "n_routed_experts", "moe
 
 
 _RESOLVED = ("layer_norm_epsilon", "mixer_rms_eps", "conv_kernel", "state_size", "time_step_rank", "use_bias",
-             "num_heads", "n_groups")
+             "num_heads", "n_groups", "num_hidden_layers")  # NemotronH: num_hidden_layers from its layer types
 
 
 def gguf_config(cfg: dict) -> dict:
@@ -73,14 +73,21 @@ def kv_heads(cfg: dict, ga: GgufArch) -> int | list[int]:
     n_head = cfg["num_attention_heads"]
     if ga.mla:  # DeepseekV2Model: MLA runs as MQA over the latent
         return 1
-    if ga.attn_layer_type:  # a hybrid (LFM2Model, GraniteHybridModel): key/value heads per layer, none on the others
+    if ga.layer_kinds:  # a hybrid (LFM2Model, GraniteHybridModel, NemotronHModel): kv heads on attention layers only
         n_kv = cfg.get("num_key_value_heads") or n_head
-        return [n_kv if t == ga.attn_layer_type else 0 for t in cfg["layer_types"]]
+        return [n_kv if k == "attention" else 0 for k in layer_kinds(cfg, ga)]
     if ga.kv_heads == "mha":
         return n_head
     if ga.kv_heads == "multi_query":
         return 1 if cfg.get("multi_query", True) else n_head
     return cfg.get("num_key_value_heads") or n_head
+
+
+def layer_kinds(cfg: dict, ga: GgufArch) -> list[str]:
+    """Each layer's kind ("attention", "ssm", ...) of a hybrid, from hybrid_override_pattern (NemotronH) or the layer
+    types (as mlx-lm reads them)."""
+    types = cfg.get("hybrid_override_pattern") or cfg.get("layers_block_type") or cfg.get("layer_types") or []
+    return [ga.layer_kinds.get(t, t) for t in types]
 
 
 def text_arch(model_type: str, cfg: dict, where: str) -> tuple[str, dict, GgufArch | None]:
@@ -165,6 +172,9 @@ def check_arch(model_type: str, cfg: dict, where: str, ga: GgufArch | None = Non
         problems.append(f"{where}: tied embeddings with lm_head_multiplier={cfg.get('lm_head_multiplier')} != "
                         f"embedding_multiplier={cfg.get('embedding_multiplier')}, but llama.cpp's "
                         f"{ga.arch.name.lower()} reads the output as the (scaled) embedding")
+    if "moe" in layer_kinds(cfg, ga):
+        problems.append(f"{where}: 'moe' layers: llama.cpp converts this config as {ga.arch.name.lower()}_moe, which "
+                        f"mlx-bridge does not write yet")
     n_exp = cfg.get("num_local_experts") or cfg.get("num_experts") or 0
     if ga.kq_norm_unless_experts and bool(cfg.get("use_qk_norm")) != (n_exp != ga.kq_norm_unless_experts):
         problems.append(f"{where}: use_qk_norm={cfg.get('use_qk_norm')} with {n_exp} experts, but llama.cpp's "
@@ -182,12 +192,14 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
     n_head = cfg["num_attention_heads"]
     w.add_block_count(cfg["num_hidden_layers"])
     ctx = cfg.get("max_position_embeddings")
-    if ga.ssm2_hybrid and cfg.get("position_embedding_type") != "rope":  # add_granite_ssm
+    if ga.arch == gguf.MODEL_ARCH.GRANITE_HYBRID and cfg.get("position_embedding_type") != "rope":  # add_ssm2
         ctx = 2**20
     if ctx is not None:
         w.add_context_length(ctx)
     w.add_embedding_length(cfg["hidden_size"])
     ff = lfm2_ff(cfg) if ga.shortconv else cfg.get(ga.ffn_key)
+    if ga.ff_per_layer:  # NemotronHModel: the MLP width on mlp layers, 0 on the others
+        ff = [ff if k == "mlp" else 0 for k in layer_kinds(cfg, ga)]
     if ff is not None:  # TextModel: optional (Qwen3.5-MoE has experts only)
         w.add_feed_forward_length(ff)
     w.add_head_count(n_head)
@@ -213,7 +225,7 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
     if ln_eps is not None:
         w.add_layer_norm_eps(ln_eps)
     n_exp = cfg.get("num_local_experts") or cfg.get("num_experts")
-    if n_exp:
+    if n_exp and not ga.ff_per_layer:  # NemotronH: experts only with "moe" layers (check_arch)
         w.add_expert_count(n_exp)
         w.add_expert_used_count(cfg["num_experts_per_tok"])
     head_dim = cfg.get("head_dim")
@@ -243,8 +255,8 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
             getattr(w, method)(value)
     if ga.gdn:
         add_gdn(w, cfg, ga)
-    if ga.ssm2_hybrid:
-        add_granite_ssm(w, cfg)
+    if ga.ssm2_keys:
+        add_ssm2(w, cfg, ga)
     if ga.shortconv:  # LFM2Model.set_gguf_parameters
         w.add_vocab_size(n_vocab)
         w.add_shortconv_l_cache(cfg["conv_L_cache"])
@@ -257,15 +269,17 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
             w.add_sliding_window_pattern([t == "sliding_attention" for t in types])
 
 
-def add_granite_ssm(w: gguf.GGUFWriter, cfg: dict) -> None:
-    """GraniteHybridModel.set_gguf_parameters' Mamba2 hparams (its mamba_-prefixed config keys), and rope on or off
-    as the (effective) config's position_embedding_type says; without rope, a context as a state space model's."""
-    w.add_ssm_conv_kernel(cfg["mamba_d_conv"])
-    w.add_ssm_state_size(cfg["mamba_d_state"])
-    w.add_ssm_group_count(cfg["mamba_n_groups"])
-    w.add_ssm_inner_size(cfg["mamba_expand"] * cfg["hidden_size"])
-    w.add_ssm_time_step_rank(cfg["mamba_n_heads"])
-    w.add_rope_scaling_finetuned(cfg.get("position_embedding_type") == "rope")
+def add_ssm2(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch) -> None:
+    """GraniteHybridModel.set_gguf_parameters' Mamba2 hparams (from the arch's config keys); Granite: rope on or off
+    as the (effective) config's position_embedding_type says (without rope, a context as a state space model's)."""
+    k = ga.ssm2_keys
+    w.add_ssm_conv_kernel(cfg[k["conv"]])
+    w.add_ssm_state_size(cfg[k["state"]])
+    w.add_ssm_group_count(cfg[k["groups"]])
+    w.add_ssm_inner_size(cfg[k["inner"][0]] * cfg[k["inner"][1]])
+    w.add_ssm_time_step_rank(cfg[k["heads"]])
+    if ga.arch == gguf.MODEL_ARCH.GRANITE_HYBRID:
+        w.add_rope_scaling_finetuned(cfg.get("position_embedding_type") == "rope")
 
 
 def add_falcon_h1_hparams(w: gguf.GGUFWriter, cfg: dict, n_vocab: int) -> None:
