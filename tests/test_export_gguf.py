@@ -102,7 +102,8 @@ CASES.update({t: (t, "llama-spm") for t in ("olmo2", "olmo3", "granite", "cohere
                                             "glm4_moe", "dots1", "exaone4", "granitemoe", "ministral3", "mamba", "falcon_mamba", "mamba2",
                                             "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "gemma3", "mistral3", "qwen3_5", "qwen3_5_moe", "qwen3_next")})
 # issue 15, second round (s3-15a)
-CASES.update({t: (t, "llama-spm") for t in ("gpt_oss", "llama4", "lfm2", "granitemoehybrid", "falcon_h1", "nemotron_h")})
+CASES.update({t: (t, "llama-spm") for t in ("gpt_oss", "llama4", "lfm2", "granitemoehybrid", "falcon_h1", "nemotron_h",
+                                                   "minimax_m2")})
 CASES["granitemoehybrid+nope"] = ("granitemoehybrid", "llama-spm")  # attention without rope (the tiny's null is rope in mlx-lm)
 # multimodal wrappers: the GGUF holds the language model; transformers runs the whole model (vision tower from the
 # HF checkpoint, as mlx-lm drops it) on text only
@@ -115,7 +116,8 @@ OVERRIDES = {"granite": _SCALES, "granitemoe": _SCALES,
              "exaone4": dict(num_hidden_layers=64),  # llama.cpp windows exaone4 only in its 64-layer shape
              "qwen3_next": dict(rms_norm_eps=1e-6),  # llama.cpp's qwen3next: the gated delta net's l2 norm eps is the norms'
              "falcon_mamba": dict(mixer_rms_eps=1e-5),  # llama.cpp's mamba: one epsilon for the norms and B/C/dt
-             "granitemoehybrid+nope": dict(position_embedding_type="nope")}
+             "granitemoehybrid+nope": dict(position_embedding_type="nope"),
+             "minimax_m2": dict(rotary_dim=8)}  # rope over half of each head
 PARAMS = [(c, t) for c in CASES for t in (("f32", "f16", "q8_0") if c in ("llama", "llama+lora", "qwen2") else
                                           ("f32", "f16") if c in ("gemma+lora", "qwen2_moe+lora") else ("f32",))]
 # llama.cpp's CPU GELU reads an f16 lookup table (ggml-cpu/vec.h GGML_GELU_FP16): f32 logits move by 1e-3 (measured
@@ -429,6 +431,10 @@ def test_arch_table_is_llama_cpps():
 
     with pytest.raises(BridgeError, match="model_type 'phimoe' has no GGUF export: llama.cpp's phimoe routes experts"):
         check_arch("phimoe", {}, "config.json")  # llama.cpp computes it otherwise
+    with pytest.raises(BridgeError, match="model_type 'llama4_text' has no GGUF export: mlx-lm's llama4_text"):
+        check_arch("llama4_text", {}, "config.json")
+    with pytest.raises(BridgeError, match="'moe' layers: llama.cpp converts this config as nemotron_h_moe"):
+        check_arch("nemotron_h", {"layers_block_type": ["mamba", "moe", "attention"], "mlp_hidden_act": "relu2"}, "c")
     untested = set(GGUF_ARCHS) - {arch for arch, _ in CASES.values()}
     assert not untested, f"GGUF-exported without a llama.cpp-vs-transformers case: {sorted(untested)}"
     for t in set(supported()) - set(GGUF_ARCHS):

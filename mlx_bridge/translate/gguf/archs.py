@@ -221,6 +221,10 @@ GGUF_ARCHS: dict[str, GgufArch] = {
                            layer_kinds=_NEMOTRON_H_KINDS, requires={"mlp_hidden_act": "relu2"}, ssm2_keys={
                                "conv": "conv_kernel", "state": "ssm_state_size", "groups": "n_groups",
                                "heads": "mamba_num_heads", "inner": ("mamba_num_heads", "mamba_head_dim")}),
+    # MiniMaxM2Model: whole-projection q/k norms, partial rope over rotary_dim, experts routed by sigmoid with a
+    # correction bias and renormalised top-k weights (llama.cpp fixes the norms and the renormalisation)
+    "minimax_m2": GgufArch(gguf.MODEL_ARCH.MINIMAXM2, consts=_SIGMOID, requires={"use_qk_norm": True, "scoring_func": "sigmoid"},
+                           extra={"add_expert_feed_forward_length": "intermediate_size", "add_rope_dimension_count": "rotary_dim"}),
     # FalconH1Model: mlx-lm folds the muP multipliers into the weights as llama.cpp's converter does, so they are
     # written as MLX holds them; llama.cpp gates the Mamba2 output before its grouped norm
     "falcon_h1": GgufArch(gguf.MODEL_ARCH.FALCON_H1, h1=True, ops=_MAMBA2_OPS),
