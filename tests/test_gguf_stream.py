@@ -1,7 +1,7 @@
 """Issue 15, speed and memory of `export --format gguf`: the numpy quantizers against llama.cpp's own C
 reference functions, and the row-block streaming against the whole-tensor export.
 
-- The quantizers (Q4_K, Q5_K, Q6_K in translate/gguf/kquants.py; Q8_0 in types.py) give the bytes of
+- The quantizers (Q4_K, Q5_K, Q6_K in translate/gguf/kquants.py; Q8_0 in types.py; gguf-py's MXFP4) give the bytes of
   ggml's `quantize_row_*_ref` (called through ctypes in the libggml-base that llama-cpp-python ships)
   on random rows and on the edge cases of the C code (flat and all-zero sub-blocks, ties of nearest_int
   and roundf, tiny and huge values, min > 0).
@@ -27,7 +27,9 @@ from mlx_bridge.testing.gguf import GgufZoo  # noqa: E402
 from mlx_bridge.translate.gguf import kquants, types, write  # noqa: E402
 
 REF = {"Q4_K": ("q4_K", 256, 144, kquants.quantize_q4_k), "Q5_K": ("q5_K", 256, 176, kquants.quantize_q5_k),
-       "Q6_K": ("q6_K", 256, 210, kquants.quantize_q6_k), "Q8_0": ("q8_0", 32, 34, types.quantize_q8_0)}
+       "Q6_K": ("q6_K", 256, 210, kquants.quantize_q6_k), "Q8_0": ("q8_0", 32, 34, types.quantize_q8_0),
+       # gpt_oss's experts (gguf-py's MXFP4, through types.quantize)
+       "MXFP4": ("mxfp4", 32, 17, lambda x: types.quantize(x, types.T.MXFP4))}
 
 
 def ggml_ref(x: np.ndarray, name: str) -> np.ndarray:
