@@ -195,7 +195,8 @@ def _quantize_with_llama_cpp(src: Path, dst: Path, ftype: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,gguf_type", [("llama", t) for t in ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_0")]
-                         + [("mixtral", "q4_k_m"), ("mamba", "q4_k_m"), ("deepseek_v3", "q4_k_m"), ("qwen2_moe", "q4_k_m")])
+                         + [("mixtral", "q4_k_m"), ("mamba", "q4_k_m"), ("deepseek_v3", "q4_k_m"), ("qwen2_moe", "q4_k_m")]
+                         + [("lfm2", "q4_k_m"), ("minimax_m2", "q4_k_m"), ("falcon_h1", "q4_k_m")])
 def test_quantized_bytes_equal_llama_cpp(gz, tmp_path, arch, gguf_type):
     """Every tensor's type and bytes equal `llama_model_quantize` run on our f32 GGUF (hidden 256: K-quant rows;
     8 layers for the `_m` mixes' layer pattern; mixtral with 8 experts for llama.cpp's 8-expert rules; deepseek_v3
@@ -206,6 +207,8 @@ def test_quantized_bytes_equal_llama_cpp(gz, tmp_path, arch, gguf_type):
     if arch == "mixtral":
         shape.update(num_hidden_layers=2, num_local_experts=8)
     if arch == "mamba":  # d_inner = 2 x hidden; the conv kernel stays float32 as llama.cpp keeps it
+        shape.update(num_hidden_layers=2)
+    if arch in ("lfm2", "falcon_h1"):  # their layer types / Mamba2 shapes as the tiny configs have them
         shape.update(num_hidden_layers=2)
     src = gz.adapter(gz.mlx(arch, "llama-spm", **shape))
     f32 = gguf_path(gz.export(src, "gguf", "f32"))

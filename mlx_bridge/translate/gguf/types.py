@@ -31,7 +31,8 @@ FLOAT = (T.F32, T.F16, T.BF16)
 # tensor_type_fallback: a row that doesn't fill a 256-block
 FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
 # substrings of tensor names llama.cpp never quantizes (of those our archs have)
-KEEP = ("_norm.weight", "ffn_gate_inp.weight", "ssm_conv1d")  # llama-quant.cpp; ssm_conv1d: Mamba
+KEEP = ("_norm.weight", "ffn_gate_inp.weight", "ssm_conv1d", "shortconv.conv.weight")  # llama-quant.cpp; ssm_conv1d: Mamba,
+# shortconv.conv: LFM2
 
 
 def use_more_bits(i: int, n: int) -> bool:
