@@ -436,6 +436,9 @@ def test_arch_table_is_llama_cpps():
         check_arch("phimoe", {}, "config.json")  # llama.cpp computes it otherwise
     with pytest.raises(BridgeError, match="model_type 'llama4_text' has no GGUF export: mlx-lm's llama4_text"):
         check_arch("llama4_text", {}, "config.json")
+    llama4 = GGUF_ARCHS["llama4"].text["llama4_text"]
+    with pytest.raises(BridgeError, match="2 layers, none without rope, but llama.cpp's llama4 aborts"):
+        check_arch("llama4_text", {"num_hidden_layers": 2, "use_qk_norm": True, "num_local_experts": 16}, "c", llama4)
     with pytest.raises(BridgeError, match="'moe' layers: llama.cpp converts this config as nemotron_h_moe"):
         check_arch("nemotron_h", {"layers_block_type": ["mamba", "moe", "attention"], "mlp_hidden_act": "relu2"}, "c")
     untested = set(GGUF_ARCHS) - {arch for arch, _ in CASES.values()}

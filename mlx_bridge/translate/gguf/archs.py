@@ -63,6 +63,7 @@ class GgufArch:
     gate_up_layout: str = "interleaved"
     ffn_key: str = "intermediate_size"  # the config key of the dense feed-forward length (Llama4: intermediate_size_mlp)
     kq_norm_unless_experts: int = 0  # llama.cpp q/k-normalises unless the model has this many experts (Llama4's 128E)
+    needs_no_rope_layer: bool = False  # llama.cpp aborts (an unused attention-temperature input) without a no-rope layer
     shortconv: bool = False  # LFM2's short-convolution layers: LFM2Model's hparams
     # a hybrid's layer types (config layer_types / layers_block_type values, or hybrid_override_pattern characters) ->
     # "attention", "ssm", "conv", "mlp" or "moe": kv heads per layer (0 but on attention layers), and with
@@ -111,8 +112,8 @@ _MINISTRAL3 = GgufArch(gguf.MODEL_ARCH.MISTRAL3, permute_qk=True, llama_extras=T
 # 4th and scales its queries by the attention temperature (floor 8192, scale 0.1), as mlx-lm does (which also skips
 # rope on every 4th layer, whatever the config says); MoE every interleave_moe_layer_step-th layer. mlx-lm normalises
 # q/k with eps 1e-6, transformers and llama.cpp with rms_norm_eps.
-_LLAMA4 = GgufArch(gguf.MODEL_ARCH.LLAMA4, llama_extras=True, no_rope_step=4, ffn_key="intermediate_size_mlp",
-                   kq_norm_unless_experts=128, gate_up={"experts.gate_up_proj": (gguf.MODEL_TENSOR.FFN_GATE_EXP,
+_LLAMA4 = GgufArch(gguf.MODEL_ARCH.LLAMA4, llama_extras=True, no_rope_step=4, needs_no_rope_layer=True,
+                   ffn_key="intermediate_size_mlp", kq_norm_unless_experts=128, gate_up={"experts.gate_up_proj": (gguf.MODEL_TENSOR.FFN_GATE_EXP,
                                                                                  gguf.MODEL_TENSOR.FFN_UP_EXP)},
                    gate_up_layout="halves", ops={"experts.down_proj": "swap_last"},
                    extra={"add_expert_feed_forward_length": "intermediate_size",

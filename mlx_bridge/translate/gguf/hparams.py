@@ -161,6 +161,9 @@ def check_arch(model_type: str, cfg: dict, where: str, ga: GgufArch | None = Non
         if list(got) != want:
             problems.append(f"{where}: no_rope_layers={got}, but llama.cpp's {ga.arch.name.lower()} skips rope on "
                             f"every {ga.no_rope_step}th layer ({want})")
+        elif ga.needs_no_rope_layer and all(want):
+            problems.append(f"{where}: {n_layer} layers, none without rope, but llama.cpp's {ga.arch.name.lower()} "
+                            f"aborts on a model without a no-rope layer (fewer than {ga.no_rope_step} layers)")
     n_kv = cfg.get("num_key_value_heads") or cfg.get("num_attention_heads")
     if ga.no_gqa and n_kv != cfg.get("num_attention_heads"):
         problems.append(f"{where}: num_key_value_heads={n_kv} but llama.cpp's {ga.arch.name.lower()} needs as many "
