@@ -104,6 +104,7 @@ CASES.update({t: (t, "llama-spm") for t in ("olmo2", "olmo3", "granite", "cohere
 # issue 15, second round (s3-15a)
 CASES.update({t: (t, "llama-spm") for t in ("gpt_oss", "llama4", "lfm2", "granitemoehybrid", "falcon_h1", "nemotron_h",
                                                    "minimax_m2")})
+CASES["gpt_oss+lora"] = ("gpt_oss", "llama-spm")  # an adapter on the experts: no longer MXFP4 values, written as f32
 CASES["granitemoehybrid+nope"] = ("granitemoehybrid", "llama-spm")  # attention without rope (the tiny's null is rope in mlx-lm)
 # multimodal wrappers: the GGUF holds the language model; transformers runs the whole model (vision tower from the
 # HF checkpoint, as mlx-lm drops it) on text only

@@ -91,6 +91,8 @@ def _sources(gz: GgufZoo, case: str) -> Path:
         return gz.adapter(gz.mlx("llama", "llama-spm", **shape))
     if case == "mixtral+lora":
         return gz.adapter(gz.mlx("mixtral", "llama-spm", num_local_experts=4, **shape))
+    if case == "gpt_oss":  # MXFP4 experts, stacked in MLX: written from them expert by expert (tensors.expert_items)
+        return gz.mlx("gpt_oss", "llama-spm", **shape)
     base = gz.mlx("llama", "llama-spm", **shape)  # its HF model, converted again to 4-bit, with a DoRA adapter
     q4 = gz.root / "mlx-llama-q4"
     if not (q4 / "config.json").exists():
@@ -102,7 +104,7 @@ def _sources(gz: GgufZoo, case: str) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case,gguf_type", [("llama+lora", "q4_k_m"), ("llama-q4+dora", "q8_0"),
-                                            ("mixtral+lora", "q4_k_m")])
+                                            ("mixtral+lora", "q4_k_m"), ("gpt_oss", "q8_0")])
 def test_row_blocks_give_the_whole_tensor_bytes(gz, tmp_path, monkeypatch, case, gguf_type):
     """Exported in 128-row blocks (the embedding in 250), the file equals the export of whole tensors."""
     src = _sources(gz, case)
@@ -114,7 +116,7 @@ def test_row_blocks_give_the_whole_tensor_bytes(gz, tmp_path, monkeypatch, case,
     monkeypatch.setattr(write, "BLOCK_BYTES", 1 << 16)
     blocked = _export(src, tmp_path / "blocked", gguf_type)
     assert max(len(bs) for bs in seen) >= 250, "the embedding was not split into row blocks"
-    if case.startswith("mixtral"):
+    if case.startswith(("mixtral", "gpt_oss")):
         assert any(len({b.item for b in bs}) > 1 for bs in seen), "no expert stack was split"
     assert len(blocked) == len(whole) and blocked == whole, f"{case} {gguf_type}: blocked export differs"
 

@@ -12,7 +12,7 @@ Example:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import gguf
 import numpy as np
@@ -67,6 +67,25 @@ def gate_up(w: np.ndarray, k: int, interleaved: bool) -> np.ndarray:
     n = w.shape[-1] // 2
     w = w[..., k::2] if interleaved else w[..., k * n:(k + 1) * n]
     return np.ascontiguousarray(w.swapaxes(-1, -2) if w.ndim == 3 else w)
+
+
+def expert_items(item: Item, k: int) -> list[Item] | None:
+    """Part `k` of a stacked HF expert weight (E, in, out), joined along its last axis, as E items (out, in): the MLX
+    tensor it was transposed from (the layout llama.cpp reads), read one expert at a time, so it streams in row blocks
+    like per-expert weights do. None where the part is more than a transpose of one stacked MLX tensor (an adapter).
+
+    Example:
+        >>> [i.shape for i in expert_items(plan_item("experts.down_proj"), 0)][:1]  # doctest: +SKIP
+        [(2880, 2880)]
+    """
+    p = item.parts[k]
+    if len(item.shape) != 3 or (len(item.parts) > 1 and item.axis != 2) or item.merge is not None or p.perm != (0, 2, 1) \
+            or p.src.index is not None or p.lora or p.chunk or p.shift or p.zero or p.reshape is not None:
+        return None
+    q = p.quant
+    shape = (item.shape[2] // len(item.parts), item.shape[1])
+    return [Item(f"{item.name}[{e}]", item.dtype, shape, [replace(p, src=replace(p.src, index=e), perm=None, quant=q and replace(
+        q, scales=replace(q.scales, index=e), biases=q.biases and replace(q.biases, index=e)))]) for e in range(item.shape[0])]
 
 
 def mxfp4_source(t: GTensor) -> bool:
@@ -181,8 +200,12 @@ def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
         if pair is not None:  # gate/up along the last axis -> two llama.cpp tensors
             bid, shape, kind = int(re.search(r"\.(\d+)\.", hf).group(1)), items[0].shape, "bias" if hf.endswith("bias") else "weight"
             shape = (shape[0], shape[2] // 2, shape[1]) if len(shape) == 3 else (shape[0], shape[1] // 2)
-            out += [GTensor(gguf.TENSOR_NAMES[t].format(bid=bid) + "." + kind, shape, items, op=f"gate_up_{ga.gate_up_layout}{k}")
-                    for k, t in enumerate(pair)]
+            gnames = [gguf.TENSOR_NAMES[t].format(bid=bid) + "." + kind for t in pair]
+            per = [expert_items(items[0], k) if len(items) == 1 and len(items[0].parts) == 2 else None for k in (0, 1)]
+            if all(per):  # gate and up are the two MLX tensors mlx-lm joined: written from them, expert by expert
+                out += [GTensor(n, shape, p) for n, p in zip(gnames, per)]
+            else:
+                out += [GTensor(n, shape, items, op=f"gate_up_{ga.gate_up_layout}{k}") for k, n in enumerate(gnames)]
             continue
         if ga.mla and hf.endswith("kv_b_proj.weight"):  # -> attn_k_b, attn_v_b per head
             bid, (_, rank) = int(re.search(r"\.(\d+)\.", hf).group(1)), items[0].shape
@@ -216,6 +239,10 @@ def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
             heads = n_kv
         shift = ga.norm_shift if hf.endswith("norm.weight") and not hf.endswith(ga.no_shift or ("\0",)) else 0.0
         op = next((o for k, o in ga.ops.items() if hf.endswith(k)), None)
+        per = expert_items(items[0], 0) if op == "swap_last" and len(items) == 1 else None
+        if per:  # the stacked MLX tensor the HF one was transposed from, expert by expert
+            out.append(GTensor(name, (shape[0], shape[2], shape[1]), per))
+            continue
         arg = ()
         if op and op.startswith("gdn_"):
             n_k, n_v = cfg["linear_num_key_heads"], cfg["linear_num_value_heads"]
