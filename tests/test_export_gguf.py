@@ -290,6 +290,20 @@ def test_gpt_oss_mxfp4_experts_exact(gz):
 
 
 @pytest.mark.slow
+def test_llama4_language_model_only_one_warning(gz):
+    """Llama 4: the language model is written and one warning says the vision tower's mmproj file is not."""
+    from mlx_bridge.translate.gguf import prepare_gguf
+    from mlx_bridge.translate.source import open_source
+
+    job = prepare_gguf(open_source(str(gz.mlx("llama4", "llama-spm"))), "f32", "x")
+    try:
+        assert len(job.warnings) == 1 and "mmproj" in job.warnings[0], job.warnings
+        assert job.plan.items and all("vision" not in i.name and "projector" not in i.name for i in job.plan.items)
+    finally:
+        job.close()
+
+
+@pytest.mark.slow
 def test_falcon_h1_multipliers_as_mlx(gz):
     """Falcon-H1's muP multipliers: mlx-lm folds them into the weights when it converts, as llama.cpp's converter does, so
     the GGUF holds MLX's weights and llama.cpp computes MLX's logits (measured 7e-7; this tiny's multipliers are not 1)."""
