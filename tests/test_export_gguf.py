@@ -71,7 +71,8 @@ def load_hf_any(d: Path):
 
     model, info = AutoModelForImageTextToText.from_pretrained(str(d), dtype=torch.float32, output_loading_info=True)
     assert not any(info.values()), f"{d}: loading info not clean: {info}"
-    return model.eval()
+    lm = getattr(model, "language_model", None)  # llama4: text goes to its own causal LM (as deploy's HFRunner does)
+    return (lm if lm is not None and lm.get_output_embeddings() is not None else model).eval()
 
 
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
@@ -100,17 +101,24 @@ CASES.update({t: (t, "llama-spm") for t in ("olmo2", "olmo3", "granite", "cohere
                                             "nemotron", "glm4", "phi", "stablelm", "gpt2", "gpt_bigcode", "gpt_neox",
                                             "glm4_moe", "dots1", "exaone4", "granitemoe", "ministral3", "mamba", "falcon_mamba", "mamba2",
                                             "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "gemma3", "mistral3", "qwen3_5", "qwen3_5_moe", "qwen3_next")})
+# issue 15, second round (s3-15a)
+CASES.update({t: (t, "llama-spm") for t in ("gpt_oss", "llama4", "lfm2", "granitemoehybrid", "falcon_h1", "nemotron_h",
+                                                   "minimax_m2")})
+CASES["gpt_oss+lora"] = ("gpt_oss", "llama-spm")  # an adapter on the experts: no longer MXFP4 values, written as f32
+CASES["granitemoehybrid+nope"] = ("granitemoehybrid", "llama-spm")  # attention without rope (the tiny's null is rope in mlx-lm)
 # multimodal wrappers: the GGUF holds the language model; transformers runs the whole model (vision tower from the
 # HF checkpoint, as mlx-lm drops it) on text only
-WRAPPERS = ("gemma3", "mistral3", "qwen3_5", "qwen3_5_moe")
+WRAPPERS = ("gemma3", "mistral3", "qwen3_5", "qwen3_5_moe", "llama4")
 _SCALES = dict(attention_multiplier=0.1, embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=4.0)
 OVERRIDES = {"granite": _SCALES, "granitemoe": _SCALES,
              "olmoe": dict(num_key_value_heads=4),  # llama.cpp's olmoe: k_norm over n_embd (no GQA)
              "dots1": dict(num_key_value_heads=4),  # llama.cpp's dots1: k/v as wide as q (no GQA)
              "smollm3": dict(num_hidden_layers=4),  # layer 3 is smollm3's first without rope
-             "exaone4": dict(num_hidden_layers=64),
+             "exaone4": dict(num_hidden_layers=64),  # llama.cpp windows exaone4 only in its 64-layer shape
              "qwen3_next": dict(rms_norm_eps=1e-6),  # llama.cpp's qwen3next: the gated delta net's l2 norm eps is the norms'
-             "falcon_mamba": dict(mixer_rms_eps=1e-5)}  # llama.cpp's mamba: one epsilon for the norms and B/C/dt  # llama.cpp windows exaone4 only in its 64-layer shape
+             "falcon_mamba": dict(mixer_rms_eps=1e-5),  # llama.cpp's mamba: one epsilon for the norms and B/C/dt
+             "granitemoehybrid+nope": dict(position_embedding_type="nope"),
+             "minimax_m2": dict(rotary_dim=8)}  # rope over half of each head
 # third session (#15b): a block of its own
 CASES.update({t: (t, "llama-spm") for t in ("apertus", "minicpm3", "ernie4_5_moe", "exaone_moe", "glm", "afmoe", "glm_moe_dsa", "llava", "qwen3_vl",
                                             "qwen3_vl_moe")})
@@ -127,6 +135,9 @@ PARAMS = [(c, t) for c in CASES for t in (("f32", "f16", "q8_0") if c in ("llama
 # llama.cpp's CPU GELU reads an f16 lookup table (ggml-cpu/vec.h GGML_GELU_FP16): f32 logits move by 1e-3 (measured
 # 0.9-1.4e-3: gemma, starcoder2, phi, gpt2, gpt_bigcode, gpt_neox)
 ARCH_TOL = {a: 5e-3 for a in ("gemma", "gemma2", "gemma3_text", "gemma3", "starcoder2", "phi", "gpt2", "gpt_bigcode", "gpt_neox")}
+# gpt_oss: its MXFP4 experts stay MXFP4 (exact: test_gpt_oss_mxfp4_experts_exact), and ggml's CPU MXFP4 matmul rounds
+# the activations to Q8_0 (vec_dot_type): f32 logits move by 2.8e-2 (1.5e-6 with the experts written as f32)
+ARCH_TOL["gpt_oss"] = 0.05
 
 
 @pytest.mark.slow
@@ -136,7 +147,7 @@ def test_llama_cpp_matches_transformers(gz, case, gguf_type):
     logits on 48 random tokens within TOL; f32/f16: the same 12 greedy tokens; q8_0: the same top-1
     next token at >= 85% of the 48 positions (measured 0.90-0.98)."""
     arch, vocab = CASES[case]
-    src = gz.mlx(arch, vocab, **OVERRIDES.get(arch, {}))
+    src = gz.mlx(arch, vocab, **OVERRIDES.get(case, OVERRIDES.get(arch, {})))
     if "+lora" in case:
         src = gz.adapter(src)
     model = load_hf_any(gz.export(src, "hf", hf_base=True)) if arch in WRAPPERS else load_hf(gz.export(src, "hf", hf_base=arch in HF_BASE))
@@ -197,7 +208,8 @@ def _quantize_with_llama_cpp(src: Path, dst: Path, ftype: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,gguf_type", [("llama", t) for t in ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_0")]
-                         + [("mixtral", "q4_k_m"), ("mamba", "q4_k_m"), ("deepseek_v3", "q4_k_m"), ("qwen2_moe", "q4_k_m")])
+                         + [("mixtral", "q4_k_m"), ("mamba", "q4_k_m"), ("deepseek_v3", "q4_k_m"), ("qwen2_moe", "q4_k_m")]
+                         + [("lfm2", "q4_k_m"), ("minimax_m2", "q4_k_m"), ("falcon_h1", "q4_k_m")])
 def test_quantized_bytes_equal_llama_cpp(gz, tmp_path, arch, gguf_type):
     """Every tensor's type and bytes equal `llama_model_quantize` run on our f32 GGUF (hidden 256: K-quant rows;
     8 layers for the `_m` mixes' layer pattern; mixtral with 8 experts for llama.cpp's 8-expert rules; deepseek_v3
@@ -206,6 +218,8 @@ def test_quantized_bytes_equal_llama_cpp(gz, tmp_path, arch, gguf_type):
     if arch == "mixtral":
         shape.update(num_hidden_layers=2, num_local_experts=8)
     if arch == "mamba":  # d_inner = 2 x hidden; the conv kernel stays float32 as llama.cpp keeps it
+        shape.update(num_hidden_layers=2)
+    if arch in ("lfm2", "falcon_h1"):  # their layer types / Mamba2 shapes as the tiny configs have them
         shape.update(num_hidden_layers=2)
     assert_bytes_equal(gz, gz.adapter(gz.mlx(arch, "llama-spm", **shape)), tmp_path, gguf_type)
 
@@ -268,6 +282,88 @@ def test_unknown_pre_tokenizer_warns_once(gz, tmp_path):
 
     v = read_vocab(tok, 128256, "llama")
     assert PRE["regex"][v.pre] == PRE["regex"]["llama-bpe"] and len(v.warnings) == 1 and "closest" in v.warnings[0]
+
+
+@pytest.mark.slow
+def test_gpt_oss_mxfp4_experts_exact(gz):
+    """gpt_oss's MXFP4 experts are written as MXFP4 (as llama.cpp's converter keeps them) holding exactly the values
+    transformers computes with: gate/up de-interleaved, each (E, out, in), whatever the --gguf-type."""
+    from safetensors.numpy import load_file
+
+    src = gz.mlx("gpt_oss", "llama-spm")
+    hf = {}
+    for f in gz.export(src, "hf").glob("*.safetensors"):
+        hf.update(load_file(str(f)))
+    ts = {t.name: t for t in gguf.GGUFReader(gguf_path(gz.export(src, "gguf", "f32"))).tensors}
+    for i in range(2):
+        gate_up, down = hf[f"model.layers.{i}.mlp.experts.gate_up_proj"], hf[f"model.layers.{i}.mlp.experts.down_proj"]
+        want = {"ffn_gate_exps": gate_up[..., ::2], "ffn_up_exps": gate_up[..., 1::2], "ffn_down_exps": down}
+        for name, w in want.items():
+            t = ts[f"blk.{i}.{name}.weight"]
+            assert t.tensor_type == gguf.GGMLQuantizationType.MXFP4, (name, t.tensor_type.name)
+            got = gguf.dequantize(t.data, t.tensor_type).reshape(w.shape[0], w.shape[2], w.shape[1])
+            np.testing.assert_array_equal(got, w.swapaxes(1, 2))
+
+
+@pytest.mark.slow
+def test_llama4_language_model_only_one_warning(gz):
+    """Llama 4: the language model is written and one warning says the vision tower's mmproj file is not."""
+    from mlx_bridge.translate.gguf import prepare_gguf
+    from mlx_bridge.translate.source import open_source
+
+    job = prepare_gguf(open_source(str(gz.mlx("llama4", "llama-spm"))), "f32", "x")
+    try:
+        assert len(job.warnings) == 1 and "mmproj" in job.warnings[0], job.warnings
+        assert job.plan.items and all("vision" not in i.name and "projector" not in i.name for i in job.plan.items)
+    finally:
+        job.close()
+
+
+@pytest.mark.slow
+def test_falcon_h1_multipliers_as_mlx(gz):
+    """Falcon-H1's muP multipliers: mlx-lm folds them into the weights when it converts, as llama.cpp's converter does, so
+    the GGUF holds MLX's weights and llama.cpp computes MLX's logits (measured 7e-7; this tiny's multipliers are not 1)."""
+    import mlx.core as mx
+    from mlx_lm import load
+
+    src = gz.mlx("falcon_h1", "llama-spm", attention_in_multiplier=0.9, attention_out_multiplier=0.5, key_multiplier=0.4,
+                 embedding_multiplier=2.0, lm_head_multiplier=0.25, ssm_in_multiplier=1.25, ssm_out_multiplier=0.8)
+    ids = np.random.default_rng(0).integers(3, 32000, 48).tolist()
+    model, _ = load(str(src))
+    want = np.array(model(mx.array([ids]))[0].astype(mx.float32))
+    got = llama_logits(gguf_path(gz.export(src, "gguf", "f32")), ids)
+    assert np.abs(got - want).max() <= TOL["f32"], np.abs(got - want).max()
+
+
+def test_o200k_pre_tokenizer(gz, tmp_path):
+    """gpt_oss's o200k split regex is llama.cpp's gpt-4o pre-tokenizer, and llama.cpp splits as the tokenizer.json
+    does (qwen2's BPE vocabulary and merges under the o200k regex, on qwen2's test strings). The real o200k vocabulary
+    is known by its chkhsh; this one tokenizes chktxt as qwen2 does (so its hash says qwen2): gpt-4o is set here."""
+    from dataclasses import replace
+
+    from tokenizers import Tokenizer
+
+    from mlx_bridge.translate.gguf.vocab import PRE, _pre_regexes, closest_pre, read_vocab
+
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    for f in gz.tok("qwen2").iterdir():
+        (tok / f.name).write_bytes(f.read_bytes())
+    tj = json.loads((tok / "tokenizer.json").read_text())
+    tj["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = PRE["regex"]["gpt-4o"][-1]
+    (tok / "tokenizer.json").write_text(json.dumps(tj))
+    assert closest_pre(_pre_regexes(tj["pre_tokenizer"])) == ("gpt-4o", 1.0)
+    assert "gpt-4o" in PRE["chkhsh"].values()
+    v = replace(read_vocab(tok, 151936, "gpt_oss"), pre="gpt-4o")
+    path = tmp_path / "vocab.gguf"
+    w = gguf.GGUFWriter(path, "gpt-oss")
+    v.add_to(w, tok)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    llm, hf = llama_cpp.Llama(str(path), vocab_only=True, verbose=False), Tokenizer.from_file(str(tok / "tokenizer.json"))
+    for text, _ in vocab_tests(vocab_file("qwen2")):
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == hf.encode(text, add_special_tokens=False).ids, text
 
 
 @pytest.mark.slow
@@ -369,6 +465,13 @@ def test_arch_table_is_llama_cpps():
 
     with pytest.raises(BridgeError, match="model_type 'phimoe' has no GGUF export: llama.cpp's phimoe routes experts"):
         check_arch("phimoe", {}, "config.json")  # llama.cpp computes it otherwise
+    with pytest.raises(BridgeError, match="model_type 'llama4_text' has no GGUF export: mlx-lm's llama4_text"):
+        check_arch("llama4_text", {}, "config.json")
+    llama4 = GGUF_ARCHS["llama4"].text["llama4_text"]
+    with pytest.raises(BridgeError, match="2 layers, none without rope, but llama.cpp's llama4 aborts"):
+        check_arch("llama4_text", {"num_hidden_layers": 2, "use_qk_norm": True, "num_local_experts": 16}, "c", llama4)
+    with pytest.raises(BridgeError, match="'moe' layers: llama.cpp converts this config as nemotron_h_moe"):
+        check_arch("nemotron_h", {"layers_block_type": ["mamba", "moe", "attention"], "mlp_hidden_act": "relu2"}, "c")
     untested = set(GGUF_ARCHS) - {arch for arch, _ in CASES.values()}
     assert not untested, f"GGUF-exported without a llama.cpp-vs-transformers case: {sorted(untested)}"
     for t in set(supported()) - set(GGUF_ARCHS):

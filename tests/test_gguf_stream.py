@@ -1,7 +1,7 @@
 """Issue 15, speed and memory of `export --format gguf`: the numpy quantizers against llama.cpp's own C
 reference functions, and the row-block streaming against the whole-tensor export.
 
-- The quantizers (Q4_K, Q5_K, Q6_K in translate/gguf/kquants.py; Q8_0 in types.py) give the bytes of
+- The quantizers (Q4_K, Q5_K, Q6_K in translate/gguf/kquants.py; Q8_0 in types.py; gguf-py's MXFP4) give the bytes of
   ggml's `quantize_row_*_ref` (called through ctypes in the libggml-base that llama-cpp-python ships)
   on random rows and on the edge cases of the C code (flat and all-zero sub-blocks, ties of nearest_int
   and roundf, tiny and huge values, min > 0).
@@ -27,7 +27,9 @@ from mlx_bridge.testing.gguf import GgufZoo  # noqa: E402
 from mlx_bridge.translate.gguf import kquants, types, write  # noqa: E402
 
 REF = {"Q4_K": ("q4_K", 256, 144, kquants.quantize_q4_k), "Q5_K": ("q5_K", 256, 176, kquants.quantize_q5_k),
-       "Q6_K": ("q6_K", 256, 210, kquants.quantize_q6_k), "Q8_0": ("q8_0", 32, 34, types.quantize_q8_0)}
+       "Q6_K": ("q6_K", 256, 210, kquants.quantize_q6_k), "Q8_0": ("q8_0", 32, 34, types.quantize_q8_0),
+       # gpt_oss's experts (gguf-py's MXFP4, through types.quantize)
+       "MXFP4": ("mxfp4", 32, 17, lambda x: types.quantize(x, types.T.MXFP4))}
 
 
 def ggml_ref(x: np.ndarray, name: str) -> np.ndarray:
@@ -89,6 +91,8 @@ def _sources(gz: GgufZoo, case: str) -> Path:
         return gz.adapter(gz.mlx("llama", "llama-spm", **shape))
     if case == "mixtral+lora":
         return gz.adapter(gz.mlx("mixtral", "llama-spm", num_local_experts=4, **shape))
+    if case == "gpt_oss":  # MXFP4 experts, stacked in MLX: written from them expert by expert (tensors.expert_items)
+        return gz.mlx("gpt_oss", "llama-spm", **shape)
     base = gz.mlx("llama", "llama-spm", **shape)  # its HF model, converted again to 4-bit, with a DoRA adapter
     q4 = gz.root / "mlx-llama-q4"
     if not (q4 / "config.json").exists():
@@ -100,7 +104,7 @@ def _sources(gz: GgufZoo, case: str) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case,gguf_type", [("llama+lora", "q4_k_m"), ("llama-q4+dora", "q8_0"),
-                                            ("mixtral+lora", "q4_k_m")])
+                                            ("mixtral+lora", "q4_k_m"), ("gpt_oss", "q8_0")])
 def test_row_blocks_give_the_whole_tensor_bytes(gz, tmp_path, monkeypatch, case, gguf_type):
     """Exported in 128-row blocks (the embedding in 250), the file equals the export of whole tensors."""
     src = _sources(gz, case)
@@ -112,7 +116,7 @@ def test_row_blocks_give_the_whole_tensor_bytes(gz, tmp_path, monkeypatch, case,
     monkeypatch.setattr(write, "BLOCK_BYTES", 1 << 16)
     blocked = _export(src, tmp_path / "blocked", gguf_type)
     assert max(len(bs) for bs in seen) >= 250, "the embedding was not split into row blocks"
-    if case.startswith("mixtral"):
+    if case.startswith(("mixtral", "gpt_oss")):
         assert any(len({b.item for b in bs}) > 1 for bs in seen), "no expert stack was split"
     assert len(blocked) == len(whole) and blocked == whole, f"{case} {gguf_type}: blocked export differs"
 

@@ -84,11 +84,13 @@ class GgufZoo:
         return d
 
     def mlx(self, arch: str, vocab: str = "llama-bpe", **overrides) -> Path:
-        tag = re.sub(r"[^\w.=-]", "", "-".join([arch, vocab] + [f"{k}{v}" for k, v in sorted(overrides.items())]))
+        tag = re.sub(r"[^\w.=+-]", "", "-".join([arch, vocab] + [f"{k}{v}" for k, v in sorted(overrides.items())]))
         d = self.root / f"mlx-{tag}"
         if not (d / "config.json").exists():
             hf = self.root / f"hf-{tag}"
-            tiny_hf_model(hf, arch, tokenizer_dir=self.tok(vocab), **overrides)
+            from ..archs.registry import describe
+
+            tiny_hf_model(hf, arch, tokenizer_dir=self.tok(vocab), mxfp4=describe(arch).quirks.hub_mxfp4, **overrides)
             mlx_convert(hf, d, dtype="float32")
             if (self.tok(vocab) / "tokenizer.model").is_file():  # as hub MLX models of SentencePiece families ship it
                 (d / "tokenizer.model").write_bytes((self.tok(vocab) / "tokenizer.model").read_bytes())

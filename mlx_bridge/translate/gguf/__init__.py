@@ -53,12 +53,11 @@ class GgufJob:
 
     def table(self) -> str:
         from .tensors import gguf_tensors
-        from .types import TypePicker
+        from .write import tensor_types
 
         ts = gguf_tensors(self.plan, self._ga, self.cfg)
-        names = {t.name for t in ts}
-        p = TypePicker.for_file(self.gguf_type, self.cfg, names)
-        rows = [f"{t.name}  {list(t.shape)}  {p.pick(t.name, t.shape).name}  <- {t.describe()}" for t in ts]
+        types = tensor_types(ts, self._ga, self.cfg, self.gguf_type)
+        rows = [f"{t.name}  {list(t.shape)}  {ty.name}  <- {t.describe()}" for t, ty in zip(ts, types)]
         rows.append(f"# {len(ts)} GGUF tensors, {self._ga.arch.name.lower()}, tokenizer {self._vocab.model}"
                     f" (pre {self._vocab.pre}), --gguf-type {self.gguf_type}")
         return "\n".join(rows)

@@ -68,6 +68,26 @@ class GgufArch:
     swa_step: int = 0  # llama.cpp ropes (and windows) every layer but each n-th (a fixed step): layer_types must agree
     rope_on_swa: bool = False  # llama.cpp ropes only the windowed layers (mlx-lm every layer when none is windowed)
     last_moe: str = ""  # config key of the last MoE layer, which llama.cpp has not (MoE to the end): the last layer
+    # HF tensor name suffix -> the two llama.cpp tensors a stacked (E, in, 2 out) gate_up weight (or its (E, 2 out) bias)
+    # becomes, each weight laid out (E, out, in): its output columns "interleaved" (GptOssModel.modify_tensors:
+    # [..., ::2] -> gate, [..., 1::2] -> up) or in "halves" (Llama4Model.modify_tensors: first half gate, then up)
+    gate_up: dict[str, tuple[gguf.MODEL_TENSOR, gguf.MODEL_TENSOR]] = field(default_factory=dict)
+    gate_up_layout: str = "interleaved"
+    ffn_key: str = "intermediate_size"  # the config key of the dense feed-forward length (Llama4: intermediate_size_mlp)
+    kq_norm_unless_experts: int = 0  # llama.cpp q/k-normalises unless the model has this many experts (Llama4's 128E)
+    needs_no_rope_layer: bool = False  # llama.cpp aborts (an unused attention-temperature input) without a no-rope layer
+    shortconv: bool = False  # LFM2's short-convolution layers: LFM2Model's hparams
+    # a hybrid's layer types (config layer_types / layers_block_type values, or hybrid_override_pattern characters) ->
+    # "attention", "ssm", "conv", "mlp" or "moe": kv heads per layer (0 but on attention layers), and with
+    # `ff_per_layer` the MLP width per layer (0 but on mlp layers: NemotronH)
+    layer_kinds: dict[str, str] = field(default_factory=dict)
+    ff_per_layer: bool = False
+    # Mamba2 layers among the attention layers (GraniteHybridModel's ssm hparams): "conv", "state", "groups", "heads"
+    # -> config key, "inner" -> the two config keys whose product is the inner size
+    ssm2_keys: dict[str, object] = field(default_factory=dict)
+    h1: bool = False  # Falcon-H1: attention and Mamba2 side by side in every layer (FalconH1Model's hparams)
+    eps_key: str = "rms_norm_eps"  # the config key of the RMS norms' epsilon
+    mxfp4_experts: bool = False  # expert weights MXFP4 in MLX stay MXFP4 (GptOssModel.repack_mxfp4), whatever the type
 
 
 _CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # GPT-2's Conv1D stores (in, out)
@@ -83,6 +103,12 @@ _MAMBA = {"A_log": "neg_exp", "conv1d.weight": "squeeze"}  # MambaModel.modify_t
 # DeepseekV2Model.set_gguf_parameters (+ TextModel's expert groups); the MLA lengths are written by hparams.add_mla
 _MLA = {**_ROUTED, "add_q_lora_rank": "q_lora_rank", "add_kv_lora_rank": "kv_lora_rank",
         "add_expert_group_count": "n_group", "add_expert_group_used_count": "topk_group"}
+# Mamba2Model.modify_tensors: A = -exp(A_log) and D as (n_head, 1), the conv kernel squeezed, the gated norm per group
+_MAMBA2_OPS = {"A_log": "neg_exp_col", "D": "col", "conv1d.weight": "squeeze", "mixer.norm.weight": "groups",
+               "mamba.norm.weight": "groups"}
+# NemotronH's layer types, old and new spellings, and its hybrid_override_pattern characters (as mlx-lm reads them)
+_NEMOTRON_H_KINDS = {"full_attention": "attention", "attention": "attention", "*": "attention", "linear_attention": "ssm",
+                     "mamba": "ssm", "M": "ssm", "mlp": "mlp", "-": "mlp", "moe": "moe", "E": "moe"}
 _MLA_NO_GROUPS = {k: v for k, v in _MLA.items() if "group" not in k}
 _GEMMA2 = {"add_attn_logit_softcapping": "attn_logit_softcapping",
            "add_final_logit_softcapping": "final_logit_softcapping"}
@@ -93,6 +119,19 @@ _GEMMA3 = GgufArch(gguf.MODEL_ARCH.GEMMA3, norm_shift=1.0, sliding_layers=True, 
 _MINISTRAL3 = GgufArch(gguf.MODEL_ARCH.MISTRAL3, permute_qk=True, llama_extras=True, rope_types=("yarn",), extra={
     "add_rope_scaling_yarn_log_mul": "rope_parameters.mscale_all_dim",
     "add_attn_temperature_scale": "rope_parameters.llama_4_scaling_beta"})
+
+# Llama4Model (mlx-lm's llama4): llama.cpp chunks attention every 8192 tokens on 3 of 4 layers, skips rope on every
+# 4th and scales its queries by the attention temperature (floor 8192, scale 0.1), as mlx-lm does (which also skips
+# rope on every 4th layer, whatever the config says); MoE every interleave_moe_layer_step-th layer. mlx-lm normalises
+# q/k with eps 1e-6, transformers and llama.cpp with rms_norm_eps.
+_LLAMA4 = GgufArch(gguf.MODEL_ARCH.LLAMA4, llama_extras=True, no_rope_step=4, needs_no_rope_layer=True,
+                   ffn_key="intermediate_size_mlp", kq_norm_unless_experts=128, gate_up={"experts.gate_up_proj": (gguf.MODEL_TENSOR.FFN_GATE_EXP,
+                                                                                 gguf.MODEL_TENSOR.FFN_UP_EXP)},
+                   gate_up_layout="halves", ops={"experts.down_proj": "swap_last"},
+                   extra={"add_expert_feed_forward_length": "intermediate_size",
+                          "add_interleave_moe_layer_step": "interleave_moe_layer_step"},
+                   requires={"attention_chunk_size": 8192, "floor_scale": 8192, "attn_scale": 0.1,
+                             "attn_temperature_tuning": True})
 
 # _LinearAttentionVReorderBase / Qwen3NextModel.modify_tensors: HF suffix -> tensors.GDN op
 _GDN_OPS = {"in_proj_qkv.weight": "gdn_qkv", "in_proj_z.weight": "gdn_z", "in_proj_a.weight": "gdn_ab",
@@ -139,8 +178,7 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     "mamba": GgufArch(gguf.MODEL_ARCH.MAMBA, ssm=True, ops=_MAMBA, requires={"use_bias": False}),
     "falcon_mamba": GgufArch(gguf.MODEL_ARCH.MAMBA, ssm=True, ops=_MAMBA, requires={"use_bias": False},
                              eps_also="mixer_rms_eps"),
-    "mamba2": GgufArch(gguf.MODEL_ARCH.MAMBA2, ssm=True, requires={"use_bias": False}, ops={
-        "A_log": "neg_exp_col", "D": "col", "conv1d.weight": "squeeze", "mixer.norm.weight": "groups"}),
+    "mamba2": GgufArch(gguf.MODEL_ARCH.MAMBA2, ssm=True, requires={"use_bias": False}, ops=_MAMBA2_OPS),
     "smollm3": GgufArch(gguf.MODEL_ARCH.SMOLLM3, permute_qk=True, llama_extras=True, no_rope_step=4),
     "exaone": GgufArch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, llama_extras=True),
     "internlm3": GgufArch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, llama_extras=True),
@@ -169,6 +207,42 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     "deepseek_v3": GgufArch(gguf.MODEL_ARCH.DEEPSEEK2, mla=True, extra=_MLA, rope_types=("yarn",), consts=_SIGMOID),
     "glm4_moe_lite": GgufArch(gguf.MODEL_ARCH.DEEPSEEK2, mla=True, extra=_MLA, rope_types=("yarn",), consts=_SIGMOID),
     "stablelm": GgufArch(gguf.MODEL_ARCH.STABLELM, partial_rope=True, extra=_PARALLEL, requires={"qk_layernorm": False}),
+    # --- issue 15, second round (s3-15a): gpt_oss, llama4, lfm2, granitemoehybrid, falcon_h1, nemotron_h, minimax_m2
+    # GptOssModel: attention sinks, biased experts with gate/up interleaved, windowed attention on the layer_types
+    # "sliding_attention" layers, llama.cpp's swiglu_oai with its limit fixed at 7
+    "gpt_oss": GgufArch(gguf.MODEL_ARCH.GPT_OSS, sliding_layers=True, rope_types=("yarn",), mxfp4_experts=True,
+                        extra={"add_expert_feed_forward_length": "intermediate_size"}, requires={"swiglu_limit": 7.0},
+                        ops={"experts.down_proj": "swap_last"}, gate_up={
+                            "experts.gate_up_proj": (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP),
+                            "experts.gate_up_proj_bias": (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP)}),
+    "lfm2": GgufArch(gguf.MODEL_ARCH.LFM2, shortconv=True, layer_kinds={"full_attention": "attention", "conv": "conv"},
+                     eps_key="norm_eps",
+                     ops={"conv.conv.weight": "squeeze"}),
+    # GraniteHybridModel: Mamba2 layers (Mamba2Model's layout) and GraniteMoe attention layers; rope on them as the
+    # config says (llama.cpp reads rope_scaling.finetuned as the switch; the converter writes it off for hybrids)
+    "granitemoehybrid": GgufArch(gguf.MODEL_ARCH.GRANITE_HYBRID, permute_qk=True, llama_extras=True, ops=_MAMBA2_OPS,
+                                 layer_kinds={"attention": "attention", "mamba": "ssm"}, ssm2_keys={
+                                     "conv": "mamba_d_conv", "state": "mamba_d_state", "groups": "mamba_n_groups",
+                                     "heads": "mamba_n_heads", "inner": ("mamba_expand", "hidden_size")},
+                                 extra={**_GRANITE, "add_expert_shared_feed_forward_length": "shared_intermediate_size"},
+                                 halves={"shared_mlp.input_linear.weight": (gguf.MODEL_TENSOR.FFN_GATE_SHEXP,
+                                                                            gguf.MODEL_TENSOR.FFN_UP_SHEXP),
+                                         "input_linear.weight": (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP)}),
+    # NemotronHModel (dense: no "moe" layers, which llama.cpp's converter writes as nemotron_h_moe): Mamba2, attention
+    # without rope, and squared-ReLU MLP layers, one kind a layer
+    "nemotron_h": GgufArch(gguf.MODEL_ARCH.NEMOTRON_H, ops=_MAMBA2_OPS, eps_key="layer_norm_epsilon", ff_per_layer=True,
+                           layer_kinds=_NEMOTRON_H_KINDS, requires={"mlp_hidden_act": "relu2"}, ssm2_keys={
+                               "conv": "conv_kernel", "state": "ssm_state_size", "groups": "n_groups",
+                               "heads": "mamba_num_heads", "inner": ("mamba_num_heads", "mamba_head_dim")}),
+    # MiniMaxM2Model: whole-projection q/k norms, partial rope over rotary_dim, experts routed by sigmoid with a
+    # correction bias and renormalised top-k weights (llama.cpp fixes the norms and the renormalisation)
+    "minimax_m2": GgufArch(gguf.MODEL_ARCH.MINIMAXM2, consts=_SIGMOID, requires={"use_qk_norm": True, "scoring_func": "sigmoid"},
+                           extra={"add_expert_feed_forward_length": "intermediate_size", "add_rope_dimension_count": "rotary_dim"}),
+    # FalconH1Model: mlx-lm folds the muP multipliers into the weights as llama.cpp's converter does, so they are
+    # written as MLX holds them; llama.cpp gates the Mamba2 output before its grouped norm
+    "falcon_h1": GgufArch(gguf.MODEL_ARCH.FALCON_H1, h1=True, ops=_MAMBA2_OPS),
+    # Llama4Model: the language model of Llama 4 (mlx-lm's llama4); the mmproj file is not written
+    "llama4": GgufArch(gguf.MODEL_ARCH.LLAMA4, text={"llama4_text": _LLAMA4}),
 }
 
 # written since the third session (a block of its own)
@@ -206,7 +280,7 @@ GGUF_ARCHS.update({
     # Qwen3VLMoeTextModel: the stacked experts (E, hidden, 2 x ff) / (E, ff, hidden) transposed to llama.cpp's rows
     "qwen3_vl_moe": GgufArch(gguf.MODEL_ARCH.QWEN3VLMOE, text={"qwen3_vl_moe_text": GgufArch(
         gguf.MODEL_ARCH.QWEN3VLMOE, mrope=True, imrope=True, extra=_MOE, requires={"norm_topk_prob": True},
-        ops={"experts.down_proj": "transpose_last"},
+        ops={"experts.down_proj": "swap_last"},
         halves={"experts.gate_up_proj": (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP)}, halves_cols=True)}),
     # ChatGLMModel (GLM-4-9B-chat-hf): interleaved rope over half of each head, gate_up_proj as one ffn_up
     "glm": GgufArch(gguf.MODEL_ARCH.CHATGLM, partial_rope=True),
@@ -220,6 +294,10 @@ GGUF_ARCHS.update({
 # llama.cpp converts these, but its graph computes something else than MLX (and transformers) do
 GGUF_REFUSED: dict[str, str] = {
     "phimoe": "llama.cpp's phimoe routes experts by softmax top-k; PhiMoE routes by sparsemixer (logits differ)",
+    # issue 15, second round (s3-15a)
+    "llama4_text": "mlx-lm's llama4_text (MobileLLM) attends to the whole context; llama.cpp's llama4 chunks attention "
+                   "every 8192 tokens and scales the queries of every 4th layer from position 8191 on (and aborts on a "
+                   "model without such a layer, as the 2-layer test model)",
 }
 
 LLAMA_CPP = json.loads(Path(__file__).with_name("llama_cpp_archs.json").read_text())

@@ -18,6 +18,7 @@ import numpy as np
 
 from ...errors import BridgeError, raise_all
 from .archs import GGUF_ARCHS, GgufArch, refusal
+from .recurrent import add_falcon_h1_hparams, add_gdn, add_mamba_hparams, add_ssm2, lfm2_ff, mamba_eps, mrope_sections
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -27,7 +28,7 @@ _EXPERT_ALIASES = {"num_experts": ("num_local_experts", "n_routed_experts", "moe
 
 
 _RESOLVED = ("layer_norm_epsilon", "mixer_rms_eps", "conv_kernel", "state_size", "time_step_rank", "use_bias",
-             "num_heads", "n_groups")
+             "num_heads", "n_groups", "num_hidden_layers")  # NemotronH: num_hidden_layers from its layer types
 
 
 def gguf_config(cfg: dict) -> dict:
@@ -68,16 +69,26 @@ def gguf_config(cfg: dict) -> dict:
     return out
 
 
-def kv_heads(cfg: dict, ga: GgufArch) -> int:
+def kv_heads(cfg: dict, ga: GgufArch) -> int | list[int]:
     """Key/value heads as llama.cpp must count them for this arch."""
     n_head = cfg["num_attention_heads"]
     if ga.mla:  # DeepseekV2Model: MLA runs as MQA over the latent
         return 1
+    if ga.layer_kinds:  # a hybrid (LFM2Model, GraniteHybridModel, NemotronHModel): kv heads on attention layers only
+        n_kv = cfg.get("num_key_value_heads") or n_head
+        return [n_kv if k == "attention" else 0 for k in layer_kinds(cfg, ga)]
     if ga.kv_heads == "mha":
         return n_head
     if ga.kv_heads == "multi_query":
         return 1 if cfg.get("multi_query", True) else n_head
     return cfg.get("num_key_value_heads") or n_head
+
+
+def layer_kinds(cfg: dict, ga: GgufArch) -> list[str]:
+    """Each layer's kind ("attention", "ssm", ...) of a hybrid, from hybrid_override_pattern (NemotronH) or the layer
+    types (as mlx-lm reads them)."""
+    types = cfg.get("hybrid_override_pattern") or cfg.get("layers_block_type") or cfg.get("layer_types") or []
+    return [ga.layer_kinds.get(t, t) for t in types]
 
 
 def text_arch(model_type: str, cfg: dict, where: str) -> tuple[str, dict, GgufArch | None]:
@@ -155,6 +166,9 @@ def check_arch(model_type: str, cfg: dict, where: str, ga: GgufArch | None = Non
         if list(got) != want:
             problems.append(f"{where}: no_rope_layers={got}, but llama.cpp's {ga.arch.name.lower()} skips rope on "
                             f"every {ga.no_rope_step}th layer ({want})")
+        elif ga.needs_no_rope_layer and all(want):
+            problems.append(f"{where}: {n_layer} layers, none without rope, but llama.cpp's {ga.arch.name.lower()} "
+                            f"aborts on a model without a no-rope layer (fewer than {ga.no_rope_step} layers)")
     if ga.imrope and "mrope_section" not in rp:
         problems.append(f"{where}: rope_parameters has no mrope_section, which llama.cpp's {ga.arch.name.lower()} needs")
     elif ga.imrope and (drift := imrope_drift(cfg)) and drift[1] * IMROPE_CONTEXT > IMROPE_MAX_ANGLE:
@@ -181,6 +195,20 @@ def check_arch(model_type: str, cfg: dict, where: str, ga: GgufArch | None = Non
     if ga.no_gqa and n_kv != cfg.get("num_attention_heads"):
         problems.append(f"{where}: num_key_value_heads={n_kv} but llama.cpp's {ga.arch.name.lower()} needs as many "
                         f"key/value heads as query heads ({cfg.get('num_attention_heads')})")
+    if ga.h1 and cfg.get("mamba_rms_norm") and cfg.get("mamba_norm_before_gate"):
+        problems.append(f"{where}: mamba_norm_before_gate=True, but llama.cpp's {ga.arch.name.lower()} gates the Mamba2 "
+                        f"output before its grouped norm")
+    if ga.h1 and cfg.get("tie_word_embeddings") and cfg.get("lm_head_multiplier") != cfg.get("embedding_multiplier"):
+        problems.append(f"{where}: tied embeddings with lm_head_multiplier={cfg.get('lm_head_multiplier')} != "
+                        f"embedding_multiplier={cfg.get('embedding_multiplier')}, but llama.cpp's "
+                        f"{ga.arch.name.lower()} reads the output as the (scaled) embedding")
+    if "moe" in layer_kinds(cfg, ga):
+        problems.append(f"{where}: 'moe' layers: llama.cpp converts this config as {ga.arch.name.lower()}_moe, which "
+                        f"mlx-bridge does not write yet")
+    n_exp = cfg.get("num_local_experts") or cfg.get("num_experts") or 0
+    if ga.kq_norm_unless_experts and bool(cfg.get("use_qk_norm")) != (n_exp != ga.kq_norm_unless_experts):
+        problems.append(f"{where}: use_qk_norm={cfg.get('use_qk_norm')} with {n_exp} experts, but llama.cpp's "
+                        f"{ga.arch.name.lower()} normalises q/k exactly when there are not {ga.kq_norm_unless_experts}")
     raise_all(problems)
     return ga
 
@@ -198,14 +226,21 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
     """TextModel.set_gguf_parameters (+ LlamaModel's, + the arch's extras) from the effective config."""
     if ga.ssm:
         return add_mamba_hparams(w, cfg, ga)
+    if ga.h1:
+        return add_falcon_h1_hparams(w, cfg, n_vocab)
     n_head = cfg["num_attention_heads"]
     w.add_block_count(cfg["num_hidden_layers"])
     ctx = cfg.get("max_position_embeddings")
+    if ga.arch == gguf.MODEL_ARCH.GRANITE_HYBRID and cfg.get("position_embedding_type") != "rope":  # add_ssm2
+        ctx = 2**20
     if ctx is not None:
         w.add_context_length(ctx)
     w.add_embedding_length(cfg["hidden_size"])
-    if cfg.get("intermediate_size") is not None:  # TextModel: optional (Qwen3.5-MoE has experts only)
-        w.add_feed_forward_length(cfg["intermediate_size"])
+    ff = lfm2_ff(cfg) if ga.shortconv else cfg.get(ga.ffn_key)
+    if ga.ff_per_layer:  # NemotronHModel: the MLP width on mlp layers, 0 on the others
+        ff = [ff if k == "mlp" else 0 for k in layer_kinds(cfg, ga)]
+    if ff is not None:  # TextModel: optional (Qwen3.5-MoE has experts only)
+        w.add_feed_forward_length(ff)
     w.add_head_count(n_head)
     w.add_head_count_kv(kv_heads(cfg, ga))
     rp = cfg.get("rope_parameters") or {}
@@ -224,12 +259,12 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
     if rp.get("rope_type") == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(rp["factor"]))
-    w.add_layer_norm_rms_eps(cfg.get("rms_norm_eps", 1e-6))
+    w.add_layer_norm_rms_eps(cfg.get(ga.eps_key, 1e-6))
     ln_eps = next((cfg[k] for k in ("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon") if cfg.get(k) is not None), None)
     if ln_eps is not None:
         w.add_layer_norm_eps(ln_eps)
     n_exp = cfg.get("num_local_experts") or cfg.get("num_experts")
-    if n_exp:
+    if n_exp and not ga.ff_per_layer:  # NemotronH: experts only with "moe" layers (check_arch)
         w.add_expert_count(n_exp)
         w.add_expert_used_count(cfg["num_experts_per_tok"])
     head_dim = cfg.get("head_dim")
@@ -267,6 +302,11 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
         add_gdn(w, cfg, ga)
     elif ga.mrope and "mrope_section" in rp:  # TextModel: the sections when the config has them
         w.add_rope_dimension_sections(mrope_sections(cfg))
+    if ga.ssm2_keys:
+        add_ssm2(w, cfg, ga)
+    if ga.shortconv:  # LFM2Model.set_gguf_parameters
+        w.add_vocab_size(n_vocab)
+        w.add_shortconv_l_cache(cfg["conv_L_cache"])
     if ga.sliding_window_full:  # mlx-lm attends to the whole context in every layer
         w.add_sliding_window(ctx)
     if ga.sliding_layers:  # the window on exactly the layers mlx-lm windows (effective config's layer_types)
@@ -274,19 +314,6 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
         if any(t == "sliding_attention" for t in types):
             w.add_sliding_window(cfg["sliding_window"])
             w.add_sliding_window_pattern([t == "sliding_attention" for t in types])
-
-
-def add_gdn(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch) -> None:
-    """Qwen3NextModel.set_gguf_parameters (+ _Qwen35MRopeMixin): the gated delta net's sizes, the full-attention
-    interval (check_arch: layer_types follow it), and the M-RoPE sections (text: every section sees one position)."""
-    w.add_ssm_conv_kernel(cfg["linear_conv_kernel_dim"])
-    w.add_ssm_state_size(cfg["linear_key_head_dim"])
-    w.add_ssm_group_count(cfg["linear_num_key_heads"])
-    w.add_ssm_time_step_rank(cfg["linear_num_value_heads"])
-    w.add_ssm_inner_size(cfg["linear_value_head_dim"] * cfg["linear_num_value_heads"])
-    w.add_full_attention_interval(cfg.get("full_attention_interval") or 4)
-    if ga.mrope:
-        w.add_rope_dimension_sections(mrope_sections(cfg))
 
 
 # An interleaved M-RoPE model whose uncovered pairs turn by at most this angle over this many positions is written
@@ -339,12 +366,6 @@ def imrope_uncovered(sections: list[int], half: int) -> list[int]:
     return [s for s in range(half) if s >= 3 * sections[s % 3]]
 
 
-def mrope_sections(cfg: dict) -> list[int]:
-    """The M-RoPE sections as _Qwen35MRopeMixin writes them (its default when the config has none), 4 long."""
-    sections = list((cfg.get("rope_parameters") or {}).get("mrope_section") or [11, 11, 10, 0])
-    return sections + [0] * (4 - len(sections))
-
-
 def add_mla(w: gguf.GGUFWriter, cfg: dict, n_vocab: int) -> None:
     """DeepseekV2Model.set_gguf_parameters' MLA lengths: llama.cpp runs MLA as MQA over the latent (k = latent + rope
     part, v = latent), then decompresses to the heads' own lengths (the *_mla keys)."""
@@ -361,33 +382,6 @@ def add_mla(w: gguf.GGUFWriter, cfg: dict, n_vocab: int) -> None:
     mscale_all = (cfg.get("rope_parameters") or {}).get("mscale_all_dim")
     if mscale_all is not None:  # llama.cpp divides this by 0.1 again ([TAG_DEEPSEEK2_YARN_LOG_MUL_FIX])
         w.add_rope_scaling_yarn_log_mul(0.1 * mscale_all)
-
-
-def mamba_eps(cfg: dict) -> float:
-    return cfg.get("layer_norm_epsilon") or cfg.get("rms_norm_eps") or 1e-5
-
-
-def add_mamba_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch) -> None:
-    """convert_hf_to_gguf's MambaModel.set_gguf_parameters (MambaConfig's names, resolved by gguf_config)."""
-    d_model = cfg["hidden_size"]
-    w.add_context_length(2**20)  # as llama.cpp's converter: a state space model has no trained context
-    w.add_embedding_length(d_model)
-    w.add_feed_forward_length(0)
-    w.add_head_count(0)
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_ssm_conv_kernel(cfg.get("conv_kernel") or 4)
-    if ga.arch == gguf.MODEL_ARCH.MAMBA2:  # Mamba2Model: d_inner = heads x head_dim, one time step per head
-        d_inner = cfg["num_heads"] * cfg["head_dim"]
-        w.add_ssm_inner_size(d_inner)
-        w.add_ssm_state_size(cfg.get("state_size") or 128)
-        w.add_ssm_time_step_rank(cfg["num_heads"])
-        w.add_ssm_group_count(cfg.get("n_groups") or 1)
-    else:
-        w.add_ssm_inner_size(cfg.get("intermediate_size") or 2 * d_model)
-        w.add_ssm_state_size(cfg.get("state_size") or 16)
-        w.add_ssm_time_step_rank(cfg.get("time_step_rank") or -(d_model // -16))
-    w.add_layer_norm_rms_eps(mamba_eps(cfg))
-    w.add_ssm_dt_b_c_rms(ga.arch == gguf.MODEL_ARCH.MAMBA and cfg["model_type"] == "falcon_mamba")
 
 
 def llama3_rope_freqs(cfg: dict) -> np.ndarray:

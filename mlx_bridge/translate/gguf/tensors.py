@@ -12,7 +12,7 @@ Example:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import gguf
 import numpy as np
@@ -61,6 +61,38 @@ def half(w: np.ndarray, k: int) -> np.ndarray:
     return np.ascontiguousarray(w[..., k * n:(k + 1) * n, :])
 
 
+def gate_up(w: np.ndarray, k: int, interleaved: bool) -> np.ndarray:
+    """Gate (k=0) or up (k=1) of a stacked (E, in, 2 out) gate_up weight as (E, out, in), or of its (E, 2 out) bias:
+    the even/odd output columns (GptOss) or the first/second half (Llama4)."""
+    n = w.shape[-1] // 2
+    w = w[..., k::2] if interleaved else w[..., k * n:(k + 1) * n]
+    return np.ascontiguousarray(w.swapaxes(-1, -2) if w.ndim == 3 else w)
+
+
+def expert_items(item: Item, k: int) -> list[Item] | None:
+    """Part `k` of a stacked HF expert weight (E, in, out), joined along its last axis, as E items (out, in): the MLX
+    tensor it was transposed from (the layout llama.cpp reads), read one expert at a time, so it streams in row blocks
+    like per-expert weights do. None where the part is more than a transpose of one stacked MLX tensor (an adapter).
+
+    Example:
+        >>> [i.shape for i in expert_items(plan_item("experts.down_proj"), 0)][:1]  # doctest: +SKIP
+        [(2880, 2880)]
+    """
+    p = item.parts[k]
+    if len(item.shape) != 3 or (len(item.parts) > 1 and item.axis != 2) or item.merge is not None or p.perm != (0, 2, 1) \
+            or p.src.index is not None or p.lora or p.chunk or p.shift or p.zero or p.reshape is not None:
+        return None
+    q = p.quant
+    shape = (item.shape[2] // len(item.parts), item.shape[1])
+    return [Item(f"{item.name}[{e}]", item.dtype, shape, [replace(p, src=replace(p.src, index=e), perm=None, quant=q and replace(
+        q, scales=replace(q.scales, index=e), biases=q.biases and replace(q.biases, index=e)))]) for e in range(item.shape[0])]
+
+
+def mxfp4_source(t: GTensor) -> bool:
+    """Whether every value of `t` is an MXFP4 value of the source, no adapter fused into it (so MXFP4 holds it exactly)."""
+    return all(p.quant is not None and p.quant.mode == "mxfp4" and p.lora is None for i in t.items for p in i.parts)
+
+
 def kv_b(w: np.ndarray, shape: tuple[int, ...], k: int) -> np.ndarray:
     """MLA's kv_b_proj (n_head x (nope + v), rank) -> k_b (n_head, rank, nope) for k=0 or v_b (n_head, v, rank) for
     k=1, the split llama.cpp's deepseek2 reads for absorbed attention (DeepseekV2Model.modify_tensors)."""
@@ -106,11 +138,13 @@ def half_t(w: np.ndarray, k: int) -> np.ndarray:
 
 OPS = {"transpose": lambda w, n_head: np.ascontiguousarray(w.T), "qkv_by_kind": qkv_by_kind,
        "half_t0": lambda w, n_head: half_t(w, 0), "half_t1": lambda w, n_head: half_t(w, 1),
-       "transpose_last": lambda w, n_head: np.ascontiguousarray(w.swapaxes(-1, -2)),
        "half0": lambda w, n_head: half(w, 0), "half1": lambda w, n_head: half(w, 1),
        "neg_exp": lambda w, n_head: -np.exp(w), "neg_exp_col": lambda w, n_head: -np.exp(w)[:, None],
        "col": lambda w, n_head: w[:, None], "groups": lambda w, n_groups: w.reshape(n_groups, -1),
-       "squeeze": lambda w, n_head: np.ascontiguousarray(w.reshape(w.shape[0], -1))}
+       "squeeze": lambda w, n_head: np.ascontiguousarray(w.reshape(w.shape[0], -1)),
+       "swap_last": lambda w, n_head: np.ascontiguousarray(w.swapaxes(-1, -2)),
+       **{f"gate_up_{lay}{k}": (lambda k, i: lambda w, n_head: gate_up(w, k, i))(k, lay == "interleaved")
+          for lay in ("interleaved", "halves") for k in (0, 1)}}
 
 
 def materialize(t: GTensor) -> np.ndarray:
@@ -145,10 +179,11 @@ def scalar_hparams(plan: Plan, ga: GgufArch) -> dict[str, list[float]]:
 
 
 def _rename(hf: str) -> str:
-    """HF names convert_hf_to_gguf renames before mapping (a routing bias, Mamba2's dt_bias)."""
-    return hf.replace("e_score_correction_bias", "e_score_correction.bias").replace("mixer.dt_bias", "mixer.dt_proj.bias") \
-        .replace("linear_attn.dt_bias", "linear_attn.dt_proj.bias").replace("experts.down_proj", "experts.down_proj.weight") \
-        .replace(".weight.weight", ".weight").replace("mlp.expert_bias", "mlp.expert_bias.bias")
+    """HF names convert_hf_to_gguf renames before mapping (a routing bias, Mamba2's dt_bias, GptOss's sinks and
+    expert biases, AfMoE's expert bias)."""
+    hf = re.sub(r"(experts\.\w+_proj)_bias$", r"\1.bias", re.sub(r"(\.sinks|experts\.down_proj)$", r"\1.weight", hf))
+    hf = re.sub(r"\.dt_bias$", ".dt_proj.bias", hf.replace("e_score_correction_bias", "e_score_correction.bias"))
+    return re.sub(r"mlp\.expert_bias$", "mlp.expert_bias.bias", hf)
 
 
 def _sort_key(t: GTensor):
@@ -184,6 +219,17 @@ def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
             out += [GTensor(gguf.TENSOR_NAMES[t].format(bid=bid) + ".weight", shape, items, op=f"{kind}{k}")
                     for k, t in enumerate(pair)]
             continue
+        pair = next((p for k, p in ga.gate_up.items() if hf.endswith(k)), None)
+        if pair is not None:  # gate/up along the last axis -> two llama.cpp tensors
+            bid, shape, kind = int(re.search(r"\.(\d+)\.", hf).group(1)), items[0].shape, "bias" if hf.endswith("bias") else "weight"
+            shape = (shape[0], shape[2] // 2, shape[1]) if len(shape) == 3 else (shape[0], shape[1] // 2)
+            gnames = [gguf.TENSOR_NAMES[t].format(bid=bid) + "." + kind for t in pair]
+            per = [expert_items(items[0], k) if len(items) == 1 and len(items[0].parts) == 2 else None for k in (0, 1)]
+            if all(per):  # gate and up are the two MLX tensors mlx-lm joined: written from them, expert by expert
+                out += [GTensor(n, shape, p) for n, p in zip(gnames, per)]
+            else:
+                out += [GTensor(n, shape, items, op=f"gate_up_{ga.gate_up_layout}{k}") for k, n in enumerate(gnames)]
+            continue
         if ga.mla and hf.endswith("kv_b_proj.weight"):  # -> attn_k_b, attn_v_b per head
             bid, (_, rank) = int(re.search(r"\.(\d+)\.", hf).group(1)), items[0].shape
             nope, v = cfg["qk_nope_head_dim"], cfg["v_head_dim"]
@@ -203,8 +249,8 @@ def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
         name = names.get_name(base)
         if name is not None:
             name = f"{name}.{suffix}"
-        elif suffix not in ("weight", "bias"):  # a parameter mapped whole, no suffix (Mamba's A_log, D)
-            name = names.get_name(hf)
+        else:  # a name mapped whole: a parameter with no suffix (Mamba's A_log, D), Falcon-H1's pre_ff_layernorm.weight
+            name = names.get_name(_rename(hf))
         if name is None:
             problems.append(f"{hf}: llama.cpp ({ga.arch.name.lower()}) has no tensor for it")
             continue
@@ -216,6 +262,10 @@ def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
             heads = n_kv
         shift = ga.norm_shift if hf.endswith("norm.weight") and not hf.endswith(ga.no_shift or ("\0",)) else 0.0
         op = next((o for k, o in ga.ops.items() if hf.endswith(k)), None)
+        per = expert_items(items[0], 0) if op == "swap_last" and len(items) == 1 else None
+        if per:  # the stacked MLX tensor the HF one was transposed from, expert by expert
+            out.append(GTensor(name, (shape[0], shape[2], shape[1]), per))
+            continue
         arg = ()
         if op and op.startswith("gdn_"):
             n_k, n_v = cfg["linear_num_key_heads"], cfg["linear_num_value_heads"]
@@ -224,14 +274,14 @@ def gguf_tensors(plan: Plan, ga: GgufArch, cfg: dict) -> list[GTensor]:
                 shape = (shape[0], int(np.prod(shape[1:])))
         elif op == "transpose":
             shape = shape[::-1]
-        elif op == "transpose_last":
+        elif op == "swap_last":
             shape = (*shape[:-2], shape[-1], shape[-2])
         elif op == "squeeze":
             shape = (shape[0], int(np.prod(shape[1:])))
         elif op in ("neg_exp_col", "col"):  # Mamba2Model: A and D as (n_head, 1)
             shape = (*shape, 1)
         elif op == "groups":  # Mamba2Model: the gated norm per group, (n_groups, d_inner / n_groups)
-            heads = cfg["n_groups"]
+            heads = cfg.get("n_groups") or cfg["mamba_n_groups"]
             shape = (heads, shape[0] // heads)
         elif op:
             heads = n_head

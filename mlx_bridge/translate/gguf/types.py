@@ -32,6 +32,7 @@ FLOAT = (T.F32, T.F16, T.BF16)
 FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
 # substrings of tensor names llama.cpp never quantizes (of those our archs have)
 KEEP = ("_norm.weight", "ffn_gate_inp.weight", "ssm_conv1d",  # llama-quant.cpp; ssm_conv1d: Mamba
+        "shortconv.conv.weight",  # LFM2
         "position_embd.weight")  # GPT-2, StarCoder: llama.cpp keeps learned positions unquantized
 
 

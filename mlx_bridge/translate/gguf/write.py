@@ -24,7 +24,7 @@ from ..plan import Plan
 from .archs import GgufArch
 from .hparams import add_hparams, llama3_rope_freqs
 from .rows import Block, materialize_block, row_blocks
-from .tensors import GTensor, gguf_tensors, scalar_hparams
+from .tensors import GTensor, gguf_tensors, mxfp4_source, scalar_hparams
 from .types import GGUF_TYPES, TypePicker, nbytes, quantize
 from .vocab import Vocab
 
@@ -42,9 +42,7 @@ def write_gguf(plan: Plan, cfg: dict, ga: GgufArch, vocab: Vocab, tok_dir: Path,
     if rp.get("rope_type") == "longrope":  # MiniCPM3Model.generate_extra_tensors
         extra += [(gguf.TENSOR_NAMES[t] + ".weight", np.array(rp[k], dtype=np.float32)) for t, k in
                   ((gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, "long_factor"), (gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT, "short_factor"))]
-    names = {t.name for t in tensors}
-    picker = TypePicker.for_file(gguf_type, cfg, names)
-    types = [picker.pick(t.name, t.shape) for t in tensors]
+    types = tensor_types(tensors, ga, cfg, gguf_type)
     w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[ga.arch], split_max_size=split_bytes)
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name)
@@ -72,6 +70,16 @@ def write_gguf(plan: Plan, cfg: dict, ga: GgufArch, vocab: Vocab, tok_dir: Path,
     finally:
         for h in sha.values():
             h.close()
+
+
+def tensor_types(tensors: list[GTensor], ga: GgufArch, cfg: dict, gguf_type: str) -> list[gguf.GGMLQuantizationType]:
+    """The type of each tensor, in file order: llama.cpp's quantizer's pick, except MXFP4 for the experts of an
+    `mxfp4_experts` arch whose values are all MXFP4 values of the source (exact in MXFP4, as llama.cpp's converter
+    keeps them)."""
+    picker = TypePicker.for_file(gguf_type, cfg, {t.name for t in tensors})
+    types = [picker.pick(t.name, t.shape) for t in tensors]
+    return [gguf.GGMLQuantizationType.MXFP4 if ga.mxfp4_experts and "_exps.weight" in t.name and mxfp4_source(t) else ty
+            for t, ty in zip(tensors, types)]
 
 
 def _compute(b: Block, ty) -> np.ndarray:
