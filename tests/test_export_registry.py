@@ -65,6 +65,27 @@ def test_registry_type_plain_and_lora(zoo, model_type):
     close(torch_logits(load(exported(ad, **kw), arch), ids), zoo.logits(base, ad, ids=ids), f"{model_type} lora")
 
 
+# Gemma 4's tiny config has every feature at once (so the derivation sees every tensor); the released sizes each
+# have a subset: E2B/E4B per-layer inputs + kv-shared layers + double-wide MLP, 31B dense with k = v on global
+# layers, 26B-A4B MoE beside the MLP with k = v
+GEMMA4_SIZES = {
+    "e2b": dict(enable_moe_block=False, attention_k_eq_v=False, num_global_key_value_heads=None),
+    "31b": dict(num_kv_shared_layers=0, use_double_wide_mlp=False, hidden_size_per_layer_input=0,
+                enable_moe_block=False),
+    "26b_a4b": dict(num_kv_shared_layers=0, use_double_wide_mlp=False, hidden_size_per_layer_input=0),
+}
+
+
+@pytest.mark.parametrize("size", [s if s == "e2b" else pytest.param(s, marks=pytest.mark.slow) for s in GEMMA4_SIZES])
+def test_gemma4_released_shapes(zoo, size):
+    arch = get_arch({"model_type": "gemma4_text"})
+    base = zoo.mlx("gemma4_text", **GEMMA4_SIZES[size])
+    ids = probe_ids(hf_config(base)["vocab_size"], n=1, length=24, seed=3)
+    close(torch_logits(load(exported(base), arch), ids), zoo.logits(base, ids=ids), f"gemma4 {size} plain")
+    ad = zoo.adapter(base, "lora", rank=4, num_layers=2)
+    close(torch_logits(load(exported(ad), arch), ids), zoo.logits(base, ad, ids=ids), f"gemma4 {size} lora")
+
+
 @pytest.mark.parametrize("model_type", ["deepseek_v3", "granitemoe", "qwen3_next"])
 def test_4bit_base_lora(zoo, model_type):
     """A 4-bit base (g32) under LoRA, for types whose rules transpose, concatenate or shift: each part is

@@ -343,10 +343,14 @@ def templated(hf: dict, dropped: list[str]) -> dict:
         t, nums = template(hf)
         layers = [n for n, seg in zip(nums, re.findall(r"\{e?\}", t)) if seg == "{}"]
         expert = [n for n, seg in zip(nums, re.findall(r"\{e?\}", t)) if seg == "{e}"]
-        r = json.loads(json.dumps(rule))
+        r = _per_expert(json.loads(json.dumps(rule)))
         for p in r["parts"]:
             mt, mnums = template(p["mlx"])
-            if "{e}" in mt or mnums != layers[: len(mnums)]:
+            if r.get("experts"):  # the expert index is the part's place, not a layer number
+                mnums = [n for n, seg in zip(mnums, re.findall(r"\{e?\}", mt)) if seg == "{}"]
+            elif "{e}" in mt:
+                mnums = None
+            if mnums is None or mnums != layers[: len(mnums)]:
                 raise Refused(f"HF tensor {hf} comes from {p['mlx']}: layer numbers do not correspond")
             p["mlx"] = mt
             if "index" in p and expert and p["index"] == expert[0]:
@@ -355,6 +359,25 @@ def templated(hf: dict, dropped: list[str]) -> dict:
             raise Refused(f"HF tensors {t} follow different rules in different layers/experts")
         out[t] = r
     return {"hf": dict(sorted(out.items())), "dropped": sorted({template(d)[0] for d in dropped})}
+
+
+def _per_expert(rule: dict) -> dict:
+    """Parts that are experts 0, 1, ... of one MLX template (dbrx: mlx-lm splits `experts.mlp.w1`, the experts
+    concatenated on axis 0, into one tensor per expert) -> one part and `"experts": "concat"`: the HF tensor is
+    every expert's tensor, in expert order, joined on `axis`."""
+    parts = rule["parts"]
+    if rule.get("join") != "concat" or len(parts) < 2:
+        return rule
+    temps = [template(p["mlx"]) for p in parts]
+    if len({t for t, _ in temps}) != 1 or "{e}" not in temps[0][0]:
+        return rule
+    at = re.findall(r"\{e?\}", temps[0][0]).index("{e}")
+    if [nums[at] for _, nums in temps] != list(range(len(parts))):
+        return rule
+    if any({k: v for k, v in p.items() if k != "mlx"} != {k: v for k, v in parts[0].items() if k != "mlx"}
+           for p in parts):
+        return rule
+    return {"join": "concat", "axis": rule["axis"], "experts": "concat", "parts": [parts[0]]}
 
 
 def derive(model_type: str) -> dict:
@@ -372,7 +395,7 @@ def derive(model_type: str) -> dict:
 
 
 def _line(e: Exception) -> str:
-    return str(e).splitlines()[0][:160] if str(e) else ""
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), "")[:160]
 
 
 def _derive(model_type: str, version: str) -> dict:

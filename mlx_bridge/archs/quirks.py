@@ -42,6 +42,10 @@ class Quirks:
     # hub checkpoints hold the experts as MXFP4 blocks (gpt_oss, `archs/hub.py`), the only layout mlx-lm's
     # sanitize reads; the export writes transformers' dequantized parameters
     hub_mxfp4: bool = False
+    # (regex, replacement) on saved keys: where hub checkpoints name a tensor otherwise than `save_pretrained`
+    # writes it (kimi_linear: transformers' reverse of its block_sparse_moe -> mlp renaming also renames the dense
+    # layers' MLP, which the hub keeps under mlp and mlx-lm reads only there); transformers loads either
+    hub_renames: tuple[tuple[str, str], ...] = ()
     # q/k/v/o and MLP projections are heads x head_dim and intermediate_size as translate/validate.py
     # checks them; False for multi-head latent attention (o_proj is heads x v_head_dim) and gated queries
     standard_projections: bool = True
@@ -80,10 +84,11 @@ QUIRKS: dict[str, Quirks] = {
     "gpt2": Quirks(hub_saves_base_model=True),
     "qwen3_5_moe": Quirks(hub_saves_fused=True),
     "gpt_oss": Quirks(hub_mxfp4=True),
-    # multi-head latent attention (q/kv low-rank, v_head_dim) and gated queries (q_proj is 2 x heads x head_dim)
+    # multi-head latent attention (q/kv low-rank, v_head_dim), gated queries (q_proj is 2 x heads x head_dim) and
+    # per-layer head sizes (gemma4's global layers: global_head_dim)
     **{t: Quirks(standard_projections=False) for t in (
         "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "qwen3_next", "minicpm3", "deepseek_v32", "mistral4",
-        "glm_moe_dsa")},
+        "glm_moe_dsa", "gemma4_text")},
     # refused: what parity tests found mlx-lm computes has no HF form (or mlx-lm cannot fine-tune the type)
     "jamba": Quirks(refused="mlx-lm's jamba weighs the chosen experts by a softmax over their k router logits; "
                             "transformers' Jamba by their probabilities in the softmax over all experts (not "
@@ -91,6 +96,15 @@ QUIRKS: dict[str, Quirks] = {
     "recurrent_gemma": Quirks(refused="mlx-lm cannot fine-tune recurrent_gemma: its Model skips nn.Module.__init__, "
                                       "so mlx_lm.lora's model.freeze() fails (no '_no_grad'); with no adapter there is "
                                       "nothing to export (a plain base's export of the 3-layer tiny model matches MLX)"),
+    # transformers builds Gemma 3n's vision tower (MobileNetV5) with timm, which imports torchvision at import time;
+    # PyPI's torchvision for torch 2.13 is the CUDA build (its _C.so links libtorch_cuda.so), so with the CPU torch
+    # the tests run no Gemma3nForConditionalGeneration can be built and no export of it checked
+    "gemma3n": Quirks(refused="transformers builds Gemma 3n's vision tower with timm, which needs torchvision; with "
+                              "the CPU torch 2.13 the tests run, PyPI's torchvision 0.28 (a CUDA build: its ops need "
+                              "libtorch_cuda) does not import, so no tiny Gemma3nForConditionalGeneration is built and "
+                              "no export checked"),
+    "kimi_linear": Quirks(hub_renames=((r"\.block_sparse_moe\.((gate|up|down)_proj)\.", r".mlp.\1."),),
+                          standard_projections=False),
     # mlx-lm serves model_type minimax with MiniMax-M2's module (it remaps minimax_m2 to it): sigmoid routing, q/k
     # norms, no lightning attention. transformers' minimax is MiniMax-Text-01, another architecture.
     "minimax": Quirks(refused="mlx-lm's minimax module is MiniMax-M2's architecture (minimax_m2 exports); "

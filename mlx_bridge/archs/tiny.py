@@ -38,6 +38,14 @@ _QWEN3_5_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_
                  "mrope_interleaved": True}
 _MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}  # sums to head_dim / 2
 
+# Gemma 4's features at once, so the derivation sees every tensor: per-layer inputs and kv-shared layers with a
+# double-wide MLP (E2B/E4B), MoE beside the MLP and k = v on global layers (26B-A4B, 31B); hub Gemma 4 ties
+_GEMMA4_TEXT = {"num_hidden_layers": 4, "layer_types": ["sliding_attention", "full_attention"] * 2, "sliding_window": 16,
+                "global_head_dim": 32, "num_kv_shared_layers": 2, "use_double_wide_mlp": True,
+                "vocab_size_per_layer_input": 96, "hidden_size_per_layer_input": 8, "final_logit_softcapping": 30.0,
+                "enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 32,
+                "attention_k_eq_v": True, "num_global_key_value_heads": 1, "tie_word_embeddings": True}
+
 # per-type overrides (after GENERIC); these are the configs the parity tests run. The LEGACY types'
 # entries are complete (GENERIC is not applied to them: their test models stay as they were).
 TINY: dict[str, dict] = {
@@ -85,8 +93,27 @@ TINY: dict[str, dict] = {
     "gpt_bigcode": {"n_inner": 256},
     "lfm2": {"layer_types": ["conv", "full_attention"], "tie_word_embeddings": True},
     "exaone_moe": {"mlp_layer_types": ["dense", "sparse"]},
+    # hub Gemma 4 configs: global layers with their own head_dim (global_head_dim; transformers 5 keeps it in
+    # per_layer_config), per-layer input embeddings, the final softcap
+    "gemma4_text": _GEMMA4_TEXT,
+    # hub Gemma 4 checkpoints carry a vision tower (E2B/E4B an audio tower too), which mlx-lm drops
+    "gemma4": {"text_config": _GEMMA4_TEXT, "tie_word_embeddings": True,
+               "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                 "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16,
+                                 "position_embedding_size": 64, "patch_size": 4},
+               "audio_config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                "subsampling_conv_channels": [8, 4], "output_proj_dims": 32}},
+    # transformers' encoder-free Gemma 4 has neither per-layer inputs nor MoE (mlx-lm's gemma4 reads both from the config)
+    "gemma4_unified": {"text_config": {**_GEMMA4_TEXT, "hidden_size_per_layer_input": 0, "enable_moe_block": False},
+                       "tie_word_embeddings": True},
+    # hub Kimi-Linear: no q low-rank (q_lora_rank null; mlx-lm has only q_proj)
+    "kimi_linear": {"layer_types": ["linear_attention", "full_attention"], "linear_num_heads": 4, "linear_head_dim": 16,
+                    "q_lora_rank": None},
+    # transformers' lfm2_moe has no default layer_types; one dense layer, then MoE (num_dense_layers)
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1, "tie_word_embeddings": True},
     "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"]},
-    "dbrx": {"d_model": 64, "n_heads": 4, "n_layers": 2, "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0},
+    # hub DBRX clips q, k, v at 8 (mlx-lm always clips: a null clip_qkv fails in it)
+    "dbrx": {"d_model": 64, "n_heads": 4, "n_layers": 2, "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
              "ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2}},
     "nemotron_h": {"mamba_num_heads": 4, "mamba_head_dim": 16, "ssm_state_size": 16, "n_groups": 1,
                    "hybrid_override_pattern": "M*"},
@@ -145,7 +172,7 @@ def tiny_config(model_type: str, **overrides) -> dict:
     default = AutoConfig.for_model(model_type)
     cfg = dict(BASE)
     if model_type not in LEGACY:
-        cfg.update({k: v for k, v in GENERIC.items() if hasattr(default, k)})
+        cfg.update({k: v for k, v in GENERIC.items() if _has(default, k)})
     cfg.update(TINY.get(model_type, {}))
     for alias, name in getattr(type(default), "attribute_map", {}).items():  # e.g. gpt_oss num_experts ->
         for given, other in ((alias, name), (name, alias)):  # num_local_experts: an override of either
@@ -156,7 +183,7 @@ def tiny_config(model_type: str, **overrides) -> dict:
         sc = getattr(default, sub, None)
         if sc is not None and not isinstance(sc, dict):
             vals = {**BASE, **GENERIC, "vocab_size": 96} if sub == "text_config" else extra
-            cfg[sub] = {k: v for k, v in vals.items() if hasattr(sc, k)}
+            cfg[sub] = {k: v for k, v in vals.items() if _has(sc, k)}
             cfg[sub].update(TINY.get(model_type, {}).get(sub, {}))
     return cfg
 
@@ -173,8 +200,9 @@ def hub_style(model_type: str, cfg: dict, hf_config=None) -> dict:
     if model_type not in LEGACY:
         for k, v in HUB_FIELDS.get(model_type, {}).items():  # before the fill: it may read them
             target = cfg.setdefault("text_config", {}) if k == "text_config" else None
+            where = target if target is not None else cfg
             for kk, vv in (v.items() if target is not None else [(k, v)]):
-                (target if target is not None else cfg).setdefault(kk, vv(cfg) if callable(vv) else vv)
+                where.setdefault(kk, vv(where) if callable(vv) else vv)
         _v4_fill(model_type, cfg, hf_config)
         for k, m in V4_VALUES.get(model_type, {}).items():
             cfg[k] = [m.get(v, v) for v in cfg[k]] if isinstance(cfg.get(k), list) else cfg.get(k)
@@ -213,6 +241,21 @@ HUB_FIELDS = {
     "minimax_m2": {"shared_intermediate_size": 0,
                    "rotary_dim": lambda c: int(c["head_dim"] * c["rope_parameters"].get("partial_rotary_factor", 1.0))},
 }
+# Kimi-Linear: hub configs state the linear attention as linear_attn_config (1-indexed layer lists; mlx-lm reads only
+# that), the dense layers as first_k_dense_replace, and mla_use_nope (transformers' KimiLinear has no rope)
+HUB_FIELDS["kimi_linear"] = {
+    "linear_attn_config": lambda c: {
+        "kda_layers": [i + 1 for i, t in enumerate(c["layer_types"]) if t == "linear_attention"],
+        "full_attn_layers": [i + 1 for i, t in enumerate(c["layer_types"]) if t == "full_attention"],
+        "num_heads": c["linear_num_heads"], "head_dim": c["linear_head_dim"],
+        "short_conv_kernel_size": c["linear_conv_kernel_dim"]},
+    "first_k_dense_replace": lambda c: (c["mlp_layer_types"] + ["sparse"]).index("sparse"),
+    "mla_use_nope": True}
+# Gemma 4: hub configs state the global layers' head_dim and kv heads as global_head_dim (mlx-lm reads it, default
+# 512) and num_global_key_value_heads; transformers 5 moves both into per_layer_config
+_GEMMA4 = {"global_head_dim": lambda c: next(iter(c["per_layer_config"].values()))["head_dim"],
+           "num_global_key_value_heads": lambda c: next(iter(c["per_layer_config"].values())).get("num_key_value_heads")}
+HUB_FIELDS.update({"gemma4_text": _GEMMA4, "gemma4": {"text_config": _GEMMA4}, "gemma4_unified": {"text_config": _GEMMA4}})
 # v5 values v4 configs spelled differently, per type: field -> {v5 value: v4 value}
 V4_VALUES = {"granitemoehybrid": {"layer_types": {"linear_attention": "mamba", "full_attention": "attention"}}}
 
@@ -287,6 +330,18 @@ def _v4_fill(model_type: str, cfg: dict, hf_config) -> None:
             except TypeError:
                 continue
             target[f.name] = v
+
+
+def _has(obj, name) -> bool:
+    """hasattr that counts a per-layer attribute (gemma4's head_dim, which transformers refuses to read
+    globally) as present."""
+    try:
+        getattr(obj, name)
+        return True
+    except AttributeError:
+        return False
+    except Exception:
+        return True
 
 
 def _attr(obj, name):
