@@ -109,6 +109,25 @@ TINY: dict[str, dict] = {
     # hub Kimi-Linear: no q low-rank (q_lora_rank null; mlx-lm has only q_proj)
     "kimi_linear": {"layer_types": ["linear_attention", "full_attention"], "linear_num_heads": 4, "linear_head_dim": 16,
                     "q_lora_rank": None},
+    # rotary dims even (hub: 0.334 of 192)
+    "mimo_v2_flash": {"layer_types": ["full_attention", "sliding_attention"], "mlp_layer_types": ["dense", "sparse"],
+                      "sliding_window": 9, "rope_theta": 500000.0, "rope_parameters": {
+                          t: {"rope_type": "default", "rope_theta": th, "partial_rotary_factor": 0.5}
+                          for t, th in (("full_attention", 500000.0), ("sliding_attention", 10000.0))}},
+    "longcat_flash": {"num_layers": 2, "ffn_hidden_size": 128, "expert_ffn_hidden_size": 32, "moe_topk": 2,
+                      "zero_expert_num": 2},
+    "muse_spark": {"out_hidden_size": 64, "projector_hidden_size": 64,
+                   "text_config": {"layer_rope_theta": [500000.0, 0], "moe_hidden_size": 32, "sliding_window": 16},
+                   "vision_config": {"pos_emb_height": 4, "pos_emb_width": 4, "patch_size": 4},
+                   "audio_config": {"hidden_sizes": [8, 8, 16, 16], "depths": [1, 1, 1, 1], "out_hidden_size": 64}},
+    "minimax_m3_vl": {"projector_hidden_size": 64, "merged_hidden_size": 128,
+                      "text_config": {"shared_intermediate_size": 32, "dense_intermediate_size": 128,
+                                      "index_head_dim": 16, "index_block_size": 8, "index_topk_blocks": 2,
+                                      "rotary_dim": 16}},
+    "muse_glimmer": {"out_hidden_size": 128, "projector_hidden_size": 64, "text_config": {"sliding_window": 16},
+                     "vision_config": {"pos_emb_height": 4, "pos_emb_width": 4, "patch_size": 4}},
+    # q, k, v convolutions of one size: transformers' save splits its fused conv1d into 3 equal chunks
+    "olmo_hybrid": {"linear_num_value_heads": 2},
     # transformers' lfm2_moe has no default layer_types; one dense layer, then MoE (num_dense_layers)
     "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1, "tie_word_embeddings": True},
     "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"]},
@@ -251,6 +270,27 @@ HUB_FIELDS["kimi_linear"] = {
         "short_conv_kernel_size": c["linear_conv_kernel_dim"]},
     "first_k_dense_replace": lambda c: (c["mlp_layer_types"] + ["sparse"]).index("sparse"),
     "mla_use_nope": True}
+# MiMo-V2-Flash: hub configs state its layer plan and attention in the original code's fields (mlx-lm reads only
+# those); the values are what transformers' MiMoV2Flash computes with: sliding layers have twice the kv heads and
+# sinks, full ones neither; routing is DeepSeek-V3's (sigmoid, correction bias); sliding_window is size + 1
+_ROPE = lambda c, t: c["rope_parameters"][t]  # noqa: E731
+HUB_FIELDS["mimo_v2_flash"] = {
+    "hybrid_layer_pattern": lambda c: [int(t == "sliding_attention") for t in c["layer_types"]],
+    "moe_layer_freq": lambda c: [int(t == "sparse") for t in c["mlp_layer_types"]],
+    "add_swa_attention_sink_bias": True, "add_full_attention_sink_bias": False,
+    "sliding_window_size": lambda c: c["sliding_window"] - 1,
+    "topk_method": "noaux_tc", "scoring_func": "sigmoid", "n_shared_experts": None,
+    "layernorm_epsilon": lambda c: c["rms_norm_eps"],
+    "rope_theta": lambda c: _ROPE(c, "full_attention")["rope_theta"],
+    "swa_rope_theta": lambda c: _ROPE(c, "sliding_attention")["rope_theta"],
+    "partial_rotary_factor": lambda c: _ROPE(c, "full_attention").get("partial_rotary_factor", 1.0),
+    "swa_num_attention_heads": lambda c: c["num_attention_heads"],
+    "swa_num_key_value_heads": lambda c: 2 * c["num_key_value_heads"],
+    "swa_head_dim": lambda c: c["head_dim"], "swa_v_head_dim": lambda c: c["v_head_dim"]}
+# LongCat-Flash: fields of the original code mlx-lm requires, as transformers' LongcatFlash always computes: MLA
+# with both low-rank scales, zero experts that pass the input through
+HUB_FIELDS["longcat_flash"] = {"attention_method": "MLA", "zero_expert_type": "identity", "mla_scale_q_lora": True,
+                               "mla_scale_kv_lora": True}
 # Gemma 4: hub configs state the global layers' head_dim and kv heads as global_head_dim (mlx-lm reads it, default
 # 512) and num_global_key_value_heads; transformers 5 moves both into per_layer_config
 _GEMMA4 = {"global_head_dim": lambda c: next(iter(c["per_layer_config"].values()))["head_dim"],
