@@ -144,6 +144,18 @@ QUIRKS: dict[str, Quirks] = {
                                "mlp.c_fc, wte; no sanitize), transformers' NanoChat saves and loads its own "
                                "(model.layers.{}.self_attn.q_proj, mlp.fc1, embed_tokens) with no conversion mapping "
                                "between them, so no checkpoint loads in both and no rule can be traced"),
+    "bitnet": Quirks(refused="mlx-lm's bitnet runs every projection as BitLinear, a Metal kernel (mx.fast.metal_kernel: "
+                             "'No Metal back-end' on CPU and CUDA), and mlx-lm's LoRA cannot wrap BitLinear (not an "
+                             "nn.Linear, no to_lora), so no adapter on a projection exists to export and no parity can "
+                             "be checked off a Mac"),
+    # transformers' save reverses its vision-tower renaming blocks -> layers on the language model too; hub Kimi-K2.5
+    # keeps language_model.model.layers (what mlx-lm reads), which transformers also loads
+    "kimi_k25": Quirks(hub_renames=((r"^language_model\.model\.blocks\.", "language_model.model.layers."),
+                                    (r"^model\.mm_projector\.pre_norm\.", "mm_projector.pre_norm."))),
+    "olmo": Quirks(refused="mlx-lm's olmo module exits on import without the ai2-olmo package (an availability probe), "
+                           "and reads the original OLMo layout and config (model.transformer.blocks.{}.att_proj, "
+                           "d_model, n_layers); transformers' Olmo is the converted one (model.layers.{}.self_attn."
+                           "q_proj, hidden_size) with no conversion mapping, so no checkpoint loads in both"),
     # mlx-lm serves model_type minimax with MiniMax-M2's module (it remaps minimax_m2 to it): sigmoid routing, q/k
     # norms, no lightning attention. transformers' minimax is MiniMax-Text-01, another architecture.
     "minimax": Quirks(refused="mlx-lm's minimax module is MiniMax-M2's architecture (minimax_m2 exports); "

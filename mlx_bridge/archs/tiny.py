@@ -128,6 +128,7 @@ TINY: dict[str, dict] = {
                      "vision_config": {"pos_emb_height": 4, "pos_emb_width": 4, "patch_size": 4}},
     # q, k, v convolutions of one size: transformers' save splits its fused conv1d into 3 equal chunks
     "olmo_hybrid": {"linear_num_value_heads": 2},
+    "kimi_k25": {"text_config": {"head_dim": 8}},  # DeepSeek-V3 text model: rotates head_dim = qk_rope_head_dim
     # transformers' lfm2_moe has no default layer_types; one dense layer, then MoE (num_dense_layers)
     "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1, "tie_word_embeddings": True},
     "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"]},
