@@ -415,6 +415,9 @@ def _derive(model_type: str, version: str) -> dict:
         except Exception as e:
             raise Refused(f"transformers could not build a tiny {model_type} ({type(e).__name__}: "
                           f"{_line(e)})") from None
+        import shutil
+
+        shutil.copytree(d, d / "orig")  # random weights, for asking PEFT (peft_misloads)
         layout = fill_ramps(d)
         from .derive_more import mlx_loaded_mxfp4
 
@@ -427,11 +430,16 @@ def _derive(model_type: str, version: str) -> dict:
             raise Refused(f"mlx-lm could not load a tiny {model_type} ({type(e).__name__}: "
                           f"{_line(e)})") from None
         data.update(templated(**trace(layout, mlx)))
-    from .derive_more import peft_unwrappable
+        from .derive_more import peft_misloads, peft_unwrappable
 
-    adaptable = set(data["linears"]) | set(data["embeddings"])  # HF modules an mlx-lm adapter can reach
-    data["peft_refuses"] = peft_unwrappable(hf_model, {t.rsplit(".", 1)[0] for t, r in data["hf"].items()
-                                                       if any(p["mlx"].rsplit(".", 1)[0] in adaptable for p in r["parts"])})
+        adaptable = set(data["linears"]) | set(data["embeddings"])  # HF modules an mlx-lm adapter can reach
+        data["peft_refuses"] = peft_unwrappable(hf_model, {t.rsplit(".", 1)[0] for t, r in data["hf"].items()
+                                                           if any(p["mlx"].rsplit(".", 1)[0] in adaptable
+                                                                  for p in r["parts"])})
+        plain = {t.rsplit(".", 1)[0] for t, r in data["hf"].items() if t.endswith(".weight") and len(r["parts"]) == 1
+                 and not set(r["parts"][0]) - {"mlx", "index"} and "merge" not in r
+                 and r["parts"][0]["mlx"].rsplit(".", 1)[0] in data["linears"]} - set(data["peft_refuses"])
+        data["peft_misloads"] = peft_misloads(d / "orig", data["hf_auto"], plain)
     data["mlx_lm"] = version
     return data
 

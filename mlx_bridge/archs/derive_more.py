@@ -110,3 +110,99 @@ def peft_unwrappable(model, templates: set[str]) -> dict[str, str]:
         if not wraps([name]) and not wraps(siblings) and not wraps(same):
             out[t] = cls.__name__
     return dict(sorted(out.items()))
+
+
+def peft_misloads(hf_dir: Path, auto: str, templates: set[str]) -> dict[str, str]:
+    """Those of the HF module `templates` (2-D weights an mlx-lm adapter can change, PEFT wraps their class) whose
+    adapter, written as `--format peft` writes it (`translate.peft.target_spec`, keys per module of the hub layout),
+    PEFT's own loading does not apply as their weights say: transformers' MoE layers fuse experts that PEFT converts
+    by leaf name for some types only (and renames dense `gate_proj`s with them). Asked of PEFT on the tiny checkpoint
+    `hf_dir` (random weights): `PeftModel.from_pretrained`'s logits against the checkpoint with W + B @ A written in.
+    Checked for every template at once, then per group of siblings (one parent module), then alone; a template is
+    recorded when its group fails and it fails alone too, or when it passes only with its siblings (-> "with
+    siblings"). Returns template -> why."""
+    import shutil
+    import warnings
+
+    import torch
+    from safetensors.numpy import load_file, save_file
+
+    from ..translate.peft import target_spec
+
+    files = {f.name: load_file(str(f)) for f in sorted(hf_dir.glob("model*.safetensors"))}
+    where = {k: n for n, ts in files.items() for k, v in ts.items() if v.ndim == 2 and k.endswith(".weight")}
+    concrete = {t: sorted(k[: -len(".weight")] for k in where if template(k)[0] == t + ".weight") for t in templates}
+    concrete = {t: ms for t, ms in concrete.items() if ms}
+    if not concrete:
+        return {}
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    vocab = (cfg.get("text_config") or cfg).get("vocab_size") or cfg.get("vocab_size")
+    ids = torch.tensor(np.random.default_rng(0).integers(0, vocab, (1, 12)))
+
+    def logits(model):
+        with torch.no_grad():
+            try:
+                return model(ids, use_cache=False).logits.float()
+            except AttributeError:  # a wrapper whose forward needs pixels (llama4): its own causal LM
+                return model.language_model(ids, use_cache=False).logits.float()
+
+    def load(d):
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+        cls = AutoModelForCausalLM if auto == "causal_lm" else AutoModelForImageTextToText
+        return cls.from_pretrained(str(d), dtype=torch.float32).eval()
+
+    def applies(ts: list[str]) -> bool:
+        mods = sorted(m for t in ts for m in concrete[t])
+        rng = np.random.default_rng(1)
+        with tempfile.TemporaryDirectory() as tmp:
+            ref, ad = Path(tmp) / "ref", Path(tmp) / "ad"
+            shutil.copytree(hf_dir, ref)
+            ad.mkdir()
+            new = {n: dict(ts_) for n, ts_ in files.items()}
+            lora = {}
+            for m in mods:
+                w = new[where[m + ".weight"]][m + ".weight"]
+                a = rng.normal(0, 0.5, (2, w.shape[1])).astype(np.float32)
+                b = rng.normal(0, 0.5, (w.shape[0], 2)).astype(np.float32)
+                new[where[m + ".weight"]][m + ".weight"] = (w.astype(np.float32) + b @ a).astype(w.dtype)
+                lora[f"base_model.model.{m}.lora_A.weight"], lora[f"base_model.model.{m}.lora_B.weight"] = a, b
+            for n, ts_ in new.items():
+                save_file(ts_, str(ref / n), metadata={"format": "pt"})
+            save_file(lora, str(ad / "adapter_model.safetensors"), metadata={"format": "pt"})
+            spec = target_spec(mods, sorted(k[: -len(".weight")] for k in where))
+            (ad / "adapter_config.json").write_text(json.dumps({
+                "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 2, "lora_dropout": 0.0,
+                "use_rslora": False, "use_dora": False, "bias": "none", "fan_in_fan_out": False,
+                "modules_to_save": None, "init_lora_weights": True, "inference_mode": True, **spec}))
+            try:
+                from peft import PeftModel
+
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    got = logits(PeftModel.from_pretrained(load(hf_dir), str(ad)).eval())
+                if any("missing adapter keys" in str(x.message) for x in caught):
+                    return False
+                want = logits(load(ref))
+            except Exception:
+                return False
+            return bool(torch.allclose(got, want, rtol=0, atol=1e-4 * float(want.abs().max())))
+
+    if applies(sorted(concrete)):
+        return {}
+    out = {}
+    groups: dict[str, list[str]] = {}
+    for t in concrete:
+        groups.setdefault(t.rpartition(".")[0], []).append(t)
+    for ts in groups.values():
+        if applies(ts):
+            if len(ts) > 1:
+                out.update({t: "with siblings " + ", ".join(sorted(set(ts) - {t})) for t in ts if not applies([t])})
+            continue
+        alone = [t for t in ts if not applies([t])] if len(ts) > 1 else ts
+        out.update({t: "PEFT's loading does not apply it" for t in alone})
+        if not alone:  # each applies alone, not together
+            out.update({t: "PEFT's loading does not apply it beside " + ", ".join(sorted(set(ts) - {t})) for t in ts})
+    if not out:  # every group applies alone, the union does not: each group is named
+        out = {t: "PEFT's loading does not apply it beside the other modules' adapters" for t in concrete}
+    return dict(sorted(out.items()))

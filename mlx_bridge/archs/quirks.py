@@ -156,6 +156,9 @@ QUIRKS: dict[str, Quirks] = {
                            "and reads the original OLMo layout and config (model.transformer.blocks.{}.att_proj, "
                            "d_model, n_layers); transformers' Olmo is the converted one (model.layers.{}.self_attn."
                            "q_proj, hidden_size) with no conversion mapping, so no checkpoint loads in both"),
+    # mlx-lm's llama4_text attends to the whole context in every layer (no chunked attention); transformers chunks
+    # the rope layers by attention_chunk_size (8192 on the hub): found by a parity probe longer than a chunk
+    "llama4_text": Quirks(attention="full", mlx_ignores=("attention_chunk_size",)),
     # mlx-lm serves model_type minimax with MiniMax-M2's module (it remaps minimax_m2 to it): sigmoid routing, q/k
     # norms, no lightning attention. transformers' minimax is MiniMax-Text-01, another architecture.
     "minimax": Quirks(refused="mlx-lm's minimax module is MiniMax-M2's architecture (minimax_m2 exports); "

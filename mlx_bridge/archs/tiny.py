@@ -84,8 +84,9 @@ TINY: dict[str, dict] = {
     "gpt2": {"tie_word_embeddings": True},
     "deepseek_v3": {"head_dim": 8},  # transformers rotates head_dim = qk_rope_head_dim
     "glm4_moe_lite": {"head_dim": 8},
-    "deepseek_v32": {"head_dim": 8, "num_key_value_heads": 4},  # transformers' MLA + indexer: kv heads = heads
-    "glm_moe_dsa": {"head_dim": 8, "num_key_value_heads": 4},
+    # transformers' MLA + indexer: kv heads = heads; the indexer keeps 8 keys, so the 24-token parity probes use it
+    "deepseek_v32": {"head_dim": 8, "num_key_value_heads": 4, "index_topk": 8},
+    "glm_moe_dsa": {"head_dim": 8, "num_key_value_heads": 4, "index_topk": 8},
     "falcon_h1": {"head_dim": 64},
     "mistral4": {"head_dim": 16},  # rotates head_dim * partial_rotary_factor (0.5) = qk_rope_head_dim (8)
     "minicpm3": {"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
@@ -122,7 +123,7 @@ TINY: dict[str, dict] = {
                    "audio_config": {"hidden_sizes": [8, 8, 16, 16], "depths": [1, 1, 1, 1], "out_hidden_size": 64}},
     "minimax_m3_vl": {"projector_hidden_size": 64, "merged_hidden_size": 128,
                       "text_config": {"shared_intermediate_size": 32, "dense_intermediate_size": 128,
-                                      "index_head_dim": 16, "index_block_size": 8, "index_topk_blocks": 2,
+                                      "index_head_dim": 16, "index_block_size": 4, "index_topk_blocks": 2,
                                       "rotary_dim": 16}},
     "muse_glimmer": {"out_hidden_size": 128, "projector_hidden_size": 64, "text_config": {"sliding_window": 16},
                      "vision_config": {"pos_emb_height": 4, "pos_emb_width": 4, "patch_size": 4}},
@@ -161,13 +162,15 @@ TINY: dict[str, dict] = {
     # recurrent, recurrent, attention: mlx-lm's recurrent_gemma needs the whole block pattern; one kv head (MQA)
     "recurrent_gemma": {"num_hidden_layers": 3, "num_key_value_heads": 1},
     # mlx-lm's llama4_text is the dense text model (every layer an MLP of intermediate_size_mlp); it names an
-    # untied head `output` (no hub checkpoint does), so only tied ones load
-    "llama4_text": {"moe_layers": [], "intermediate_size_mlp": 128, "tie_word_embeddings": True},
+    # untied head `output` (no hub checkpoint does), so only tied ones load; chunks of 8 (hub: 8192) so the 24-token
+    # parity probes cross them
+    "llama4_text": {"moe_layers": [], "intermediate_size_mlp": 128, "tie_word_embeddings": True,
+                    "attention_chunk_size": 8},
     # hidden != 2 x moe_intermediate_size: transformers tells the hub's transposed experts by their shape
     "qwen3_vl_moe": {"text_config": {"moe_intermediate_size": 16}},
     "qwen2_vl": {"tie_word_embeddings": True, "text_config": {"rope_parameters": _MROPE}},
     # mlx-lm's llama4 routes to one expert and makes every 4th layer global (4 layers at least)
-    "llama4": {"text_config": {"num_experts_per_tok": 1, "num_hidden_layers": 4}},
+    "llama4": {"text_config": {"num_experts_per_tok": 1, "num_hidden_layers": 4, "attention_chunk_size": 8}},
     # hub Phi-3.5-MoE: biased attention and lm_head (mlx-lm's phimoe always has them)
     "phimoe": {"attention_bias": True, "lm_head_bias": True},
 }

@@ -58,6 +58,7 @@ def peft_tensors(plan: Plan, dtype: str = "auto") -> tuple[list[PeftTensor], lis
     if bad:
         raise BridgeError(f"{plan.source.path}: PEFT's LoRA refuses to target the transformers module of an adapted weight "
                           f"({'; '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}); use --format hf")
+    _misloads(plan)
     for it in plan.items:
         lo = it.lora
         if lo is None:
@@ -91,6 +92,33 @@ def peft_tensors(plan: Plan, dtype: str = "auto") -> tuple[list[PeftTensor], lis
         raise BridgeError(f"{plan.source.path}: adapters have different ranks {sorted(ranks)}; PEFT export needs one")
     out.sort(key=lambda t: _natural(t.name))
     return out, modules, ranks.pop()
+
+
+def _misloads(plan: Plan) -> None:
+    """Refuse adapters PEFT's own loading would not apply as written (`Arch.peft_misloads`: e.g. transformers' fused
+    MoE experts PEFT converts for some types only, dense gate_proj renamed with them), or only beside their siblings."""
+    mis = plan.arch.peft_misloads
+    adapted = {it.name[: -len(".weight")] for it in plan.items if it.lora is not None}
+    bad = []
+    for m in sorted(adapted, key=_natural):
+        t, nums = plan.arch.template(m)
+        why = mis.get(t)
+        if why is None:
+            continue
+        if why.startswith("with siblings "):
+            need = [_fill_module(s, nums) for s in why.removeprefix("with siblings ").split(", ")]
+            if all(n in adapted for n in need):
+                continue
+        bad.append(f"{m} ({why})")
+    if bad:
+        raise BridgeError(f"{plan.source.path}: PEFT's loading does not apply these adapters as written "
+                          f"({'; '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}); use --format hf")
+
+
+def _fill_module(template: str, nums: list[int]) -> str:
+    for n in nums:
+        template = template.replace("{e}" if "{}" not in template else "{}", str(n), 1)
+    return template
 
 
 def target_spec(adapted: list[str], all_modules: list[str]) -> dict:
