@@ -337,13 +337,15 @@ def _piece(hf, ids, ps, sh, names, mlx) -> dict:
 
 def templated(hf: dict, dropped: list[str]) -> dict:
     """Concrete rules -> templates; every instance of a template must say the same."""
+    from .derive_more import per_expert
+
     out: dict[str, dict] = {}
     rules = hf
     for hf, rule in rules.items():
         t, nums = template(hf)
         layers = [n for n, seg in zip(nums, re.findall(r"\{e?\}", t)) if seg == "{}"]
         expert = [n for n, seg in zip(nums, re.findall(r"\{e?\}", t)) if seg == "{e}"]
-        r = _per_expert(json.loads(json.dumps(rule)))
+        r = per_expert(json.loads(json.dumps(rule)))
         for p in r["parts"]:
             mt, mnums = template(p["mlx"])
             if r.get("experts"):  # the expert index is the part's place, not a layer number
@@ -359,25 +361,6 @@ def templated(hf: dict, dropped: list[str]) -> dict:
             raise Refused(f"HF tensors {t} follow different rules in different layers/experts")
         out[t] = r
     return {"hf": dict(sorted(out.items())), "dropped": sorted({template(d)[0] for d in dropped})}
-
-
-def _per_expert(rule: dict) -> dict:
-    """Parts that are experts 0, 1, ... of one MLX template (dbrx: mlx-lm splits `experts.mlp.w1`, the experts
-    concatenated on axis 0, into one tensor per expert) -> one part and `"experts": "concat"`: the HF tensor is
-    every expert's tensor, in expert order, joined on `axis`."""
-    parts = rule["parts"]
-    if rule.get("join") != "concat" or len(parts) < 2:
-        return rule
-    temps = [template(p["mlx"]) for p in parts]
-    if len({t for t, _ in temps}) != 1 or "{e}" not in temps[0][0]:
-        return rule
-    at = re.findall(r"\{e?\}", temps[0][0]).index("{e}")
-    if [nums[at] for _, nums in temps] != list(range(len(parts))):
-        return rule
-    if any({k: v for k, v in p.items() if k != "mlx"} != {k: v for k, v in parts[0].items() if k != "mlx"}
-           for p in parts):
-        return rule
-    return {"join": "concat", "axis": rule["axis"], "experts": "concat", "parts": [parts[0]]}
 
 
 def derive(model_type: str) -> dict:

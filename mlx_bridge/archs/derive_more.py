@@ -1,5 +1,6 @@
-"""The two derivations that need more than a ramp trace (used by `derive.py`): gpt_oss's MXFP4 experts traced
-digit by digit through mlx-lm's own loading, and the HF modules PEFT refuses to target, asked of PEFT.
+"""What `derive.py` needs beyond a ramp trace: gpt_oss's MXFP4 experts traced digit by digit through mlx-lm's own
+loading, per-expert tensors joined into one HF tensor (dbrx, `per_expert`), and what PEFT refuses to target or does
+not load as written, asked of PEFT.
 
 Example:
     >>> peft_unwrappable(gpt_oss_tiny_model)  # doctest: +SKIP
@@ -9,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -70,6 +72,25 @@ def mlx_loaded_mxfp4(out: Path, layout: dict) -> tuple[dict[str, np.ndarray], di
                     raise Refused(f"MLX tensor {n}.weight holds values computed from the checkpoint (not moved)")
                 ids[f"{n}.weight"] = ids.get(f"{n}.weight", 0) + (digit.astype(np.int64) << (3 * p))
     return {**floats, **{k: STEP * (v + 1).astype(np.float64) for k, v in ids.items()}}, kinds
+
+
+def per_expert(rule: dict) -> dict:
+    """Parts that are experts 0, 1, ... of one MLX template (dbrx: mlx-lm splits `experts.mlp.w1`, the experts
+    concatenated on axis 0, into one tensor per expert) -> one part and `"experts": "concat"`: the HF tensor is
+    every expert's tensor, in expert order, joined on `axis`."""
+    parts = rule["parts"]
+    if rule.get("join") != "concat" or len(parts) < 2:
+        return rule
+    temps = [template(p["mlx"]) for p in parts]
+    if len({t for t, _ in temps}) != 1 or "{e}" not in temps[0][0]:
+        return rule
+    at = re.findall(r"\{e?\}", temps[0][0]).index("{e}")
+    if [nums[at] for _, nums in temps] != list(range(len(parts))):
+        return rule
+    if any({k: v for k, v in p.items() if k != "mlx"} != {k: v for k, v in parts[0].items() if k != "mlx"}
+           for p in parts):
+        return rule
+    return {"join": "concat", "axis": rule["axis"], "experts": "concat", "parts": [parts[0]]}
 
 
 def peft_unwrappable(model, templates: set[str]) -> dict[str, str]:
