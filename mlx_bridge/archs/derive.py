@@ -413,7 +413,7 @@ def _derive(model_type: str, version: str) -> dict:
             raise Refused(f"mlx-lm could not load a tiny {model_type} ({type(e).__name__}: "
                           f"{_line(e)})") from None
         data.update(templated(**trace(layout, mlx)))
-        from .derive_more import peft_misloads, peft_unwrappable
+        from .derive_more import peft_misloads, peft_names, peft_unwrappable
 
         adaptable = set(data["linears"]) | set(data["embeddings"])  # HF modules an mlx-lm adapter can reach
         data["peft_refuses"] = peft_unwrappable(hf_model, {t.rsplit(".", 1)[0] for t, r in data["hf"].items()
@@ -422,7 +422,8 @@ def _derive(model_type: str, version: str) -> dict:
         plain = {t.rsplit(".", 1)[0] for t, r in data["hf"].items() if t.endswith(".weight") and len(r["parts"]) == 1
                  and not set(r["parts"][0]) - {"mlx", "index"} and "merge" not in r
                  and r["parts"][0]["mlx"].rsplit(".", 1)[0] in data["linears"]} - set(data["peft_refuses"])
-        data["peft_misloads"] = peft_misloads(d / "orig", data["hf_auto"], plain)
+        data["peft_names"] = peft_names(d / "orig", data["hf_auto"], plain)
+        data["peft_misloads"] = peft_misloads(d / "orig", data["hf_auto"], plain, data["peft_names"])
     data["mlx_lm"] = version
     return data
 

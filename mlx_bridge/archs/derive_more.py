@@ -133,7 +133,7 @@ def peft_unwrappable(model, templates: set[str]) -> dict[str, str]:
     return dict(sorted(out.items()))
 
 
-def peft_misloads(hf_dir: Path, auto: str, templates: set[str]) -> dict[str, str]:
+def peft_misloads(hf_dir: Path, auto: str, templates: set[str], names: dict[str, str] | None = None) -> dict[str, str]:
     """Those of the HF module `templates` (2-D weights an mlx-lm adapter can change, PEFT wraps their class) whose
     adapter, written as `--format peft` writes it (`translate.peft.target_spec`, keys per module of the hub layout),
     PEFT's own loading does not apply as their weights say: transformers' MoE layers fuse experts that PEFT converts
@@ -148,7 +148,7 @@ def peft_misloads(hf_dir: Path, auto: str, templates: set[str]) -> dict[str, str
     import torch
     from safetensors.numpy import load_file, save_file
 
-    from ..translate.peft import target_spec
+    from ..translate.peft import built_name, target_spec
 
     files = {f.name: load_file(str(f)) for f in sorted(hf_dir.glob("model*.safetensors"))}
     where = {k: n for n, ts in files.items() for k, v in ts.items() if v.ndim == 2 and k.endswith(".weight")}
@@ -187,11 +187,13 @@ def peft_misloads(hf_dir: Path, auto: str, templates: set[str]) -> dict[str, str
                 a = rng.normal(0, 0.5, (2, w.shape[1])).astype(np.float32)
                 b = rng.normal(0, 0.5, (w.shape[0], 2)).astype(np.float32)
                 new[where[m + ".weight"]][m + ".weight"] = (w.astype(np.float32) + b @ a).astype(w.dtype)
-                lora[f"base_model.model.{m}.lora_A.weight"], lora[f"base_model.model.{m}.lora_B.weight"] = a, b
+                n = built_name(names or {}, m)
+                lora[f"base_model.model.{n}.lora_A.weight"], lora[f"base_model.model.{n}.lora_B.weight"] = a, b
             for n, ts_ in new.items():
                 save_file(ts_, str(ref / n), metadata={"format": "pt"})
             save_file(lora, str(ad / "adapter_model.safetensors"), metadata={"format": "pt"})
-            spec = target_spec(mods, sorted(k[: -len(".weight")] for k in where))
+            spec = target_spec([built_name(names or {}, m) for m in mods],
+                               sorted(built_name(names or {}, k[: -len(".weight")]) for k in where))
             (ad / "adapter_config.json").write_text(json.dumps({
                 "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 2, "lora_dropout": 0.0,
                 "use_rslora": False, "use_dora": False, "bias": "none", "fan_in_fan_out": False,
@@ -226,4 +228,33 @@ def peft_misloads(hf_dir: Path, auto: str, templates: set[str]) -> dict[str, str
             out.update({t: "PEFT's loading does not apply it beside " + ", ".join(sorted(set(ts) - {t})) for t in ts})
     if not out:  # every group applies alone, the union does not: each group is named
         out = {t: "PEFT's loading does not apply it beside the other modules' adapters" for t in concrete}
+    return dict(sorted(out.items()))
+
+
+def peft_names(hf_dir: Path, auto: str, templates: set[str]) -> dict[str, str]:
+    """HF module template -> the module's name in the model transformers builds from the checkpoint, where they differ
+    (multimodal checkpoints of the v4 layout: language_model.model.layers.{} is model.language_model.layers.{}); PEFT
+    matches adapters against the built model. Found by value: the checkpoint tensor `M.weight` is the built model's
+    parameter with the same values (random weights, each unique)."""
+    import torch
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    cls = AutoModelForCausalLM if auto == "causal_lm" else AutoModelForImageTextToText
+    built = {k: v for k, v in cls.from_pretrained(str(hf_dir), dtype=torch.float32).state_dict().items() if v.ndim == 2}
+    by_shape: dict[tuple, list[str]] = {}
+    for k, v in built.items():
+        by_shape.setdefault(tuple(v.shape), []).append(k)
+    out: dict[str, str] = {}
+    for f in sorted(hf_dir.glob("model*.safetensors")):
+        for k, v in load_file(str(f)).items():
+            t = template(k)[0].removesuffix(".weight")
+            if not k.endswith(".weight") or t not in templates or v.ndim != 2:
+                continue
+            same = [b for b in by_shape.get(v.shape, []) if np.array_equal(built[b].numpy(), v)]
+            if len(same) != 1 or same[0] == k:
+                continue
+            rt = template(same[0])[0].removesuffix(".weight")
+            if out.setdefault(t, rt) != rt:
+                raise Refused(f"HF module {t} is built under more than one name ({out[t]}, {rt})")
     return dict(sorted(out.items()))

@@ -59,6 +59,8 @@ class Arch:
     # HF module template whose adapter PEFT's own loading does not apply as written -> why ("with siblings A, B": only
     # beside adapters on those), asked of PEFT by derive_more.peft_misloads
     peft_misloads: dict = field(default_factory=dict)
+    # HF module template -> its name in the model transformers builds, where they differ (PEFT adapters use that name)
+    peft_names: dict = field(default_factory=dict)
 
     @property
     def config_defaults(self) -> dict:
@@ -98,7 +100,7 @@ def _build(data: dict) -> Arch:
                 tuple(data.get("dropped", ())), tuple(data.get("embeddings", ())), tuple(data.get("linears", ())),
                 data.get("mlx_defaults", {}),
                 data.get("hf_defaults", {}), QUIRKS.get(data["model_type"], Quirks()), by_mlx,
-                data.get("peft_refuses", {}), data.get("mlx_text_defaults", {}), data.get("peft_misloads", {}))
+                data.get("peft_refuses", {}), data.get("mlx_text_defaults", {}), data.get("peft_misloads", {}), data.get("peft_names", {}))
 
 
 @lru_cache(maxsize=None)

@@ -63,7 +63,7 @@ def peft_tensors(plan: Plan, dtype: str = "auto") -> tuple[list[PeftTensor], lis
         lo = it.lora
         if lo is None:
             continue
-        module = it.name[: -len(".weight")]
+        module = built_name(plan.arch.peft_names, it.name[: -len(".weight")])
         modules.append(module)
         pre = f"base_model.model.{module}."
 
@@ -115,6 +115,20 @@ def _misloads(plan: Plan) -> None:
                           f"({'; '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}); use --format hf")
 
 
+def built_name(names: dict[str, str], module: str) -> str:
+    """The module's name in the model transformers builds (`Arch.peft_names`; PEFT matches adapters against it).
+
+    Example:
+        >>> built_name({"language_model.model.layers.{}.mlp.up_proj": "model.language_model.layers.{}.mlp.up_proj"},
+        ...            "language_model.model.layers.3.mlp.up_proj")
+        'model.language_model.layers.3.mlp.up_proj'
+    """
+    from ..archs import template
+
+    t, nums = template(module)
+    return _fill_module(names[t], nums) if t in names else module
+
+
 def _fill_module(template: str, nums: list[int]) -> str:
     for n in nums:
         template = template.replace("{e}" if "{}" not in template else "{}", str(n), 1)
@@ -149,7 +163,8 @@ def target_spec(adapted: list[str], all_modules: list[str]) -> dict:
 def peft_config(plan: Plan, modules: list[str], rank: int, base_ref: str) -> dict:
     adapter = plan.source.adapter
     scale = adapter.scale
-    all_modules = [i.name[: -len(".weight")] for i in plan.items if i.name.endswith(".weight") and len(i.shape) == 2]
+    all_modules = [built_name(plan.arch.peft_names, i.name[: -len(".weight")]) for i in plan.items
+                   if i.name.endswith(".weight") and len(i.shape) == 2]
     use_dora = any(i.lora is not None and i.lora.m is not None for i in plan.items)
     cfg = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_ref, "revision": None,
