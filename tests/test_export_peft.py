@@ -16,15 +16,16 @@ from test_export_common import (MOE, adapter_targets, assert_close, exported, id
                                 zoo)  # noqa: F401
 
 
-def peft_model(hf_base, out, same_keys: bool = True):
-    """PeftModel on `hf_base`; fails on missing adapter keys (PEFT's warning) or, with `same_keys`, on keys
-    PEFT would not save (MoE: transformers fuses the experts and PEFT converts the per-expert keys)."""
+def peft_model(hf_base, out, same_keys: bool = True, loader=None):
+    """PeftModel on `hf_base` (loaded by `loader`, default `load_hf`); fails on missing adapter keys (PEFT's warning)
+    or, with `same_keys`, on keys PEFT would not save (MoE: transformers fuses the experts and PEFT converts the
+    per-expert keys)."""
     from peft import PeftModel
     from peft.utils import get_peft_model_state_dict
 
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        model = PeftModel.from_pretrained(load_hf(hf_base), str(out)).eval()
+        model = PeftModel.from_pretrained((loader or load_hf)(hf_base), str(out)).eval()
     missing = [str(x.message) for x in w if "missing adapter keys" in str(x.message)]
     assert not missing, missing[0]
     if not same_keys:

@@ -65,6 +65,27 @@ def test_registry_type_plain_and_lora(zoo, model_type):
     close(torch_logits(load(exported(ad, **kw), arch), ids), zoo.logits(base, ad, ids=ids), f"{model_type} lora")
 
 
+# Gemma 4's tiny config has every feature at once (so the derivation sees every tensor); the released sizes each
+# have a subset: E2B/E4B per-layer inputs + kv-shared layers + double-wide MLP, 31B dense with k = v on global
+# layers, 26B-A4B MoE beside the MLP with k = v
+GEMMA4_SIZES = {
+    "e2b": dict(enable_moe_block=False, attention_k_eq_v=False, num_global_key_value_heads=None),
+    "31b": dict(num_kv_shared_layers=0, use_double_wide_mlp=False, hidden_size_per_layer_input=0,
+                enable_moe_block=False),
+    "26b_a4b": dict(num_kv_shared_layers=0, use_double_wide_mlp=False, hidden_size_per_layer_input=0),
+}
+
+
+@pytest.mark.parametrize("size", [s if s == "e2b" else pytest.param(s, marks=pytest.mark.slow) for s in GEMMA4_SIZES])
+def test_gemma4_released_shapes(zoo, size):
+    arch = get_arch({"model_type": "gemma4_text"})
+    base = zoo.mlx("gemma4_text", **GEMMA4_SIZES[size])
+    ids = probe_ids(hf_config(base)["vocab_size"], n=1, length=24, seed=3)
+    close(torch_logits(load(exported(base), arch), ids), zoo.logits(base, ids=ids), f"gemma4 {size} plain")
+    ad = zoo.adapter(base, "lora", rank=4, num_layers=2)
+    close(torch_logits(load(exported(ad), arch), ids), zoo.logits(base, ad, ids=ids), f"gemma4 {size} lora")
+
+
 @pytest.mark.parametrize("model_type", ["deepseek_v3", "granitemoe", "qwen3_next"])
 def test_4bit_base_lora(zoo, model_type):
     """A 4-bit base (g32) under LoRA, for types whose rules transpose, concatenate or shift: each part is
@@ -107,17 +128,58 @@ def test_bf16_shifted_norms_rounded_once(zoo):
     assert shifted >= 5
 
 
-@pytest.mark.parametrize("model_type", ["smollm3", "glm4", "cohere2", "lfm2", "apertus", "minimax_m2"])
-def test_peft(zoo, model_type):
-    """PEFT adapter of a new type on its HF export: PeftModel computes what MLX computed (per-expert adapters of
-    MoE types are converted by PEFT to transformers' fused experts)."""
+def peft_keys(arch, base) -> list[str]:
+    """mlx-lm LoRA keys (module paths inside a layer) of the linears whose adapter PEFT can state and load: read only
+    by plain rules (renamed, or one expert of a stack; not a whole stacked tensor) of HF modules PEFT wraps and its
+    loading applies (alone or beside the siblings these keys include)."""
+    ndim = {template(k)[0]: len(t[1]) for k, t in read_tensors(base).items()}
+    ok, bad = set(), set()
+    for t, rule in arch.rules.items():
+        hf_mod = t.rsplit(".", 1)[0]
+        why = arch.peft_misloads.get(hf_mod, "")
+        for p in rule["parts"]:
+            m = p["mlx"].rsplit(".", 1)[0]
+            if m not in arch.linears:
+                continue
+            stacked = ndim.get(p["mlx"], 2) == 3 and "index" not in p
+            fine = arch.plain(t) and not stacked and hf_mod not in arch.peft_refuses and not why.startswith("PEFT")
+            (ok if fine else bad).add(m)
+    return sorted({m.split("{}.", 1)[1] for m in ok - bad if "{}." in m})
+
+
+PEFT_QUICK = ["smollm3", "glm4", "cohere2", "lfm2", "apertus", "minimax_m2", "deepseek_v3", "gemma3"]
+
+
+@pytest.mark.parametrize("model_type", [t if t in PEFT_QUICK else pytest.param(t, marks=pytest.mark.slow)
+                                        for t in supported()])
+def test_peft(zoo, model_type, tmp_path):
+    """PEFT's own loading of the --format peft export (`PeftModel.from_pretrained` on the type's HF export) computes
+    what MLX computed with the adapter, for every exportable type: a LoRA on every linear where the docs say "yes",
+    else on the linears PEFT can state and load (per-expert adapters of MoE types are converted by PEFT to
+    transformers' fused experts where PEFT knows the type); a type with none refuses --format peft in one line."""
+    from mlx_bridge import export
+    from mlx_bridge.archs.docs import peft_column
+    from mlx_bridge.errors import BridgeError
     from test_export_peft import peft_model
 
+    arch = get_arch({"model_type": model_type})
+    kw = {"hf_base": str(zoo.hf(model_type))} if arch.dropped else {}
     base = zoo.mlx(model_type)
-    ids = probe_ids(hf_config(base)["vocab_size"], n=1, length=24, seed=3)
-    ad = zoo.adapter(base, "lora", rank=4, num_layers=2)
-    moe = any("{e}" in t for t in get_arch({"model_type": model_type}).rules)
-    model = peft_model(exported(base), exported(ad, format="peft"), same_keys=not moe)
+    cfg = hf_config(base)
+    ids = probe_ids((cfg.get("text_config") or cfg)["vocab_size"], n=1, length=24, seed=3)
+    if peft_column(model_type) == "yes":
+        ad = zoo.adapter(base, "lora", rank=4, num_layers=2)
+    elif keys := peft_keys(arch, base):
+        ad = zoo.adapter(base, "lora-peft", rank=4, num_layers=2, keys=keys)
+    else:  # no projection PEFT can state (gpt2's Conv1D layout) or load: refused in one line, nothing written
+        with pytest.raises(BridgeError, match="--format hf"):
+            export(str(zoo.adapter(base, "lora", rank=4, num_layers=2)), str(tmp_path / "o"), format="peft",
+                   progress=False, **kw)
+        assert not (tmp_path / "o").exists()
+        return
+    moe = any("{e}" in t for t in arch.rules)
+    model = peft_model(exported(base, **kw), exported(ad, format="peft", **kw), same_keys=not moe,
+                       loader=lambda d: load(d, arch))
     close(torch_logits(model, ids), zoo.logits(base, ad, ids=ids), f"{model_type} peft")
 
 
@@ -130,6 +192,23 @@ def test_peft_refused_where_mlx_reshapes(zoo, tmp_path):
     base = zoo.mlx("granitemoe")
     ad = zoo.adapter(base, "lora-experts", rank=4, num_layers=1, keys=["block_sparse_moe.switch_mlp.gate_proj"])
     with pytest.raises(BridgeError, match="PEFT cannot express .*input_linear.*use --format hf"):
+        export(str(ad), str(tmp_path / "o"), format="peft", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("model_type,keys,why", [
+    ("phimoe", ["block_sparse_moe.switch_mlp.gate_proj"], r"experts\.0\.w1 \(PEFT's loading does not apply it\)"),
+    ("deepseek_v3", ["mlp.switch_mlp.gate_proj"], r"experts\.0\.gate_proj \(with siblings .*down_proj"),
+    ("deepseek_v3", ["mlp.shared_experts.up_proj"], r"shared_experts\.up_proj \(PEFT's loading does not apply it\)")])
+def test_peft_refuses_what_peft_misloads(zoo, tmp_path, model_type, keys, why):
+    """Adapters PEFT's own loading would drop or misapply (derived by asking PEFT on the tiny checkpoint: phimoe's
+    fused experts it does not convert, DeepSeek-V3's shared experts it renames with the routed ones, routed gate/up
+    it converts only beside their siblings) are refused in one line, nothing written."""
+    from mlx_bridge import export
+    from mlx_bridge.errors import BridgeError
+
+    ad = zoo.adapter(zoo.mlx(model_type), "lora-" + keys[0], rank=4, num_layers=1, keys=keys)
+    with pytest.raises(BridgeError, match=rf"PEFT's loading does not apply these adapters as written .*{why}.*--format hf"):
         export(str(ad), str(tmp_path / "o"), format="peft", progress=False)
     assert not (tmp_path / "o").exists()
 

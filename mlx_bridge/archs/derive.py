@@ -337,16 +337,22 @@ def _piece(hf, ids, ps, sh, names, mlx) -> dict:
 
 def templated(hf: dict, dropped: list[str]) -> dict:
     """Concrete rules -> templates; every instance of a template must say the same."""
+    from .derive_more import per_expert
+
     out: dict[str, dict] = {}
     rules = hf
     for hf, rule in rules.items():
         t, nums = template(hf)
         layers = [n for n, seg in zip(nums, re.findall(r"\{e?\}", t)) if seg == "{}"]
         expert = [n for n, seg in zip(nums, re.findall(r"\{e?\}", t)) if seg == "{e}"]
-        r = json.loads(json.dumps(rule))
+        r = per_expert(json.loads(json.dumps(rule)))
         for p in r["parts"]:
             mt, mnums = template(p["mlx"])
-            if "{e}" in mt or mnums != layers[: len(mnums)]:
+            if r.get("experts"):  # the expert index is the part's place, not a layer number
+                mnums = [n for n, seg in zip(mnums, re.findall(r"\{e?\}", mt)) if seg == "{}"]
+            elif "{e}" in mt:
+                mnums = None
+            if mnums is None or mnums != layers[: len(mnums)]:
                 raise Refused(f"HF tensor {hf} comes from {p['mlx']}: layer numbers do not correspond")
             p["mlx"] = mt
             if "index" in p and expert and p["index"] == expert[0]:
@@ -372,7 +378,7 @@ def derive(model_type: str) -> dict:
 
 
 def _line(e: Exception) -> str:
-    return str(e).splitlines()[0][:160] if str(e) else ""
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), "")[:160]
 
 
 def _derive(model_type: str, version: str) -> dict:
@@ -392,6 +398,9 @@ def _derive(model_type: str, version: str) -> dict:
         except Exception as e:
             raise Refused(f"transformers could not build a tiny {model_type} ({type(e).__name__}: "
                           f"{_line(e)})") from None
+        import shutil
+
+        shutil.copytree(d, d / "orig")  # random weights, for asking PEFT (peft_misloads)
         layout = fill_ramps(d)
         from .derive_more import mlx_loaded_mxfp4
 
@@ -404,11 +413,17 @@ def _derive(model_type: str, version: str) -> dict:
             raise Refused(f"mlx-lm could not load a tiny {model_type} ({type(e).__name__}: "
                           f"{_line(e)})") from None
         data.update(templated(**trace(layout, mlx)))
-    from .derive_more import peft_unwrappable
+        from .derive_more import peft_misloads, peft_names, peft_unwrappable
 
-    adaptable = set(data["linears"]) | set(data["embeddings"])  # HF modules an mlx-lm adapter can reach
-    data["peft_refuses"] = peft_unwrappable(hf_model, {t.rsplit(".", 1)[0] for t, r in data["hf"].items()
-                                                       if any(p["mlx"].rsplit(".", 1)[0] in adaptable for p in r["parts"])})
+        adaptable = set(data["linears"]) | set(data["embeddings"])  # HF modules an mlx-lm adapter can reach
+        data["peft_refuses"] = peft_unwrappable(hf_model, {t.rsplit(".", 1)[0] for t, r in data["hf"].items()
+                                                           if any(p["mlx"].rsplit(".", 1)[0] in adaptable
+                                                                  for p in r["parts"])})
+        plain = {t.rsplit(".", 1)[0] for t, r in data["hf"].items() if t.endswith(".weight") and len(r["parts"]) == 1
+                 and not set(r["parts"][0]) - {"mlx", "index"} and "merge" not in r
+                 and r["parts"][0]["mlx"].rsplit(".", 1)[0] in data["linears"]} - set(data["peft_refuses"])
+        data["peft_names"] = peft_names(d / "orig", data["hf_auto"], plain)
+        data["peft_misloads"] = peft_misloads(d / "orig", data["hf_auto"], plain, data["peft_names"])
     data["mlx_lm"] = version
     return data
 

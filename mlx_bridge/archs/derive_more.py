@@ -1,5 +1,6 @@
-"""The two derivations that need more than a ramp trace (used by `derive.py`): gpt_oss's MXFP4 experts traced
-digit by digit through mlx-lm's own loading, and the HF modules PEFT refuses to target, asked of PEFT.
+"""What `derive.py` needs beyond a ramp trace: gpt_oss's MXFP4 experts traced digit by digit through mlx-lm's own
+loading, per-expert tensors joined into one HF tensor (dbrx, `per_expert`), and what PEFT refuses to target or does
+not load as written, asked of PEFT.
 
 Example:
     >>> peft_unwrappable(gpt_oss_tiny_model)  # doctest: +SKIP
@@ -9,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -72,6 +74,25 @@ def mlx_loaded_mxfp4(out: Path, layout: dict) -> tuple[dict[str, np.ndarray], di
     return {**floats, **{k: STEP * (v + 1).astype(np.float64) for k, v in ids.items()}}, kinds
 
 
+def per_expert(rule: dict) -> dict:
+    """Parts that are experts 0, 1, ... of one MLX template (dbrx: mlx-lm splits `experts.mlp.w1`, the experts
+    concatenated on axis 0, into one tensor per expert) -> one part and `"experts": "concat"`: the HF tensor is
+    every expert's tensor, in expert order, joined on `axis`."""
+    parts = rule["parts"]
+    if rule.get("join") != "concat" or len(parts) < 2:
+        return rule
+    temps = [template(p["mlx"]) for p in parts]
+    if len({t for t, _ in temps}) != 1 or "{e}" not in temps[0][0]:
+        return rule
+    at = re.findall(r"\{e?\}", temps[0][0]).index("{e}")
+    if [nums[at] for _, nums in temps] != list(range(len(parts))):
+        return rule
+    if any({k: v for k, v in p.items() if k != "mlx"} != {k: v for k, v in parts[0].items() if k != "mlx"}
+           for p in parts):
+        return rule
+    return {"join": "concat", "axis": rule["axis"], "experts": "concat", "parts": [parts[0]]}
+
+
 def peft_unwrappable(model, templates: set[str]) -> dict[str, str]:
     """Those of the HF module `templates` (the ones holding a weight an mlx-lm adapter can change) that PEFT's
     LoRA cannot target (`get_peft_model` with it fails: gpt_oss's router and stacked experts, Mamba's out_proj)
@@ -109,4 +130,131 @@ def peft_unwrappable(model, templates: set[str]) -> dict[str, str]:
         same = [n for n in mats if type(model.get_submodule(n)) is cls]  # as mlx-lm's default: every linear
         if not wraps([name]) and not wraps(siblings) and not wraps(same):
             out[t] = cls.__name__
+    return dict(sorted(out.items()))
+
+
+def peft_misloads(hf_dir: Path, auto: str, templates: set[str], names: dict[str, str] | None = None) -> dict[str, str]:
+    """Those of the HF module `templates` (2-D weights an mlx-lm adapter can change, PEFT wraps their class) whose
+    adapter, written as `--format peft` writes it (`translate.peft.target_spec`, keys per module of the hub layout),
+    PEFT's own loading does not apply as their weights say: transformers' MoE layers fuse experts that PEFT converts
+    by leaf name for some types only (and renames dense `gate_proj`s with them). Asked of PEFT on the tiny checkpoint
+    `hf_dir` (random weights): `PeftModel.from_pretrained`'s logits against the checkpoint with W + B @ A written in.
+    Checked for every template at once, then per group of siblings (one parent module), then alone; a template is
+    recorded when its group fails and it fails alone too, or when it passes only with its siblings (-> "with
+    siblings"). Returns template -> why."""
+    import shutil
+    import warnings
+
+    import torch
+    from safetensors.numpy import load_file, save_file
+
+    from ..translate.peft import built_name, target_spec
+
+    files = {f.name: load_file(str(f)) for f in sorted(hf_dir.glob("model*.safetensors"))}
+    where = {k: n for n, ts in files.items() for k, v in ts.items() if v.ndim == 2 and k.endswith(".weight")}
+    concrete = {t: sorted(k[: -len(".weight")] for k in where if template(k)[0] == t + ".weight") for t in templates}
+    concrete = {t: ms for t, ms in concrete.items() if ms}
+    if not concrete:
+        return {}
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    vocab = (cfg.get("text_config") or cfg).get("vocab_size") or cfg.get("vocab_size")
+    ids = torch.tensor(np.random.default_rng(0).integers(0, vocab, (1, 12)))
+
+    def logits(model):
+        with torch.no_grad():
+            try:
+                return model(ids, use_cache=False).logits.float()
+            except AttributeError:  # a wrapper whose forward needs pixels (llama4): its own causal LM
+                return model.language_model(ids, use_cache=False).logits.float()
+
+    def load(d):
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+        cls = AutoModelForCausalLM if auto == "causal_lm" else AutoModelForImageTextToText
+        return cls.from_pretrained(str(d), dtype=torch.float32).eval()
+
+    def applies(ts: list[str]) -> bool:
+        mods = sorted(m for t in ts for m in concrete[t])
+        rng = np.random.default_rng(1)
+        with tempfile.TemporaryDirectory() as tmp:
+            ref, ad = Path(tmp) / "ref", Path(tmp) / "ad"
+            shutil.copytree(hf_dir, ref)
+            ad.mkdir()
+            new = {n: dict(ts_) for n, ts_ in files.items()}
+            lora = {}
+            for m in mods:
+                w = new[where[m + ".weight"]][m + ".weight"]
+                a = rng.normal(0, 0.5, (2, w.shape[1])).astype(np.float32)
+                b = rng.normal(0, 0.5, (w.shape[0], 2)).astype(np.float32)
+                new[where[m + ".weight"]][m + ".weight"] = (w.astype(np.float32) + b @ a).astype(w.dtype)
+                n = built_name(names or {}, m)
+                lora[f"base_model.model.{n}.lora_A.weight"], lora[f"base_model.model.{n}.lora_B.weight"] = a, b
+            for n, ts_ in new.items():
+                save_file(ts_, str(ref / n), metadata={"format": "pt"})
+            save_file(lora, str(ad / "adapter_model.safetensors"), metadata={"format": "pt"})
+            spec = target_spec([built_name(names or {}, m) for m in mods],
+                               sorted(built_name(names or {}, k[: -len(".weight")]) for k in where))
+            (ad / "adapter_config.json").write_text(json.dumps({
+                "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 2, "lora_dropout": 0.0,
+                "use_rslora": False, "use_dora": False, "bias": "none", "fan_in_fan_out": False,
+                "modules_to_save": None, "init_lora_weights": True, "inference_mode": True, **spec}))
+            try:
+                from peft import PeftModel
+
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    got = logits(PeftModel.from_pretrained(load(hf_dir), str(ad)).eval())
+                if any("missing adapter keys" in str(x.message) for x in caught):
+                    return False
+                want = logits(load(ref))
+            except Exception:
+                return False
+            return bool(torch.allclose(got, want, rtol=0, atol=1e-4 * float(want.abs().max())))
+
+    if applies(sorted(concrete)):
+        return {}
+    out = {}
+    groups: dict[str, list[str]] = {}
+    for t in concrete:
+        groups.setdefault(t.rpartition(".")[0], []).append(t)
+    for ts in groups.values():
+        if applies(ts):
+            if len(ts) > 1:
+                out.update({t: "with siblings " + ", ".join(sorted(set(ts) - {t})) for t in ts if not applies([t])})
+            continue
+        alone = [t for t in ts if not applies([t])] if len(ts) > 1 else ts
+        out.update({t: "PEFT's loading does not apply it" for t in alone})
+        if not alone:  # each applies alone, not together
+            out.update({t: "PEFT's loading does not apply it beside " + ", ".join(sorted(set(ts) - {t})) for t in ts})
+    if not out:  # every group applies alone, the union does not: each group is named
+        out = {t: "PEFT's loading does not apply it beside the other modules' adapters" for t in concrete}
+    return dict(sorted(out.items()))
+
+
+def peft_names(hf_dir: Path, auto: str, templates: set[str]) -> dict[str, str]:
+    """HF module template -> the module's name in the model transformers builds from the checkpoint, where they differ
+    (multimodal checkpoints of the v4 layout: language_model.model.layers.{} is model.language_model.layers.{}); PEFT
+    matches adapters against the built model. Found by value: the checkpoint tensor `M.weight` is the built model's
+    parameter with the same values (random weights, each unique)."""
+    import torch
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    cls = AutoModelForCausalLM if auto == "causal_lm" else AutoModelForImageTextToText
+    built = {k: v for k, v in cls.from_pretrained(str(hf_dir), dtype=torch.float32).state_dict().items() if v.ndim == 2}
+    by_shape: dict[tuple, list[str]] = {}
+    for k, v in built.items():
+        by_shape.setdefault(tuple(v.shape), []).append(k)
+    out: dict[str, str] = {}
+    for f in sorted(hf_dir.glob("model*.safetensors")):
+        for k, v in load_file(str(f)).items():
+            t = template(k)[0].removesuffix(".weight")
+            if not k.endswith(".weight") or t not in templates or v.ndim != 2:
+                continue
+            same = [b for b in by_shape.get(v.shape, []) if np.array_equal(built[b].numpy(), v)]
+            if len(same) != 1 or same[0] == k:
+                continue
+            rt = template(same[0])[0].removesuffix(".weight")
+            if out.setdefault(t, rt) != rt:
+                raise Refused(f"HF module {t} is built under more than one name ({out[t]}, {rt})")
     return dict(sorted(out.items()))

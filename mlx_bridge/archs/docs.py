@@ -30,6 +30,7 @@ def peft_column(model_type: str) -> str:
     odd += [m.rsplit(".", 1)[-1] for m in arch.peft_refuses if any(  # modules PEFT's LoRA can't wrap
         p["mlx"].rsplit(".", 1)[0] in arch.linears for t in arch.rules if t.rsplit(".", 1)[0] == m
         for p in arch.rules[t]["parts"])]
+    odd += [m.rsplit(".", 1)[-1] for m, why in arch.peft_misloads.items() if not why.startswith("with siblings")]
     return "yes" if not odd else f"yes, except on {', '.join(sorted(set(odd)))} (hf only)"
 
 

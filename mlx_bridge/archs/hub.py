@@ -99,13 +99,17 @@ def hub_transposes(model_type: str) -> list[tuple[str, int, int]]:
 
 
 def to_hub_transposed(out: Path, model_type: str) -> None:
-    """Rewrite a saved checkpoint's tensors that `hub_transposes` names in the hub's layout."""
+    """Rewrite a saved checkpoint's tensors that `hub_transposes` names in the hub's layout, and rename the keys
+    the type's `Quirks.hub_renames` names as the hub does."""
     import re
 
     from safetensors.numpy import load_file, save_file
 
+    from .quirks import QUIRKS, Quirks
+
     rules = hub_transposes(model_type)
-    if not rules:
+    renames = QUIRKS.get(model_type, Quirks()).hub_renames
+    if not rules and not renames:
         return
     for f in sorted(Path(out).glob("model*.safetensors")):
         ts = load_file(str(f))
@@ -113,4 +117,13 @@ def to_hub_transposed(out: Path, model_type: str) -> None:
             for pat, a, b in rules:
                 if re.search(pat, k):
                     ts[k] = np.ascontiguousarray(np.swapaxes(v, a, b))
+        for pat, new in renames:  # the hub's names where save_pretrained writes others
+            ts = {re.sub(pat, new, k): v for k, v in ts.items()}
         save_file(ts, str(f), metadata={"format": "pt"})
+    index = Path(out) / "model.safetensors.index.json"
+    if renames and index.exists():
+        idx = json.loads(index.read_text())
+        wm = idx["weight_map"]
+        for pat, new in renames:
+            wm = {re.sub(pat, new, k): v for k, v in wm.items()}
+        index.write_text(json.dumps({**idx, "weight_map": wm}, indent=2))

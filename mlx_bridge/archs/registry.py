@@ -56,6 +56,11 @@ class Arch:
     by_mlx: dict = field(default_factory=dict)  # MLX weight template -> [(HF template, part number)]
     peft_refuses: dict = field(default_factory=dict)  # HF module template PEFT's LoRA cannot wrap -> its class
     mlx_text_defaults: dict = field(default_factory=dict)  # a multimodal wrapper's: its text model's ModelArgs defaults
+    # HF module template whose adapter PEFT's own loading does not apply as written -> why ("with siblings A, B": only
+    # beside adapters on those), asked of PEFT by derive_more.peft_misloads
+    peft_misloads: dict = field(default_factory=dict)
+    # HF module template -> its name in the model transformers builds, where they differ (PEFT adapters use that name)
+    peft_names: dict = field(default_factory=dict)
 
     @property
     def config_defaults(self) -> dict:
@@ -95,7 +100,7 @@ def _build(data: dict) -> Arch:
                 tuple(data.get("dropped", ())), tuple(data.get("embeddings", ())), tuple(data.get("linears", ())),
                 data.get("mlx_defaults", {}),
                 data.get("hf_defaults", {}), QUIRKS.get(data["model_type"], Quirks()), by_mlx,
-                data.get("peft_refuses", {}), data.get("mlx_text_defaults", {}))
+                data.get("peft_refuses", {}), data.get("mlx_text_defaults", {}), data.get("peft_misloads", {}), data.get("peft_names", {}))
 
 
 @lru_cache(maxsize=None)

@@ -38,6 +38,14 @@ _QWEN3_5_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_
                  "mrope_interleaved": True}
 _MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}  # sums to head_dim / 2
 
+# Gemma 4's features at once, so the derivation sees every tensor: per-layer inputs and kv-shared layers with a
+# double-wide MLP (E2B/E4B), MoE beside the MLP and k = v on global layers (26B-A4B, 31B); hub Gemma 4 ties
+_GEMMA4_TEXT = {"num_hidden_layers": 4, "layer_types": ["sliding_attention", "full_attention"] * 2, "sliding_window": 16,
+                "global_head_dim": 32, "num_kv_shared_layers": 2, "use_double_wide_mlp": True,
+                "vocab_size_per_layer_input": 96, "hidden_size_per_layer_input": 8, "final_logit_softcapping": 30.0,
+                "enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 32,
+                "attention_k_eq_v": True, "num_global_key_value_heads": 1, "tie_word_embeddings": True}
+
 # per-type overrides (after GENERIC); these are the configs the parity tests run. The LEGACY types'
 # entries are complete (GENERIC is not applied to them: their test models stay as they were).
 TINY: dict[str, dict] = {
@@ -77,8 +85,9 @@ TINY: dict[str, dict] = {
     "deepseek_v3": {"head_dim": 8},  # transformers rotates head_dim = qk_rope_head_dim
     "glm4_moe_lite": {"head_dim": 8},
     "glm4_moe": {"use_qk_norm": True},  # GLM-4.5 (355B) normalises q/k; traced so its q_norm/k_norm have rules
-    "deepseek_v32": {"head_dim": 8, "num_key_value_heads": 4},  # transformers' MLA + indexer: kv heads = heads
-    "glm_moe_dsa": {"head_dim": 8, "num_key_value_heads": 4},
+    # transformers' MLA + indexer: kv heads = heads; the indexer keeps 8 keys, so the 24-token parity probes use it
+    "deepseek_v32": {"head_dim": 8, "num_key_value_heads": 4, "index_topk": 8},
+    "glm_moe_dsa": {"head_dim": 8, "num_key_value_heads": 4, "index_topk": 8},
     "falcon_h1": {"head_dim": 64},
     "mistral4": {"head_dim": 16},  # rotates head_dim * partial_rotary_factor (0.5) = qk_rope_head_dim (8)
     "minicpm3": {"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
@@ -86,8 +95,47 @@ TINY: dict[str, dict] = {
     "gpt_bigcode": {"n_inner": 256},
     "lfm2": {"layer_types": ["conv", "full_attention"], "tie_word_embeddings": True},
     "exaone_moe": {"mlp_layer_types": ["dense", "sparse"]},
+    # hub Gemma 4 configs: global layers with their own head_dim (global_head_dim; transformers 5 keeps it in
+    # per_layer_config), per-layer input embeddings, the final softcap
+    "gemma4_text": _GEMMA4_TEXT,
+    # hub Gemma 4 checkpoints carry a vision tower (E2B/E4B an audio tower too), which mlx-lm drops
+    "gemma4": {"text_config": _GEMMA4_TEXT, "tie_word_embeddings": True,
+               "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                 "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16,
+                                 "position_embedding_size": 64, "patch_size": 4},
+               "audio_config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                "subsampling_conv_channels": [8, 4], "output_proj_dims": 32}},
+    # transformers' encoder-free Gemma 4 has neither per-layer inputs nor MoE (mlx-lm's gemma4 reads both from the config)
+    "gemma4_unified": {"text_config": {**_GEMMA4_TEXT, "hidden_size_per_layer_input": 0, "enable_moe_block": False},
+                       "tie_word_embeddings": True},
+    # hub Kimi-Linear: no q low-rank (q_lora_rank null; mlx-lm has only q_proj)
+    "kimi_linear": {"layer_types": ["linear_attention", "full_attention"], "linear_num_heads": 4, "linear_head_dim": 16,
+                    "q_lora_rank": None},
+    # rotary dims even (hub: 0.334 of 192)
+    "mimo_v2_flash": {"layer_types": ["full_attention", "sliding_attention"], "mlp_layer_types": ["dense", "sparse"],
+                      "sliding_window": 9, "rope_theta": 500000.0, "rope_parameters": {
+                          t: {"rope_type": "default", "rope_theta": th, "partial_rotary_factor": 0.5}
+                          for t, th in (("full_attention", 500000.0), ("sliding_attention", 10000.0))}},
+    "longcat_flash": {"num_layers": 2, "ffn_hidden_size": 128, "expert_ffn_hidden_size": 32, "moe_topk": 2,
+                      "zero_expert_num": 2},
+    "muse_spark": {"out_hidden_size": 64, "projector_hidden_size": 64,
+                   "text_config": {"layer_rope_theta": [500000.0, 0], "moe_hidden_size": 32, "sliding_window": 16},
+                   "vision_config": {"pos_emb_height": 4, "pos_emb_width": 4, "patch_size": 4},
+                   "audio_config": {"hidden_sizes": [8, 8, 16, 16], "depths": [1, 1, 1, 1], "out_hidden_size": 64}},
+    "minimax_m3_vl": {"projector_hidden_size": 64, "merged_hidden_size": 128,
+                      "text_config": {"shared_intermediate_size": 32, "dense_intermediate_size": 128,
+                                      "index_head_dim": 16, "index_block_size": 4, "index_topk_blocks": 2,
+                                      "rotary_dim": 16}},
+    "muse_glimmer": {"out_hidden_size": 128, "projector_hidden_size": 64, "text_config": {"sliding_window": 16},
+                     "vision_config": {"pos_emb_height": 4, "pos_emb_width": 4, "patch_size": 4}},
+    # q, k, v convolutions of one size: transformers' save splits its fused conv1d into 3 equal chunks
+    "olmo_hybrid": {"linear_num_value_heads": 2},
+    "kimi_k25": {"text_config": {"head_dim": 8}},  # DeepSeek-V3 text model: rotates head_dim = qk_rope_head_dim
+    # transformers' lfm2_moe has no default layer_types; one dense layer, then MoE (num_dense_layers)
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1, "tie_word_embeddings": True},
     "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"]},
-    "dbrx": {"d_model": 64, "n_heads": 4, "n_layers": 2, "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0},
+    # hub DBRX clips q, k, v at 8 (mlx-lm always clips: a null clip_qkv fails in it)
+    "dbrx": {"d_model": 64, "n_heads": 4, "n_layers": 2, "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
              "ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2}},
     "nemotron_h": {"mamba_num_heads": 4, "mamba_head_dim": 16, "ssm_state_size": 16, "n_groups": 1,
                    "hybrid_override_pattern": "M*"},
@@ -115,13 +163,15 @@ TINY: dict[str, dict] = {
     # recurrent, recurrent, attention: mlx-lm's recurrent_gemma needs the whole block pattern; one kv head (MQA)
     "recurrent_gemma": {"num_hidden_layers": 3, "num_key_value_heads": 1},
     # mlx-lm's llama4_text is the dense text model (every layer an MLP of intermediate_size_mlp); it names an
-    # untied head `output` (no hub checkpoint does), so only tied ones load
-    "llama4_text": {"moe_layers": [], "intermediate_size_mlp": 128, "tie_word_embeddings": True},
+    # untied head `output` (no hub checkpoint does), so only tied ones load; chunks of 8 (hub: 8192) so the 24-token
+    # parity probes cross them
+    "llama4_text": {"moe_layers": [], "intermediate_size_mlp": 128, "tie_word_embeddings": True,
+                    "attention_chunk_size": 8},
     # hidden != 2 x moe_intermediate_size: transformers tells the hub's transposed experts by their shape
     "qwen3_vl_moe": {"text_config": {"moe_intermediate_size": 16}},
     "qwen2_vl": {"tie_word_embeddings": True, "text_config": {"rope_parameters": _MROPE}},
     # mlx-lm's llama4 routes to one expert and makes every 4th layer global (4 layers at least)
-    "llama4": {"text_config": {"num_experts_per_tok": 1, "num_hidden_layers": 4}},
+    "llama4": {"text_config": {"num_experts_per_tok": 1, "num_hidden_layers": 4, "attention_chunk_size": 8}},
     # hub Phi-3.5-MoE: biased attention and lm_head (mlx-lm's phimoe always has them)
     "phimoe": {"attention_bias": True, "lm_head_bias": True},
 }
@@ -146,7 +196,7 @@ def tiny_config(model_type: str, **overrides) -> dict:
     default = AutoConfig.for_model(model_type)
     cfg = dict(BASE)
     if model_type not in LEGACY:
-        cfg.update({k: v for k, v in GENERIC.items() if hasattr(default, k)})
+        cfg.update({k: v for k, v in GENERIC.items() if _has(default, k)})
     cfg.update(TINY.get(model_type, {}))
     for alias, name in getattr(type(default), "attribute_map", {}).items():  # e.g. gpt_oss num_experts ->
         for given, other in ((alias, name), (name, alias)):  # num_local_experts: an override of either
@@ -157,7 +207,7 @@ def tiny_config(model_type: str, **overrides) -> dict:
         sc = getattr(default, sub, None)
         if sc is not None and not isinstance(sc, dict):
             vals = {**BASE, **GENERIC, "vocab_size": 96} if sub == "text_config" else extra
-            cfg[sub] = {k: v for k, v in vals.items() if hasattr(sc, k)}
+            cfg[sub] = {k: v for k, v in vals.items() if _has(sc, k)}
             cfg[sub].update(TINY.get(model_type, {}).get(sub, {}))
             cfg[sub].update(overrides.get(sub) or {})  # an override of a sub-config's fields wins too
     return cfg
@@ -175,8 +225,9 @@ def hub_style(model_type: str, cfg: dict, hf_config=None) -> dict:
     if model_type not in LEGACY:
         for k, v in HUB_FIELDS.get(model_type, {}).items():  # before the fill: it may read them
             target = cfg.setdefault("text_config", {}) if k == "text_config" else None
+            where = target if target is not None else cfg
             for kk, vv in (v.items() if target is not None else [(k, v)]):
-                (target if target is not None else cfg).setdefault(kk, vv(cfg) if callable(vv) else vv)
+                where.setdefault(kk, vv(where) if callable(vv) else vv)
         _v4_fill(model_type, cfg, hf_config)
         for k, m in V4_VALUES.get(model_type, {}).items():
             cfg[k] = [m.get(v, v) for v in cfg[k]] if isinstance(cfg.get(k), list) else cfg.get(k)
@@ -215,6 +266,42 @@ HUB_FIELDS = {
     "minimax_m2": {"shared_intermediate_size": 0,
                    "rotary_dim": lambda c: int(c["head_dim"] * c["rope_parameters"].get("partial_rotary_factor", 1.0))},
 }
+# Kimi-Linear: hub configs state the linear attention as linear_attn_config (1-indexed layer lists; mlx-lm reads only
+# that), the dense layers as first_k_dense_replace, and mla_use_nope (transformers' KimiLinear has no rope)
+HUB_FIELDS["kimi_linear"] = {
+    "linear_attn_config": lambda c: {
+        "kda_layers": [i + 1 for i, t in enumerate(c["layer_types"]) if t == "linear_attention"],
+        "full_attn_layers": [i + 1 for i, t in enumerate(c["layer_types"]) if t == "full_attention"],
+        "num_heads": c["linear_num_heads"], "head_dim": c["linear_head_dim"],
+        "short_conv_kernel_size": c["linear_conv_kernel_dim"]},
+    "first_k_dense_replace": lambda c: (c["mlp_layer_types"] + ["sparse"]).index("sparse"),
+    "mla_use_nope": True}
+# MiMo-V2-Flash: hub configs state its layer plan and attention in the original code's fields (mlx-lm reads only
+# those); the values are what transformers' MiMoV2Flash computes with: sliding layers have twice the kv heads and
+# sinks, full ones neither; routing is DeepSeek-V3's (sigmoid, correction bias); sliding_window is size + 1
+_ROPE = lambda c, t: c["rope_parameters"][t]  # noqa: E731
+HUB_FIELDS["mimo_v2_flash"] = {
+    "hybrid_layer_pattern": lambda c: [int(t == "sliding_attention") for t in c["layer_types"]],
+    "moe_layer_freq": lambda c: [int(t == "sparse") for t in c["mlp_layer_types"]],
+    "add_swa_attention_sink_bias": True, "add_full_attention_sink_bias": False,
+    "sliding_window_size": lambda c: c["sliding_window"] - 1,
+    "topk_method": "noaux_tc", "scoring_func": "sigmoid", "n_shared_experts": None,
+    "layernorm_epsilon": lambda c: c["rms_norm_eps"],
+    "rope_theta": lambda c: _ROPE(c, "full_attention")["rope_theta"],
+    "swa_rope_theta": lambda c: _ROPE(c, "sliding_attention")["rope_theta"],
+    "partial_rotary_factor": lambda c: _ROPE(c, "full_attention").get("partial_rotary_factor", 1.0),
+    "swa_num_attention_heads": lambda c: c["num_attention_heads"],
+    "swa_num_key_value_heads": lambda c: 2 * c["num_key_value_heads"],
+    "swa_head_dim": lambda c: c["head_dim"], "swa_v_head_dim": lambda c: c["v_head_dim"]}
+# LongCat-Flash: fields of the original code mlx-lm requires, as transformers' LongcatFlash always computes: MLA
+# with both low-rank scales, zero experts that pass the input through
+HUB_FIELDS["longcat_flash"] = {"attention_method": "MLA", "zero_expert_type": "identity", "mla_scale_q_lora": True,
+                               "mla_scale_kv_lora": True}
+# Gemma 4: hub configs state the global layers' head_dim and kv heads as global_head_dim (mlx-lm reads it, default
+# 512) and num_global_key_value_heads; transformers 5 moves both into per_layer_config
+_GEMMA4 = {"global_head_dim": lambda c: next(iter(c["per_layer_config"].values()))["head_dim"],
+           "num_global_key_value_heads": lambda c: next(iter(c["per_layer_config"].values())).get("num_key_value_heads")}
+HUB_FIELDS.update({"gemma4_text": _GEMMA4, "gemma4": {"text_config": _GEMMA4}, "gemma4_unified": {"text_config": _GEMMA4}})
 # v5 values v4 configs spelled differently, per type: field -> {v5 value: v4 value}
 V4_VALUES = {"granitemoehybrid": {"layer_types": {"linear_attention": "mamba", "full_attention": "attention"}}}
 
@@ -289,6 +376,18 @@ def _v4_fill(model_type: str, cfg: dict, hf_config) -> None:
             except TypeError:
                 continue
             target[f.name] = v
+
+
+def _has(obj, name) -> bool:
+    """hasattr that counts a per-layer attribute (gemma4's head_dim, which transformers refuses to read
+    globally) as present."""
+    try:
+        getattr(obj, name)
+        return True
+    except AttributeError:
+        return False
+    except Exception:
+        return True
 
 
 def _attr(obj, name):

@@ -76,6 +76,8 @@ def tiny_hf_model(out: str | os.PathLike, model_type: str = "llama", dtype: str 
     arch = describe(model_type)  # refused types too: deploy tests build tiny models of types export refuses
     cfg = tiny_config(model_type, **overrides)  # overrides win over the arch defaults
     ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    if "vocab_size_per_layer_input" in (cfg.get("text_config") or cfg):  # gemma3n / gemma4: the same vocabulary
+        ids["vocab_size_per_layer_input"] = len(tok)
     cfg.update(ids)
     cfg.setdefault("pad_token_id", tok.pad_token_id)
     if isinstance(cfg.get("text_config"), dict):
@@ -92,6 +94,9 @@ def tiny_hf_model(out: str | os.PathLike, model_type: str = "llama", dtype: str 
                 p.normal_(0, 0.08)
             elif "bias" in name:
                 p.normal_(0, 0.02)
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):  # clipped linears' bounds
+            if t.is_floating_point() and torch.isinf(t).any():  # (Gemma 3n/4 towers) init at +-inf; hub ones are finite
+                t.copy_(torch.where(t > 0, 8.0, -8.0))
         for name, b in model.named_buffers():  # DeepSeek-V3-style routing bias (a buffer): a dropped one must show
             if name.endswith("e_score_correction_bias"):
                 b.normal_(0, 0.05)

@@ -50,6 +50,10 @@ def effective_config(cfg: dict, arch: Arch, dtype: str) -> tuple[dict, list[str]
             notes.append(f"{k}: null in config.json; mlx-lm computes {arch.model_type} with {v!r}, which the export states")
     for t in arch.quirks.unused:
         notes.append(f"{t}: mlx-lm loads it but computes without it; the export writes zeros (what MLX computed)")
+    if (f := arch.quirks.window_field) and cfg.get(f) is not None:
+        c["sliding_window"] = c.pop(f)
+        notes.append(f"{f}: mlx-lm attends to the last {cfg[f]} tokens; transformers reads {f} as a window one token "
+                     f"longer, so the export states sliding_window={cfg[f]} and leaves {f} out")
     for k in arch.mlx_ignores:
         if cfg.get(k) is not None:
             c[k] = None
@@ -175,6 +179,10 @@ def _rope_as_mlx(cfg: dict, c: dict, arch: Arch, notes: list[str]) -> None:
                      f"MLX computed with rope_theta={theta!r}, rope_type={rope_type!r}, which the export states")
     c["rope_theta"] = theta
     c["rope_parameters"] = params
+    if arch.quirks.rope_theta_by_layer_type:  # per layer type, each with the theta mlx-lm read for it
+        prf = {"partial_rotary_factor": cfg["partial_rotary_factor"]} if "partial_rotary_factor" in cfg else {}
+        c["rope_parameters"] = {t: {**params, "rope_theta": cfg.get(f, theta), **prf}
+                                for t, f in arch.quirks.rope_theta_by_layer_type.items()}
     if scaling is None:
         c.pop("rope_scaling", None)
     else:  # what MLX computed, for readers of the v4 field too

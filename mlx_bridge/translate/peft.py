@@ -58,11 +58,12 @@ def peft_tensors(plan: Plan, dtype: str = "auto") -> tuple[list[PeftTensor], lis
     if bad:
         raise BridgeError(f"{plan.source.path}: PEFT's LoRA refuses to target the transformers module of an adapted weight "
                           f"({'; '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}); use --format hf")
+    _misloads(plan)
     for it in plan.items:
         lo = it.lora
         if lo is None:
             continue
-        module = it.name[: -len(".weight")]
+        module = built_name(plan.arch.peft_names, it.name[: -len(".weight")])
         modules.append(module)
         pre = f"base_model.model.{module}."
 
@@ -93,6 +94,47 @@ def peft_tensors(plan: Plan, dtype: str = "auto") -> tuple[list[PeftTensor], lis
     return out, modules, ranks.pop()
 
 
+def _misloads(plan: Plan) -> None:
+    """Refuse adapters PEFT's own loading would not apply as written (`Arch.peft_misloads`: e.g. transformers' fused
+    MoE experts PEFT converts for some types only, dense gate_proj renamed with them), or only beside their siblings."""
+    mis = plan.arch.peft_misloads
+    adapted = {it.name[: -len(".weight")] for it in plan.items if it.lora is not None}
+    bad = []
+    for m in sorted(adapted, key=_natural):
+        t, nums = plan.arch.template(m)
+        why = mis.get(t)
+        if why is None:
+            continue
+        if why.startswith("with siblings "):
+            need = [_fill_module(s, nums) for s in why.removeprefix("with siblings ").split(", ")]
+            if all(n in adapted for n in need):
+                continue
+        bad.append(f"{m} ({why})")
+    if bad:
+        raise BridgeError(f"{plan.source.path}: PEFT's loading does not apply these adapters as written "
+                          f"({'; '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}); use --format hf")
+
+
+def built_name(names: dict[str, str], module: str) -> str:
+    """The module's name in the model transformers builds (`Arch.peft_names`; PEFT matches adapters against it).
+
+    Example:
+        >>> built_name({"language_model.model.layers.{}.mlp.up_proj": "model.language_model.layers.{}.mlp.up_proj"},
+        ...            "language_model.model.layers.3.mlp.up_proj")
+        'model.language_model.layers.3.mlp.up_proj'
+    """
+    from ..archs import template
+
+    t, nums = template(module)
+    return _fill_module(names[t], nums) if t in names else module
+
+
+def _fill_module(template: str, nums: list[int]) -> str:
+    for n in nums:
+        template = template.replace("{e}" if "{}" not in template else "{}", str(n), 1)
+    return template
+
+
 def target_spec(adapted: list[str], all_modules: list[str]) -> dict:
     """PEFT targeting that selects exactly the adapted modules.
 
@@ -121,7 +163,8 @@ def target_spec(adapted: list[str], all_modules: list[str]) -> dict:
 def peft_config(plan: Plan, modules: list[str], rank: int, base_ref: str) -> dict:
     adapter = plan.source.adapter
     scale = adapter.scale
-    all_modules = [i.name[: -len(".weight")] for i in plan.items if i.name.endswith(".weight") and len(i.shape) == 2]
+    all_modules = [built_name(plan.arch.peft_names, i.name[: -len(".weight")]) for i in plan.items
+                   if i.name.endswith(".weight") and len(i.shape) == 2]
     use_dora = any(i.lora is not None and i.lora.m is not None for i in plan.items)
     cfg = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_ref, "revision": None,

@@ -12,6 +12,8 @@ names and layouts derived from mlx-vlm (archs/mlx_vlm.json).
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 
 from ..errors import raise_all
@@ -50,6 +52,12 @@ def _fill(template: str, layers: list[int], expert: int | None = None) -> str:
     for i in layers:
         out = out.replace("{}", str(i), 1)
     return out
+
+
+def _expert_part(template: str, nums: list[int]) -> tuple[int, list[int]]:
+    """(expert index, layer numbers) of an MLX key whose template has "{e}" (e.g. dbrx's experts.{e}.w1)."""
+    at = re.findall(r"\{e?\}", template).index("{e}")
+    return nums[at], nums[:at] + nums[at + 1:]
 
 
 def _quant_params(qcfg: dict, module: str) -> dict | None:
@@ -169,12 +177,14 @@ def build_plan(source: Source, dtype: str = "auto", text_only: bool = False) -> 
             continue
         for hf_t, i in uses:
             rule = arch.rules[hf_t]["parts"][i]
-            idx = rule.get("index")
+            idx, nums = rule.get("index"), layers
+            if arch.rules[hf_t].get("experts"):  # one MLX tensor per expert, joined: expert e is part e
+                i, nums = _expert_part(template, layers)
             if idx == "{e}" and num_experts is not None and shape[0] != num_experts:
                 problems.append(f"{ref.file.path.name}: {key} stacks {shape[0]} experts, config says {num_experts}")
                 break
             for e in (range(shape[0]) if idx == "{e}" else [idx]):
-                name = _fill(hf_t, layers, e if idx == "{e}" else None)
+                name = _fill(hf_t, nums, e if idx == "{e}" else None)
                 if "{" in name:
                     problems.append(f"{ref.file.path.name}: {key}: cannot name its HF tensor {hf_t}")
                     continue
@@ -197,7 +207,12 @@ def build_plan(source: Source, dtype: str = "auto", text_only: bool = False) -> 
         hf_t, parts = outputs[name]
         rule = arch.rules[hf_t]
         n = len(rule["parts"])
-        if len(parts) != n:
+        if rule.get("experts"):
+            n = num_experts or len(parts)
+            if sorted(parts) != list(range(n)):
+                problems.append(f"{source.base.path}: {name} joins experts {sorted(parts)}, config says {n}")
+                continue
+        elif len(parts) != n:
             missing = [_fill(rule["parts"][i]["mlx"], key_template(name)[1]) for i in range(n) if i not in parts]
             problems.append(f"{source.base.path}: {name} needs {', '.join(missing)}, which the model lacks")
             continue
