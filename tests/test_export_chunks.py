@@ -102,3 +102,23 @@ def test_a_stream_of_chunks_hashes_as_the_file(tmp_path):
     assert hasher.digests() == {"model.safetensors": hashlib.sha256(data).hexdigest()}
     assert data.endswith(w.tobytes())
     hasher.close()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float8_e5m2"])
+def test_the_nan_inf_scan_sees_every_bit_pattern(dtype):
+    """The scan's fast 'none' test (two max reductions of the bits) against float32's isfinite: every
+    bit pattern of the type counted, and each NaN/Inf pattern alone among finite values found."""
+    import ml_dtypes
+
+    from mlx_bridge.formats.dtypes import count_nonfinite
+
+    dt = np.dtype(getattr(ml_dtypes, dtype, None) or dtype)
+    ut = np.dtype(f"u{dt.itemsize}")
+    every = np.arange(1 << (8 * dt.itemsize)).astype(ut).view(dt)
+    bad = ~np.isfinite(every.astype(np.float32))
+    assert count_nonfinite(every) == bad.sum() > 0
+    assert count_nonfinite(every[~bad]) == 0
+    finite = np.zeros(100, dt)
+    for v in every[bad]:
+        finite[57] = v
+        assert count_nonfinite(finite) == 1, hex(int(np.array(v).view(ut)))

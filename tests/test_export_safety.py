@@ -167,6 +167,29 @@ def test_full_disk_while_finishing_leaves_nothing(ckpt, tmp_path, capsys, monkey
     assert os.listdir(where) == []
 
 
+def test_a_disk_too_small_for_the_shards_is_refused_before_writing(zoo, tmp_path, capsys, monkeypatch):
+    """Each shard's size is reserved (fallocate) before its first byte: a full disk is one line naming
+    the shard, exit 1, nothing under the output name."""
+    import ctypes
+
+    import mlx_bridge.fsutil as fsutil
+
+    asked = []
+
+    def full(fd, mode, offset, nbytes):
+        asked.append(nbytes)
+        ctypes.set_errno(errno.ENOSPC)
+        return -1
+
+    monkeypatch.setattr(fsutil, "_fallocate", lambda: full)
+    where = tmp_path / "w"
+    where.mkdir()
+    rc, err = run(capsys, "export", zoo.mlx("llama"), "--out", where / "out", "--no-verify")
+    line = one_line(err)
+    assert rc == 1 and "No space left on device" in line and "model.safetensors" in line, err
+    assert os.listdir(where) == [] and asked and asked[0] > 1000
+
+
 def test_outputs_follow_the_umask(ckpt, tmp_path, capsys):
     old = os.umask(0o022)
     try:
