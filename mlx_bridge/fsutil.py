@@ -413,8 +413,9 @@ class StreamHasher:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def check_hashes(directory: str | os.PathLike, files: dict[str, str], what: str = "manifest.json") -> None:
-    """Refuse a directory whose files are not the bytes `files` ({name: sha256}) records.
+def check_hashes(directory: str | os.PathLike, files: dict[str, str], what: str = "manifest.json") -> dict[str, str]:
+    """Refuse a directory whose files are not the bytes `files` ({name: sha256}) records; return
+    `files` once checked (so a caller need not hash them again).
 
     Raises:
         BridgeError: naming how many files changed or are missing and the first few.
@@ -432,6 +433,7 @@ def check_hashes(directory: str | os.PathLike, files: dict[str, str], what: str 
         elif sha256_file(p) != want:
             problems.append(f"{name}: changed since it was saved (sha256 differs from {what})")
     raise_all(problems, str(d))
+    return dict(files)
 
 
 def regular_file(path: str | os.PathLike) -> Path:
