@@ -97,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", choices=list(SHAPES), default="tinyllama")
     ap.add_argument("--workdir", type=Path, required=True, help="benchmarks/export.py's --workdir (model reused)")
     ap.add_argument("--repeat", type=int, default=1, help="runs; the one with the least CPU time is shown")
+    ap.add_argument("--layout", choices=["tree", "mlx", "names"], default="tree", help="as benchmarks/export.py's")
     args = ap.parse_args(argv)
-    base, ad = model_dirs(args.workdir, args.shape)
+    base, ad = model_dirs(args.workdir, args.shape, args.layout)
     best = None
     for r in range(args.repeat):
         out = args.workdir / f"out-profile-{r}"

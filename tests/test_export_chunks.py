@@ -169,3 +169,36 @@ def test_an_hf_export_records_the_base_files_sha256(zoo, tmp_path):
     src = Manifest.load(out).export["source_sha256"]
     files = sorted(base.glob("model*.safetensors"))
     assert files and all(src[f.name] == sha256_file(f) for f in files), src
+
+
+@pytest.mark.parametrize("layout", ["names", "shuffled"])
+def test_a_base_in_name_order_is_hashed_from_what_the_export_reads(zoo, tmp_path, layout, monkeypatch):
+    """A base whose file holds its tensors in the export's order (by name, as HF's safetensors writes) is
+    hashed from the bytes the export reads; one in another order (MLX writes hash-map order) is hashed
+    on its own from the start. The manifest's sha256 is the file's either way."""
+    import shutil
+
+    import mlx_bridge.translate.export as ex
+    from mlx_bridge import export
+    from mlx_bridge.formats import StreamWriter, TensorSpec
+    from mlx_bridge.manifest import Manifest
+    from mlx_bridge.testing.adapters import make_adapter
+
+    base = tmp_path / "base"
+    shutil.copytree(zoo.mlx("llama", dtype="bfloat16"), base)
+    (f,) = base.glob("model*.safetensors")
+    tensors = read_tensors(base)
+    names = sorted(tensors)
+    if layout == "shuffled":
+        names = [names[i] for i in np.random.default_rng(0).permutation(len(names))]
+    f.unlink()
+    with StreamWriter(f, [TensorSpec(n, *tensors[n][:2]) for n in names], {"format": "mlx"}) as w:
+        for n in names:
+            w.write(n, tensors[n][2])
+    fed = []
+    real = ex.SourceHasher
+    monkeypatch.setattr(ex, "SourceHasher", lambda paths: fed.extend(paths) or real(paths))
+    ad = make_adapter(base, tmp_path / "ad", rank=4, num_layers=2)
+    out = export(ad, tmp_path / "out", verify=False, progress=False, log=lambda *a: None)
+    assert fed == ([f] if layout == "names" else [])
+    assert Manifest.load(out).export["source_sha256"][f.name] == sha256_file(f)

@@ -5,8 +5,10 @@ its own shard), so every header is known before the first byte. Tensors are made
 (`chunks.py`) on a thread pool a few steps ahead of the writer (numpy releases the GIL in its
 kernels, so both cores work): read with pread (nothing stays mapped), computed where the plan says
 so, and scanned for NaN/Inf. Each byte then passes through once: written, and handed to the shard's
-sha256 (`fsutil.StreamHasher`, its own thread) from the same buffer. Memory stays bounded by the
-look-ahead, and the buffers are reused.
+sha256 (`fsutil.StreamHasher`, its own thread) from the same buffer; the source bytes it was made
+from go to the source file's sha256 (`source_hash.SourceHasher`, its own thread) where the file holds
+them in this order. Each shard's size is reserved before its first byte (`fsutil.preallocate`).
+Memory stays bounded by the look-ahead, and the buffers are reused.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .parts import Item, materialize, nonfinite_error
 from .source_hash import SourceHasher
 
 INDEX = "model.safetensors.index.json"
+CHUNK_BYTES = 2 << 20  # bytes of one chunk, at least
 MAX_CHUNK = 16 << 20  # bytes of one chunk at most (a block of rows wider than this: the tensor is made whole)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -71,7 +74,7 @@ def shard_names(n: int, stem: str = "model") -> list[str]:
 
 
 def write_weights(items: list[Item], out: Path, shard_size: int | str = "5GB", workers: int | None = None,
-                  lookahead_bytes: int = 32 << 20, chunk_bytes: int = 2 << 20, progress: bool = True,
+                  lookahead_bytes: int = 32 << 20, chunk_bytes: int = CHUNK_BYTES, progress: bool = True,
                   hasher: StreamHasher | None = None, rows: int = ROWS,
                   source_hasher: SourceHasher | None = None) -> dict[str, str]:
     """Write all items as shards + index into `out`; return {tensor name: file name}.
@@ -92,9 +95,7 @@ def write_weights(items: list[Item], out: Path, shard_size: int | str = "5GB", w
     total = sum(it.nbytes for it in items)
     workers = workers or min(2, os.cpu_count() or 1)
     bar = _bar(total, progress)
-    # a chunk holds at least `rows` rows of a computed tensor (up to 16 MB; wider ones are made whole)
-    need = max((block_bytes(it, rows) for it in items if it.plain and it.shape), default=0)
-    chunk_bytes = max(chunk_bytes, min(need, MAX_CHUNK))
+    chunk_bytes = chunk_size(items, chunk_bytes, rows)
     todo = (c for it in items for c in split(it, chunk_bytes, rows))
     nbufs = max(4, lookahead_bytes // chunk_bytes)
     raw_bytes = 0
@@ -196,9 +197,17 @@ def write_weights(items: list[Item], out: Path, shard_size: int | str = "5GB", w
     return weight_map
 
 
-def source_spans(items: list[Item], chunk_bytes: int, rows: int = ROWS) -> dict[Path, list[tuple[int, int]]]:
-    """{source file: [(offset, nbytes)]} of the source bytes `write_weights` reads chunk by chunk (what
-    it can hand a `SourceHasher`)."""
+def chunk_size(items: list[Item], chunk_bytes: int = CHUNK_BYTES, rows: int = ROWS) -> int:
+    """The chunk size `write_weights` uses: at least `rows` rows of a computed tensor (up to 16 MB; wider
+    ones are made whole)."""
+    need = max((block_bytes(it, rows) for it in items if it.plain and it.shape), default=0)
+    return max(chunk_bytes, min(need, MAX_CHUNK))
+
+
+def source_spans(items: list[Item], chunk_bytes: int = CHUNK_BYTES, rows: int = ROWS) -> dict[Path, list[tuple[int, int]]]:
+    """{source file: [(offset, nbytes)]}, in the order `write_weights` reads them, of the source bytes it
+    reads chunk by chunk (what it can hand a `SourceHasher`)."""
+    chunk_bytes = chunk_size(items, chunk_bytes, rows)
     spans: dict[Path, list[tuple[int, int]]] = {}
     for it in items:
         if streamable(it, chunk_bytes, rows):

@@ -18,9 +18,9 @@ from ..fsutil import StreamHasher, atomic_dir, check_apart, check_hashes, check_
 from ..manifest import Manifest
 from ..probes import FILENAME as PROBES
 from . import card, hf_config, peft
-from .execute import parse_size, write_weights
+from .execute import parse_size, source_spans, write_weights
 from .plan import Plan, build_plan
-from .source_hash import SourceHasher
+from .source_hash import SourceHasher, fed_share
 from .source import ADAPTER_CONFIG, open_source
 
 FORMATS = ("hf", "peft", "gguf")
@@ -94,13 +94,11 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
         checked = {}
         if source.manifest is not None and source.adapter is not None:
             checked = check_hashes(source.path, source.manifest.files)
-        # the base's weight files: hashed from the bytes an hf export reads to write them (each byte read
-        # once); otherwise, and the adapter, hashed on both cores meanwhile (one read of each byte)
+        # the source is hashed on both cores while the export runs (one read of each byte); an hf
+        # export's base files are started once the plan says which it reads in file order (below)
+        fed_mode = format == "hf" and not dry_run
         base_files = [f.path for f in source.base.files]
-        if format == "hf" and not dry_run:
-            src_hasher = SourceHasher(base_files)
-            base_files = []
-        src_files = base_files + ([source.adapter.file.path] if source.adapter else [])
+        src_files = ([] if fed_mode else base_files) + ([source.adapter.file.path] if source.adapter else [])
         src_sha = _start_hashing(hashing, src_files, stop, {source.path / n: h for n, h in checked.items()})
         if format == "peft" and source.adapter is None:
             raise BridgeError(f"{src}: --format peft needs an adapter or checkpoint directory, not a model directory")
@@ -134,6 +132,9 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
             return out
         for n in notes:
             log(f"note: {n}")
+        if fed_mode:
+            src_hasher, rest = _source_hasher(plan, base_files)
+            src_sha.update(_start_hashing(hashing, rest, stop))
         with atomic_dir(out, force, log=lambda s: print(f"note: {s}", file=sys.stderr)) as tmp:
             t1 = time.perf_counter()
             if format == "hf":
@@ -197,6 +198,16 @@ def _start_hashing(pool: ThreadPoolExecutor, paths: list[Path], stop=None,
         else:
             out[p] = pool.submit(sha256_file, p, stop=stop)
     return out
+
+
+def _source_hasher(plan: Plan, files: list[Path], share: float = 0.5) -> tuple[SourceHasher, list[Path]]:
+    """(a SourceHasher for the base files the export reads mostly in file order, the other files): those
+    are hashed from the bytes the export reads (each byte read once), the others on their own from the
+    start (a file MLX wrote keeps its tensors in hash-map order: hashed from pieces, most of it would be
+    read at the end, after the writing, instead of beside it)."""
+    spans = source_spans(plan.items)
+    fed = [p for p in files if fed_share(spans.get(p, []), p.stat().st_size) >= share]
+    return SourceHasher(fed), [p for p in files if p not in fed]
 
 
 def _check_base(source, src_sha: dict[Path, Future], allow: bool) -> bool:

@@ -80,6 +80,27 @@ class _File:
         return True
 
 
+def fed_share(spans: list[tuple[int, int]], size: int) -> float:
+    """The share of a file of `size` bytes that `SourceHasher` would hash from pieces handed over when
+    the spans come in this order (the rest it reads itself): 1.0 when they come in file order, little
+    when they come shuffled (MLX writes a file's tensors in hash-map order).
+
+    Example:
+        >>> fed_share([(0, 50), (50, 50)], 100), fed_share([(50, 50), (0, 50)], 100)
+        (1.0, 0.5)
+    """
+    f = _File(Path())
+    f.expect(list(spans))
+    fed = 0
+    for off, n in spans:
+        end = off + n
+        if end <= f.pos or (off > f.pos and f.fed_between(f.pos, off)):
+            continue
+        fed += end - max(off, f.pos)
+        f.pos = end
+    return fed / size if size else 1.0
+
+
 class SourceHasher:
     """sha256 of the files at `paths`, computed on one background thread (hashlib releases the GIL)
     from the pieces `feed` hands over, and from the files themselves for the rest."""
