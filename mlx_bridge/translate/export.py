@@ -139,7 +139,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
             t1 = time.perf_counter()
             if format == "hf":
                 write_weights(plan.items, tmp, shard_size, progress=progress, hasher=out_hasher,
-                              source_hasher=src_hasher)
+                              source_hasher=src_hasher if src_hasher.paths else None)
                 src_sha.update(src_hasher.finish(stop))
                 hf_config.write_config(tmp, cfg)
                 hf_config.write_generation_config(source.base.path, tmp, cfg)

@@ -109,6 +109,10 @@ class SourceHasher:
         self._files = {Path(p): _File(Path(p)) for p in paths}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sha256-source")
 
+    @property
+    def paths(self) -> list[Path]:
+        return list(self._files)
+
     def expect(self, spans: dict[Path, list[tuple[int, int]]]) -> None:
         """Say which spans ({path: [(offset, nbytes)]}) will be handed over, before the first `feed`: a
         gap before a piece is read here only if none of its bytes will be."""
