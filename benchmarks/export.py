@@ -9,6 +9,7 @@ VmRSS or the largest single VmHWM).
     python benchmarks/export.py --shape tiny                 # seconds, for development
     python benchmarks/export.py --shape tinyllama            # TinyLlama-1.1B shape, ~2.2 GB bf16
     python benchmarks/export.py --shape llama7b --workdir /big/disk   # ~13.5 GB
+    python benchmarks/export.py --shape tinyllama --layout mlx        # the base's data in MLX's file order
     python benchmarks/export.py --format gguf --shape tinyllama                  # GGUF vs llama.cpp's quantizer
     python benchmarks/export.py --format gguf --shape llama3-8b-1layer           # a 128256 x 4096 embedding
 
@@ -75,8 +76,23 @@ def random_bf16(rng: np.random.Generator, shape: tuple[int, ...], std: float) ->
     return (x.view(np.uint32) >> 16).astype(np.uint16).reshape(shape)
 
 
-def write_shards(d: Path, tensors: list[tuple[str, tuple[int, ...]]], make) -> int:
-    """Greedy 5 GB shards as mlx-lm writes them (+ index); `make(name, shape)` gives each tensor's bytes."""
+def mlx_order(names: list[str]) -> list[str]:
+    """`names` in the order `mx.save_safetensors` lays their data out in a file (its hash map's order)."""
+    import mlx.core as mx
+
+    with tempfile.TemporaryDirectory() as t:
+        mx.save_safetensors(f"{t}/x.safetensors", {n: mx.zeros((1,)) for n in names})
+        with open(f"{t}/x.safetensors", "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    header.pop("__metadata__", None)
+    return sorted(names, key=lambda n: header[n]["data_offsets"][0])
+
+
+def write_shards(d: Path, tensors: list[tuple[str, tuple[int, ...]]], make, layout: str = "tree") -> int:
+    """Greedy 5 GB shards as mlx-lm fills them (+ index); `make(name, shape)` gives each tensor's bytes.
+    `layout`: each shard's data in mlx-lm's parameter order ("tree"), in the order `mx.save_safetensors`
+    writes it ("mlx", what `mlx_lm.convert` and `fuse` leave), or by name ("names", what HF's safetensors
+    writes: a bf16 HF checkpoint mlx-lm loads as it is)."""
     shards, cur, size = [], [], 0
     for name, shape in tensors:
         n = int(np.prod(shape)) * 2
@@ -90,6 +106,9 @@ def write_shards(d: Path, tensors: list[tuple[str, tuple[int, ...]]], make) -> i
         [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     weight_map, total = {}, 0
     for fname, shard in zip(names, shards):
+        if layout != "tree":
+            dims = dict(shard)
+            shard = [(n, dims[n]) for n in (mlx_order(list(dims)) if layout == "mlx" else sorted(dims))]
         specs = [TensorSpec(n, "BF16", s) for n, s in shard]
         with StreamWriter(d / fname, specs, {"format": "mlx"}) as w:
             for n, s in shard:
@@ -101,7 +120,7 @@ def write_shards(d: Path, tensors: list[tuple[str, tuple[int, ...]]], make) -> i
     return total
 
 
-def build_base(d: Path, shape: str, seed: int = 0) -> int:
+def build_base(d: Path, shape: str, seed: int = 0, layout: str = "tree") -> int:
     """The bf16 base model dir (config, tokenizer, generation config, shards); returns weight bytes."""
     from mlx_bridge.testing import tiny_tokenizer
 
@@ -122,7 +141,7 @@ def build_base(d: Path, shape: str, seed: int = 0) -> int:
             return np.full(shape, 0x3F80, np.uint16)
         return random_bf16(rng, shape, 0.02)
 
-    return write_shards(d, llama_tensors(c), make)
+    return write_shards(d, llama_tensors(c), make, layout)
 
 
 def build_adapter(d: Path, base: Path, shape: str, seed: int = 1) -> int:
@@ -149,12 +168,13 @@ def build_adapter(d: Path, base: Path, shape: str, seed: int = 1) -> int:
     return sum(t.nbytes for t in tensors.values())
 
 
-def model_dirs(work: Path, shape: str) -> tuple[Path, Path]:
+def model_dirs(work: Path, shape: str, layout: str = "tree") -> tuple[Path, Path]:
     """(base, adapter) of `shape` under `work`, built unless a previous run left them complete."""
-    base, ad = work / f"base-{shape}", work / f"adapter-{shape}"
+    tag = shape if layout == "tree" else f"{shape}-{layout}"
+    base, ad = work / f"base-{tag}", work / f"adapter-{tag}"
     if not (base / "model.safetensors.index.json").exists():
         shutil.rmtree(base, ignore_errors=True)
-        build_base(base, shape)
+        build_base(base, shape, layout=layout)
     if not (ad / "adapter_config.json").exists():
         shutil.rmtree(ad, ignore_errors=True)
         build_adapter(ad, base, shape)
@@ -231,14 +251,25 @@ def measure(cmd: list[str]) -> tuple[float, float, float]:
 # the export with its checks stubbed out (sha256 of source and output, NaN/Inf scan): what they cost
 NO_CHECKS = """
 import sys
+from concurrent.futures import Future
 import mlx_bridge.translate.export as ex, mlx_bridge.translate.plan as plan
 import mlx_bridge.translate.chunks as chunks, mlx_bridge.translate.parts as parts
 class NoHash:
     def update(self, *a, **k): return None
     def digests(self): return {}
     def close(self): pass
+class NoSourceHash:
+    def __init__(self, paths): self.paths = paths
+    def expect(self, spans): pass
+    def feed(self, *a): return None
+    def finish(self, stop=None):
+        f = Future()
+        f.set_result("0" * 64)
+        return {p: f for p in self.paths}
+    def close(self): pass
 ex.sha256_file = lambda p, **k: "0" * 64
 ex.StreamHasher = NoHash
+ex.SourceHasher = NoSourceHash
 plan.count_nonfinite = chunks.count_nonfinite = parts.count_nonfinite = lambda a: 0
 from mlx_bridge.cli import main
 sys.exit(main(["export", sys.argv[1], "--out", sys.argv[2], "--no-verify"]))
@@ -264,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, help="where to build and write (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the built base/adapter in the work dir (and reuse them)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per tool; the fastest is shown")
+    ap.add_argument("--layout", choices=["tree", "mlx", "names"], default="tree",
+                    help="order of the base's tensors in its file: mlx-lm's parameter order (tree), as "
+                         "mx.save_safetensors writes them (mlx), or by name as HF's safetensors does (names)")
     ap.add_argument("--format", choices=["hf", "gguf"], default="hf",
                     help="gguf: q4_k_m / q8_0 export against llama.cpp's llama_model_quantize from an f16 GGUF")
     args = ap.parse_args(argv)
@@ -273,9 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix=f"bench-export-{args.shape}-"))
     work.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    base, ad = model_dirs(work, args.shape)
+    base, ad = model_dirs(work, args.shape, args.layout)
     model_bytes = dir_bytes(base, "model*.safetensors")
-    print(f"{args.shape}: base {model_bytes / 1e9:.2f} GB bf16, adapter {dir_bytes(ad, 'adapters.safetensors') / 1e6:.1f} MB "
+    print(f"{args.shape} ({args.layout} layout): base {model_bytes / 1e9:.2f} GB bf16, adapter {dir_bytes(ad, 'adapters.safetensors') / 1e6:.1f} MB "
           f"(rank {RANK}, {len(LINEARS)} linears x {SHAPES[args.shape]['num_hidden_layers']} layers); "
           f"built in {time.perf_counter() - t:.0f} s under {work}", flush=True)
 
@@ -291,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "adapter_model.safetensors"),
     }
     rows, load0 = {}, os.getloadavg()[0]
+    print(f"uptime at start: {_uptime()}", flush=True)
     for name, (cmd, pattern) in tools.items():
         best = None
         for r in range(args.repeat):
@@ -310,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name}: {best[0]:.2f} s", flush=True)
 
     t_fuse, t_cp = rows["mlx_lm.fuse --dequantize"][0], rows["cp -r base"][0]
+    print(f"uptime at end: {_uptime()}")
     print()
     print(f"| {'tool':26} | {'seconds':>8} | {'CPU s':>6} | {'peak RSS MB':>11} | {'GB/s':>6} | {'fuse / this':>11} "
           f"| {'this / cp':>9} | {'load':>4} |")

@@ -2,8 +2,9 @@
 
 Runs the export of `benchmarks/export.py`'s model (built there, reused with the same --workdir) in a
 child process whose parts are wrapped to add up their threads' CPU time (`time.thread_time`): the
-sha256 of the source (read + hash) and of the output, the making of each chunk (pread, LoRA fuse,
-NaN/Inf scan), whole tensors (`materialize`), and the writes. The rest is start-up (imports), the
+sha256 of the source (the bytes the export reads, handed over, and what the hash reads itself) and of
+the output, the making of each chunk (pread, LoRA fuse, NaN/Inf scan), whole tensors (`materialize`),
+and the writes. The rest is start-up (imports), the
 plan, the tokenizer and manifest, and the writer's own Python. With 2 cores the wall time is at least
 half the total CPU time.
 
@@ -26,10 +27,10 @@ from export import SHAPES, model_dirs, warm  # noqa: E402
 CHILD = r"""
 import collections, hashlib, json, resource, sys, threading, time
 import mlx_bridge.fsutil as fs, mlx_bridge.translate.chunks as ch, mlx_bridge.translate.execute as ex
-import mlx_bridge.translate.export as export
+import mlx_bridge.translate.export as export, mlx_bridge.translate.source_hash as sh
 from mlx_bridge.formats import StreamWriter
 
-T, lock = collections.defaultdict(float), threading.Lock()
+T, lock, local = collections.defaultdict(float), threading.Lock(), threading.local()
 
 def timed(key, f):
     def g(*a, **k):
@@ -47,14 +48,30 @@ class Sha256:  # the hash part, by the thread that runs it (StreamHasher's threa
     def update(self, b):
         c = time.thread_time()
         self.h.update(b)
-        key = "sha256 output" if threading.current_thread().name.startswith("sha256") else "  of which hashing"
+        dt = time.thread_time() - c
+        name = threading.current_thread().name
         with lock:
-            T[key] += time.thread_time() - c
+            if name.startswith("sha256-source") or not name.startswith("sha256"):  # the source's
+                T["  of which hashing"] += dt
+                if not getattr(local, "reading", False):  # handed over by the writer (not read here)
+                    T["sha256 source (read + hash)"] += dt
+            else:
+                T["sha256 output"] += dt
     def hexdigest(self):
         return self.h.hexdigest()
 
-fs.hashlib = type("hashlib", (), {"sha256": Sha256})
-export.sha256_file = timed("sha256 source (read + hash)", fs.sha256_file)
+def reading(f):  # the source hash reading a file itself (what the export did not hand over)
+    def g(*a, **k):
+        local.reading = True
+        try:
+            return f(*a, **k)
+        finally:
+            local.reading = False
+    return g
+
+fs.hashlib = sh.hashlib = type("hashlib", (), {"sha256": Sha256})
+export.sha256_file = timed("sha256 source (read + hash)", reading(fs.sha256_file))
+sh._File.read = timed("sha256 source (read + hash)", reading(sh._File.read))
 ex.make = timed("make chunks (total)", ch.make)
 ch._pread = timed("  pread", ch._pread)
 ch.fuse_rows = timed("  LoRA fuse (float32, rounded)", ch.fuse_rows)
@@ -80,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", choices=list(SHAPES), default="tinyllama")
     ap.add_argument("--workdir", type=Path, required=True, help="benchmarks/export.py's --workdir (model reused)")
     ap.add_argument("--repeat", type=int, default=1, help="runs; the one with the least CPU time is shown")
+    ap.add_argument("--layout", choices=["tree", "mlx", "names"], default="tree", help="as benchmarks/export.py's")
     args = ap.parse_args(argv)
-    base, ad = model_dirs(args.workdir, args.shape)
+    base, ad = model_dirs(args.workdir, args.shape, args.layout)
     best = None
     for r in range(args.repeat):
         out = args.workdir / f"out-profile-{r}"

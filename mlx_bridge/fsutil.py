@@ -20,12 +20,15 @@ the 0700/0600 of `tempfile`).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import functools
 import hashlib
 import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
@@ -286,6 +289,47 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     return path
 
 
+def preallocate(fd: int, nbytes: int, path: str | os.PathLike | None = None) -> bool:
+    """Reserve `nbytes` of disk for the file open as `fd` before it is written (Linux `fallocate`):
+    a full disk fails here, before any byte is written, and the writes that follow skip the
+    filesystem's block allocation (ext4: a third of the CPU time of writing 2 GB into the page cache).
+    Returns False where the OS or filesystem has no such call (nothing reserved, nothing written).
+
+    Raises:
+        OSError: ENOSPC (or another error of the call itself), naming `path`.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryFile() as f:
+        ...     _ = preallocate(f.fileno(), 4096)
+        ...     os.fstat(f.fileno()).st_size  # the size stays what is written
+        0
+    """
+    fallocate = _fallocate()
+    if fallocate is None or nbytes <= 0:
+        return False
+    FALLOC_FL_KEEP_SIZE = 1  # the file's size grows only as it is written (a cut-short write stays visible)
+    if fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, nbytes) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
+        return False
+    raise OSError(err, os.strerror(err), None if path is None else str(path))
+
+
+@functools.cache
+def _fallocate():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        f = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    f.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    f.restype = ctypes.c_int
+    return f
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20, stop=None) -> str | None:
     """Hex sha256 of a file, read into one reused buffer of `chunk` bytes (cache-sized: no fresh
     memory per read); None if the event `stop` is set meanwhile (a refused export does not wait for
@@ -369,8 +413,9 @@ class StreamHasher:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def check_hashes(directory: str | os.PathLike, files: dict[str, str], what: str = "manifest.json") -> None:
-    """Refuse a directory whose files are not the bytes `files` ({name: sha256}) records.
+def check_hashes(directory: str | os.PathLike, files: dict[str, str], what: str = "manifest.json") -> dict[str, str]:
+    """Refuse a directory whose files are not the bytes `files` ({name: sha256}) records; return
+    `files` once checked (so a caller need not hash them again).
 
     Raises:
         BridgeError: naming how many files changed or are missing and the first few.
@@ -388,6 +433,7 @@ def check_hashes(directory: str | os.PathLike, files: dict[str, str], what: str 
         elif sha256_file(p) != want:
             problems.append(f"{name}: changed since it was saved (sha256 differs from {what})")
     raise_all(problems, str(d))
+    return dict(files)
 
 
 def regular_file(path: str | os.PathLike) -> Path:

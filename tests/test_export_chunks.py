@@ -102,3 +102,103 @@ def test_a_stream_of_chunks_hashes_as_the_file(tmp_path):
     assert hasher.digests() == {"model.safetensors": hashlib.sha256(data).hexdigest()}
     assert data.endswith(w.tobytes())
     hasher.close()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float8_e5m2"])
+def test_the_nan_inf_scan_sees_every_bit_pattern(dtype):
+    """The scan's fast 'none' test (two max reductions of the bits) against float32's isfinite: every
+    bit pattern of the type counted, and each NaN/Inf pattern alone among finite values found."""
+    import ml_dtypes
+
+    from mlx_bridge.formats.dtypes import count_nonfinite
+
+    dt = np.dtype(getattr(ml_dtypes, dtype, None) or dtype)
+    ut = np.dtype(f"u{dt.itemsize}")
+    every = np.arange(1 << (8 * dt.itemsize)).astype(ut).view(dt)
+    bad = ~np.isfinite(every.astype(np.float32))
+    assert count_nonfinite(every) == bad.sum() > 0
+    assert count_nonfinite(every[~bad]) == 0
+    finite = np.zeros(100, dt)
+    for v in every[bad]:
+        finite[57] = v
+        assert count_nonfinite(finite) == 1, hex(int(np.array(v).view(ut)))
+
+
+@pytest.mark.parametrize("order", ["file", "reversed", "shuffled", "head-first"])
+def test_the_source_hash_fed_in_any_order_is_the_files(tmp_path, order, monkeypatch):
+    """Pieces handed over in any order, overlapping or not, with gaps no one hands over: the digest is the
+    file's, and in file order only the gaps are read from disk."""
+    import mlx_bridge.translate.source_hash as sh
+
+    data = np.random.default_rng(1).integers(0, 256, 100_000, np.uint8).tobytes()
+    p = tmp_path / "x.bin"
+    p.write_bytes(data)
+    spans = [(300 + k * 9000, 8000) for k in range(10)] + [(95_000, 3000), (96_000, 4000)]  # the last two overlap
+    if order == "reversed":
+        spans = spans[::-1]
+    elif order == "shuffled":
+        spans = [spans[i] for i in np.random.default_rng(2).permutation(len(spans))]
+    elif order == "head-first":  # lm_head: written first, stored last
+        spans = spans[-1:] + spans[:-1]
+    read = []
+    real = sh._File.read
+    monkeypatch.setattr(sh._File, "read", lambda self, a, b, stop: read.append((a, b)) or real(self, a, b, stop))
+    h = sh.SourceHasher([p])
+    h.expect({p: spans})
+    for off, n in spans:
+        for b in range(off, off + n, 3000):  # each span in pieces, as chunks
+            h.feed(p, b, data[b: min(b + 3000, off + n)])
+    assert h.finish()[p].result() == hashlib.sha256(data).hexdigest()
+    h.close()
+    if order == "file":  # only what no span covers is read: the header and the gaps between spans
+        covered = np.zeros(len(data), bool)
+        for off, n in spans:
+            covered[off: off + n] = True
+        assert sum((b or len(data)) - a for a, b in read) == (~covered).sum() == 15_000, read
+
+
+def test_an_hf_export_records_the_base_files_sha256(zoo, tmp_path):
+    """The base's sha256 in the manifest comes from the bytes the export read (lm_head first, stored last
+    in an mlx-lm file): it must equal a fresh hash of each file."""
+    from mlx_bridge import export
+    from mlx_bridge.manifest import Manifest
+
+    base = zoo.mlx("llama", dtype="bfloat16")
+    out = export(zoo.adapter(base, "lora-bf16", rank=4, num_layers=2), tmp_path / "out", verify=False,
+                 progress=False, log=lambda *a: None)
+    src = Manifest.load(out).export["source_sha256"]
+    files = sorted(base.glob("model*.safetensors"))
+    assert files and all(src[f.name] == sha256_file(f) for f in files), src
+
+
+@pytest.mark.parametrize("layout", ["names", "shuffled"])
+def test_a_base_in_name_order_is_hashed_from_what_the_export_reads(zoo, tmp_path, layout, monkeypatch):
+    """A base whose file holds its tensors in the export's order (by name, as HF's safetensors writes) is
+    hashed from the bytes the export reads; one in another order (MLX writes hash-map order) is hashed
+    on its own from the start. The manifest's sha256 is the file's either way."""
+    import shutil
+
+    import mlx_bridge.translate.export as ex
+    from mlx_bridge import export
+    from mlx_bridge.formats import StreamWriter, TensorSpec
+    from mlx_bridge.manifest import Manifest
+    from mlx_bridge.testing.adapters import make_adapter
+
+    base = tmp_path / "base"
+    shutil.copytree(zoo.mlx("llama", dtype="bfloat16"), base)
+    (f,) = base.glob("model*.safetensors")
+    tensors = read_tensors(base)
+    names = sorted(tensors)
+    if layout == "shuffled":
+        names = [names[i] for i in np.random.default_rng(0).permutation(len(names))]
+    f.unlink()
+    with StreamWriter(f, [TensorSpec(n, *tensors[n][:2]) for n in names], {"format": "mlx"}) as w:
+        for n in names:
+            w.write(n, tensors[n][2])
+    fed = []
+    real = ex.SourceHasher
+    monkeypatch.setattr(ex, "SourceHasher", lambda paths: fed.extend(paths) or real(paths))
+    ad = make_adapter(base, tmp_path / "ad", rank=4, num_layers=2)
+    out = export(ad, tmp_path / "out", verify=False, progress=False, log=lambda *a: None)
+    assert fed == ([f] if layout == "names" else [])
+    assert Manifest.load(out).export["source_sha256"][f.name] == sha256_file(f)

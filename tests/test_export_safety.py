@@ -167,6 +167,50 @@ def test_full_disk_while_finishing_leaves_nothing(ckpt, tmp_path, capsys, monkey
     assert os.listdir(where) == []
 
 
+def test_a_disk_too_small_for_the_shards_is_refused_before_writing(zoo, tmp_path, capsys, monkeypatch):
+    """Each shard's size is reserved (fallocate) before its first byte: a full disk is one line naming
+    the shard, exit 1, nothing under the output name."""
+    import ctypes
+
+    import mlx_bridge.fsutil as fsutil
+
+    asked = []
+
+    def full(fd, mode, offset, nbytes):
+        asked.append(nbytes)
+        ctypes.set_errno(errno.ENOSPC)
+        return -1
+
+    monkeypatch.setattr(fsutil, "_fallocate", lambda: full)
+    where = tmp_path / "w"
+    where.mkdir()
+    rc, err = run(capsys, "export", zoo.mlx("llama"), "--out", where / "out", "--no-verify")
+    line = one_line(err)
+    assert rc == 1 and "No space left on device" in line and "model.safetensors" in line, err
+    assert os.listdir(where) == [] and asked and asked[0] > 1000
+
+
+def test_each_checkpoint_file_is_hashed_once(ckpt, tmp_path, monkeypatch):
+    """The manifest check hashes the checkpoint's files; the export's `source_sha256` reuses those hashes
+    (the adapter is not read and hashed a second time)."""
+    import mlx_bridge.fsutil as fsutil
+    import mlx_bridge.translate.export as ex
+    from mlx_bridge import export
+
+    hashed = []
+    real = fsutil.sha256_file
+
+    def counting(p, *a, **k):
+        hashed.append(Path(p).name)
+        return real(p, *a, **k)
+
+    monkeypatch.setattr(fsutil, "sha256_file", counting)
+    monkeypatch.setattr(ex, "sha256_file", counting)
+    out = export(ckpt, tmp_path / "out", verify=False, progress=False, log=lambda *a: None)
+    assert hashed.count("adapters.safetensors") == 1, hashed
+    assert Manifest.load(out).export["source_sha256"]["adapters.safetensors"] == real(ckpt / "adapters.safetensors")
+
+
 def test_outputs_follow_the_umask(ckpt, tmp_path, capsys):
     old = os.umask(0o022)
     try:

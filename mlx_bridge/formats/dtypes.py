@@ -78,22 +78,34 @@ def count_nonfinite(a: np.ndarray, chunk: int = 1 << 16) -> int:
     integer mask on an unsigned view (no float conversion), `chunk` elements at a time into one small
     scratch (cache-sized; no temporaries the size of `a`); counted only in a chunk that has one.
 
+    The common case, none, is decided without a temporary: numpy's `isfinite` for its own types of 32
+    bits and more, and for the narrower ones two max reductions of the bits (a value is NaN/Inf exactly
+    when, sign aside, its bits are at least the exponent mask: as unsigned, a negative one is at least
+    sign | mask; as signed, a positive one is at least mask), 2x faster than the masking.
+
     Example:
         >>> count_nonfinite(np.array([1.0, np.nan, np.inf, -np.inf], np.float32))
         3
         >>> count_nonfinite(np.array([1.0, np.nan], ml_dtypes.bfloat16))
+        1
+        >>> count_nonfinite(np.array([-1.0, -np.inf], ml_dtypes.bfloat16))
         1
     """
     d = from_numpy(a.dtype)
     if d.st == "F8_E4M3":  # no Inf; NaN is the one pattern s.1111.111
         u = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
         return int(np.count_nonzero((u & 0x7F) == 0x7F))
-    if d.st not in _SPECIAL:
+    if d.st not in _SPECIAL or a.size == 0:
         return 0
     ut, mask = _SPECIAL[d.st]
     u = np.ascontiguousarray(a).reshape(-1).view(ut)
-    if a.dtype.kind == "f" and all(np.isfinite(u[i:i + chunk].view(a.dtype)).all() for i in range(0, u.size, chunk)):
-        return 0  # the common case, 2.5x faster than counting (numpy's own float types)
+    if d.itemsize >= 4:
+        if all(np.isfinite(u[i:i + chunk].view(a.dtype)).all() for i in range(0, u.size, chunk)):
+            return 0
+    else:
+        sign = 1 << (8 * d.itemsize - 1)
+        if u.max() < sign | mask and u.view(f"i{d.itemsize}").max() < mask:
+            return 0
     m = ut(mask)
     scratch = np.empty(min(chunk, u.size), ut)
     n = 0

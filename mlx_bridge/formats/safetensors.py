@@ -28,7 +28,7 @@ from typing import BinaryIO, Iterable
 import numpy as np
 
 from ..errors import BridgeError
-from ..fsutil import regular_file
+from ..fsutil import preallocate, regular_file
 from .dtypes import DTYPES, from_numpy
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
@@ -238,6 +238,11 @@ class StreamWriter:
         self._part = 0  # bytes of the next tensor written by write_part
         self._f: BinaryIO = open(self.path, "wb")
         self.header = build_header(self.specs, metadata)  # the first bytes of the file
+        try:
+            preallocate(self._f.fileno(), len(self.header) + sum(s.nbytes for s in self.specs), self.path)
+        except BaseException:
+            self._f.close()
+            raise
         self._f.write(self.header)
 
     def write(self, name: str, data: np.ndarray | bytes | memoryview) -> None:

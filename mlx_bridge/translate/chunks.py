@@ -3,14 +3,15 @@
 Most tensors of an export are one source tensor copied byte for byte, cast, or with its LoRA fused
 (a linear, an embedding, one expert): those are made a block of rows at a time straight into a buffer
 of at most `chunk_bytes` that the writer hands back once the chunk is written and hashed. The rows
-are read with pread into a small scratch, fused in float32 blocks of `ROWS` rows that stay in the CPU
+are read with pread into a small scratch (or, when the source's sha256 is computed from them, into
+a second buffer of the chunk, `raw`), fused in float32 blocks of `ROWS` rows that stay in the CPU
 cache, rounded once, and scanned for NaN/Inf on the same bytes while they are hot: no full-size array
 or temporary exists, and no fresh memory is touched after the first chunks. Other tensors (dequantized,
 split, transposed, joined, DoRA) are made whole by `materialize` and cut into chunks by the writer.
 
 Example:
     >>> chunks = split(item, 4 << 20)  # doctest: +SKIP
-    >>> data, bad = make(chunks[0], np.empty(4 << 20, np.uint8))  # doctest: +SKIP
+    >>> data, bad, src = make(chunks[0], np.empty(4 << 20, np.uint8))  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -119,8 +120,23 @@ def _pread(item: Item, into: np.ndarray, offset: int) -> None:
         got += k
 
 
-def make(chunk: Chunk, buf: np.ndarray) -> tuple[np.ndarray, int]:
-    """Make `chunk` into `buf` (uint8, at least chunk.nbytes); return (its bytes, number of NaN/Inf)."""
+def source_span(chunk: Chunk) -> tuple[int, int]:
+    """(file offset, byte count) of the source bytes `chunk` is made from (a streamable chunk)."""
+    item = chunk.item
+    src = item.parts[0].src
+    off = src.file.span(src.key, src.index)[0]
+    if item.is_copy:
+        return off + chunk.begin, chunk.nbytes
+    row_out = _row_bytes(item, DTYPES[item.dtype].itemsize)
+    row_src = _row_bytes(item, DTYPES[item.src_dtype].itemsize)
+    return off + chunk.begin // row_out * row_src, chunk.nbytes // row_out * row_src
+
+
+def make(chunk: Chunk, buf: np.ndarray, raw: np.ndarray | None = None) -> tuple[np.ndarray, int, np.ndarray | None]:
+    """Make `chunk` into `buf` (uint8, at least chunk.nbytes); return (its bytes, number of NaN/Inf, the
+    source bytes read for it: `source_span(chunk)`, or None). A copy's source bytes are its bytes; a
+    computed chunk's are kept in `raw` (uint8, at least the span's size) when given, else read a block
+    at a time into a scratch and not returned."""
     item = chunk.item
     out = buf[: chunk.nbytes]
     out_dt = DTYPES[item.dtype]
@@ -130,7 +146,7 @@ def make(chunk: Chunk, buf: np.ndarray) -> tuple[np.ndarray, int]:
             piece = out[b: b + SCAN]
             _pread(item, piece, chunk.begin + b)
             bad += count_nonfinite(piece.view(out_dt.np))
-        return out, bad
+        return out, bad, out
     src_dt = DTYPES[item.src_dtype]
     cols = _row_bytes(item, 1)
     row_out, row_src = cols * out_dt.itemsize, cols * src_dt.itemsize
@@ -138,9 +154,12 @@ def make(chunk: Chunk, buf: np.ndarray) -> tuple[np.ndarray, int]:
     w_out = out.view(out_dt.np).reshape(r1 - r0, *item.shape[1:])
     for i in range(r0, r1, chunk.rows):  # absolute row blocks, as fuse_lora's
         j = min(i + chunk.rows, r1)
-        raw = _buffer("src", (j - i) * row_src)
-        _pread(item, raw, i * row_src)
-        w = raw.view(src_dt.np).reshape(j - i, *item.shape[1:])
+        if raw is None:
+            block_src = _buffer("src", (j - i) * row_src)
+        else:  # the chunk's source rows stay in `raw` (hashed by the caller)
+            block_src = raw[(i - r0) * row_src: (j - r0) * row_src]
+        _pread(item, block_src, i * row_src)
+        w = block_src.view(src_dt.np).reshape(j - i, *item.shape[1:])
         block = w_out[i - r0: j - r0]
         if chunk.factors is None:
             block[...] = w  # a cast, rounded as astype rounds
@@ -148,4 +167,4 @@ def make(chunk: Chunk, buf: np.ndarray) -> tuple[np.ndarray, int]:
             left, right = chunk.factors
             fuse_rows(w, left[i:j], right, block, _buffer("f32", 2 * (j - i) * cols * 4).view(np.float32))
         bad += count_nonfinite(block)
-    return out, bad
+    return out, bad, None if raw is None else raw[: (r1 - r0) * row_src]

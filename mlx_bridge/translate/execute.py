@@ -5,13 +5,16 @@ its own shard), so every header is known before the first byte. Tensors are made
 (`chunks.py`) on a thread pool a few steps ahead of the writer (numpy releases the GIL in its
 kernels, so both cores work): read with pread (nothing stays mapped), computed where the plan says
 so, and scanned for NaN/Inf. Each byte then passes through once: written, and handed to the shard's
-sha256 (`fsutil.StreamHasher`, its own thread) from the same buffer. Memory stays bounded by the
-look-ahead, and the buffers are reused.
+sha256 (`fsutil.StreamHasher`, its own thread) from the same buffer; the source bytes it was made
+from go to the source file's sha256 (`source_hash.SourceHasher`, its own thread) where the file holds
+them in this order. Each shard's size is reserved before its first byte (`fsutil.preallocate`).
+Memory stays bounded by the look-ahead, and the buffers are reused.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import deque
@@ -22,12 +25,14 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from ..errors import BridgeError
-from ..formats import StreamWriter, TensorSpec
+from ..formats import DTYPES, StreamWriter, TensorSpec
 from ..fsutil import StreamHasher
-from .chunks import ROWS, block_bytes, make, split
+from .chunks import ROWS, block_bytes, make, source_span, split, streamable
 from .parts import Item, materialize, nonfinite_error
+from .source_hash import SourceHasher
 
 INDEX = "model.safetensors.index.json"
+CHUNK_BYTES = 2 << 20  # bytes of one chunk, at least
 MAX_CHUNK = 16 << 20  # bytes of one chunk at most (a block of rows wider than this: the tensor is made whole)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -69,8 +74,9 @@ def shard_names(n: int, stem: str = "model") -> list[str]:
 
 
 def write_weights(items: list[Item], out: Path, shard_size: int | str = "5GB", workers: int | None = None,
-                  lookahead_bytes: int = 32 << 20, chunk_bytes: int = 2 << 20, progress: bool = True,
-                  hasher: StreamHasher | None = None, rows: int = ROWS) -> dict[str, str]:
+                  lookahead_bytes: int = 32 << 20, chunk_bytes: int = CHUNK_BYTES, progress: bool = True,
+                  hasher: StreamHasher | None = None, rows: int = ROWS,
+                  source_hasher: SourceHasher | None = None) -> dict[str, str]:
     """Write all items as shards + index into `out`; return {tensor name: file name}.
 
     Each tensor is made in chunks (`chunks.split`) on a thread pool, ahead of the writer by at most
@@ -79,6 +85,9 @@ def write_weights(items: list[Item], out: Path, shard_size: int | str = "5GB", w
     NaN/Inf, written and hashed while it is in memory once; a buffer is reused once both are done.
     A tensor with NaN/Inf raises `BridgeError` (the caller's temporary directory is discarded).
     `rows`: rows of a weight fused at a time (float32 temporaries of rows x columns).
+    `source_hasher`: handed the source bytes each chunk was made from, at their offsets, in file
+    order where the output's order allows (the source's sha256 without a second read); a computed
+    chunk's source rows then stay in a second buffer of the slot until hashed.
     """
     shards = assign_shards(items, parse_size(shard_size))
     names = shard_names(len(shards))
@@ -86,24 +95,26 @@ def write_weights(items: list[Item], out: Path, shard_size: int | str = "5GB", w
     total = sum(it.nbytes for it in items)
     workers = workers or min(2, os.cpu_count() or 1)
     bar = _bar(total, progress)
-    # a chunk holds at least `rows` rows of a computed tensor (up to 16 MB; wider ones are made whole)
-    need = max((block_bytes(it, rows) for it in items if it.plain and it.shape), default=0)
-    chunk_bytes = max(chunk_bytes, min(need, MAX_CHUNK))
+    chunk_bytes = chunk_size(items, chunk_bytes, rows)
     todo = (c for it in items for c in split(it, chunk_bytes, rows))
     nbufs = max(4, lookahead_bytes // chunk_bytes)
-    free: list[np.ndarray] = []  # buffers not in use
-    made = 0  # buffers allocated so far (at most nbufs)
-    hashing: deque = deque()  # (hash future or None, buffer) written, hash pending
-    pending: deque = deque()  # (chunk, future, buffer or None) in file order
+    raw_bytes = 0
+    if source_hasher is not None:
+        source_hasher.expect(source_spans(items, chunk_bytes, rows))
+        raw_bytes = _raw_bytes(items, chunk_bytes, rows)
+    free: list[tuple[np.ndarray, np.ndarray | None]] = []  # slots (buffer, source rows) not in use
+    made = 0  # slots allocated so far (at most nbufs)
+    hashing: deque = deque()  # ([hash futures], slot) written, hashes pending
+    pending: deque = deque()  # (chunk, future, slot or None) in file order
     inflight = 0  # bytes of whole tensors made ahead
 
     def reclaim(wait: bool) -> None:
-        while hashing and (wait or hashing[0][0] is None or hashing[0][0].done()):
-            fut, buf = hashing.popleft()
-            if fut is not None:
-                fut.result()
-            if buf is not None:
-                free.append(buf)
+        while hashing and (wait or all(f.done() for f in hashing[0][0])):
+            futs, slot = hashing.popleft()
+            for f in futs:
+                f.result()
+            if slot is not None:
+                free.append(slot)
             wait = False
 
     # each worker's small LoRA matmuls on one BLAS thread: BLAS threads of two workers spinning on
@@ -123,14 +134,14 @@ def write_weights(items: list[Item], out: Path, shard_size: int | str = "5GB", w
                 else:
                     reclaim(False)
                     if not free and made < nbufs:
-                        free.append(np.empty(chunk_bytes, np.uint8))
+                        free.append((np.empty(chunk_bytes, np.uint8), np.empty(raw_bytes, np.uint8) if raw_bytes else None))
                         made += 1
                     if not free:
                         if pending:
                             return  # write what is made first
                         reclaim(True)
                     buf = free.pop()
-                    fut = pool.submit(make, c, buf)
+                    fut = pool.submit(make, c, *buf)
                 pending.append((c, fut, buf))
                 nxt = next(todo, None)
 
@@ -159,10 +170,13 @@ def write_weights(items: list[Item], out: Path, shard_size: int | str = "5GB", w
                         if hasher is not None:  # the hasher holds `w` until it is hashed (its own limit)
                             hasher.update(name, w[b: b + chunk_bytes])
                 else:
-                    data, n = fut.result()
+                    data, n, src = fut.result()
                     bad += n
                     writer.write_part(it.name, data)
-                    hashing.append((hasher.update(name, data, owned=False) if hasher is not None else None, buf))
+                    futs = [hasher.update(name, data, owned=False)] if hasher is not None else []
+                    if source_hasher is not None and src is not None:
+                        futs.append(source_hasher.feed(it.parts[0].src.file.path, source_span(c)[0], src))
+                    hashing.append(([f for f in futs if f is not None], buf))
                     if c.last and bad:
                         raise nonfinite_error(it, bad)
                 if c.last:
@@ -181,6 +195,33 @@ def write_weights(items: list[Item], out: Path, shard_size: int | str = "5GB", w
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return weight_map
+
+
+def chunk_size(items: list[Item], chunk_bytes: int = CHUNK_BYTES, rows: int = ROWS) -> int:
+    """The chunk size `write_weights` uses: at least `rows` rows of a computed tensor (up to 16 MB; wider
+    ones are made whole)."""
+    need = max((block_bytes(it, rows) for it in items if it.plain and it.shape), default=0)
+    return max(chunk_bytes, min(need, MAX_CHUNK))
+
+
+def source_spans(items: list[Item], chunk_bytes: int = CHUNK_BYTES, rows: int = ROWS) -> dict[Path, list[tuple[int, int]]]:
+    """{source file: [(offset, nbytes)]}, in the order `write_weights` reads them, of the source bytes it
+    reads chunk by chunk (what it can hand a `SourceHasher`)."""
+    chunk_bytes = chunk_size(items, chunk_bytes, rows)
+    spans: dict[Path, list[tuple[int, int]]] = {}
+    for it in items:
+        if streamable(it, chunk_bytes, rows):
+            src = it.parts[0].src
+            off, n, _ = src.file.span(src.key, src.index)
+            spans.setdefault(src.file.path, []).append((off, n))
+    return spans
+
+
+def _raw_bytes(items: list[Item], chunk_bytes: int, rows: int) -> int:
+    """Bytes of the source rows of the largest computed chunk (0 if every streamed tensor is a copy)."""
+    ratio = max((DTYPES[it.src_dtype].itemsize / DTYPES[it.dtype].itemsize for it in items
+                 if not it.is_copy and streamable(it, chunk_bytes, rows)), default=0)
+    return math.ceil(chunk_bytes * ratio)
 
 
 def _bar(total: int, enabled: bool):

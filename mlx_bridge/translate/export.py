@@ -18,8 +18,9 @@ from ..fsutil import StreamHasher, atomic_dir, check_apart, check_hashes, check_
 from ..manifest import Manifest
 from ..probes import FILENAME as PROBES
 from . import card, hf_config, peft
-from .execute import parse_size, write_weights
+from .execute import parse_size, source_spans, write_weights
 from .plan import Plan, build_plan
+from .source_hash import SourceHasher, fed_share
 from .source import ADAPTER_CONFIG, open_source
 
 FORMATS = ("hf", "peft", "gguf")
@@ -84,16 +85,21 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
     source = open_source(src, base, hf_base)
     hashing, stop = ThreadPoolExecutor(min(2, os.cpu_count() or 1)), threading.Event()
     out_hasher = StreamHasher()  # the shards' sha256, computed from the bytes as they are written
+    src_hasher = None  # the base's sha256, from the bytes the hf export reads anyway
     try:
         check_apart(out, source.base.path, "the base model")
         if verify and not (source.path / PROBES).is_file():
             raise BridgeError(f"--verify: {source.path} has no {PROBES} (MLX outputs saved with a checkpoint) to "
                               f"check against; export, then `mlx-bridge verify OUT --against {source.path}`")
+        checked = {}
         if source.manifest is not None and source.adapter is not None:
-            check_hashes(source.path, source.manifest.files)
-        # the source is hashed on both cores while the export runs (one read of each byte)
-        src_files = [f.path for f in source.base.files] + ([source.adapter.file.path] if source.adapter else [])
-        src_sha = _start_hashing(hashing, src_files, stop)
+            checked = check_hashes(source.path, source.manifest.files)
+        # the source is hashed on both cores while the export runs (one read of each byte); an hf
+        # export's base files are started once the plan says which it reads in file order (below)
+        fed_mode = format == "hf" and not dry_run
+        base_files = [f.path for f in source.base.files]
+        src_files = ([] if fed_mode else base_files) + ([source.adapter.file.path] if source.adapter else [])
+        src_sha = _start_hashing(hashing, src_files, stop, {source.path / n: h for n, h in checked.items()})
         if format == "peft" and source.adapter is None:
             raise BridgeError(f"{src}: --format peft needs an adapter or checkpoint directory, not a model directory")
         if format == "peft" and source.adapter.fine_tune_type == "full":
@@ -126,10 +132,15 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
             return out
         for n in notes:
             log(f"note: {n}")
+        if fed_mode:
+            src_hasher, rest = _source_hasher(plan, base_files)
+            src_sha.update(_start_hashing(hashing, rest, stop))
         with atomic_dir(out, force, log=lambda s: print(f"note: {s}", file=sys.stderr)) as tmp:
             t1 = time.perf_counter()
             if format == "hf":
-                write_weights(plan.items, tmp, shard_size, progress=progress, hasher=out_hasher)
+                write_weights(plan.items, tmp, shard_size, progress=progress, hasher=out_hasher,
+                              source_hasher=src_hasher if src_hasher.paths else None)
+                src_sha.update(src_hasher.finish(stop))
                 hf_config.write_config(tmp, cfg)
                 hf_config.write_generation_config(source.base.path, tmp, cfg)
                 _copy_tokenizer(source, tmp)
@@ -160,6 +171,8 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
         stop.set()  # every hash the export needed is done; a refused one does not wait for the rest
         hashing.shutdown(wait=True, cancel_futures=True)
         out_hasher.close()
+        if src_hasher is not None:
+            src_hasher.close()
         source.close()
     return out
 
@@ -173,9 +186,28 @@ def _card(source, plan: Plan, notes: list[str], format: str, out: Path, base_ref
                            manifest=source.manifest, notes=notes, name=out.name)
 
 
-def _start_hashing(pool: ThreadPoolExecutor, paths: list[Path], stop=None) -> dict[Path, Future]:
-    """{path: future sha256}, largest files first (so both cores stay busy to the end)."""
-    return {p: pool.submit(sha256_file, p, stop=stop) for p in sorted(set(paths), key=lambda p: -p.stat().st_size)}
+def _start_hashing(pool: ThreadPoolExecutor, paths: list[Path], stop=None,
+                   known: dict[Path, str] | None = None) -> dict[Path, Future]:
+    """{path: future sha256}, largest files first (so both cores stay busy to the end); those in `known`
+    (just checked against a manifest) not hashed again."""
+    out: dict[Path, Future] = {}
+    for p in sorted(set(paths), key=lambda p: -p.stat().st_size):
+        if known and p in known:
+            out[p] = Future()
+            out[p].set_result(known[p])
+        else:
+            out[p] = pool.submit(sha256_file, p, stop=stop)
+    return out
+
+
+def _source_hasher(plan: Plan, files: list[Path], share: float = 0.5) -> tuple[SourceHasher, list[Path]]:
+    """(a SourceHasher for the base files the export reads mostly in file order, the other files): those
+    are hashed from the bytes the export reads (each byte read once), the others on their own from the
+    start (a file MLX wrote keeps its tensors in hash-map order: hashed from pieces, most of it would be
+    read at the end, after the writing, instead of beside it)."""
+    spans = source_spans(plan.items)
+    fed = [p for p in files if fed_share(spans.get(p, []), p.stat().st_size) >= share]
+    return SourceHasher(fed), [p for p in files if p not in fed]
 
 
 def _check_base(source, src_sha: dict[Path, Future], allow: bool) -> bool:
