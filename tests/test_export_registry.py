@@ -353,3 +353,34 @@ def test_optional_tensors_absent(zoo, model_type, optional):
     ids = probe_ids(hf_config(base)["vocab_size"], n=1, length=24, seed=3)
     ad = zoo.adapter(base, "lora", rank=4, num_layers=2)
     close(torch_logits(load(exported(ad), arch), ids), zoo.logits(base, ad, ids=ids), f"{model_type} {optional}")
+
+
+_MUP = dict(attention_in_multiplier=0.9, attention_out_multiplier=0.5, key_multiplier=0.4, embedding_multiplier=2.0,
+            lm_head_multiplier=0.25, ssm_in_multiplier=1.25, ssm_out_multiplier=0.8, mlp_multipliers=[0.7, 1.3],
+            ssm_multipliers=[0.5, 1.5, 0.8, 1.2, 0.9])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_folded_multipliers_stated_once(zoo, tied):
+    """Falcon-H1's muP multipliers (every released Falcon-H1 has them): mlx-lm multiplies them into the weights at
+    conversion, so the export states them as 1 (a tied head keeps lm_head / embedding) and transformers computes
+    MLX's logits instead of applying them a second time (logits off by 0.7 before)."""
+    arch = get_arch({"model_type": "falcon_h1"})
+    base = zoo.mlx("falcon_h1", tie_word_embeddings=tied, **_MUP)
+    ids = probe_ids(hf_config(base)["vocab_size"], n=1, length=24, seed=3)
+    out = exported(base)
+    close(torch_logits(load(out, arch), ids), zoo.logits(base, ids=ids), f"falcon_h1 tied={tied}")
+    ad = zoo.adapter(base, "lora", rank=4, num_layers=2)
+    close(torch_logits(load(exported(ad), arch), ids), zoo.logits(base, ad, ids=ids), f"falcon_h1 lora tied={tied}")
+
+
+def test_hf_layout_base_refused(zoo, tmp_path):
+    """An HF checkpoint as the base of a type whose sanitize transposes conv weights (and folds Falcon-H1's
+    multipliers): mlx-lm converts it as it loads it; the export says so in one line and writes nothing (it used to
+    write the conv weight transposed the wrong way)."""
+    from mlx_bridge import export
+    from mlx_bridge.errors import BridgeError
+
+    with pytest.raises(BridgeError, match=r"conv1d.weight \(\d+, 1, 4\) is a conv weight as transformers saves it"):
+        export(str(zoo.hf("falcon_h1")), str(tmp_path / "o"), progress=False)
+    assert not (tmp_path / "o").exists()

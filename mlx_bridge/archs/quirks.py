@@ -56,6 +56,10 @@ class Quirks:
     # q/k/v/o and MLP projections are heads x head_dim and intermediate_size as translate/validate.py
     # checks them; False for multi-head latent attention (o_proj is heads x v_head_dim) and gated queries
     standard_projections: bool = True
+    # mlx-lm's sanitize multiplies these config multipliers into the weights when it converts an HF checkpoint and
+    # computes without them (falcon_h1's muP multipliers; a tied head keeps lm_head / embedding): the export states
+    # them as 1 so transformers computes MLX's function once, not the multipliers twice
+    folded_multipliers: tuple[str, ...] = ()
     refused: str | None = None  # the export is not right for this type (one line, listed in the docs)
 
 
@@ -166,6 +170,12 @@ QUIRKS: dict[str, Quirks] = {
                               "implement, so no tiny model of it loads in mlx-lm"),
     # mlx-lm's granitemoehybrid applies rope unless position_embedding_type is "nope"; transformers' null means none
     "granitemoehybrid": Quirks(null_as={"position_embedding_type": "rope"}),
+    # mlx-lm's FalconH1 sanitize folds every muP multiplier into the weights (key_multiplier matches no tensor name
+    # there, and attention_in_multiplier only q/k, not v, as transformers scales the attention's input): MLX
+    # computes with none of them
+    "falcon_h1": Quirks(folded_multipliers=("embedding_multiplier", "lm_head_multiplier", "attention_in_multiplier",
+                                            "attention_out_multiplier", "key_multiplier", "ssm_in_multiplier",
+                                            "ssm_out_multiplier", "mlp_multipliers", "ssm_multipliers")),
     # mlx-lm's cohere2 picks global layers by sliding_window_pattern (i % p == p - 1), not layer_types
     "cohere2": Quirks(attention="pattern"),
 }

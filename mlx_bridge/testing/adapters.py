@@ -204,6 +204,12 @@ def _tag(key: str, value) -> str:
     return f"{key}{v}" if len(v) <= 40 else f"{key}-{hashlib.sha256(v.encode()).hexdigest()[:12]}"
 
 
+def _tags(overrides: dict) -> str:
+    """Config overrides in a cache directory's name; many of them by their hash (a name is at most 255 bytes)."""
+    tag = "-".join(_tag(k, v) for k, v in sorted(overrides.items()))
+    return tag if len(tag) <= 120 else hashlib.sha256(tag.encode()).hexdigest()[:16]
+
+
 def _num_layers(base: Path, cfg: dict) -> int:
     """The block count under whatever name the type's config uses (gpt2's `n_layer`, nemotron_h's
     `layers_block_type`), as transformers' config class resolves it."""
@@ -254,7 +260,7 @@ class Zoo:
 
     def hf(self, arch: str, dtype: str = "float32", mxfp4: bool = False, **overrides) -> Path:
         """Random transformers model dir of `arch` (see `tiny_hf_model`)."""
-        tag = "-".join([arch, dtype] + ["mxfp4"] * mxfp4 + [_tag(k, v) for k, v in sorted(overrides.items())])
+        tag = "-".join([arch, dtype] + ["mxfp4"] * mxfp4 + ([_tags(overrides)] if overrides else []))
         d = self.root / f"hf-{tag}"
         if not (d / "config.json").exists():
             tiny_hf_model(d, arch, dtype=dtype, mxfp4=mxfp4, **overrides)
@@ -276,7 +282,7 @@ class Zoo:
             raise ValueError("give a name for a model converted with a quant_predicate")
         q = quant or {}
         qtag = "-".join(f"{k}{v}" for k, v in sorted(q.items()))
-        otag = "-".join(_tag(k, v) for k, v in sorted(overrides.items()))
+        otag = _tags(overrides)
         d = self.root / "-".join(x for x in ("mlx", arch, dtype, qtag, otag, name) if x)
         if not (d / "config.json").exists():
             mlx_convert(self.hub(arch, **overrides), d, quantize=bool(q), bits=q.get("bits", 4),

@@ -54,6 +54,8 @@ def effective_config(cfg: dict, arch: Arch, dtype: str) -> tuple[dict, list[str]
         c["sliding_window"] = c.pop(f)
         notes.append(f"{f}: mlx-lm attends to the last {cfg[f]} tokens; transformers reads {f} as a window one token "
                      f"longer, so the export states sliding_window={cfg[f]} and leaves {f} out")
+    if arch.quirks.folded_multipliers:
+        _multipliers_folded(cfg, c, arch, notes)
     for k in arch.mlx_ignores:
         if cfg.get(k) is not None:
             c[k] = None
@@ -67,6 +69,30 @@ def effective_config(cfg: dict, arch: Arch, dtype: str) -> tuple[dict, list[str]
     if arch.quirks.attention in LAYER_PATTERNS:
         LAYER_PATTERNS[arch.quirks.attention](cfg, c, arch, notes)
     return c, notes
+
+
+def _multipliers_folded(cfg: dict, c: dict, arch: Arch, notes: list[str]) -> None:
+    """The multipliers mlx-lm multiplied into the weights, stated as 1 (lists: 1 each). A tied head is the embedding
+    times `embedding_multiplier` in MLX, scaled back by lm_head / embedding at the output: that ratio stays.
+
+    Example:
+        >>> from mlx_bridge.archs import get_arch
+        >>> cfg = {"model_type": "falcon_h1", "embedding_multiplier": 2.0, "lm_head_multiplier": 0.5,
+        ...        "mlp_multipliers": [0.5, 2.0], "tie_word_embeddings": True}
+        >>> c = dict(cfg); _multipliers_folded(cfg, c, get_arch(cfg), [])
+        >>> c["embedding_multiplier"], c["lm_head_multiplier"], c["mlp_multipliers"]
+        (1.0, 0.25, [1.0, 1.0])
+    """
+    for k in arch.quirks.folded_multipliers:
+        v = cfg.get(k)
+        if v is None:
+            continue
+        one = [1.0] * len(v) if isinstance(v, list) else 1.0
+        if k == "lm_head_multiplier" and cfg.get("tie_word_embeddings"):
+            one = float(v) / float(cfg.get("embedding_multiplier") or 1.0)
+        if v != one:
+            notes.append(f"{k}: mlx-lm multiplied {v!r} into the weights and computes without it; the export states {one!r}")
+        c[k] = one
 
 
 def _text_rope_as_mlx(c: dict, arch: Arch, notes: list[str]) -> None:
