@@ -132,6 +132,7 @@ OVERRIDES.update({"minicpm3": dict(max_position_embeddings=128),  # longrope uns
                   "afmoe": dict(num_hidden_layers=4, layer_types=None, mup_enabled=True)})  # llama.cpp: full every 4th, muP
 # llama.cpp's llama4 chunks attention in 8192 tokens (the registry's tiny chunks in 8, so its parity probes chunk)
 OVERRIDES["llama4"] = dict(text_config=dict(attention_chunk_size=8192))
+OVERRIDES["nemotron_h"] = dict(hybrid_override_pattern="M*-")  # llama.cpp's nemotron_h: no MoE blocks (nemotron_h_moe)
 PARAMS = [(c, t) for c in CASES for t in (("f32", "f16", "q8_0") if c in ("llama", "llama+lora", "qwen2") else
                                           ("f32", "f16") if c in ("gemma+lora", "qwen2_moe+lora") else ("f32",))]
 # llama.cpp's CPU GELU reads an f16 lookup table (ggml-cpu/vec.h GGML_GELU_FP16): f32 logits move by 1e-3 (measured

@@ -138,7 +138,7 @@ TINY: dict[str, dict] = {
     "dbrx": {"d_model": 64, "n_heads": 4, "n_layers": 2, "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
              "ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2}},
     "nemotron_h": {"mamba_num_heads": 4, "mamba_head_dim": 16, "ssm_state_size": 16, "n_groups": 1,
-                   "hybrid_override_pattern": "M*"},
+                   "hybrid_override_pattern": "M*-E"},  # every block kind, as released Nemotron-H mixes them
     "deepseek_v2": {"head_dim": 8, "rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0,
                     "original_max_position_embeddings": 128, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0,
                     "mscale_all_dim": 1.0}},
@@ -171,7 +171,9 @@ TINY: dict[str, dict] = {
     "qwen3_vl_moe": {"text_config": {"moe_intermediate_size": 16}},
     "qwen2_vl": {"tie_word_embeddings": True, "text_config": {"rope_parameters": _MROPE}},
     # mlx-lm's llama4 routes to one expert and makes every 4th layer global (4 layers at least)
-    "llama4": {"text_config": {"num_experts_per_tok": 1, "num_hidden_layers": 4, "attention_chunk_size": 8}},
+    # interleave 2: dense and MoE layers, as Llama-4-Maverick has them
+    "llama4": {"text_config": {"num_experts_per_tok": 1, "num_hidden_layers": 4, "attention_chunk_size": 8,
+                               "interleave_moe_layer_step": 2, "intermediate_size_mlp": 64}},
     # hub Phi-3.5-MoE: biased attention and lm_head (mlx-lm's phimoe always has them)
     "phimoe": {"attention_bias": True, "lm_head_bias": True},
 }
