@@ -384,3 +384,24 @@ def test_hf_layout_base_refused(zoo, tmp_path):
     with pytest.raises(BridgeError, match=r"conv1d.weight \(\d+, 1, 4\) is a conv weight as transformers saves it"):
         export(str(zoo.hf("falcon_h1")), str(tmp_path / "o"), progress=False)
     assert not (tmp_path / "o").exists()
+
+
+# types whose rules come with the biases an optional switch adds (derive_more.optional_rules); a sample by default
+_SWITCHED = [("llama", dict(attention_bias=True, mlp_bias=True)), ("granite", dict(attention_bias=True)),
+             ("olmo2", dict(attention_bias=True))]
+_SWITCHED += [pytest.param(t, {f: True}, marks=pytest.mark.slow) for t, f in (
+    ("smollm3", "mlp_bias"), ("minicpm3", "attention_bias"), ("helium", "mlp_bias"), ("hunyuan_v1_dense", "attention_bias"),
+    ("cohere", "attention_bias"), ("deepseek_v3", "attention_bias"), ("glm4_moe", "attention_bias"), ("olmoe", "attention_bias"),
+    ("seed_oss", "attention_bias"), ("exaone", "attention_bias"), ("nemotron", "mlp_bias"))]
+
+
+@pytest.mark.parametrize("model_type, switches", _SWITCHED)
+def test_optional_switches(zoo, model_type, switches):
+    """A checkpoint with the bias switches on (llama's attention_bias / mlp_bias, as some fine-tunes ship) exports
+    with parity: the rules were traced on a second tiny model with the switches on (the biases were unknown keys)."""
+    arch = get_arch({"model_type": model_type})
+    base = zoo.mlx(model_type, **switches)
+    assert any(k.endswith("_proj.bias") for k in read_tensors(base)), "no bias in the checkpoint"
+    ids = probe_ids(hf_config(base)["vocab_size"], n=1, length=24, seed=3)
+    ad = zoo.adapter(base, "lora", rank=4, num_layers=2)
+    close(torch_logits(load(exported(ad), arch), ids), zoo.logits(base, ad, ids=ids), f"{model_type} {switches}")

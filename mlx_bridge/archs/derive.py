@@ -119,14 +119,14 @@ def hf_defaults(model_type: str, keys) -> dict:
     return out
 
 
-def save_tiny(model_type: str, out: Path) -> tuple[dict, object]:
+def save_tiny(model_type: str, out: Path, **overrides) -> tuple[dict, object]:
     """Save a tiny random transformers model of `model_type` as the hub lays it out; return config.json and
     the model as saved."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     cls = hf_classes(model_type)
-    cfg = tiny_config(model_type)
+    cfg = tiny_config(model_type, **overrides)
     cfg.setdefault("vocab_size", 96)
     default = AutoConfig.for_model(model_type)
     for k, v in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)):
@@ -413,7 +413,9 @@ def _derive(model_type: str, version: str) -> dict:
             raise Refused(f"mlx-lm could not load a tiny {model_type} ({type(e).__name__}: "
                           f"{_line(e)})") from None
         data.update(templated(**trace(layout, mlx)))
-        from .derive_more import peft_misloads, peft_names, peft_unwrappable
+        from .derive_more import optional_rules, peft_misloads, peft_names, peft_unwrappable
+
+        data["hf"] = dict(sorted({**optional_rules(model_type), **data["hf"]}.items()))
 
         adaptable = set(data["linears"]) | set(data["embeddings"])  # HF modules an mlx-lm adapter can reach
         data["peft_refuses"] = peft_unwrappable(hf_model, {t.rsplit(".", 1)[0] for t, r in data["hf"].items()

@@ -258,3 +258,35 @@ def peft_names(hf_dir: Path, auto: str, templates: set[str]) -> dict[str, str]:
             if out.setdefault(t, rt) != rt:
                 raise Refused(f"HF module {t} is built under more than one name ({out[t]}, {rt})")
     return dict(sorted(out.items()))
+
+
+# config switches that add tensors (biases) when on; off in the tiny configs the main trace uses
+OPTIONAL_FLAGS = ("attention_bias", "mlp_bias")
+
+
+def optional_rules(model_type: str) -> dict:
+    """The rules of the tensors an optional switch adds (llama's attention_bias / mlp_bias: q/k/v/o and MLP
+    biases), traced on a second tiny model with every such switch on that transformers' config has off by default
+    and mlx-lm's ModelArgs also reads. {} where mlx-lm cannot load that model (the biases stay unknown keys, which
+    the export refuses by name)."""
+    import dataclasses
+
+    from mlx_lm.utils import _get_classes
+    from transformers import AutoConfig
+
+    from .derive import fill_ramps, mlx_sanitized, save_tiny, templated, trace
+
+    default = AutoConfig.for_model(model_type)
+    if getattr(default, "text_config", None) is not None:  # a wrapper: its language model's switches are nested
+        return {}
+    mlx_fields = {f.name for f in dataclasses.fields(_get_classes({"model_type": model_type})[1])}
+    flags = {f: True for f in OPTIONAL_FLAGS if getattr(default, f, None) is False and f in mlx_fields}
+    if not flags:
+        return {}
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            save_tiny(model_type, Path(d), **flags)
+            layout = fill_ramps(Path(d))
+            return templated(**trace(layout, mlx_sanitized(Path(d))[0]))["hf"]
+        except Exception:  # noqa: BLE001 - the switch is not honoured by one side: nothing more to derive
+            return {}
