@@ -27,14 +27,31 @@ ROOT = Path(__file__).resolve().parent.parent
 DERIVED = [t for t in types() if "rules" in vlm_rules(t)]  # the list comes from the derived data
 
 
-def vlm_base(zoo, model_type: str, dtype: str = "float32") -> Path:
+def vlm_base(zoo, model_type: str, dtype: str = "float32", q_bits: int = 0) -> Path:
     """`zoo.hf(model_type)` converted by mlx-vlm's own loading and saving (built once a session)."""
     from mlx_bridge.archs.derive_vlm import mlx_vlm_convert
 
-    d = zoo.root / f"mlxvlm-{model_type}-{dtype}"
+    d = zoo.root / f"mlxvlm-{model_type}-{dtype}-q{q_bits}"
     if not (d / "config.json").exists():
-        mlx_vlm_convert(zoo.hf(model_type, dtype=dtype), d, model_type)
+        mlx_vlm_convert(zoo.hf(model_type, dtype=dtype), d, model_type, q_bits=q_bits)
     return d
+
+
+@pytest.mark.parametrize("model_type", ["gemma3", pytest.param("qwen2_5_vl", marks=pytest.mark.slow)])
+def test_mlx_vlm_4bit_base_lora(zoo, model_type):
+    """A 4-bit mlx-vlm base (what mlx-community ships: the language model quantized, the vision tower kept float by
+    mlx-vlm's own predicate) under LoRA: text logits within 1e-3 of MLX, vision tensors the HF original's bytes."""
+    arch = get_arch({"model_type": model_type})
+    base = vlm_base(zoo, model_type, q_bits=4)
+    assert any(k.endswith(".scales") for k in read_tensors(base)), "the base is not quantized"
+    cfg = hf_config(base)
+    ids = probe_ids((cfg.get("text_config") or cfg)["vocab_size"], n=1, length=24, seed=3)
+    ad = zoo.adapter(base, "lora", rank=4, num_layers=2)
+    out = exported(ad)
+    close(torch_logits(load(out, arch), ids), zoo.logits(base, ad, ids=ids), f"{model_type} 4-bit mlx-vlm base, lora")
+    src, dst = read_tensors(zoo.hf(model_type)), read_tensors(out)
+    vision = [k for k in src if template(k)[0] in arch.dropped]
+    assert vision and [k for k in vision if dst[k] != src[k]] == []
 
 
 @pytest.mark.parametrize("model_type", DERIVED)

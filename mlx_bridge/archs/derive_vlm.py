@@ -129,11 +129,12 @@ def _image_processor(hf: Path, model_type: str, config) -> None:
     proc.save_pretrained(hf)
 
 
-def mlx_vlm_convert(hf: Path, out: Path, model_type: str) -> None:
+def mlx_vlm_convert(hf: Path, out: Path, model_type: str, q_bits: int = 0, q_group_size: int = 32) -> None:
     """What `mlx_vlm.convert(hf, out, dtype="float32")` writes for the weights and config, from `hf` laid out as
     hub checkpoints are: mlx-vlm's own `load_model` (its sanitize rules) and `save_weights` / `save_config`.
     The processor step is left out (a tiny checkpoint's tokenizer lacks gemma3's image tokens; it writes no
-    tensor)."""
+    tensor). `q_bits`: quantized as `convert(quantize=True)` does (its `quantize_model`, the multimodal
+    modules skipped by its own predicate)."""
     import shutil
 
     from mlx_vlm.utils import load_config, load_model, save_config, save_weights
@@ -142,13 +143,22 @@ def mlx_vlm_convert(hf: Path, out: Path, model_type: str) -> None:
         hub = Path(tmp) / "hub"
         shutil.copytree(hf, hub)
         _hub_layout(hub, model_type)
+        config = load_config(hub)
         with contextlib.redirect_stdout(io.StringIO()):
             model = load_model(hub, lazy=False)
+            if q_bits:
+                from mlx_vlm.convert import skip_multimodal_module
+                from mlx_vlm.quant_utils import quantize_model
+
+                own = getattr(model, "quant_predicate", None)
+                config.setdefault("vision_config", {})
+                model, config = quantize_model(model, config, q_group_size, q_bits, quant_predicate=lambda p, m: (
+                    not skip_multimodal_module(p) and (own is None or own(p, m))))
             save_weights(Path(out), model, donate_weights=True)
         for f in [*hub.glob("*.json"), *hub.glob("*.jinja")]:
             if f.name != "model.safetensors.index.json":
                 shutil.copy(f, out)
-        save_config(load_config(hub), config_path=Path(out) / "config.json")
+        save_config(config, config_path=Path(out) / "config.json")
 
 
 def derive_vlm(model_type: str) -> dict[str, dict]:
