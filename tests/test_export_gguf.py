@@ -18,6 +18,7 @@ import ctypes
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,10 +38,13 @@ F32_CACHE = dict(type_k=0, type_v=0)  # GGML_TYPE_F32
 N_GEN = 12
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def gz(tmp_path_factory):
-    """Session cache of tokenizers, models and exports for the GGUF tests."""
-    return GgufZoo(tmp_path_factory.getbasetemp() / "gguf-zoo")
+    """Cache of tokenizers, models and exports for this module's tests, removed after them (about 19 GB once the
+    byte tests have run; pytest would keep it with its last three runs)."""
+    root = tmp_path_factory.getbasetemp() / "gguf-zoo"
+    yield GgufZoo(root)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def gguf_path(d: Path) -> Path:
