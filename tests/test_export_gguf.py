@@ -362,13 +362,7 @@ def test_o200k_pre_tokenizer(gz, tmp_path):
     assert closest_pre(_pre_regexes(tj["pre_tokenizer"])) == ("gpt-4o", 1.0)
     assert "gpt-4o" in PRE["chkhsh"].values()
     v = replace(read_vocab(tok, 151936, "gpt_oss"), pre="gpt-4o")
-    path = tmp_path / "vocab.gguf"
-    w = gguf.GGUFWriter(path, "gpt-oss")
-    v.add_to(w, tok)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.close()
-    llm, hf = llama_cpp.Llama(str(path), vocab_only=True, verbose=False), Tokenizer.from_file(str(tok / "tokenizer.json"))
+    llm, hf = vocab_only(v, tok, tmp_path, "gpt-oss"), Tokenizer.from_file(str(tok / "tokenizer.json"))
     for text, _ in vocab_tests(vocab_file("qwen2")):
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == hf.encode(text, add_special_tokens=False).ids, text
 
@@ -403,6 +397,17 @@ def test_pre_tokenizer_table_is_llama_cpps():
     assert derive.parse_regexes(files[derive.VOCAB]) == PRE["regex"]
 
 
+def vocab_only(v, tok: Path, tmp_path: Path, arch: str) -> "llama_cpp.Llama":
+    """llama.cpp's vocabulary-only model of a GGUF holding just `v` (written as the export writes it)."""
+    path = tmp_path / "vocab.gguf"
+    w = gguf.GGUFWriter(path, arch)
+    v.add_to(w, tok)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    return llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+
+
 def test_spm_json_leading_space_warns(gz, tmp_path):
     """A SentencePiece tokenizer.json whose Metaspace skips the dummy prefix on text starting with a space
     (transformers 5's LlamaTokenizer conversion): one warning naming that, and llama.cpp tokenizes every
@@ -417,13 +422,7 @@ def test_spm_json_leading_space_warns(gz, tmp_path):
     (tok / "tokenizer.model").unlink(missing_ok=True)
     v = read_vocab(tok, 32000, "llama")
     assert len(v.warnings) == 1 and "starts with a space" in v.warnings[0], v.warnings
-    path = tmp_path / "vocab.gguf"
-    w = gguf.GGUFWriter(path, "llama")
-    v.add_to(w, tok)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.close()
-    llm, hf = llama_cpp.Llama(str(path), vocab_only=True, verbose=False), Tokenizer.from_file(str(tok / "tokenizer.json"))
+    llm, hf = vocab_only(v, tok, tmp_path, "llama"), Tokenizer.from_file(str(tok / "tokenizer.json"))
     cases = [t for t, _ in vocab_tests(vocab_file("llama-spm")) if not t.startswith(" ")]
     assert len(cases) > 25
     for text in cases:

@@ -41,37 +41,35 @@ def vlm_base(zoo, model_type: str, dtype: str = "float32", q_bits: int = 0) -> P
 def test_mlx_vlm_4bit_base_lora(zoo, model_type):
     """A 4-bit mlx-vlm base (what mlx-community ships: the language model quantized, the vision tower kept float by
     mlx-vlm's own predicate) under LoRA: text logits within 1e-3 of MLX, vision tensors the HF original's bytes."""
-    arch = get_arch({"model_type": model_type})
     base = vlm_base(zoo, model_type, q_bits=4)
     assert any(k.endswith(".scales") for k in read_tensors(base)), "the base is not quantized"
+    lora_export_matches(zoo, model_type, base, f"{model_type} 4-bit mlx-vlm base, lora")
+
+
+def lora_export_matches(zoo, model_type: str, base: Path, what: str) -> tuple[Path, dict, dict]:
+    """LoRA on `base` exported: text logits within 1e-3 of MLX's, every vision / projector tensor the HF original's
+    bytes; (the export, the HF original's tensors, the export's)."""
+    arch = get_arch({"model_type": model_type})
     cfg = hf_config(base)
     ids = probe_ids((cfg.get("text_config") or cfg)["vocab_size"], n=1, length=24, seed=3)
     ad = zoo.adapter(base, "lora", rank=4, num_layers=2)
     out = exported(ad)
-    close(torch_logits(load(out, arch), ids), zoo.logits(base, ad, ids=ids), f"{model_type} 4-bit mlx-vlm base, lora")
+    close(torch_logits(load(out, arch), ids), zoo.logits(base, ad, ids=ids), what)
     src, dst = read_tensors(zoo.hf(model_type)), read_tensors(out)
     vision = [k for k in src if template(k)[0] in arch.dropped]
     assert vision and [k for k in vision if dst[k] != src[k]] == []
+    return out, src, dst
 
 
 @pytest.mark.parametrize("model_type", DERIVED)
 def test_mlx_vlm_base_lora(zoo, model_type):
-    arch = get_arch({"model_type": model_type})
     base = vlm_base(zoo, model_type)
     keys = read_tensors(base)
     rules = vlm_rules(model_type)["rules"]
     renamed = any(template(k)[0] != r["hf"] for k, r in rules.items())  # minimax_m3_vl: mlx-vlm keeps HF's names
     assert any(template(k)[0] in rules and (template(k)[0] != rules[template(k)[0]]["hf"] or not renamed)
                for k in keys), "the base does not carry mlx-vlm's own names (its vision tensors)"
-    cfg = hf_config(base)
-    ids = probe_ids((cfg.get("text_config") or cfg)["vocab_size"], n=1, length=24, seed=3)
-    ad = zoo.adapter(base, "lora", rank=4, num_layers=2)
-    out = exported(ad)
-    close(torch_logits(load(out, arch), ids), zoo.logits(base, ad, ids=ids), f"{model_type} mlx-vlm base, lora")
-    src, dst = read_tensors(zoo.hf(model_type)), read_tensors(out)
-    vision = [k for k in src if template(k)[0] in arch.dropped]
-    assert vision and all(dst[k][:2] == src[k][:2] and dst[k][2] == src[k][2] for k in vision), \
-        [k for k in vision if dst[k] != src[k]]
+    out, src, dst = lora_export_matches(zoo, model_type, base, f"{model_type} mlx-vlm base, lora")
     assert set(dst) >= set(src) - {"lm_head.weight"}
     for f in ("preprocessor_config.json", "processor_config.json"):  # the processor travels with the export
         assert not (base / f).exists() or (out / f).read_bytes() == (base / f).read_bytes(), f

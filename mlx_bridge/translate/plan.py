@@ -175,7 +175,7 @@ def build_plan(source: Source, dtype: str = "auto", text_only: bool = False) -> 
         if not uses:
             unknown.append(f"{ref.file.path.name}: unknown key {key!r} for model_type {arch.model_type!r}")
             continue
-        if "conv" in leaf_module(key) and len(shape) == 3 and shape[-1] > shape[1] and any(
+        if "conv" in module.rpartition(".")[2] and len(shape) == 3 and shape[-1] > shape[1] and any(
                 arch.rules[h]["parts"][i].get("perm") for h, i in uses):  # mlx-lm's own test in its sanitize
             problems.append(f"{ref.file.path.name}: {key} {tuple(shape)} is a conv weight as transformers saves it: "
                             f"this base is an HF checkpoint, which mlx-lm converts (transposes, folds) as it loads; "
@@ -280,16 +280,6 @@ def _dropped(source: Source, arch: Arch, out_np, problems: list[str]) -> list[It
     if not items:
         problems.append(f"{hf.path}: none of the tensors mlx-lm drops ({arch.dropped[0]} ...) is there")
     return items
-
-
-def leaf_module(key: str) -> str:
-    """The module a tensor belongs to: its name without the parameter.
-
-    Example:
-        >>> leaf_module("model.layers.0.mamba.conv1d.weight")
-        'conv1d'
-    """
-    return key.rsplit(".", 2)[-2] if key.count(".") >= 1 else key
 
 
 def _from_vlm(source: Source, arch: Arch, vlm: dict, keys: list[str], out_np, problems: list[str]) -> list[Item]:
