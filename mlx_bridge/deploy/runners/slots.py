@@ -165,7 +165,8 @@ class SlotRunner:
         fused: the module's fused weights when a `FastRunner` has made them already (not twice).
         chunk: most prompt tokens one `prefill` call writes (its rows' chunks, padded, together).
         mix: (lanes, length) of the prompt chunks a mixed step carries beside the decode rows
-            (`mixed`; `launch(chunks=...)`), or None: no mixed steps.
+            (`mixed`; `launch(chunks=...)`), or None: no mixed steps. On CUDA a step with one chunk
+            runs 1 lane, else `lanes` (padded): two graphs per decode shape.
     Raises:
         fm.NotFusable: MoE layers, or layers on several devices.
     """
@@ -194,6 +195,7 @@ class SlotRunner:
         self.lanes = tuple(n for n in LANES if n <= rows)
         self.chunk_lens = tuple(sorted({c for c in CHUNKS if c < self.chunk} | {self.chunk}))
         self.mix = (min(mix[0], rows), mix[1]) if mix else None
+        self.mix_lanes = tuple(sorted({1, self.mix[0]})) if mix else ()
         # slot R is scratch: the padding lanes of a prefill write there; position S (past every bucket)
         # takes the writes of a chunk's padding tokens (never attended)
         a, dev, R = self.args, self.device, rows
@@ -261,12 +263,12 @@ class SlotRunner:
         pos.add_(act)
         self.counter[:B].add_(act)
 
-    def _graph(self, B: int, S: int, mode: str, mixed: bool = False):
-        """The captured step for (B, S, mode) (a mixed step: with the lanes in `_mbuf`), compiling and
+    def _graph(self, B: int, S: int, mode: str, mixed: int = 0):
+        """The captured step for (B, S, mode) (a mixed step: with `mixed` lanes in `_mbuf`), compiling and
         capturing it the first time. The warm-up runs are real steps: the small per-row state is restored
         after them, and the keys they write (at each row's position and the next) are rewritten before
         any query can see them; the lanes are all padding then (the scratch slot)."""
-        key = ("mixed", B, S, mode) if mixed else (B, S, mode)
+        key = ("mixed", B, S, mode, mixed) if mixed else (B, S, mode)
         if key in self._graphs:
             return self._graphs[key]
         if mixed:
@@ -274,7 +276,7 @@ class SlotRunner:
 
             self._mbuf.zero_()
             self._mbuf[:, -4] = self.rows
-            run = lambda: mixed_run(self, self._mbuf, B, S, mode)  # noqa: E731
+            run = lambda: mixed_run(self, self._mbuf[:mixed], B, S, mode)  # noqa: E731
         else:
             run = lambda: self._run(B, S, mode)  # noqa: E731
         small = [self.tok, self.pos, self.counter, self.out, self.active]
@@ -342,7 +344,7 @@ class SlotRunner:
                               f"(at most {self.mix} lanes x tokens, and a decoding row)")
         B, S = self.shape(max(slots), max(need, *(c.start + len(c.tokens) for c in chunks)))
         mode = "greedy" if greedy and all(c.sampling is None or c.sampling.greedy for c in chunks) else "sample"
-        N, C = self.mix
+        N, C = up(len(chunks), self.mix_lanes), self.mix[1]
         data = [[*ch.tokens, *[0] * (C - len(ch.tokens)), ch.slot, ch.start, len(ch.tokens) - 1,
                  int(ch.sampling is not None)] for ch in chunks]
         data += [[0] * C + [self.rows, 0, 0, 0]] * (N - len(chunks))
@@ -360,12 +362,12 @@ class SlotRunner:
 
                 mixed_run(self, torch.tensor(data, dtype=torch.long, device=self.device), B, S, mode)
                 return Pending(where, torch.cat([self.out, self.first[:N]]))
-            pin, host = self._mpin[i], self._mhost[i]
+            pin, host = self._mpin[i][:N], self._mhost[i][:R + N]
             if self._mpin_done[i] is not None:
                 self._mpin_done[i].synchronize()  # its copy two launches ago (long done)
             pin.copy_(torch.tensor(data, dtype=torch.long))
-            self._mbuf.copy_(pin, non_blocking=True)
-            self._graph(B, S, mode, mixed=True).replay()
+            self._mbuf[:N].copy_(pin, non_blocking=True)
+            self._graph(B, S, mode, mixed=N).replay()
             host[:R].copy_(self.out, non_blocking=True)
             host[R:].copy_(self.first[:N], non_blocking=True)
             ev = torch.cuda.Event()
@@ -405,7 +407,8 @@ class SlotRunner:
                 for B in self.sizes:
                     for S in self.lens:
                         for mode in ("greedy", "sample"):
-                            self._graph(B, S, mode, mixed=True)
+                            for n in self.mix_lanes:
+                                self._graph(B, S, mode, mixed=n)
             tm = time.perf_counter()
             shapes = [(n, c) for n in self.lanes for c in self.chunk_lens if n * c <= self.chunk or n == 1]
             for n, c in shapes:
