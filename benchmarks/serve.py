@@ -118,12 +118,12 @@ def step_ms(runner, B: int, need: int, n: int = 50) -> float:
     return (time.perf_counter() - t) / n * 1e3
 
 
-def mixed_ms(runner, B: int, need: int, n: int = 20) -> float:
-    """Milliseconds of one mixed step at batch B with every lane full: the first chunk of a prompt in
-    each of the last slots (no request runs yet: nothing reads them)."""
+def mixed_ms(runner, B: int, need: int, lanes: int, n: int = 20) -> float:
+    """Milliseconds of one mixed step at batch B with `lanes` full lanes: the first chunk of a prompt
+    in each of the last slots (no request runs yet: nothing reads them)."""
     from mlx_bridge.deploy.runners.slots import Chunk
 
-    lanes, c = runner.mix
+    c = runner.mix[1]
     chunks = [Chunk(runner.rows - 1 - i, [5] * c, 0) for i in range(lanes)]
     runner.launch(list(range(B)), need, greedy=True, chunks=chunks).tokens()
     t = time.perf_counter()
@@ -303,7 +303,8 @@ def main(argv=None) -> int:
             for B in (1, a.max_batch):
                 res[f"step ms batch {B}"] = step_ms(engine.runner, B, a.prompt + a.tokens)
             if getattr(engine.runner, "mix", None):  # a mixed step: the decode rows and every lane full
-                res["mixed ms"] = mixed_ms(engine.runner, a.max_batch, a.prompt + a.tokens)
+                for n in engine.runner.mix_lanes:
+                    res[f"mixed ms {n}"] = mixed_ms(engine.runner, a.max_batch, a.prompt + a.tokens, n)
         captures, graphs = engine.runner.stats["captures"], compiled()
         with mp.get_context("spawn").Pool(1) as pool:
             for load in LOADS:  # and where the worker's time goes under each
@@ -340,9 +341,9 @@ def main(argv=None) -> int:
     for B, r in ((1, r1), (a.max_batch, rb)) if not a.stand_in else ():
         v = res[f"step ms batch {B}"]
         print(f"| decode step on the device, batch {B}, ms | {v:.2f} | {B / r * 1e3:.2f} | {B / r * 1e3 / v:.0%} | | |")
-    if "mixed ms" in res:
-        print(f"| mixed step on the device: batch {a.max_batch} + {engine.runner.mix[0]} x {engine.runner.mix[1]} prompt "
-              f"tokens, ms | {res['mixed ms']:.2f} | | | | |")
+    for n in getattr(engine.runner, "mix_lanes", ()) if not a.stand_in else ():
+        print(f"| mixed step on the device: batch {a.max_batch} + {n} x {engine.runner.mix[1]} prompt tokens, ms "
+              f"| {res[f'mixed ms {n}']:.2f} | | | | |")
     v = res["one"]["tok/s"]
     print(f"| one request at a time, tok/s | {v:.1f} | {r1:.1f} (batch 1) | {v / r1:.0%} | {w1:.1f} | {v / w1:.0%} |")
     for c in ("httpx", "openai"):

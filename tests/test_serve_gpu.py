@@ -53,7 +53,7 @@ def test_served_greedy_equals_generate_and_nothing_compiles_after_ready(zoo):
 
 
 def test_mixed_steps_in_cuda_graphs_give_each_rows_tokens(zoo):
-    """The slot pool's captured steps (not compiled): a long prompt in 16-token chunks, up to 4 lanes a
+    """The slot pool's compiled and captured steps: a long prompt in 16-token chunks, up to 4 lanes a
     step, riding on the steps of rows decoding in slots 0 and 2 (the long one fills slot 1, inside the
     decoding batch); every row's greedy tokens equal `complete`'s alone."""
     from mlx_bridge.deploy.runners.slots import Chunk, RowSampling, SlotRunner
@@ -62,7 +62,7 @@ def test_mixed_steps_in_cuda_graphs_give_each_rows_tokens(zoo):
     m.eos_token_ids = set()
     a, b, long = (m.encode_prompt(p) for p in (PROMPTS[0], PROMPTS[2], PROMPTS[-1]))
     want = [m.complete([x], max_tokens=8)[0].token_ids for x in (a, long, b)]
-    r = SlotRunner(m.module, rows=4, max_len=512, compile=False, graphs=True, batch_sizes=(1, 4), mix=(4, 16))
+    r = SlotRunner(m.module, rows=4, max_len=512, compile=True, graphs=True, batch_sizes=(1, 4), mix=(4, 16))
     r.prepare()
     captures, g = r.stats["captures"], RowSampling()
     got = {0: [r.prefill([Chunk(0, a, 0, g)]).tokens()[0]], 1: []}

@@ -133,3 +133,25 @@ def test_mixed_step_pads_lanes_as_on_cuda_and_refuses_what_does_not_fit(model):
         r.launch([0], 40, True, chunks=[Chunk(3, [1] * 17, 0)])
     with pytest.raises(BridgeError, match="mixed step"):
         r.launch([0], 40, True, chunks=[Chunk(3, [1], i) for i in range(5)])
+
+
+def test_a_decode_step_leaves_the_prompt_of_a_slot_still_prefilling_alone(model):
+    """Separate prefill calls (mix=None), 8 tokens a round: the long prompt fills slot 0 while slot 1
+    decodes, so each decode step computes slot 0 too; its idle key must not land on position 0 of the
+    prompt written there (it did: an idle slot's position is 0)."""
+    from mlx_bridge.serve.engine import Engine
+    from mlx_bridge.serve.protocol import Sampling
+
+    first, short, long = (model.encode_prompt(p) for p in (PROMPTS[1], PROMPTS[2], " ".join(PROMPTS * 3)))
+    want = [model.complete([x], max_tokens=n)[0].token_ids for x, n in ((short, 40), (long, 12))]
+    eng = Engine(model, max_batch=2, prefill_chunk=8, mix=None).start()
+    greedy = lambda x, n: lambda m: ([x], Sampling(max_tokens=n, temperature=0.0))  # noqa: E731
+    try:
+        a, b = eng.submit(greedy(first, 2)), eng.submit(greedy(short, 40))  # slots 0 and 1
+        a.future.result(timeout=60)
+        until(lambda: eng.metrics.generation_tokens >= 6)
+        c = eng.submit(greedy(long, 12))
+        got = [b.future.result(timeout=120)[0].token_ids, c.future.result(timeout=120)[0].token_ids]
+    finally:
+        eng.stop()
+    assert got == want

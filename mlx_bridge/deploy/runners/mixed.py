@@ -7,7 +7,8 @@ several lanes, consecutive pieces of it) through the same projections and MLP, s
 read once for both, and only attention is split:
 
     tokens   [B decode rows + lanes x length chunk tokens] as T = B + lanes * length rows of one token
-    qkv, out the uncompiled fused layer halves over all T rows (matmuls dominate)
+    qkv, out the decode step's layer halves (compiled on CUDA: their batch dimension is symbolic, so
+             T rows reuse its graph) over all T rows, no cache write inside
     keys     each token's key written at (its slot, its position); ended or not-yet-decoding slots
              inside [0, B) and padding tokens write a scratch place (never read)
     attend   decode rows: the decode attention over [0, B)'s cache rows (as `SlotRunner._run`);
@@ -15,9 +16,9 @@ read once for both, and only attention is split:
              chunks and, in the same layer, the lanes before it that carry the same prompt)
     head     the decode rows' next tokens, and the first token of each row whose last chunk this is
 
-Shapes are static: one CUDA graph per (B, S, greedy|sampled) at the one chunk shape, captured by
-`SlotRunner.prepare` with the other graphs (nothing is compiled: the halves run eagerly inside the
-graph). The lanes' input is the prefill buffer layout, (lanes, length + 4): tokens, slot, start,
+Shapes are static: one CUDA graph per (B, S, greedy|sampled, 1 or `lanes` lanes), captured by
+`SlotRunner.prepare` with the other graphs (the halves without a cache write compile once more
+there, eager the attention and the writes between them, as in the decode step). The lanes' input is the prefill buffer layout, (lanes, length + 4): tokens, slot, start,
 last index, last chunk?.
 
 Example:
@@ -59,7 +60,7 @@ def mixed_run(r, buf: torch.Tensor, B: int, S: int, mode: str) -> None:
     lm = {w: ((d >= 0) if w is None else (d >= 0) & (d < w))[:, None] for w in [None, *f.windows]}
     for li, L in enumerate(f.layers):
         kc, vc = r.k[li], r.v[li]
-        q, k, v = r._pqkv(x, L.w, None, None, *rot[L.rope], None)  # [T, H, 1, hd], [T, H_kv, 1, hd]
+        q, k, v = r._qkv(x, L.w, None, None, *rot[L.rope], None)  # [T, H, 1, hd], [T, H_kv, 1, hd]
         kc[at, :, put] = k[:, :, 0]
         vc[at, :, put] = v[:, :, 0]
         od = fm._decode_attend(q[:B], kc[:B, :, :S], vc[:B, :, :S], dm[L.window], spec.scale, spec.softcap, L.w[10])
@@ -67,9 +68,9 @@ def mixed_run(r, buf: torch.Tensor, B: int, S: int, mode: str) -> None:
         ol = attend(ql, kc[:, :, :S].index_select(0, slot), vc[:, :, :S].index_select(0, slot), lm[L.window],
                     spec.scale, spec.softcap, L.w[10])
         o = torch.cat([od, ol.transpose(1, 2).reshape(N * C, ol.shape[1], 1, ol.shape[-1])])  # [T, H, 1, hd]
-        x = r._pout(x, o, L.w)
+        x = r._out(x, o, L.w)
     rows = torch.cat([r._ar[:B], B + r._ar[:N] * C + last])
-    logits = r._phead(x[rows, -1], f.norm, f.head, f.head_bias)  # [B + N, V]
+    logits = r._head(x[rows, -1], f.norm, f.head, f.head_bias)  # [B + N, V]
     ld, ll = logits[:B], logits[B:]
     if mode == "greedy":
         nxt = ld.argmax(dim=-1)
