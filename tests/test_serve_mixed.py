@@ -155,3 +155,30 @@ def test_a_decode_step_leaves_the_prompt_of_a_slot_still_prefilling_alone(model)
     finally:
         eng.stop()
     assert got == want
+
+
+@pytest.mark.slow
+def test_the_compiled_mixed_step_gives_each_rows_tokens(tmp_path):
+    """The mixed step with the decode step's compiled halves (as on CUDA, here inductor on CPU): one
+    lane, then 4 lanes (two pieces of one prompt, two padding), rows' tokens as `complete` alone."""
+    from mlx_bridge import load
+    from mlx_bridge.deploy.runners.slots import Chunk, RowSampling, SlotRunner
+
+    m = load(tiny_hf_model(tmp_path / "llama", "llama"))
+    m.eos_token_ids = set()
+    a, b, c = (m.encode_prompt(PROMPTS[i]) for i in (0, 1, 3))
+    want = [m.complete([x], max_tokens=4)[0].token_ids for x in (a, b, c)]
+    r = SlotRunner(m.module, rows=4, max_len=256, compile=True, graphs=False, mix=(4, 16))
+    g, got = RowSampling(), {}
+
+    def add(pending):
+        for s, t in pending.tokens().items():
+            got.setdefault(s, []).append(t)
+
+    add(r.prefill([Chunk(0, a, 0, g)]))
+    add(r.launch([0], len(a) + 1, True))
+    add(r.launch([0], len(a) + 2, True, chunks=[Chunk(1, b, 0, g)]))
+    add(r.launch([0, 1], len(a) + 3, True, chunks=[Chunk(2, c[:2], 0), Chunk(2, c[2:], 2, g)]))
+    for i in range(3):
+        add(r.launch([0, 1, 2], max(len(a), len(b), len(c)) + 4 + i, True))
+    assert r.use_compile and [got[s][:4] for s in range(3)] == want

@@ -32,9 +32,47 @@ from __future__ import annotations
 import torch
 
 from . import fused as fm
+from ...errors import BridgeError
 from .sampling import pick
-from .slots import row_masks
+from .slots import Chunk, Pending, row_masks, up
 from ..native.layers import attend
+
+
+def launch_mixed(r, slots: list[int], need: int, greedy: bool, chunks: list[Chunk]) -> Pending:
+    """`SlotRunner.launch` with `chunks`: the lanes padded to 1 or `r.mix[0]`, one graph replay on CUDA."""
+    if not slots or not r.mix_fits([len(c.tokens) for c in chunks]) or min(len(c.tokens) for c in chunks) < 1:
+        raise BridgeError(f"mixed step: {len(slots)} rows and chunks of {[len(c.tokens) for c in chunks]} tokens "
+                          f"(at most {r.mix} lanes x tokens, and a decoding row)")
+    B, S = r.shape(max(slots), max(need, *(c.start + len(c.tokens) for c in chunks)))
+    mode = "greedy" if greedy and all(c.sampling is None or c.sampling.greedy for c in chunks) else "sample"
+    N, C = up(len(chunks), r.mix_lanes), r.mix[1]
+    data = [[*ch.tokens, *[0] * (C - len(ch.tokens)), ch.slot, ch.start, len(ch.tokens) - 1,
+             int(ch.sampling is not None)] for ch in chunks]
+    data += [[0] * C + [r.rows, 0, 0, 0]] * (N - len(chunks))
+    off = r.rows + 1  # first tokens follow the decode tokens (out has rows + 1 entries)
+    where = {s: s for s in slots}
+    where.update({ch.slot: off + i for i, ch in enumerate(chunks) if ch.sampling is not None})
+    with torch.inference_mode():
+        r._set_sampling(chunks)
+        r.stats["steps"] += 1
+        r.stats["mixed"] += 1
+        i = r._flip
+        r._flip ^= 1
+        if not r.use_graphs:
+            mixed_run(r, torch.tensor(data, dtype=torch.long, device=r.device), B, S, mode)
+            return Pending(where, torch.cat([r.out, r.first[:N]]))
+        pin, host = r._mpin[i][:N], r._mhost[i][:off + N]
+        if r._mpin_done[i] is not None:
+            r._mpin_done[i].synchronize()  # its copy two launches ago (long done)
+        pin.copy_(torch.tensor(data, dtype=torch.long))
+        r._mbuf[:N].copy_(pin, non_blocking=True)
+        r._graph(B, S, mode, mixed=N).replay()
+        host[:off].copy_(r.out, non_blocking=True)
+        host[off:].copy_(r.first[:N], non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        r._mpin_done[i] = ev
+        return Pending(where, host, ev)
 
 
 def mixed_run(r, buf: torch.Tensor, B: int, S: int, mode: str) -> None:

@@ -26,6 +26,10 @@ go to a spare position past every bucket), all captured by `prepare`. `prefill` 
 return at once: the tokens reach the host when `Pending.tokens()` is called, so the next step can be
 launched before them.
 
+While rows decode, prompt chunks may instead ride on a decode step (`launch(..., chunks=...)`: a
+mixed step, `mixed.py`), one forward pass for the decode rows and up to `mix` = (lanes, tokens) of
+prompt, one graph per (B, S, greedy|sampled, 1 or `lanes` lanes), captured by `prepare` too.
+
 `rows.RowRunner` gives the same interface over any runner with `start`/`next` (transformers models,
 layers spread over GPUs): one cache per row and rows decoded one after another (correct, not fast).
 
@@ -315,7 +319,9 @@ class SlotRunner:
             {0: 17, 3: 5}
         """
         if chunks:
-            return self._launch_mixed(slots, need, greedy, chunks)
+            from .mixed import launch_mixed
+
+            return launch_mixed(self, slots, need, greedy, chunks)
         B, S = self.shape(max(slots), need)
         mode = "greedy" if greedy else "sample"
         with torch.inference_mode():
@@ -337,43 +343,6 @@ class SlotRunner:
     def mix_fits(self, lengths: list[int]) -> bool:
         """Whether one mixed step carries prompt chunks of these lengths (one lane each)."""
         return self.mix is not None and len(lengths) <= self.mix[0] and max(lengths, default=0) <= self.mix[1]
-
-    def _launch_mixed(self, slots: list[int], need: int, greedy: bool, chunks: list[Chunk]) -> Pending:
-        if not slots or not self.mix_fits([len(c.tokens) for c in chunks]) or min(len(c.tokens) for c in chunks) < 1:
-            raise BridgeError(f"mixed step: {len(slots)} rows and chunks of {[len(c.tokens) for c in chunks]} tokens "
-                              f"(at most {self.mix} lanes x tokens, and a decoding row)")
-        B, S = self.shape(max(slots), max(need, *(c.start + len(c.tokens) for c in chunks)))
-        mode = "greedy" if greedy and all(c.sampling is None or c.sampling.greedy for c in chunks) else "sample"
-        N, C = up(len(chunks), self.mix_lanes), self.mix[1]
-        data = [[*ch.tokens, *[0] * (C - len(ch.tokens)), ch.slot, ch.start, len(ch.tokens) - 1,
-                 int(ch.sampling is not None)] for ch in chunks]
-        data += [[0] * C + [self.rows, 0, 0, 0]] * (N - len(chunks))
-        R = self.rows + 1
-        where = {s: s for s in slots}
-        where.update({ch.slot: R + i for i, ch in enumerate(chunks) if ch.sampling is not None})
-        with torch.inference_mode():
-            self._set_sampling(chunks)
-            self.stats["steps"] += 1
-            self.stats["mixed"] += 1
-            i = self._flip
-            self._flip ^= 1
-            if not self.use_graphs:
-                from .mixed import mixed_run
-
-                mixed_run(self, torch.tensor(data, dtype=torch.long, device=self.device), B, S, mode)
-                return Pending(where, torch.cat([self.out, self.first[:N]]))
-            pin, host = self._mpin[i][:N], self._mhost[i][:R + N]
-            if self._mpin_done[i] is not None:
-                self._mpin_done[i].synchronize()  # its copy two launches ago (long done)
-            pin.copy_(torch.tensor(data, dtype=torch.long))
-            self._mbuf[:N].copy_(pin, non_blocking=True)
-            self._graph(B, S, mode, mixed=N).replay()
-            host[:R].copy_(self.out, non_blocking=True)
-            host[R:].copy_(self.first[:N], non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record()
-            self._mpin_done[i] = ev
-            return Pending(where, host, ev)
 
     def _set_sampling(self, chunks: list[Chunk]) -> None:
         """The sampling settings of the rows whose last chunk is among `chunks`, into their slots."""
