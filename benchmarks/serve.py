@@ -6,7 +6,11 @@ batch 1 and `--max-batch`, then serves the same model (continuous batching, ever
 prepared before ready) and drives it from a separate client process:
 
 - one request at a time (tokens/s of a whole request, prefill and first token included);
-- `--max-batch` concurrent requests (tokens/s in all);
+- `--max-batch` concurrent requests (tokens/s in all): a burst, all sent at once;
+- `--max-batch` clients in a loop (each sends its next request when its last one ends, their starts
+  spread over one request's time), for `--steady` seconds: the tokens/s the server generates in the
+  window's middle half (its own counter), rows joining all the time, their prompts riding on the
+  running rows' decode steps (mixed steps);
 - `--arrivals` streamed requests arriving evenly over `--over` seconds: first-token and whole-request
   p50/p95, against one request alone;
 - the last two again with the official `openai` client (streamed).
@@ -114,6 +118,21 @@ def step_ms(runner, B: int, need: int, n: int = 50) -> float:
     return (time.perf_counter() - t) / n * 1e3
 
 
+def mixed_ms(runner, B: int, need: int, lanes: int, n: int = 20) -> float:
+    """Milliseconds of one mixed step at batch B with `lanes` full lanes: the first chunk of a prompt
+    in each of the last slots (no request runs yet: nothing reads them)."""
+    from mlx_bridge.deploy.runners.slots import Chunk
+
+    c = runner.mix[1]
+    chunks = [Chunk(runner.rows - 1 - i, [5] * c, 0) for i in range(lanes)]
+    runner.launch(list(range(B)), need, greedy=True, chunks=chunks).tokens()
+    t = time.perf_counter()
+    for _ in range(n):
+        p = runner.launch(list(range(B)), need, greedy=True, chunks=chunks)
+    p.tokens()
+    return (time.perf_counter() - t) / n * 1e3
+
+
 def pct(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
@@ -168,7 +187,7 @@ def _openai(url, prompt, n, stream):
     return time.perf_counter() - t0, first, n
 
 
-LOADS = ("one", "concurrent httpx", "arrivals httpx", "concurrent openai", "arrivals openai")
+LOADS = ("one", "concurrent httpx", "steady httpx", "arrivals httpx", "concurrent openai", "arrivals openai")
 
 
 def scenarios(url: str, prompts: list, n: int, conc: int, arrivals: int, over: float, load: str) -> dict:
@@ -182,6 +201,19 @@ def scenarios(url: str, prompts: list, n: int, conc: int, arrivals: int, over: f
         return {"s": statistics.median(t for t, _, _ in got), "tok/s": n / statistics.median(t for t, _, _ in got)}
     kind, name = load.split()
     ask = _http if name == "httpx" else _openai
+    if kind == "steady":  # `over` is the duration here; starts spread over one request's time (`one`)
+        t0, spread = time.perf_counter(), arrivals
+
+        def client(i):
+            time.sleep(i * spread / conc)
+            k = 0
+            while time.perf_counter() - t0 < over:
+                ask(url, prompts[(i + k * conc) % len(prompts)], n, False)
+                k += 1
+            return k
+
+        with ThreadPoolExecutor(conc) as pool:
+            return {"requests": sum(pool.map(client, range(conc)))}
     if kind == "concurrent":
         t0 = time.perf_counter()
         with ThreadPoolExecutor(conc) as pool:
@@ -210,6 +242,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arrivals", type=int, default=64)
     ap.add_argument("--over", type=float, default=8.0)
     ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--steady", type=float, default=8.0, help="seconds of the clients-in-a-loop load")
     ap.add_argument("--stand-in", default=None, metavar="STEP_MS,PREFILL_MS",
                     help="replace the model's runner by waits: the server's host-side ceiling")
     ap.add_argument("--json", default=None)
@@ -261,6 +294,7 @@ def main(argv=None) -> int:
                      max_request_tokens=1 << 30, max_queue=4096)
     if a.stand_in:
         app.state.engine.runner = StandIn(a.max_batch, cfg.vocab_size, step, pre, a.prompt)
+        app.state.engine.mix = None  # the stand-in has no mixed steps
     with ServerThread(app) as srv:
         res["ready s"] = time.perf_counter() - t
         engine = app.state.engine
@@ -268,12 +302,27 @@ def main(argv=None) -> int:
         if not a.stand_in:  # the served step alone (no row is busy: the steps change nothing a row reads)
             for B in (1, a.max_batch):
                 res[f"step ms batch {B}"] = step_ms(engine.runner, B, a.prompt + a.tokens)
+            if getattr(engine.runner, "mix", None):  # a mixed step: the decode rows and every lane full
+                for n in engine.runner.mix_lanes:
+                    res[f"mixed ms {n}"] = mixed_ms(engine.runner, a.max_batch, a.prompt + a.tokens, n)
         captures, graphs = engine.runner.stats["captures"], compiled()
         with mp.get_context("spawn").Pool(1) as pool:
             for load in LOADS:  # and where the worker's time goes under each
                 before, steps, calls = dict(engine.timing), engine.metrics.steps, engine.runner.stats["prefills"]
                 t1 = time.perf_counter()
-                res[load] = pool.apply(scenarios, (srv.url, prompts, a.tokens, a.max_batch, a.arrivals, a.over, load))
+                if load.startswith("steady"):  # the server's own token counter over the middle half of the run
+                    job = pool.apply_async(scenarios, (srv.url, prompts, a.tokens, a.max_batch, res["one"]["s"],
+                                                       a.steady, load))
+                    time.sleep(a.steady / 4)
+                    n0, m0, s0, w0 = (engine.metrics.generation_tokens, engine.runner.stats.get("mixed", 0),
+                                      engine.metrics.steps, time.perf_counter())
+                    time.sleep(a.steady / 2)
+                    n1, m1, s1, w1 = (engine.metrics.generation_tokens, engine.runner.stats.get("mixed", 0),
+                                      engine.metrics.steps, time.perf_counter())
+                    res[load] = {**job.get(), "tok/s": (n1 - n0) / (w1 - w0), "steps": s1 - s0, "mixed": m1 - m0}
+                else:
+                    res[load] = pool.apply(scenarios, (srv.url, prompts, a.tokens, a.max_batch, a.arrivals, a.over,
+                                                       load))
                 res["worker " + load] = {
                     "wall s": time.perf_counter() - t1, "steps": engine.metrics.steps - steps,
                     "prefill calls": engine.runner.stats["prefills"] - calls,
@@ -292,12 +341,19 @@ def main(argv=None) -> int:
     for B, r in ((1, r1), (a.max_batch, rb)) if not a.stand_in else ():
         v = res[f"step ms batch {B}"]
         print(f"| decode step on the device, batch {B}, ms | {v:.2f} | {B / r * 1e3:.2f} | {B / r * 1e3 / v:.0%} | | |")
+    for n in getattr(engine.runner, "mix_lanes", ()) if not a.stand_in else ():
+        print(f"| mixed step on the device: batch {a.max_batch} + {n} x {engine.runner.mix[1]} prompt tokens, ms "
+              f"| {res[f'mixed ms {n}']:.2f} | | | | |")
     v = res["one"]["tok/s"]
     print(f"| one request at a time, tok/s | {v:.1f} | {r1:.1f} (batch 1) | {v / r1:.0%} | {w1:.1f} | {v / w1:.0%} |")
     for c in ("httpx", "openai"):
         v = res[f"concurrent {c}"]["tok/s"]
         print(f"| {a.max_batch} concurrent ({c}), tok/s in all | {v:.0f} | {rb:.0f} (batch {a.max_batch}) | {v / rb:.0%} "
               f"| {wb:.0f} | {v / wb:.0%} |")
+    v = res["steady httpx"]
+    print(f"| {a.max_batch} clients in a loop (httpx), steady state: tok/s in all ({v['steps']} steps, {v['mixed']} "
+          f"mixed) | {v['tok/s']:.0f} | {rb:.0f} (batch {a.max_batch}) | {v['tok/s'] / rb:.0%} | {wb:.0f} | "
+          f"{v['tok/s'] / wb:.0%} |")
     for c in ("httpx", "openai"):
         v = res[f"arrivals {c}"]
         print(f"| {a.arrivals} streamed over {a.over:g} s ({c}): first token p50 / p95 | {v['ttft p50'] * 1e3:.0f} / "

@@ -1,5 +1,6 @@
 """The served model on CUDA (skipped without a GPU): greedy answers under concurrency equal
-`load().generate`, and nothing compiles or captures once the server says it is ready."""
+`load().generate` (rows joining while others decode, their prompts riding on the decode steps: mixed
+steps, a long prompt in several lanes), and nothing compiles or captures once the server says it is ready."""
 
 from concurrent.futures import ThreadPoolExecutor
 
@@ -46,5 +47,38 @@ def test_served_greedy_equals_generate_and_nothing_compiles_after_ready(zoo):
         greedy = [(p, a["choices"][0]["text"]) for p, sampled, a in answers if not sampled]
         assert [a for _, a in greedy] == [want[p] for p, _ in greedy]
         assert engine.alive and engine.metrics.max_running > 1
+        assert engine.runner.stats["mixed"] > 0  # rows joined through mixed steps
         assert engine.runner.stats["captures"] == captures
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def test_mixed_steps_in_cuda_graphs_give_each_rows_tokens(zoo):
+    """The slot pool's compiled and captured steps: a long prompt in 16-token chunks, up to 4 lanes a
+    step, riding on the steps of rows decoding in slots 0 and 2 (the long one fills slot 1, inside the
+    decoding batch); every row's greedy tokens equal `complete`'s alone."""
+    from mlx_bridge.deploy.runners.slots import Chunk, RowSampling, SlotRunner
+
+    m = load(zoo.hf("llama", max_position_embeddings=1024), device="cuda", dtype="float32", fast=False)
+    m.eos_token_ids = set()
+    a, b, long = (m.encode_prompt(p) for p in (PROMPTS[0], PROMPTS[2], PROMPTS[-1]))
+    want = [m.complete([x], max_tokens=8)[0].token_ids for x in (a, long, b)]
+    r = SlotRunner(m.module, rows=4, max_len=512, compile=True, graphs=True, batch_sizes=(1, 4), mix=(4, 16))
+    r.prepare()
+    captures, g = r.stats["captures"], RowSampling()
+    got = {0: [r.prefill([Chunk(0, a, 0, g)]).tokens()[0]], 1: []}
+    got[2] = [r.prefill([Chunk(2, b, 0, g)]).tokens()[2]]
+    at = 0
+    while len(got[1]) < 8:
+        chunks = []
+        while at < len(long) and len(chunks) < 4:
+            n = min(16, len(long) - at)
+            chunks.append(Chunk(1, long[at:at + n], at, g if at + n == len(long) else None))
+            at += n
+        busy = [0, 2] if chunks else [0, 1, 2]
+        need = max(len(a) + len(got[0]), len(b) + len(got[2]), len(long) + len(got[1]))
+        step = r.launch(busy, need, True, chunks=chunks).tokens()
+        for s in (0, 1, 2):
+            if s in step:
+                got[s].append(step[s])
+    assert [got[s][:8] for s in (0, 1, 2)] == want
+    assert r.stats["mixed"] == -(-len(long) // 64) and r.stats["captures"] == captures

@@ -61,7 +61,7 @@ def test_newcomers_admitted_together_are_prefilled_in_one_call(model):
 
     ids = [model.encode_prompt(p) for p in PROMPTS]
     want = [model.complete([x], max_tokens=4)[0].token_ids for x in ids]
-    eng = Engine(model, max_batch=4)
+    eng = Engine(model, max_batch=4, mix=None)  # the separate-prefill path
     assert burst(eng, ids) == want and eng.runner.stats["prefills"] == 1
 
 
@@ -74,7 +74,7 @@ def test_a_burst_of_newcomers_is_prefilled_before_the_next_decode_step(model, ca
 
     ids = [model.encode_prompt(p) for p in PROMPTS * 2]
     want = [model.complete([x], max_tokens=4)[0].token_ids for x in ids]
-    eng = Engine(model, max_batch=8, prefill_calls=calls)
+    eng = Engine(model, max_batch=8, prefill_calls=calls, mix=None)  # the separate-prefill path
     log: list[str] = []
     for kind in ("prefill", "launch"):
         fn = getattr(eng.runner, kind)
@@ -91,7 +91,7 @@ def test_the_worker_launches_the_next_step_before_reading_a_prefill(model):
 
     short, long = model.encode_prompt(PROMPTS[2]), model.encode_prompt(" ".join(PROMPTS * 3))
     want = [model.complete([x], max_tokens=40)[0].token_ids for x in (short, long)]
-    eng = Engine(model, max_batch=2, prefill_chunk=8)
+    eng = Engine(model, max_batch=2, prefill_chunk=8, mix=None)  # the separate-prefill path
     log: list = []
     runner, prefill, launch = eng.runner, eng.runner.prefill, eng.runner.launch
 

@@ -219,9 +219,11 @@ def test_concurrent_requests_equal_sequential(served):
 def test_cli_refuses_bad_input(tmp_path, export_dir, capsys):
     from mlx_bridge.cli import main
 
-    assert main(["serve", str(tmp_path / "missing"), "--port", "70000", "--max-batch", "0"]) == 2
+    assert main(["serve", str(tmp_path / "missing"), "--port", "70000", "--max-batch", "0", "--mixed-lanes", "-1",
+                 "--mixed-tokens", "0"]) == 2
     err = capsys.readouterr().err
     assert "--port 70000" in err and "--max-batch 0" in err and "missing: not a directory" in err
+    assert "--mixed-lanes -1" in err and "--mixed-tokens 0" in err
     with socket.socket() as taken:  # a taken port is refused before the model is loaded
         taken.bind(("127.0.0.1", 0))
         taken.listen()

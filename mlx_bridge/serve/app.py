@@ -46,7 +46,7 @@ def create_app(model, *, model_name: str | None = None, api_key: str | None = No
                max_batch: int = 8, max_queue: int = 256, defaults: dict | None = None,
                max_request_tokens: int = MAX_REQUEST_TOKENS, max_len: int | None = None, prefill_chunk: int = 512,
                batch_sizes: tuple[int, ...] | None = None, body_timeout: float = BODY_TIMEOUT,
-               prepare: bool = True) -> FastAPI:
+               prepare: bool = True, mix: tuple[int, int] | None = (4, 128)) -> FastAPI:
     """Build the app around a loaded `DeployedModel`; the worker starts and stops with the app.
 
     Args:
@@ -64,13 +64,14 @@ def create_app(model, *, model_name: str | None = None, api_key: str | None = No
         batch_sizes: decode batch sizes to prepare (default 1, 2, 4, ... max_batch).
         body_timeout: seconds a client has to send its request body (408 after).
         prepare: compile and capture every decode shape before the server says it is ready.
+        mix: (lanes, tokens) of the prompt chunks riding on a decode step (mixed steps), or None.
 
     Example:
         >>> app = create_app(model, model_name="alpaca", max_batch=16)  # doctest: +SKIP
     """
     name = model_name or model.name
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue, max_len=max_len, prefill_chunk=prefill_chunk,
-                    batch_sizes=batch_sizes)
+                    batch_sizes=batch_sizes, mix=mix)
     defaults = dict(defaults or {})
 
     @asynccontextmanager

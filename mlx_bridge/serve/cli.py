@@ -37,6 +37,11 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
                              "fewer start faster, a step then runs at the next size up")
     parser.add_argument("--prefill-chunk", type=int, default=512,
                         help="most prompt tokens of one prefill call; a row gets one chunk between two decode steps (default 512)")
+    parser.add_argument("--mixed-lanes", type=int, default=4,
+                        help="prompt chunks riding on a decode step while rows decode (mixed steps, vLLM's chunked "
+                             "prefill); 0: separate prefill calls only (default 4)")
+    parser.add_argument("--mixed-tokens", type=int, default=128,
+                        help="most prompt tokens of one riding chunk (default 128)")
     parser.add_argument("--max-request-tokens", type=int, default=MAX_REQUEST_TOKENS,
                         help=f"most prompts x n x max_tokens in one request (default {MAX_REQUEST_TOKENS})")
     parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
@@ -60,9 +65,11 @@ def main(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         problems.append(f"--port {args.port}: must be 0..65535")
     for flag in ("max_tokens_limit", "max_batch", "max_body_bytes", "max_queue", "prefill_chunk", "max_request_tokens",
-                 "max_connections", "idle_timeout", "header_timeout", "body_timeout"):
+                 "max_connections", "idle_timeout", "header_timeout", "body_timeout", "mixed_tokens"):
         if getattr(args, flag) < 1:
             problems.append(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    if args.mixed_lanes < 0:
+        problems.append(f"--mixed-lanes {args.mixed_lanes}: must be 0 (off) or more")
     sizes = None
     if args.batch_sizes is not None:
         try:
@@ -91,6 +98,7 @@ def main(args: argparse.Namespace) -> int:
     app = create_app(model, model_name=name, api_key=args.api_key, max_tokens_limit=args.max_tokens_limit,
                      max_body_bytes=args.max_body_bytes, max_batch=args.max_batch, max_queue=args.max_queue,
                      max_len=args.max_model_len, prefill_chunk=args.prefill_chunk, batch_sizes=sizes,
+                     mix=(args.mixed_lanes, args.mixed_tokens) if args.mixed_lanes else None,
                      max_request_tokens=args.max_request_tokens, body_timeout=args.body_timeout,
                      defaults=defaults, prepare=False)
     if args.prepare:

@@ -3,10 +3,15 @@
 The loop follows vLLM's scheduler, one iteration at a time:
 
     admit    new requests: tokenize and check them (`prepare`), queue their rows (FIFO)
-    prefill  calls (`runner.prefill`) for the rows still prefilling and the waiting rows that take
-             free KV slots, up to 4 rows and `prefill_chunk` tokens a call, at most `prefill_calls`
-             calls and one chunk of each row a round: a burst of newcomers is written in few rounds,
-             a long prompt a chunk a round while the running rows keep decoding
+    mixed    while rows decode: one step for every decoding row with prompt chunks riding on it
+             (`runner.launch(..., chunks)`, vLLM's chunked prefill): up to `mix` = (lanes, tokens)
+             chunks of the rows still prefilling, then of waiting rows placed in free KV slots (a long
+             prompt may fill several lanes), one forward pass for both, so the weights are read once;
+             the running rows get a token every step while a long prompt prefills
+    prefill  when no row decodes (or the runner has no mixed steps): calls (`runner.prefill`) for the
+             rows still prefilling and the waiting rows that take free KV slots, up to 4 rows and
+             `prefill_chunk` tokens a call, at most `prefill_calls` calls and one chunk of each row a
+             round: a burst of newcomers is written in few rounds
     decode   one step for every running row (`runner.launch`), each with its own sampling settings
     collect  the previous round's tokens (first tokens of the rows whose prefill ended, then the
              step's): text, stop strings, EOS, max_tokens; ended rows free their slot
@@ -118,15 +123,19 @@ class Engine:
             step in the middle of a burst of newcomers delays the burst's last rows by a step, and the
             batch then ends on steps for those rows alone; each call delays the running rows' next token.
         batch_sizes: batch sizes the decode step is prepared for (default 1, 2, 4, ... `max_batch`).
+        mix: (lanes, tokens) of the prompt chunks a mixed step carries beside the decoding rows, or
+            None: prefill only by separate calls. Runners without mixed steps (`RowRunner`) ignore it.
     """
 
     def __init__(self, model, *, max_batch: int = 8, max_queue: int = 256, max_len: int | None = None,
-                 prefill_chunk: int = 512, batch_sizes: tuple[int, ...] | None = None, prefill_calls: int = 4):
+                 prefill_chunk: int = 512, batch_sizes: tuple[int, ...] | None = None, prefill_calls: int = 4,
+                 mix: tuple[int, int] | None = (4, 128)):
         self.model, self.max_batch, self.max_queue = model, max(1, max_batch), max_queue
         self.max_len = min(max_len or min(model.max_context, 4096), model.max_context)
         self.prefill_chunk, self.prefill_calls = max(1, prefill_chunk), max(1, prefill_calls)
         self.runner = batch_runner(model, rows=self.max_batch, max_len=self.max_len, batch_sizes=batch_sizes,
-                                   chunk=self.prefill_chunk)
+                                   chunk=self.prefill_chunk, mix=mix)
+        self.mix = getattr(self.runner, "mix", None)  # None: no mixed steps
         self.max_batch = self.runner.rows
         self.metrics = Metrics()
         self.timing = {"idle": 0.0, "prefill": 0.0, "launch": 0.0, "wait": 0.0, "text": 0.0}  # worker seconds, by part
@@ -200,17 +209,28 @@ class Engine:
                     clock["idle"] += t() - t0
                 self._drop_cancelled()
                 t0 = t()
-                launched = self._prefills()
+                rows, launched = self._decoding(), []
+                if not (rows and self.mix):  # separate prefill calls; the rows they start join this round's step
+                    launched = self._prefills()
+                    rows = self._decoding()
                 t1 = t()
-                rows = [r for r in self._running.values() if r.filled == len(r.prompt) and not r.ended
-                        and r.launched < r.max_tokens - 1]
                 if rows:
-                    launched.append((self.runner.launch([r.slot for r in rows], max(r.pos for r in rows) + 1,
-                                                        all(r.sampling.greedy for r in rows)), rows))
-                    for r in rows:
-                        r.pos += 1
-                        r.launched += 1
-                    self.metrics.steps += 1
+                    picked = self._mix_chunks() if self.mix else []
+                    step = ([r.slot for r in rows], max(r.pos for r in rows) + 1, all(r.sampling.greedy for r in rows))
+                    try:
+                        p = self.runner.launch(*step, chunks=[ch for _, ch in picked]) if picked else self.runner.launch(*step)
+                    except BridgeError as e:  # the model refused the riding chunks' input: they fail alone,
+                        if not picked:  # the rows decode next round
+                            raise
+                        for job in {r.job.id: r.job for r, _ in picked}.values():
+                            self._fail(job, e)
+                        p = None
+                    if p is not None:
+                        for r in rows:
+                            r.pos += 1
+                            r.launched += 1
+                        launched.append((p, rows + self._chunks_written(picked)))
+                        self.metrics.steps += 1
                 clock["prefill"] += t1 - t0
                 clock["launch"] += t() - t1
                 for p in pending:  # a row's first token before its step's
@@ -273,6 +293,46 @@ class Engine:
             if r.job.cancelled.is_set() and not r.job.over:
                 self._end_job(r.job, "cancelled")
 
+    def _decoding(self) -> list[Row]:
+        """The rows that take a decode step this round."""
+        return [r for r in self._running.values() if r.filled == len(r.prompt) and not r.ended
+                and r.launched < r.max_tokens - 1]
+
+    def _mix_chunks(self) -> list[tuple[Row, Chunk]]:
+        """Prompt chunks riding on this round's step: up to `mix` lanes of at most `mix[1]` tokens,
+        from the rows still prefilling (oldest first), then from waiting rows placed in free slots."""
+        lanes, n = self.mix
+        picked: list[tuple[Row, Chunk]] = []
+
+        def feed(r: Row) -> None:
+            at = r.filled
+            while at < len(r.prompt) and len(picked) < lanes:
+                end = min(len(r.prompt), at + n)
+                picked.append((r, Chunk(r.slot, r.prompt[at:end], at, r.sampling if end == len(r.prompt) else None)))
+                at = end
+
+        for r in self._running.values():
+            if r.filled < len(r.prompt) and not r.job.over and len(picked) < lanes:
+                feed(r)
+        while self._waiting and self._free and len(picked) < lanes:
+            r = self._waiting.popleft()
+            r.slot = heapq.heappop(self._free)
+            self._running[r.slot] = r
+            self._placed(r.job)
+            feed(r)
+        return picked
+
+    def _chunks_written(self, picked: list[tuple[Row, Chunk]]) -> list[Row]:
+        """Account for launched chunks; the rows whose prompt is now written (their first token comes)."""
+        done = []
+        for r, ch in picked:
+            r.filled += len(ch.tokens)
+            self.metrics.prompt_tokens += len(ch.tokens)
+            if ch.sampling is not None:
+                r.pos = len(r.prompt)
+                done.append(r)
+        return done
+
     def _prefills(self) -> list:
         """This round's prefill calls (at most `prefill_calls`, each row at most one chunk), as
         `_prefill` returns them."""
@@ -313,13 +373,7 @@ class Engine:
             for job in {r.job.id: r.job for r in picked}.values():
                 self._fail(job, e)
             return None
-        done = []
-        for r, ch in zip(picked, chunks):
-            r.filled += len(ch.tokens)
-            self.metrics.prompt_tokens += len(ch.tokens)
-            if ch.sampling is not None:
-                r.pos = len(r.prompt)
-                done.append(r)
+        done = self._chunks_written(list(zip(picked, chunks)))
         return (pending, done) if done else None
 
     def _placed(self, job: Job) -> None:

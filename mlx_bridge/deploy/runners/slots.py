@@ -26,6 +26,10 @@ go to a spare position past every bucket), all captured by `prepare`. `prefill` 
 return at once: the tokens reach the host when `Pending.tokens()` is called, so the next step can be
 launched before them.
 
+While rows decode, prompt chunks may instead ride on a decode step (`launch(..., chunks=...)`: a
+mixed step, `mixed.py`), one forward pass for the decode rows and up to `mix` = (lanes, tokens) of
+prompt, one graph per (B, S, greedy|sampled, 1 or `lanes` lanes), captured by `prepare` too.
+
 `rows.RowRunner` gives the same interface over any runner with `start`/`next` (transformers models,
 layers spread over GPUs): one cache per row and rows decoded one after another (correct, not fast).
 
@@ -164,13 +168,16 @@ class SlotRunner:
         batch_sizes: batch sizes a step may run at (default 1, 2, 4, ... up to `rows`).
         fused: the module's fused weights when a `FastRunner` has made them already (not twice).
         chunk: most prompt tokens one `prefill` call writes (its rows' chunks, padded, together).
+        mix: (lanes, length) of the prompt chunks a mixed step carries beside the decode rows
+            (`mixed`; `launch(chunks=...)`), or None: no mixed steps. On CUDA a step with one chunk
+            runs 1 lane, else `lanes` (padded): two graphs per decode shape.
     Raises:
         fm.NotFusable: MoE layers, or layers on several devices.
     """
 
     def __init__(self, module: Transformer, *, rows: int, max_len: int, compile: bool | None = None,
                  graphs: bool | None = None, batch_sizes: tuple[int, ...] | None = None, fused: fm.Fused | None = None,
-                 chunk: int = 512):
+                 chunk: int = 512, mix: tuple[int, int] | None = (4, 128)):
         self.fused = f = fused or fm.fuse(module)
         if len(f.devices) > 1:
             raise fm.NotFusable("layers on several devices: continuous batching runs on one device")
@@ -191,6 +198,8 @@ class SlotRunner:
         self.chunk = max(1, chunk)
         self.lanes = tuple(n for n in LANES if n <= rows)
         self.chunk_lens = tuple(sorted({c for c in CHUNKS if c < self.chunk} | {self.chunk}))
+        self.mix = (min(mix[0], rows), mix[1]) if mix else None
+        self.mix_lanes = tuple(sorted({1, self.mix[0]})) if mix else ()
         # slot R is scratch: the padding lanes of a prefill write there; position S (past every bucket)
         # takes the writes of a chunk's padding tokens (never attended)
         a, dev, R = self.args, self.device, rows
@@ -202,15 +211,20 @@ class SlotRunner:
             self.tok, self.pos, self.active = (torch.zeros(R + 1, **long) for _ in range(3))
             self.top_k, self.seed, self.stream, self.counter, self.out = (torch.zeros(R + 1, **long) for _ in range(5))
             self.temp, self.top_p = torch.zeros(R + 1, device=dev), torch.ones(R + 1, device=dev)
-            self.first = torch.zeros(max(self.lanes), **long)
-            self._ar = torch.arange(max(self.chunk, max(self.lanes), S), **long)
+            N, C = self.mix or (1, 1)
+            self.first = torch.zeros(max(*self.lanes, N), **long)
+            self._ar = torch.arange(max(self.chunk, max(self.lanes), S, rows + 1, C), **long)
+            self._mhost = [torch.zeros(R + 1 + N, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
+            self._mbuf = torch.zeros(N, C + 4, **long)  # the mixed steps' lanes (the prefill layout)
+            self._mpin = [torch.zeros(N, C + 4, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
             self._host = [torch.zeros(R + 1, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
             self._phost = [torch.zeros(max(self.lanes), dtype=torch.long, pin_memory=cuda) for _ in range(2)]
             n = max(self.lanes) * (self.chunk + 4)
             self._pin = [torch.zeros(n, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
         self._flip = self._pflip = 0
         self._pin_done: list = [None, None]
-        self.stats = {"captures": 0, "steps": 0, "prefills": 0}
+        self._mpin_done: list = [None, None]
+        self.stats = {"captures": 0, "steps": 0, "prefills": 0, "mixed": 0}
         self._graphs: dict = {}
         self._pbufs: dict = {}  # (lanes, length) -> the prefill graphs' input (lanes, length + 4) on the device
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
@@ -235,9 +249,11 @@ class SlotRunner:
         x = fm.embed(f, self.tok[:B, None])  # [B, 1, D]
         rot = self._rope(self._ropes, pos)
         ms = row_masks(pos, S, f.windows, spec.softcap is None, self.dtype)
+        put = torch.where(act > 0, pos, self.k[0].shape[2] - 1)  # idle slots (one being prefilled among them) write
+        # the spare position, never position 0 of a prompt
         for li, L in enumerate(f.layers):
             kc, vc = self.k[li][:B], self.v[li][:B]
-            q, _, _ = self._qkv(x, L.w, kc, vc, *rot[L.rope], pos)
+            q, _, _ = self._qkv(x, L.w, kc, vc, *rot[L.rope], put)
             o = fm._decode_attend(q, kc[:, :, :S], vc[:, :, :S], ms[L.window], spec.scale, spec.softcap, L.w[10])
             x = self._out(x, o, L.w)
         logits = self._head(x[:, -1], f.norm, f.head, f.head_bias)  # [B, V]
@@ -251,24 +267,33 @@ class SlotRunner:
         pos.add_(act)
         self.counter[:B].add_(act)
 
-    def _graph(self, B: int, S: int, mode: str):
-        """The captured step for (B, S, mode), compiling and capturing it the first time. The warm-up
-        runs are real steps: the small per-row state is restored after them, and the keys they write
-        (at each row's position and the next) are rewritten before any query can see them."""
-        key = (B, S, mode)
+    def _graph(self, B: int, S: int, mode: str, mixed: int = 0):
+        """The captured step for (B, S, mode) (a mixed step: with `mixed` lanes in `_mbuf`), compiling and
+        capturing it the first time. The warm-up runs are real steps: the small per-row state is restored
+        after them, and the keys they write (at each row's position and the next) are rewritten before
+        any query can see them; the lanes are all padding then (the scratch slot)."""
+        key = ("mixed", B, S, mode, mixed) if mixed else (B, S, mode)
         if key in self._graphs:
             return self._graphs[key]
-        small = [self.tok, self.pos, self.counter, self.out]
+        if mixed:
+            from .mixed import mixed_run
+
+            self._mbuf.zero_()
+            self._mbuf[:, -4] = self.rows
+            run = lambda: mixed_run(self, self._mbuf[:mixed], B, S, mode)  # noqa: E731
+        else:
+            run = lambda: self._run(B, S, mode)  # noqa: E731
+        small = [self.tok, self.pos, self.counter, self.out, self.active]
         saved = [t.clone() for t in small]
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._run(B, S, mode)
+                run()
         torch.cuda.current_stream(self.device).wait_stream(side)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self._pool, stream=torch.cuda.Stream(self.device)):
-            self._run(B, S, mode)
+            run()
         for t, v in zip(small, saved):
             t.copy_(v)
         self._graphs[key] = g
@@ -283,14 +308,20 @@ class SlotRunner:
             raise BridgeError(f"decode: {need} positions needed, the pool holds {self.max_len}")
         return B, S
 
-    def launch(self, slots: list[int], need: int, greedy: bool) -> Pending:
+    def launch(self, slots: list[int], need: int, greedy: bool, chunks: list[Chunk] = ()) -> Pending:
         """One decode step for the busy `slots` (each row's next token), `need` the positions the
-        longest of them uses after it; returns without waiting for the tokens.
+        longest of them uses after it; returns without waiting for the tokens. With `chunks` (as many
+        as `mix_fits` takes) it is a mixed step: those prompt chunks ride on it (`mixed`), and the
+        tokens include the first token of each row whose last chunk is among them.
 
         Example:
             >>> r.launch([0, 3], need=40, greedy=True).tokens()    # doctest: +SKIP
             {0: 17, 3: 5}
         """
+        if chunks:
+            from .mixed import launch_mixed
+
+            return launch_mixed(self, slots, need, greedy, chunks)
         B, S = self.shape(max(slots), need)
         mode = "greedy" if greedy else "sample"
         with torch.inference_mode():
@@ -309,6 +340,21 @@ class SlotRunner:
             ev.record()
             return Pending(where, host, ev)
 
+    def mix_fits(self, lengths: list[int]) -> bool:
+        """Whether one mixed step carries prompt chunks of these lengths (one lane each)."""
+        return self.mix is not None and len(lengths) <= self.mix[0] and max(lengths, default=0) <= self.mix[1]
+
+    def _set_sampling(self, chunks: list[Chunk]) -> None:
+        """The sampling settings of the rows whose last chunk is among `chunks`, into their slots."""
+        for ch in chunks:
+            if ch.sampling is not None:
+                sm, sl = ch.sampling, slice(ch.slot, ch.slot + 1)
+                self.temp[sl].fill_(float(sm.temperature))
+                self.top_p[sl].fill_(float(sm.top_p))
+                self.top_k[sl].fill_(int(sm.top_k))
+                self.seed[sl].fill_(seed31(sm.seed))
+                self.stream[sl].fill_(int(sm.stream))
+
     def prepare(self) -> str:
         """Compile and capture every (batch size, length bucket, greedy|sampled) decode step and every
         (rows, chunk length, length bucket) prefill before serving; what was prepared, and how long each took.
@@ -326,6 +372,13 @@ class SlotRunner:
                     for mode in ("greedy", "sample"):
                         self._graph(B, S, mode)
             t1 = time.perf_counter()
+            if self.mix:
+                for B in self.sizes:
+                    for S in self.lens:
+                        for mode in ("greedy", "sample"):
+                            for n in self.mix_lanes:
+                                self._graph(B, S, mode, mixed=n)
+            tm = time.perf_counter()
             shapes = [(n, c) for n in self.lanes for c in self.chunk_lens if n * c <= self.chunk or n == 1]
             for n, c in shapes:
                 for S in self.lens:
@@ -333,10 +386,12 @@ class SlotRunner:
             for x in (self.tok, self.pos, self.active, self.counter):
                 x.zero_()
         t2 = time.perf_counter()
-        decode = sum(1 for k in self._graphs if k[0] != "prefill")
+        decode = sum(1 for k in self._graphs if k[0] not in ("prefill", "mixed"))
+        mixed = sum(1 for k in self._graphs if k[0] == "mixed")
         return (f"decode: batch sizes {list(self.sizes)} x lengths {self.lens} x greedy/sampled: {decode} graphs "
-                f"({t1 - t:.1f} s); prefill: (rows, chunk) {shapes} x lengths {self.lens}: "
-                f"{len(self._graphs) - decode} graphs ({t2 - t1:.1f} s)")
+                f"({t1 - t:.1f} s); mixed steps ({self.mix} lanes x tokens): {mixed} graphs ({tm - t1:.1f} s); "
+                f"prefill: (rows, chunk) {shapes} x lengths {self.lens}: "
+                f"{len(self._graphs) - decode - mixed} graphs ({t2 - tm:.1f} s)")
 
     # -- rows joining and leaving ------------------------------------------------------------------------
 
@@ -378,14 +433,7 @@ class SlotRunner:
                  int(ch.sampling is not None)] for ch in chunks]
         data += [[0] * C + [self.rows, 0, 0, 0]] * (N - n)  # padding lanes: the scratch slot
         with torch.inference_mode():
-            for ch in chunks:
-                if ch.sampling is not None:
-                    sm, sl = ch.sampling, slice(ch.slot, ch.slot + 1)
-                    self.temp[sl].fill_(float(sm.temperature))
-                    self.top_p[sl].fill_(float(sm.top_p))
-                    self.top_k[sl].fill_(int(sm.top_k))
-                    self.seed[sl].fill_(seed31(sm.seed))
-                    self.stream[sl].fill_(int(sm.stream))
+            self._set_sampling(chunks)
             self.stats["prefills"] += 1
             where = {ch.slot: i for i, ch in enumerate(chunks) if ch.sampling is not None}
             if not self.use_graphs:
@@ -469,7 +517,8 @@ class SlotRunner:
             self.pos[slot] = 0
 
 
-def batch_runner(model, *, rows: int, max_len: int, batch_sizes: tuple[int, ...] | None = None, chunk: int = 512):
+def batch_runner(model, *, rows: int, max_len: int, batch_sizes: tuple[int, ...] | None = None, chunk: int = 512,
+                 mix: tuple[int, int] | None = (4, 128)):
     """The continuous-batching runner for a `DeployedModel`: a `SlotRunner` for a native model the
     fused path takes (dense or MoE) on one device (compiled and captured when the model runs the fast path), else a `RowRunner`
     (its rows one after another; one row at a time for layers spread over GPUs).
@@ -487,7 +536,7 @@ def batch_runner(model, *, rows: int, max_len: int, batch_sizes: tuple[int, ...]
     if model.backend == "native":
         try:
             return SlotRunner(model.module, rows=rows, max_len=max_len, compile=None if fast else False, graphs=None if fast else False,
-                              batch_sizes=batch_sizes, fused=runner.fused if fast else None, chunk=chunk)
+                              batch_sizes=batch_sizes, fused=runner.fused if fast else None, chunk=chunk, mix=mix)
         except fm.NotFusable:
             pass
         if not fast or len(runner.segments) == 1:
