@@ -205,18 +205,27 @@ def test_vocab_is_llama_cpps_own(gz, vocab):
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids, f"{vocab}: {text!r}"
 
 
-def _quantize_with_llama_cpp(src: Path, dst: Path, ftype: int) -> None:
+def _quantize_with_llama_cpp(src: Path, dst: Path, ftype: int, keep: dict[str, int] | None = None) -> None:
+    """`llama_model_quantize(src, dst, ftype)`; `keep`: tensor name -> its type in `src`, kept as it is (llama.cpp's
+    `--tensor-type` overrides, by the exact name: the quantizer copies a tensor already of its target type)."""
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = 2
+    if keep:
+        overrides = (llama_cpp.llama_model_tensor_override * (len(keep) + 1))()  # ended by a null pattern
+        for o, (name, ty) in zip(overrides, keep.items()):
+            o.pattern, o.type = f"^{re.escape(name)}$".encode(), ty
+        params.tt_overrides = overrides
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     assert rc == 0, f"llama_model_quantize({src}) returned {rc}"
 
 
+BYTES = ([("llama", t) for t in ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_0")]
+         + [(a, "q4_k_m") for a in ("mixtral", "mamba", "deepseek_v3", "qwen2_moe", "lfm2", "minimax_m2", "falcon_h1")])
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("arch,gguf_type", [("llama", t) for t in ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_0")]
-                         + [("mixtral", "q4_k_m"), ("mamba", "q4_k_m"), ("deepseek_v3", "q4_k_m"), ("qwen2_moe", "q4_k_m")]
-                         + [("lfm2", "q4_k_m"), ("minimax_m2", "q4_k_m"), ("falcon_h1", "q4_k_m")])
+@pytest.mark.parametrize("arch,gguf_type", BYTES)
 def test_quantized_bytes_equal_llama_cpp(gz, tmp_path, arch, gguf_type):
     """Every tensor's type and bytes equal `llama_model_quantize` run on our f32 GGUF (hidden 256: K-quant rows;
     8 layers for the `_m` mixes' layer pattern; mixtral with 8 experts for llama.cpp's 8-expert rules; deepseek_v3
@@ -237,7 +246,11 @@ def assert_bytes_equal(gz, src: Path, tmp_path: Path, gguf_type: str, hf_base: b
 
     f32 = gguf_path(gz.export(src, "gguf", "f32", hf_base=hf_base))
     ref_path = tmp_path / "ref.gguf"
-    _quantize_with_llama_cpp(f32, ref_path, int(GGUF_TYPES[gguf_type][0]))
+    # gpt_oss's MXFP4 experts are MXFP4 in every file (as llama.cpp's converter writes them), which llama.cpp's
+    # quantizer refuses to requantize: it keeps them, as the export does
+    keep = {t.name: int(t.tensor_type) for t in gguf.GGUFReader(f32).tensors
+            if t.tensor_type == gguf.GGMLQuantizationType.MXFP4}
+    _quantize_with_llama_cpp(f32, ref_path, int(GGUF_TYPES[gguf_type][0]), keep)
     ours = {t.name: t for t in gguf.GGUFReader(gguf_path(gz.export(src, "gguf", gguf_type, hf_base=hf_base))).tensors}
     ref = {t.name: t for t in gguf.GGUFReader(ref_path).tensors}
     assert sorted(ours) == sorted(ref)  # (llama_model_quantize sorts rope_freqs among the others; we write it first)
@@ -534,13 +547,46 @@ MORE_BYTES.update({t: {k: v for k, v in OVERRIDES.get(t, {}).items() if k != "nu
     "cohere", "starcoder2", "smollm3", "seed_oss", "ernie4_5", "hunyuan_v1_dense", "nemotron", "glm4", "phi",
     "stablelm", "gpt2", "gpt_bigcode", "glm4_moe", "dots1", "deepseek_v2", "glm4_moe_lite", "falcon_mamba", "ministral3")})
 
+# fourth session (#15b): the types whose tiny configs needed more than the 256/8 shape, widened so that their
+# K-quant rows are multiples of 256 (mixer outputs, experts) where the tiny has 16- or 32-wide ones
+_EVERY_4TH = dict(layer_types=None)  # the config's own 8-layer pattern: full attention every 4th layer
+_GDN = dict(linear_key_head_dim=64, linear_value_head_dim=64)  # the gated delta net's output 4 x 64 (llama.cpp: k = v)
+_GDN_MOE = dict(_GDN, moe_intermediate_size=256, shared_expert_intermediate_size=256)
+MORE_BYTES.update({
+    "mistral": {}, "exaone": {}, "iquestcoder": {}, "mistral3": _TEXT,
+    "internlm3": dict(head_dim=64), "cohere2": dict(head_dim=64),  # mlx-lm: head_dim = hidden / heads
+    "gpt_neox": dict(intermediate_size=1024),  # mlx-lm's gpt_neox: 4 x hidden
+    "olmo3": dict(layer_types=(["sliding_attention"] * 3 + ["full_attention"]) * 2),
+    "granitemoehybrid": dict(layer_types=(["linear_attention"] * 3 + ["full_attention"]) * 2),
+    # windowed: llama.cpp windows exaone4 only with 64 layers (the export refuses others), and mlx-lm reads no
+    # exaone4 without a window
+    "exaone4": dict(num_hidden_layers=64, intermediate_size=256),
+    "minicpm3": dict(max_position_embeddings=128, v_head_dim=64),  # mlx-lm: v_head_dim = hidden / heads
+    "mamba2": dict(head_dim=64),  # 8 heads of 64: d_inner = 2 x hidden
+    # no ffn_down in 5 of 8 layers, and no expert_count (llama.cpp counts ffn_down, not blk.N, without experts)
+    "nemotron_h": dict(hybrid_override_pattern="M*-M*-M-", mamba_num_heads=8, mamba_head_dim=32),
+    "qwen3_next": dict(rms_norm_eps=1e-6, **_EVERY_4TH, **_GDN_MOE),
+    "gpt_oss": dict(intermediate_size=256),  # MXFP4 experts but in the 2 adapted layers (written f32)
+    "gemma3": dict(text_config={**_SHAPE, **_EVERY_4TH}),
+    "qwen3_5": dict(text_config={**_SHAPE, **_EVERY_4TH, **_GDN}),
+    "qwen3_5_moe": dict(text_config={**_SHAPE, **_EVERY_4TH, **_GDN_MOE}),
+    "llama4": dict(text_config={**_SHAPE, **OVERRIDES["llama4"]["text_config"], "intermediate_size_mlp": 512})})
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", MORE_BYTES)
 def test_quantized_bytes_more_types(gz, tmp_path, arch):
-    """q4_k_m bytes equal `llama_model_quantize`'s for 38 more types (hidden 256, 8 layers: the mix's layer pattern,
+    """q4_k_m bytes equal `llama_model_quantize`'s for 57 more types (hidden 256, 8 layers: the mix's layer pattern,
     llama.cpp's per-arch rules on attn_v / ffn_down / expert tensors; GPT-2's learned positions kept F32)."""
     src = gz.mlx(arch, "llama-spm", **{**_SHAPE, **MORE_BYTES[arch]})
     if arch not in HF_BASE:  # (GgufZoo finds the HF checkpoint of a base only)
         src = gz.adapter(src)
     assert_bytes_equal(gz, src, tmp_path, "q4_k_m", hf_base=arch in HF_BASE)
+
+
+def test_every_type_has_a_byte_test():
+    """Each GGUF-exported type has a q4_k_m byte test against `llama_model_quantize`."""
+    from mlx_bridge.translate.gguf.archs import GGUF_ARCHS
+
+    untested = set(GGUF_ARCHS) - {a for a, _ in BYTES} - set(MORE_BYTES)
+    assert not untested, f"GGUF-exported without a q4_k_m byte test: {sorted(untested)}"

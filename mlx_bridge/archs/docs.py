@@ -73,8 +73,10 @@ def render() -> str:
         "passes `verify` against its MLX probes (`test_export_registry.py::test_load_and_verify`). "
         "vLLM: the architecture name vLLM runs natively, or its Transformers backend.", "",
         f"GGUF (`--format gguf`): the llama.cpp architecture the file is written as ({len(gguf_types)} types), each "
-        "loaded by llama.cpp itself in `tests/test_export_gguf.py` and its logits compared with transformers'; the "
-        "others are refused by name (reasons below).", "",
+        "loaded by llama.cpp itself in `tests/test_export_gguf.py` and its logits compared with transformers', and "
+        "each one's `q4_k_m` file equal, tensor types and bytes, to what llama.cpp's `llama_model_quantize` makes of "
+        "its f32 file (hidden 256, so that K-quant rows fill 256-blocks; gpt-oss's MXFP4 experts, which llama.cpp's "
+        "quantizer refuses to requantize, kept on both sides); the others are refused by name (reasons below).", "",
         "| model_type | HF class | hf | peft | native deploy class | vLLM | TensorRT-LLM | GGUF |",
         "|---|---|---|---|---|---|---|---|",
     ]

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -85,6 +86,8 @@ class GgufZoo:
 
     def mlx(self, arch: str, vocab: str = "llama-bpe", **overrides) -> Path:
         tag = re.sub(r"[^\w.=+-]", "", "-".join([arch, vocab] + [f"{k}{v}" for k, v in sorted(overrides.items())]))
+        if len(tag) > 120:  # a name is at most 255 bytes, with the export's suffixes and temp-dir tail
+            tag = f"{arch}-{vocab}-{hashlib.sha256(tag.encode()).hexdigest()[:16]}"
         d = self.root / f"mlx-{tag}"
         if not (d / "config.json").exists():
             hf = self.root / f"hf-{tag}"

@@ -222,6 +222,18 @@ def longrope_scale(cfg: dict) -> float:
     return rp.get("long_mscale") or (1.0 if f <= 1.0 else math.sqrt(1 + math.log(f) / math.log(orig)))
 
 
+def expert_count(cfg: dict, ga: GgufArch) -> int:
+    """The `expert_count` key the file carries (0: none), which llama.cpp's quantizer reads to pick types.
+
+    Example:
+        >>> [expert_count({"num_local_experts": 4}, GGUF_ARCHS[t]) for t in ("mixtral", "nemotron_h")]
+        [4, 0]
+    """
+    if ga.ff_per_layer:  # NemotronH: experts only with "moe" layers (check_arch refuses them)
+        return 0
+    return cfg.get("num_local_experts") or cfg.get("num_experts") or 0
+
+
 def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> None:
     """TextModel.set_gguf_parameters (+ LlamaModel's, + the arch's extras) from the effective config."""
     if ga.ssm:
@@ -263,8 +275,8 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, ga: GgufArch, n_vocab: int) -> No
     ln_eps = next((cfg[k] for k in ("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon") if cfg.get(k) is not None), None)
     if ln_eps is not None:
         w.add_layer_norm_eps(ln_eps)
-    n_exp = cfg.get("num_local_experts") or cfg.get("num_experts")
-    if n_exp and not ga.ff_per_layer:  # NemotronH: experts only with "moe" layers (check_arch)
+    n_exp = expert_count(cfg, ga)
+    if n_exp:
         w.add_expert_count(n_exp)
         w.add_expert_used_count(cfg["num_experts_per_tok"])
     head_dim = cfg.get("head_dim")

@@ -75,12 +75,12 @@ class TypePicker:
         self.i_attn_v = self.i_ffn_down = 0
 
     @classmethod
-    def for_file(cls, gguf_type: str, cfg: dict, names: set[str]) -> "TypePicker":
-        """The picker for a file of tensors `names`: attn_v-like weights counted as llama.cpp counts them
-        (`category_is_attn_v`: attn_v, attn_qkv, attn_kv_b weights, never their biases)."""
+    def for_file(cls, gguf_type: str, cfg: dict, names: set[str], n_expert: int) -> "TypePicker":
+        """The picker for a file of tensors `names` and `expert_count` key `n_expert` (llama.cpp's hparams.n_expert,
+        0 when the file has none): attn_v-like weights counted as llama.cpp counts them (`category_is_attn_v`:
+        attn_v, attn_qkv, attn_kv_b weights, never their biases)."""
         n_attn_v = sum(_category(n) == "attn_v" for n in names)
-        return cls(gguf_type, cfg["num_hidden_layers"], n_attn_v,
-                   cfg.get("num_local_experts") or cfg.get("num_experts") or 0, "output.weight" not in names)
+        return cls(gguf_type, cfg["num_hidden_layers"], n_attn_v, n_expert, "output.weight" not in names)
 
     def pick(self, name: str, shape: tuple[int, ...]) -> T:
         """Type of tensor `name` with numpy `shape` (rows last), given it is float32 at the source."""

@@ -22,7 +22,7 @@ from threadpoolctl import threadpool_limits
 from ...errors import BridgeError
 from ..plan import Plan
 from .archs import GgufArch
-from .hparams import add_hparams, llama3_rope_freqs
+from .hparams import add_hparams, expert_count, llama3_rope_freqs
 from .rows import Block, materialize_block, row_blocks
 from .tensors import GTensor, gguf_tensors, mxfp4_source, scalar_hparams
 from .types import GGUF_TYPES, TypePicker, nbytes, quantize
@@ -76,7 +76,7 @@ def tensor_types(tensors: list[GTensor], ga: GgufArch, cfg: dict, gguf_type: str
     """The type of each tensor, in file order: llama.cpp's quantizer's pick, except MXFP4 for the experts of an
     `mxfp4_experts` arch whose values are all MXFP4 values of the source (exact in MXFP4, as llama.cpp's converter
     keeps them)."""
-    picker = TypePicker.for_file(gguf_type, cfg, {t.name for t in tensors})
+    picker = TypePicker.for_file(gguf_type, cfg, {t.name for t in tensors}, expert_count(cfg, ga))
     types = [picker.pick(t.name, t.shape) for t in tensors]
     return [gguf.GGMLQuantizationType.MXFP4 if ga.mxfp4_experts and "_exps.weight" in t.name and mxfp4_source(t) else ty
             for t, ty in zip(tensors, types)]
