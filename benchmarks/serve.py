@@ -245,6 +245,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steady", type=float, default=8.0, help="seconds of the clients-in-a-loop load")
     ap.add_argument("--stand-in", default=None, metavar="STEP_MS,PREFILL_MS",
                     help="replace the model's runner by waits: the server's host-side ceiling")
+    ap.add_argument("--mixed-lanes", type=int, default=4, help="as `mlx-bridge serve --mixed-lanes` (0: off)")
+    ap.add_argument("--mixed-tokens", type=int, default=128, help="as `mlx-bridge serve --mixed-tokens`")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     if a.stand_in:
@@ -261,7 +263,8 @@ def main(argv=None) -> int:
     hf, native, cfg = raw.build(a.shape, dtype, dev)
     del hf
     runner = FastRunner(native)
-    print(f"# {a.shape}, {dtype}, {card}, torch {torch.__version__}: built in {time.perf_counter() - t:.0f} s",
+    print(f"# {a.shape}, {dtype}, {card}, torch {torch.__version__}, mixed steps "
+          f"{f'{a.mixed_lanes} x {a.mixed_tokens} tokens' if a.mixed_lanes else 'off'}: built in {time.perf_counter() - t:.0f} s",
           flush=True)
 
     res: dict = {"card": card, "shape": a.shape, "dtype": str(dtype)}
@@ -291,7 +294,8 @@ def main(argv=None) -> int:
     prompts = torch.randint(3, cfg.vocab_size, (max(a.arrivals, a.max_batch), a.prompt), generator=g).tolist()
     t = time.perf_counter()
     app = create_app(model, model_name="m", max_batch=a.max_batch, max_len=a.max_model_len,
-                     max_request_tokens=1 << 30, max_queue=4096)
+                     max_request_tokens=1 << 30, max_queue=4096,
+                     mix=(a.mixed_lanes, a.mixed_tokens) if a.mixed_lanes else None)
     if a.stand_in:
         app.state.engine.runner = StandIn(a.max_batch, cfg.vocab_size, step, pre, a.prompt)
         app.state.engine.mix = None  # the stand-in has no mixed steps
