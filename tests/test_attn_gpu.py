@@ -138,10 +138,10 @@ def rope_case(B, nh, nkv, hd, rd, qk, gemma, rows, dtype, device):
 @pytest.mark.parametrize("c", ROPE_CASES)
 def test_rope_cache_bf16_equals_make_qkv(c):
     """Each product and sum rounded to bfloat16 as eager rounds them: equal bits but where the float32
-    statistics (sum order, rsqrt) differ in the last place and that flips a rounding: one unit at most."""
+    statistics (sum order, rsqrt) differ in the last place and that flips the rounding of a normalised
+    value (one unit of it, moved through rope's products and sum: a few units where the sum cancels)."""
     (q, kc, vc), (q_ref, kr, vr) = rope_case(*c, torch.bfloat16, "cuda")
     assert q.dtype == torch.bfloat16 and torch.equal(vc, vr)
     for a, b in ((q, q_ref), (kc, kr)):
-        ulp = b.float().abs().clamp(min=2 ** -126) * 2 ** -7  # a bf16 unit in the last place, at most
-        assert ((a.float() - b.float()).abs() <= ulp).all()
+        assert ((a.float() - b.float()).abs() <= 2 ** -6 * b.float().abs().clamp(min=1)).all()
         assert (a != b).float().mean() < 0.02

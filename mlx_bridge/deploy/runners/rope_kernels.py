@@ -9,7 +9,8 @@ it and its value into the cache at the row's slot.
 
 Numerics are `make_qkv`'s: statistics in float32, `w * n.to(dtype)` (gemma: `(n (1 + w)).to(dtype)`),
 `x cos + rotate_half(x) sin` with each product and the sum rounded to the activation dtype as eager
-rounds them. `qk_rope_cache` is a `torch.library.custom_op` that mutates the caches: opaque to the
+rounds them (compiled without floating-point contraction, as inductor compiles the layer's own kernels
+when it emulates casts). `qk_rope_cache` is a `torch.library.custom_op` that mutates the caches: opaque to the
 compiled layer, written in place, captured in the step's CUDA graph.
 
 Example:
@@ -98,7 +99,8 @@ def rope_cache(qkv: torch.Tensor, qn: torch.Tensor | None, kn: torch.Tensor | No
             qkv, qn if norm else qkv, kn if norm else qkv, cos, sin, q, kc, vc, slots, nh, nkv, hd, rd, float(eps),
             qkv.stride(0), cos.stride(0) if cos.shape[0] > 1 else 0, slots.stride(0) if slots.numel() > 1 else 0,
             q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
-            BD=triton.next_power_of_2(hd), NORM=norm, GEMMA=gemma, num_warps=1 if hd <= 128 else 2)
+            BD=triton.next_power_of_2(hd), NORM=norm, GEMMA=gemma, num_warps=1 if hd <= 128 else 2,
+            enable_fp_fusion=False)  # no FMA across the roundings (inductor's emulate_precision_casts does the same)
     return q
 
 
