@@ -19,6 +19,8 @@ compared with the eager path's (random weights make near-ties common in bf16: re
     python benchmarks/decode.py --shape tiny          # CPU development run (seconds)
     python benchmarks/decode.py --dtype float16 --json out.json
     python benchmarks/decode.py --shape qwen3-30b-a3b --new 128 --hf-new 16 --skip graph
+    python benchmarks/decode.py --shape glm-4.7-flash --new 128 --hf-new 16 --skip graph,eager
+    python benchmarks/decode.py --shape glm-4.5-air --layers 16 --new 128 --hf-new 16 --skip graph,eager  # 16 of 46
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ How it is fast (gpt-fast's recipe on the package's own model class):
   `max_tokens` allows;
 - torch.compile (inductor with coordinate-descent tuning, no max-autotune) of ONE decoder layer,
   reused by every layer (same shapes), plus the step's rope/mask prologue and the head; compiled
-  once per bucket, never per request;
+  once per bucket, never per request; in the decode layer the q/k norms, rope and cache writes are one
+  Triton kernel (`rope_kernels`), and each layer hands the next its input already normalised;
 - the whole step (embedding, layers, head, token choice, slot and counter updates) captured in a
   `torch.cuda.CUDAGraph` per bucket (one per device when layers are spread over GPUs, see
   `fast_multi.place`) and replayed;
