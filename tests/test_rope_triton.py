@@ -1,9 +1,10 @@
 """The decode step's q/k norm + rope + cache-write kernel (`deploy/runners/rope_kernels.py`) on CPU through
 Triton's interpreter, against the fused path's own PyTorch function (`fused.make_qkv`, what the eager
 module computes): q/k norms plain and gemma-style or none, full and partial rotary, one slot shared by
-the rows and a slot per row, float32 (equal to rounding) and bfloat16 (equal bits but for the last
-place of the float32 statistics). Skipped without triton, and where CUDA is present (tests/test_fast_gpu.py
-runs the fast path with the kernel there)."""
+the rows and a slot per row, in float32 (the interpreter truncates float32 to bfloat16 instead of
+rounding it: the bfloat16 case runs in tests/test_attn_gpu.py); and the compiled layer half writing the
+caches through the op in place. Skipped without triton, and where CUDA is present (tests/test_attn_gpu.py
+and the fast-path GPU tests run the kernel there)."""
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ use_interpreter_or_skip("tests/test_fast_gpu.py")
 from mlx_bridge.deploy.runners import fused as fm  # noqa: E402
 from mlx_bridge.deploy.runners import rope_kernels as rk  # noqa: E402
 from test_attn_gpu import ROPE_CASES, rope_case, rope_inputs, rope_spec  # noqa: E402
+
 
 @pytest.mark.parametrize("c", ROPE_CASES)
 def test_rope_cache_equals_make_qkv(c):
