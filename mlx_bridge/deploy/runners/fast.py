@@ -191,7 +191,7 @@ class FastRunner:
         self._prefill_layer = fm.make_layer(spec, decode=False)
         self._head = fm.make_head(spec)
         # the decode chain: each layer also returns its output under the next layer's input norm (the
-        # final norm's for the last), so the residual add and that norm are one kernel
+        # final norm's for the last), computed in the layer's own graph after its residual add
         layer, head, rm = fm.make_layer(spec, decode=True), fm.make_head(spec, normed=True), fm.rope_masks
         first = lambda x, w: fm.rms(x, w, spec.eps, spec.gemma)  # noqa: E731 (a segment's first input norm)
         if self.use_compile:

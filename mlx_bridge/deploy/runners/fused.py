@@ -303,7 +303,7 @@ def make_layer(spec: Spec, decode: bool) -> Callable:
     `slots` and attends over its own keys (`mask` None: causal). kc None: no cache (scoring).
     Keywords h and nxt (the decode step's chain, one kernel a layer fewer): h is x after this layer's
     input norm, computed by the layer before; given nxt, the next layer's input norm weight (or the
-    final norm's), the layer returns (x, x normalised by nxt), the norm fused with the residual add.
+    final norm's), the layer returns (x, x normalised by nxt), computed after its residual add.
     """
     if spec.mla:
         from .mla_fused import make_mla_layer
