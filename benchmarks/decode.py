@@ -19,6 +19,8 @@ compared with the eager path's (random weights make near-ties common in bf16: re
     python benchmarks/decode.py --shape tiny          # CPU development run (seconds)
     python benchmarks/decode.py --dtype float16 --json out.json
     python benchmarks/decode.py --shape qwen3-30b-a3b --new 128 --hf-new 16 --skip graph
+    python benchmarks/decode.py --shape glm-4.7-flash --new 128 --hf-new 16 --skip graph,eager
+    python benchmarks/decode.py --shape glm-4.5-air --layers 16 --new 128 --hf-new 16 --skip graph,eager  # 16 of 46
 """
 
 from __future__ import annotations
@@ -46,6 +48,33 @@ SHAPES = {
                         num_hidden_layers=24, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
                         num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
                         max_position_embeddings=131072),
+    # The three below: the published config.json values (GLM-4.7-Flash as in vLLM's glm4_moe_lite config test,
+    # Moonlight's as embedded whole in public parsers' tests, GLM-4.5-Air as in THUDM slime's
+    # glm4.5-106B-A12B.sh), rms_norm_eps 1e-5 for all three as `build` sets it.
+    # GLM-4.7-Flash (glm4_moe_lite): 47 layers (the first dense), latent attention (20 heads, q rank 768, kv rank
+    # 512, nope 192 + rope 64, v 256), 64 experts of 1536, top-4, one shared expert, sigmoid routing x 1.8
+    "glm-4.7-flash": dict(model_type="glm4_moe_lite", vocab_size=154880, hidden_size=2048, intermediate_size=10240,
+                          moe_intermediate_size=1536, num_hidden_layers=47, num_attention_heads=20,
+                          num_key_value_heads=20, q_lora_rank=768, kv_lora_rank=512, qk_nope_head_dim=192,
+                          qk_rope_head_dim=64, v_head_dim=256, n_routed_experts=64, n_shared_experts=1,
+                          num_experts_per_tok=4, norm_topk_prob=True, routed_scaling_factor=1.8, n_group=1,
+                          topk_group=1, first_k_dense_replace=1, max_position_embeddings=202752, rope_theta=1e6),
+    # Moonlight-16B-A3B (deepseek_v3): 27 layers (the first dense), latent attention (16 heads, no q rank, kv rank
+    # 512, nope 128 + rope 64, v 128), 64 experts of 1408, top-6, two shared experts, sigmoid routing x 2.446
+    "moonlight-16b-a3b": dict(model_type="deepseek_v3", vocab_size=163840, hidden_size=2048, intermediate_size=11264,
+                              moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16,
+                              num_key_value_heads=16, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
+                              qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64, n_shared_experts=2,
+                              num_experts_per_tok=6, norm_topk_prob=True, routed_scaling_factor=2.446, n_group=1,
+                              topk_group=1, first_k_dense_replace=1, max_position_embeddings=8192, rope_theta=50000.0),
+    # GLM-4.5-Air (glm4_moe): 46 layers (the first dense; 106 B params, 212 GB in bf16: run it with --layers),
+    # GQA 96/8 heads of 128 with q/k/v biases, half-rotary, 128 experts of 1408, top-8, one shared expert
+    "glm-4.5-air": dict(model_type="glm4_moe", vocab_size=151552, hidden_size=4096, intermediate_size=10944,
+                        moe_intermediate_size=1408, num_hidden_layers=46, num_attention_heads=96, num_key_value_heads=8,
+                        head_dim=128, attention_bias=True, partial_rotary_factor=0.5, n_routed_experts=128,
+                        n_shared_experts=1, num_experts_per_tok=8, norm_topk_prob=True, routed_scaling_factor=1.0,
+                        n_group=1, topk_group=1, first_k_dense_replace=1, use_qk_norm=False,
+                        max_position_embeddings=131072, rope_theta=1e6),
     "qwen3-moe-tiny": dict(model_type="qwen3_moe", vocab_size=256, hidden_size=64, intermediate_size=128,
                            moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                            head_dim=16, num_experts=16, num_experts_per_tok=4, norm_topk_prob=True,
@@ -202,14 +231,22 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", default="", help="comma list of columns to skip: hf,eager,graph,fast")
     ap.add_argument("--profile", default=None, help="write a kernel-time table of 16 fast batch-1 steps here")
     ap.add_argument("--json", default=None, help="also write the numbers here")
+    ap.add_argument("--pdl", action="store_true", help="inductor's kernels with programmatic dependent launch "
+                    "(Hopper: a kernel starts while the one before it finishes)")
     a = ap.parse_args(argv)
 
+    from mlx_bridge.deploy.runners import fast
     from mlx_bridge.deploy.runners.fast import FastRunner
     from mlx_bridge.deploy.runners.base import NativeRunner
 
     dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() and a.shape != "tiny" else "cpu"))
     dtype = getattr(torch, a.dtype or ("bfloat16" if dev.type == "cuda" else "float32"))
     skip = set(filter(None, a.skip.split(",")))
+    if a.pdl:
+        import torch._inductor.config as ic
+
+        assert hasattr(ic.triton, "enable_pdl"), f"torch {torch.__version__}: inductor has no enable_pdl"
+        fast.INDUCTOR_OPTIONS["triton.enable_pdl"] = True
     batches = [int(b) for b in a.batches.split(",")]
     t = time.perf_counter()
     hf, native, cfg = build(a.shape, dtype, dev, a.layers)
@@ -227,6 +264,7 @@ def main(argv=None) -> int:
     card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
     print(f"# {a.shape}: {cfg.num_hidden_layers} layers, {n_params / 1e9:.2f} B params, {a.dtype or dtype}, {card}, "
           f"torch {torch.__version__}, transformers experts: {getattr(cfg, '_experts_implementation', None)}, "
+          f"{'PDL, ' if a.pdl else ''}"
           f"built in {time.perf_counter() - t:.0f} s", flush=True)
     print(f"# copy bandwidth {bw / 1e12:.2f} TB/s; {weight_bytes / 1e9:.2f} GB of weights per step; "
           f"roofline batch 1: {bw / weight_bytes:.0f} tok/s", flush=True)

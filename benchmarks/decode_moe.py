@@ -55,14 +55,19 @@ def step_bytes(native, experts_per_layer: float) -> tuple[float, float]:
     return float(dense), float(len(moes) * experts_per_layer * one)
 
 
+def pick(m, logits: torch.Tensor) -> torch.Tensor:
+    """The expert ids (T, k) a sparse layer routes its router logits to (PyTorch ops on every device:
+    group routing as `SparseMoe.pick`, the others `route`)."""
+    return m.pick(logits)[1] if m.group else route(logits, m.kind, m.top_k, m.norm_topk)[1]
+
+
 def touched_experts(native, rows: torch.Tensor, P: int, chunk: int = 4) -> float:
     """Mean over decode positions P..L-1 of the distinct experts per sparse layer that the B rows of
     `rows` (B, L) route to (their own routing, replayed through the native module)."""
     moes, picks = sparse_layers(native), []
     for m in moes:
         m._picks = []
-        m._hook = m.gate_linear.register_forward_hook(
-            lambda g, i, logits, m=m: m._picks.append(route(logits, m.kind, m.top_k, m.norm_topk)[1]))
+        m._hook = m.gate_linear.register_forward_hook(lambda g, i, logits, m=m: m._picks.append(pick(m, logits)))
     with torch.inference_mode():
         for s in range(0, rows.shape[0], chunk):
             native(rows[s:s + chunk])
@@ -70,7 +75,7 @@ def touched_experts(native, rows: torch.Tensor, P: int, chunk: int = 4) -> float
     for m in moes:
         m._hook.remove()
         idx = torch.cat([t.view(-1, L, t.shape[-1]) for t in m._picks])  # (B, L, k)
-        onehot = torch.zeros(L, m.gate_linear.out_features, device=idx.device)
+        onehot = torch.zeros(L, native.args.num_experts, device=idx.device)
         for b in range(B):  # how many rows pick each expert, per position
             onehot.scatter_add_(1, idx[b], torch.ones(idx[b].shape, device=idx.device))
         picks.append((onehot[P:] > 0).sum(1).float().mean().item())

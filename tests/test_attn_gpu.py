@@ -1,13 +1,17 @@
 """Decode attention on CUDA (skipped without a GPU): the Triton kernel (`runners/attn_kernels.py`)
 against SDPA in bfloat16 and against the module's eager attention (`layers.attend`) in float32, with
 GQA, padding, sliding windows, softcap and gpt-oss sinks; the same cases run on CPU through Triton's
-interpreter in tests/test_attn_triton.py."""
+interpreter in tests/test_attn_triton.py. The decode step's q/k norm + rope + cache-write kernel
+(`runners/rope_kernels.py`) against the fused path's PyTorch function (`fused.make_qkv`) in bfloat16
+(float32 on CPU: tests/test_rope_triton.py)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mlx_bridge.deploy.native.layers import attend
+from mlx_bridge.deploy.native.rope import cos_sin
+from mlx_bridge.deploy.runners import fused as fm
 from mlx_bridge.deploy.runners.fused import rope_masks
 
 pytestmark = pytest.mark.gpu
@@ -84,3 +88,60 @@ def test_decode_attention_captured_in_a_graph():
     g.replay()
     assert not torch.equal(out, ref)
     assert torch.equal(out, f(q, k, v, mask))
+
+
+ROPE_CASES = [  # (B, nh, nkv, hd, rotary dims, q/k norm, gemma, a slot per row)
+    (1, 4, 2, 32, 32, True, False, False),  # qwen3: q/k norms, full rotary
+    (3, 4, 2, 32, 32, True, False, True),  # rows at their own positions (continuous batching)
+    (2, 4, 4, 32, 32, False, False, False),  # llama: rope only
+    (2, 6, 2, 16, 16, True, True, False),  # gemma3: (1 + w) norms
+    (2, 4, 2, 32, 16, True, False, False),  # glm4_moe: partial rotary (half the head)
+    (1, 2, 1, 40, 40, False, False, False),  # head_dim 40: masked tail of the block
+    (1, 32, 4, 128, 128, True, False, False),  # qwen3-30b-a3b
+]
+
+
+def rope_spec(nh, nkv, hd, qk, gemma):
+    return fm.Spec(nh, nkv, hd, 1e-6, gemma, "silu", hd ** -0.5, None, qk, None, None)
+
+
+def rope_inputs(B, nh, nkv, hd, rd, qk, gemma, rows, dtype, device, S=16, seed=0):
+    """(x (B, 1, D), the layer's weight tuple, kc, vc, cos, sin, slots) of one decode step."""
+    g = torch.Generator().manual_seed(seed)
+    D = 24
+    x = torch.randn(B, 1, D, generator=g)
+    ln1 = 1 + 0.1 * torch.randn(D, generator=g)
+    wqkv = torch.randn((nh + 2 * nkv) * hd, D, generator=g) * D ** -0.5
+    qn, kn = ((1 + 0.3 * torch.randn(hd, generator=g)).to(dtype).to(device) if qk else None for _ in range(2))
+    w = (ln1.to(dtype).to(device), None, None, None, wqkv.to(dtype).to(device), None, None, None, qn, kn, None)
+    inv = 1.0 / (1e4 ** (torch.arange(0, rd, 2).float() / rd))
+    slots = torch.randint(0, S, (B,) if rows else (1,), generator=g)
+    pos = (slots[:, None] if rows else slots[None, :].expand(B, 1)) + torch.arange(B)[:, None] * 3  # any positions
+    cos, sin = (t.to(device) for t in cos_sin(inv, 1.0, pos, dtype))  # (B, 1, 1, rd)
+    kc, vc = (torch.randn(B, nkv, S, hd, generator=g).to(dtype).to(device) for _ in range(2))
+    return x.to(dtype).to(device), w, kc, vc, cos, sin, slots.to(device)
+
+
+def rope_case(B, nh, nkv, hd, rd, qk, gemma, rows, dtype, device):
+    """((q, kc, vc) of `rope_kernels.rope_cache`, the same of `fused.make_qkv`) for one decode step."""
+    from mlx_bridge.deploy.runners.rope_kernels import rope_cache
+
+    x, w, kc, vc, cos, sin, slots = rope_inputs(B, nh, nkv, hd, rd, qk, gemma, rows, dtype, device)
+    sp = rope_spec(nh, nkv, hd, qk, gemma)
+    kr, vr = kc.clone(), vc.clone()
+    q_ref = fm.make_qkv(sp, rows=rows)(x, w, kr, vr, cos, sin, slots)[0]
+    qkv = F.linear(fm.rms(x, w[0], sp.eps, gemma), w[4])  # what the layer hands the kernel
+    q = rope_cache(qkv.view(B, -1), w[8], w[9], cos, sin, kc, vc, slots, nh, nkv, sp.eps, gemma)
+    return (q, kc, vc), (q_ref, kr, vr)
+
+
+@pytest.mark.parametrize("c", ROPE_CASES)
+def test_rope_cache_bf16_equals_make_qkv(c):
+    """Each product and sum rounded to bfloat16 as eager rounds them: equal bits but where the float32
+    statistics (sum order, rsqrt) differ in the last place and that flips the rounding of a normalised
+    value (one unit of it, moved through rope's products and sum: a few units where the sum cancels)."""
+    (q, kc, vc), (q_ref, kr, vr) = rope_case(*c, torch.bfloat16, "cuda")
+    assert q.dtype == torch.bfloat16 and torch.equal(vc, vr)
+    for a, b in ((q, q_ref), (kc, kr)):
+        assert ((a.float() - b.float()).abs() <= 2 ** -6 * b.float().abs().clamp(min=1)).all()
+        assert (a != b).float().mean() < 0.02

@@ -16,7 +16,7 @@ from mlx_bridge.testing.adapters import shared_zoo
 pytestmark = pytest.mark.gpu
 PROMPTS = [[5, 31, 33, 32, 60, 61], [52], [30, 31, 8, 9, 10, 11, 12, 13, 14]]  # token ids, ragged
 ARCHS = ["llama", "qwen2", "phi3", "gemma2", "gemma3_text", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "phimoe",
-         "glm4_moe", "deepseek_v3"]
+         "glm4_moe", "deepseek_v3", "glm4_moe_lite"]
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +58,7 @@ def test_cuda_half_precision_close_to_float32(zoo, arch, dtype):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "phimoe", "glm4_moe",
-                                  "deepseek_v3"])
+                                  "deepseek_v3", "glm4_moe_lite"])
 def test_decode_step_replays_as_a_cuda_graph(zoo, arch):
     """The decode step has static shapes and no host sync: captured once, replayed per token, it gives
     the eager step's logits (MoE: the routed-experts kernels, static shapes)."""

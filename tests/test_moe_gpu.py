@@ -95,8 +95,8 @@ def _experts_used(module, tokens) -> dict:
     return used
 
 
-# phimoe, glm4_moe, deepseek_v3: routed in PyTorch ops
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "gpt_oss", "phimoe", "glm4_moe", "deepseek_v3"])
+# phimoe, glm4_moe, deepseek_v3, glm4_moe_lite: routed in PyTorch ops
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "gpt_oss", "phimoe", "glm4_moe", "deepseek_v3", "glm4_moe_lite"])
 def test_captured_step_reads_only_routed_experts(zoo, arch):
     """Unselected experts' weights set to NaN: the captured decode gives the same tokens, all finite.
     (The dense fallback computed every expert and weighted it by zero: NaN * 0 = NaN.)"""

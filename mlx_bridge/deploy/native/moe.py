@@ -138,11 +138,16 @@ def experts_ref(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, ex: tuple, 
 
 def experts(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, ex: tuple, glu: tuple | None = None) -> torch.Tensor:
     """Routed expert products (T, D): the Triton kernels on CUDA (the k weighted rows of a token summed
-    here in float32, so a compiled layer fuses the sum into its residual add), `experts_ref` elsewhere."""
+    here in float32, one row after the other: elementwise adds, so a compiled layer fuses the sum into
+    its residual add and the norm after it), `experts_ref` elsewhere."""
     if x.is_cuda:  # registered by importing runners.moe_kernels (`SparseMoe.stack` on a CUDA device)
         alpha, limit = glu if glu is not None else (0.0, 0.0)
         y = torch.ops.mlx_bridge.routed_experts(x, w, idx, ex[0], ex[1], ex[2], ex[3], glu is not None, alpha, limit)
-        return y.view(*idx.shape, x.shape[1]).sum(1).to(x.dtype)  # (T k, D) float32 -> (T, D)
+        y = y.view(*idx.shape, x.shape[1])  # (T k, D) float32 -> (T, k, D)
+        out = y[:, 0]
+        for j in range(1, y.shape[1]):
+            out = out + y[:, j]
+        return out.to(x.dtype)
     return experts_ref(x, w, idx, ex, glu)
 
 

@@ -13,7 +13,8 @@ How it is fast (gpt-fast's recipe on the package's own model class):
   `max_tokens` allows;
 - torch.compile (inductor with coordinate-descent tuning, no max-autotune) of ONE decoder layer,
   reused by every layer (same shapes), plus the step's rope/mask prologue and the head; compiled
-  once per bucket, never per request;
+  once per bucket, never per request; in the decode layer the q/k norms, rope and cache writes are one
+  Triton kernel (`rope_kernels`), and each layer hands the next its input already normalised;
 - the whole step (embedding, layers, head, token choice, slot and counter updates) captured in a
   `torch.cuda.CUDAGraph` per bucket (one per device when layers are spread over GPUs, see
   `fast_multi.place`) and replayed;
@@ -189,15 +190,18 @@ class FastRunner:
         spec = self.fused.spec
         self._prefill_layer = fm.make_layer(spec, decode=False)
         self._head = fm.make_head(spec)
-        layer, head, rm = fm.make_layer(spec, decode=True), self._head, fm.rope_masks
+        # the decode chain: each layer also returns its output under the next layer's input norm (the
+        # final norm's for the last), computed in the layer's own graph after its residual add
+        layer, head, rm = fm.make_layer(spec, decode=True), fm.make_head(spec, normed=True), fm.rope_masks
+        first = lambda x, w: fm.rms(x, w, spec.eps, spec.gemma)  # noqa: E731 (a segment's first input norm)
         if self.use_compile:
             lim = torch._dynamo.config
             lim.recompile_limit = max(lim.recompile_limit, 64)
             lim.accumulated_recompile_limit = max(getattr(lim, "accumulated_recompile_limit", 256), 1024)
-            layer, head, rm, self._pick = (_compile(fn) for fn in (layer, head, rm, pick))
+            layer, head, rm, first, self._pick = (_compile(fn) for fn in (layer, head, rm, first, pick))
         else:
             self._pick = pick
-        self._decode_layer, self._decode_head, self._rope_masks = layer, head, rm
+        self._decode_layer, self._decode_head, self._rope_masks, self._first_norm = layer, head, rm, first
         self._ropes = {d: [(inv.to(d), s) for inv, s in self.fused.ropes] for d in self.fused.devices}
 
     # -- buckets --------------------------------------------------------------------------------------
@@ -292,14 +296,19 @@ class FastRunner:
             x = fm.embed(f, st.tok) if i == 0 else st.xin[i]
             rot, ms = self._rope_masks(self._ropes[seg.device], slot, pad, st.S, f.windows, self.dtype,
                                        f.spec.softcap is None)
-            for li in seg.layers:
+            lay = seg.layers
+            h = self._first_norm(x, f.layers[lay[0]].w[0])
+            for j, li in enumerate(lay):
                 L = f.layers[li]
-                x = self._decode_layer(x, L.w, st.k[li], st.v[li], *rot[L.rope], ms[L.window], slot)
+                nxt = f.layers[lay[j + 1]].w[0] if j + 1 < len(lay) else f.norm if last else None
+                x = self._decode_layer(x, L.w, st.k[li], st.v[li], *rot[L.rope], ms[L.window], slot, h=h, nxt=nxt)
+                if nxt is not None:
+                    x, h = x
             if not last:
                 st.xout[i].copy_(x)
                 slot.add_(1)
                 return
-            logits = self._decode_head(x[:, -1], f.norm, f.head, f.head_bias)
+            logits = self._decode_head(h[:, -1], f.norm, f.head, f.head_bias)
         slot.add_(1)
         st.logits.copy_(logits)
         nxt = greedy(logits) if mode == "greedy" else self._pick(logits, st.temp, st.top_p, st.top_k, st.seed, st.counter)

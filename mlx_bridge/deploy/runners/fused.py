@@ -167,7 +167,7 @@ def fuse(module: Transformer) -> Fused:
                  getattr(at, "sinks", None)) + _ffn_weights(mlp)
             layers.append(Layer(w, a.windows[i], module.rope_of_layer[i], wqkv.device))
     if any(l.device.type == "cuda" for l in layers):
-        from . import attn_kernels  # noqa: F401 (registers torch.ops.mlx_bridge.decode_attention)
+        from . import attn_kernels, rope_kernels  # noqa: F401 (register torch.ops.mlx_bridge.decode_attention, qk_rope_cache)
     embed = module.model.embed_tokens.weight
     head = embed if a.tie_word_embeddings else module.lm_head.weight
     head_bias = None if a.tie_word_embeddings else module.lm_head.bias
@@ -223,19 +223,27 @@ def _decode_attend(q, kc, vc, mask, scale: float, softcap: float | None, sinks=N
     return o.reshape(B, H, 1, hd)
 
 
-def make_qkv(spec: Spec, rows: bool = False) -> Callable:
+def make_qkv(spec: Spec, rows: bool = False, kernel: bool = False) -> Callable:
     """qkv(x, w, kc, vc, cos, sin, slots) -> (q (B, H, L, hd), k, v (B, H_kv, L, hd)): the first half
     of a decoder layer (norm, fused projection, q/k norms, rope), keys and values written into the
     cache kc/vc at `slots` (L,) shared by the batch, or, with `rows`, each row's one new key at its
     own position `slots` (B,) (continuous batching: rows do not share positions). kc None: no write.
+    `kernel`: on CUDA with one token a row, the q/k norms, rope and cache writes run as one Triton
+    kernel (`rope_kernels`, registered by `fuse`) and k, v come back None (decode reads the cache).
+    `h`: x already normalised by the layer's input norm (the previous layer computed it, `make_layer`).
     """
     nh, nkv, hd, eps, gemma, qk_norm = spec.nh, spec.nkv, spec.hd, spec.eps, spec.gemma, spec.qk_norm
     qk_full, clip = spec.qk_norm_full, spec.clip_qkv
+    kernel = kernel and not qk_full and clip is None  # olmoe's whole-projection norms, clipping: PyTorch ops
 
-    def qkv(x, w, kc, vc, cos, sin, slots):
+    def qkv(x, w, kc, vc, cos, sin, slots, h=None):
         ln1, wqkv, bqkv, qn, kn = w[0], w[4], w[5], w[8], w[9]
         B, L, _ = x.shape  # x: [B, L, D]
-        q, k, v = F.linear(rms(x, ln1, eps, gemma), wqkv, bqkv).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        y = F.linear(rms(x, ln1, eps, gemma) if h is None else h, wqkv, bqkv)
+        if kernel and x.is_cuda and L == 1 and kc is not None:
+            return torch.ops.mlx_bridge.qk_rope_cache(y.view(B, -1), qn, kn, cos, sin, kc, vc, slots, nh, nkv, eps,
+                                                      gemma), None, None
+        q, k, v = y.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
         if qk_full:
             q, k = rms(q, qn, eps, False), rms(k, kn, eps, False)
         if clip is not None:
@@ -293,32 +301,41 @@ def make_layer(spec: Spec, decode: bool) -> Callable:
 
     decode: x is (B, 1, D), attends over all of kc/vc with `mask`; else x is (B, L, D) written at
     `slots` and attends over its own keys (`mask` None: causal). kc None: no cache (scoring).
+    Keywords h and nxt (the decode step's chain, one kernel a layer fewer): h is x after this layer's
+    input norm, computed by the layer before; given nxt, the next layer's input norm weight (or the
+    final norm's), the layer returns (x, x normalised by nxt), computed after its residual add.
     """
     if spec.mla:
         from .mla_fused import make_mla_layer
 
         return make_mla_layer(spec, decode)
     scale, softcap = spec.scale, spec.softcap
-    qkv, out = make_qkv(spec), make_out(spec)
+    qkv, out = make_qkv(spec, kernel=decode), make_out(spec)
 
-    def layer(x, w, kc, vc, cos, sin, mask, slots):
-        q, k, v = qkv(x, w, kc, vc, cos, sin, slots)
+    def layer(x, w, kc, vc, cos, sin, mask, slots, h=None, nxt=None):
+        q, k, v = qkv(x, w, kc, vc, cos, sin, slots, h)
         sinks = w[10]  # gpt_oss attention sinks (None elsewhere)
         if decode:
             o = _decode_attend(q, kc, vc, mask, scale, softcap, sinks)
         else:
             o = attend(q, k, v, mask, scale, softcap, sinks)  # [B, H, L, hd]
-        return out(x, o, w)
+        return chain(out(x, o, w), nxt, spec)
 
     return layer
 
 
-def make_head(spec: Spec) -> Callable:
-    """head(x (..., D), norm, lm_head, lm_head bias or None) -> logits (..., V) in the model dtype."""
+def chain(x: torch.Tensor, nxt, spec: Spec):
+    """x, or (x, x normalised by the next norm `nxt`) (`make_layer`'s h and nxt)."""
+    return x if nxt is None else (x, rms(x, nxt, spec.eps, spec.gemma))
+
+
+def make_head(spec: Spec, normed: bool = False) -> Callable:
+    """head(x (..., D), norm, lm_head, lm_head bias or None) -> logits (..., V) in the model dtype;
+    `normed`: x is already normalised by the final norm (`norm` unused)."""
     eps, gemma, cap = spec.eps, spec.gemma, spec.final_softcap
 
     def head(x, norm, w, b=None):
-        logits = F.linear(rms(x, norm, eps, gemma), w, b)
+        logits = F.linear(x if normed else rms(x, norm, eps, gemma), w, b)
         return torch.tanh(logits / cap) * cap if cap else logits
 
     return head

@@ -43,17 +43,17 @@ def make_mla_layer(spec, decode: bool) -> Callable:
     """layer(x, w, kc, vc, cos, sin, mask, slots) -> x for `spec.mla` = (kv_lora_rank, qk_nope_head_dim,
     qk_rope_head_dim, v_head_dim, q_lora_rank, rope_interleave); kc (B, 1, S, r + rope) takes the latent
     rows at `slots`, vc is the empty value cache (unused); kc None: no cache."""
-    from .fused import _decode_attend, make_out
+    from .fused import _decode_attend, chain, make_out
 
     r, nope, rope, vd, qlora, interleave = spec.mla
     nh, eps, scale = spec.nh, spec.eps, spec.scale
     rot = rope_pairs if interleave else apply_rope
     out = make_out(spec)
 
-    def layer(x, w, kc, vc, cos, sin, mask, slots):
+    def layer(x, w, kc, vc, cos, sin, mask, slots, h=None, nxt=None):
         ln1, wa, ba, qn, kvn, (wqb, wkvb) = w[0], w[4], w[5], w[8], w[9], w[10]
         B, L, _ = x.shape  # x: [B, L, D]
-        h = F.linear(rms(x, ln1, eps, False), wa, ba)
+        h = F.linear(rms(x, ln1, eps, False) if h is None else h, wa, ba)
         if qlora:
             qa, c, k_rot = h.split([qlora, r, rope], dim=-1)
             q = F.linear(rms(qa, qn, LATENT_EPS, False), wqb)
@@ -73,6 +73,6 @@ def make_mla_layer(spec, decode: bool) -> Callable:
             k_nope, v = kv.split([nope, vd], dim=-1)
             k = torch.cat((k_nope, lat[..., r:].expand(B, nh, L, rope)), dim=-1)
             o = attend(torch.cat((q_pass, q_rot), dim=-1), k, v, mask, scale, None)  # [B, H, L, v]
-        return out(x, o, w)
+        return chain(out(x, o, w), nxt, spec)
 
     return layer
