@@ -155,3 +155,38 @@ def test_ggml_one_dimensional_tensors_stay_f32():
     p = TypePicker("q4_k_m", n_layer=2, n_attn_v=2, n_expert=4, tied=False)
     assert p.pick("blk.0.ffn_gate_inp_shexp.weight", (1, 256)) == T.F32
     assert p.pick("blk.0.ffn_up_shexp.weight", (256, 256)) != T.F32
+
+
+def test_plain_configs_resolve_as_transformers(monkeypatch):
+    """plain_configs.json is what the installed transformers says (scripts/derive_gguf_configs.py), and for each
+    of its types with a tiny config `gguf_config` resolves that config (and the config with each standard name
+    given by its alias) without transformers exactly as through transformers' config class."""
+    import warnings
+
+    from mlx_bridge.archs.tiny import tiny_config
+    from mlx_bridge.translate.gguf import hparams, plain_configs
+
+    data = json.loads(plain_configs.DATA.read_text())
+    assert data == plain_configs.derive(plain_configs.model_types()), \
+        "plain_configs.json is stale: run scripts/derive_gguf_configs.py"
+    assert {"llama", "mistral", "qwen2", "qwen3", "gemma2", "mixtral"} <= set(data["plain"])
+    cases = []
+    for mt, aliases in data["plain"].items():
+        try:
+            cfg = dict(tiny_config(mt), model_type=mt)
+        except (KeyError, ValueError):  # a language model's type without a tiny config of its own
+            continue
+        cases.append(cfg)
+        cases += [{**{k: v for k, v in cfg.items() if k != std}, alias: cfg[std]} for std, alias in aliases.items()
+                  if std in cfg and alias not in cfg]
+    assert len(cases) >= 40, len(cases)
+    slow_path = sorted({c["model_type"] for c in cases if plain_configs.resolve(c) is None})
+    assert not slow_path, f"tiny configs that set a key the class may compute from: {slow_path}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = [hparams.gguf_config(c) for c in cases]
+        monkeypatch.setattr(plain_configs, "resolve", lambda cfg: None)
+        slow = [hparams.gguf_config(c) for c in cases]
+    bad = [c["model_type"] for c, f, s in zip(cases, fast, slow) if f != s]
+    assert not bad, f"resolved otherwise than by transformers: {bad}"
+
