@@ -69,9 +69,9 @@ def write_gguf(plan: Plan, cfg: dict, ga: GgufArch, vocab: Vocab, tok_dir: Path,
         w.write_header_to_file(path)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for f, infos in zip(w.fout, w.tensors):
+        for f, infos in zip(w.fout, w.tensors):  # gguf-py pads before and after each tensor's data
             f.reserve(w.ggml_pad(f.tell(), w.data_alignment) + sum(w.ggml_pad(ti.nbytes, w.data_alignment)
-                                                                   for ti in infos.values()))
+                                                                   for ti in infos.values()) if infos else f.tell())
         for _, arr in extra:
             w.write_tensor_data(_Array(arr))
         _stream(w, tensors, types, lookahead_bytes, progress, BLOCK_BYTES)
