@@ -400,6 +400,19 @@ def _vocab_size(shape: str) -> int:
     return len(gguf.GGUFReader(vocab_file(GGUF_VOCAB.get(shape, "llama-spm"))).fields["tokenizer.ggml.tokens"].data)
 
 
+def gguf_model_dirs(work: Path, shape: str) -> tuple[Path, Path]:
+    """(base, adapter) of `shape` with its real vocabulary under `work`, built unless a previous run left them."""
+    SHAPES[shape] = dict(SHAPES[shape], vocab_size=_vocab_size(shape))  # the real vocabulary's size
+    base, ad = work / f"base-gguf-{shape}", work / f"adapter-gguf-{shape}"
+    if not (base / "model.safetensors.index.json").exists():
+        shutil.rmtree(base, ignore_errors=True)
+        build_base_gguf(base, shape)
+    if not (ad / "adapter_config.json").exists():
+        shutil.rmtree(ad, ignore_errors=True)
+        build_adapter(ad, base, shape)
+    return base, ad
+
+
 # the GGUF export with its checks stubbed out (sha256 of source and output, NaN/Inf scan)
 GGUF_NO_CHECKS = """
 import sys
@@ -407,8 +420,10 @@ import mlx_bridge.translate.export as ex, mlx_bridge.translate.parts as parts
 from mlx_bridge.translate.gguf import write
 ex.sha256_file = lambda p, **k: "0" * 64
 parts.count_nonfinite = lambda a: 0
-write._Sha256.follow = lambda self, end: None
-write._Sha256.finish = lambda self: "0" * 64
+class NoHash:
+    def update(self, b): pass
+    def hexdigest(self): return "0" * 64
+write.hashlib = type("hashlib", (), {"sha256": NoHash})
 from mlx_bridge.cli import main
 sys.exit(main(["export", *sys.argv[1:]]))
 """
@@ -420,14 +435,7 @@ def gguf_main(args) -> int:
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix=f"bench-gguf-{args.shape}-"))
     work.mkdir(parents=True, exist_ok=True)
-    SHAPES[args.shape] = dict(SHAPES[args.shape], vocab_size=_vocab_size(args.shape))  # the real vocabulary's size
-    base, ad = work / f"base-gguf-{args.shape}", work / f"adapter-gguf-{args.shape}"
-    if not (base / "model.safetensors.index.json").exists():
-        shutil.rmtree(base, ignore_errors=True)
-        build_base_gguf(base, args.shape)
-    if not (ad / "adapter_config.json").exists():
-        shutil.rmtree(ad, ignore_errors=True)
-        build_adapter(ad, base, args.shape)
+    base, ad = gguf_model_dirs(work, args.shape)
     c = SHAPES[args.shape]
     print(f"{args.shape}: base {dir_bytes(base, 'model*.safetensors') / 1e9:.2f} GB bf16 + rank-{RANK} LoRA on every "
           f"linear; largest tensor {c['vocab_size']} x {c['hidden_size']} ({c['vocab_size'] * c['hidden_size'] * 4 / 1e9:.2f} "

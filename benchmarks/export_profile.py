@@ -9,6 +9,11 @@ plan, the tokenizer and manifest, and the writer's own Python. With 2 cores the 
 half the total CPU time.
 
     python benchmarks/export_profile.py --shape tinyllama --workdir /tmp/bench13
+    python benchmarks/export_profile.py --format gguf --gguf-type q8_0 --shape tinyllama --workdir /tmp/b15
+
+With `--format gguf` (the model `benchmarks/export.py --format gguf` builds, reused with the same --workdir):
+the sha256 of the source and of the output, the blocks' reads, LoRA fuse, NaN/Inf scan and quantizer, and
+the writer's own thread (writes, flushes).
 """
 
 from __future__ import annotations
@@ -22,13 +27,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from export import SHAPES, model_dirs, warm  # noqa: E402
+from export import SHAPES, gguf_model_dirs, model_dirs, warm  # noqa: E402
 
-CHILD = r"""
+# each part's CPU seconds: T[part], added up over the threads that run it
+TIMED = r"""
 import collections, hashlib, json, resource, sys, threading, time
-import mlx_bridge.fsutil as fs, mlx_bridge.translate.chunks as ch, mlx_bridge.translate.execute as ex
-import mlx_bridge.translate.export as export, mlx_bridge.translate.source_hash as sh
-from mlx_bridge.formats import StreamWriter
 
 T, lock, local = collections.defaultdict(float), threading.Lock(), threading.local()
 
@@ -41,6 +44,12 @@ def timed(key, f):
             with lock:
                 T[key] += time.thread_time() - c
     return g
+"""
+
+CHILD = TIMED + r"""
+import mlx_bridge.fsutil as fs, mlx_bridge.translate.chunks as ch, mlx_bridge.translate.execute as ex
+import mlx_bridge.translate.export as export, mlx_bridge.translate.source_hash as sh
+from mlx_bridge.formats import StreamWriter
 
 class Sha256:  # the hash part, by the thread that runs it (StreamHasher's thread: the output)
     def __init__(self):
@@ -88,6 +97,53 @@ print(json.dumps({"rc": rc, "wall": wall, "user": r.ru_utime, "sys": r.ru_stime,
                   "parts": dict(T)}))
 """
 
+GGUF_CHILD = TIMED + r"""
+import mlx_bridge.translate.export as export, mlx_bridge.translate.parts as parts
+import mlx_bridge.formats.safetensors as st
+from mlx_bridge.translate.gguf import write
+
+export.sha256_file = timed("sha256 source (read + hash)", export.sha256_file)
+class Sha256:  # the output's hash, taken from the bytes handed to the file
+    def __init__(self):
+        self.h = hashlib.sha256()
+    def update(self, b):
+        c = time.thread_time()
+        self.h.update(b)
+        with lock:
+            T["  sha256 output"] += time.thread_time() - c
+    def hexdigest(self):
+        return self.h.hexdigest()
+
+write.hashlib = type("hashlib", (), {"sha256": Sha256})
+write._compute = timed("blocks (total)", write._compute)
+st.SafetensorsFile.read = timed("  pread", st.SafetensorsFile.read)
+parts.fuse_lora = timed("  LoRA fuse (float32)", parts.fuse_lora)
+parts.count_nonfinite = timed("  NaN/Inf scan", parts.count_nonfinite)
+write.quantize = timed("  quantize", write.quantize)
+write._Blocks.tofile = timed("writer thread (write + hash + wait)", write._Blocks.tofile)
+W = {}
+def phase(f):  # the write phase's wall and process CPU time: how busy both cores are while tensors stream
+    def g(*a, **k):
+        W["t0"], W["c0"] = time.perf_counter(), time.process_time()
+        try:
+            return f(*a, **k)
+        finally:
+            W["wall"], W["cpu"] = time.perf_counter() - W["t0"], time.process_time() - W["c0"]
+    return g
+write.write_gguf = phase(write.write_gguf)
+from mlx_bridge.cli import main
+t0 = time.perf_counter()
+rc = main(["export", *sys.argv[1:], "--no-progress"])
+wall = time.perf_counter() - t0
+r = resource.getrusage(resource.RUSAGE_SELF)
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"rc": rc, "wall": wall, "user": r.ru_utime, "sys": r.ru_stime, "hwm_mb": hwm / 1024,
+                  "parts": dict(T), "write": {"start": W["t0"] - t0, "wall": W["wall"], "cpu": W["cpu"]}}))
+"""
+GGUF_TOP = ["sha256 source (read + hash)", "blocks (total)", "writer thread (write + hash + wait)"]
+GGUF_SUB = {"blocks (total)": ["  pread", "  LoRA fuse (float32)", "  NaN/Inf scan", "  quantize"],
+            "writer thread (write + hash + wait)": ["  sha256 output"]}
+
 TOP = ["sha256 source (read + hash)", "sha256 output", "make chunks (total)", "whole tensors (materialize)",
        "write (syscalls)"]
 
@@ -98,15 +154,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, required=True, help="benchmarks/export.py's --workdir (model reused)")
     ap.add_argument("--repeat", type=int, default=1, help="runs; the one with the least CPU time is shown")
     ap.add_argument("--layout", choices=["tree", "mlx", "names"], default="tree", help="as benchmarks/export.py's")
+    ap.add_argument("--format", choices=["hf", "gguf"], default="hf")
+    ap.add_argument("--gguf-type", default="q8_0", help="with --format gguf")
     args = ap.parse_args(argv)
-    base, ad = model_dirs(args.workdir, args.shape, args.layout)
+    gg = args.format == "gguf"
+    base, ad = gguf_model_dirs(args.workdir, args.shape) if gg else model_dirs(args.workdir, args.shape, args.layout)
     best = None
     for r in range(args.repeat):
         out = args.workdir / f"out-profile-{r}"
         shutil.rmtree(out, ignore_errors=True)
         warm(base, ad)
         load = os.getloadavg()[0]
-        p = subprocess.run([sys.executable, "-c", CHILD, str(ad), str(out)], capture_output=True, text=True)
+        cmd = ([GGUF_CHILD, str(ad), "--out", str(out), "--format", "gguf", "--gguf-type", args.gguf_type] if gg
+               else [CHILD, str(ad), str(out)])
+        p = subprocess.run([sys.executable, "-c", *cmd], capture_output=True, text=True)
         if p.returncode != 0:
             raise SystemExit(f"export failed ({p.returncode}):\n{p.stderr[-3000:]}")
         res = dict(json.loads(p.stdout.strip().splitlines()[-1]), load=load)
@@ -118,19 +179,28 @@ def main(argv: list[str] | None = None) -> int:
     parts = best["parts"]
     print(f"| {'part':34} | {'CPU s':>6} | {'share':>6} |")
     print(f"|{'-' * 36}|{'-' * 8}|{'-' * 8}|")
-    for name in TOP + ["rest: start-up, plan, tokenizer, manifest, Python"]:
-        v = parts.get(name, 0.0) if name in TOP else cpu - sum(parts.get(k, 0.0) for k in TOP)
+    top = GGUF_TOP if gg else TOP
+    for name in top + ["rest: start-up, plan, tokenizer, manifest, Python"]:
+        v = parts.get(name, 0.0) if name in top else cpu - sum(parts.get(k, 0.0) for k in top)
         print(f"| {name:34} | {v:6.2f} | {v / cpu:6.1%} |")
+        for sub in GGUF_SUB.get(name, []) if gg else []:
+            print(f"| {sub:34} | {parts.get(sub, 0.0):6.2f} | |")
+        if gg:
+            continue
         if name == "sha256 source (read + hash)":
             print(f"| {'  of which hashing':34} | {parts.get('  of which hashing', 0.0):6.2f} | |")
         if name == "make chunks (total)":
             for sub in ("  pread", "  LoRA fuse (float32, rounded)", "  NaN/Inf scan"):
                 print(f"| {sub:34} | {parts.get(sub, 0.0):6.2f} | |")
     print(f"| {'process (user + sys)':34} | {cpu:6.2f} | {1:6.1%} |")
-    print(f"\nshape {args.shape}: wall {best['wall']:.2f} s (after imports), user {best['user']:.2f} s + sys "
+    print(f"\nshape {args.shape}{f' gguf {args.gguf_type}' if gg else ''}: wall {best['wall']:.2f} s (after imports), user {best['user']:.2f} s + sys "
           f"{best['sys']:.2f} s, peak RSS (VmHWM) {best['hwm_mb']:.0f} MB, load average {best['load']:.1f} at the start, "
           f"{os.cpu_count()} CPUs; least CPU of {args.repeat}. Thread CPU of the wrapped parts (they overlap in "
           "time on the cores, not in CPU seconds).")
+    if gg:
+        wr = best["write"]
+        print(f"The GGUF file is written from {wr['start']:.2f} s after the export starts, in {wr['wall']:.2f} s wall "
+              f"and {wr['cpu']:.2f} CPU s ({wr['cpu'] / wr['wall']:.2f} cores busy).")
     return 0
 
 

@@ -155,3 +155,72 @@ def test_ggml_one_dimensional_tensors_stay_f32():
     p = TypePicker("q4_k_m", n_layer=2, n_attn_v=2, n_expert=4, tied=False)
     assert p.pick("blk.0.ffn_gate_inp_shexp.weight", (1, 256)) == T.F32
     assert p.pick("blk.0.ffn_up_shexp.weight", (256, 256)) != T.F32
+
+
+def test_plain_configs_resolve_as_transformers(monkeypatch):
+    """plain_configs.json is what the installed transformers says (scripts/derive_gguf_configs.py), and for each
+    of its types with a tiny config `gguf_config` resolves that config (and the config with each standard name
+    given by its alias) without transformers exactly as through transformers' config class."""
+    import warnings
+
+    from mlx_bridge.archs.tiny import tiny_config
+    from mlx_bridge.translate.gguf import hparams, plain_configs
+
+    data = json.loads(plain_configs.DATA.read_text())
+    assert data == plain_configs.derive(plain_configs.model_types()), \
+        "plain_configs.json is stale: run scripts/derive_gguf_configs.py"
+    assert {"llama", "mistral", "qwen2", "qwen3", "gemma2", "mixtral"} <= set(data["plain"])
+    cases = []
+    for mt, aliases in data["plain"].items():
+        try:
+            cfg = dict(tiny_config(mt), model_type=mt)
+        except (KeyError, ValueError):  # a language model's type without a tiny config of its own
+            continue
+        cases.append(cfg)
+        cases += [{**{k: v for k, v in cfg.items() if k != std}, alias: cfg[std]} for std, alias in aliases.items()
+                  if std in cfg and alias not in cfg]
+    assert len(cases) >= 40, len(cases)
+    slow_path = sorted({c["model_type"] for c in cases if plain_configs.resolve(c) is None})
+    assert not slow_path, f"tiny configs that set a key the class may compute from: {slow_path}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = [hparams.gguf_config(c) for c in cases]
+        monkeypatch.setattr(plain_configs, "resolve", lambda cfg: None)
+        slow = [hparams.gguf_config(c) for c in cases]
+    bad = [c["model_type"] for c, f, s in zip(cases, fast, slow) if f != s]
+    assert not bad, f"resolved otherwise than by transformers: {bad}"
+
+
+def test_vocabulary_packed_as_gguf_py_packs_it():
+    """The metadata of a real vocabulary (llama-spm's tokens, types, scores) and of a BPE-sized synthetic one (200k
+    strings of 0-12 random code points, merges, types) packed in bulk by `kvpack.Writer` is byte for byte gguf-py's
+    element-by-element packing; mixed, short and overflowing arrays are left to gguf-py."""
+    import gguf
+
+    from mlx_bridge.testing.gguf import vocab_file
+    from mlx_bridge.translate.gguf.kvpack import Writer, pack_array
+
+    r = gguf.GGUFReader(vocab_file("llama-spm"))
+    spm = {k: [conv(r.fields[k].parts[i]) for i in r.fields[k].data] for k, conv in
+           [("tokenizer.ggml.tokens", lambda p: bytes(p).decode()), ("tokenizer.ggml.token_type", lambda p: int(p[0])),
+            ("tokenizer.ggml.scores", lambda p: float(p[0]))]}
+    rng = np.random.default_rng(0)
+    cps = rng.choice(np.r_[32:127, 161:1200, 0x4E00:0x4FFF, 0x1F600:0x1F64F], 200_000 * 12)
+    words = ["".join(map(chr, cps[i * 12:i * 12 + n])) for i, n in enumerate(rng.integers(0, 13, 200_000))]
+    bpe = {"tokenizer.ggml.tokens": words, "tokenizer.ggml.token_type": rng.integers(1, 7, len(words)).tolist(),
+           "tokenizer.ggml.merges": [f"{a} {b}" for a, b in zip(words[::2], words[1::2])]}
+    for vocab in (spm, bpe):
+        packed = {}
+        for cls in (gguf.GGUFWriter, Writer):
+            w = cls(None, "llama")
+            w.add_token_list(vocab["tokenizer.ggml.tokens"])
+            w.add_token_types(vocab["tokenizer.ggml.token_type"])
+            if "tokenizer.ggml.scores" in vocab:
+                w.add_token_scores(vocab["tokenizer.ggml.scores"])
+            if "tokenizer.ggml.merges" in vocab:
+                w.add_token_merges(vocab["tokenizer.ggml.merges"])
+            packed[cls] = [w._pack_val(v.value, v.type, True, v.sub_type) for v in w.kv_data[0].values()]
+        assert packed[Writer] == packed[gguf.GGUFWriter]
+    n = 2 * 1024
+    assert pack_array(["a", 1] * n) is None and pack_array([1.0] * 8) is None
+    assert pack_array([3e38 * 10] * n) is None and pack_array([2 ** 40] * n, gguf.GGUFValueType.INT32) is None

@@ -17,6 +17,7 @@ import gguf
 import numpy as np
 
 from ...errors import BridgeError, raise_all
+from . import plain_configs
 from .archs import GGUF_ARCHS, GgufArch, refusal
 from .recurrent import add_falcon_h1_hparams, add_gdn, add_mamba_hparams, add_ssm2, lfm2_ff, mamba_eps, mrope_sections
 
@@ -27,8 +28,7 @@ _EXPERT_ALIASES = {"num_experts": ("num_local_experts", "n_routed_experts", "moe
                    "num_experts_per_tok": ("num_experts_per_token", "top_k_experts", "moe_k")}
 
 
-_RESOLVED = ("layer_norm_epsilon", "mixer_rms_eps", "conv_kernel", "state_size", "time_step_rank", "use_bias",
-             "num_heads", "n_groups", "num_hidden_layers")  # NemotronH: num_hidden_layers from its layer types
+_RESOLVED = plain_configs.RESOLVED
 
 
 def gguf_config(cfg: dict) -> dict:
@@ -36,10 +36,23 @@ def gguf_config(cfg: dict) -> dict:
     standard names (num_hidden_layers, ...) filled from its aliases (`attribute_map`, e.g. GPT-2's
     n_layer), GPT-2-style n_inner (else 4 x hidden), and the rotary fraction the class computes with.
 
+    A type whose class only renames keys (derived data, `plain_configs`) is resolved without importing
+    transformers and torch (about 3 CPU seconds).
+
     Example:
         >>> gguf_config({"model_type": "gpt2", "n_layer": 2, "n_embd": 64})["num_hidden_layers"]
         2
     """
+    out = plain_configs.resolve(cfg)
+    if out is None:
+        out = _by_transformers(cfg)
+    for std, aliases in _EXPERT_ALIASES.items():  # TextModel.set_gguf_parameters' find_hparam lists
+        if out.get(std) is None:
+            out[std] = next((out[a] for a in aliases if out.get(a) is not None), None)
+    return out
+
+
+def _by_transformers(cfg: dict) -> dict:
     from transformers import AutoConfig
 
     try:
@@ -52,9 +65,6 @@ def gguf_config(cfg: dict) -> dict:
             out[std] = out[alias]
     if hasattr(conf, "n_inner"):  # GPT-2 style: the MLP is n_inner wide, else 4 x hidden
         out["intermediate_size"] = conf.n_inner or 4 * out["hidden_size"]
-    for std, aliases in _EXPERT_ALIASES.items():  # TextModel.set_gguf_parameters' find_hparam lists
-        if out.get(std) is None:
-            out[std] = next((out[a] for a in aliases if out.get(a) is not None), None)
     for key in _RESOLVED:  # values the config class fills in when config.json leaves them out
         if out.get(key) is None and getattr(conf, key, None) is not None:
             out[key] = getattr(conf, key)

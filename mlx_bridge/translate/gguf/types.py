@@ -124,32 +124,49 @@ class TypePicker:
         return t
 
 
-ROUNDF = np.nextafter(np.float32(0.5), np.float32(0))  # floor(|v| + it) is C's roundf(|v|) for every float32 in [0, 128)
+ROUNDF = np.nextafter(np.float32(0.5), np.float32(0))  # trunc(v + copysign(it, v)) is C's roundf(v) for |v| < 128
+_SIGN, _ROUNDF_BITS = np.uint32(0x80000000), ROUNDF.view(np.uint32)
 
 
 def quantize_q8_0(x: np.ndarray, step: int = 4096) -> np.ndarray:
     """float32 (..., k·32) -> Q8_0 bytes (..., k·34): fp16 d, 32 int8 per block, as `quantize_row_q8_0_ref`
-    (gguf-py's Q8_0 writes the same bytes, 1.8x slower). `step` blocks at a time, transposed so the
-    max |x| of each block is a row-by-row reduce.
+    (gguf-py's Q8_0 writes the same bytes, 3x slower). `step` blocks at a time (the working set in L2):
+    max |x| of each block from the blocks seen as 8 rows of 16-byte columns (one cheap transpose, then
+    row-by-row max and min), the quants as trunc(x·id + copysign(0.5 - ulp, x·id)) cast straight into
+    the output (C's roundf, halves away from zero).
 
     Example:
         >>> quantize_q8_0(np.full((1, 32), 0.5, np.float32))[0, 2:4].view(np.int8).tolist()
         [127, 127]
     """
-    b = x.reshape(-1, 32)
-    out = np.empty((len(b), 34), np.uint8)
-    for i in range(0, len(b), step):
-        blk = b[i:i + step]
-        a = np.abs(blk)
-        d = np.maximum.reduce(np.ascontiguousarray(a.T), axis=0) / np.float32(127)
+    b = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, 32)
+    n = len(b)
+    out = np.empty((n, 34), np.uint8)
+    qs, dh = out[:, 2:].view(np.int8), out[:, :2].view(np.float16)[:, 0]
+    s = max(1, min(step, n))
+    cols = np.empty((8, s), np.complex128)  # column i: block i's 32 values as 8 rows of 4 (16 bytes)
+    v = np.empty((s, 32), np.float32)
+    half = cols.view(np.uint32).reshape(s, 32)  # reused once the max is known
+    for i in range(0, n, s):
+        blk = b[i:i + s]
+        m = len(blk)
+        c = cols[:, :m]
+        np.copyto(c, blk.view(np.complex128).T)
+        hi = np.maximum.reduce(c.view(np.float32), axis=0).reshape(m, 4)
+        lo = np.minimum.reduce(c.view(np.float32), axis=0).reshape(m, 4)
+        np.maximum(hi, np.negative(lo, out=lo), out=hi)
+        d = np.maximum(np.maximum(hi[:, 0], hi[:, 1]), np.maximum(hi[:, 2], hi[:, 3]))
+        np.abs(d, out=d)  # +0 for a block of zeros, as C's fabsf
+        d /= np.float32(127)
         with np.errstate(divide="ignore"):
             inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
-        v = np.multiply(blk, inv[:, None])
-        np.abs(v, out=a)
-        a += ROUNDF
-        np.copysign(np.floor(a, out=a), v, out=a)  # roundf: halves away from zero
-        out[i:i + step, :2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
-        out[i:i + step, 2:] = a.astype(np.int8).view(np.uint8)
+        vm, hm = v[:m], half[:m]
+        np.multiply(blk, inv[:, None], out=vm)
+        np.bitwise_and(vm.view(np.uint32), _SIGN, out=hm)
+        hm |= _ROUNDF_BITS
+        vm += hm.view(np.float32)
+        np.copyto(qs[i:i + m], vm, casting="unsafe")  # float -> int8 truncates
+        dh[i:i + m] = d
     return out.reshape(*x.shape[:-1], -1)
 
 
