@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -83,6 +84,135 @@ LANES(2)
 IV = [0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19]
 
 
+# the export (argv: kernel, adapter, out) with every sha256 on the kernel and one hash thread for the source
+# and the output: two updates of different files queued one after the other (a chunk's output bytes and
+# the source bytes it was made from) are hashed as two lanes at once. hashlib's and ThreadPoolExecutor's
+# interfaces, patched in as the profile patches its timers; the digests are checked against the plain run.
+X2_CHILD = r"""
+import collections, ctypes, json, resource, sys, threading, time
+from concurrent.futures import Future
+import numpy as np
+import mlx_bridge.fsutil as fs, mlx_bridge.translate.source_hash as sh
+
+LIB = ctypes.CDLL(sys.argv[1])
+IV = [0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19]
+VP = ctypes.c_void_p
+PAIRED = [0, 0, 0.0]  # bytes hashed two lanes at once, one lane; thread CPU of the hash thread
+
+def addr(mv):
+    return np.frombuffer(mv, np.uint8).ctypes.data if mv.nbytes else 0
+
+class Sha256:
+    '''hashlib.sha256's update/hexdigest on the kernel (whole blocks; a partial one waits in `tail`).'''
+    def __init__(self, data=b""):
+        self.st, self.n, self.tail = np.array(IV, np.uint32), 0, b""
+        if data:
+            self.update(data)
+    def update(self, data):
+        mv = memoryview(data).cast("B")
+        self.n += mv.nbytes
+        PAIRED[1] += mv.nbytes
+        if self.tail:
+            k = min(64 - len(self.tail), mv.nbytes)
+            self.tail += bytes(mv[:k])
+            mv = mv[k:]
+            if len(self.tail) < 64:
+                return
+            b = np.frombuffer(self.tail, np.uint8)
+            LIB.blocks_x1(VP(self.st.ctypes.data), (VP * 1)(b.ctypes.data), ctypes.c_size_t(1))
+            self.tail = b""
+        whole = mv.nbytes // 64
+        if whole:
+            LIB.blocks_x1(VP(self.st.ctypes.data), (VP * 1)(addr(mv)), ctypes.c_size_t(whole))
+        self.tail = bytes(mv[whole * 64:])
+    def hexdigest(self):
+        st, bits = self.st.copy(), self.n * 8
+        pad = self.tail + b"\x80" + b"\0" * ((55 - len(self.tail)) % 64) + bits.to_bytes(8, "big")
+        b = np.frombuffer(pad, np.uint8)
+        LIB.blocks_x1(VP(st.ctypes.data), (VP * 1)(b.ctypes.data), ctypes.c_size_t(len(pad) // 64))
+        return st.astype(">u4").tobytes().hex()
+
+def pair(a, da, b, db):
+    '''a.update(da); b.update(db), their common whole blocks two lanes at once.'''
+    da, db = memoryview(da).cast("B"), memoryview(db).cast("B")
+    for h, d in ((a, da), (b, db)):  # complete a partial block first: each stream on its block boundary
+        if h.tail:
+            k = min(64 - len(h.tail), d.nbytes)
+            h.update(d[:k])
+            if h is a:
+                da = da[k:]
+            else:
+                db = db[k:]
+    k = min(da.nbytes, db.nbytes) // 64
+    if k and not a.tail and not b.tail:
+        st = np.concatenate([a.st, b.st])
+        LIB.blocks_x2(VP(st.ctypes.data), (VP * 2)(addr(da), addr(db)), ctypes.c_size_t(k))
+        a.st[:], b.st[:] = st[:8], st[8:]
+        a.n += 64 * k; b.n += 64 * k
+        PAIRED[0] += 128 * k
+        da, db = da[64 * k:], db[64 * k:]
+    a.update(da)
+    b.update(db)
+
+def _hash_update(task):
+    fn, args, kw, _ = task
+    return getattr(fn, "__func__", None) is Sha256.update and len(args) == 1 and not kw
+
+class PairPool:
+    '''One thread for every hash: two adjacent updates of different hashes run as two lanes.'''
+    def __init__(self):
+        self.q, self.cv = collections.deque(), threading.Condition()
+        threading.Thread(target=self._run, daemon=True, name="sha256-pairs").start()
+    def submit(self, fn, *args, **kw):
+        fut = Future()
+        with self.cv:
+            self.q.append((fn, args, kw, fut))
+            self.cv.notify()
+        return fut
+    def shutdown(self, wait=True, cancel_futures=False):
+        if wait:
+            self.submit(lambda: None).result()
+    def _run(self):
+        while True:
+            with self.cv:
+                while not self.q:
+                    self.cv.wait()
+                if len(self.q) == 1 and _hash_update(self.q[0]):  # its pair is usually a few microseconds behind
+                    self.cv.wait(0.0005)
+                t = self.q.popleft()
+                u = self.q.popleft() if (self.q and _hash_update(t) and _hash_update(self.q[0])
+                                         and self.q[0][0].__self__ is not t[0].__self__) else None
+            c = time.thread_time()
+            try:
+                if u is not None:
+                    pair(t[0].__self__, t[1][0], u[0].__self__, u[1][0])
+                    t[3].set_result(None)
+                    u[3].set_result(None)
+                else:
+                    t[3].set_result(t[0](*t[1], **t[2]))
+            except BaseException as e:
+                t[3].set_exception(e)
+                if u is not None:
+                    u[3].set_exception(e)
+            PAIRED[2] += time.thread_time() - c
+
+POOL = PairPool()
+fs.hashlib = sh.hashlib = type("hashlib", (), {"sha256": Sha256})
+for cls in (fs.StreamHasher, sh.SourceHasher):
+    def init(self, *a, _orig=cls.__init__, **k):
+        _orig(self, *a, **k)
+        self._pool.shutdown()
+        self._pool = POOL
+    cls.__init__ = init
+
+from mlx_bridge.cli import main
+t0 = time.perf_counter()
+rc = main(["export", sys.argv[2], "--out", sys.argv[3], "--no-progress"])
+r = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"rc": rc, "wall": time.perf_counter() - t0, "cpu": r.ru_utime + r.ru_stime,
+                  "paired": PAIRED[0], "single": PAIRED[1], "hash_cpu": PAIRED[2]}))
+"""
+
 def sha_ni_kernel(tmp: Path):
     """The kernel as a ctypes library, or the reason there is none (no SHA-NI, no C compiler)."""
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
@@ -120,8 +250,8 @@ def ni_digests(lib, bufs: list[np.ndarray]) -> tuple[list[str], float]:
     return out, secs
 
 
-def hash_rates(nbytes: int = 256 << 20, repeat: int = 3) -> dict[str, float | str]:
-    """GB/s of one thread: hashlib, and the SHA-NI kernel with one and two lanes (or why not)."""
+def hash_rates(lib, nbytes: int = 256 << 20, repeat: int = 3) -> dict[str, float | str]:
+    """GB/s of one thread: hashlib, and the SHA-NI kernel `lib` with one and two lanes (or why there is none)."""
     rng = np.random.default_rng(0)
     a, b = (rng.integers(0, 256, nbytes, np.uint8) for _ in range(2))
     want = [hashlib.sha256(a).hexdigest(), hashlib.sha256(b).hexdigest()]
@@ -132,31 +262,60 @@ def hash_rates(nbytes: int = 256 << 20, repeat: int = 3) -> dict[str, float | st
         for i in range(0, nbytes, 1 << 20):  # the export's update size (one chunk of the writer)
             h.update(a[i: i + (1 << 20)])
         best["hashlib"] = min(best.get("hashlib", 1e9), time.thread_time() - c)
-    with tempfile.TemporaryDirectory() as t:
-        lib = sha_ni_kernel(Path(t))
-        if isinstance(lib, str):
-            return {"hashlib": nbytes / best["hashlib"] / 1e9, "why": lib}
-        for _ in range(repeat):
-            d1, s1 = ni_digests(lib, [a])
-            d1b, s1b = ni_digests(lib, [b])
-            d2, s2 = ni_digests(lib, [a, b])
-            if [d1[0], d1b[0]] != want or d2 != want:
-                raise SystemExit("the SHA-NI kernel's digests differ from hashlib's")
-            best["1 lane"] = min(best.get("1 lane", 1e9), (s1 + s1b) / 2)
-            best["2 lanes"] = min(best.get("2 lanes", 1e9), s2 / 2)
+    if isinstance(lib, str):
+        return {"hashlib": nbytes / best["hashlib"] / 1e9, "why": lib}
+    for _ in range(repeat):
+        d1, s1 = ni_digests(lib, [a])
+        d1b, s1b = ni_digests(lib, [b])
+        d2, s2 = ni_digests(lib, [a, b])
+        if [d1[0], d1b[0]] != want or d2 != want:
+            raise SystemExit("the SHA-NI kernel's digests differ from hashlib's")
+        best["1 lane"] = min(best.get("1 lane", 1e9), (s1 + s1b) / 2)
+        best["2 lanes"] = min(best.get("2 lanes", 1e9), s2 / 2)
     return {k: nbytes / v / 1e9 for k, v in best.items()}
+
+
+PLAIN = "import sys; from mlx_bridge.cli import main; sys.exit(main(['export', *sys.argv[1:], '--no-progress']))"
+
+
+def ab(work: Path, shape: str, kernel: Path, repeat: int) -> dict[str, list[tuple[float, float, float]]]:
+    """The export as it is and with the 2-lane hash (X2_CHILD), run alternately `repeat` times each:
+    {name: [(seconds, CPU s, load at the start)]}; the digests its manifest records must be the same."""
+    base, ad = model_dirs(work, shape)
+    runs: dict[str, list] = {"as it is": [], "2-lane SHA-NI hash": []}
+    manifests = {}
+    for r in range(repeat):
+        for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+            x = work / f"out-floor-{r}-{len(manifests)}"
+            shutil.rmtree(x, ignore_errors=True)
+            warm(base, ad)
+            load = os.getloadavg()[0]
+            cmd = ([sys.executable, "-c", PLAIN, str(ad), "--out", str(x)] if name == "as it is" else
+                   [sys.executable, "-c", X2_CHILD, str(kernel), str(ad), str(x)])
+            secs, _, cpu = measure(cmd)
+            m = json.loads((x / "manifest.json").read_text())
+            manifests[name] = (m["files"], m["export"]["source_sha256"])
+            runs[name].append((secs, cpu, load))
+            shutil.rmtree(x)
+            os.sync()
+        if len(set(map(json.dumps, manifests.values()))) != 1:
+            raise SystemExit("the 2-lane hash recorded other sha256 than the export's own")
+    return runs
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=list(SHAPES), default="tinyllama")
     ap.add_argument("--workdir", type=Path, required=True, help="benchmarks/export.py's --workdir (model reused)")
-    ap.add_argument("--repeat", type=int, default=2, help="profiled exports; the least CPU is used")
+    ap.add_argument("--repeat", type=int, default=2, help="runs of each export; the least CPU / wall is shown")
     ap.add_argument("--fuse", action="store_true", help="also time mlx_lm.fuse --dequantize (the anchor) once")
     args = ap.parse_args(argv)
     print(f"uptime at start: {_uptime()}", flush=True)
-    rates = hash_rates()
-    best = profile(args.workdir, args.shape, "tree", args.repeat)
+    with tempfile.TemporaryDirectory() as t:
+        lib = sha_ni_kernel(Path(t))
+        rates = hash_rates(lib)
+        best = profile(args.workdir, args.shape, "tree", args.repeat)
+        runs = None if isinstance(lib, str) else ab(args.workdir, args.shape, Path(lib._name), args.repeat)
     fuse = None
     if args.fuse:
         base, ad = model_dirs(args.workdir, args.shape)
@@ -177,27 +336,37 @@ def main(argv: list[str] | None = None) -> int:
     def floor(total: float) -> float:
         return start + (total - start) / cores
 
+    def ratio(secs: float) -> str:
+        return f" {secs / fuse:8.3f}x |" if fuse else ""
+
     print("sha256 on one thread of this CPU (GB/s): " + ", ".join(
         f"{k} {v:.2f}" if isinstance(v, float) else f"SHA-NI kernel: none ({v})" for k, v in rates.items()))
     print(f"profiled export: {cpu:.2f} CPU s, of which hashing {hashing:.2f} ({hashed / 1e9:.2f} GB, "
-          f"{hashed / 1e9 / max(hashing, 1e-9):.2f} GB/s) and start-up {start:.2f}; wall {best['wall']:.2f} s after "
-          f"imports; load {best['load']:.1f}\n")
+          f"{hashed / 1e9 / max(hashing, 1e-9):.2f} GB/s) and start-up {start:.2f}; load {best['load']:.1f}\n")
     rows = [("as it is", cpu), ("hashing at hashlib's rate, nothing else changed", cpu - hashing + hashed / 1e9 / rates["hashlib"])]
     if "2 lanes" in rates:
-        rows.append(("hashing source + output as 2 lanes of SHA-NI", cpu - hashing + hashed / 1e9 / rates["2 lanes"]))
+        rows.append(("source + output hashed as 2 lanes of SHA-NI", cpu - hashing + hashed / 1e9 / rates["2 lanes"]))
     rows.append(("no hashing at all (lower bound)", cpu - hashing))
-    print(f"| {'the export':48} | {'CPU s':>6} | {f'wall on {cores} cores, perfect overlap':>34} |"
+    print(f"| {'the profiled export, its CPU s recomputed':48} | {'CPU s':>6} | {f'wall on {cores} cores, perfect overlap':>34} |"
           + (f" {'x of fuse':>9} |" if fuse else ""))
     print(f"|{'-' * 50}|{'-' * 8}|{'-' * 36}|" + ("-" * 11 + "|" if fuse else ""))
     for name, total in rows:
-        print(f"| {name:48} | {total:6.2f} | {floor(total):34.2f} |" + (f" {floor(total) / fuse:8.3f}x |" if fuse else ""))
+        print(f"| {name:48} | {total:6.2f} | {floor(total):34.2f} |" + ratio(floor(total)))
+    if runs:
+        print(f"\n| {'measured, run alternately':26} | {'seconds':>7} | {'CPU s':>6} | {'load':>9} |" + (f" {'x of fuse':>9} |" if fuse else ""))
+        print(f"|{'-' * 28}|{'-' * 9}|{'-' * 8}|{'-' * 11}|" + ("-" * 11 + "|" if fuse else ""))
+        for name, v in runs.items():
+            secs, c = min(r[0] for r in v), min(r[1] for r in v)
+            loads = [r[2] for r in v]
+            print(f"| {name:26} | {secs:7.2f} | {c:6.2f} | {min(loads):4.1f}-{max(loads):<4.1f} |" + ratio(secs))
     if fuse:
         print(f"\nmlx_lm.fuse --dequantize: {fuse:.2f} s in this run; the goal {GOAL:.2f}x is {GOAL * fuse:.2f} s.")
     print(f"\nshape {args.shape}, {cores} CPUs. Perfect overlap: the start-up (imports, one thread) plus the rest of the "
           "CPU seconds spread evenly over every core, the least wall time any scheduling of this work can take. "
-          "The profiled CPU seconds swing with the machine's load (quote them with it).")
+          "Measured: `mlx-bridge export AD --out X --no-progress` and the same with every sha256 on the 2-lane kernel "
+          f"(one hash thread; the same digests recorded), least seconds and least CPU of {args.repeat}, whole "
+          "process (start-up included). CPU seconds swing with the machine's load: quote them with it.")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
