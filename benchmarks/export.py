@@ -276,6 +276,25 @@ sys.exit(main(["export", sys.argv[1], "--out", sys.argv[2], "--no-verify"]))
 """
 
 
+def checks_breakdown(work: Path, shape: str, layout: str) -> str:
+    """Each check's thread CPU seconds in one profiled export (`export_profile.py`), and the sha256 rate."""
+    import hashlib
+
+    from export_profile import profile
+
+    parts = profile(work, shape, layout)["parts"]
+    src, out = parts.get("  of which hashing", 0.0), parts.get("sha256 output", 0.0)
+    buf, c = np.zeros(256 << 20, np.uint8), time.thread_time()
+    hashlib.sha256(buf)
+    rate = buf.nbytes / (time.thread_time() - c) / 1e9
+    return (f"  of which (thread CPU of one profiled export, benchmarks/export_profile.py): sha256 of the source "
+            f"{src:.2f} s ({parts.get('bytes source', 0) / 1e9:.2f} GB), of the output {out:.2f} s "
+            f"({parts.get('bytes output', 0) / 1e9:.2f} GB), NaN/Inf scan {parts.get('  NaN/Inf scan', 0.0):.2f} s; "
+            f"hashlib's sha256 runs at {rate:.2f} GB/s on one thread here, so the hashing alone is "
+            f"{(parts.get('bytes source', 0) + parts.get('bytes output', 0)) / 1e9 / rate:.2f} CPU s "
+            "(the floor with and without it: benchmarks/export_floor.py)")
+
+
 def warm(*dirs: Path) -> None:
     for d in dirs:
         for f in Path(d).rglob("*"):
@@ -356,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     on, off = rows["mlx-bridge export (hf)"], rows["export (hf), checks off"]
     print(f"\nchecks (sha256 of every source and output byte, NaN/Inf scan of every tensor): "
           f"{on[0] - off[0]:+.2f} s wall ({on[3] - off[3]:+.1f} CPU s, {on[1] - off[1]:+.0f} MB peak RSS)")
+    print(checks_breakdown(work, args.shape, args.layout))
     print(f"export (hf) / mlx_lm.fuse: {on[0] / t_fuse:.3f}x with every check (goal <= {GOAL:.2f}x: "
           f"{'met' if on[0] / t_fuse <= GOAL else 'NOT met'}), {off[0] / t_fuse:.3f}x with checks off; "
           f"load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")

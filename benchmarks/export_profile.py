@@ -59,13 +59,16 @@ class Sha256:  # the hash part, by the thread that runs it (StreamHasher's threa
         self.h.update(b)
         dt = time.thread_time() - c
         name = threading.current_thread().name
+        n = memoryview(b).nbytes
         with lock:
             if name.startswith("sha256-source") or not name.startswith("sha256"):  # the source's
                 T["  of which hashing"] += dt
+                T["bytes source"] += n
                 if not getattr(local, "reading", False):  # handed over by the writer (not read here)
                     T["sha256 source (read + hash)"] += dt
             else:
                 T["sha256 output"] += dt
+                T["bytes output"] += n
     def hexdigest(self):
         return self.h.hexdigest()
 
@@ -88,6 +91,8 @@ ch.count_nonfinite = timed("  NaN/Inf scan", ch.count_nonfinite)
 ex.materialize = timed("whole tensors (materialize)", ex.materialize)
 StreamWriter.write_part = timed("write (syscalls)", StreamWriter.write_part)
 from mlx_bridge.cli import main
+r = resource.getrusage(resource.RUSAGE_SELF)
+T["start-up (imports)"] = r.ru_utime + r.ru_stime  # single-threaded: cannot overlap with anything
 t0 = time.perf_counter()
 rc = main(["export", sys.argv[1], "--out", sys.argv[2], "--no-progress"])
 wall = time.perf_counter() - t0
@@ -148,6 +153,32 @@ TOP = ["sha256 source (read + hash)", "sha256 output", "make chunks (total)", "w
        "write (syscalls)"]
 
 
+def profile(work: Path, shape: str = "tinyllama", layout: str = "tree", repeat: int = 1, fmt: str = "hf",
+            gguf_type: str = "q8_0") -> dict:
+    """The profiled run with the least CPU time of `repeat`: {wall, user, sys, hwm_mb, load, parts}; parts are
+    thread CPU seconds by part (TOP or GGUF_TOP, their sub-parts, "start-up (imports)") and, for hf, the bytes
+    each sha256 hashed ("bytes source", "bytes output")."""
+    gg = fmt == "gguf"
+    base, ad = gguf_model_dirs(work, shape) if gg else model_dirs(work, shape, layout)
+    best = None
+    for r in range(repeat):
+        out = work / f"out-profile-{r}"
+        shutil.rmtree(out, ignore_errors=True)
+        warm(base, ad)
+        load = os.getloadavg()[0]
+        cmd = ([GGUF_CHILD, str(ad), "--out", str(out), "--format", "gguf", "--gguf-type", gguf_type] if gg
+               else [CHILD, str(ad), str(out)])
+        p = subprocess.run([sys.executable, "-c", *cmd], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise SystemExit(f"export failed ({p.returncode}):\n{p.stderr[-3000:]}")
+        res = dict(json.loads(p.stdout.strip().splitlines()[-1]), load=load)
+        shutil.rmtree(out)
+        os.sync()
+        if best is None or res["user"] + res["sys"] < best["user"] + best["sys"]:
+            best = res
+    return best
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=list(SHAPES), default="tinyllama")
@@ -158,23 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gguf-type", default="q8_0", help="with --format gguf")
     args = ap.parse_args(argv)
     gg = args.format == "gguf"
-    base, ad = gguf_model_dirs(args.workdir, args.shape) if gg else model_dirs(args.workdir, args.shape, args.layout)
-    best = None
-    for r in range(args.repeat):
-        out = args.workdir / f"out-profile-{r}"
-        shutil.rmtree(out, ignore_errors=True)
-        warm(base, ad)
-        load = os.getloadavg()[0]
-        cmd = ([GGUF_CHILD, str(ad), "--out", str(out), "--format", "gguf", "--gguf-type", args.gguf_type] if gg
-               else [CHILD, str(ad), str(out)])
-        p = subprocess.run([sys.executable, "-c", *cmd], capture_output=True, text=True)
-        if p.returncode != 0:
-            raise SystemExit(f"export failed ({p.returncode}):\n{p.stderr[-3000:]}")
-        res = dict(json.loads(p.stdout.strip().splitlines()[-1]), load=load)
-        shutil.rmtree(out)
-        os.sync()
-        if best is None or res["user"] + res["sys"] < best["user"] + best["sys"]:
-            best = res
+    best = profile(args.workdir, args.shape, args.layout, args.repeat, args.format, args.gguf_type)
     cpu = best["user"] + best["sys"]
     parts = best["parts"]
     print(f"| {'part':34} | {'CPU s':>6} | {'share':>6} |")
@@ -189,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if name == "sha256 source (read + hash)":
             print(f"| {'  of which hashing':34} | {parts.get('  of which hashing', 0.0):6.2f} | |")
+        if name.startswith("rest"):
+            print(f"| {'  of which start-up (imports)':34} | {parts.get('start-up (imports)', 0.0):6.2f} | |")
         if name == "make chunks (total)":
             for sub in ("  pread", "  LoRA fuse (float32, rounded)", "  NaN/Inf scan"):
                 print(f"| {sub:34} | {parts.get(sub, 0.0):6.2f} | |")
