@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import decode as raw  # noqa: E402  (benchmarks/decode.py: the model builder and the raw decode loop)
+from mlx_bridge.deploy.runners.slots import MIX  # noqa: E402
 
 
 def tokenizer(vocab: int):
@@ -245,8 +246,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steady", type=float, default=8.0, help="seconds of the clients-in-a-loop load")
     ap.add_argument("--stand-in", default=None, metavar="STEP_MS,PREFILL_MS",
                     help="replace the model's runner by waits: the server's host-side ceiling")
-    ap.add_argument("--mixed-lanes", type=int, default=4, help="as `mlx-bridge serve --mixed-lanes` (0: off)")
-    ap.add_argument("--mixed-tokens", type=int, default=128, help="as `mlx-bridge serve --mixed-tokens`")
+    ap.add_argument("--mixed-lanes", type=int, default=MIX[0], help="as `mlx-bridge serve --mixed-lanes` (0: off)")
+    ap.add_argument("--mixed-tokens", type=int, default=MIX[1], help="as `mlx-bridge serve --mixed-tokens`")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     if a.stand_in:

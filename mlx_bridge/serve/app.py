@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import BridgeError
 from . import protocol as proto
-from .engine import Engine, StreamEnd
+from .engine import MIX, Engine, StreamEnd
 from .http import Limits, ServerThread, bind, serve  # noqa: F401  (the app's runners, re-exported)
 from .protocol import APIError
 
@@ -46,7 +46,7 @@ def create_app(model, *, model_name: str | None = None, api_key: str | None = No
                max_batch: int = 8, max_queue: int = 256, defaults: dict | None = None,
                max_request_tokens: int = MAX_REQUEST_TOKENS, max_len: int | None = None, prefill_chunk: int = 512,
                batch_sizes: tuple[int, ...] | None = None, body_timeout: float = BODY_TIMEOUT,
-               prepare: bool = True, mix: tuple[int, int] | None = (4, 128)) -> FastAPI:
+               prepare: bool = True, mix: tuple[int, int] | None = MIX) -> FastAPI:
     """Build the app around a loaded `DeployedModel`; the worker starts and stops with the app.
 
     Args:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import BridgeError
 from ..deploy.loader import add_load_arguments
-from .app import BODY_TIMEOUT, MAX_BODY_BYTES, MAX_REQUEST_TOKENS, MAX_TOKENS_LIMIT
+from .app import BODY_TIMEOUT, MAX_BODY_BYTES, MAX_REQUEST_TOKENS, MAX_TOKENS_LIMIT, MIX
 from .http import Limits
 
 
@@ -37,11 +37,11 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
                              "fewer start faster, a step then runs at the next size up")
     parser.add_argument("--prefill-chunk", type=int, default=512,
                         help="most prompt tokens of one prefill call; a row gets one chunk between two decode steps (default 512)")
-    parser.add_argument("--mixed-lanes", type=int, default=4,
+    parser.add_argument("--mixed-lanes", type=int, default=MIX[0],
                         help="prompt chunks riding on a decode step while rows decode (mixed steps, vLLM's chunked "
-                             "prefill); 0: separate prefill calls only (default 4)")
-    parser.add_argument("--mixed-tokens", type=int, default=128,
-                        help="most prompt tokens of one riding chunk (default 128)")
+                             f"prefill); 0: separate prefill calls only (default {MIX[0]})")
+    parser.add_argument("--mixed-tokens", type=int, default=MIX[1],
+                        help=f"most prompt tokens of one riding chunk (default {MIX[1]})")
     parser.add_argument("--max-request-tokens", type=int, default=MAX_REQUEST_TOKENS,
                         help=f"most prompts x n x max_tokens in one request (default {MAX_REQUEST_TOKENS})")
     parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,

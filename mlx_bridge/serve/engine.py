@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..deploy.generation import Completion, RowText
-from ..deploy.runners.slots import Chunk, RowSampling, batch_runner
+from ..deploy.runners.slots import MIX, Chunk, RowSampling, batch_runner
 from ..errors import BridgeError
 from .metrics import Metrics
 from .protocol import APIError, Sampling
@@ -129,7 +129,7 @@ class Engine:
 
     def __init__(self, model, *, max_batch: int = 8, max_queue: int = 256, max_len: int | None = None,
                  prefill_chunk: int = 512, batch_sizes: tuple[int, ...] | None = None, prefill_calls: int = 4,
-                 mix: tuple[int, int] | None = (4, 128)):
+                 mix: tuple[int, int] | None = MIX):
         self.model, self.max_batch, self.max_queue = model, max(1, max_batch), max_queue
         self.max_len = min(max_len or min(model.max_context, 4096), model.max_context)
         self.prefill_chunk, self.prefill_calls = max(1, prefill_chunk), max(1, prefill_calls)

@@ -60,6 +60,7 @@ from ..native.model import Transformer
 
 LANES = (1, 2, 4)  # rows one prefill call takes together (padded up to one of these on CUDA)
 CHUNKS = (16, 64, 128, 256, 512, 1024, 2048)  # chunk lengths a prefill is padded up to on CUDA
+MIX = (4, 128)  # (lanes, tokens) of the prompt chunks a mixed step carries by default (`mixed`)
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,7 @@ class SlotRunner:
 
     def __init__(self, module: Transformer, *, rows: int, max_len: int, compile: bool | None = None,
                  graphs: bool | None = None, batch_sizes: tuple[int, ...] | None = None, fused: fm.Fused | None = None,
-                 chunk: int = 512, mix: tuple[int, int] | None = (4, 128)):
+                 chunk: int = 512, mix: tuple[int, int] | None = MIX):
         self.fused = f = fused or fm.fuse(module)
         if len(f.devices) > 1:
             raise fm.NotFusable("layers on several devices: continuous batching runs on one device")
@@ -518,7 +519,7 @@ class SlotRunner:
 
 
 def batch_runner(model, *, rows: int, max_len: int, batch_sizes: tuple[int, ...] | None = None, chunk: int = 512,
-                 mix: tuple[int, int] | None = (4, 128)):
+                 mix: tuple[int, int] | None = MIX):
     """The continuous-batching runner for a `DeployedModel`: a `SlotRunner` for a native model the
     fused path takes (dense or MoE) on one device (compiled and captured when the model runs the fast path), else a `RowRunner`
     (its rows one after another; one row at a time for layers spread over GPUs).
