@@ -109,17 +109,9 @@ def mixed_run(r, buf: torch.Tensor, B: int, S: int, mode: str) -> None:
         x = r._out(x, o, L.w)
     rows = torch.cat([r._ar[:B], B + r._ar[:N] * C + last])
     logits = r._head(x[rows, -1], f.norm, f.head, f.head_bias)  # [B + N, V]
-    ld, ll = logits[:B], logits[B:]
-    if mode == "greedy":
-        nxt = ld.argmax(dim=-1)
-    else:
-        nxt = pick(ld, r.temp[:B], r.top_p[:B], r.top_k[:B], r.seed[:B], r.counter[:B], r.stream[:B])
-    r.out[:B].copy_(nxt)
-    r.tok[:B].copy_(nxt)
-    pos.add_(act)
-    r.counter[:B].add_(act)
+    r._advance(logits[:B], mode, pick)  # the decode rows
     zero = torch.zeros_like(slot)
-    first = pick(ll, r.temp[slot], r.top_p[slot], r.top_k[slot], r.seed[slot], zero, r.stream[slot])
+    first = pick(logits[B:], r.temp[slot], r.top_p[slot], r.top_k[slot], r.seed[slot], zero, r.stream[slot])
     r.first[:N].copy_(first)
     to = torch.where(fin, slot, R)  # lanes that do not end a prompt update the scratch slot (a slot may fill
     # several lanes: exactly one of them writes it)

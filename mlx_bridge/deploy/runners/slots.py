@@ -257,16 +257,21 @@ class SlotRunner:
             q, _, _ = self._qkv(x, L.w, kc, vc, *rot[L.rope], put)
             o = fm._decode_attend(q, kc[:, :, :S], vc[:, :, :S], ms[L.window], spec.scale, spec.softcap, L.w[10])
             x = self._out(x, o, L.w)
-        logits = self._head(x[:, -1], f.norm, f.head, f.head_bias)  # [B, V]
+        self._advance(self._head(x[:, -1], f.norm, f.head, f.head_bias), mode, self._pick)  # logits [B, V]
+
+    def _advance(self, logits: torch.Tensor, mode: str, pick_fn) -> None:
+        """Slots [0, B)'s next tokens from their logits (B, V) (greedy, or `pick_fn` with each row's
+        settings) into `out` and `tok`; the active rows move one position on."""
+        B = logits.shape[0]
         if mode == "greedy":
             nxt = logits.argmax(dim=-1)
         else:
-            nxt = self._pick(logits, self.temp[:B], self.top_p[:B], self.top_k[:B], self.seed[:B], self.counter[:B],
-                             self.stream[:B])
+            nxt = pick_fn(logits, self.temp[:B], self.top_p[:B], self.top_k[:B], self.seed[:B], self.counter[:B],
+                          self.stream[:B])
         self.out[:B].copy_(nxt)
         self.tok[:B].copy_(nxt)
-        pos.add_(act)
-        self.counter[:B].add_(act)
+        self.pos[:B].add_(self.active[:B])
+        self.counter[:B].add_(self.active[:B])
 
     def _graph(self, B: int, S: int, mode: str, mixed: int = 0):
         """The captured step for (B, S, mode) (a mixed step: with `mixed` lanes in `_mbuf`), compiling and
