@@ -1,6 +1,6 @@
 """Decode attention on CUDA (skipped without a GPU): the Triton kernel (`runners/attn_kernels.py`)
 against SDPA in bfloat16 and against the module's eager attention (`layers.attend`) in float32, with
-GQA, padding, sliding windows, softcap and gpt-oss sinks; the same cases run on CPU through Triton's
+GQA, padding, sliding windows, softcap and gpt-oss sinks, and the mixed steps' lane kernel (`lanes`); the same cases run on CPU through Triton's
 interpreter in tests/test_attn_triton.py. The decode step's q/k norm + rope + cache-write kernel
 (`runners/rope_kernels.py`) against the fused path's PyTorch function (`fused.make_qkv`) in bfloat16
 (float32 on CPU: tests/test_rope_triton.py)."""
@@ -37,6 +37,35 @@ def eager(q, k, v, mask, softcap=None, sinks=None):
     m = mask if mask.dtype == torch.bool else mask.double()
     return attend(q.double(), k.double(), v.double(), m, q.shape[-1] ** -0.5, softcap,
                   None if sinks is None else sinks.double())
+
+
+def lanes_case(N, C, H, Hkv, S, D, window, seed=0, dtype=torch.float32, device="cpu"):
+    """(q, kc, vc, slot, start, sinks) of N prompt lanes over a pool of 5 cache rows of S + 8 positions:
+    lane 0 and 1 carry consecutive chunks of one prompt (row 2), lane 2 starts a prompt (row 0), a
+    last lane (when N > 3) is padding (the scratch row 4, start 0)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(N * C, 1, H, D, generator=g).to(dtype).to(device).transpose(1, 2)  # a view, as the step's
+    kc, vc = (torch.randn(5, Hkv, S + 8, D, generator=g).to(dtype).to(device) for _ in range(2))
+    buf = torch.tensor([[2, S // 4], [2, S // 4 + C], [0, 0], [4, 0]][:N], device=device)
+    slot, start = buf[:, 0], buf[:, 1]  # strided columns, as a mixed step's lane buffer gives them
+    sinks = torch.randn(H, generator=g).to(dtype).to(device)
+    return q, kc, vc, slot, start, sinks
+
+
+def lanes_eager(q, kc, vc, slot, start, S, window, cap, sinks):
+    """Each lane through `layers.attend` in float64 over its row's first S keys, causal by position;
+    NaN where a token sees no key (a padding token past the window)."""
+    N = slot.shape[0]
+    C = q.shape[0] // N
+    out = []
+    for i in range(N):
+        qi = q[i * C:(i + 1) * C].transpose(0, 2)  # (1, H, C, D)
+        pos = start[i] + torch.arange(C, device=q.device)
+        d = pos[:, None] - torch.arange(S, device=q.device)
+        m = (d >= 0) if window is None else (d >= 0) & (d < window)
+        o = eager(qi, kc[slot[i], :, :S][None], vc[slot[i], :, :S][None], m[None, None], cap, sinks)
+        out.append(o.transpose(1, 2).reshape(C, q.shape[1], 1, q.shape[-1]))
+    return torch.cat(out)
 
 
 CASES = [  # (B, H, Hkv, S, D, window, softcap, sinks)
@@ -88,6 +117,27 @@ def test_decode_attention_captured_in_a_graph():
     g.replay()
     assert not torch.equal(out, ref)
     assert torch.equal(out, f(q, k, v, mask))
+
+
+
+@pytest.mark.parametrize("case", [(4, 128, 32, 32, 512, 128, None), (3, 32, 32, 8, 256, 128, 64), (2, 64, 8, 4, 256, 256, None)])
+def test_lane_attention_bf16_equals_sdpa(case):
+    """The mixed steps' lane kernel: llama-2-7b's heads, GQA with a window, head_dim 256."""
+    from mlx_bridge.deploy.runners.attn_kernels import lanes
+
+    N, C, H, Hkv, S, D, window = case
+    q, kc, vc, slot, start, _ = lanes_case(N, C, H, Hkv, S, D, window, dtype=torch.bfloat16, device="cuda")
+    out = lanes(q, kc, vc, slot, start, S, D ** -0.5, window)
+    exact = lanes_eager(q, kc, vc, slot, start, S, window, None, None)
+    seen = ~exact.isnan().flatten(1).any(1)
+    assert seen[:3 * C].all()
+    ref = torch.cat([F.scaled_dot_product_attention(
+        q[i * C:(i + 1) * C].transpose(0, 2), kc[slot[i], :, :S][None], vc[slot[i], :, :S][None],
+        attn_mask=((start[i] + torch.arange(C, device="cuda"))[:, None] >= torch.arange(S, device="cuda"))
+        & ((start[i] + torch.arange(C, device="cuda"))[:, None] - torch.arange(S, device="cuda") < (window or S)),
+        scale=D ** -0.5, enable_gqa=True).transpose(1, 2).reshape(C, H, 1, D) for i in range(len(slot))])
+    err, ref_err = (out[seen].double() - exact[seen]).abs().max(), (ref[seen].double() - exact[seen]).abs().max()
+    assert err <= 2 * ref_err + 1e-3, (err, ref_err)
 
 
 ROPE_CASES = [  # (B, nh, nkv, hd, rotary dims, q/k norm, gemma, a slot per row)

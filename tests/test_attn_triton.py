@@ -1,4 +1,4 @@
-"""The decode attention kernel (`deploy/runners/attn_kernels.py`) on CPU through Triton's interpreter,
+"""The decode attention kernel and the mixed steps' lane kernel (`deploy/runners/attn_kernels.py`) on CPU through Triton's interpreter,
 in float32 (the interpreter's bfloat16 `tl.dot` is wrong; bfloat16 against SDPA runs in
 tests/test_attn_gpu.py), against the module's eager attention (`layers.attend`): GQA, left padding,
 sliding windows, bool and additive masks, softcap, gpt-oss sinks, one split and several (with splits
@@ -16,7 +16,7 @@ from mlx_bridge.deploy.loader import load  # noqa: E402
 from mlx_bridge.deploy.runners import attn_kernels as ak  # noqa: E402
 from mlx_bridge.deploy.runners import fused as fm  # noqa: E402
 from mlx_bridge.deploy.runners.fast import FastRunner  # noqa: E402
-from test_attn_gpu import decode_case, eager  # noqa: E402
+from test_attn_gpu import decode_case, eager, lanes_case, lanes_eager  # noqa: E402
 from test_fast import PROMPTS, padded, zoo  # noqa: E402, F401  (the CPU fast-path tests' prompts and models)
 
 CASES = [  # (B, H, Hkv, S, D, window, softcap, sinks)
@@ -89,3 +89,27 @@ def test_fast_path_decoding_through_the_kernel_equals_eager(zoo, arch, overrides
         torch.testing.assert_close(b, a, rtol=0, atol=2e-5)
         t = a.argmax(-1)
     assert calls and fast.stats["grown"] == 1
+
+
+LANE_CASES = [  # (N, C, H, Hkv, S, D, window, softcap, sinks)
+    (3, 16, 8, 2, 64, 32, None, None, False),
+    (4, 24, 8, 2, 96, 40, None, None, False),  # C not a block multiple, head_dim 40, a padding lane
+    (3, 16, 6, 2, 64, 32, 20, None, False),  # 3 query heads a kv head, a window
+    (2, 32, 4, 4, 64, 16, None, 5.0, False),  # no GQA, softcap
+    (3, 16, 8, 1, 64, 32, 24, None, True),  # gpt-oss: sinks, a window
+]
+
+
+@pytest.mark.parametrize("blocks", [(16, 16), (None, None)])
+@pytest.mark.parametrize("case", LANE_CASES)
+def test_lane_attention_equals_eager(case, blocks):
+    N, C, H, Hkv, S, D, window, cap, sinks = case
+    q, kc, vc, slot, start, s = lanes_case(N, C, H, Hkv, S, D, window)
+    s = s if sinks else None
+    out = ak.lanes(q, kc, vc, slot, start, S, D ** -0.5, window, cap, s, *blocks)
+    ref = lanes_eager(q, kc, vc, slot, start, S, window, cap, s)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    seen = ~ref.isnan().flatten(1).any(1)  # tokens that see a key (every real one)
+    assert seen[:3 * C].all()
+    assert (out[seen].double() - ref[seen]).abs().max() < 1e-5
+    assert out[~seen].eq(0).all() and out.isfinite().all()

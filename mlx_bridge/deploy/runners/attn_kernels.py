@@ -17,8 +17,15 @@ kernels round p to it before p v); the output is in q's dtype.
 `decode_attention` is a `torch.library.custom_op`: opaque to the compiled layer, captured in the
 step's CUDA graph (static shapes, no host sync, no tuning).
 
+`lanes` (a mixed step's prompt chunks, `mixed.py`): N lanes of C query tokens, lane i's tokens at
+positions start[i] + [0, C) of cache row slot[i], each attending causally (and within the window)
+over that row's keys, read in place: no copy of the row, no mask tensor. A program per (lane, kv
+head, block of BM tokens) runs the BM x G queries of its kv head over the keys up to its last
+position (flash attention's loop, the online softmax of `_partial`).
+
 Example:
     >>> o = decode(q, kc, vc, mask, 128 ** -0.5)   # q (B, H, 1, hd), kc/vc (B, H_kv, S, hd) cuda  # doctest: +SKIP
+    >>> o = lanes(q, kc, vc, slot, start, 256, 128 ** -0.5)  # q (N * C, H, 1, hd), kc/vc the pool  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -117,6 +124,70 @@ def _combine(pm_ptr, pl_ptr, po_ptr, o_ptr, sink_ptr, H, D, sob, soh, SPLITS: tl
     tl.store(o_ptr + b.to(tl.int64) * sob + h * soh + offs_d, out.to(o_ptr.dtype.element_ty), mask=offs_d < D)
 
 
+@triton.jit
+def _lanes(q_ptr, k_ptr, v_ptr, o_ptr, slot_ptr, start_ptr, sink_ptr, H, G, S, C, D, window, scale, cap,
+           sqt, sqh, skb, skh, sks, svb, svh, svs, sot, soh, BM: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr,
+           BD: tl.constexpr, WIN: tl.constexpr, CAP: tl.constexpr, SINK: tl.constexpr, IEEE: tl.constexpr):
+    Hkv = H // G
+    pid, mb = tl.program_id(0), tl.program_id(1)
+    lane, hk = pid // Hkv, pid % Hkv
+    r = tl.arange(0, BM * BG)  # query rows: BM tokens x BG heads of kv head hk
+    c, g = mb * BM + r // BG, r % BG
+    rmask = (c < C) & (g < G)
+    heads = hk * G + g
+    offs_d = tl.arange(0, BD)
+    dmask = offs_d < D
+    tok = (lane * C + c).to(tl.int64)
+    q = tl.load(q_ptr + tok[:, None] * sqt + heads[:, None] * sqh + offs_d[None, :],
+                mask=rmask[:, None] & dmask[None, :], other=0.0)  # (BM * BG, BD)
+    slot = tl.load(slot_ptr + lane).to(tl.int64)
+    st = tl.load(start_ptr + lane).to(tl.int32)
+    pos = st + c  # (rows,) each query's position
+    kb = k_ptr + slot * skb + hk.to(tl.int64) * skh
+    vb = v_ptr + slot * svb + hk.to(tl.int64) * svh
+    hi = tl.minimum(S, st + mb * BM + BM)  # no key past the block's last position is seen
+    lo = 0
+    if WIN:
+        lo = tl.maximum(0, st + mb * BM - window + 1) // BN * BN
+    m_i = tl.full((BM * BG,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BM * BG,), tl.float32)
+    acc = tl.zeros((BM * BG, BD), tl.float32)
+    for n0 in range(lo, hi, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        nmask = offs_n < S
+        kv_mask = nmask[:, None] & dmask[None, :]
+        k = tl.load(kb + offs_n[:, None].to(tl.int64) * sks + offs_d[None, :], mask=kv_mask, other=0.0)  # (BN, BD)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale
+        if CAP:
+            s = (1.0 - 2.0 / (tl.exp(2.0 * s / cap) + 1.0)) * cap
+        ok = nmask[None, :] & (offs_n[None, :] <= pos[:, None])
+        if WIN:
+            ok = ok & (pos[:, None] - offs_n[None, :] < window)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(vb + offs_n[:, None].to(tl.int64) * svs + offs_d[None, :], mask=kv_mask, other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    if SINK:
+        sk = tl.load(sink_ptr + heads, mask=rmask, other=0.0).to(tl.float32)
+        m_all = tl.maximum(m_i, sk)
+        acc = acc * tl.exp(m_i - m_all)[:, None]
+        l_i = l_i * tl.exp(m_i - m_all) + tl.exp(sk - m_all)
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a padding token past every key: 0, not NaN
+    tl.store(o_ptr + tok[:, None] * sot + heads[:, None] * soh + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=rmask[:, None] & dmask[None, :])
+
+
 def splits(B: int, Hkv: int, S: int, BN: int, programs: int = 256) -> int:
     """Splits of the cache per (row, kv head): a power of two, enough for about `programs` programs,
     each with at least one block of BN keys.
@@ -179,4 +250,48 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 @decode_attention.register_fake
 def _(q, k, v, mask, scale, softcap, sinks):
+    return q.new_empty(q.shape)
+
+
+def lanes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor, start: torch.Tensor, S: int,
+          scale: float, window: int | None = None, softcap: float | None = None, sinks: torch.Tensor | None = None,
+          BM: int | None = None, BN: int | None = None) -> torch.Tensor:
+    """Attention of N lanes of C prompt tokens, q (N * C, H, 1, hd) lane-major, over the pool's cache
+    rows k, v (R, H_kv, >= S, hd): lane i's token j sits at position start[i] + j of row slot[i] and
+    sees that row's keys at positions <= its own (and within `window`), below S. Returns
+    (N * C, H, 1, hd) in q's dtype: what `layers.attend` gives over the row's first S keys with the
+    causal mask. `BM`, `BN` override the blocks (the tests use small ones)."""
+    T, H, L, D = q.shape
+    _, Hkv, Sk, _ = k.shape
+    N = slot.shape[0]
+    assert L == 1 and T % N == 0 and H % Hkv == 0 and S <= Sk and k.stride(3) == 1 and v.stride(3) == 1, (q.shape, k.shape)
+    q = q if q.stride(3) == 1 else q.contiguous()
+    slot, start = slot.contiguous(), start.contiguous()  # columns of the lanes' buffer in a mixed step
+    G, C = H // Hkv, T // N
+    BG = triton.next_power_of_2(G)
+    BD = max(16, triton.next_power_of_2(D))
+    BM = BM or max(1, 64 // BG)
+    BM = max(BM, triton.cdiv(16, BG))  # tl.dot needs 16 rows
+    BN = BN or (64 if BD * q.element_size() <= 256 else 32)
+    out = torch.empty(T, H, 1, D, dtype=q.dtype, device=q.device)
+    sink = sinks if sinks is not None else out
+    with torch.cuda.device(q.device) if q.is_cuda else nullcontext():
+        _lanes[(N * Hkv, triton.cdiv(C, BM))](
+            q, k, v, out, slot, start, sink, H, G, S, C, D, int(window or 0), float(scale), float(softcap or 1.0),
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), BM=BM, BG=BG, BN=BN, BD=BD, WIN=window is not None,
+            CAP=softcap is not None, SINK=sinks is not None, IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
+    return out
+
+
+@torch.library.custom_op("mlx_bridge::lane_attention", mutates_args=())
+def lane_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor, start: torch.Tensor,
+                   S: int, scale: float, window: int | None, softcap: float | None,
+                   sinks: torch.Tensor | None) -> torch.Tensor:
+    """`lanes` as one op (captured in the mixed step's CUDA graph)."""
+    return lanes(q, k, v, slot, start, S, scale, window, softcap, sinks)
+
+
+@lane_attention.register_fake
+def _(q, k, v, slot, start, S, scale, window, softcap, sinks):
     return q.new_empty(q.shape)

@@ -227,7 +227,8 @@ def make_qkv(spec: Spec, rows: bool = False, kernel: bool = False) -> Callable:
     """qkv(x, w, kc, vc, cos, sin, slots) -> (q (B, H, L, hd), k, v (B, H_kv, L, hd)): the first half
     of a decoder layer (norm, fused projection, q/k norms, rope), keys and values written into the
     cache kc/vc at `slots` (L,) shared by the batch, or, with `rows`, each row's one new key at its
-    own position `slots` (B,) (continuous batching: rows do not share positions). kc None: no write.
+    own position `slots` (B,) (continuous batching: rows do not share positions), in cache row `at`
+    (B,) (default: row b for row b; a mixed step's prompt tokens go to their slot). kc None: no write.
     `kernel`: on CUDA with one token a row, the q/k norms, rope and cache writes run as one Triton
     kernel (`rope_kernels`, registered by `fuse`) and k, v come back None (decode reads the cache).
     `h`: x already normalised by the layer's input norm (the previous layer computed it, `make_layer`).
@@ -236,7 +237,7 @@ def make_qkv(spec: Spec, rows: bool = False, kernel: bool = False) -> Callable:
     qk_full, clip = spec.qk_norm_full, spec.clip_qkv
     kernel = kernel and not qk_full and clip is None  # olmoe's whole-projection norms, clipping: PyTorch ops
 
-    def qkv(x, w, kc, vc, cos, sin, slots, h=None):
+    def qkv(x, w, kc, vc, cos, sin, slots, h=None, at=None):
         ln1, wqkv, bqkv, qn, kn = w[0], w[4], w[5], w[8], w[9]
         B, L, _ = x.shape  # x: [B, L, D]
         y = F.linear(rms(x, ln1, eps, gemma) if h is None else h, wqkv, bqkv)
@@ -255,7 +256,7 @@ def make_qkv(spec: Spec, rows: bool = False, kernel: bool = False) -> Callable:
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kc is not None and rows:  # indexed assignment: inductor writes it in place (a scatter_ on the
             # cache was compiled as a copy of the whole cache and back, per layer and step)
-            b = torch.arange(B, device=slots.device)
+            b = torch.arange(B, device=slots.device) if at is None else at
             kc[b, :, slots] = k[:, :, 0]
             vc[b, :, slots] = v[:, :, 0]
         elif kc is not None:

@@ -7,19 +7,20 @@ several lanes, consecutive pieces of it) through the same projections and MLP, s
 read once for both, and only attention is split:
 
     tokens   [B decode rows + lanes x length chunk tokens] as T = B + lanes * length rows of one token
-    qkv, out the decode step's layer halves (compiled on CUDA: their batch dimension is symbolic, so
-             T rows reuse its graph) over all T rows, no cache write inside
-    keys     each token's key written at (its slot, its position); ended or not-yet-decoding slots
-             inside [0, B) and padding tokens write a scratch place (never read)
+    qkv, out the decode step's layer halves (compiled on CUDA, the batch dimension symbolic) over all
+             T rows; qkv writes each token's key at (its slot, its position): ended or
+             not-yet-decoding slots inside [0, B) and padding tokens write a scratch place (never read)
     attend   decode rows: the decode attention over [0, B)'s cache rows (as `SlotRunner._run`);
              each lane: causal by position over its own slot's first S positions (its earlier
-             chunks and, in the same layer, the lanes before it that carry the same prompt)
+             chunks and, in the same layer, the lanes before it that carry the same prompt); on
+             CUDA one Triton kernel for every lane (`attn_kernels.lanes`) reads the rows in place,
+             elsewhere SDPA over a copy of each lane's row
     head     the decode rows' next tokens, and the first token of each row whose last chunk this is
 
 Shapes are static: one CUDA graph per (B, S, greedy|sampled, 1 or `lanes` lanes), captured by
-`SlotRunner.prepare` with the other graphs (the halves without a cache write compile once more
-there, eager the attention and the writes between them, as in the decode step). The lanes' input is the prefill buffer layout, (lanes, length + 4): tokens, slot, start,
-last index, last chunk?.
+`SlotRunner.prepare` with the other graphs (qkv compiles once more there, for its cache rows `at`;
+the attention between the halves is eager, as in the decode step). The lanes' input is the prefill
+buffer layout, (lanes, length + 4): tokens, slot, start, last index, last chunk?.
 
 Example:
     >>> r = SlotRunner(model.module, rows=8, max_len=1024, mix=(4, 128))   # doctest: +SKIP
@@ -94,18 +95,22 @@ def mixed_run(r, buf: torch.Tensor, B: int, S: int, mode: str) -> None:
     x = fm.embed(f, torch.cat([r.tok[:B], toks.reshape(-1)])[:, None])  # [T, 1, D]
     rot = [fm.cos_sin(inv, sc, allpos[:, None], r.dtype) for inv, sc in r._ropes]
     dm = row_masks(pos, S, f.windows, spec.softcap is None, r.dtype)
-    d = lpos[:, :, None] - r._ar[:S]  # [N, C, S]
-    lm = {w: ((d >= 0) if w is None else (d >= 0) & (d < w))[:, None] for w in [None, *f.windows]}
+    kernel = x.is_cuda and spec.hd <= fm.DECODE_KERNEL_MAX_HD  # the lanes read their rows in place
+    if not kernel:
+        d = lpos[:, :, None] - r._ar[:S]  # [N, C, S]
+        lm = {w: ((d >= 0) if w is None else (d >= 0) & (d < w))[:, None] for w in [None, *f.windows]}
     for li, L in enumerate(f.layers):
         kc, vc = r.k[li], r.v[li]
-        q, k, v = r._qkv(x, L.w, None, None, *rot[L.rope], None)  # [T, H, 1, hd], [T, H_kv, 1, hd]
-        kc[at, :, put] = k[:, :, 0]
-        vc[at, :, put] = v[:, :, 0]
+        q, _, _ = r._qkv(x, L.w, kc, vc, *rot[L.rope], put, at=at)  # [T, H, 1, hd]; each key written at (at, put)
         od = fm._decode_attend(q[:B], kc[:B, :, :S], vc[:B, :, :S], dm[L.window], spec.scale, spec.softcap, L.w[10])
-        ql = q[B:, :, 0].reshape(N, C, *q.shape[1:2], q.shape[-1]).transpose(1, 2)  # [N, H, C, hd]
-        ol = attend(ql, kc[:, :, :S].index_select(0, slot), vc[:, :, :S].index_select(0, slot), lm[L.window],
-                    spec.scale, spec.softcap, L.w[10])
-        o = torch.cat([od, ol.transpose(1, 2).reshape(N * C, ol.shape[1], 1, ol.shape[-1])])  # [T, H, 1, hd]
+        if kernel:
+            ol = torch.ops.mlx_bridge.lane_attention(q[B:], kc, vc, slot, start, S, spec.scale, L.window, spec.softcap,
+                                                     L.w[10])  # [N * C, H, 1, hd]
+        else:
+            ql = q[B:, :, 0].reshape(N, C, *q.shape[1:2], q.shape[-1]).transpose(1, 2)  # [N, H, C, hd]
+            ol = attend(ql, kc[:, :, :S].index_select(0, slot), vc[:, :, :S].index_select(0, slot), lm[L.window],
+                        spec.scale, spec.softcap, L.w[10]).transpose(1, 2).reshape(N * C, ql.shape[1], 1, ql.shape[-1])
+        o = torch.cat([od, ol])  # [T, H, 1, hd]
         x = r._out(x, o, L.w)
     rows = torch.cat([r._ar[:B], B + r._ar[:N] * C + last])
     logits = r._head(x[rows, -1], f.norm, f.head, f.head_bias)  # [B + N, V]
