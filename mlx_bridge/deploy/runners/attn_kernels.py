@@ -188,6 +188,11 @@ def _lanes(q_ptr, k_ptr, v_ptr, o_ptr, slot_ptr, start_ptr, sink_ptr, H, G, S, C
              mask=rmask[:, None] & dmask[None, :])
 
 
+def _sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (132 on an H100 / H200); 1 elsewhere (the interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def splits(B: int, Hkv: int, S: int, BN: int, programs: int = 256) -> int:
     """Splits of the cache per (row, kv head): a power of two, enough for about `programs` programs,
     each with at least one block of BN keys.
@@ -270,8 +275,11 @@ def lanes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor,
     G, C = H // Hkv, T // N
     BG = triton.next_power_of_2(G)
     BD = max(16, triton.next_power_of_2(D))
-    BM = BM or max(1, 64 // BG)
-    BM = max(BM, triton.cdiv(16, BG))  # tl.dot needs 16 rows
+    if BM is None:  # 64 query rows a program, fewer (down to the 16 tl.dot needs) while that leaves an SM idle
+        BM = max(1, 64 // BG)
+        while BM * BG > 16 and N * Hkv * triton.cdiv(C, BM) < 2 * _sms(q.device):
+            BM //= 2
+    BM = max(BM, triton.cdiv(16, BG))
     BN = BN or (64 if BD * q.element_size() <= 256 else 32)
     out = torch.empty(T, H, 1, D, dtype=q.dtype, device=q.device)
     sink = sinks if sinks is not None else out

@@ -34,7 +34,7 @@ import torch
 
 from . import fused as fm
 from ...errors import BridgeError
-from .sampling import pick
+from .sampling import greedy, pick
 from .slots import Chunk, Pending, row_masks, up
 from ..native.layers import attend
 
@@ -116,7 +116,10 @@ def mixed_run(r, buf: torch.Tensor, B: int, S: int, mode: str) -> None:
     logits = r._head(x[rows, -1], f.norm, f.head, f.head_bias)  # [B + N, V]
     r._advance(logits[:B], mode, pick)  # the decode rows
     zero = torch.zeros_like(slot)
-    first = pick(logits[B:], r.temp[slot], r.top_p[slot], r.top_k[slot], r.seed[slot], zero, r.stream[slot])
+    if mode == "greedy":  # every row and chunk greedy: what pick gives at temperature 0, without its sort
+        first = greedy(logits[B:])
+    else:
+        first = pick(logits[B:], r.temp[slot], r.top_p[slot], r.top_k[slot], r.seed[slot], zero, r.stream[slot])
     r.first[:N].copy_(first)
     to = torch.where(fin, slot, R)  # lanes that do not end a prompt update the scratch slot (a slot may fill
     # several lanes: exactly one of them writes it)
