@@ -300,7 +300,7 @@ def hash_rates(nbytes: int = 256 << 20) -> dict[str, float]:
     """GB/s of each of `mlx_bridge.hashing.ALGORITHMS` on one thread (best of 3, thread CPU time)."""
     from mlx_bridge.hashing import ALGORITHMS
 
-    buf, rates = np.zeros(nbytes, np.uint8), {}
+    buf, rates = np.full(nbytes, 0x5A, np.uint8), {}  # written: zeros would all read one shared zero page
     for name, make in ALGORITHMS.items():
         best = 1e9
         for _ in range(3):

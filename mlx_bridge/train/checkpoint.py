@@ -14,7 +14,7 @@
 Everything is written into a temporary directory that is renamed over the target at the end
 (`fsutil.atomic_dir`), so a crash mid-save leaves the previous checkpoint in place; a crash between the
 renames that replace it is recovered by the next run (`fsutil.recover`). Resume checks every file
-against the manifest's sha256 before reading any of it.
+against the manifest's hashes (in the algorithm each names) before reading any of it.
 
 Example:
     >>> save_checkpoint_dir("ckpt", sections, writers)  # doctest: +SKIP
