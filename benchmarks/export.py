@@ -35,6 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlx_bridge.formats import StreamWriter, TensorSpec  # noqa: E402
+from mlx_bridge.hashing import DEFAULT  # noqa: E402
 
 SHAPES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
@@ -248,7 +249,7 @@ def measure(cmd: list[str]) -> tuple[float, float, float]:
     return secs, peak / 1024, cpu
 
 
-# the export with its checks stubbed out (sha256 of source and output, NaN/Inf scan): what they cost
+# the export with its checks stubbed out (hashes of source and output, NaN/Inf scan): what they cost
 NO_CHECKS = """
 import sys
 from concurrent.futures import Future
@@ -259,15 +260,15 @@ class NoHash:
     def digests(self): return {}
     def close(self): pass
 class NoSourceHash:
-    def __init__(self, paths): self.paths = paths
+    def __init__(self, paths, algo=None): self.paths = paths
     def expect(self, spans): pass
     def feed(self, *a): return None
     def finish(self, stop=None):
         f = Future()
-        f.set_result("0" * 64)
+        f.set_result("blake3:" + "0" * 64)
         return {p: f for p in self.paths}
     def close(self): pass
-ex.sha256_file = lambda p, **k: "0" * 64
+ex.hash_file = lambda p, *a, **k: "blake3:" + "0" * 64
 ex.StreamHasher = NoHash
 ex.SourceHasher = NoSourceHash
 plan.count_nonfinite = chunks.count_nonfinite = parts.count_nonfinite = lambda a: 0
@@ -277,22 +278,37 @@ sys.exit(main(["export", sys.argv[1], "--out", sys.argv[2], "--no-verify"]))
 
 
 def checks_breakdown(work: Path, shape: str, layout: str) -> str:
-    """Each check's thread CPU seconds in one profiled export (`export_profile.py`), and the sha256 rate."""
-    import hashlib
-
+    """Each check's thread CPU seconds in one profiled export (`export_profile.py`), and the hash rates."""
     from export_profile import profile
 
+    from mlx_bridge.hashing import ALGORITHMS
+
     parts = profile(work, shape, layout)["parts"]
-    src, out = parts.get("  of which hashing", 0.0), parts.get("sha256 output", 0.0)
-    buf, c = np.zeros(256 << 20, np.uint8), time.thread_time()
-    hashlib.sha256(buf)
-    rate = buf.nbytes / (time.thread_time() - c) / 1e9
-    return (f"  of which (thread CPU of one profiled export, benchmarks/export_profile.py): sha256 of the source "
+    src, out = parts.get("  of which hashing", 0.0), parts.get("output hash", 0.0)
+    rates = hash_rates()
+    hashed = (parts.get("bytes source", 0) + parts.get("bytes output", 0)) / 1e9
+    return (f"  of which (thread CPU of one profiled export, benchmarks/export_profile.py): {DEFAULT} of the source "
             f"{src:.2f} s ({parts.get('bytes source', 0) / 1e9:.2f} GB), of the output {out:.2f} s "
             f"({parts.get('bytes output', 0) / 1e9:.2f} GB), NaN/Inf scan {parts.get('  NaN/Inf scan', 0.0):.2f} s; "
-            f"hashlib's sha256 runs at {rate:.2f} GB/s on one thread here, so the hashing alone is "
-            f"{(parts.get('bytes source', 0) + parts.get('bytes output', 0)) / 1e9 / rate:.2f} CPU s "
-            "(the floor with and without it: benchmarks/export_floor.py)")
+            "one thread here hashes " + ", ".join(f"{a} at {rates[a]:.2f} GB/s" for a in ALGORITHMS)
+            + f", so the hashing alone is {hashed / rates[DEFAULT]:.2f} CPU s in {DEFAULT} "
+            + ", ".join(f"({hashed / rates[a]:.2f} in {a})" for a in ALGORITHMS if a != DEFAULT)
+            + " (the floor with and without it: benchmarks/export_floor.py)")
+
+
+def hash_rates(nbytes: int = 256 << 20) -> dict[str, float]:
+    """GB/s of each of `mlx_bridge.hashing.ALGORITHMS` on one thread (best of 3, thread CPU time)."""
+    from mlx_bridge.hashing import ALGORITHMS
+
+    buf, rates = np.full(nbytes, 0x5A, np.uint8), {}  # written: zeros would all read one shared zero page
+    for name, make in ALGORITHMS.items():
+        best = 1e9
+        for _ in range(3):
+            h, c = make(), time.thread_time()
+            h.update(buf)
+            best = min(best, time.thread_time() - c)
+        rates[name] = nbytes / best / 1e9
+    return rates
 
 
 def warm(*dirs: Path) -> None:
@@ -373,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name:26} | {secs:8.2f} | {cpu:6.1f} | {rss:11.0f} | {written / 1e9 / secs:6.2f} | {t_fuse / secs:10.1f}x | "
               f"{secs / t_cp:8.2f}x | {load:4.1f} |")
     on, off = rows["mlx-bridge export (hf)"], rows["export (hf), checks off"]
-    print(f"\nchecks (sha256 of every source and output byte, NaN/Inf scan of every tensor): "
+    print(f"\nchecks ({DEFAULT} of every source and output byte, NaN/Inf scan of every tensor): "
           f"{on[0] - off[0]:+.2f} s wall ({on[3] - off[3]:+.1f} CPU s, {on[1] - off[1]:+.0f} MB peak RSS)")
     print(checks_breakdown(work, args.shape, args.layout))
     print(f"export (hf) / mlx_lm.fuse: {on[0] / t_fuse:.3f}x with every check (goal <= {GOAL:.2f}x: "
@@ -433,17 +449,17 @@ def gguf_model_dirs(work: Path, shape: str) -> tuple[Path, Path]:
     return base, ad
 
 
-# the GGUF export with its checks stubbed out (sha256 of source and output, NaN/Inf scan)
+# the GGUF export with its checks stubbed out (hashes of source and output, NaN/Inf scan)
 GGUF_NO_CHECKS = """
 import sys
 import mlx_bridge.translate.export as ex, mlx_bridge.translate.parts as parts
 from mlx_bridge.translate.gguf import write
-ex.sha256_file = lambda p, **k: "0" * 64
+ex.hash_file = lambda p, *a, **k: "blake3:" + "0" * 64
 parts.count_nonfinite = lambda a: 0
 class NoHash:
     def update(self, b): pass
-    def hexdigest(self): return "0" * 64
-write.hashlib = type("hashlib", (), {"sha256": NoHash})
+    def value(self): return "blake3:" + "0" * 64
+write.Hasher = NoHash
 from mlx_bridge.cli import main
 sys.exit(main(["export", *sys.argv[1:]]))
 """
@@ -509,7 +525,7 @@ def gguf_main(args) -> int:
     print(f"\nshape {args.shape}, {os.cpu_count()} CPUs. mlx-bridge reads the bf16 MLX model + adapter, fuses in float32 "
           "and quantizes in numpy; llama_model_quantize (nthread 2) reads the f16 GGUF written by the first row. "
           "ours / llama.cpp: wall (and CPU) time against llama.cpp's row of the same type. checks off: the same "
-          "export without the manifest's sha256 of the source and output files and the NaN/Inf scan (what they cost; "
+          "export without the manifest's hashes of the source and output files and the NaN/Inf scan (what they cost; "
           "llama.cpp does neither). Peak RSS: process tree "
           "polled every 20 ms. load: 1-minute load average at the start and end of the row (the machine is shared).")
     if not args.keep and args.workdir is None:

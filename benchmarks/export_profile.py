@@ -2,8 +2,8 @@
 
 Runs the export of `benchmarks/export.py`'s model (built there, reused with the same --workdir) in a
 child process whose parts are wrapped to add up their threads' CPU time (`time.thread_time`): the
-sha256 of the source (the bytes the export reads, handed over, and what the hash reads itself) and of
-the output, the making of each chunk (pread, LoRA fuse, NaN/Inf scan), whole tensors (`materialize`),
+hash of the source (the bytes the export reads, handed over, and what the hash reads itself) and of
+the output (each in the algorithm the export uses: `mlx_bridge/hashing.py`), the making of each chunk (pread, LoRA fuse, NaN/Inf scan), whole tensors (`materialize`),
 and the writes. The rest is start-up (imports), the
 plan, the tokenizer and manifest, and the writer's own Python. With 2 cores the wall time is at least
 half the total CPU time.
@@ -12,7 +12,7 @@ half the total CPU time.
     python benchmarks/export_profile.py --format gguf --gguf-type q8_0 --shape tinyllama --workdir /tmp/b15
 
 With `--format gguf` (the model `benchmarks/export.py --format gguf` builds, reused with the same --workdir):
-the sha256 of the source and of the output, the blocks' reads, LoRA fuse, NaN/Inf scan and quantizer, and
+the hash of the source and of the output, the blocks' reads, LoRA fuse, NaN/Inf scan and quantizer, and
 the writer's own thread (writes, flushes).
 """
 
@@ -31,7 +31,8 @@ from export import SHAPES, gguf_model_dirs, model_dirs, warm  # noqa: E402
 
 # each part's CPU seconds: T[part], added up over the threads that run it
 TIMED = r"""
-import collections, hashlib, json, resource, sys, threading, time
+import collections, json, resource, sys, threading, time
+import mlx_bridge.hashing as hs
 
 T, lock, local = collections.defaultdict(float), threading.Lock(), threading.local()
 
@@ -44,33 +45,38 @@ def timed(key, f):
             with lock:
                 T[key] += time.thread_time() - c
     return g
+
+def timed_hashes(account):  # every hash of mlx_bridge.hashing adds its updates' thread CPU: account(dt, nbytes)
+    def wrap(make):
+        class Timed:
+            def __init__(self):
+                self.h = make()
+            def update(self, b):
+                c = time.thread_time()
+                self.h.update(b)
+                dt = time.thread_time() - c
+                with lock:
+                    account(dt, memoryview(b).nbytes)
+            def hexdigest(self):
+                return self.h.hexdigest()
+        return Timed
+    hs.ALGORITHMS.update({k: wrap(v) for k, v in hs.ALGORITHMS.items()})
 """
 
 CHILD = TIMED + r"""
-import mlx_bridge.fsutil as fs, mlx_bridge.translate.chunks as ch, mlx_bridge.translate.execute as ex
+import mlx_bridge.translate.chunks as ch, mlx_bridge.translate.execute as ex
 import mlx_bridge.translate.export as export, mlx_bridge.translate.source_hash as sh
 from mlx_bridge.formats import StreamWriter
 
-class Sha256:  # the hash part, by the thread that runs it (StreamHasher's thread: the output)
-    def __init__(self):
-        self.h = hashlib.sha256()
-    def update(self, b):
-        c = time.thread_time()
-        self.h.update(b)
-        dt = time.thread_time() - c
-        name = threading.current_thread().name
-        n = memoryview(b).nbytes
-        with lock:
-            if name.startswith("sha256-source") or not name.startswith("sha256"):  # the source's
-                T["  of which hashing"] += dt
-                T["bytes source"] += n
-                if not getattr(local, "reading", False):  # handed over by the writer (not read here)
-                    T["sha256 source (read + hash)"] += dt
-            else:
-                T["sha256 output"] += dt
-                T["bytes output"] += n
-    def hexdigest(self):
-        return self.h.hexdigest()
+def account(dt, n):  # the hash part, by the thread that runs it (StreamHasher's thread: the output)
+    if not threading.current_thread().name.startswith("hash-output"):  # the source's
+        T["  of which hashing"] += dt
+        T["bytes source"] += n
+        if not getattr(local, "reading", False):  # handed over by the writer (not read here)
+            T["source hash (read + hash)"] += dt
+    else:
+        T["output hash"] += dt
+        T["bytes output"] += n
 
 def reading(f):  # the source hash reading a file itself (what the export did not hand over)
     def g(*a, **k):
@@ -81,9 +87,9 @@ def reading(f):  # the source hash reading a file itself (what the export did no
             local.reading = False
     return g
 
-fs.hashlib = sh.hashlib = type("hashlib", (), {"sha256": Sha256})
-export.sha256_file = timed("sha256 source (read + hash)", reading(fs.sha256_file))
-sh._File.read = timed("sha256 source (read + hash)", reading(sh._File.read))
+timed_hashes(account)
+export.hash_file = timed("source hash (read + hash)", reading(hs.hash_file))
+sh._File.read = timed("source hash (read + hash)", reading(sh._File.read))
 ex.make = timed("make chunks (total)", ch.make)
 ch._pread = timed("  pread", ch._pread)
 ch.fuse_rows = timed("  LoRA fuse (float32, rounded)", ch.fuse_rows)
@@ -107,19 +113,11 @@ import mlx_bridge.translate.export as export, mlx_bridge.translate.parts as part
 import mlx_bridge.formats.safetensors as st
 from mlx_bridge.translate.gguf import write
 
-export.sha256_file = timed("sha256 source (read + hash)", export.sha256_file)
-class Sha256:  # the output's hash, taken from the bytes handed to the file
-    def __init__(self):
-        self.h = hashlib.sha256()
-    def update(self, b):
-        c = time.thread_time()
-        self.h.update(b)
-        with lock:
-            T["  sha256 output"] += time.thread_time() - c
-    def hexdigest(self):
-        return self.h.hexdigest()
-
-write.hashlib = type("hashlib", (), {"sha256": Sha256})
+export.hash_file = timed("source hash (read + hash)", export.hash_file)
+def account(dt, n):  # the output's hash: the writer (the main thread), from the bytes handed to the file
+    if threading.current_thread() is threading.main_thread():
+        T["  output hash"] += dt
+timed_hashes(account)
 write._compute = timed("blocks (total)", write._compute)
 st.SafetensorsFile.read = timed("  pread", st.SafetensorsFile.read)
 parts.fuse_lora = timed("  LoRA fuse (float32)", parts.fuse_lora)
@@ -145,11 +143,11 @@ hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(
 print(json.dumps({"rc": rc, "wall": wall, "user": r.ru_utime, "sys": r.ru_stime, "hwm_mb": hwm / 1024,
                   "parts": dict(T), "write": {"start": W["t0"] - t0, "wall": W["wall"], "cpu": W["cpu"]}}))
 """
-GGUF_TOP = ["sha256 source (read + hash)", "blocks (total)", "writer thread (write + hash + wait)"]
+GGUF_TOP = ["source hash (read + hash)", "blocks (total)", "writer thread (write + hash + wait)"]
 GGUF_SUB = {"blocks (total)": ["  pread", "  LoRA fuse (float32)", "  NaN/Inf scan", "  quantize"],
-            "writer thread (write + hash + wait)": ["  sha256 output"]}
+            "writer thread (write + hash + wait)": ["  output hash"]}
 
-TOP = ["sha256 source (read + hash)", "sha256 output", "make chunks (total)", "whole tensors (materialize)",
+TOP = ["source hash (read + hash)", "output hash", "make chunks (total)", "whole tensors (materialize)",
        "write (syscalls)"]
 
 
@@ -157,7 +155,7 @@ def profile(work: Path, shape: str = "tinyllama", layout: str = "tree", repeat: 
             gguf_type: str = "q8_0") -> dict:
     """The profiled run with the least CPU time of `repeat`: {wall, user, sys, hwm_mb, load, parts}; parts are
     thread CPU seconds by part (TOP or GGUF_TOP, their sub-parts, "start-up (imports)") and, for hf, the bytes
-    each sha256 hashed ("bytes source", "bytes output")."""
+    each hash hashed ("bytes source", "bytes output")."""
     gg = fmt == "gguf"
     base, ad = gguf_model_dirs(work, shape) if gg else model_dirs(work, shape, layout)
     best = None
@@ -202,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {sub:34} | {parts.get(sub, 0.0):6.2f} | |")
         if gg:
             continue
-        if name == "sha256 source (read + hash)":
+        if name == "source hash (read + hash)":
             print(f"| {'  of which hashing':34} | {parts.get('  of which hashing', 0.0):6.2f} | |")
         if name.startswith("rest"):
             print(f"| {'  of which start-up (imports)':34} | {parts.get('start-up (imports)', 0.0):6.2f} | |")

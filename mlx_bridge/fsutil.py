@@ -1,4 +1,4 @@
-"""Files: atomic output directories, crash recovery, permissions and hashing.
+"""Files: atomic output directories, crash recovery and permissions (hashing: `hashing.py`).
 
 Everything the tool writes goes into a temporary directory beside the target and is renamed into
 place at the end, so an interrupted run never leaves a half-written result under the final name:
@@ -23,7 +23,6 @@ import contextlib
 import ctypes
 import errno
 import functools
-import hashlib
 import os
 import re
 import shutil
@@ -330,28 +329,6 @@ def _fallocate():
     return f
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20, stop=None) -> str | None:
-    """Hex sha256 of a file, read into one reused buffer of `chunk` bytes (cache-sized: no fresh
-    memory per read); None if the event `stop` is set meanwhile (a refused export does not wait for
-    the hashing of a large base).
-
-    Example:
-        >>> import tempfile, os
-        >>> p = os.path.join(tempfile.mkdtemp(), "a.bin"); _ = open(p, "wb").write(b"abc")
-        >>> sha256_file(p, chunk=2) == hashlib.sha256(b"abc").hexdigest()
-        True
-    """
-    h = hashlib.sha256()
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            if stop is not None and stop.is_set():
-                return None
-            h.update(view[:n])
-    return h.hexdigest()
-
-
 _HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
 
 
@@ -365,77 +342,6 @@ def is_hub_id(ref: str) -> bool:
     """
     return (bool(_HUB_ID.fullmatch(ref)) and ".." not in ref and "--" not in ref
             and not Path(ref).expanduser().exists())
-class StreamHasher:
-    """sha256 of files whose bytes are handed over in order as they are written: the updates run on
-    one background thread (hashlib releases the GIL), so hashing runs beside the writing and each
-    byte is hashed while it is in memory anyway. At most `limit` bytes of owned buffers wait.
-
-    Example:
-        >>> h = StreamHasher()
-        >>> _ = h.update("a", b"hello "), h.update("a", b"world")
-        >>> h.digests()["a"] == hashlib.sha256(b"hello world").hexdigest()
-        True
-    """
-
-    def __init__(self, limit: int = 64 << 20):
-        from collections import deque
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sha256")
-        self._h: dict[str, "hashlib._Hash"] = {}
-        self._pending: deque = deque()
-        self._queued, self.limit = 0, limit
-
-    def update(self, name: str, data: bytes | memoryview, owned: bool = True):
-        """Add `data` to the hash of `name`; return the future that is done once it is hashed (the
-        buffer may be reused then). `owned`: the buffer is held for the hasher alone (counted against
-        `limit`); a reused buffer whose owner waits for the future is not."""
-        mv = memoryview(data).cast("B")
-        h = self._h.setdefault(name, hashlib.sha256())
-        n = mv.nbytes if owned else 0
-        fut = self._pool.submit(h.update, mv)
-        self._pending.append((fut, n))
-        self._queued += n
-        while self._queued > self.limit or (self._pending and self._pending[0][0].done()):
-            done, k = self._pending.popleft()
-            done.result()
-            self._queued -= k
-        return fut
-
-    def digests(self) -> dict[str, str]:
-        """{name: hex sha256} once every update is done."""
-        while self._pending:
-            self._pending.popleft()[0].result()
-        self._queued = 0
-        return {k: h.hexdigest() for k, h in self._h.items()}
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def check_hashes(directory: str | os.PathLike, files: dict[str, str], what: str = "manifest.json") -> dict[str, str]:
-    """Refuse a directory whose files are not the bytes `files` ({name: sha256}) records; return
-    `files` once checked (so a caller need not hash them again).
-
-    Raises:
-        BridgeError: naming how many files changed or are missing and the first few.
-    """
-    from .errors import raise_all
-
-    d = Path(directory)
-    problems = []
-    for name, want in sorted(files.items()):
-        p = d / name
-        if Path(name).name != name:
-            problems.append(f"{name}: not a plain file name")
-        elif not p.is_file():
-            problems.append(f"{name}: missing")
-        elif sha256_file(p) != want:
-            problems.append(f"{name}: changed since it was saved (sha256 differs from {what})")
-    raise_all(problems, str(d))
-    return dict(files)
-
-
 def regular_file(path: str | os.PathLike) -> Path:
     """`path` if it is a regular file (symlinks followed); a directory, FIFO or device is refused by
     name before anything opens it (opening a FIFO would block).

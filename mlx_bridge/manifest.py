@@ -5,7 +5,7 @@ all optional except `schema_version` and `kind`):
 
     schema_version  int, SCHEMA_VERSION
     kind            "checkpoint" | "export" | "base"
-    base_model      {path, hub_id, revision, config (full config.json), quantization, weight_sha256: {file: sha}}
+    base_model      {path, hub_id, revision, config (full config.json), quantization, weight_hashes: {file: hash}}
     architecture    {model_type, layout: "mlx-lm"|"hf", num_layers}
     adapter         {type: lora|dora|full, rank, scale, lora_alpha, alpha_given_as: "scale"|"lora_alpha",
                      dropout, targets: [relative module paths], layers: [ints], num_layers}
@@ -14,11 +14,13 @@ all optional except `schema_version` and `kind`):
     environment     {python, platform, mlx, mlx_lm, mlx_bridge, ...}
     training        {steps, epochs, tokens, final_train_loss, final_valid_loss, seconds, ...}
     probes          {file: "probes.safetensors", num, length, max_new_tokens}
-    export          {format, dtype, source, source_sha256, files: {name: sha}, seconds, ...}
-    files           {name: sha256} of the files in the directory
+    export          {format, dtype, source, source_hashes: {file: hash}, files: {name: hash}, seconds, ...}
+    files           {name: hash} of the files in the directory
     recipe          free-form (e.g. how the demo base model was made)
 
-Old schemas are upgraded on read by small named functions in `MIGRATIONS`.
+A hash is `ALGORITHM:HEX` (`hashing.py`; this version writes blake3) and is checked with the algorithm
+it names. Old schemas are upgraded on read by small named functions in `MIGRATIONS` (schema 1: bare
+sha256 hex under `weight_sha256` / `source_sha256`).
 
 Example:
     >>> m = Manifest(kind="checkpoint", adapter={"type": "lora", "rank": 8, "scale": 20.0})
@@ -31,14 +33,15 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import BridgeError
+from .errors import BridgeError, raise_all
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FILENAME = "manifest.json"
 KINDS = ("checkpoint", "export", "base")
 
@@ -65,9 +68,7 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: dict, source: str = "manifest") -> "Manifest":
         d = migrate(dict(d), source)
-        problems = validate(d)
-        if problems:
-            raise BridgeError(f"{source}: " + "; ".join(problems))
+        raise_all(validate(d), source)
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -99,7 +100,20 @@ def validate(d: dict) -> list[str]:
     for f in fields(Manifest):
         if f.name not in ("schema_version", "kind") and not isinstance(d.get(f.name, {}), dict):
             problems.append(f"field {f.name!r} must be an object")
+    if not problems:
+        from .hashing import bad_values
+
+        for where, values in hash_sections(d).items():
+            problems += bad_values(values, where)
     return problems
+
+
+def hash_sections(d: dict) -> dict[str, dict]:
+    """{where: {name: recorded hash}}: the sections of a (schema 2) manifest dict that hold file hashes."""
+    b, e = (d.get(k) if isinstance(d.get(k), dict) else {} for k in ("base_model", "export"))
+    found = {"files": d.get("files"), "base_model.weight_hashes": b.get("weight_hashes"),
+             "export.source_hashes": e.get("source_hashes"), "export.files": e.get("files")}
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def _from_v0(d: dict) -> dict:
@@ -114,8 +128,29 @@ def _from_v0(d: dict) -> dict:
     return d
 
 
+def _from_v1(d: dict) -> dict:
+    """v1: file hashes were bare sha256 hex, under `base_model.weight_sha256` and `export.source_sha256`."""
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}  # the sections changed are copies
+    for section, old, new in (("base_model", "weight_sha256", "weight_hashes"), ("export", "source_sha256", "source_hashes")):
+        if isinstance(d.get(section), dict) and old in d[section]:
+            d[section][new] = d[section].pop(old)
+    for where, values in hash_sections(d).items():
+        if isinstance(values, dict):
+            tagged = {k: f"sha256:{v}" if isinstance(v, str) and _SHA256.fullmatch(v) else v for k, v in values.items()}
+            _section(d, where).update({where.rpartition(".")[2]: tagged})
+    d["schema_version"] = 2
+    return d
+
+
+def _section(d: dict, where: str) -> dict:
+    """The dict holding the key `where` names ("files": `d` itself; "export.files": d["export"])."""
+    return d[where.partition(".")[0]] if "." in where else d
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
 # from-version -> function returning the next version
-MIGRATIONS: dict[int, Callable[[dict], dict]] = {0: _from_v0}
+MIGRATIONS: dict[int, Callable[[dict], dict]] = {0: _from_v0, 1: _from_v1}
 
 
 def migrate(d: dict, source: str = "manifest") -> dict:

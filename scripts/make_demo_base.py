@@ -190,7 +190,8 @@ def main(argv=None) -> int:
 
     import mlx.core as mx
 
-    from mlx_bridge.fsutil import atomic_dir, sha256_file
+    from mlx_bridge.fsutil import atomic_dir
+    from mlx_bridge.hashing import hash_file
     from mlx_bridge.manifest import Manifest, environment
 
     config = json.loads((mlx_dir / "config.json").read_text())
@@ -213,7 +214,7 @@ def main(argv=None) -> int:
                 "mlx": mx.__version__},
     )
     (mlx_dir / "README.md").write_text(model_card(config, manifest.recipe))
-    manifest.files = {p.name: sha256_file(p) for p in sorted(mlx_dir.iterdir()) if p.is_file()}
+    manifest.files = {p.name: hash_file(p) for p in sorted(mlx_dir.iterdir()) if p.is_file()}
     manifest.save(mlx_dir)
     out = Path(args.out)
     with atomic_dir(out, force=True) as tmp:

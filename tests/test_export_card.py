@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mlx_bridge import MLXTrainer, export
-from mlx_bridge.fsutil import sha256_file
+from mlx_bridge.hashing import hash_file
 from mlx_bridge.manifest import Manifest
 from mlx_bridge.testing import mlx_convert, tiny_hf_model
 from mlx_bridge.testing.train import write_split_dir
@@ -46,7 +46,7 @@ def test_hf_card_states_training_parity_and_usage(trained, tmp_path):
     assert "Not checked yet" not in text
     assert 'AutoModelForCausalLM.from_pretrained("alpaca")' in text and "vllm serve alpaca" in text
     files = Manifest.load(out).export["files"]  # the card is filled in after the hashes: not among them
-    assert "README.md" not in files and all(sha256_file(out / n) == h for n, h in files.items())
+    assert "README.md" not in files and all(hash_file(out / n) == h for n, h in files.items())
 
 
 def test_card_names_the_hub_base_and_peft_export_carries_the_tokenizer(trained, tmp_path):

@@ -1,6 +1,6 @@
 """Issue 13, export speed: tensors are made, scanned, written and hashed in bounded chunks through
 reused buffers. Whatever the chunk size, the shards hold exactly the bytes of the whole-tensor path
-(`materialize`), the streamed sha256 is the file's, and a NaN/Inf anywhere in a tensor (in any chunk)
+(`materialize`), the streamed hash is the file's, and a NaN/Inf anywhere in a tensor (in any chunk)
 is refused with the tensor's full count."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 
 from mlx_bridge.errors import BridgeError
 from mlx_bridge.formats import SafetensorsFile, save_file
-from mlx_bridge.fsutil import StreamHasher, sha256_file
+from mlx_bridge.hashing import StreamHasher, hash_file
 from mlx_bridge.translate.chunks import split
 from mlx_bridge.translate.execute import write_weights
 from mlx_bridge.translate.parts import Item, Lora, Part, Ref, materialize
@@ -47,7 +47,7 @@ def test_chunked_shards_hold_the_whole_tensor_bytes(zoo, tmp_path, case, dtype):
         for it in plan.items:
             assert got[it.name][2] == np.ascontiguousarray(materialize(it)).tobytes(), f"{it.name}: {it.describe()}"
         shards = sorted(tmp_path.glob("model*.safetensors"))
-        assert len(shards) > 1 and hasher.digests() == {p.name: sha256_file(p) for p in shards}
+        assert len(shards) > 1 and hasher.digests() == {p.name: hash_file(p) for p in shards}
         hasher.close()
         fused = [split(it, CHUNK, ROWS) for it in plan.items if any(p.lora for p in it.parts)]
         if case in ("qlora", "dora"):  # dequantized / DoRA-rescaled tensors are made whole
@@ -96,10 +96,10 @@ def test_a_stream_of_chunks_hashes_as_the_file(tmp_path):
     item = one_tensor(tmp_path, w)
     out = tmp_path / "out"
     out.mkdir()
-    hasher = StreamHasher()
+    hasher = StreamHasher("sha256")
     write_weights([item], out, chunk_bytes=8 << 10, lookahead_bytes=16 << 10, progress=False, hasher=hasher)
     data = (out / "model.safetensors").read_bytes()
-    assert hasher.digests() == {"model.safetensors": hashlib.sha256(data).hexdigest()}
+    assert hasher.digests() == {"model.safetensors": "sha256:" + hashlib.sha256(data).hexdigest()}
     assert data.endswith(w.tobytes())
     hasher.close()
 
@@ -143,12 +143,12 @@ def test_the_source_hash_fed_in_any_order_is_the_files(tmp_path, order, monkeypa
     read = []
     real = sh._File.read
     monkeypatch.setattr(sh._File, "read", lambda self, a, b, stop: read.append((a, b)) or real(self, a, b, stop))
-    h = sh.SourceHasher([p])
+    h = sh.SourceHasher([p], "sha256")
     h.expect({p: spans})
     for off, n in spans:
         for b in range(off, off + n, 3000):  # each span in pieces, as chunks
             h.feed(p, b, data[b: min(b + 3000, off + n)])
-    assert h.finish()[p].result() == hashlib.sha256(data).hexdigest()
+    assert h.finish()[p].result() == "sha256:" + hashlib.sha256(data).hexdigest()
     h.close()
     if order == "file":  # only what no span covers is read: the header and the gaps between spans
         covered = np.zeros(len(data), bool)
@@ -157,8 +157,8 @@ def test_the_source_hash_fed_in_any_order_is_the_files(tmp_path, order, monkeypa
         assert sum((b or len(data)) - a for a, b in read) == (~covered).sum() == 15_000, read
 
 
-def test_an_hf_export_records_the_base_files_sha256(zoo, tmp_path):
-    """The base's sha256 in the manifest comes from the bytes the export read (lm_head first, stored last
+def test_an_hf_export_records_the_base_files_hash(zoo, tmp_path):
+    """The base's hash in the manifest comes from the bytes the export read (lm_head first, stored last
     in an mlx-lm file): it must equal a fresh hash of each file."""
     from mlx_bridge import export
     from mlx_bridge.manifest import Manifest
@@ -166,16 +166,16 @@ def test_an_hf_export_records_the_base_files_sha256(zoo, tmp_path):
     base = zoo.mlx("llama", dtype="bfloat16")
     out = export(zoo.adapter(base, "lora-bf16", rank=4, num_layers=2), tmp_path / "out", verify=False,
                  progress=False, log=lambda *a: None)
-    src = Manifest.load(out).export["source_sha256"]
+    src = Manifest.load(out).export["source_hashes"]
     files = sorted(base.glob("model*.safetensors"))
-    assert files and all(src[f.name] == sha256_file(f) for f in files), src
+    assert files and all(src[f.name] == hash_file(f) for f in files), src
 
 
 @pytest.mark.parametrize("layout", ["names", "shuffled"])
 def test_a_base_in_name_order_is_hashed_from_what_the_export_reads(zoo, tmp_path, layout, monkeypatch):
     """A base whose file holds its tensors in the export's order (by name, as HF's safetensors writes) is
     hashed from the bytes the export reads; one in another order (MLX writes hash-map order) is hashed
-    on its own from the start. The manifest's sha256 is the file's either way."""
+    on its own from the start. The manifest's hash is the file's either way."""
     import shutil
 
     import mlx_bridge.translate.export as ex
@@ -197,8 +197,8 @@ def test_a_base_in_name_order_is_hashed_from_what_the_export_reads(zoo, tmp_path
             w.write(n, tensors[n][2])
     fed = []
     real = ex.SourceHasher
-    monkeypatch.setattr(ex, "SourceHasher", lambda paths: fed.extend(paths) or real(paths))
+    monkeypatch.setattr(ex, "SourceHasher", lambda paths, *a: fed.extend(paths) or real(paths, *a))
     ad = make_adapter(base, tmp_path / "ad", rank=4, num_layers=2)
     out = export(ad, tmp_path / "out", verify=False, progress=False, log=lambda *a: None)
     assert fed == ([f] if layout == "names" else [])
-    assert Manifest.load(out).export["source_sha256"][f.name] == sha256_file(f)
+    assert Manifest.load(out).export["source_hashes"][f.name] == hash_file(f)

@@ -25,10 +25,12 @@ import pytest
 from mlx_bridge.cli import main as cli
 from mlx_bridge.errors import BridgeError
 from mlx_bridge.formats import load_file, save_file
-from mlx_bridge.fsutil import atomic_dir, recover, run_tag, sha256_file, side_name
+from mlx_bridge.fsutil import atomic_dir, recover, run_tag, side_name
+from mlx_bridge.hashing import hash_file
 from mlx_bridge.manifest import Manifest
 from mlx_bridge.testing.adapters import make_checkpoint
 from test_export_common import zoo  # noqa: F401
+from test_hashing import flip_one_byte, old_style
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,8 +55,8 @@ def ckpt(zoo, tmp_path) -> Path:
     ad = zoo.adapter(zoo.mlx("llama"), "lora-qv", rank=4, keys=["self_attn.q_proj", "self_attn.v_proj"])
     d = make_checkpoint(ad, tmp_path / "ckpt", base)
     m = Manifest.load(d)
-    m.base_model["weight_sha256"] = {p.name: sha256_file(p) for p in sorted(base.glob("model*.safetensors"))}
-    m.files = {p.name: sha256_file(p) for p in sorted(d.iterdir()) if p.name != "manifest.json"}
+    m.base_model["weight_hashes"] = {p.name: hash_file(p) for p in sorted(base.glob("model*.safetensors"))}
+    m.files = {p.name: hash_file(p) for p in sorted(d.iterdir()) if p.name != "manifest.json"}
     m.save(d)
     return d
 
@@ -74,7 +76,7 @@ def test_checkpoint_export_passes_and_records_parity(ckpt, tmp_path, capsys):
     assert rc == 0, err
     m = Manifest.load(tmp_path / "out")
     assert json.loads((tmp_path / "out" / "parity.json").read_text())["passed"]
-    assert "parity.json" in m.files and m.export["source_sha256"]
+    assert "parity.json" in m.files and m.export["source_hashes"]
 
 
 def test_base_with_other_weights_is_refused(ckpt, tmp_path, capsys):
@@ -117,7 +119,41 @@ def test_changed_adapter_is_refused_on_export(ckpt, tmp_path, capsys):
     save_file(w, ckpt / "adapters.safetensors")
     rc, err = run(capsys, "export", ckpt, "--out", tmp_path / "out")
     line = one_line(err)
-    assert rc == 2 and "adapters.safetensors" in line and "sha256" in line, err
+    assert rc == 2 and "adapters.safetensors" in line and "blake3 differs" in line, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change", [None, "adapters.safetensors", "base"])
+def test_a_checkpoint_of_an_earlier_version_is_checked_in_sha256(ckpt, tmp_path, capsys, change):
+    """A checkpoint whose manifest an earlier version wrote (schema 1, sha256): exported when its bytes and
+    its base's are the ones it records (the export's manifest keeps their sha256 and hashes its own files
+    in blake3), refused when one byte changed."""
+    old_style(ckpt)
+    if change == "base":
+        flip_one_byte(Path(Manifest.load(ckpt).base_model["path"]) / "model.safetensors")
+    elif change:
+        flip_one_byte(ckpt / change)
+    rc, err = run(capsys, "export", ckpt, "--out", tmp_path / "out")
+    if change is None:
+        assert rc == 0, err
+        m = Manifest.load(tmp_path / "out")
+        assert {v.split(":")[0] for v in m.export["source_hashes"].values()} == {"sha256"}
+        assert m.base_model["weight_hashes"].items() <= m.export["source_hashes"].items()  # the base, as checked
+        assert {v.split(":")[0] for v in m.files.values()} == {"blake3"}
+        return
+    line = one_line(err)
+    assert rc == 2 and not (tmp_path / "out").exists(), err
+    assert ("adapters.safetensors: changed since it was saved (sha256 differs" in line if change != "base"
+            else "weight files differ from the base the checkpoint was trained on" in line), line
+
+
+def test_a_hash_this_version_cannot_check_is_one_line(ckpt, tmp_path, capsys):
+    m = json.loads((ckpt / "manifest.json").read_text())
+    m["files"]["adapters.safetensors"] = "md5:" + "0" * 32
+    (ckpt / "manifest.json").write_text(json.dumps(m))
+    rc, err = run(capsys, "export", ckpt, "--out", tmp_path / "out")
+    line = one_line(err)
+    assert rc == 2 and "files['adapters.safetensors']: unknown hash algorithm 'md5'" in line, err
     assert not (tmp_path / "out").exists()
 
 
@@ -191,24 +227,24 @@ def test_a_disk_too_small_for_the_shards_is_refused_before_writing(zoo, tmp_path
 
 
 def test_each_checkpoint_file_is_hashed_once(ckpt, tmp_path, monkeypatch):
-    """The manifest check hashes the checkpoint's files; the export's `source_sha256` reuses those hashes
+    """The manifest check hashes the checkpoint's files; the export's `source_hashes` reuses those hashes
     (the adapter is not read and hashed a second time)."""
-    import mlx_bridge.fsutil as fsutil
+    import mlx_bridge.hashing as hashing
     import mlx_bridge.translate.export as ex
     from mlx_bridge import export
 
     hashed = []
-    real = fsutil.sha256_file
+    real = hashing.hash_file
 
     def counting(p, *a, **k):
         hashed.append(Path(p).name)
         return real(p, *a, **k)
 
-    monkeypatch.setattr(fsutil, "sha256_file", counting)
-    monkeypatch.setattr(ex, "sha256_file", counting)
+    monkeypatch.setattr(hashing, "hash_file", counting)
+    monkeypatch.setattr(ex, "hash_file", counting)
     out = export(ckpt, tmp_path / "out", verify=False, progress=False, log=lambda *a: None)
     assert hashed.count("adapters.safetensors") == 1, hashed
-    assert Manifest.load(out).export["source_sha256"]["adapters.safetensors"] == real(ckpt / "adapters.safetensors")
+    assert Manifest.load(out).export["source_hashes"]["adapters.safetensors"] == real(ckpt / "adapters.safetensors")
 
 
 def test_outputs_follow_the_umask(ckpt, tmp_path, capsys):
@@ -296,7 +332,7 @@ def test_sigterm_cleans_up_like_ctrl_c(zoo, tmp_path):
 
 @pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
 def test_shard_hashes_computed_while_writing_are_the_files(zoo, tmp_path, dtype):
-    """The sha256 of each shard is computed from the bytes as they are written (copied expert slices,
+    """The hash of each shard is computed from the bytes as they are written (copied expert slices,
     cast and fused tensors, several shards): it must equal a fresh hash of the file."""
     from mlx_bridge import export
 
@@ -305,7 +341,7 @@ def test_shard_hashes_computed_while_writing_are_the_files(zoo, tmp_path, dtype)
     m = Manifest.load(out)
     shards = sorted(out.glob("model-*.safetensors"))
     assert len(shards) > 3
-    assert {p.name: sha256_file(p) for p in out.iterdir() if p.name not in ("manifest.json", "README.md")} == m.files
+    assert {p.name: hash_file(p) for p in out.iterdir() if p.name not in ("manifest.json", "README.md")} == m.files
 
 
 # --- PEFT exports are verified too ---------------------------------------------------------------------------

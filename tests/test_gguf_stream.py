@@ -7,13 +7,13 @@ reference functions, and the row-block streaming against the whole-tensor export
   and roundf, tiny and huge values, min > 0).
 - A tensor bigger than the row block (the 32000-token embedding, every weight at 128-row blocks)
   exported in blocks gives the same file, byte for byte, as exported whole: LoRA on a float base,
-  DoRA on a 4-bit base, and stacked experts; the manifest's sha256 (hashed while writing) is the file's.
+  DoRA on a 4-bit base, and stacked experts; the manifest's hash (hashed while writing) is the file's.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
+import blake3
 import json
 from pathlib import Path
 
@@ -78,7 +78,7 @@ def _export(src: Path, out: Path, gguf_type: str) -> bytes:
     (f,) = out.glob("*.gguf")
     data = f.read_bytes()
     files = json.loads((out / "manifest.json").read_text())["files"]  # hashed while writing: the file's hash
-    assert files[f.name] == hashlib.sha256(data).hexdigest(), f"manifest sha256 of {f.name} is not the file's"
+    assert files[f.name] == "blake3:" + blake3.blake3(data).hexdigest(), f"manifest hash of {f.name} is not the file's"
     return data
 
 

@@ -16,10 +16,12 @@ import pytest
 
 from mlx_bridge.cli import main as cli
 from mlx_bridge.errors import BridgeError
-from mlx_bridge.fsutil import sha256_file, side_name
+from mlx_bridge.fsutil import side_name
+from mlx_bridge.hashing import hash_file
 from mlx_bridge.manifest import Manifest
 from mlx_bridge.train.trainer import MLXTrainer
 from test_bad_input import child
+from test_hashing import flip_one_byte, old_style
 from test_train_trainer import FAST, bases, data, datasets  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +64,7 @@ def test_resume_without_a_checkpoint_is_an_error(bases, data, tmp_path, capsys, 
 def rehash(d: Path) -> None:
     """Record the files' current hashes (a checkpoint whose manifest agrees with its damage)."""
     m = Manifest.load(d)
-    m.files = {n: sha256_file(d / n) for n in m.files if (d / n).is_file()}
+    m.files = {n: hash_file(d / n) for n in m.files if (d / n).is_file()}
     m.save(d)
 
 
@@ -116,7 +118,33 @@ def test_resume_from_a_changed_adapter_is_refused(bases, data, ckpt, capsys):
     save_file(w, ckpt / "adapters.safetensors")
     rc, err = resume(capsys, bases, data, ckpt)
     line = one_error(err)
-    assert rc == 2 and "adapters.safetensors" in line and "sha256" in line, line
+    assert rc == 2 and "adapters.safetensors" in line and "blake3 differs" in line, line
+
+
+@pytest.mark.parametrize("change", [None, "adapters.safetensors", "optimizer.safetensors"])
+def test_resume_checks_a_checkpoint_of_an_earlier_version_in_sha256(bases, data, ckpt, capsys, change):
+    """A checkpoint whose manifest an earlier version wrote (schema 1, sha256 of its files and its base):
+    resumed when the bytes are the ones it records (and saved again in blake3), refused when one byte
+    changed."""
+    old_style(ckpt)
+    if change:
+        flip_one_byte(ckpt / change, at=len((ckpt / change).read_bytes()) // 2)
+    rc, err = resume(capsys, bases, data, ckpt)
+    if change is None:
+        m = Manifest.load(ckpt)
+        assert rc == 0 and m.training["steps"] == 3, err
+        assert {v.split(":")[0] for v in [*m.files.values(), *m.base_model["weight_hashes"].values()]} == {"blake3"}
+        return
+    line = one_error(err)
+    assert rc == 2 and f"{change}: changed since it was saved (sha256 differs" in line, line
+
+
+def test_resume_refuses_a_base_whose_bytes_differ_from_an_old_manifest(bases, data, ckpt, capsys):
+    m = old_style(ckpt)
+    m["base_model"]["weight_sha256"]["model.safetensors"] = "0" * 64  # the base it names had other bytes
+    (ckpt / "manifest.json").write_text(json.dumps(m))
+    rc, err = resume(capsys, bases, data, ckpt)
+    assert rc == 2 and "base model weights differ from the checkpoint's base" in one_error(err), err
 
 
 def test_a_save_stopped_between_its_renames_is_recovered_on_resume(bases, data, ckpt, capsys):

@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten
 
 from mlx_bridge.cli import main as cli_main
 from mlx_bridge.errors import BridgeError
-from mlx_bridge.fsutil import sha256_file
+from mlx_bridge.hashing import hash_file
 from mlx_bridge.manifest import Manifest
 from mlx_bridge.probes import Probes
 from mlx_bridge.testing import mlx_convert, tiny_hf_model
@@ -77,7 +77,7 @@ def test_lora_learns_and_writes_a_complete_checkpoint(bases, data, tmp_path):
                          "dropout": 0.0, "targets": ["self_attn.q_proj", "self_attn.v_proj"], "layers": [0, 1],
                          "num_layers": -1}
     assert m.base_model["config"] == json.loads((bases["f32"] / "config.json").read_text())
-    assert m.base_model["weight_sha256"] == {"model.safetensors": sha256_file(bases["f32"] / "model.safetensors")}
+    assert m.base_model["weight_hashes"] == {"model.safetensors": hash_file(bases["f32"] / "model.safetensors")}
     assert m.base_model["path"] == str(bases["f32"].resolve()) and m.base_model["quantization"] is None
     assert m.architecture["model_type"] == "llama"
     assert m.hyperparameters["seed"] == 0 and m.hyperparameters["learning_rate"] == 1e-2
@@ -86,7 +86,7 @@ def test_lora_learns_and_writes_a_complete_checkpoint(bases, data, tmp_path):
     assert m.dataset["counts"] == {"train": 24, "valid": 8, "test": 0} and len(m.dataset["sha256"]) == 64
     assert m.environment["mlx_lm"] and m.environment["mlx"]
     assert m.training["steps"] == 30 and m.training["final_valid_loss"] == pytest.approx(after)
-    assert m.files == {n: sha256_file(out / n) for n in names if n != "manifest.json"}
+    assert m.files == {n: hash_file(out / n) for n in names if n != "manifest.json"}
 
     log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == list(range(1, 31))
@@ -245,7 +245,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint(bases, data, tmp_path, mon
         tr.train(iters=6)
     assert json.loads((out / "trainer_state.json").read_text())["step"] == 2
     m = Manifest.load(out)
-    assert m.files == {n: sha256_file(out / n) for n in m.files}  # intact, consistent
+    assert m.files == {n: hash_file(out / n) for n in m.files}  # intact, consistent
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no half-written directory left
 
 

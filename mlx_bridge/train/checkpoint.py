@@ -8,13 +8,13 @@
     training_log.jsonl      one line per step and per validation
     loss.png                the loss curve (train smoothed, validation points)
     probes.safetensors      golden MLX outputs (mlx_bridge.probes)
-    manifest.json           mlx_bridge.manifest.Manifest, kind "checkpoint", with files {name: sha256}
+    manifest.json           mlx_bridge.manifest.Manifest, kind "checkpoint", with files {name: hash}
     checkpoints/            numbered checkpoints with --save-every (mlx_bridge.train.numbered)
 
 Everything is written into a temporary directory that is renamed over the target at the end
 (`fsutil.atomic_dir`), so a crash mid-save leaves the previous checkpoint in place; a crash between the
 renames that replace it is recovered by the next run (`fsutil.recover`). Resume checks every file
-against the manifest's sha256 before reading any of it.
+against the manifest's hashes (in the algorithm each names) before reading any of it.
 
 Example:
     >>> save_checkpoint_dir("ckpt", sections, writers)  # doctest: +SKIP
@@ -33,7 +33,8 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from ..errors import BridgeError, raise_all
-from ..fsutil import atomic_dir, check_hashes, read_json, regular_file, sha256_file
+from ..fsutil import atomic_dir, read_json, regular_file
+from ..hashing import check_hashes, hash_file
 from ..manifest import Manifest
 
 ADAPTERS = "adapters.safetensors"
@@ -116,7 +117,7 @@ def write_checkpoint(out: str | os.PathLike, manifest: Manifest, writers: dict[s
     with atomic_dir(out, force=force) as tmp:
         for name, write in writers.items():
             write(tmp / name)
-        manifest.files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest.files = {p.name: hash_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest.save(tmp)
         for name in carry:
             if (Path(out) / name).is_dir():
@@ -131,7 +132,7 @@ STATE_FIELDS = {"step": int, "position": int, "total_steps": int, "tokens": int,
 
 def read_resume_state(ckpt: Path) -> tuple[Manifest, dict]:
     """The manifest and trainer state of a checkpoint to resume, every file checked against the
-    manifest's sha256 first; errors name the missing, changed or malformed file."""
+    manifest's hashes first (in the algorithm each names); errors name the missing, changed or malformed file."""
     missing = [n for n in (ADAPTERS, OPTIMIZER, STATE, "manifest.json") if not (ckpt / n).is_file()]
     if missing:
         raise BridgeError(f"{ckpt}: cannot resume, missing {', '.join(missing)}")
@@ -140,7 +141,7 @@ def read_resume_state(ckpt: Path) -> tuple[Manifest, dict]:
         raise BridgeError(f"{ckpt}/manifest.json: kind {manifest.kind!r} is not a checkpoint")
     unlisted = [n for n in (ADAPTERS, OPTIMIZER, STATE) if n not in manifest.files]
     if unlisted:
-        raise BridgeError(f"{ckpt}/manifest.json: files lists no sha256 for {', '.join(unlisted)}; cannot check "
+        raise BridgeError(f"{ckpt}/manifest.json: files lists no hash for {', '.join(unlisted)}; cannot check "
                           "the checkpoint before resuming it")
     check_hashes(ckpt, manifest.files)
     state = read_json(ckpt / STATE)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BridgeError, raise_all
-from ..fsutil import sha256_file
+from ..hashing import file_digest
 
 HUB_ALIASES = {"alpaca_cleaned": "yahma/alpaca-cleaned", "alpaca": "tatsu-lab/alpaca"}
 SPLITS = ("train", "valid", "test")
@@ -102,7 +102,7 @@ def read_local(path: Path, name: str) -> Records:
         if path.suffix not in EXTENSIONS:
             raise BridgeError(f"{path}: expected a .json or .jsonl file")
         records, where = read_json_records(path)
-        sha = sha256_file(path)
+        sha = file_digest(path, "sha256").hexdigest()
         return Records({"train": records}, {"train": where}, name, str(path.resolve()), sha, {path.name: sha})
     files = {s: _find_split_file(path, s) for s in SPLITS}
     if files["train"] is None:
@@ -111,7 +111,7 @@ def read_local(path: Path, name: str) -> Records:
     for s, f in files.items():
         if f is not None:
             splits[s], where[s] = read_json_records(f)
-            hashes[f.name] = sha256_file(f)
+            hashes[f.name] = file_digest(f, "sha256").hexdigest()
     combined = hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(hashes.items())).encode()).hexdigest()
     return Records(splits, where, name, str(path.resolve()), combined, hashes)
 

@@ -23,7 +23,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import BridgeError, raise_all
-from ..fsutil import is_hub_id, read_json, sha256_file
+from ..fsutil import is_hub_id, read_json
+from ..hashing import DEFAULT, hash_file
 from ..translate.validate import check_types, validate_model_dir
 from .config import TrainConfig
 
@@ -36,13 +37,13 @@ class Base:
     path: Path  # local directory
     hub_id: str | None = None
     revision: str | None = None
-    _sha: dict = field(default_factory=dict)
+    _hashes: dict = field(default_factory=dict)  # algorithm -> {file: hash}
 
-    def weight_sha256(self) -> dict[str, str]:
-        """sha256 of each weight file (computed once)."""
-        if not self._sha:
-            self._sha = {p.name: sha256_file(p) for p in sorted(self.path.glob("model*.safetensors"))}
-        return self._sha
+    def weight_hashes(self, algo: str = DEFAULT) -> dict[str, str]:
+        """{weight file: hash} in `algo` (computed once per algorithm)."""
+        if algo not in self._hashes:
+            self._hashes[algo] = {p.name: hash_file(p, algo) for p in sorted(self.path.glob("model*.safetensors"))}
+        return self._hashes[algo]
 
 
 def _hub_download(name: str, revision: str | None) -> Path:

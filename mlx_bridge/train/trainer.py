@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import BridgeError
 from ..fsutil import check_apart, recover
+from ..hashing import algorithm_of
 from ..manifest import Manifest, environment
 from . import checkpoint as ck, numbered
 from .backend import backend_info, describe, probe_dtype, refuse_missing_kernels
@@ -331,7 +332,7 @@ class MLXTrainer:
             kind="checkpoint",
             base_model={"path": str(base.path), "hub_id": base.hub_id, "revision": base.revision,
                         "config": base.config, "quantization": base.config.get("quantization"),
-                        "weight_sha256": base.weight_sha256()},
+                        "weight_hashes": base.weight_hashes()},
             architecture={"model_type": base.config["model_type"], "layout": "mlx-lm",
                           "num_layers": len(self.model.layers)},
             adapter=dict(self.adapter),
@@ -377,7 +378,8 @@ class MLXTrainer:
     def _resume(self, ckpt: Path) -> None:
         manifest, state = ck.read_resume_state(ckpt)
         problems = []
-        if manifest.base_model.get("weight_sha256") != self._base.weight_sha256():
+        want = manifest.base_model.get("weight_hashes") or {}
+        if want != self._base.weight_hashes(algorithm_of(want, f"{ckpt}/manifest.json: base_model.weight_hashes")):
             problems.append("base model weights differ from the checkpoint's base")
         if self.data is not None and manifest.dataset.get("sha256") != self.data.info["sha256"]:
             problems.append("dataset differs (sha256)")

@@ -3,7 +3,7 @@
 Most tensors of an export are one source tensor copied byte for byte, cast, or with its LoRA fused
 (a linear, an embedding, one expert): those are made a block of rows at a time straight into a buffer
 of at most `chunk_bytes` that the writer hands back once the chunk is written and hashed. The rows
-are read with pread into a small scratch (or, when the source's sha256 is computed from them, into
+are read with pread into a small scratch (or, when the source's hash is computed from them, into
 a second buffer of the chunk, `raw`), fused in float32 blocks of `ROWS` rows that stay in the CPU
 cache, rounded once, and scanned for NaN/Inf on the same bytes while they are hot: no full-size array
 or temporary exists, and no fresh memory is touched after the first chunks. Other tensors (dequantized,

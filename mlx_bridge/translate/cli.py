@@ -29,7 +29,7 @@ def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--keep-failed", action="store_true",
                    help="when the parity check fails, keep the output as OUT.failed (exit 1 all the same)")
     p.add_argument("--allow-base-mismatch", action="store_true",
-                   help="export onto a base whose weights differ from the checkpoint manifest's sha256")
+                   help="export onto a base whose weights differ from the checkpoint manifest's hashes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

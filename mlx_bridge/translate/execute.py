@@ -5,8 +5,8 @@ its own shard), so every header is known before the first byte. Tensors are made
 (`chunks.py`) on a thread pool a few steps ahead of the writer (numpy releases the GIL in its
 kernels, so both cores work): read with pread (nothing stays mapped), computed where the plan says
 so, and scanned for NaN/Inf. Each byte then passes through once: written, and handed to the shard's
-sha256 (`fsutil.StreamHasher`, its own thread) from the same buffer; the source bytes it was made
-from go to the source file's sha256 (`source_hash.SourceHasher`, its own thread) where the file holds
+hash (`hashing.StreamHasher`, its own thread) from the same buffer; the source bytes it was made
+from go to the source file's hash (`source_hash.SourceHasher`, its own thread) where the file holds
 them in this order. Each shard's size is reserved before its first byte (`fsutil.preallocate`).
 Memory stays bounded by the look-ahead, and the buffers are reused.
 """
@@ -26,7 +26,7 @@ from threadpoolctl import threadpool_limits
 
 from ..errors import BridgeError
 from ..formats import DTYPES, StreamWriter, TensorSpec
-from ..fsutil import StreamHasher
+from ..hashing import StreamHasher
 from .chunks import ROWS, block_bytes, make, source_span, split, streamable
 from .parts import Item, materialize, nonfinite_error
 from .source_hash import SourceHasher
@@ -86,7 +86,7 @@ def write_weights(items: list[Item], out: Path, shard_size: int | str = "5GB", w
     A tensor with NaN/Inf raises `BridgeError` (the caller's temporary directory is discarded).
     `rows`: rows of a weight fused at a time (float32 temporaries of rows x columns).
     `source_hasher`: handed the source bytes each chunk was made from, at their offsets, in file
-    order where the output's order allows (the source's sha256 without a second read); a computed
+    order where the output's order allows (the source's hash without a second read); a computed
     chunk's source rows then stay in a second buffer of the slot until hashed.
     """
     shards = assign_shards(items, parse_size(shard_size))

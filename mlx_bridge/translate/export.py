@@ -14,7 +14,8 @@ from pathlib import Path
 from .. import __version__
 from ..errors import BridgeError, CheckFailed
 from ..formats.dtypes import OUTPUT_DTYPES
-from ..fsutil import StreamHasher, atomic_dir, check_apart, check_hashes, check_output_dir, sha256_file, write_atomic
+from ..fsutil import atomic_dir, check_apart, check_output_dir, write_atomic
+from ..hashing import DEFAULT, StreamHasher, algorithm_of, check_hashes, hash_file
 from ..manifest import Manifest
 from ..probes import FILENAME as PROBES
 from . import card, hf_config, peft
@@ -51,7 +52,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
         verify: run `mlx_bridge.verify` on the result before it is put in place (None: when probes
             and torch are available).
         allow_base_mismatch: accept a base whose weight files are not the ones the checkpoint's
-            manifest records (sha256).
+            manifest records (its weight hashes).
         keep_failed: when the parity check fails, keep the output as `OUT.failed` for inspection.
         gguf_type: with format "gguf": q4_k_m, q5_k_m, q6_k, q8_0, q4_0, f16, bf16 or f32 (default f16).
         gguf_split: with format "gguf": split the file into gguf-split shards of at most this size.
@@ -84,22 +85,27 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
         check_output_dir(out, force)
     source = open_source(src, base, hf_base)
     hashing, stop = ThreadPoolExecutor(min(2, os.cpu_count() or 1)), threading.Event()
-    out_hasher = StreamHasher()  # the shards' sha256, computed from the bytes as they are written
-    src_hasher = None  # the base's sha256, from the bytes the hf export reads anyway
+    out_hasher = StreamHasher()  # the shards' hashes, computed from the bytes as they are written
+    src_hasher = None  # the base's hashes, from the bytes the hf export reads anyway
     try:
         check_apart(out, source.base.path, "the base model")
         if verify and not (source.path / PROBES).is_file():
             raise BridgeError(f"--verify: {source.path} has no {PROBES} (MLX outputs saved with a checkpoint) to "
                               f"check against; export, then `mlx-bridge verify OUT --against {source.path}`")
-        checked = {}
+        checked, want = {}, {}
         if source.manifest is not None and source.adapter is not None:
             checked = check_hashes(source.path, source.manifest.files)
+            want = source.manifest.base_model.get("weight_hashes") or {}
+        # the base is hashed in the algorithm the checkpoint's manifest recorded it in (to compare)
+        base_algo = algorithm_of(want, f"{source.path / 'manifest.json'}: base_model.weight_hashes")
         # the source is hashed on both cores while the export runs (one read of each byte); an hf
         # export's base files are started once the plan says which it reads in file order (below)
         fed_mode = format == "hf" and not dry_run
         base_files = [f.path for f in source.base.files]
-        src_files = ([] if fed_mode else base_files) + ([source.adapter.file.path] if source.adapter else [])
-        src_sha = _start_hashing(hashing, src_files, stop, {source.path / n: h for n, h in checked.items()})
+        src_sha = _start_hashing(hashing, [] if fed_mode else base_files, stop, algo=base_algo)
+        if source.adapter:
+            src_sha.update(_start_hashing(hashing, [source.adapter.file.path], stop,
+                                          {source.path / n: h for n, h in checked.items()}))
         if format == "peft" and source.adapter is None:
             raise BridgeError(f"{src}: --format peft needs an adapter or checkpoint directory, not a model directory")
         if format == "peft" and source.adapter.fine_tune_type == "full":
@@ -133,8 +139,8 @@ def export(src: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
         for n in notes:
             log(f"note: {n}")
         if fed_mode:
-            src_hasher, rest = _source_hasher(plan, base_files)
-            src_sha.update(_start_hashing(hashing, rest, stop))
+            src_hasher, rest = _source_hasher(plan, base_files, base_algo)
+            src_sha.update(_start_hashing(hashing, rest, stop, algo=base_algo))
         with atomic_dir(out, force, log=lambda s: print(f"note: {s}", file=sys.stderr)) as tmp:
             t1 = time.perf_counter()
             if format == "hf":
@@ -186,34 +192,34 @@ def _card(source, plan: Plan, notes: list[str], format: str, out: Path, base_ref
                            manifest=source.manifest, notes=notes, name=out.name)
 
 
-def _start_hashing(pool: ThreadPoolExecutor, paths: list[Path], stop=None,
-                   known: dict[Path, str] | None = None) -> dict[Path, Future]:
-    """{path: future sha256}, largest files first (so both cores stay busy to the end); those in `known`
-    (just checked against a manifest) not hashed again."""
+def _start_hashing(pool: ThreadPoolExecutor, paths: list[Path], stop=None, known: dict[Path, str] | None = None,
+                   algo: str = DEFAULT) -> dict[Path, Future]:
+    """{path: future hash in `algo`}, largest files first (so both cores stay busy to the end); those in
+    `known` (just checked against a manifest) not hashed again."""
     out: dict[Path, Future] = {}
     for p in sorted(set(paths), key=lambda p: -p.stat().st_size):
         if known and p in known:
             out[p] = Future()
             out[p].set_result(known[p])
         else:
-            out[p] = pool.submit(sha256_file, p, stop=stop)
+            out[p] = pool.submit(hash_file, p, algo, stop=stop)
     return out
 
 
-def _source_hasher(plan: Plan, files: list[Path], share: float = 0.5) -> tuple[SourceHasher, list[Path]]:
+def _source_hasher(plan: Plan, files: list[Path], algo: str, share: float = 0.5) -> tuple[SourceHasher, list[Path]]:
     """(a SourceHasher for the base files the export reads mostly in file order, the other files): those
     are hashed from the bytes the export reads (each byte read once), the others on their own from the
     start (a file MLX wrote keeps its tensors in hash-map order: hashed from pieces, most of it would be
     read at the end, after the writing, instead of beside it)."""
     spans = source_spans(plan.items)
     fed = [p for p in files if fed_share(spans.get(p, []), p.stat().st_size) >= share]
-    return SourceHasher(fed), [p for p in files if p not in fed]
+    return SourceHasher(fed, algo), [p for p in files if p not in fed]
 
 
 def _check_base(source, src_sha: dict[Path, Future], allow: bool) -> bool:
     """Refuse a base whose weight files are not the ones the checkpoint was trained on (its manifest's
-    sha256); with `allow`, warn and return True."""
-    want = (source.manifest.base_model.get("weight_sha256") if source.manifest and source.adapter else None) or {}
+    weight hashes, compared in their algorithm); with `allow`, warn and return True."""
+    want = (source.manifest.base_model.get("weight_hashes") if source.manifest and source.adapter else None) or {}
     if not want:
         return False
     got = {f.path.name: src_sha[f.path].result() for f in source.base.files}
@@ -221,7 +227,7 @@ def _check_base(source, src_sha: dict[Path, Future], allow: bool) -> bool:
     if not differ:
         return False
     msg = (f"{source.base.path}: weight files differ from the base the checkpoint was trained on "
-           f"({len(differ)} of {len(set(want) | set(got))}: {', '.join(differ[:3])}; sha256 in {source.path / 'manifest.json'})")
+           f"({len(differ)} of {len(set(want) | set(got))}: {', '.join(differ[:3])}; hashes in {source.path / 'manifest.json'})")
     if not allow:
         raise BridgeError(msg + "; pass --allow-base-mismatch to export onto this base anyway")
     print(f"warning: {msg}; exporting anyway (--allow-base-mismatch)", file=sys.stderr)
@@ -248,7 +254,7 @@ def _export_gguf(source, src, out: Path, gguf_type: str, split: int, dry_run: bo
             t2 = time.perf_counter()
             (tmp / "README.md").write_text(job.readme(files, base_ref, str(source.path) if source.adapter else None))
             _write_manifest(tmp, source, job.plan, "gguf", job.notes, {"plan": t1 - t0, "write": t2 - t1}, job.warnings,
-                            src_sha, {p.name: h for p, h in job.sha256.items()})
+                            src_sha, {p.name: h for p, h in job.hashes.items()})
             m = Manifest.load(tmp)
             m.export.update(dtype=gguf_type, fused_in="float32")  # the plan's float32 is the fuse, not the file
             m.save(tmp)
@@ -276,7 +282,7 @@ def _copy_tokenizer(source, out: Path) -> None:
 
 
 def _hash_files(paths: list[Path], known: dict[str, str]) -> dict[str, str]:
-    """{file name: sha256} of the files: `known` ones as given, the rest hashed on both cores at once."""
+    """{file name: hash} of the files: `known` ones as given, the rest hashed on both cores at once."""
     todo = [p for p in paths if p.name not in known]
     with ThreadPoolExecutor(min(2, os.cpu_count() or 1)) as pool:
         futures = _start_hashing(pool, todo)
@@ -304,7 +310,7 @@ def _write_manifest(out: Path, source, plan: Plan, format: str, notes: list[str]
     m.export = {
         "format": format, "dtype": plan.dtype, "source": str(source.path), "base": str(source.base.path),
         "arch": plan.arch.model_type, "architecture": plan.arch.architecture,
-        "source_sha256": src_hashes, "files": out_hashes,
+        "source_hashes": src_hashes, "files": out_hashes,
         "tensors": {"total": len(plan.items), "copied": sum(i.is_copy for i in plan.items)},
         "config_notes": notes, "warnings": warnings, "mlx_bridge": __version__,
         "seconds": {**{k: round(v, 3) for k, v in seconds.items()}, "hash": round(time.perf_counter() - t, 3)},

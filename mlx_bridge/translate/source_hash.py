@@ -1,8 +1,8 @@
-"""The sha256 of the source's weight files from the bytes the export reads anyway.
+"""The hashes of the source's weight files from the bytes the export reads anyway.
 
 The export reads every byte of each tensor it copies, casts or fuses (`chunks.make`, with pread);
 handed over here at their file offsets, in the writer's order, those bytes are hashed without being
-read a second time. sha256 is sequential, so a piece is hashed only where it continues the file from
+read a second time. A hash is sequential, so a piece is hashed only where it continues the file from
 where the hash stands. Bytes nothing will hand over (the header, tensors made whole or not exported)
 are read here when the hash reaches them; a piece that comes ahead of its turn (the output's order is
 not always the file's: `lm_head` is written first and stored last) is skipped, and what the hash has
@@ -10,14 +10,14 @@ not reached when the export is done is read from the file at the end. Where the 
 byte is read once; the digest is the file's whatever the order.
 
 Example:
-    >>> import os, tempfile
+    >>> import hashlib, os, tempfile
     >>> p = Path(tempfile.mkdtemp()) / "x.bin"; data = os.urandom(1000); _ = p.write_bytes(data)
-    >>> h = SourceHasher([p])
+    >>> h = SourceHasher([p], "sha256")
     >>> h.expect({p: [(100, 500), (800, 100)]})  # the spans the export will read
     >>> h.feed(p, 800, data[800:900]) is None  # ahead of its turn: read from the file at the end
     True
     >>> _ = h.feed(p, 100, data[100:600])  # the header [0, 100) is read, then this hashed
-    >>> h.finish()[p].result() == hashlib.sha256(data).hexdigest()
+    >>> h.finish()[p].result() == "sha256:" + hashlib.sha256(data).hexdigest()
     True
     >>> h.close()
 """
@@ -25,21 +25,19 @@ Example:
 from __future__ import annotations
 
 import bisect
-import hashlib
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import BridgeError
-
-READ = 1 << 20  # bytes read at a time where the hash reads the file itself (one reused buffer)
+from ..hashing import DEFAULT, READ, Hasher
 
 
 class _File:
     """One file's hash: `pos` is where it stands once every update submitted so far has run."""
 
-    def __init__(self, path: Path):
-        self.path, self.h, self.pos = path, hashlib.sha256(), 0
+    def __init__(self, path: Path, algo: str = DEFAULT):
+        self.path, self.h, self.pos = path, Hasher(algo), 0
         self.spans: list[tuple[int, int]] = []  # (offset, nbytes) handed over (now, later or ahead of turn)
         self.starts: list[int] = []  # the spans merged: [starts[i], ends[i]) sorted, disjoint
         self.ends: list[int] = []
@@ -102,12 +100,12 @@ def fed_share(spans: list[tuple[int, int]], size: int) -> float:
 
 
 class SourceHasher:
-    """sha256 of the files at `paths`, computed on one background thread (hashlib releases the GIL)
-    from the pieces `feed` hands over, and from the files themselves for the rest."""
+    """Hashes (`algo`) of the files at `paths`, computed on one background thread (the hash releases
+    the GIL) from the pieces `feed` hands over, and from the files themselves for the rest."""
 
-    def __init__(self, paths: list[Path]):
-        self._files = {Path(p): _File(Path(p)) for p in paths}
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sha256-source")
+    def __init__(self, paths: list[Path], algo: str = DEFAULT):
+        self._files = {Path(p): _File(Path(p), algo) for p in paths}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="hash-source")
 
     @property
     def paths(self) -> list[Path]:
@@ -141,10 +139,10 @@ class SourceHasher:
         return fut
 
     def finish(self, stop: threading.Event | None = None) -> dict[Path, Future]:
-        """{path: future hex sha256 (None if `stop` was set meanwhile)}: what the hash has not reached is
+        """{path: future recorded hash (None if `stop` was set meanwhile)}: what the hash has not reached is
         read from the file, after every piece handed over."""
         def rest(f: _File) -> str | None:
-            return f.h.hexdigest() if f.read(f.pos, None, stop) else None
+            return f.h.value() if f.read(f.pos, None, stop) else None
 
         return {p: self._pool.submit(rest, f) for p, f in self._files.items()}
 

@@ -45,7 +45,7 @@ class GgufJob:
     _ga: object = None
     _vocab: object = None
     _tok: tempfile.TemporaryDirectory | None = None
-    sha256: dict[Path, str] = field(default_factory=dict)  # of the .gguf files written, hashed while writing
+    hashes: dict[Path, str] = field(default_factory=dict)  # of the .gguf files written, hashed while writing
 
     @property
     def filename(self) -> str:
@@ -68,9 +68,9 @@ class GgufJob:
 
         bar = _bar(sum(4 * _n(i.shape) for i in self.plan.items), progress)
         tok = Path(self._tok.name)
-        self.sha256 = write_gguf(self.plan, self.cfg, self._ga, self._vocab, tok, out / self.filename, self.gguf_type,
+        self.hashes = write_gguf(self.plan, self.cfg, self._ga, self._vocab, tok, out / self.filename, self.gguf_type,
                                  self.name, split_bytes, progress=bar.update)
-        files = list(self.sha256)
+        files = list(self.hashes)
         bar.close()
         eos = self.cfg.get("eos_token_id")
         gen = tok / "generation_config.json"

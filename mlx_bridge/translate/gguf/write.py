@@ -5,13 +5,12 @@ tensors stream into the file in llama.cpp's order, in row blocks of about 4 MB o
 a thread pool computes blocks a few ahead (read the source rows -> fuse in float32 -> layout ->
 quantize; numpy and pread release the GIL), memory bounded by the look-ahead whatever a tensor's size.
 Each file's size is reserved before its tensor data (`fsutil.preallocate`: a full disk fails before the
-data, and ext4 skips block allocation on every write), and its sha256 (for the manifest) is taken from
+data, and ext4 skips block allocation on every write), and its hash (for the manifest) is taken from
 the bytes as they are handed to the file, not read back.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +22,7 @@ from threadpoolctl import threadpool_limits
 
 from ...errors import BridgeError
 from ...fsutil import preallocate
+from ...hashing import Hasher
 from ..plan import Plan
 from . import kvpack
 from .archs import GgufArch
@@ -39,7 +39,7 @@ BLOCK_BYTES = 4 << 20
 def write_gguf(plan: Plan, cfg: dict, ga: GgufArch, vocab: Vocab, tok_dir: Path, path: Path, gguf_type: str,
                name: str, split_bytes: int = 0, lookahead_bytes: int = 128 << 20,
                progress=None) -> dict[Path, str]:
-    """Write `path` (and its split shards when `split_bytes`); return {file written: its sha256}."""
+    """Write `path` (and its split shards when `split_bytes`); return {file written: its hash}."""
     tensors = gguf_tensors(plan, ga, cfg)
     extra: list[tuple[str, np.ndarray]] = []
     rp = cfg.get("rope_parameters") or {}
@@ -79,7 +79,7 @@ def write_gguf(plan: Plan, cfg: dict, ga: GgufArch, vocab: Vocab, tok_dir: Path,
         for f in hashed:
             f.flush()
             f.check()
-        return {p: f.h.hexdigest() for p, f in zip(files, hashed)}
+        return {p: f.h.value() for p, f in zip(files, hashed)}
     finally:
         w.close()
 
@@ -100,11 +100,11 @@ def _compute(b: Block, ty) -> np.ndarray:
 
 
 class _HashedFile:
-    """A file gguf-py writes (`write`, `tell`, `flush`, `close`) whose sha256 is taken from the bytes handed
+    """A file gguf-py writes (`write`, `tell`, `flush`, `close`) whose hash is taken from the bytes handed
     to `write`, so the manifest needs no pass over the file; `check` compares the size on disk at the end."""
 
     def __init__(self, f, path: Path):
-        self.f, self.path, self.h, self.size, self.reserved = f, path, hashlib.sha256(), 0, 0
+        self.f, self.path, self.h, self.size, self.reserved = f, path, Hasher(), 0, 0
 
     def write(self, b) -> int:
         self.h.update(b)
