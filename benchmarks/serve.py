@@ -6,7 +6,9 @@ batch 1 and `--max-batch`, then serves the same model (continuous batching, ever
 prepared before ready) and drives it from a separate client process:
 
 - one request at a time (tokens/s of a whole request, prefill and first token included);
-- `--max-batch` concurrent requests (tokens/s in all): a burst, all sent at once;
+- `--max-batch` concurrent requests (tokens/s in all): a burst, all sent at once, from `--client-procs`
+  client processes released together (one process's client, parsing thousands of streamed chunks
+  with pydantic in 32 threads, was itself the limit: the requests reached the server over ~70 steps);
 - `--max-batch` clients in a loop (each sends its next request when its last one ends, their starts
   spread over one request's time), for `--steady` seconds: the tokens/s the server generates in the
   window's middle half (its own counter), rows joining all the time, their prompts riding on the
@@ -215,12 +217,6 @@ def scenarios(url: str, prompts: list, n: int, conc: int, arrivals: int, over: f
 
         with ThreadPoolExecutor(conc) as pool:
             return {"requests": sum(pool.map(client, range(conc)))}
-    if kind == "concurrent":
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(conc) as pool:
-            got = list(pool.map(lambda p: ask(url, p, n, name == "openai"), prompts[:conc]))
-        wall = time.perf_counter() - t0
-        return {"tok/s": sum(k for _, _, k in got) / wall, "s": wall}
     futs = []
     t0 = time.perf_counter()
     with ThreadPoolExecutor(arrivals) as pool:
@@ -230,6 +226,37 @@ def scenarios(url: str, prompts: list, n: int, conc: int, arrivals: int, over: f
         got = [f.result() for f in futs]
     lat, ttft = [t for t, _, _ in got], [f for _, f, _ in got]
     return {"ttft p50": pct(ttft, 50), "ttft p95": pct(ttft, 95), "lat p50": pct(lat, 50), "lat p95": pct(lat, 95)}
+
+
+def _burst_group(url, prompts, n, name, barrier, out) -> None:
+    """One client process of `burst`: its connections opened (a 2-token request each), then, once every
+    group is ready, its requests sent at once; puts (start, end, completion tokens) in `out`."""
+    clients(url, len(prompts))
+    ask = _http if name == "httpx" else _openai
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        list(pool.map(lambda p: ask(url, p, 2, False), prompts))
+    barrier.wait()
+    t0 = time.time()  # wall clock: comparable across the groups' processes
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        got = list(pool.map(lambda p: ask(url, p, n, name == "openai"), prompts))
+    out.put((t0, time.time(), sum(k for _, _, k in got)))
+
+
+def burst(url: str, prompts: list, n: int, name: str, procs: int) -> dict:
+    """`prompts` sent at once (streamed with the openai client, not with httpx) from `procs` client
+    processes, each with a thread a request; tokens/s in all over the wall time from the first send to
+    the last answer."""
+    ctx = mp.get_context("spawn")
+    procs = max(1, min(procs, len(prompts)))
+    barrier, out = ctx.Barrier(procs), ctx.Queue()
+    ps = [ctx.Process(target=_burst_group, args=(url, prompts[i::procs], n, name, barrier, out)) for i in range(procs)]
+    for p in ps:
+        p.start()
+    got = [out.get(timeout=600) for _ in ps]
+    for p in ps:
+        p.join()
+    wall = max(e for _, e, _ in got) - min(s for s, _, _ in got)
+    return {"tok/s": sum(k for _, _, k in got) / wall, "s": wall}
 
 
 def main(argv=None) -> int:
@@ -248,6 +275,7 @@ def main(argv=None) -> int:
                     help="replace the model's runner by waits: the server's host-side ceiling")
     ap.add_argument("--mixed-lanes", type=int, default=MIX[0], help="as `mlx-bridge serve --mixed-lanes` (0: off)")
     ap.add_argument("--mixed-tokens", type=int, default=MIX[1], help="as `mlx-bridge serve --mixed-tokens`")
+    ap.add_argument("--client-procs", type=int, default=4, help="client processes sending a burst (concurrent loads)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     if a.stand_in:
@@ -325,6 +353,8 @@ def main(argv=None) -> int:
                     n1, m1, s1, w1 = (engine.metrics.generation_tokens, engine.runner.stats.get("mixed", 0),
                                       engine.metrics.steps, time.perf_counter())
                     res[load] = {**job.get(), "tok/s": (n1 - n0) / (w1 - w0), "steps": s1 - s0, "mixed": m1 - m0}
+                elif load.startswith("concurrent"):
+                    res[load] = burst(srv.url, prompts[:a.max_batch], a.tokens, load.split()[1], a.client_procs)
                 else:
                     res[load] = pool.apply(scenarios, (srv.url, prompts, a.tokens, a.max_batch, a.arrivals, a.over,
                                                        load))
@@ -353,7 +383,7 @@ def main(argv=None) -> int:
     print(f"| one request at a time, tok/s | {v:.1f} | {r1:.1f} (batch 1) | {v / r1:.0%} | {w1:.1f} | {v / w1:.0%} |")
     for c in ("httpx", "openai"):
         v = res[f"concurrent {c}"]["tok/s"]
-        print(f"| {a.max_batch} concurrent ({c}), tok/s in all | {v:.0f} | {rb:.0f} (batch {a.max_batch}) | {v / rb:.0%} "
+        print(f"| {a.max_batch} concurrent ({c}, {a.client_procs} client processes), tok/s in all | {v:.0f} | {rb:.0f} (batch {a.max_batch}) | {v / rb:.0%} "
               f"| {wb:.0f} | {v / wb:.0%} |")
     v = res["steady httpx"]
     print(f"| {a.max_batch} clients in a loop (httpx), steady state: tok/s in all ({v['steps']} steps, {v['mixed']} "
