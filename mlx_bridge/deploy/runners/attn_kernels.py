@@ -38,6 +38,42 @@ import triton.language as tl
 
 
 @triton.jit
+def _scores(q, k, scale, cap, CAP: tl.constexpr, IEEE: tl.constexpr):
+    """Scores (rows, BN) float32 of queries q (rows, BD) against keys k (BN, BD), softcapped with CAP."""
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+    else:
+        s = tl.dot(q, tl.trans(k)) * scale
+    if CAP:  # tanh(s / cap) * cap, tanh(x) = 1 - 2 / (exp(2x) + 1)
+        s = (1.0 - 2.0 / (tl.exp(2.0 * s / cap) + 1.0)) * cap
+    return s
+
+
+@triton.jit
+def _online(s, v_ptrs, kv_mask, m_i, l_i, acc, IEEE: tl.constexpr):
+    """One block of masked scores s (rows, BN) into the online softmax (max m_i, sum l_i), its values
+    (loaded from v_ptrs after the scores) weighted into acc (rows, BD); returns (m_i, l_i, acc)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with every key masked
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _sink(sk, m_i, l_i, acc):
+    """gpt-oss's sink logits sk (rows,) folded into the softmax: a column whose value is dropped."""
+    m_all = tl.maximum(m_i, sk)
+    return l_i * tl.exp(m_i - m_all) + tl.exp(sk - m_all), acc * tl.exp(m_i - m_all)[:, None]
+
+
+@triton.jit
 def _partial(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, pm_ptr, pl_ptr, po_ptr, sink_ptr, H, G, S, D, chunk, scale, cap,
              sqb, sqh, skb, skh, sks, svb, svh, svs, smb, sob, soh, SPLITS: tl.constexpr, BG: tl.constexpr,
              BN: tl.constexpr, BD: tl.constexpr, CAP: tl.constexpr, BOOL: tl.constexpr, SINK: tl.constexpr,
@@ -62,35 +98,18 @@ def _partial(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, pm_ptr, pl_ptr, po_ptr, sink_ptr
         nmask = offs_n < S
         kv_mask = nmask[:, None] & dmask[None, :]
         k = tl.load(kb + offs_n[:, None].to(tl.int64) * sks + offs_d[None, :], mask=kv_mask, other=0.0)  # (BN, BD)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # (BG, BN)
-        else:
-            s = tl.dot(q, tl.trans(k)) * scale
-        if CAP:  # tanh(s / cap) * cap, tanh(x) = 1 - 2 / (exp(2x) + 1)
-            s = (1.0 - 2.0 / (tl.exp(2.0 * s / cap) + 1.0)) * cap
+        s = _scores(q, k, scale, cap, CAP, IEEE)  # (BG, BN)
         mrow = tl.load(m_ptr + b.to(tl.int64) * smb + offs_n, mask=nmask, other=0)
         if BOOL:
             s = tl.where(mrow[None, :] != 0, s, float("-inf"))
         else:
             s = s + mrow.to(tl.float32)[None, :]
         s = tl.where(nmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with every key masked
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(vb + offs_n[:, None].to(tl.int64) * svs + offs_d[None, :], mask=kv_mask, other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _online(s, vb + offs_n[:, None].to(tl.int64) * svs + offs_d[None, :], kv_mask, m_i, l_i,
+                                acc, IEEE)
     if FINAL:  # one split: normalise here
         if SINK:
-            sk = tl.load(sink_ptr + heads, mask=gmask, other=0.0).to(tl.float32)
-            m_all = tl.maximum(m_i, sk)
-            acc = acc * tl.exp(m_i - m_all)[:, None]
-            l_i = l_i * tl.exp(m_i - m_all) + tl.exp(sk - m_all)
+            l_i, acc = _sink(tl.load(sink_ptr + heads, mask=gmask, other=0.0).to(tl.float32), m_i, l_i, acc)
         out = acc / l_i[:, None]
         tl.store(o_ptr + b.to(tl.int64) * sob + heads[:, None] * soh + offs_d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
@@ -157,32 +176,15 @@ def _lanes(q_ptr, k_ptr, v_ptr, o_ptr, slot_ptr, start_ptr, sink_ptr, H, G, S, C
         nmask = offs_n < S
         kv_mask = nmask[:, None] & dmask[None, :]
         k = tl.load(kb + offs_n[:, None].to(tl.int64) * sks + offs_d[None, :], mask=kv_mask, other=0.0)  # (BN, BD)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        else:
-            s = tl.dot(q, tl.trans(k)) * scale
-        if CAP:
-            s = (1.0 - 2.0 / (tl.exp(2.0 * s / cap) + 1.0)) * cap
+        s = _scores(q, k, scale, cap, CAP, IEEE)
         ok = nmask[None, :] & (offs_n[None, :] <= pos[:, None])
         if WIN:
             ok = ok & (pos[:, None] - offs_n[None, :] < window)
         s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(vb + offs_n[:, None].to(tl.int64) * svs + offs_d[None, :], mask=kv_mask, other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _online(s, vb + offs_n[:, None].to(tl.int64) * svs + offs_d[None, :], kv_mask, m_i, l_i,
+                                acc, IEEE)
     if SINK:
-        sk = tl.load(sink_ptr + heads, mask=rmask, other=0.0).to(tl.float32)
-        m_all = tl.maximum(m_i, sk)
-        acc = acc * tl.exp(m_i - m_all)[:, None]
-        l_i = l_i * tl.exp(m_i - m_all) + tl.exp(sk - m_all)
+        l_i, acc = _sink(tl.load(sink_ptr + heads, mask=rmask, other=0.0).to(tl.float32), m_i, l_i, acc)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a padding token past every key: 0, not NaN
     tl.store(o_ptr + tok[:, None] * sot + heads[:, None] * soh + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
              mask=rmask[:, None] & dmask[None, :])
