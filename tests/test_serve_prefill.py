@@ -44,6 +44,23 @@ def test_padded_prefill_of_rows_together_gives_the_tokens_each_gets_alone(model)
     assert r.stats["prefills"] == 2 and [got[s] for s in range(3)] == want
 
 
+def test_each_launch_keeps_its_tokens_until_they_are_read(model):
+    """The worker reads a round's tokens after the next round's launches, and a round may launch
+    several prefills: four prefills and a step launched before any is read still give each row its
+    own tokens (a ring of two host buffers gave a row another row's first token on CUDA)."""
+    from mlx_bridge.deploy.runners.slots import Chunk, RowSampling, SlotRunner
+
+    ids = [model.encode_prompt(p) for p in PROMPTS]
+    want = [model.complete([x], max_tokens=2)[0].token_ids for x in ids]
+    assert len({w[0] for w in want}) > 1  # a mix-up would show
+    r = SlotRunner(model.module, rows=4, max_len=256, compile=False, graphs=False, chunk=256)
+    launched = [r.prefill([Chunk(s, x, 0, RowSampling())]) for s, x in enumerate(ids)]
+    launched.append(r.launch([0, 1, 2, 3], max(map(len, ids)) + 1, greedy=True))
+    got = [p.tokens() for p in launched]
+    assert [[got[s][s], got[4][s]] for s in range(4)] == want
+    assert got[0] is launched[0].tokens()  # read once
+
+
 def burst(eng, ids: list[list[int]]) -> list[list[int]]:
     """Greedy 4-token requests, all waiting when `eng`'s worker starts; their tokens."""
     from mlx_bridge.serve.protocol import Sampling

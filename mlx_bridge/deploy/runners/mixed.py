@@ -57,23 +57,20 @@ def launch_mixed(r, slots: list[int], need: int, greedy: bool, chunks: list[Chun
         r._set_sampling(chunks)
         r.stats["steps"] += 1
         r.stats["mixed"] += 1
-        i = r._flip
-        r._flip ^= 1
+        i = r._mflip
+        r._mflip ^= 1
         if not r.use_graphs:
             mixed_run(r, torch.tensor(data, dtype=torch.long, device=r.device), B, S, mode)
-            return Pending(where, torch.cat([r.out, r.first[:N]]))
-        pin, host = r._mpin[i][:N], r._mhost[i][:off + N]
+            return r.pending(where, r.out, r.first[:N])
+        pin = r._mpin[i][:N]
         if r._mpin_done[i] is not None:
             r._mpin_done[i].synchronize()  # its copy two launches ago (long done)
         pin.copy_(torch.tensor(data, dtype=torch.long))
         r._mbuf[:N].copy_(pin, non_blocking=True)
         r._graph(B, S, mode, mixed=N).replay()
-        host[:off].copy_(r.out, non_blocking=True)
-        host[off:].copy_(r.first[:N], non_blocking=True)
-        ev = torch.cuda.Event()
-        ev.record()
-        r._mpin_done[i] = ev
-        return Pending(where, host, ev)
+        p = r.pending(where, r.out, r.first[:N])
+        r._mpin_done[i] = p._event
+        return p
 
 
 def mixed_run(r, buf: torch.Tensor, B: int, S: int, mode: str) -> None:

@@ -98,17 +98,57 @@ def seed31(seed: int | None) -> int:
 
 
 class Pending:
-    """Tokens of a launched step, {slot: token}; `tokens()` waits for them. `where` maps each slot to
-    its entry of `out` (a decode step: the slot itself; a prefill: the row's lane)."""
+    """Tokens of a launched step, {slot: token}; `tokens()` waits for them (once; later calls give the
+    same). `where` maps each slot to its entry of `out` (a decode step: the slot itself; a prefill: the
+    row's lane); `release` is called once they are read (the host buffer goes back to its pool)."""
 
-    def __init__(self, where: dict[int, int], out: torch.Tensor, event=None):
-        self.where, self._out, self._event = where, out, event
+    def __init__(self, where: dict[int, int], out: torch.Tensor, event=None, release=None):
+        self.where, self._out, self._event, self._release, self._got = where, out, event, release, None
 
     def tokens(self) -> dict[int, int]:
-        if self._event is not None:
-            self._event.synchronize()
-        got = self._out.tolist()
-        return {s: got[i] for s, i in self.where.items()}
+        if self._got is None:
+            if self._event is not None:
+                self._event.synchronize()
+            got = self._out.tolist()
+            self._got = {s: got[i] for s, i in self.where.items()}
+            if self._release is not None:
+                self._release()
+        return self._got
+
+
+class HostBuffers:
+    """Host buffers that launched steps copy their tokens into (pinned on CUDA, so the copy does not
+    wait), each taken until its `Pending` is read, then reused. The worker reads a round's tokens only
+    after the next round's launches, and a round may launch several prefills: a fixed ring of two was
+    overwritten before it was read (a row reported another row's first token). The pool grows to the
+    launches outstanding at once and no further.
+
+    Example:
+        >>> pool = HostBuffers(4, pinned=False)
+        >>> a, b = pool.take(), pool.take()
+        >>> pool.give(a); pool.take() is a, len(pool)
+        (True, 2)
+    """
+
+    def __init__(self, size: int, pinned: bool, ready: int = 0):
+        self.size, self.pinned = size, pinned
+        self._free = [self._new() for _ in range(ready)]
+        self._made = ready
+
+    def _new(self) -> torch.Tensor:
+        return torch.zeros(self.size, dtype=torch.long, pin_memory=self.pinned)
+
+    def take(self) -> torch.Tensor:
+        if self._free:
+            return self._free.pop()
+        self._made += 1
+        return self._new()
+
+    def give(self, buf: torch.Tensor) -> None:
+        self._free.append(buf)
+
+    def __len__(self) -> int:
+        return self._made
 
 
 @dataclass(frozen=True)
@@ -215,14 +255,12 @@ class SlotRunner:
             N, C = self.mix or (1, 1)
             self.first = torch.zeros(max(*self.lanes, N), **long)
             self._ar = torch.arange(max(self.chunk, max(self.lanes), S, rows + 1, C), **long)
-            self._mhost = [torch.zeros(R + 1 + N, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
             self._mbuf = torch.zeros(N, C + 4, **long)  # the mixed steps' lanes (the prefill layout)
             self._mpin = [torch.zeros(N, C + 4, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
-            self._host = [torch.zeros(R + 1, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
-            self._phost = [torch.zeros(max(self.lanes), dtype=torch.long, pin_memory=cuda) for _ in range(2)]
+            self._hosts = HostBuffers(R + 1 + max(N, *self.lanes), pinned=cuda, ready=8)  # launched steps' tokens
             n = max(self.lanes) * (self.chunk + 4)
             self._pin = [torch.zeros(n, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
-        self._flip = self._pflip = 0
+        self._mflip = self._pflip = 0  # which pinned input buffer (of two) a mixed step / prefill copies from
         self._pin_done: list = [None, None]
         self._mpin_done: list = [None, None]
         self.stats = {"captures": 0, "steps": 0, "prefills": 0, "mixed": 0}
@@ -336,15 +374,20 @@ class SlotRunner:
             else:
                 self._run(B, S, mode)
             self.stats["steps"] += 1
-            host = self._host[self._flip]
-            self._flip ^= 1
-            where = {s: s for s in slots}
-            if self.device.type != "cuda":
-                return Pending(where, self.out.clone())
-            host.copy_(self.out, non_blocking=True)
+            return self.pending({s: s for s in slots}, self.out)
+
+    def pending(self, where: dict[int, int], *parts: torch.Tensor) -> Pending:
+        """The `Pending` of a step just launched: `parts` (its token tensors on the device) copied one
+        after another into a free host buffer, without waiting for the step on CUDA."""
+        buf, n = self._hosts.take(), 0
+        for p in parts:
+            buf[n:n + len(p)].copy_(p, non_blocking=True)
+            n += len(p)
+        ev = None
+        if self.device.type == "cuda":
             ev = torch.cuda.Event()
             ev.record()
-            return Pending(where, host, ev)
+        return Pending(where, buf[:n], ev, lambda: self._hosts.give(buf))
 
     def mix_fits(self, lengths: list[int]) -> bool:
         """Whether one mixed step carries prompt chunks of these lengths (one lane each)."""
@@ -444,7 +487,7 @@ class SlotRunner:
             where = {ch.slot: i for i, ch in enumerate(chunks) if ch.sampling is not None}
             if not self.use_graphs:
                 self._prefill_run(torch.tensor(data, dtype=torch.long, device=self.device), N, C, S)
-                return Pending(where, self.first.clone())
+                return self.pending(where, self.first[:N])
             g, buf = self._pgraph(N, C, S)
             pin, i = self._pin[self._pflip], self._pflip
             if self._pin_done[i] is not None:
@@ -453,12 +496,9 @@ class SlotRunner:
             pin.copy_(torch.tensor(data, dtype=torch.long))
             buf.copy_(pin, non_blocking=True)
             g.replay()
-            host = self._phost[i]
-            host.copy_(self.first, non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record()
-            self._pin_done[i], self._pflip = ev, i ^ 1
-            return Pending(where, host, ev)
+            p = self.pending(where, self.first[:N])
+            self._pin_done[i], self._pflip = p._event, i ^ 1
+            return p
 
     def _prefill_run(self, buf: torch.Tensor, N: int, C: int, S: int) -> None:
         """Prefill lanes `buf` (N, C + 4): per lane C tokens, then slot, start, last index, last chunk?
