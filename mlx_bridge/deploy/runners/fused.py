@@ -297,11 +297,13 @@ def make_out(spec: Spec) -> Callable:
     return out
 
 
-def make_layer(spec: Spec, decode: bool) -> Callable:
+def make_layer(spec: Spec, decode: bool, rows: bool = False) -> Callable:
     """layer(x, w, kc, vc, cos, sin, mask, slots) -> x: one decoder layer (pure but for the cache write).
 
-    decode: x is (B, 1, D), attends over all of kc/vc with `mask`; else x is (B, L, D) written at
-    `slots` and attends over its own keys (`mask` None: causal). kc None: no cache (scoring).
+    decode: x is (B, 1, D), attends over the first S positions of kc/vc with `mask` (B|1, 1, 1, S);
+    else x is (B, L, D) written at `slots` and attends over its own keys (`mask` None: causal). kc None:
+    no cache (scoring). `rows`: the decode step of continuous batching, each row's key written at its own
+    position `slots` (B,) (`make_qkv`).
     Keywords h and nxt (the decode step's chain, one kernel a layer fewer): h is x after this layer's
     input norm, computed by the layer before; given nxt, the next layer's input norm weight (or the
     final norm's), the layer returns (x, x normalised by nxt), computed after its residual add.
@@ -311,13 +313,14 @@ def make_layer(spec: Spec, decode: bool) -> Callable:
 
         return make_mla_layer(spec, decode)
     scale, softcap = spec.scale, spec.softcap
-    qkv, out = make_qkv(spec, kernel=decode), make_out(spec)
+    qkv, out = make_qkv(spec, rows=rows, kernel=decode), make_out(spec)
 
     def layer(x, w, kc, vc, cos, sin, mask, slots, h=None, nxt=None):
         q, k, v = qkv(x, w, kc, vc, cos, sin, slots, h)
         sinks = w[10]  # gpt_oss attention sinks (None elsewhere)
         if decode:
-            o = _decode_attend(q, kc, vc, mask, scale, softcap, sinks)
+            S = mask.shape[-1]  # the fast path's caches are S long; a slot pool's are longer
+            o = _decode_attend(q, kc[:, :, :S], vc[:, :, :S], mask, scale, softcap, sinks)
         else:
             o = attend(q, k, v, mask, scale, softcap, sinks)  # [B, H, L, hd]
         return chain(out(x, o, w), nxt, spec)

@@ -275,10 +275,16 @@ class SlotRunner:
 
         # prefill: the same functions uncompiled (eager kernels, captured in a graph on CUDA: matmuls dominate)
         self._pqkv, self._pout, self._phead = fm.make_qkv(spec), fm.make_out(spec), fm.make_head(spec)
-        fns = (fm.make_qkv(spec, rows=True), fm.make_out(spec), fm.make_head(spec), rope, pick)
+        # the decode step: the fast path's whole layer (one graph for every layer; on CUDA q/k norms, rope
+        # and cache writes in one kernel), each layer also giving its output under the next input norm
+        first = lambda x, w: fm.rms(x, w, spec.eps, spec.gemma)  # noqa: E731 (the first layer's input norm)
+        fns = (fm.make_layer(spec, decode=True, rows=True), first, fm.make_head(spec, normed=True), rope, pick)
+        # the mixed step: the layer's halves around its split attention (`mixed`)
+        halves = (fm.make_qkv(spec, rows=True), fm.make_out(spec), fm.make_head(spec)) if self.mix else ()
         if self.use_compile:
-            fns = tuple(compile_rows(fn) for fn in fns)
-        self._qkv, self._out, self._head, self._rope, self._pick = fns
+            fns, halves = tuple(map(compile_rows, fns)), tuple(map(compile_rows, halves))
+        self._layer, self._first, self._dhead, self._rope, self._pick = fns
+        self._qkv, self._out, self._head = halves or (None,) * 3
 
     # -- one decode step over slots [0, B), attending over S positions ----------------------------------
 
@@ -287,15 +293,18 @@ class SlotRunner:
         pos, act = self.pos[:B], self.active[:B]
         x = fm.embed(f, self.tok[:B, None])  # [B, 1, D]
         rot = self._rope(self._ropes, pos)
-        ms = row_masks(pos, S, f.windows, spec.softcap is None, self.dtype)
+        ms = row_masks(pos, S, f.windows, spec.softcap is None, self.dtype)  # {window: [B, 1, 1, S]}
+        if self.use_compile:
+            for m in ms.values():  # the length bucket symbolic from the first compile: one graph for every S
+                torch._dynamo.maybe_mark_dynamic(m, 3)
         put = torch.where(act > 0, pos, self.k[0].shape[2] - 1)  # idle slots (one being prefilled among them) write
         # the spare position, never position 0 of a prompt
-        for li, L in enumerate(f.layers):
-            kc, vc = self.k[li][:B], self.v[li][:B]
-            q, _, _ = self._qkv(x, L.w, kc, vc, *rot[L.rope], put)
-            o = fm._decode_attend(q, kc[:, :, :S], vc[:, :, :S], ms[L.window], spec.scale, spec.softcap, L.w[10])
-            x = self._out(x, o, L.w)
-        self._advance(self._head(x[:, -1], f.norm, f.head, f.head_bias), mode, self._pick)  # logits [B, V]
+        ls = f.layers
+        h = self._first(x, ls[0].w[0])
+        for li, L in enumerate(ls):
+            nxt = ls[li + 1].w[0] if li + 1 < len(ls) else f.norm
+            x, h = self._layer(x, L.w, self.k[li][:B], self.v[li][:B], *rot[L.rope], ms[L.window], put, h=h, nxt=nxt)
+        self._advance(self._dhead(h[:, -1], f.norm, f.head, f.head_bias), mode, self._pick)  # logits [B, V]
 
     def _advance(self, logits: torch.Tensor, mode: str, pick_fn) -> None:
         """Slots [0, B)'s next tokens from their logits (B, V) (greedy, or `pick_fn` with each row's
