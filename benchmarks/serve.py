@@ -124,7 +124,7 @@ def step_ms(runner, B: int, need: int, n: int = 50) -> float:
 def mixed_ms(runner, B: int, need: int, lanes: int, n: int = 20) -> float:
     """Milliseconds of one mixed step at batch B with `lanes` full lanes: the first chunk of a prompt
     in each of the last slots (no request runs yet: nothing reads them)."""
-    from mlx_bridge.deploy.runners.slots import Chunk
+    from mlx_bridge.deploy.runners.steps import Chunk
 
     c = runner.mix[1]
     chunks = [Chunk(runner.rows - 1 - i, [5] * c, 0) for i in range(lanes)]

@@ -56,7 +56,8 @@ def test_mixed_steps_in_cuda_graphs_give_each_rows_tokens(zoo):
     """The slot pool's compiled and captured steps: a long prompt in 16-token chunks, up to 4 lanes a
     step, riding on the steps of rows decoding in slots 0 and 2 (the long one fills slot 1, inside the
     decoding batch); every row's greedy tokens equal `complete`'s alone."""
-    from mlx_bridge.deploy.runners.slots import Chunk, RowSampling, SlotRunner
+    from mlx_bridge.deploy.runners.slots import SlotRunner
+    from mlx_bridge.deploy.runners.steps import Chunk, RowSampling
 
     m = load(zoo.hf("llama", max_position_embeddings=1024), device="cuda", dtype="float32", fast=False)
     m.eos_token_ids = set()

@@ -108,7 +108,8 @@ def test_mixed_steps_give_the_separate_prefill_paths_tokens(model):
 def test_mixed_step_pads_lanes_as_on_cuda_and_refuses_what_does_not_fit(model):
     """One chunk runs one lane, two run the step's 4 lanes (padding lanes write the scratch slot);
     more chunks or longer ones than the step takes are refused in one line."""
-    from mlx_bridge.deploy.runners.slots import Chunk, RowSampling, SlotRunner
+    from mlx_bridge.deploy.runners.slots import SlotRunner
+    from mlx_bridge.deploy.runners.steps import Chunk, RowSampling
     from mlx_bridge.errors import BridgeError
 
     a, b, c = (model.encode_prompt(PROMPTS[i]) for i in (0, 1, 3))
@@ -162,7 +163,8 @@ def test_the_compiled_mixed_step_gives_each_rows_tokens(tmp_path):
     """The mixed step with the decode step's compiled halves (as on CUDA, here inductor on CPU): one
     lane, then 4 lanes (two pieces of one prompt, two padding), rows' tokens as `complete` alone."""
     from mlx_bridge import load
-    from mlx_bridge.deploy.runners.slots import Chunk, RowSampling, SlotRunner
+    from mlx_bridge.deploy.runners.slots import SlotRunner
+    from mlx_bridge.deploy.runners.steps import Chunk, RowSampling
 
     m = load(tiny_hf_model(tmp_path / "llama", "llama"))
     m.eos_token_ids = set()

@@ -25,7 +25,8 @@ def model(request, tmp_path_factory):
 def test_padded_prefill_of_rows_together_gives_the_tokens_each_gets_alone(model):
     """Three rows in one call (padded to 4 lanes of 64 tokens, as on CUDA), one of them the first
     chunk of a longer prompt finished by a second call at its offset; then decode steps together."""
-    from mlx_bridge.deploy.runners.slots import Chunk, RowSampling, SlotRunner
+    from mlx_bridge.deploy.runners.slots import SlotRunner
+    from mlx_bridge.deploy.runners.steps import Chunk, RowSampling
 
     long = model.encode_prompt(" ".join(PROMPTS * 3))
     ids = [long, *(model.encode_prompt(p) for p in PROMPTS[:2])]
@@ -48,7 +49,8 @@ def test_each_launch_keeps_its_tokens_until_they_are_read(model):
     """The worker reads a round's tokens after the next round's launches, and a round may launch
     several prefills: four prefills and a step launched before any is read still give each row its
     own tokens (a ring of two host buffers gave a row another row's first token on CUDA)."""
-    from mlx_bridge.deploy.runners.slots import Chunk, RowSampling, SlotRunner
+    from mlx_bridge.deploy.runners.slots import SlotRunner
+    from mlx_bridge.deploy.runners.steps import Chunk, RowSampling
 
     ids = [model.encode_prompt(p) for p in PROMPTS]
     want = [model.complete([x], max_tokens=2)[0].token_ids for x in ids]

@@ -46,7 +46,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..deploy.generation import Completion, RowText
-from ..deploy.runners.slots import MIX, Chunk, RowSampling, batch_runner
+from ..deploy.runners.slots import MIX, batch_runner
+from ..deploy.runners.steps import Chunk, RowSampling
 from ..errors import BridgeError
 from .metrics import Metrics
 from .protocol import APIError, Sampling

@@ -35,7 +35,8 @@ import torch
 from . import fused as fm
 from ...errors import BridgeError
 from .sampling import greedy, pick
-from .slots import Chunk, Pending, row_masks, up
+from .slots import row_masks
+from .steps import Chunk, Pending, up
 from ..native.layers import attend
 
 
@@ -76,7 +77,7 @@ def launch_mixed(r, slots: list[int], need: int, greedy: bool, chunks: list[Chun
 def mixed_run(r, buf: torch.Tensor, B: int, S: int, mode: str) -> None:
     """One mixed step of the `SlotRunner` r: decode over slots [0, B) and the prompt lanes `buf`
     (N, C + 4), every query attending over S positions. Writes `out[:B]` and `first[:N]`; advances
-    the decode rows and starts the rows whose last chunk this is (as `_prefill_run`)."""
+    the decode rows and starts the rows whose last chunk this is (as `prefill.prefill_run`)."""
     f, spec, R = r.fused, r.fused.spec, r.rows
     N, C = buf.shape[0], buf.shape[1] - 4
     spare = r.k[0].shape[2] - 1  # a position past every bucket: never attended

@@ -7,7 +7,8 @@ from typing import Callable
 import torch
 
 from .sampling import pick
-from .slots import LANES, Chunk, Pending, RowSampling, seed31
+from .slots import LANES
+from .steps import Chunk, Pending, RowSampling, seed31
 
 
 class RowRunner:

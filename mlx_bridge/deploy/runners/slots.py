@@ -17,13 +17,13 @@ other batch size (`compile_rows`: the batch dimension symbolic), not one per bat
 sits between the compiled halves, eager but inside the graph, so compile work does not grow with the
 length buckets either.
 
-Prefill takes the prompt chunks of up to 4 rows in one call (newcomers admitted together are
+Prefill (`prefill.py`) takes the prompt chunks of up to 4 rows in one call (newcomers admitted together are
 prefilled together; a long prompt a chunk at a time, between decode steps): the same fused functions,
 not compiled (the matmuls dominate), each row's keys written at its own slot and offset, its queries
 attending over its slot. On CUDA the call is one graph replay per (rows, chunk length, length bucket),
 rows and lengths padded up to a prepared shape (padding lanes write a scratch slot, padded positions
 go to a spare position past every bucket), all captured by `prepare`. `prefill` and `launch`
-return at once: the tokens reach the host when `Pending.tokens()` is called, so the next step can be
+return at once: the tokens reach the host when `Pending.tokens()` is called (`steps.py`), so the next step can be
 launched before them.
 
 While rows decode, prompt chunks may instead ride on a decode step (`launch(..., chunks=...)`: a
@@ -45,131 +45,21 @@ Example:
 from __future__ import annotations
 
 import copy
-import random
 import time
-from dataclasses import dataclass
 
 import torch
 
 from ...errors import BridgeError
 from . import fused as fm
 from .fast import BATCHES, INDUCTOR_OPTIONS, MIN_LEN, len_bucket
+from .prefill import fits, launch_prefill, prefill_graph
 from .sampling import pick
-from ..native.layers import attend
+from .steps import Chunk, HostBuffers, Pending, seed31
 from ..native.model import Transformer
 
 LANES = (1, 2, 4)  # rows one prefill call takes together (padded up to one of these on CUDA)
 CHUNKS = (16, 64, 128, 256, 512, 1024, 2048)  # chunk lengths a prefill is padded up to on CUDA
 MIX = (4, 128)  # (lanes, tokens) of the prompt chunks a mixed step carries by default (`mixed`)
-
-
-@dataclass(frozen=True)
-class RowSampling:
-    """How one row chooses its tokens. `seed` None draws a random one; `stream` tells rows of one
-    request (n > 1, several prompts) apart, so that they differ under one seed.
-
-    Example:
-        >>> RowSampling(temperature=0.7, top_p=0.9, seed=1).greedy
-        False
-    """
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stream: int = 0
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-def seed31(seed: int | None) -> int:
-    """A request's seed (any int64) folded to the 31 bits the device noise takes; None: a random one.
-
-    Example:
-        >>> seed31(7), seed31(2**40 + 7) != 7
-        (7, True)
-    """
-    if seed is None:
-        return random.getrandbits(31)
-    s = int(seed) & 0xFFFFFFFFFFFFFFFF
-    return (s ^ (s >> 31) ^ (s >> 62)) & 0x7FFFFFFF
-
-
-class Pending:
-    """Tokens of a launched step, {slot: token}; `tokens()` waits for them (once; later calls give the
-    same). `where` maps each slot to its entry of `out` (a decode step: the slot itself; a prefill: the
-    row's lane); `release` is called once they are read (the host buffer goes back to its pool)."""
-
-    def __init__(self, where: dict[int, int], out: torch.Tensor, event=None, release=None):
-        self.where, self._out, self._event, self._release, self._got = where, out, event, release, None
-
-    def tokens(self) -> dict[int, int]:
-        if self._got is None:
-            if self._event is not None:
-                self._event.synchronize()
-            got = self._out.tolist()
-            self._got = {s: got[i] for s, i in self.where.items()}
-            if self._release is not None:
-                self._release()
-        return self._got
-
-
-class HostBuffers:
-    """Host buffers that launched steps copy their tokens into (pinned on CUDA, so the copy does not
-    wait), each taken until its `Pending` is read, then reused. The worker reads a round's tokens only
-    after the next round's launches, and a round may launch several prefills: a fixed ring of two was
-    overwritten before it was read (a row reported another row's first token). The pool grows to the
-    launches outstanding at once and no further.
-
-    Example:
-        >>> pool = HostBuffers(4, pinned=False)
-        >>> a, b = pool.take(), pool.take()
-        >>> pool.give(a); pool.take() is a, len(pool)
-        (True, 2)
-    """
-
-    def __init__(self, size: int, pinned: bool, ready: int = 0):
-        self.size, self.pinned = size, pinned
-        self._free = [self._new() for _ in range(ready)]
-        self._made = ready
-
-    def _new(self) -> torch.Tensor:
-        return torch.zeros(self.size, dtype=torch.long, pin_memory=self.pinned)
-
-    def take(self) -> torch.Tensor:
-        if self._free:
-            return self._free.pop()
-        self._made += 1
-        return self._new()
-
-    def give(self, buf: torch.Tensor) -> None:
-        self._free.append(buf)
-
-    def __len__(self) -> int:
-        return self._made
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """Prompt tokens of the row in `slot`, written at positions [start, start + len(tokens)); with
-    `sampling` (the prompt's last chunk) the row's first token is chosen too.
-
-    Example:
-        >>> Chunk(slot=0, tokens=[1, 2, 3], start=0, sampling=RowSampling()).sampling.greedy
-        True
-    """
-
-    slot: int
-    tokens: list[int]
-    start: int
-    sampling: RowSampling | None = None
-
-
-def up(n: int, sizes) -> int | None:
-    """The smallest of `sizes` >= n, or None."""
-    return next((s for s in sizes if s >= n), None)
 
 
 def compile_rows(fn):
@@ -440,7 +330,7 @@ class SlotRunner:
             shapes = [(n, c) for n in self.lanes for c in self.chunk_lens if n * c <= self.chunk or n == 1]
             for n, c in shapes:
                 for S in self.lens:
-                    self._pgraph(n, c, S)
+                    prefill_graph(self, n, c, S)
             for x in (self.tok, self.pos, self.active, self.counter):
                 x.zero_()
         t2 = time.perf_counter()
@@ -454,116 +344,13 @@ class SlotRunner:
     # -- rows joining and leaving ------------------------------------------------------------------------
 
     def fits(self, lengths: list[int]) -> bool:
-        """Whether one `prefill` call takes chunks of these lengths (rows and padded tokens within bounds).
-
-        Example:
-            >>> r.fits([128, 128, 100]), r.fits([512, 1])          # doctest: +SKIP
-            (True, False)
-        """
-        n, c = len(lengths), max(lengths)
-        if not self.padded:
-            return n <= self.lanes[-1] and (n == 1 or sum(lengths) <= self.chunk) and c <= self.chunk
-        N, C = up(n, self.lanes), up(c, self.chunk_lens)
-        return N is not None and C is not None and (N == 1 or N * C <= self.chunk)
+        """Whether one `prefill` call takes chunks of these lengths (rows and padded tokens within bounds)."""
+        return fits(self, lengths)
 
     def prefill(self, chunks: list[Chunk]) -> Pending:
-        """Write prompt chunks of up to `len(self.lanes)` rows in one call (one graph replay on CUDA;
-        rows and lengths padded up to a prepared shape) and choose the first token of each row whose
-        last chunk this is. Returns at once; `tokens()` gives {slot: first token} of those rows. The
-        rows' next `launch` takes those tokens as input.
-
-        Example:
-            >>> r.prefill([Chunk(2, ids[:512], 0)])                                        # doctest: +SKIP
-            >>> g = RowSampling()                                                         # doctest: +SKIP
-            >>> r.prefill([Chunk(2, ids[512:], 512, g), Chunk(3, ids2, 0, g)]).tokens()   # doctest: +SKIP
-            {2: 318, 3: 29871}
-        """
-        if not chunks or not self.fits([len(c.tokens) for c in chunks]) or min(len(c.tokens) for c in chunks) < 1:
-            raise BridgeError(f"prefill: {[len(c.tokens) for c in chunks]} tokens do not fit one call "
-                              f"(at most {self.lanes[-1]} rows, {self.chunk} tokens)")
-        n, c = len(chunks), max(len(c.tokens) for c in chunks)
-        need = max(ch.start + len(ch.tokens) for ch in chunks)
-        S = next((s for s in self.lens if s >= need), None)
-        if S is None or need > self.max_len:
-            raise BridgeError(f"prefill: {need} positions needed, the pool holds {self.max_len}")
-        N, C = (up(n, self.lanes), up(c, self.chunk_lens)) if self.padded else (n, c)
-        data = [[*ch.tokens, *[0] * (C - len(ch.tokens)), ch.slot, ch.start, len(ch.tokens) - 1,
-                 int(ch.sampling is not None)] for ch in chunks]
-        data += [[0] * C + [self.rows, 0, 0, 0]] * (N - n)  # padding lanes: the scratch slot
-        with torch.inference_mode():
-            self._set_sampling(chunks)
-            self.stats["prefills"] += 1
-            where = {ch.slot: i for i, ch in enumerate(chunks) if ch.sampling is not None}
-            if not self.use_graphs:
-                self._prefill_run(torch.tensor(data, dtype=torch.long, device=self.device), N, C, S)
-                return self.pending(where, self.first[:N])
-            g, buf = self._pgraph(N, C, S)
-            pin, i = self._pin[self._pflip], self._pflip
-            if self._pin_done[i] is not None:
-                self._pin_done[i].synchronize()  # its copy two calls ago (long done)
-            pin = pin[:N * (C + 4)].view(N, C + 4)  # contiguous: one asynchronous copy
-            pin.copy_(torch.tensor(data, dtype=torch.long))
-            buf.copy_(pin, non_blocking=True)
-            g.replay()
-            p = self.pending(where, self.first[:N])
-            self._pin_done[i], self._pflip = p._event, i ^ 1
-            return p
-
-    def _prefill_run(self, buf: torch.Tensor, N: int, C: int, S: int) -> None:
-        """Prefill lanes `buf` (N, C + 4): per lane C tokens, then slot, start, last index, last chunk?
-        Keys and values go to positions start + [0, C) of each slot; queries attend over S positions.
-        Rows whose last chunk this is get their first token (`first`), position, counter, `active`."""
-        f, spec = self.fused, self.fused.spec
-        toks, slot, start, last, fin = buf[:, :C], buf[:, C], buf[:, C + 1], buf[:, C + 2], buf[:, C + 3].bool()
-        pos = start[:, None] + self._ar[:C]  # [N, C]
-        put = torch.where(self._ar[:C] <= last[:, None], pos, self.k[0].shape[2] - 1)  # padding -> the spare position
-        x = fm.embed(f, toks)  # [N, C, D]
-        rot = [fm.cos_sin(inv, sc, pos, self.dtype) for inv, sc in self._ropes]
-        k = self._ar[:S]
-        d = pos[:, :, None] - k  # [N, C, S]
-        ms = {w: ((d >= 0) if w is None else (d >= 0) & (d < w))[:, None] for w in [None, *f.windows]}
-        at = slot[:, None].expand(N, C)
-        for li, L in enumerate(f.layers):
-            kc, vc = self.k[li], self.v[li]
-            q, kk, vv = self._pqkv(x, L.w, None, None, *rot[L.rope], None)  # [N, H, C, hd]
-            kc[at, :, put] = kk.transpose(1, 2)
-            vc[at, :, put] = vv.transpose(1, 2)
-            o = attend(q, kc[:, :, :S].index_select(0, slot), vc[:, :, :S].index_select(0, slot), ms[L.window],
-                       spec.scale, spec.softcap, L.w[10])
-            x = self._pout(x, o, L.w)
-        logits = self._phead(x[self._ar[:N], last], f.norm, f.head, f.head_bias)  # [N, V]
-        zero = torch.zeros_like(slot)
-        first = pick(logits, self.temp[slot], self.top_p[slot], self.top_k[slot], self.seed[slot], zero,
-                     self.stream[slot])
-        self.first[:N].copy_(first)
-        done = ((self.tok, first), (self.pos, start + last + 1), (self.counter, zero + 1), (self.active, zero + 1))
-        for t, v in done:
-            t[slot] = torch.where(fin, v, t[slot])
-
-    def _pgraph(self, N: int, C: int, S: int):
-        """The captured prefill for (N rows, C tokens, S positions) and its input buffer; the warm-up
-        and capture runs write only the scratch slot."""
-        key = ("prefill", N, C, S)
-        if (N, C) not in self._pbufs:
-            buf = torch.zeros(N, C + 4, dtype=torch.long, device=self.device)
-            buf[:, C] = self.rows
-            self._pbufs[(N, C)] = buf
-        buf = self._pbufs[(N, C)]
-        if key not in self._graphs:
-            buf.zero_()
-            buf[:, C] = self.rows
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._prefill_run(buf, N, C, S)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self._pool, stream=torch.cuda.Stream(self.device)):
-                self._prefill_run(buf, N, C, S)
-            self._graphs[key] = g
-            self.stats["captures"] += 1
-        return self._graphs[key], buf
+        """Write prompt chunks of up to `len(self.lanes)` rows in one call (`prefill.launch_prefill`) and
+        choose the first token of each row whose last chunk this is; returns at once."""
+        return launch_prefill(self, chunks)
 
     def free(self, slot: int) -> None:
         """The row in `slot` has ended: it stops advancing (it may still be computed, and ignored)."""
