@@ -235,7 +235,7 @@ def main(argv=None) -> int:
                     "(Hopper: a kernel starts while the one before it finishes)")
     a = ap.parse_args(argv)
 
-    from mlx_bridge.deploy.runners import fast
+    from mlx_bridge.deploy.runners import shapes
     from mlx_bridge.deploy.runners.fast import FastRunner
     from mlx_bridge.deploy.runners.base import NativeRunner
 
@@ -246,7 +246,7 @@ def main(argv=None) -> int:
         import torch._inductor.config as ic
 
         assert hasattr(ic.triton, "enable_pdl"), f"torch {torch.__version__}: inductor has no enable_pdl"
-        fast.INDUCTOR_OPTIONS["triton.enable_pdl"] = True
+        shapes.INDUCTOR_OPTIONS["triton.enable_pdl"] = True
     batches = [int(b) for b in a.batches.split(",")]
     t = time.perf_counter()
     hf, native, cfg = build(a.shape, dtype, dev, a.layers)

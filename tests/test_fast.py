@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from mlx_bridge.deploy.runners import sampling as fs
-from mlx_bridge.deploy.runners.fast import FastRunner, bucket, len_bucket
+from mlx_bridge.deploy.runners.fast import FastRunner
+from mlx_bridge.deploy.runners.shapes import bucket, len_bucket
 from mlx_bridge.deploy.loader import load_across
 from mlx_bridge.deploy.runners.pipeline import split_layers
 from mlx_bridge.deploy.generation import token_steps

@@ -44,43 +44,7 @@ from . import fused as fm
 from .sampling import greedy, pick
 from ..native.layers import KVCache, cache_shapes
 from ..native.model import Transformer, decode_step, prefill
-
-MIN_LEN = 256
-GROW_AHEAD = 256  # positions past the prompt allocated at first; the cache doubles when decoding needs more
-BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-def bucket(n: int, sizes=BATCHES) -> int:
-    """The smallest bucket >= n (powers of two past the table).
-
-    Example:
-        >>> bucket(3), bucket(300)
-        (4, 512)
-    """
-    for s in sizes:
-        if s >= n:
-            return s
-    return 1 << (n - 1).bit_length()
-
-
-def len_bucket(n: int, min_len: int = MIN_LEN) -> int:
-    """Cache length for n positions: a power of two, at least `min_len`.
-
-    Example:
-        >>> len_bucket(10), len_bucket(385), len_bucket(10, min_len=4)
-        (256, 512, 16)
-    """
-    return max(min_len, 1 << (n - 1).bit_length())
-
-
-INDUCTOR_OPTIONS = {
-    # casts rounded as eager rounds them, so low-precision results match the eager path's
-    "emulate_precision_casts": True,
-    # tune the block sizes of the generated norm/rope/SiLU kernels (gpt-fast's setting): on an H200,
-    # Llama-2-7B bf16 batch 1 went from 223.9 to 247.5 tok/s; compile of a bucket 8 s -> 20 s
-    "coordinate_descent_tuning": True,
-}
-
+from .shapes import GROW_AHEAD, INDUCTOR_OPTIONS, MIN_LEN, bucket, len_bucket
 
 def _compile(fn):
     """Inductor without max-autotune or its own CUDA graphs (the runner captures the step itself)."""

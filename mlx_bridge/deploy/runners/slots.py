@@ -51,9 +51,9 @@ import torch
 
 from ...errors import BridgeError
 from . import fused as fm
-from .fast import BATCHES, INDUCTOR_OPTIONS, MIN_LEN, len_bucket
 from .prefill import fits, launch_prefill, prefill_graph
 from .sampling import pick
+from .shapes import BATCHES, INDUCTOR_OPTIONS, MIN_LEN, len_bucket
 from .steps import Chunk, HostBuffers, Pending, seed31
 from ..native.model import Transformer
 
