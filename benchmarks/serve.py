@@ -256,7 +256,45 @@ def burst(url: str, prompts: list, n: int, name: str, procs: int) -> dict:
     for p in ps:
         p.join()
     wall = max(e for _, e, _ in got) - min(s for s, _, _ in got)
-    return {"tok/s": sum(k for _, _, k in got) / wall, "s": wall}
+    return {"tok/s": sum(k for _, _, k in got) / wall, "s": wall, "t0": min(s for s, _, _ in got),
+            "end": max(e for _, e, _ in got)}
+
+
+class Timeline:
+    """What the server's worker did during a burst, on the wall clock the client processes use: each
+    request's arrival (`engine.submit`), each prefill call and step launched (with the prompt chunks it
+    carries, and how many of them end a prompt), and when each launch's tokens were read."""
+
+    def __init__(self, engine):
+        self.engine, self.events = engine, []
+        self._saved = (engine.submit, engine.runner.prefill, engine.runner.launch)
+        submit, prefill, launch = self._saved
+
+        def read(p, kind, ends):
+            tokens = p.tokens
+            p.tokens = lambda: (tokens(), self.events.append(("read", time.time(), kind, ends)))[0]
+            return p
+
+        engine.submit = lambda *a, **k: (self.events.append(("submit", time.time(), 0, 0)), submit(*a, **k))[1]
+        engine.runner.prefill = lambda chunks: read(prefill(chunks), "prefill", sum(c.sampling is not None for c in chunks))
+        engine.runner.launch = lambda *a, chunks=(): read(launch(*a, chunks=chunks) if chunks else launch(*a),
+                                                          "mixed" if chunks else "step",
+                                                          sum(c.sampling is not None for c in chunks))
+
+    def close(self) -> None:
+        self.engine.submit, self.engine.runner.prefill, self.engine.runner.launch = self._saved
+
+    def burst(self, t0: float, end: float) -> dict:
+        """The events of a burst sent from `t0` whose last answer came at `end`, in ms from t0."""
+        ev = [e for e in self.events if e[1] >= t0]
+        ms = lambda t: (t - t0) * 1e3  # noqa: E731
+        reads = [e for e in ev if e[0] == "read"]
+        firsts = [e[1] for e in reads if e[3]]
+        return {"arrived ms": ms(max(e[1] for e in ev if e[0] == "submit")),
+                "prefill calls": sum(e[2] == "prefill" for e in reads), "mixed steps": sum(e[2] == "mixed" for e in reads),
+                "steps": sum(e[2] in ("mixed", "step") for e in reads),
+                "last first token ms": ms(max(firsts)) if firsts else float("nan"),
+                "last token ms": ms(max(e[1] for e in reads)), "answered ms": ms(end)}
 
 
 def main(argv=None) -> int:
@@ -354,7 +392,12 @@ def main(argv=None) -> int:
                                       engine.metrics.steps, time.perf_counter())
                     res[load] = {**job.get(), "tok/s": (n1 - n0) / (w1 - w0), "steps": s1 - s0, "mixed": m1 - m0}
                 elif load.startswith("concurrent"):
-                    res[load] = burst(srv.url, prompts[:a.max_batch], a.tokens, load.split()[1], a.client_procs)
+                    tl = Timeline(engine)
+                    try:
+                        res[load] = burst(srv.url, prompts[:a.max_batch], a.tokens, load.split()[1], a.client_procs)
+                    finally:
+                        tl.close()
+                    res[load]["timeline"] = tl.burst(res[load].pop("t0"), res[load].pop("end"))
                 else:
                     res[load] = pool.apply(scenarios, (srv.url, prompts, a.tokens, a.max_batch, a.arrivals, a.over,
                                                        load))
@@ -385,6 +428,12 @@ def main(argv=None) -> int:
         v = res[f"concurrent {c}"]["tok/s"]
         print(f"| {a.max_batch} concurrent ({c}, {a.client_procs} client processes), tok/s in all | {v:.0f} | {rb:.0f} (batch {a.max_batch}) | {v / rb:.0%} "
               f"| {wb:.0f} | {v / wb:.0%} |")
+    for c in ("httpx", "openai"):
+        v = res[f"concurrent {c}"]["timeline"]
+        print(f"| {a.max_batch} concurrent ({c}): the server's timeline from the first send, ms | last request in "
+              f"{v['arrived ms']:.0f}; {v['prefill calls']} prefill calls, {v['mixed steps']} mixed steps; last first "
+              f"token {v['last first token ms']:.0f}; {v['steps']} steps, last token {v['last token ms']:.0f}; "
+              f"last answer {v['answered ms']:.0f} | | | | |")
     v = res["steady httpx"]
     print(f"| {a.max_batch} clients in a loop (httpx), steady state: tok/s in all ({v['steps']} steps, {v['mixed']} "
           f"mixed) | {v['tok/s']:.0f} | {rb:.0f} (batch {a.max_batch}) | {v['tok/s'] / rb:.0%} | {wb:.0f} | "
