@@ -314,8 +314,15 @@ def main(argv=None) -> int:
     ap.add_argument("--mixed-lanes", type=int, default=MIX[0], help="as `mlx-bridge serve --mixed-lanes` (0: off)")
     ap.add_argument("--mixed-tokens", type=int, default=MIX[1], help="as `mlx-bridge serve --mixed-tokens`")
     ap.add_argument("--client-procs", type=int, default=4, help="client processes sending a burst (concurrent loads)")
+    ap.add_argument("--loads", default=",".join(LOADS),
+                    help=f"comma-separated, of {', '.join(LOADS)} (steady and arrivals need one)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
+    loads = [x.strip() for x in a.loads.split(",")]
+    if not set(loads) <= set(LOADS) or ({"steady httpx", "arrivals httpx", "arrivals openai"} & set(loads)
+                                        and "one" not in loads):
+        ap.error(f"--loads {a.loads!r}: each of {', '.join(LOADS)}; steady and arrivals need one")
+    loads = [x for x in LOADS if x in loads]
     if a.stand_in:
         a.shape = "tiny"
 
@@ -378,7 +385,7 @@ def main(argv=None) -> int:
                     res[f"mixed ms {n}"] = mixed_ms(engine.runner, a.max_batch, a.prompt + a.tokens, n)
         captures, graphs = engine.runner.stats["captures"], compiled()
         with mp.get_context("spawn").Pool(1) as pool:
-            for load in LOADS:  # and where the worker's time goes under each
+            for load in loads:  # and where the worker's time goes under each
                 before, steps, calls = dict(engine.timing), engine.metrics.steps, engine.runner.stats["prefills"]
                 t1 = time.perf_counter()
                 if load.startswith("steady"):  # the server's own token counter over the middle half of the run
@@ -408,7 +415,7 @@ def main(argv=None) -> int:
         res["captures after ready"] = engine.runner.stats["captures"] - captures
         res["compiles after ready"] = compiled() - graphs
         res["max running"] = engine.metrics.max_running
-    one = res["one"]["s"]
+    one = res["one"]["s"] if "one" in res else None
     print(f"\n# {a.shape} {dtype} on {card}; prompts {a.prompt} tokens, {a.tokens} new tokens each, greedy, "
           f"--max-batch {a.max_batch}; ready (every shape prepared) in {res['ready s']:.1f} s; "
           f"captures after ready: {res['captures after ready']}, compiles after ready: {res['compiles after ready']}\n")
@@ -422,23 +429,26 @@ def main(argv=None) -> int:
     for n in getattr(engine.runner, "mix_lanes", ()) if not a.stand_in else ():
         print(f"| mixed step on the device: batch {a.max_batch} + {n} x {engine.runner.mix[1]} prompt tokens, ms "
               f"| {res[f'mixed ms {n}']:.2f} | | | | |")
-    v = res["one"]["tok/s"]
-    print(f"| one request at a time, tok/s | {v:.1f} | {r1:.1f} (batch 1) | {v / r1:.0%} | {w1:.1f} | {v / w1:.0%} |")
-    for c in ("httpx", "openai"):
+    if "one" in res:
+        v = res["one"]["tok/s"]
+        print(f"| one request at a time, tok/s | {v:.1f} | {r1:.1f} (batch 1) | {v / r1:.0%} | {w1:.1f} | {v / w1:.0%} |")
+    clients_ = [c for c in ("httpx", "openai") if f"concurrent {c}" in res]
+    for c in clients_:
         v = res[f"concurrent {c}"]["tok/s"]
         print(f"| {a.max_batch} concurrent ({c}, {a.client_procs} client processes), tok/s in all | {v:.0f} | {rb:.0f} (batch {a.max_batch}) | {v / rb:.0%} "
               f"| {wb:.0f} | {v / wb:.0%} |")
-    for c in ("httpx", "openai"):
+    for c in clients_:
         v = res[f"concurrent {c}"]["timeline"]
         print(f"| {a.max_batch} concurrent ({c}): the server's timeline from the first send, ms | last request in "
               f"{v['arrived ms']:.0f}; {v['prefill calls']} prefill calls, {v['mixed steps']} mixed steps; last first "
               f"token {v['last first token ms']:.0f}; {v['steps']} steps, last token {v['last token ms']:.0f}; "
               f"last answer {v['answered ms']:.0f} | | | | |")
-    v = res["steady httpx"]
-    print(f"| {a.max_batch} clients in a loop (httpx), steady state: tok/s in all ({v['steps']} steps, {v['mixed']} "
-          f"mixed) | {v['tok/s']:.0f} | {rb:.0f} (batch {a.max_batch}) | {v['tok/s'] / rb:.0%} | {wb:.0f} | "
-          f"{v['tok/s'] / wb:.0%} |")
-    for c in ("httpx", "openai"):
+    v = res.get("steady httpx")
+    if v:
+        print(f"| {a.max_batch} clients in a loop (httpx), steady state: tok/s in all ({v['steps']} steps, {v['mixed']} "
+              f"mixed) | {v['tok/s']:.0f} | {rb:.0f} (batch {a.max_batch}) | {v['tok/s'] / rb:.0%} | {wb:.0f} | "
+              f"{v['tok/s'] / wb:.0%} |")
+    for c in [c for c in ("httpx", "openai") if f"arrivals {c}" in res]:
         v = res[f"arrivals {c}"]
         print(f"| {a.arrivals} streamed over {a.over:g} s ({c}): first token p50 / p95 | {v['ttft p50'] * 1e3:.0f} / "
               f"{v['ttft p95'] * 1e3:.0f} ms | | | | |")
@@ -447,7 +457,7 @@ def main(argv=None) -> int:
     print("\n| worker thread, seconds | wall | decode steps | prefill calls | idle | launching prefills | launching steps "
           "| waiting for tokens | text + events | other (admit, bookkeeping) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for k in LOADS:
+    for k in loads:
         w = res["worker " + k]
         rest = w["wall s"] - w["idle"] - w["prefill"] - w["launch"] - w["wait"] - w["text"]
         print(f"| {k} | {w['wall s']:.2f} | {w['steps']} | {w['prefill calls']} | {w['idle']:.2f} | {w['prefill']:.3f} "
