@@ -10,12 +10,12 @@ whatever its batch-mates (`sampling.pick` with per-row counters and row numbers)
 A decode step runs over slots [0, B) for B the smallest batch size >= the highest busy slot + 1, and
 attends over the first S positions, S the smallest length bucket (256, 512, ...) that holds every
 busy row; free slots inside [0, B) are computed and ignored. On CUDA the step is the fast path's
-(fused projections, `torch.compile` of the layer halves `fused.make_qkv`/`make_out`, one CUDA graph
-per (B, S, greedy|sampled)); `prepare` compiles and captures every one of them up front, so nothing
-compiles or captures while serving. Each compiled function has two graphs, batch 1 and one for every
-other batch size (`compile_rows`: the batch dimension symbolic), not one per batch size. Attention
-sits between the compiled halves, eager but inside the graph, so compile work does not grow with the
-length buckets either.
+(fused projections, its whole compiled layer `fused.make_layer` with each row's key written at its own
+position, one CUDA graph per (B, S, greedy|sampled)); `prepare` compiles and captures every one of
+them up front, so nothing compiles or captures while serving. Each compiled function has two graphs,
+batch 1 and one for every other batch size (`compile_rows`: the batch dimension symbolic), not one
+per batch size; the length bucket is symbolic too (the masks' last dimension), so compile work does
+not grow with the length buckets either.
 
 Prefill (`prefill.py`) takes the prompt chunks of up to 4 rows in one call (newcomers admitted together are
 prefilled together; a long prompt a chunk at a time, between decode steps): the same fused functions,
@@ -92,7 +92,7 @@ class SlotRunner:
     """Continuous-batching decode of a native `Transformer` on one device (see the module docstring).
 
     Args:
-        module: a loaded dense `Transformer` (MoE: `fused.NotFusable`; use `RowRunner`).
+        module: a loaded native `Transformer` whose layers `fused.fuse` covers (else `RowRunner`).
         rows: slots in the pool (most rows decoding at once).
         max_len: most positions a row may use (prompt + new tokens).
         compile, graphs: torch.compile the layer halves / capture each step (default: on CUDA).
@@ -103,7 +103,7 @@ class SlotRunner:
             (`mixed`; `launch(chunks=...)`), or None: no mixed steps. On CUDA a step with one chunk
             runs 1 lane, else `lanes` (padded): two graphs per decode shape.
     Raises:
-        fm.NotFusable: MoE layers, or layers on several devices.
+        fm.NotFusable: latent attention, or layers on several devices.
     """
 
     def __init__(self, module: Transformer, *, rows: int, max_len: int, compile: bool | None = None,
