@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -234,4 +235,6 @@ def _bar(total: int, enabled: bool):
             def update(self, n): ...
             def close(self): ...
         return _Null()
+    if not hasattr(tqdm, "_lock"):  # a thread lock: tqdm's default also makes a multiprocessing lock (20-35 ms
+        tqdm.set_lock(threading.RLock())  # of imports before the first chunk) for bars of forked processes
     return tqdm(total=total, unit="B", unit_scale=True, desc="export", leave=False)
