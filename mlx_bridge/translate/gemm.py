@@ -124,10 +124,11 @@ def available() -> bool:
 def safe_factors(*factors: np.ndarray) -> bool:
     """Whether every nonzero value of the factors is at least 2^MIN_EXP in magnitude (then no sum of their
     products rounds to -0, and `accumulate` equals numpy's matmul + add on every value of c)."""
-    for f in factors:
-        a = np.abs(f)
-        nz = a[a != 0]
-        if nz.size and nz.min() < np.float32(2.0**MIN_EXP):
+    tiny = np.float32(2.0**MIN_EXP).view(np.uint32)
+    for f in factors:  # |x| as bits, minus one: 0 wraps to the largest, so the least is the least nonzero's
+        bits = np.bitwise_and(f.view(np.uint32), np.uint32(0x7FFFFFFF))
+        bits -= np.uint32(1)
+        if bits.size and bits.min() < tiny - 1:
             return False
     return True
 
