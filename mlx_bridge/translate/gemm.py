@@ -48,7 +48,11 @@ def _sgemm():
     """(cblas_sgemm, its integer type) of numpy's OpenBLAS, or None."""
     try:
         from threadpoolctl import threadpool_info
-    except ImportError:  # pragma: no cover - a core dependency
+
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+    except (ImportError, KeyError, TypeError):  # pragma: no cover - a core dependency; numpy >= 1.26
+        return None
+    if "openblas" not in str(blas.get("name", "")).lower():  # numpy's matmul calls another BLAS
         return None
     libs = [i for i in threadpool_info() if i.get("internal_api") == "openblas" and i.get("filepath")]
     if len(libs) > 1:  # another package's OpenBLAS too: the one numpy ships
@@ -67,8 +71,8 @@ def _sgemm():
             if gemm is not None and config is not None:
                 config.restype = ctypes.c_char_p
                 int_t = ctypes.c_int64 if b"USE64BITINT" in (config() or b"") else ctypes.c_int32
-                gemm.argtypes = [int_t] * 6 + [ctypes.c_float, ctypes.c_void_p, int_t, ctypes.c_void_p, int_t,
-                                                ctypes.c_float, ctypes.c_void_p, int_t]
+                gemm.argtypes = [ctypes.c_int] * 3 + [int_t] * 3 + [ctypes.c_float, ctypes.c_void_p, int_t,  # enums, m n k
+                                                                   ctypes.c_void_p, int_t, ctypes.c_float, ctypes.c_void_p, int_t]
                 gemm.restype = None
                 return gemm, int_t
     return None
