@@ -414,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
           "outputs timed into the page cache (sync untimed between tools). GB/s = weight bytes written / "
           "seconds (peft writes only the adapter). CPU s = user+sys of the tool's process tree; load = 1-minute "
           "load average when the run started (other work on the machine slows wall times). Peak RSS: process tree polled every 20 ms (max of summed "
-          "VmRSS and of each process's VmHWM). Targets (issue 2): export >= 10x faster than fuse, <= 3x cp, RSS < 1 GB.")
+          "VmRSS and of each process's VmHWM). mlx_bridge byte-compiled before timing, as an installed package is. "
+          "Targets (issue 2): export >= 10x faster than fuse, <= 3x cp, RSS < 1 GB.")
     if not args.keep and args.workdir is None:
         shutil.rmtree(work)
     return 0
