@@ -25,6 +25,7 @@ import numpy as np
 from ..errors import BridgeError
 from ..formats import DTYPES
 from ..formats.dtypes import count_nonfinite
+from . import gemm
 from .lora import fuse_rows, lora_factors
 from .parts import Item
 
@@ -42,6 +43,7 @@ class Chunk:
     whole: bool = False
     rows: int = ROWS  # rows fused at a time
     factors: tuple[np.ndarray, np.ndarray] | None = None  # LoRA (left, right), shared by an item's chunks
+    one_pass: bool = False  # the factors are `gemm.safe_factors` (fused with one BLAS call a block)
 
     @property
     def nbytes(self) -> int:
@@ -93,7 +95,8 @@ def split(item: Item, chunk_bytes: int, rows: int = ROWS) -> list[Chunk]:
     factors = lora_factors(lo.a.read(), lo.b.read(), lo.scale, lo.kind) if lo is not None else None
     if factors is not None:
         factors = (factors[0], np.ascontiguousarray(factors[1]))
-    return [Chunk(item, b, min(b + step, n), rows=rows, factors=factors) for b in range(0, n, step)]
+    one_pass = factors is not None and gemm.safe_factors(*factors)
+    return [Chunk(item, b, min(b + step, n), rows=rows, factors=factors, one_pass=one_pass) for b in range(0, n, step)]
 
 
 _scratch = threading.local()
@@ -165,6 +168,7 @@ def make(chunk: Chunk, buf: np.ndarray, raw: np.ndarray | None = None) -> tuple[
             block[...] = w  # a cast, rounded as astype rounds
         else:
             left, right = chunk.factors
-            fuse_rows(w, left[i:j], right, block, _buffer("f32", 2 * (j - i) * cols * 4).view(np.float32))
+            fuse_rows(w, left[i:j], right, block, _buffer("f32", 2 * (j - i) * cols * 4).view(np.float32),
+                      chunk.one_pass)
         bad += count_nonfinite(block)
     return out, bad, None if raw is None else raw[: (r1 - r0) * row_src]

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -94,7 +95,6 @@ def write_weights(items: list[Item], out: Path, shard_size: int | str = "5GB", w
     weight_map = {it.name: name for shard, name in zip(shards, names) for it in shard}
     total = sum(it.nbytes for it in items)
     workers = workers or min(2, os.cpu_count() or 1)
-    bar = _bar(total, progress)
     chunk_bytes = chunk_size(items, chunk_bytes, rows)
     todo = (c for it in items for c in split(it, chunk_bytes, rows))
     nbufs = max(4, lookahead_bytes // chunk_bytes)
@@ -150,6 +150,7 @@ def write_weights(items: list[Item], out: Path, shard_size: int | str = "5GB", w
             shard_iter = iter(zip(shards, names))
             left_in_shard = 0
             refill()
+            bar = _bar(total, progress)  # once the workers have chunks: tqdm's import (~20 ms) beside them
             while pending:
                 c, fut, buf = pending.popleft()
                 it = c.item
@@ -186,12 +187,12 @@ def write_weights(items: list[Item], out: Path, shard_size: int | str = "5GB", w
                 refill()
             if writer is not None:
                 writer.close()
+            bar.close()
         finally:
             for _, fut, _ in pending:
                 fut.cancel()
             while hashing:  # no buffer is freed while a hash still reads it
                 reclaim(True)
-    bar.close()
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return weight_map
@@ -234,4 +235,6 @@ def _bar(total: int, enabled: bool):
             def update(self, n): ...
             def close(self): ...
         return _Null()
+    if not hasattr(tqdm, "_lock"):  # a thread lock: tqdm's default also makes a multiprocessing lock (20-35 ms
+        tqdm.set_lock(threading.RLock())  # of imports before the first chunk) for bars of forked processes
     return tqdm(total=total, unit="B", unit_scale=True, desc="export", leave=False)

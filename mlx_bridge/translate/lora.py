@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import gemm
+
 
 def lora_factors(a: np.ndarray, b: np.ndarray, scale: float, kind: str = "linear") -> tuple[np.ndarray, np.ndarray]:
     """(left, right), float32, with delta = left @ right the dense update (same shape as the weight)."""
@@ -40,17 +42,20 @@ def fuse_lora(w: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float, kind: s
     """
     left, right = lora_factors(a, b, scale, kind)
     right = np.ascontiguousarray(right)
+    one_pass = gemm.safe_factors(left, right)
     out = np.empty(w.shape, out_dtype)
     scratch = np.empty(2 * min(rows, w.shape[0]) * w.shape[1], np.float32)
     for i in range(0, w.shape[0], rows):
         j = min(i + rows, w.shape[0])
-        fuse_rows(w[i:j], left[i:j], right, out[i:j], scratch)
+        fuse_rows(w[i:j], left[i:j], right, out[i:j], scratch, one_pass)
     return out
 
 
-def fuse_rows(w: np.ndarray, left: np.ndarray, right: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> None:
+def fuse_rows(w: np.ndarray, left: np.ndarray, right: np.ndarray, out: np.ndarray, scratch: np.ndarray,
+              one_pass: bool = False) -> None:
     """out = round(left @ right + w) for one block of rows of a weight, in float32 (exact upcast of w;
-    `scratch`: at least 2 * w.size float32, reused).
+    `scratch`: at least 2 * w.size float32, reused). `one_pass`: the factors are `gemm.safe_factors`,
+    so the product may be accumulated into the upcast by BLAS (`gemm.accumulate`: the same values).
 
     Example:
         >>> out = np.empty((2, 2), np.float32)
@@ -59,11 +64,14 @@ def fuse_rows(w: np.ndarray, left: np.ndarray, right: np.ndarray, out: np.ndarra
         >>> out.tolist()
         [[2.0, 2.0], [2.0, 2.0]]
     """
-    t = scratch[: w.size].reshape(w.shape)
-    up = scratch[w.size: 2 * w.size].reshape(w.shape)
-    np.matmul(left, right, out=t)
+    up = scratch[: w.size].reshape(w.shape)
     np.copyto(up, w, casting="unsafe")  # exact upcast; a mixed-dtype add would be much slower
-    t += up
+    if one_pass and gemm.accumulate(left, right, up):
+        t = up
+    else:
+        t = scratch[w.size: 2 * w.size].reshape(w.shape)
+        np.matmul(left, right, out=t)
+        t += up
     with np.errstate(over="ignore"):  # an overflow to Inf is refused by the NaN/Inf scan, by name
         out[...] = t
 
