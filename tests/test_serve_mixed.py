@@ -105,6 +105,48 @@ def test_mixed_steps_give_the_separate_prefill_paths_tokens(model):
     assert not [e for e in plain if e[0] == "launch" and e[2]]  # mix=None: no chunk rode on a step
 
 
+@pytest.mark.parametrize("newcomers,lanes", [(13, [13]), (9, [4, 4, 1])])
+def test_a_burst_of_newcomers_rides_in_wide_steps(model, newcomers, lanes):
+    """Newcomers arriving together while a row decodes ride in as few mixed steps as the prepared lane
+    counts (1, 4, 16) carry well (`shapes.carried`): 13 in one 16-lane step, 9 in two 4-lane steps
+    and one 1-lane step; the decoding row is in each; every row's tokens are those it gets alone."""
+    import threading
+
+    from mlx_bridge.serve.engine import Engine
+    from mlx_bridge.serve.protocol import Sampling
+
+    words = ["hello", "two", "tips", "list", "words", "give", "three", "what", "is", "plus", "reverse", "of", "the"]
+    ids = [model.encode_prompt(w) for w in words[:newcomers]]
+    eng = Engine(model, max_batch=16, mix=(16, 8))
+    assert eng.runner.mix_lanes == (1, 4, 16)
+    log = spy(eng.runner)
+    inside, go = threading.Event(), threading.Event()
+
+    def held(m, x=ids[0]):  # the worker waits here, in the middle of taking new requests
+        inside.set()
+        go.wait(60)
+        return [x], Sampling(max_tokens=6, temperature=0.0)
+
+    eng.start()
+    try:
+        first = eng.submit(lambda m: ([model.encode_prompt(PROMPTS[1])], Sampling(max_tokens=60, temperature=0.0)))
+        until(lambda: eng.metrics.generation_tokens >= 3)
+        jobs = [eng.submit(held)]
+        assert inside.wait(60)
+        n = len(log)
+        jobs += [eng.submit(lambda m, x=x: ([x], Sampling(max_tokens=6, temperature=0.0))) for x in ids[1:]]
+        go.set()
+        got = [j.future.result(timeout=120)[0].token_ids for j in jobs]
+        first.future.result(timeout=120)
+    finally:
+        eng.stop()
+    riding = [e for e in log[n:] if e[0] == "launch" and e[2]]
+    assert [len(e[2]) for e in riding] == lanes
+    assert all(0 in e[1] for e in riding)  # the first request's row (slot 0) decodes in each
+    assert not [e for e in log[n:] if e[0] == "prefill"]
+    assert got == [model.complete([x], max_tokens=6)[0].token_ids for x in ids]
+
+
 def test_mixed_step_pads_lanes_as_on_cuda_and_refuses_what_does_not_fit(model):
     """One chunk runs one lane, two run the step's 4 lanes (padding lanes write the scratch slot);
     more chunks or longer ones than the step takes are refused in one line."""

@@ -6,7 +6,9 @@ The loop follows vLLM's scheduler, one iteration at a time:
     mixed    while rows decode: one step for every decoding row with prompt chunks riding on it
              (`runner.launch(..., chunks)`, vLLM's chunked prefill): up to `mix` = (lanes, tokens)
              chunks of the rows still prefilling, then of waiting rows placed in free KV slots (a long
-             prompt may fill several lanes), one forward pass for both, so the weights are read once;
+             prompt may fill several lanes; a burst of newcomers rides in wide steps, as many chunks
+             as fill one of the runner's lane counts well), one forward pass for both, so the weights
+             are read once;
              the running rows get a token every step while a long prompt prefills
     prefill  when no row decodes (or the runner has no mixed steps): calls (`runner.prefill`) for the
              rows still prefilling and the waiting rows that take free KV slots, up to 4 rows and
@@ -28,7 +30,7 @@ why, and `/health` answers 503.
 
 Example:
     >>> engine = Engine(model, max_batch=8).start()  # doctest: +SKIP
-    >>> job = engine.submit(lambda m: ([m.encode_prompt("hi")], Sampling(max_tokens=8, temperature=0)))
+    >>> job = engine.submit(lambda m: ([m.encode_prompt("hi")], Sampling(max_tokens=8, temperature=0)))  # doctest: +SKIP
     >>> job.future.result()[0].text  # doctest: +SKIP
 """
 
@@ -46,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..deploy.generation import Completion, RowText
+from ..deploy.runners.shapes import carried
 from ..deploy.runners.slots import MIX, batch_runner
 from ..deploy.runners.steps import Chunk, RowSampling
 from ..errors import BridgeError
@@ -301,8 +304,17 @@ class Engine:
 
     def _mix_chunks(self) -> list[tuple[Row, Chunk]]:
         """Prompt chunks riding on this round's step: up to `mix` lanes of at most `mix[1]` tokens,
-        from the rows still prefilling (oldest first), then from waiting rows placed in free slots."""
-        lanes, n = self.mix
+        from the rows still prefilling (oldest first), then from waiting rows placed in free slots; as
+        many as `shapes.carried` says of those ready (a burst of newcomers rides in wide steps, one
+        newcomer in a narrow one)."""
+        most, n = self.mix
+        prefilling = [r for r in self._running.values() if r.filled < len(r.prompt) and not r.job.over]
+        ready = sum(-(-(len(r.prompt) - r.filled) // n) for r in prefilling)
+        for r in itertools.islice(self._waiting, len(self._free)):
+            if ready >= most:
+                break
+            ready += -(-len(r.prompt) // n)
+        lanes = carried(ready, getattr(self.runner, "mix_lanes", None) or (most,))
         picked: list[tuple[Row, Chunk]] = []
 
         def feed(r: Row) -> None:
@@ -312,8 +324,8 @@ class Engine:
                 picked.append((r, Chunk(r.slot, r.prompt[at:end], at, r.sampling if end == len(r.prompt) else None)))
                 at = end
 
-        for r in self._running.values():
-            if r.filled < len(r.prompt) and not r.job.over and len(picked) < lanes:
+        for r in prefilling:
+            if len(picked) < lanes:
                 feed(r)
         while self._waiting and self._free and len(picked) < lanes:
             r = self._waiting.popleft()

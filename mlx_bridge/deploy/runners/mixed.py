@@ -17,7 +17,7 @@ read once for both, and only attention is split:
              elsewhere SDPA over a copy of each lane's row
     head     the decode rows' next tokens, and the first token of each row whose last chunk this is
 
-Shapes are static: one CUDA graph per (B, S, greedy|sampled, 1 or `lanes` lanes), captured by
+Shapes are static: one CUDA graph per (B, S, greedy|sampled, lane count of `r.mix_lanes`), captured by
 `SlotRunner.prepare` with the other graphs (qkv compiles once more there, for its cache rows `at`;
 the attention between the halves is eager, as in the decode step). The lanes' input is the prefill
 buffer layout, (lanes, length + 4): tokens, slot, start, last index, last chunk?.
@@ -41,7 +41,7 @@ from ..native.layers import attend
 
 
 def launch_mixed(r, slots: list[int], need: int, greedy: bool, chunks: list[Chunk]) -> Pending:
-    """`SlotRunner.launch` with `chunks`: the lanes padded to 1 or `r.mix[0]`, one graph replay on CUDA."""
+    """`SlotRunner.launch` with `chunks`: the lanes padded up to a lane count of `r.mix_lanes`, one graph replay on CUDA."""
     if not slots or not r.mix_fits([len(c.tokens) for c in chunks]) or min(len(c.tokens) for c in chunks) < 1:
         raise BridgeError(f"mixed step: {len(slots)} rows and chunks of {[len(c.tokens) for c in chunks]} tokens "
                           f"(at most {r.mix} lanes x tokens, and a decoding row)")

@@ -30,6 +30,37 @@ def bucket(n: int, sizes=BATCHES) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def mixed_lanes(most: int) -> tuple[int, ...]:
+    """The lane counts a mixed step is prepared for when it carries at most `most` prompt chunks:
+    1, 4, 16, ... below `most`, and `most`.
+
+    Example:
+        >>> mixed_lanes(16), mixed_lanes(8), mixed_lanes(1)
+        ((1, 4, 16), (1, 4, 8), (1,))
+    """
+    return tuple(sorted({*(4 ** i for i in range(8) if 4 ** i < most), most}))
+
+
+def carried(ready: int, lanes: tuple[int, ...]) -> int:
+    """How many of `ready` prompt chunks a mixed step carries, its lanes padded up to one of `lanes`:
+    all of them (at most `lanes[-1]`) when they fill at least 3/4 of the lanes that hold them, else as
+    many as the largest lane count they fill; the rest ride the next step.
+
+    Padding costs: on an H200 (Llama-2-7B shape, bf16, batch 32 + n lanes of 128 tokens) a step takes
+    6.7 / 13.4 / 42.3 ms at 1 / 4 / 16 lanes, so 4 lanes cost less a chunk than 1 from 3 chunks on,
+    and 16 less than 4 from 13 on.
+
+    Example:
+        >>> [carried(k, (1, 4, 16)) for k in (1, 2, 3, 4, 9, 12, 13, 40)]
+        [1, 1, 3, 4, 4, 12, 13, 16]
+    """
+    k = min(ready, lanes[-1])
+    if k < 1:
+        return 0
+    hold = next(n for n in lanes if n >= k)
+    return k if 4 * k >= 3 * hold else max(n for n in lanes if n <= k)
+
+
 def len_bucket(n: int, min_len: int = MIN_LEN) -> int:
     """Cache length for n positions: a power of two, at least `min_len`.
 

@@ -28,7 +28,8 @@ launched before them.
 
 While rows decode, prompt chunks may instead ride on a decode step (`launch(..., chunks=...)`: a
 mixed step, `mixed.py`), one forward pass for the decode rows and up to `mix` = (lanes, tokens) of
-prompt, one graph per (B, S, greedy|sampled, 1 or `lanes` lanes), captured by `prepare` too.
+prompt, one graph per (B, S, greedy|sampled, lane count: 1, 4, 16, ... up to `lanes`, `mix_lanes`),
+captured by `prepare` too.
 
 `rows.RowRunner` gives the same interface over any runner with `start`/`next` (transformers models,
 layers spread over GPUs): one cache per row and rows decoded one after another (correct, not fast).
@@ -53,13 +54,13 @@ from ...errors import BridgeError
 from . import fused as fm
 from .prefill import fits, launch_prefill, prefill_graph
 from .sampling import pick
-from .shapes import BATCHES, INDUCTOR_OPTIONS, MIN_LEN, len_bucket
+from .shapes import BATCHES, INDUCTOR_OPTIONS, MIN_LEN, len_bucket, mixed_lanes
 from .steps import Chunk, HostBuffers, Pending, seed31
 from ..native.model import Transformer
 
 LANES = (1, 2, 4)  # rows one prefill call takes together (padded up to one of these on CUDA)
 CHUNKS = (16, 64, 128, 256, 512, 1024, 2048)  # chunk lengths a prefill is padded up to on CUDA
-MIX = (4, 128)  # (lanes, tokens) of the prompt chunks a mixed step carries by default (`mixed`)
+MIX = (16, 128)  # (lanes, tokens) of the prompt chunks a mixed step carries at most by default (`mixed`)
 
 
 def compile_rows(fn):
@@ -100,8 +101,8 @@ class SlotRunner:
         fused: the module's fused weights when a `FastRunner` has made them already (not twice).
         chunk: most prompt tokens one `prefill` call writes (its rows' chunks, padded, together).
         mix: (lanes, length) of the prompt chunks a mixed step carries beside the decode rows
-            (`mixed`; `launch(chunks=...)`), or None: no mixed steps. On CUDA a step with one chunk
-            runs 1 lane, else `lanes` (padded): two graphs per decode shape.
+            (`mixed`; `launch(chunks=...)`), or None: no mixed steps. On CUDA the chunks are padded
+            up to a lane count of `mix_lanes` (1, 4, 16, ... up to `lanes`): a graph each per decode shape.
     Raises:
         fm.NotFusable: latent attention, or layers on several devices.
     """
@@ -130,7 +131,7 @@ class SlotRunner:
         self.lanes = tuple(n for n in LANES if n <= rows)
         self.chunk_lens = tuple(sorted({c for c in CHUNKS if c < self.chunk} | {self.chunk}))
         self.mix = (min(mix[0], rows), mix[1]) if mix else None
-        self.mix_lanes = tuple(sorted({1, self.mix[0]})) if mix else ()
+        self.mix_lanes = mixed_lanes(self.mix[0]) if mix else ()
         # slot R is scratch: the padding lanes of a prefill write there; position S (past every bucket)
         # takes the writes of a chunk's padding tokens (never attended)
         a, dev, R = self.args, self.device, rows
