@@ -263,38 +263,57 @@ def burst(url: str, prompts: list, n: int, name: str, procs: int) -> dict:
 class Timeline:
     """What the server's worker did during a burst, on the wall clock the client processes use: each
     request's arrival (`engine.submit`), each prefill call and step launched (with the prompt chunks it
-    carries, and how many of them end a prompt), and when each launch's tokens were read."""
+    carries, and how many of them end a prompt), and when each launch's tokens were read. On CUDA also
+    the device's side: each launch's time on the device (events recorded around it) and the device's
+    idle time between launches (the host late)."""
 
     def __init__(self, engine):
         self.engine, self.events = engine, []
         self._saved = (engine.submit, engine.runner.prefill, engine.runner.launch)
         submit, prefill, launch = self._saved
+        cuda = getattr(engine.runner, "device", torch.device("cpu")).type == "cuda"
 
-        def read(p, kind, ends):
-            tokens = p.tokens
-            p.tokens = lambda: (tokens(), self.events.append(("read", time.time(), kind, ends)))[0]
+        def timed(run, kind, chunks):
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if cuda else [None, None]
+            if cuda:
+                ev[0].record()
+            p = run()
+            if cuda:
+                ev[1].record()
+            tokens, ends = p.tokens, sum(c.sampling is not None for c in chunks)
+            p.tokens = lambda: (tokens(), self.events.append(("read", time.time(), kind, ends, *ev)))[0]
             return p
 
         engine.submit = lambda *a, **k: (self.events.append(("submit", time.time(), 0, 0)), submit(*a, **k))[1]
-        engine.runner.prefill = lambda chunks: read(prefill(chunks), "prefill", sum(c.sampling is not None for c in chunks))
-        engine.runner.launch = lambda *a, chunks=(): read(launch(*a, chunks=chunks) if chunks else launch(*a),
-                                                          "mixed" if chunks else "step",
-                                                          sum(c.sampling is not None for c in chunks))
+        engine.runner.prefill = lambda chunks: timed(lambda: prefill(chunks), "prefill", chunks)
+        engine.runner.launch = lambda *a, chunks=(): timed(lambda: launch(*a, chunks=chunks) if chunks else launch(*a),
+                                                           "mixed" if chunks else "step", chunks)
 
     def close(self) -> None:
         self.engine.submit, self.engine.runner.prefill, self.engine.runner.launch = self._saved
 
     def burst(self, t0: float, end: float) -> dict:
-        """The events of a burst sent from `t0` whose last answer came at `end`, in ms from t0."""
+        """The events of a burst sent from `t0` whose last answer came at `end`, in ms from t0; on CUDA
+        the device's busy and idle ms up to the last row's first token, and its median step after it."""
         ev = [e for e in self.events if e[1] >= t0]
         ms = lambda t: (t - t0) * 1e3  # noqa: E731
         reads = [e for e in ev if e[0] == "read"]
         firsts = [e[1] for e in reads if e[3]]
-        return {"arrived ms": ms(max(e[1] for e in ev if e[0] == "submit")),
-                "prefill calls": sum(e[2] == "prefill" for e in reads), "mixed steps": sum(e[2] == "mixed" for e in reads),
-                "steps": sum(e[2] in ("mixed", "step") for e in reads),
-                "last first token ms": ms(max(firsts)) if firsts else float("nan"),
-                "last token ms": ms(max(e[1] for e in reads)), "answered ms": ms(end)}
+        out = {"arrived ms": ms(max(e[1] for e in ev if e[0] == "submit")),
+               "prefill calls": sum(e[2] == "prefill" for e in reads), "mixed steps": sum(e[2] == "mixed" for e in reads),
+               "steps": sum(e[2] in ("mixed", "step") for e in reads),
+               "last first token ms": ms(max(firsts)) if firsts else float("nan"),
+               "last token ms": ms(max(e[1] for e in reads)), "answered ms": ms(end)}
+        if reads and reads[0][4] is not None:
+            torch.cuda.synchronize()
+            done = max((i for i, e in enumerate(reads) if e[3]), default=-1)  # the launch of the last first token
+            busy = [e[4].elapsed_time(e[5]) for e in reads]
+            idle = [max(0.0, a[5].elapsed_time(b[4])) for a, b in zip(reads, reads[1:])]
+            tail = [b for e, b in zip(reads[done + 1:], busy[done + 1:]) if e[2] == "step"]
+            out.update({"device busy ms to first": sum(busy[:done + 1]), "device idle ms to first": sum(idle[:done]),
+                        "device idle ms after": sum(idle[done:]),
+                        "tail step ms": statistics.median(tail) if tail else float("nan")})
+        return out
 
 
 def main(argv=None) -> int:
@@ -443,6 +462,10 @@ def main(argv=None) -> int:
               f"{v['arrived ms']:.0f}; {v['prefill calls']} prefill calls, {v['mixed steps']} mixed steps; last first "
               f"token {v['last first token ms']:.0f}; {v['steps']} steps, last token {v['last token ms']:.0f}; "
               f"last answer {v['answered ms']:.0f} | | | | |")
+        if "tail step ms" in v:
+            print(f"| {a.max_batch} concurrent ({c}): the device, ms | busy {v['device busy ms to first']:.0f} and idle "
+                  f"{v['device idle ms to first']:.0f} up to the last first token, idle {v['device idle ms after']:.0f} "
+                  f"after it; median step after it {v['tail step ms']:.2f} | | | | |")
     v = res.get("steady httpx")
     if v:
         print(f"| {a.max_batch} clients in a loop (httpx), steady state: tok/s in all ({v['steps']} steps, {v['mixed']} "
