@@ -54,7 +54,7 @@ from . import fused as fm
 from .prefill import fits, launch_prefill, prefill_graph
 from .sampling import pick
 from .shapes import BATCHES, INDUCTOR_OPTIONS, MIN_LEN, len_bucket
-from .steps import Chunk, HostBuffers, Pending, seed31
+from .steps import Chunk, HostBuffers, Pending, Uploads, seed31
 from ..native.model import Transformer
 
 LANES = (1, 2, 4)  # rows one prefill call takes together (padded up to one of these on CUDA)
@@ -146,13 +146,10 @@ class SlotRunner:
             self.first = torch.zeros(max(*self.lanes, N), **long)
             self._ar = torch.arange(max(self.chunk, max(self.lanes), S, rows + 1, C), **long)
             self._mbuf = torch.zeros(N, C + 4, **long)  # the mixed steps' lanes (the prefill layout)
-            self._mpin = [torch.zeros(N, C + 4, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
             self._hosts = HostBuffers(R + 1 + max(N, *self.lanes), pinned=cuda, ready=8)  # launched steps' tokens
-            n = max(self.lanes) * (self.chunk + 4)
-            self._pin = [torch.zeros(n, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
-        self._mflip = self._pflip = 0  # which pinned input buffer (of two) a mixed step / prefill copies from
-        self._pin_done: list = [None, None]
-        self._mpin_done: list = [None, None]
+            # the captured prefills' and mixed steps' lanes on their way to the device
+            self._prefill_in = Uploads(max(self.lanes) * (self.chunk + 4), pinned=cuda)
+            self._mixed_in = Uploads(N * (C + 4), pinned=cuda)
         self.stats = {"captures": 0, "steps": 0, "prefills": 0, "mixed": 0}
         self._graphs: dict = {}
         self._pbufs: dict = {}  # (lanes, length) -> the prefill graphs' input (lanes, length + 4) on the device
