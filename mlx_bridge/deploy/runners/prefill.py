@@ -56,10 +56,7 @@ def launch_prefill(r, chunks: list[Chunk]) -> Pending:
         raise BridgeError(f"prefill: {[len(c.tokens) for c in chunks]} tokens do not fit one call "
                           f"(at most {r.lanes[-1]} rows, {r.chunk} tokens)")
     n, c = len(chunks), max(len(c.tokens) for c in chunks)
-    need = max(ch.start + len(ch.tokens) for ch in chunks)
-    S = next((s for s in r.lens if s >= need), None)
-    if S is None or need > r.max_len:
-        raise BridgeError(f"prefill: {need} positions needed, the pool holds {r.max_len}")
+    S = r.length(max(ch.start + len(ch.tokens) for ch in chunks), "prefill")
     N, C = (up(n, r.lanes), up(c, r.chunk_lens)) if r.padded else (n, c)
     data = lane_rows(chunks, N, C, r.rows)  # padding lanes: the scratch slot
     with torch.inference_mode():

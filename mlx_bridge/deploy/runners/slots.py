@@ -242,11 +242,14 @@ class SlotRunner:
 
     def shape(self, top: int, need: int) -> tuple[int, int]:
         """(B, S) of a step whose highest busy slot is `top` and whose longest row needs `need` positions."""
-        B = next(b for b in self.sizes if b > top)
+        return next(b for b in self.sizes if b > top), self.length(need, "decode")
+
+    def length(self, need: int, step: str) -> int:
+        """The length bucket S of a `step` ("decode", "prefill") whose longest row needs `need` positions."""
         S = next((s for s in self.lens if s >= need), None)
         if S is None or need > self.max_len:
-            raise BridgeError(f"decode: {need} positions needed, the pool holds {self.max_len}")
-        return B, S
+            raise BridgeError(f"{step}: {need} positions needed, the pool holds {self.max_len}")
+        return S
 
     def launch(self, slots: list[int], need: int, greedy: bool, chunks: list[Chunk] = ()) -> Pending:
         """One decode step for the busy `slots` (each row's next token), `need` the positions the
