@@ -157,7 +157,7 @@ class FastRunner:
         # the decode chain: each layer also returns its output under the next layer's input norm (the
         # final norm's for the last), computed in the layer's own graph after its residual add
         layer, head, rm = fm.make_layer(spec, decode=True), fm.make_head(spec, normed=True), fm.rope_masks
-        first = lambda x, w: fm.rms(x, w, spec.eps, spec.gemma)  # noqa: E731 (a segment's first input norm)
+        first = fm.make_norm(spec)  # a segment's first input norm
         if self.use_compile:
             lim = torch._dynamo.config
             lim.recompile_limit = max(lim.recompile_limit, 64)

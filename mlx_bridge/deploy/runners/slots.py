@@ -164,8 +164,8 @@ class SlotRunner:
         self._pqkv, self._pout, self._phead = fm.make_qkv(spec), fm.make_out(spec), fm.make_head(spec)
         # the decode step: the fast path's whole layer (one graph for every layer; on CUDA q/k norms, rope
         # and cache writes in one kernel), each layer also giving its output under the next input norm
-        first = lambda x, w: fm.rms(x, w, spec.eps, spec.gemma)  # noqa: E731 (the first layer's input norm)
-        fns = (fm.make_layer(spec, decode=True, rows=True), first, fm.make_head(spec, normed=True), rope, pick)
+        fns = (fm.make_layer(spec, decode=True, rows=True), fm.make_norm(spec), fm.make_head(spec, normed=True), rope,
+               pick)
         # the mixed step: the layer's halves around its split attention (`mixed`)
         halves = (fm.make_qkv(spec, rows=True), fm.make_out(spec), fm.make_head(spec)) if self.mix else ()
         if self.use_compile:
