@@ -59,8 +59,9 @@ def launch_mixed(r, slots: list[int], need: int, greedy: bool, chunks: list[Chun
         if not r.use_graphs:
             mixed_run(r, torch.tensor(data, dtype=torch.long, device=r.device), B, S, mode)
             return r.pending(where, r.out, r.first[:N])
+        g = r._graph(B, S, mode, mixed=N)  # before the copy: capturing a new shape clears the lanes' buffer
         r._mixed_in.copy(data, r._mbuf[:N])
-        r._graph(B, S, mode, mixed=N).replay()
+        g.replay()
         p = r.pending(where, r.out, r.first[:N])
         r._mixed_in.launched(p)
         return p
