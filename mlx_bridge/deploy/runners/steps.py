@@ -108,10 +108,10 @@ class HostBuffers:
 
 
 class Uploads:
-    """A pinned ring of two host buffers that a captured step's input rows go through to its device
-    buffer (`HostBuffers` is the other direction): `copy` waits for the copy of two launches ago (long
-    done), fills the pinned rows and starts one asynchronous copy; `launched` records the event of the
-    step that reads them, after which the buffer may be filled again. Off CUDA the buffers are not pinned.
+    """A ring of two host buffers (pinned on CUDA) that a captured step's input rows go through to its
+    device buffer (`HostBuffers` is the other direction): `copy` waits for the launch two calls ago that
+    read the same buffer (long done), fills the buffer's rows and starts one asynchronous copy;
+    `launched` records the event of the step that reads them, after which the buffer may be filled again.
 
     Example:
         >>> ring, dst = Uploads(8, pinned=False), torch.zeros(2, 3, dtype=torch.long)
