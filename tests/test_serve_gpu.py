@@ -83,3 +83,29 @@ def test_mixed_steps_in_cuda_graphs_give_each_rows_tokens(zoo):
                 got[s].append(step[s])
     assert [got[s][:8] for s in (0, 1, 2)] == want
     assert r.stats["mixed"] == -(-len(long) // 64) and r.stats["captures"] == captures
+
+
+def test_steps_captured_on_first_use_carry_their_prompts(zoo):
+    """Without `prepare` (`serve --no-prepare`) each step's graph is captured when a launch first needs
+    it, and capturing clears the lanes' input buffer: the prompt chunks of that launch must still reach
+    it (a mixed step copied them in before capturing, and its newcomer's chunk was lost)."""
+    from mlx_bridge.deploy.runners.slots import SlotRunner
+    from mlx_bridge.deploy.runners.steps import Chunk, RowSampling
+
+    m = load(zoo.hf("llama"), device="cuda", dtype="float32", fast=False)
+    m.eos_token_ids = set()
+    a, b = (m.encode_prompt(p) for p in (PROMPTS[0], PROMPTS[2]))
+    assert len(b) <= 16
+    want = [m.complete([x], max_tokens=4)[0].token_ids for x in (a, b)]
+    r = SlotRunner(m.module, rows=4, max_len=256, compile=False, graphs=True, batch_sizes=(1, 4), mix=(4, 16))
+    g = RowSampling()
+    got = {0: [r.prefill([Chunk(0, a, 0, g)]).tokens()[0]], 1: []}
+    step = r.launch([0], len(a) + 1, True, chunks=[Chunk(1, b, 0, g)]).tokens()  # captured here
+    got[0].append(step[0])
+    got[1].append(step[1])
+    for i in range(3):
+        step = r.launch([0, 1], max(len(a), len(b)) + 2 + i, True).tokens()
+        got[0].append(step[0])
+        got[1].append(step[1])
+    assert [got[0][:4], got[1][:4]] == want
+    assert r.stats["mixed"] == 1 and r.stats["captures"] >= 3

@@ -63,6 +63,47 @@ def test_each_launch_keeps_its_tokens_until_they_are_read(model):
     assert got[0] is launched[0].tokens()  # read once
 
 
+def test_the_graph_paths_lane_uploads_give_each_row_its_tokens(model, monkeypatch):
+    """The CUDA path's lanes reach the device through pinned rings of two (`steps.Uploads`): run here
+    with graphs that replay eagerly, prefills and mixed steps launched before any is read give each row
+    the tokens it gets alone."""
+    import torch
+
+    from mlx_bridge.deploy.runners import prefill
+    from mlx_bridge.deploy.runners.mixed import mixed_run
+    from mlx_bridge.deploy.runners.slots import SlotRunner
+    from mlx_bridge.deploy.runners.steps import Chunk, RowSampling
+
+    class Eager:  # a captured graph: replaying it runs the step
+        def __init__(self, run):
+            self.replay = run
+
+    def prefill_graph(r, N, C, S):
+        buf = r._pbufs.setdefault((N, C), torch.zeros(N, C + 4, dtype=torch.long))
+        return Eager(lambda: prefill.prefill_run(r, buf, N, C, S)), buf
+
+    monkeypatch.setattr(prefill, "prefill_graph", prefill_graph)
+    ids = [model.encode_prompt(p) for p in (PROMPTS[0], PROMPTS[1], PROMPTS[3], PROMPTS[2])]
+    a, b, c, d = ids  # c: two chunks, a prefill's and a mixed step's
+    assert 2 < len(c) <= 18 and len(d) <= 16
+    want = [model.complete([x], max_tokens=4)[0].token_ids for x in ids]
+    r = SlotRunner(model.module, rows=4, max_len=256, compile=False, graphs=False, chunk=256, mix=(4, 16))
+    r.use_graphs = r.padded = True
+    r._graph = lambda B, S, mode, mixed=0: Eager(
+        lambda: mixed_run(r, r._mbuf[:mixed], B, S, mode) if mixed else r._run(B, S, mode))
+    g, n = RowSampling(), max(map(len, ids))
+    launched = [r.prefill([Chunk(0, a, 0, g), Chunk(1, b, 0, g)]), r.prefill([Chunk(2, c[:2], 0)]),
+                r.launch([0, 1], n + 1, True, chunks=[Chunk(2, c[2:], 2, g)]),
+                r.launch([0, 1, 2], n + 2, True, chunks=[Chunk(3, d, 0, g)])]
+    launched += [r.launch([0, 1, 2, 3], n + 3 + i, True) for i in range(3)]
+    got: dict = {}
+    for p in launched:
+        for s, t in p.tokens().items():
+            got.setdefault(s, []).append(t)
+    assert [got[s][:4] for s in range(4)] == want
+    assert r.stats["mixed"] == 2 and r.stats["prefills"] == 2
+
+
 def burst(eng, ids: list[list[int]]) -> list[list[int]]:
     """Greedy 4-token requests, all waiting when `eng`'s worker starts; their tokens."""
     from mlx_bridge.serve.protocol import Sampling

@@ -5,19 +5,19 @@ that keeps sampling on the device and copies tokens to the host once every `sync
 next `sync_every` steps already queued behind the copy.
 
 How it is fast (gpt-fast's recipe on the package's own model class):
-- fused projections: `fast_model.fuse` builds `[q; k; v]` and `[gate; up]` once at load time;
+- fused projections: `fused.fuse` builds `[q; k; v]` and `[gate; up]` once at load time;
 - static shapes: batch rounded up to a bucket (1, 2, 4, 8, ...; spare rows are inert), cache length
-  to a power of two >= 256; each (batch, length) bucket has its own pre-allocated KV cache. A request
-  starts in the bucket of its prompt + 256 positions and moves to the next length bucket when it
-  needs more (`_room`), so a step never attends over more than twice the positions in use, whatever
-  `max_tokens` allows;
+  to a power of two >= 256; each (batch, length) bucket has its own pre-allocated KV cache and step
+  buffers (`buckets.State`). A request starts in the bucket of its prompt + 256 positions and moves
+  to the next length bucket when it needs more (`_room`), so a step never attends over more than
+  twice the positions in use, whatever `max_tokens` allows;
 - torch.compile (inductor with coordinate-descent tuning, no max-autotune) of ONE decoder layer,
   reused by every layer (same shapes), plus the step's rope/mask prologue and the head; compiled
   once per bucket, never per request; in the decode layer the q/k norms, rope and cache writes are one
   Triton kernel (`rope_kernels`), and each layer hands the next its input already normalised;
 - the whole step (embedding, layers, head, token choice, slot and counter updates) captured in a
   `torch.cuda.CUDAGraph` per bucket (one per device when layers are spread over GPUs, see
-  `fast_multi.place`) and replayed;
+  `pipeline.place`) and replayed;
 - prefill eager with SDPA (flash when there is no padding).
 
 Greedy tokens are the eager path's: the functions compute what `Transformer.step` computes (the tests
@@ -34,65 +34,21 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 
 from ...errors import BridgeError
 from . import fused as fm
+from .buckets import Segment, State, fetch, move, new_state, split
 from .sampling import greedy, pick
-from ..native.layers import KVCache, cache_shapes
+from ..native.layers import KVCache
 from ..native.model import Transformer, decode_step, prefill
 from .shapes import GROW_AHEAD, INDUCTOR_OPTIONS, MIN_LEN, bucket, len_bucket
 
 def _compile(fn):
     """Inductor without max-autotune or its own CUDA graphs (the runner captures the step itself)."""
     return torch.compile(fn, dynamic=False, fullgraph=True, options=INDUCTOR_OPTIONS)
-
-
-@dataclass
-class Segment:
-    device: torch.device
-    layers: list[int]
-
-
-@dataclass
-class State:
-    """Static buffers of one (batch, cache length) bucket; the graphs read and write only these."""
-
-    B: int
-    S: int
-    k: list
-    v: list
-    tok: torch.Tensor  # (B, 1) next input token, on the first device
-    slot: list  # per segment (1,) int64
-    pad: list  # per segment (B,) int64
-    xin: list  # per segment: hidden state handed over from the previous device (None for the first)
-    xout: list
-    logits: torch.Tensor  # (B, V) model dtype, on the head device
-    nxt: torch.Tensor  # (B,)
-    hist: torch.Tensor  # (H, B) tokens of the steps since the last sync
-    step: torch.Tensor  # (1,) index into hist
-    temp: torch.Tensor
-    top_p: torch.Tensor
-    top_k: torch.Tensor
-    seed: torch.Tensor
-    counter: torch.Tensor  # (1,) noise counter
-    graphs: dict = field(default_factory=dict)  # mode -> [CUDAGraph per segment]
-
-
-def fetch(t: torch.Tensor):
-    """Start copying t (a small device tensor) to the host; a function that waits for the copy
-    (and only it) and returns it as lists. CUDA: pinned memory, an event after the copy."""
-    if t.device.type != "cuda":
-        rows = t.tolist()
-        return lambda: rows
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    done = torch.cuda.Event()
-    done.record(torch.cuda.current_stream(t.device))
-    return lambda: (done.synchronize(), host.tolist())[1]
 
 
 class FastRunner:
@@ -125,11 +81,7 @@ class FastRunner:
         except fm.NotFusable:
             self.fused = None
             devices = [p.device for p in (next(l.parameters()) for l in module.model.layers)]
-        self.segments: list[Segment] = []
-        for i, d in enumerate(devices):
-            if not self.segments or self.segments[-1].device != d or i in split_at:
-                self.segments.append(Segment(d, []))
-            self.segments[-1].layers.append(i)
+        self.segments: list[Segment] = split(devices, split_at)
         if self.fused is None and len(self.segments) > 1:
             raise BridgeError(f"{self.args.model_type}: MoE layers on several devices are not supported; use one GPU")
         self.device = module.model.embed_tokens.weight.device
@@ -157,7 +109,7 @@ class FastRunner:
         # the decode chain: each layer also returns its output under the next layer's input norm (the
         # final norm's for the last), computed in the layer's own graph after its residual add
         layer, head, rm = fm.make_layer(spec, decode=True), fm.make_head(spec, normed=True), fm.rope_masks
-        first = lambda x, w: fm.rms(x, w, spec.eps, spec.gemma)  # noqa: E731 (a segment's first input norm)
+        first = fm.make_norm(spec)  # a segment's first input norm
         if self.use_compile:
             lim = torch._dynamo.config
             lim.recompile_limit = max(lim.recompile_limit, 64)
@@ -177,28 +129,10 @@ class FastRunner:
             return self._states[key]
         while len(self._states) >= self.max_buckets:
             self._states.popitem(last=False)
-        a, dev, hd = self.args, self.device, self.head_device
         lay = self.fused.layers if self.fused else None
-
-        def ldev(i):
-            return lay[i].device if lay else dev
-
-        ks, vs = cache_shapes(a, B, S)
-        k = [torch.zeros(ks, device=ldev(i), dtype=self.dtype) for i in range(a.num_layers)]
-        v = [torch.zeros(vs, device=ldev(i), dtype=self.dtype) for i in range(a.num_layers)]
-        segs = self.segments
-        long = dict(dtype=torch.long)
-        st = State(
-            B, S, k, v, tok=torch.zeros(B, 1, device=dev, **long),
-            slot=[torch.zeros(1, device=s.device, **long) for s in segs],
-            pad=[torch.zeros(B, device=s.device, **long) for s in segs],
-            xin=[None] + [torch.zeros(B, 1, a.hidden_size, device=s.device, dtype=self.dtype) for s in segs[1:]],
-            xout=[torch.zeros(B, 1, a.hidden_size, device=s.device, dtype=self.dtype) for s in segs[:-1]] + [None],
-            logits=torch.zeros(B, self.vocab_size, device=hd, dtype=self.dtype),
-            nxt=torch.zeros(B, device=hd, **long), hist=torch.zeros(max(self.sync_every, 1), B, device=hd, **long),
-            step=torch.zeros(1, device=hd, **long), temp=torch.zeros(B, device=hd),
-            top_p=torch.ones(B, device=hd), top_k=torch.zeros(B, device=hd, **long),
-            seed=torch.zeros(B, device=hd, **long), counter=torch.zeros(1, device=hd, **long))
+        layer_devices = [lay[i].device if lay else self.device for i in range(self.args.num_layers)]
+        st = new_state(self.args, B, S, self.segments, layer_devices, self.device, self.head_device, self.dtype,
+                       max(self.sync_every, 1))
         self._states[key] = st
         self.stats["buckets"] += 1
         return st
@@ -357,14 +291,7 @@ class FastRunner:
         if need <= st.S:
             return st
         new = self._state(st.B, len_bucket(need, self.min_len))
-        for a, b in zip(st.k + st.v, new.k + new.v):
-            b[:, :, :st.S].copy_(a)
-        for a, b in zip(st.slot + st.pad, new.slot + new.pad):
-            b.copy_(a)
-        for p in new.pad:
-            p[self._B:].fill_(new.S)  # spare rows stay all padding
-        for name in ("tok", "step", "temp", "top_p", "top_k", "seed", "counter"):
-            getattr(new, name).copy_(getattr(st, name))
+        move(st, new, self._B)  # spare rows stay all padding
         self._states.pop((st.B, st.S), None)
         self._st = new
         self.stats["grown"] += 1

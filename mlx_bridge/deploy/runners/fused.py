@@ -9,6 +9,7 @@ float32, same rope, same masks) with fewer, larger kernels:
     make_layer(spec, decode)  one decoder layer; every layer has the same shapes, so one compiled
                               graph serves all of them (compile time does not grow with depth);
                               its halves `make_qkv` and `make_out` around the attention
+    make_norm(spec)           a layer's input norm (the first of the decode chain)
     rope_masks(...)           cos/sin per rope setting and one mask per sliding window, once a step
     make_head(spec)           final norm, lm_head, softcap
 
@@ -331,6 +332,16 @@ def make_layer(spec: Spec, decode: bool, rows: bool = False) -> Callable:
 def chain(x: torch.Tensor, nxt, spec: Spec):
     """x, or (x, x normalised by the next norm `nxt`) (`make_layer`'s h and nxt)."""
     return x if nxt is None else (x, rms(x, nxt, spec.eps, spec.gemma))
+
+
+def make_norm(spec: Spec) -> Callable:
+    """norm(x, w) -> x under a layer's input norm weight w: the decode chain's first (`make_layer`'s h)."""
+    eps, gemma = spec.eps, spec.gemma
+
+    def norm(x, w):
+        return rms(x, w, eps, gemma)
+
+    return norm
 
 
 def make_head(spec: Spec, normed: bool = False) -> Callable:

@@ -36,7 +36,7 @@ from . import fused as fm
 from ...errors import BridgeError
 from .sampling import greedy, pick
 from .slots import row_masks
-from .steps import Chunk, Pending, up
+from .steps import Chunk, Pending, lane_rows, up
 from ..native.layers import attend
 
 
@@ -48,9 +48,7 @@ def launch_mixed(r, slots: list[int], need: int, greedy: bool, chunks: list[Chun
     B, S = r.shape(max(slots), max(need, *(c.start + len(c.tokens) for c in chunks)))
     mode = "greedy" if greedy and all(c.sampling is None or c.sampling.greedy for c in chunks) else "sample"
     N, C = up(len(chunks), r.mix_lanes), r.mix[1]
-    data = [[*ch.tokens, *[0] * (C - len(ch.tokens)), ch.slot, ch.start, len(ch.tokens) - 1,
-             int(ch.sampling is not None)] for ch in chunks]
-    data += [[0] * C + [r.rows, 0, 0, 0]] * (N - len(chunks))
+    data = lane_rows(chunks, N, C, r.rows)
     off = r.rows + 1  # first tokens follow the decode tokens (out has rows + 1 entries)
     where = {s: s for s in slots}
     where.update({ch.slot: off + i for i, ch in enumerate(chunks) if ch.sampling is not None})
@@ -58,19 +56,14 @@ def launch_mixed(r, slots: list[int], need: int, greedy: bool, chunks: list[Chun
         r._set_sampling(chunks)
         r.stats["steps"] += 1
         r.stats["mixed"] += 1
-        i = r._mflip
-        r._mflip ^= 1
         if not r.use_graphs:
             mixed_run(r, torch.tensor(data, dtype=torch.long, device=r.device), B, S, mode)
             return r.pending(where, r.out, r.first[:N])
-        pin = r._mpin[i][:N]
-        if r._mpin_done[i] is not None:
-            r._mpin_done[i].synchronize()  # its copy two launches ago (long done)
-        pin.copy_(torch.tensor(data, dtype=torch.long))
-        r._mbuf[:N].copy_(pin, non_blocking=True)
-        r._graph(B, S, mode, mixed=N).replay()
+        g = r._graph(B, S, mode, mixed=N)  # before the copy: capturing a new shape clears the lanes' buffer
+        r._mixed_in.copy(data, r._mbuf[:N])
+        g.replay()
         p = r.pending(where, r.out, r.first[:N])
-        r._mpin_done[i] = p._event
+        r._mixed_in.launched(p)
         return p
 
 

@@ -23,7 +23,7 @@ import torch
 from . import fused as fm
 from ...errors import BridgeError
 from .sampling import pick
-from .steps import Chunk, Pending, up
+from .steps import Chunk, Pending, lane_rows, up
 from ..native.layers import attend
 
 
@@ -56,14 +56,9 @@ def launch_prefill(r, chunks: list[Chunk]) -> Pending:
         raise BridgeError(f"prefill: {[len(c.tokens) for c in chunks]} tokens do not fit one call "
                           f"(at most {r.lanes[-1]} rows, {r.chunk} tokens)")
     n, c = len(chunks), max(len(c.tokens) for c in chunks)
-    need = max(ch.start + len(ch.tokens) for ch in chunks)
-    S = next((s for s in r.lens if s >= need), None)
-    if S is None or need > r.max_len:
-        raise BridgeError(f"prefill: {need} positions needed, the pool holds {r.max_len}")
+    S = r.length(max(ch.start + len(ch.tokens) for ch in chunks), "prefill")
     N, C = (up(n, r.lanes), up(c, r.chunk_lens)) if r.padded else (n, c)
-    data = [[*ch.tokens, *[0] * (C - len(ch.tokens)), ch.slot, ch.start, len(ch.tokens) - 1,
-             int(ch.sampling is not None)] for ch in chunks]
-    data += [[0] * C + [r.rows, 0, 0, 0]] * (N - n)  # padding lanes: the scratch slot
+    data = lane_rows(chunks, N, C, r.rows)  # padding lanes: the scratch slot
     with torch.inference_mode():
         r._set_sampling(chunks)
         r.stats["prefills"] += 1
@@ -72,15 +67,10 @@ def launch_prefill(r, chunks: list[Chunk]) -> Pending:
             prefill_run(r, torch.tensor(data, dtype=torch.long, device=r.device), N, C, S)
             return r.pending(where, r.first[:N])
         g, buf = prefill_graph(r, N, C, S)
-        pin, i = r._pin[r._pflip], r._pflip
-        if r._pin_done[i] is not None:
-            r._pin_done[i].synchronize()  # its copy two calls ago (long done)
-        pin = pin[:N * (C + 4)].view(N, C + 4)  # contiguous: one asynchronous copy
-        pin.copy_(torch.tensor(data, dtype=torch.long))
-        buf.copy_(pin, non_blocking=True)
+        r._prefill_in.copy(data, buf)
         g.replay()
         p = r.pending(where, r.first[:N])
-        r._pin_done[i], r._pflip = p._event, i ^ 1
+        r._prefill_in.launched(p)
         return p
 
 def prefill_run(r, buf: torch.Tensor, N: int, C: int, S: int) -> None:

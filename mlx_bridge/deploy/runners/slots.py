@@ -55,7 +55,7 @@ from . import fused as fm
 from .prefill import fits, launch_prefill, prefill_graph
 from .sampling import pick
 from .shapes import BATCHES, INDUCTOR_OPTIONS, MIN_LEN, len_bucket, mixed_lanes
-from .steps import Chunk, HostBuffers, Pending, seed31
+from .steps import Chunk, HostBuffers, Pending, Uploads, seed31
 from ..native.model import Transformer
 
 LANES = (1, 2, 4)  # rows one prefill call takes together (padded up to one of these on CUDA)
@@ -147,13 +147,10 @@ class SlotRunner:
             self.first = torch.zeros(max(*self.lanes, N), **long)
             self._ar = torch.arange(max(self.chunk, max(self.lanes), S, rows + 1, C), **long)
             self._mbuf = torch.zeros(N, C + 4, **long)  # the mixed steps' lanes (the prefill layout)
-            self._mpin = [torch.zeros(N, C + 4, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
             self._hosts = HostBuffers(R + 1 + max(N, *self.lanes), pinned=cuda, ready=8)  # launched steps' tokens
-            n = max(self.lanes) * (self.chunk + 4)
-            self._pin = [torch.zeros(n, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
-        self._mflip = self._pflip = 0  # which pinned input buffer (of two) a mixed step / prefill copies from
-        self._pin_done: list = [None, None]
-        self._mpin_done: list = [None, None]
+            # the captured prefills' and mixed steps' lanes on their way to the device
+            self._prefill_in = Uploads(max(self.lanes) * (self.chunk + 4), pinned=cuda)
+            self._mixed_in = Uploads(N * (C + 4), pinned=cuda)
         self.stats = {"captures": 0, "steps": 0, "prefills": 0, "mixed": 0}
         self._graphs: dict = {}
         self._pbufs: dict = {}  # (lanes, length) -> the prefill graphs' input (lanes, length + 4) on the device
@@ -168,8 +165,8 @@ class SlotRunner:
         self._pqkv, self._pout, self._phead = fm.make_qkv(spec), fm.make_out(spec), fm.make_head(spec)
         # the decode step: the fast path's whole layer (one graph for every layer; on CUDA q/k norms, rope
         # and cache writes in one kernel), each layer also giving its output under the next input norm
-        first = lambda x, w: fm.rms(x, w, spec.eps, spec.gemma)  # noqa: E731 (the first layer's input norm)
-        fns = (fm.make_layer(spec, decode=True, rows=True), first, fm.make_head(spec, normed=True), rope, pick)
+        fns = (fm.make_layer(spec, decode=True, rows=True), fm.make_norm(spec), fm.make_head(spec, normed=True), rope,
+               pick)
         # the mixed step: the layer's halves around its split attention (`mixed`)
         halves = (fm.make_qkv(spec, rows=True), fm.make_out(spec), fm.make_head(spec)) if self.mix else ()
         if self.use_compile:
@@ -246,11 +243,14 @@ class SlotRunner:
 
     def shape(self, top: int, need: int) -> tuple[int, int]:
         """(B, S) of a step whose highest busy slot is `top` and whose longest row needs `need` positions."""
-        B = next(b for b in self.sizes if b > top)
+        return next(b for b in self.sizes if b > top), self.length(need, "decode")
+
+    def length(self, need: int, step: str) -> int:
+        """The length bucket S of a `step` ("decode", "prefill") whose longest row needs `need` positions."""
         S = next((s for s in self.lens if s >= need), None)
         if S is None or need > self.max_len:
-            raise BridgeError(f"decode: {need} positions needed, the pool holds {self.max_len}")
-        return B, S
+            raise BridgeError(f"{step}: {need} positions needed, the pool holds {self.max_len}")
+        return S
 
     def launch(self, slots: list[int], need: int, greedy: bool, chunks: list[Chunk] = ()) -> Pending:
         """One decode step for the busy `slots` (each row's next token), `need` the positions the

@@ -1,5 +1,6 @@
-"""What a slot pool's steps take and give: a row's sampling settings, its prompt chunks, and the
-tokens of a launched step on their way to the host.
+"""What a slot pool's steps take and give: a row's sampling settings, its prompt chunks (as lanes,
+`lane_rows`, on their way to the device through `Uploads`), and the tokens of a launched step on their
+way to the host.
 
 A step is launched without waiting for it (`SlotRunner.launch`, `prefill`): its tokens are copied
 into a host buffer of `HostBuffers` and read when the worker asks (`Pending.tokens()`), after it has
@@ -104,6 +105,51 @@ class HostBuffers:
 
     def __len__(self) -> int:
         return self._made
+
+
+class Uploads:
+    """A ring of two host buffers (pinned on CUDA) that a captured step's input rows go through to its
+    device buffer (`HostBuffers` is the other direction): `copy` waits for the launch two calls ago that
+    read the same buffer (long done), fills the buffer's rows and starts one asynchronous copy;
+    `launched` records the event of the step that reads them, after which the buffer may be filled again.
+
+    Example:
+        >>> ring, dst = Uploads(8, pinned=False), torch.zeros(2, 3, dtype=torch.long)
+        >>> ring.copy([[1, 2, 3], [4, 5, 6]], dst); ring.launched(Pending({}, dst)); dst.tolist()
+        [[1, 2, 3], [4, 5, 6]]
+    """
+
+    def __init__(self, size: int, pinned: bool):
+        self._pin = [torch.zeros(size, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self._done: list = [None, None]
+        self._i = self._last = 0
+
+    def copy(self, rows: list[list[int]], dst: torch.Tensor) -> None:
+        """Start copying `rows` (as many as `dst` (N, W), contiguous, on the device) into `dst`."""
+        i, self._i = self._i, self._i ^ 1
+        self._last = i
+        if self._done[i] is not None:
+            self._done[i].synchronize()  # its copy two launches ago (long done)
+        pin = self._pin[i][:dst.numel()].view(dst.shape)  # contiguous: one asynchronous copy
+        pin.copy_(torch.tensor(rows, dtype=torch.long))
+        dst.copy_(pin, non_blocking=True)
+
+    def launched(self, p: Pending) -> None:
+        """The step reading the last `copy` is launched as `p`: its buffer is free once `p`'s event is."""
+        self._done[self._last] = p._event
+
+
+def lane_rows(chunks: list[Chunk], N: int, C: int, scratch: int) -> list[list[int]]:
+    """The lanes (N, C + 4) of a prefill or mixed step, one a chunk and padding lanes after them: C
+    tokens (zero-padded), then slot, start, last index, last chunk?; padding lanes write `scratch`.
+
+    Example:
+        >>> lane_rows([Chunk(3, [7, 8], 5, RowSampling())], 2, 3, scratch=9)
+        [[7, 8, 0, 3, 5, 1, 1], [0, 0, 0, 9, 0, 0, 0]]
+    """
+    rows = [[*ch.tokens, *[0] * (C - len(ch.tokens)), ch.slot, ch.start, len(ch.tokens) - 1,
+             int(ch.sampling is not None)] for ch in chunks]
+    return rows + [[0] * C + [scratch, 0, 0, 0]] * (N - len(chunks))
 
 
 @dataclass(frozen=True)
