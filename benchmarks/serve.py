@@ -141,6 +141,20 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
+def prefill_ms(runner, rows: int, length: int, n: int = 20) -> float:
+    """Milliseconds of one prefill call of `rows` chunks of `length` tokens: the first chunk of a prompt
+    in each of the last slots (not the last chunk: no row starts)."""
+    from mlx_bridge.deploy.runners.steps import Chunk
+
+    chunks = [Chunk(runner.rows - 1 - i, [5] * length, 0) for i in range(rows)]
+    runner.prefill(chunks).tokens()
+    t = time.perf_counter()
+    for _ in range(n):
+        p = runner.prefill(chunks)
+    p.tokens()
+    return (time.perf_counter() - t) / n * 1e3
+
+
 # -- the client side (its own process: the server's threads never wait for the client's GIL) ---------
 
 _CLIENTS: dict = {}
@@ -281,7 +295,7 @@ class Timeline:
             if cuda:
                 ev[1].record()
             tokens, ends = p.tokens, sum(c.sampling is not None for c in chunks)
-            p.tokens = lambda: (tokens(), self.events.append(("read", time.time(), kind, ends, *ev)))[0]
+            p.tokens = lambda: (tokens(), self.events.append(("read", time.time(), kind, ends, *ev, len(chunks))))[0]
             return p
 
         engine.submit = lambda *a, **k: (self.events.append(("submit", time.time(), 0, 0)), submit(*a, **k))[1]
@@ -310,6 +324,8 @@ class Timeline:
             busy = [e[4].elapsed_time(e[5]) for e in reads]
             idle = [max(0.0, a[5].elapsed_time(b[4])) for a, b in zip(reads, reads[1:])]
             tail = [b for e, b in zip(reads[done + 1:], busy[done + 1:]) if e[2] == "step"]
+            out["launches to first"] = [(e[2], e[6], round(ms(e[1]), 1), round(b, 2)) for e, b in
+                                        zip(reads[:done + 1], busy)]  # (kind, chunks, read at ms, device ms)
             out.update({"device busy ms to first": sum(busy[:done + 1]), "device idle ms to first": sum(idle[:done]),
                         "device idle ms after": sum(idle[done:]),
                         "tail step ms": statistics.median(tail) if tail else float("nan")})
@@ -402,6 +418,9 @@ def main(argv=None) -> int:
             if getattr(engine.runner, "mix", None):  # a mixed step: the decode rows and every lane full
                 for n in engine.runner.mix_lanes:
                     res[f"mixed ms {n}"] = mixed_ms(engine.runner, a.max_batch, a.prompt + a.tokens, n)
+            for n in (1, max(getattr(engine.runner, "lanes", (1,)))):  # a prefill call (when no row decodes), full rows
+                if engine.runner.fits([a.prompt] * n):
+                    res[f"prefill ms {n}"] = prefill_ms(engine.runner, n, a.prompt)
         captures, graphs = engine.runner.stats["captures"], compiled()
         with mp.get_context("spawn").Pool(1) as pool:
             for load in loads:  # and where the worker's time goes under each
@@ -448,6 +467,10 @@ def main(argv=None) -> int:
     for n in getattr(engine.runner, "mix_lanes", ()) if not a.stand_in else ():
         print(f"| mixed step on the device: batch {a.max_batch} + {n} x {engine.runner.mix[1]} prompt tokens, ms "
               f"| {res[f'mixed ms {n}']:.2f} | | | | |")
+    for n in (1, max(getattr(engine.runner, "lanes", (1,)))):
+        if f"prefill ms {n}" in res:
+            print(f"| prefill call on the device: {n} x {a.prompt} prompt tokens, ms | {res[f'prefill ms {n}']:.2f} "
+                  f"| | | | |")
     if "one" in res:
         v = res["one"]["tok/s"]
         print(f"| one request at a time, tok/s | {v:.1f} | {r1:.1f} (batch 1) | {v / r1:.0%} | {w1:.1f} | {v / w1:.0%} |")
@@ -466,6 +489,8 @@ def main(argv=None) -> int:
             print(f"| {a.max_batch} concurrent ({c}): the device, ms | busy {v['device busy ms to first']:.0f} and idle "
                   f"{v['device idle ms to first']:.0f} up to the last first token, idle {v['device idle ms after']:.0f} "
                   f"after it; median step after it {v['tail step ms']:.2f} | | | | |")
+            print(f"| {a.max_batch} concurrent ({c}): launches up to the last first token (kind, chunks, read at ms, "
+                  f"device ms) | {'; '.join(' '.join(map(str, x)) for x in v['launches to first'])} | | | | |")
     v = res.get("steady httpx")
     if v:
         print(f"| {a.max_batch} clients in a loop (httpx), steady state: tok/s in all ({v['steps']} steps, {v['mixed']} "
