@@ -73,6 +73,35 @@ def test_a_long_prompt_rides_on_the_decode_steps_of_running_rows(model):
     assert [ch.start for e in riding for ch in e[2]] == list(range(0, len(long), 8))
 
 
+def test_with_no_row_decoding_prompts_ride_steps_of_their_own(model):
+    """A prompt arriving while nothing runs is written by mixed steps without decode rows (2 lanes x 8
+    tokens each, no separate prefill call: the prefill path's uncompiled layers are slower on CUDA), and
+    the rows' tokens are those each gets alone; a second prompt arriving then rides on the first's steps."""
+    from mlx_bridge.serve.engine import Engine
+    from mlx_bridge.serve.protocol import Sampling
+
+    long, short = model.encode_prompt(" ".join(PROMPTS * 2)), model.encode_prompt(PROMPTS[2])
+    want = [model.complete([x], max_tokens=n)[0].token_ids for x, n in ((long, 30), (short, 6))]
+    eng = Engine(model, max_batch=2, mix=(2, 8))
+    log = spy(eng.runner)
+    eng.start()
+    try:
+        a = eng.submit(lambda m: ([long], Sampling(max_tokens=30, temperature=0.0)))
+        until(lambda: eng.metrics.generation_tokens >= 3)
+        b = eng.submit(lambda m: ([short], Sampling(max_tokens=6, temperature=0.0)))
+        got = [a.future.result(timeout=120)[0].token_ids, b.future.result(timeout=120)[0].token_ids]
+    finally:
+        eng.stop()
+    assert got == want
+    assert not [e for e in log if e[0] == "prefill"]
+    alone = -(-len(long) // 16)  # steps of 2 lanes x 8 tokens before the long prompt's row decodes
+    assert len(long) > 16 and all(e[0] == "launch" and e[1] == [] and e[2] for e in log[:alone])
+    assert [len(e[2]) for e in log[:alone - 1]] == [2] * (alone - 1)
+    assert [t for e in log[:alone] for ch in e[2] for t in ch.tokens] == long
+    assert log[alone][1] == [0]  # then the row decodes
+    assert any(e[1] == [0] and e[2] for e in log[alone:])  # the short prompt rode on the long one's steps
+
+
 def test_mixed_steps_give_the_separate_prefill_paths_tokens(model):
     """Rows arriving while others decode, greedy and seeded-sampled, several newcomers in one step:
     the same tokens with mixed steps as with separate prefill calls (and greedy as `complete`)."""

@@ -3,14 +3,14 @@
 The loop follows vLLM's scheduler, one iteration at a time:
 
     admit    new requests: tokenize and check them (`prepare`), queue their rows (FIFO)
-    mixed    while rows decode: one step for every decoding row with prompt chunks riding on it
-             (`runner.launch(..., chunks)`, vLLM's chunked prefill): up to `mix` = (lanes, tokens)
-             chunks of the rows still prefilling, then of waiting rows placed in free KV slots (a long
-             prompt may fill several lanes; a burst of newcomers rides in wide steps, as many chunks
-             as fill one of the runner's lane counts well), one forward pass for both, so the weights
-             are read once;
-             the running rows get a token every step while a long prompt prefills
-    prefill  when no row decodes (or the runner has no mixed steps): calls (`runner.prefill`) for the
+    mixed    one step for every decoding row with prompt chunks riding on it (`runner.launch(...,
+             chunks)`, vLLM's chunked prefill; the chunks alone while no row decodes): up to `mix` =
+             (lanes, tokens) chunks of the rows still prefilling, then of waiting rows placed in free
+             KV slots (a long prompt may fill several lanes; a burst of newcomers rides in wide steps,
+             as many chunks as fill one of the runner's lane counts well), one forward pass for both,
+             so the weights are read once; the running rows get a token every step while a long
+             prompt prefills
+    prefill  when the runner has no mixed steps (`mix` None): calls (`runner.prefill`) for the
              rows still prefilling and the waiting rows that take free KV slots, up to 4 rows and
              `prefill_chunk` tokens a call, at most `prefill_calls` calls and one chunk of each row a
              round: a burst of newcomers is written in few rounds
@@ -214,13 +214,14 @@ class Engine:
                 self._drop_cancelled()
                 t0 = t()
                 rows, launched = self._decoding(), []
-                if not (rows and self.mix):  # separate prefill calls; the rows they start join this round's step
+                if not self.mix:  # separate prefill calls; the rows they start join this round's step
                     launched = self._prefills()
                     rows = self._decoding()
                 t1 = t()
-                if rows:
-                    picked = self._mix_chunks() if self.mix else []
-                    step = ([r.slot for r in rows], max(r.pos for r in rows) + 1, all(r.sampling.greedy for r in rows))
+                picked = self._mix_chunks() if self.mix else []
+                if rows or picked:  # a mixed step may carry prompt chunks alone (no row decodes yet)
+                    step = ([r.slot for r in rows], max((r.pos for r in rows), default=0) + 1,
+                            all(r.sampling.greedy for r in rows))
                     try:
                         p = self.runner.launch(*step, chunks=[ch for _, ch in picked]) if picked else self.runner.launch(*step)
                     except BridgeError as e:  # the model refused the riding chunks' input: they fail alone,

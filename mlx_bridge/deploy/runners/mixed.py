@@ -42,10 +42,10 @@ from ..native.layers import attend
 
 def launch_mixed(r, slots: list[int], need: int, greedy: bool, chunks: list[Chunk]) -> Pending:
     """`SlotRunner.launch` with `chunks`: the lanes padded up to a lane count of `r.mix_lanes`, one graph replay on CUDA."""
-    if not slots or not r.mix_fits([len(c.tokens) for c in chunks]) or min(len(c.tokens) for c in chunks) < 1:
-        raise BridgeError(f"mixed step: {len(slots)} rows and chunks of {[len(c.tokens) for c in chunks]} tokens "
-                          f"(at most {r.mix} lanes x tokens, and a decoding row)")
-    B, S = r.shape(max(slots), max(need, *(c.start + len(c.tokens) for c in chunks)))
+    if not r.mix_fits([len(c.tokens) for c in chunks]) or min(len(c.tokens) for c in chunks) < 1:
+        raise BridgeError(f"mixed step: chunks of {[len(c.tokens) for c in chunks]} tokens "
+                          f"(at most {r.mix} lanes x tokens)")
+    B, S = r.shape(max(slots, default=0), max(need, *(c.start + len(c.tokens) for c in chunks)))  # no row: B = 1
     mode = "greedy" if greedy and all(c.sampling is None or c.sampling.greedy for c in chunks) else "sample"
     N, C = up(len(chunks), r.mix_lanes), r.mix[1]
     data = lane_rows(chunks, N, C, r.rows)
