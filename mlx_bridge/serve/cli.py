@@ -38,8 +38,9 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-chunk", type=int, default=512,
                         help="most prompt tokens of one prefill call; a row gets one chunk between two decode steps (default 512)")
     parser.add_argument("--mixed-lanes", type=int, default=MIX[0],
-                        help="prompt chunks riding on a decode step while rows decode (mixed steps, vLLM's chunked "
-                             f"prefill); 0: separate prefill calls only (default {MIX[0]})")
+                        help="most prompt chunks one step carries beside the decoding rows (mixed steps, vLLM's "
+                             "chunked prefill; prepared at 1, 4, 16, ... lanes); 0: separate prefill calls only "
+                             f"(default {MIX[0]})")
     parser.add_argument("--mixed-tokens", type=int, default=MIX[1],
                         help=f"most prompt tokens of one riding chunk (default {MIX[1]})")
     parser.add_argument("--max-request-tokens", type=int, default=MAX_REQUEST_TOKENS,
