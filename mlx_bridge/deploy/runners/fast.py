@@ -44,7 +44,7 @@ from .buckets import Segment, State, fetch, move, new_state, split
 from .sampling import greedy, pick
 from ..native.layers import KVCache
 from ..native.model import Transformer, decode_step, prefill
-from .shapes import GROW_AHEAD, INDUCTOR_OPTIONS, MIN_LEN, bucket, len_bucket
+from .shapes import GROW_AHEAD, INDUCTOR_OPTIONS, MIN_LEN, bucket, capture, len_bucket
 
 def _compile(fn):
     """Inductor without max-autotune or its own CUDA graphs (the runner captures the step itself)."""
@@ -151,19 +151,9 @@ class FastRunner:
         graphs = []
         for i, seg in enumerate(self.segments):
             with torch.cuda.device(seg.device):
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):  # warm-up: compiles, cuBLAS handles
-                    for _ in range(2):
-                        st.step.zero_()
-                        self._run_segment(st, i, mode)
-                torch.cuda.current_stream().wait_stream(side)
-                g = torch.cuda.CUDAGraph()
-                pool = self._pool(seg.device)
-                # a capture stream of this device (torch.cuda.graph's default one lives on the first device used)
-                with torch.cuda.graph(g, pool=pool, stream=torch.cuda.Stream()):
-                    self._run_segment(st, i, mode)
-            graphs.append(g)
+                run = lambda i=i: self._run_segment(st, i, mode)  # noqa: E731
+                graphs.append(capture(run, seg.device, self._pool(seg.device),
+                                      warm=lambda run=run: (st.step.zero_(), run())))
         for t, v in zip(small, saved):
             t.copy_(v)
         st.graphs[mode] = graphs

@@ -23,6 +23,7 @@ import torch
 from . import fused as fm
 from ...errors import BridgeError
 from .sampling import pick
+from .shapes import capture
 from .steps import Chunk, Pending, lane_rows, up
 from ..native.layers import attend
 
@@ -116,15 +117,6 @@ def prefill_graph(r, N: int, C: int, S: int):
     if key not in r._graphs:
         buf.zero_()
         buf[:, C] = r.rows
-        side = torch.cuda.Stream(r.device)
-        side.wait_stream(torch.cuda.current_stream(r.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                prefill_run(r, buf, N, C, S)
-        torch.cuda.current_stream(r.device).wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=r._pool, stream=torch.cuda.Stream(r.device)):
-            prefill_run(r, buf, N, C, S)
-        r._graphs[key] = g
+        r._graphs[key] = capture(lambda: prefill_run(r, buf, N, C, S), r.device, r._pool)
         r.stats["captures"] += 1
     return r._graphs[key], buf

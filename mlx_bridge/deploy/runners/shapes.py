@@ -3,7 +3,8 @@
 A decode step is captured once per shape, so batch sizes and cache lengths are rounded up to a few
 buckets: batches to 1, 2, 4, ... (`bucket`), cache lengths to powers of two >= 256 (`len_bucket`).
 `FastRunner` (one cache per bucket) and `SlotRunner` (one pool, steps over its first B rows and S
-positions) use the same buckets and the same inductor options.
+positions) use the same buckets, the same inductor options, and capture each shape's step the same
+way (`capture`).
 
 Example:
     >>> bucket(3), len_bucket(385)
@@ -11,6 +12,8 @@ Example:
 """
 
 from __future__ import annotations
+
+import torch
 
 MIN_LEN = 256
 GROW_AHEAD = 256  # positions past the prompt allocated at first; the cache doubles when decoding needs more
@@ -69,6 +72,28 @@ def len_bucket(n: int, min_len: int = MIN_LEN) -> int:
         (256, 512, 16)
     """
     return max(min_len, 1 << (n - 1).bit_length())
+
+
+def capture(run, device: torch.device, pool, warm=None) -> "torch.cuda.CUDAGraph":
+    """`run` captured in a CUDA graph on `device` (its memory from `pool`), after two warm-up runs
+    (`warm`, default `run`) on a side stream: they compile and create cuBLAS handles outside the
+    capture. The capture stream is one of `device` (torch's default capture stream lives on the first
+    device used).
+
+    Example:
+        >>> g = capture(lambda: step(buf), torch.device("cuda"), pool)  # doctest: +SKIP
+        >>> g.replay()                                                  # doctest: +SKIP
+    """
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            (warm or run)()
+    torch.cuda.current_stream(device).wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, pool=pool, stream=torch.cuda.Stream(device)):
+        run()
+    return g
 
 
 INDUCTOR_OPTIONS = {

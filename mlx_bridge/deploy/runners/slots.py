@@ -54,7 +54,7 @@ from ...errors import BridgeError
 from . import fused as fm
 from .prefill import fits, launch_prefill, prefill_graph
 from .sampling import pick
-from .shapes import BATCHES, INDUCTOR_OPTIONS, MIN_LEN, len_bucket, mixed_lanes
+from .shapes import BATCHES, INDUCTOR_OPTIONS, MIN_LEN, capture, len_bucket, mixed_lanes
 from .steps import Chunk, HostBuffers, Pending, Uploads, seed31
 from ..native.model import Transformer
 
@@ -226,15 +226,7 @@ class SlotRunner:
             run = lambda: self._run(B, S, mode)  # noqa: E731
         small = [self.tok, self.pos, self.counter, self.out, self.active]
         saved = [t.clone() for t in small]
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                run()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self._pool, stream=torch.cuda.Stream(self.device)):
-            run()
+        g = capture(run, self.device, self._pool)
         for t, v in zip(small, saved):
             t.copy_(v)
         self._graphs[key] = g
