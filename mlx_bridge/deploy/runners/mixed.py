@@ -36,7 +36,8 @@ from . import fused as fm
 from ...errors import BridgeError
 from .sampling import greedy, pick
 from .slots import row_masks
-from .steps import Chunk, Pending, lane_rows, up
+from .shapes import up
+from .steps import Chunk, Pending, lane_rows
 from ..native.layers import attend
 
 

@@ -23,8 +23,8 @@ import torch
 from . import fused as fm
 from ...errors import BridgeError
 from .sampling import pick
-from .shapes import capture
-from .steps import Chunk, Pending, lane_rows, up
+from .shapes import capture, up
+from .steps import Chunk, Pending, lane_rows
 from ..native.layers import attend
 
 

@@ -33,6 +33,16 @@ def bucket(n: int, sizes=BATCHES) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def up(n: int, sizes) -> int | None:
+    """The smallest of `sizes` >= n, or None (`bucket` without its powers of two past the table).
+
+    Example:
+        >>> up(3, (1, 4, 16)), up(17, (1, 4, 16))
+        (4, None)
+    """
+    return next((s for s in sizes if s >= n), None)
+
+
 def mixed_lanes(most: int) -> tuple[int, ...]:
     """The lane counts a mixed step is prepared for when it carries at most `most` prompt chunks:
     1, 4, 16, ... below `most`, and `most`.
@@ -60,7 +70,7 @@ def carried(ready: int, lanes: tuple[int, ...]) -> int:
     k = min(ready, lanes[-1])
     if k < 1:
         return 0
-    hold = next(n for n in lanes if n >= k)
+    hold = up(k, lanes)
     return k if 4 * k >= 3 * hold else max(n for n in lanes if n <= k)
 
 

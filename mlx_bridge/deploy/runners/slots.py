@@ -54,7 +54,7 @@ from ...errors import BridgeError
 from . import fused as fm
 from .prefill import fits, launch_prefill, prefill_graph
 from .sampling import pick
-from .shapes import BATCHES, INDUCTOR_OPTIONS, MIN_LEN, capture, len_bucket, mixed_lanes
+from .shapes import BATCHES, INDUCTOR_OPTIONS, MIN_LEN, capture, len_bucket, mixed_lanes, up
 from .steps import Chunk, HostBuffers, Pending, Uploads, seed31
 from ..native.model import Transformer
 
@@ -239,7 +239,7 @@ class SlotRunner:
 
     def length(self, need: int, step: str) -> int:
         """The length bucket S of a `step` ("decode", "prefill") whose longest row needs `need` positions."""
-        S = next((s for s in self.lens if s >= need), None)
+        S = up(need, self.lens)
         if S is None or need > self.max_len:
             raise BridgeError(f"{step}: {need} positions needed, the pool holds {self.max_len}")
         return S

@@ -167,7 +167,3 @@ class Chunk:
     start: int
     sampling: RowSampling | None = None
 
-
-def up(n: int, sizes) -> int | None:
-    """The smallest of `sizes` >= n, or None."""
-    return next((s for s in sizes if s >= n), None)
