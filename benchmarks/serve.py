@@ -110,49 +110,46 @@ def compiled() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
-def step_ms(runner, B: int, need: int, n: int = 50) -> float:
-    """Milliseconds of one served decode step at batch B (launched back to back, the last one waited
-    for), attending over the length bucket of `need` positions."""
-    runner.launch(list(range(B)), need, greedy=True).tokens()
+def device_ms(launch, n: int) -> float:
+    """Milliseconds of one `launch()` (a step or prefill call that returns a `Pending`): one to warm
+    up, then n back to back, the last one waited for."""
+    launch().tokens()
     t = time.perf_counter()
     for _ in range(n):
-        p = runner.launch(list(range(B)), need, greedy=True)
+        p = launch()
     p.tokens()
     return (time.perf_counter() - t) / n * 1e3
+
+
+def step_ms(runner, B: int, need: int, n: int = 50) -> float:
+    """Milliseconds of one served decode step at batch B, attending over the length bucket of `need`
+    positions."""
+    return device_ms(lambda: runner.launch(list(range(B)), need, greedy=True), n)
+
+
+def first_chunks(runner, lanes: int, length: int) -> list:
+    """The first chunk of a prompt (`length` tokens, not its last: no row starts) in each of the last
+    `lanes` slots (no request runs yet: nothing reads them)."""
+    from mlx_bridge.deploy.runners.steps import Chunk
+
+    return [Chunk(runner.rows - 1 - i, [5] * length, 0) for i in range(lanes)]
 
 
 def mixed_ms(runner, B: int, need: int, lanes: int, n: int = 20) -> float:
-    """Milliseconds of one mixed step at batch B with `lanes` full lanes: the first chunk of a prompt
-    in each of the last slots (no request runs yet: nothing reads them)."""
-    from mlx_bridge.deploy.runners.steps import Chunk
+    """Milliseconds of one mixed step at batch B with `lanes` full lanes (`first_chunks`)."""
+    chunks = first_chunks(runner, lanes, runner.mix[1])
+    return device_ms(lambda: runner.launch(list(range(B)), need, greedy=True, chunks=chunks), n)
 
-    c = runner.mix[1]
-    chunks = [Chunk(runner.rows - 1 - i, [5] * c, 0) for i in range(lanes)]
-    runner.launch(list(range(B)), need, greedy=True, chunks=chunks).tokens()
-    t = time.perf_counter()
-    for _ in range(n):
-        p = runner.launch(list(range(B)), need, greedy=True, chunks=chunks)
-    p.tokens()
-    return (time.perf_counter() - t) / n * 1e3
+
+def prefill_ms(runner, rows: int, length: int, n: int = 20) -> float:
+    """Milliseconds of one prefill call of `rows` chunks of `length` tokens (`first_chunks`)."""
+    chunks = first_chunks(runner, rows, length)
+    return device_ms(lambda: runner.prefill(chunks), n)
 
 
 def pct(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
-
-
-def prefill_ms(runner, rows: int, length: int, n: int = 20) -> float:
-    """Milliseconds of one prefill call of `rows` chunks of `length` tokens: the first chunk of a prompt
-    in each of the last slots (not the last chunk: no row starts)."""
-    from mlx_bridge.deploy.runners.steps import Chunk
-
-    chunks = [Chunk(runner.rows - 1 - i, [5] * length, 0) for i in range(rows)]
-    runner.prefill(chunks).tokens()
-    t = time.perf_counter()
-    for _ in range(n):
-        p = runner.prefill(chunks)
-    p.tokens()
-    return (time.perf_counter() - t) / n * 1e3
 
 
 # -- the client side (its own process: the server's threads never wait for the client's GIL) ---------
