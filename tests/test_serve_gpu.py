@@ -53,9 +53,11 @@ def test_served_greedy_equals_generate_and_nothing_compiles_after_ready(zoo):
 
 
 def test_mixed_steps_in_cuda_graphs_give_each_rows_tokens(zoo):
-    """The slot pool's compiled and captured steps: a long prompt in 16-token chunks, up to 4 lanes a
-    step, riding on the steps of rows decoding in slots 0 and 2 (the long one fills slot 1, inside the
-    decoding batch); every row's greedy tokens equal `complete`'s alone."""
+    """The slot pool's compiled and captured steps, used as the engine uses them: the row in slot 0
+    starts by a mixed step with no decode rows, the one in slot 2 rides on its first decode step, then a
+    long prompt in 16-token chunks, up to 4 lanes a step, rides on the steps of both (the long one fills
+    slot 1, inside the decoding batch); every row's greedy tokens equal `complete`'s alone, no prefill
+    call is made, and `prepare` captured every shape the steps take."""
     from mlx_bridge.deploy.runners.slots import SlotRunner
     from mlx_bridge.deploy.runners.steps import Chunk, RowSampling
 
@@ -66,8 +68,15 @@ def test_mixed_steps_in_cuda_graphs_give_each_rows_tokens(zoo):
     r = SlotRunner(m.module, rows=4, max_len=512, compile=True, graphs=True, batch_sizes=(1, 4), mix=(4, 16))
     r.prepare()
     captures, g = r.stats["captures"], RowSampling()
-    got = {0: [r.prefill([Chunk(0, a, 0, g)]).tokens()[0]], 1: []}
-    got[2] = [r.prefill([Chunk(2, b, 0, g)]).tokens()[2]]
+
+    def lanes(slot, ids):  # a short prompt in 16-token lanes
+        assert len(ids) <= 64
+        return [Chunk(slot, ids[i:i + 16], i, g if i + 16 >= len(ids) else None) for i in range(0, len(ids), 16)]
+
+    got = {0: [r.launch([], len(a), True, chunks=lanes(0, a)).tokens()[0]], 1: [], 2: []}
+    step = r.launch([0], max(len(a) + 1, len(b)), True, chunks=lanes(2, b)).tokens()
+    got[0].append(step[0])
+    got[2].append(step[2])
     at = 0
     while len(got[1]) < 8:
         chunks = []
@@ -82,7 +91,8 @@ def test_mixed_steps_in_cuda_graphs_give_each_rows_tokens(zoo):
             if s in step:
                 got[s].append(step[s])
     assert [got[s][:8] for s in (0, 1, 2)] == want
-    assert r.stats["mixed"] == -(-len(long) // 64) and r.stats["captures"] == captures
+    assert r.stats["mixed"] == 2 + -(-len(long) // 64) and r.stats["prefills"] == 0
+    assert r.stats["captures"] == captures
 
 
 def test_steps_captured_on_first_use_carry_their_prompts(zoo):

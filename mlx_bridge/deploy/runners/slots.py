@@ -22,13 +22,14 @@ prefilled together; a long prompt a chunk at a time, between decode steps): the 
 not compiled (the matmuls dominate), each row's keys written at its own slot and offset, its queries
 attending over its slot. On CUDA the call is one graph replay per (rows, chunk length, length bucket),
 rows and lengths padded up to a prepared shape (padding lanes write a scratch slot, padded positions
-go to a spare position past every bucket), all captured by `prepare`. `prefill` and `launch`
+go to a spare position past every bucket), all captured by `prepare` when the runner has no mixed
+steps (with them the engine never calls `prefill`: a call captures its shape then). `prefill` and `launch`
 return at once: the tokens reach the host when `Pending.tokens()` is called (`steps.py`), so the next step can be
 launched before them.
 
-While rows decode, prompt chunks may instead ride on a decode step (`launch(..., chunks=...)`: a
-mixed step, `mixed.py`), one forward pass for the decode rows and up to `mix` = (lanes, tokens) of
-prompt, one graph per (B, S, greedy|sampled, lane count: 1, 4, 16, ... up to `lanes`, `mix_lanes`),
+Prompt chunks may instead ride on a decode step (`launch(..., chunks=...)`: a mixed step, `mixed.py`;
+with no decode rows while none decodes), one forward pass for the decode rows and up to `mix` = (lanes,
+tokens) of prompt, one graph per (B, S, greedy|sampled, lane count: 1, 4, 16, ... up to `lanes`, `mix_lanes`),
 captured by `prepare` too.
 
 `rows.RowRunner` gives the same interface over any runner with `start`/`next` (transformers models,
@@ -297,8 +298,10 @@ class SlotRunner:
                 self.stream[sl].fill_(int(sm.stream))
 
     def prepare(self) -> str:
-        """Compile and capture every (batch size, length bucket, greedy|sampled) decode step and every
-        (rows, chunk length, length bucket) prefill before serving; what was prepared, and how long each took.
+        """Compile and capture every (batch size, length bucket, greedy|sampled) decode step before
+        serving, then every mixed step (each lane count) when the runner has them, else every (rows, chunk
+        length, length bucket) prefill call: with mixed steps the engine writes every prompt by them and
+        never calls `prefill` (a call would capture its shape then). What was prepared, and how long each took.
 
         Example:
             >>> r.prepare()                                                 # doctest: +SKIP
@@ -320,7 +323,8 @@ class SlotRunner:
                             for n in self.mix_lanes:
                                 self._graph(B, S, mode, mixed=n)
             tm = time.perf_counter()
-            shapes = [(n, c) for n in self.lanes for c in self.chunk_lens if n * c <= self.chunk or n == 1]
+            shapes = [] if self.mix else [(n, c) for n in self.lanes for c in self.chunk_lens
+                                          if n * c <= self.chunk or n == 1]
             for n, c in shapes:
                 for S in self.lens:
                     prefill_graph(self, n, c, S)
@@ -329,10 +333,12 @@ class SlotRunner:
         t2 = time.perf_counter()
         decode = sum(1 for k in self._graphs if k[0] not in ("prefill", "mixed"))
         mixed = sum(1 for k in self._graphs if k[0] == "mixed")
+        prompts = (f"mixed steps ({self.mix} lanes x tokens, lane counts {list(self.mix_lanes)}): {mixed} graphs "
+                   f"({tm - t1:.1f} s)" if self.mix else
+                   f"prefill: (rows, chunk) {shapes} x lengths {self.lens}: {len(self._graphs) - decode} graphs "
+                   f"({t2 - tm:.1f} s)")
         return (f"decode: batch sizes {list(self.sizes)} x lengths {self.lens} x greedy/sampled: {decode} graphs "
-                f"({t1 - t:.1f} s); mixed steps ({self.mix} lanes x tokens): {mixed} graphs ({tm - t1:.1f} s); "
-                f"prefill: (rows, chunk) {shapes} x lengths {self.lens}: "
-                f"{len(self._graphs) - decode - mixed} graphs ({t2 - tm:.1f} s)")
+                f"({t1 - t:.1f} s); {prompts}")
 
     # -- rows joining and leaving ------------------------------------------------------------------------
 
