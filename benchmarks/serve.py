@@ -141,10 +141,50 @@ def mixed_ms(runner, B: int, need: int, lanes: int, n: int = 20) -> float:
     return device_ms(lambda: runner.launch(list(range(B)), need, greedy=True, chunks=chunks), n)
 
 
+def alone_ms(runner, need: int, lanes: int, n: int = 20) -> float:
+    """Milliseconds of one mixed step that carries `lanes` full lanes and no decode row (how the server
+    writes prompts while no row decodes)."""
+    chunks = first_chunks(runner, lanes, runner.mix[1])
+    return device_ms(lambda: runner.launch([], need, greedy=True, chunks=chunks), n)
+
+
+def after_idle_ms(runner, need: int, idle: float = 2.0) -> tuple[float, float]:
+    """Device milliseconds of one 1-lane mixed step with no decode row launched after `idle` seconds
+    with nothing to do, and of the same step launched right after it: what a burst's first step pays
+    for the device having been idle (CUDA events around each launch)."""
+    chunks = first_chunks(runner, 1, runner.mix[1])
+    out = []
+    for pause in (idle, 0.0):
+        time.sleep(pause)
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+        ev[0].record()
+        p = runner.launch([], need, greedy=True, chunks=chunks)
+        ev[1].record()
+        p.tokens()
+        torch.cuda.synchronize()
+        out.append(ev[0].elapsed_time(ev[1]))
+    return out[0], out[1]
+
+
 def prefill_ms(runner, rows: int, length: int, n: int = 20) -> float:
     """Milliseconds of one prefill call of `rows` chunks of `length` tokens (`first_chunks`)."""
     chunks = first_chunks(runner, rows, length)
     return device_ms(lambda: runner.prefill(chunks), n)
+
+
+def burst_bound(rows: int, prompt: int, tokens: int, per_step: int, step_ms_: float, decode_ms: float) -> float:
+    """Tokens/s of a burst of `rows` requests (`prompt` tokens in, `tokens` out each) if it cost nothing
+    but its device work done at the best rates measured: every prompt token written by full steps of
+    `per_step` prompt tokens (`step_ms_` each) from the first send, then the last rows' `tokens` - 1
+    decode steps (`decode_ms` each, the raw batch step); the first token of a row comes with its prompt.
+
+    Example (run M's H200 figures: 42.62 ms a 16 x 128-token step, 5.41 ms a raw batch-32 step):
+        >>> b = burst_bound(32, 128, 128, 2048, 42.62, 5.41)
+        >>> round(b), round(b / (32 / 5.41e-3), 3)  # tok/s, and its share of the raw batch-32 rate
+        (5304, 0.897)
+    """
+    steps = -(-rows * prompt // per_step)
+    return rows * tokens / ((steps * step_ms_ + (tokens - 1) * decode_ms) / 1e3)
 
 
 def pct(xs, q):
@@ -295,7 +335,20 @@ class Timeline:
             p.tokens = lambda: (tokens(), self.events.append(("read", time.time(), kind, ends, *ev, len(chunks))))[0]
             return p
 
-        engine.submit = lambda *a, **k: (self.events.append(("submit", time.time(), 0, 0)), submit(*a, **k))[1]
+        from mlx_bridge.serve.engine import StreamEnd
+
+        def submitted(*a, **k):
+            self.events.append(("submit", time.time(), 0, 0))
+            job = submit(*a, **k)
+            answered = lambda *_: self.events.append(("answer", time.time(), 0, 0))  # noqa: E731
+            if job.emit is None:  # not streamed: the answer is the job's future
+                job.future.add_done_callback(answered)
+            else:  # streamed: each row's end event
+                emit = job.emit
+                job.emit = lambda ev: (answered() if isinstance(ev, StreamEnd) else None, emit(ev))[1]
+            return job
+
+        engine.submit = submitted
         engine.runner.prefill = lambda chunks: timed(lambda: prefill(chunks), "prefill", chunks)
         engine.runner.launch = lambda *a, chunks=(): timed(lambda: launch(*a, chunks=chunks) if chunks else launch(*a),
                                                            "mixed" if chunks else "step", chunks)
@@ -314,18 +367,22 @@ class Timeline:
                "prefill calls": sum(e[2] == "prefill" for e in reads), "mixed steps": sum(e[2] == "mixed" for e in reads),
                "steps": sum(e[2] in ("mixed", "step") for e in reads),
                "last first token ms": ms(max(firsts)) if firsts else float("nan"),
-               "last token ms": ms(max(e[1] for e in reads)), "answered ms": ms(end)}
+               "last token ms": ms(max(e[1] for e in reads)),
+               "handed over ms": ms(max((e[1] for e in ev if e[0] == "answer"), default=float("nan"))),
+               "answered ms": ms(end)}
         if reads and reads[0][4] is not None:
             torch.cuda.synchronize()
             done = max((i for i, e in enumerate(reads) if e[3]), default=-1)  # the launch of the last first token
             busy = [e[4].elapsed_time(e[5]) for e in reads]
             idle = [max(0.0, a[5].elapsed_time(b[4])) for a, b in zip(reads, reads[1:])]
             tail = [b for e, b in zip(reads[done + 1:], busy[done + 1:]) if e[2] == "step"]
+            mid = statistics.median(tail) if tail else float("nan")
             out["launches to first"] = [(e[2], e[6], round(ms(e[1]), 1), round(b, 2)) for e, b in
                                         zip(reads[:done + 1], busy)]  # (kind, chunks, read at ms, device ms)
             out.update({"device busy ms to first": sum(busy[:done + 1]), "device idle ms to first": sum(idle[:done]),
                         "device idle ms after": sum(idle[done:]),
-                        "tail step ms": statistics.median(tail) if tail else float("nan")})
+                        "tail step ms": mid, "tail steps ms": sum(tail), "tail": [round(b, 2) for b in tail],
+                        "tail over median ms": sum(max(0.0, b - mid) for b in tail), "tail max ms": max(tail, default=mid)})
         return out
 
 
@@ -415,6 +472,9 @@ def main(argv=None) -> int:
             if getattr(engine.runner, "mix", None):  # a mixed step: the decode rows and every lane full
                 for n in engine.runner.mix_lanes:
                     res[f"mixed ms {n}"] = mixed_ms(engine.runner, a.max_batch, a.prompt + a.tokens, n)
+                res["alone ms"] = alone_ms(engine.runner, a.prompt + a.tokens, engine.runner.mix_lanes[-1])
+                if dev.type == "cuda":
+                    res["after idle ms"] = after_idle_ms(engine.runner, a.prompt + a.tokens)
             for n in (1, max(getattr(engine.runner, "lanes", (1,)))):  # a prefill call (when no row decodes), full rows
                 if engine.runner.fits([a.prompt] * n):
                     res[f"prefill ms {n}"] = prefill_ms(engine.runner, n, a.prompt)
@@ -464,6 +524,14 @@ def main(argv=None) -> int:
     for n in getattr(engine.runner, "mix_lanes", ()) if not a.stand_in else ():
         print(f"| mixed step on the device: batch {a.max_batch} + {n} x {engine.runner.mix[1]} prompt tokens, ms "
               f"| {res[f'mixed ms {n}']:.2f} | | | | |")
+    if "alone ms" in res:
+        lanes, C = engine.runner.mix_lanes[-1], engine.runner.mix[1]
+        print(f"| mixed step on the device: no decode row + {lanes} x {C} prompt tokens, ms | {res['alone ms']:.2f} "
+              f"| | | | |")
+    if "after idle ms" in res:
+        cold, warm = res["after idle ms"]
+        print(f"| mixed step on the device: no decode row + 1 x {engine.runner.mix[1]} prompt tokens, after 2 s idle "
+              f"/ right after, ms | {cold:.2f} / {warm:.2f} | | | | |")
     for n in (1, max(getattr(engine.runner, "lanes", (1,)))):
         if f"prefill ms {n}" in res:
             print(f"| prefill call on the device: {n} x {a.prompt} prompt tokens, ms | {res[f'prefill ms {n}']:.2f} "
@@ -476,16 +544,24 @@ def main(argv=None) -> int:
         v = res[f"concurrent {c}"]["tok/s"]
         print(f"| {a.max_batch} concurrent ({c}, {a.client_procs} client processes), tok/s in all | {v:.0f} | {rb:.0f} (batch {a.max_batch}) | {v / rb:.0%} "
               f"| {wb:.0f} | {v / wb:.0%} |")
+    if clients_ and "alone ms" in res:  # what no server can beat on this card: see `burst_bound`
+        lanes, C = engine.runner.mix_lanes[-1], engine.runner.mix[1]
+        widest = min(res["alone ms"], res[f"mixed ms {lanes}"])
+        b = burst_bound(a.max_batch, a.prompt, a.tokens, lanes * C, widest, a.max_batch / rb * 1e3)
+        print(f"| {a.max_batch} concurrent: the bound on this card (every prompt written by full {lanes}-lane steps "
+              f"from the first send, {widest:.2f} ms each, then {a.tokens - 1} raw steps; nothing else), tok/s | "
+              f"{b:.0f} | {rb:.0f} (batch {a.max_batch}) | {b / rb:.0%} | {wb:.0f} | {b / wb:.0%} |")
     for c in clients_:
         v = res[f"concurrent {c}"]["timeline"]
         print(f"| {a.max_batch} concurrent ({c}): the server's timeline from the first send, ms | last request in "
               f"{v['arrived ms']:.0f}; {v['prefill calls']} prefill calls, {v['mixed steps']} mixed steps; last first "
               f"token {v['last first token ms']:.0f}; {v['steps']} steps, last token {v['last token ms']:.0f}; "
-              f"last answer {v['answered ms']:.0f} | | | | |")
+              f"last answer handed over {v['handed over ms']:.0f}, received {v['answered ms']:.0f} | | | | |")
         if "tail step ms" in v:
             print(f"| {a.max_batch} concurrent ({c}): the device, ms | busy {v['device busy ms to first']:.0f} and idle "
                   f"{v['device idle ms to first']:.0f} up to the last first token, idle {v['device idle ms after']:.0f} "
-                  f"after it; median step after it {v['tail step ms']:.2f} | | | | |")
+                  f"after it; the steps after it: median {v['tail step ms']:.2f}, max {v['tail max ms']:.2f}, "
+                  f"{v['tail steps ms']:.0f} in all, {v['tail over median ms']:.1f} over the median | | | | |")
             print(f"| {a.max_batch} concurrent ({c}): launches up to the last first token (kind, chunks, read at ms, "
                   f"device ms) | {'; '.join(' '.join(map(str, x)) for x in v['launches to first'])} | | | | |")
     v = res.get("steady httpx")
