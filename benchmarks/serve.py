@@ -465,7 +465,7 @@ def main(argv=None) -> int:
     with ServerThread(app) as srv:
         res["ready s"] = time.perf_counter() - t
         engine = app.state.engine
-        print(f"# server ready in {res['ready s']:.1f} s: {engine.prepared}", flush=True)
+        print(f"# server ready in {res['ready s']:.1f} s: {engine.prepared}; startup heap: {app.state.heap}", flush=True)
         if not a.stand_in:  # the served step alone (no row is busy: the steps change nothing a row reads)
             for B in (1, a.max_batch):
                 res[f"step ms batch {B}"] = step_ms(engine.runner, B, a.prompt + a.tokens)

@@ -17,9 +17,11 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import json
 import logging
+import threading
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -78,9 +80,12 @@ def create_app(model, *, model_name: str | None = None, api_key: str | None = No
     async def lifespan(app):
         if prepare:  # uvicorn says it is ready only after this: nothing compiles or captures later
             log.info("decode steps prepared: %s", await asyncio.to_thread(engine.prepare))
+        app.state.heap = freeze_heap()
+        log.info("startup heap: %s", app.state.heap)
         engine.start()
         yield
         await asyncio.to_thread(engine.stop)
+        thaw_heap()
 
     app = FastAPI(title="mlx-bridge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
@@ -172,6 +177,38 @@ def create_app(model, *, model_name: str | None = None, api_key: str | None = No
         return proto.response(req.kind, rid, name, choices, prompt_tokens, sum(len(c.token_ids) for c in done))
 
     return app
+
+
+_servers = [0, threading.Lock()]  # apps serving in this process with the heap frozen, and its lock
+
+
+def freeze_heap() -> str:
+    """Collect once, then move every object alive (the model, its compiled functions and captured
+    graphs: a large heap) out of the collector's reach (`gc.freeze`), as vLLM does after its warm-up.
+    A full collection walks the whole heap holding the GIL, so the worker thread, and the device
+    behind it, would stall for as long; from now on the collector walks only what serving allocates.
+    Returns what was frozen and what the full collection took. `thaw_heap` undoes it once the last
+    app of the process that froze it stops.
+
+    Example:
+        >>> freeze_heap()  # doctest: +SKIP
+        '1843310 objects frozen (a full collection took 412 ms)'
+    """
+    with _servers[1]:
+        _servers[0] += 1
+        t = time.perf_counter()
+        gc.collect()
+        ms = (time.perf_counter() - t) * 1e3
+        gc.freeze()
+        return f"{gc.get_freeze_count()} objects frozen (a full collection took {ms:.0f} ms)"
+
+
+def thaw_heap() -> None:
+    """Give the frozen heap back to the collector when no app of this process serves any more."""
+    with _servers[1]:
+        _servers[0] -= 1
+        if _servers[0] == 0:
+            gc.unfreeze()
 
 
 def _preparer(req: proto.Request, limit: int, context: int):
