@@ -252,3 +252,4 @@ def test_cli_serves(export_dir):
     finally:
         proc.terminate()
         proc.wait(30)
+

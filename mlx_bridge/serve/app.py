@@ -174,7 +174,8 @@ def create_app(model, *, model_name: str | None = None, api_key: str | None = No
             return PlainTextResponse("", status_code=499)
         prompt_tokens = sum(c.prompt_tokens for c in done[::req.n])
         choices = [(c.text, c.finish_reason) for c in done]
-        return proto.response(req.kind, rid, name, choices, prompt_tokens, sum(len(c.token_ids) for c in done))
+        body = proto.response(req.kind, rid, name, choices, prompt_tokens, sum(len(c.token_ids) for c in done))
+        return JSONResponse(body)  # plain JSON types already: not FastAPI's jsonable_encoder walk of every field
 
     return app
 
