@@ -252,4 +252,3 @@ def test_cli_serves(export_dir):
     finally:
         proc.terminate()
         proc.wait(30)
-
