@@ -21,7 +21,10 @@ Prompts are `--prompt` random token ids, each request asks for `--tokens` new to
 Prints a table; `--json` writes the numbers. The raw anchors: decode.py's figure (tokens/s of the
 decode steps after the first token) and the raw path's whole generation (its one prefill call for
 all rows included), since a served request's time includes its prefill; and the served step alone
-(graph replays back to back, no request) against the raw step.
+(graph replays back to back, no request) against the raw step. For the burst it also prints the
+bound no server beats on the card (`burst_bound`, from the steps measured in the same run) and, on
+CUDA, its timeline: each launch's device time, the device's idle time, the steps after the last row's
+first token, and when the last answer was handed over and received.
 
 `--stand-in STEP_MS,PREFILL_MS` measures the server's own host-side cost on any machine: the model's
 batch runner is replaced by one that only waits (GIL released, as a CUDA sync does) STEP_MS per
