@@ -67,6 +67,14 @@ def tokenizer(vocab: int):
     return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="w0", pad_token="w0")
 
 
+def deployed(native, cfg, dev, dtype, runner):
+    """The `DeployedModel` the server gets: the built model, `tokenizer`, id "m", no EOS."""
+    from mlx_bridge.deploy.deployed import DeployedModel
+
+    return DeployedModel(native, tokenizer(cfg.vocab_size), cfg.to_dict(), dev, dtype, "m",
+                         cfg.max_position_embeddings, set(), runner, "native")
+
+
 class StandIn:
     """A batch runner that only waits: each decode step `step` s and each prefill call `prefill` s per
     `per` tokens of its longest chunk (rows prefilled together cost one), one after another as on a
@@ -139,16 +147,10 @@ def first_chunks(runner, lanes: int, length: int) -> list:
 
 
 def mixed_ms(runner, B: int, need: int, lanes: int, n: int = 20) -> float:
-    """Milliseconds of one mixed step at batch B with `lanes` full lanes (`first_chunks`)."""
+    """Milliseconds of one mixed step at batch B with `lanes` full lanes (`first_chunks`); B = 0: no
+    decode row (how the server writes prompts while no row decodes)."""
     chunks = first_chunks(runner, lanes, runner.mix[1])
     return device_ms(lambda: runner.launch(list(range(B)), need, greedy=True, chunks=chunks), n)
-
-
-def alone_ms(runner, need: int, lanes: int, n: int = 20) -> float:
-    """Milliseconds of one mixed step that carries `lanes` full lanes and no decode row (how the server
-    writes prompts while no row decodes)."""
-    chunks = first_chunks(runner, lanes, runner.mix[1])
-    return device_ms(lambda: runner.launch([], need, greedy=True, chunks=chunks), n)
 
 
 def after_idle_ms(runner, need: int, idle: float = 2.0) -> tuple[float, float]:
@@ -418,7 +420,6 @@ def main(argv=None) -> int:
     if a.stand_in:
         a.shape = "tiny"
 
-    from mlx_bridge.deploy.deployed import DeployedModel
     from mlx_bridge.deploy.runners.fast import FastRunner
     from mlx_bridge.serve.app import ServerThread, create_app
 
@@ -453,9 +454,7 @@ def main(argv=None) -> int:
     if dev.type == "cuda":
         torch.cuda.empty_cache()
 
-    tok = tokenizer(cfg.vocab_size)
-    model = DeployedModel(native, tok, cfg.to_dict(), dev, dtype, "m", cfg.max_position_embeddings, set(), runner,
-                          "native")
+    model = deployed(native, cfg, dev, dtype, runner)
     g = torch.Generator().manual_seed(3)
     prompts = torch.randint(3, cfg.vocab_size, (max(a.arrivals, a.max_batch), a.prompt), generator=g).tolist()
     t = time.perf_counter()
@@ -475,7 +474,7 @@ def main(argv=None) -> int:
             if getattr(engine.runner, "mix", None):  # a mixed step: the decode rows and every lane full
                 for n in engine.runner.mix_lanes:
                     res[f"mixed ms {n}"] = mixed_ms(engine.runner, a.max_batch, a.prompt + a.tokens, n)
-                res["alone ms"] = alone_ms(engine.runner, a.prompt + a.tokens, engine.runner.mix_lanes[-1])
+                res["alone ms"] = mixed_ms(engine.runner, 0, a.prompt + a.tokens, engine.runner.mix_lanes[-1])
                 if dev.type == "cuda":
                     res["after idle ms"] = after_idle_ms(engine.runner, a.prompt + a.tokens)
             for n in (1, max(getattr(engine.runner, "lanes", (1,)))):  # a prefill call (when no row decodes), full rows

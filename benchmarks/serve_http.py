@@ -93,13 +93,12 @@ def bare_app(tokens: int):
 
 def served_app(max_batch: int):
     """`create_app` over the tiny llama, its batch runner the stand-in that answers at once."""
-    from mlx_bridge.deploy.deployed import DeployedModel
     from mlx_bridge.deploy.runners.fast import FastRunner
     from mlx_bridge.serve.app import create_app
 
-    _, native, cfg = bench.raw.build("tiny", torch.float32, torch.device("cpu"))
-    model = DeployedModel(native, bench.tokenizer(cfg.vocab_size), cfg.to_dict(), torch.device("cpu"), torch.float32,
-                          "m", cfg.max_position_embeddings, set(), FastRunner(native), "native")
+    cpu = torch.device("cpu")
+    _, native, cfg = bench.raw.build("tiny", torch.float32, cpu)
+    model = bench.deployed(native, cfg, cpu, torch.float32, FastRunner(native))
     app = create_app(model, model_name="m", max_batch=max_batch, max_len=256, max_queue=4096, mix=None,
                      prepare=False, max_request_tokens=1 << 30)
     app.state.engine.runner = bench.StandIn(max_batch, cfg.vocab_size, STEP, 0.0, len(PROMPT))

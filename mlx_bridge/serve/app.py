@@ -180,7 +180,8 @@ def create_app(model, *, model_name: str | None = None, api_key: str | None = No
     return app
 
 
-_servers = [0, threading.Lock()]  # apps serving in this process with the heap frozen, and its lock
+_serving = 0  # apps serving in this process, the heap frozen while any does
+_serving_lock = threading.Lock()
 
 
 def freeze_heap() -> str:
@@ -195,8 +196,9 @@ def freeze_heap() -> str:
         >>> freeze_heap()  # doctest: +SKIP
         '1843310 objects frozen (a full collection took 412 ms)'
     """
-    with _servers[1]:
-        _servers[0] += 1
+    global _serving
+    with _serving_lock:
+        _serving += 1
         t = time.perf_counter()
         gc.collect()
         ms = (time.perf_counter() - t) * 1e3
@@ -206,9 +208,10 @@ def freeze_heap() -> str:
 
 def thaw_heap() -> None:
     """Give the frozen heap back to the collector when no app of this process serves any more."""
-    with _servers[1]:
-        _servers[0] -= 1
-        if _servers[0] == 0:
+    global _serving
+    with _serving_lock:
+        _serving -= 1
+        if _serving == 0:
             gc.unfreeze()
 
 
